@@ -1,0 +1,38 @@
+// csrc/checks.h: argument checks with named messages, shared by the CPU and CUDA entry points.
+#pragma once
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#define DSPARK_CHECK_DIM(t, d, name) \
+  TORCH_CHECK((t).dim() == (d), name, " must be a ", d, "-D tensor, got shape ", (t).sizes())
+#define DSPARK_CHECK_DTYPE(t, dt, name) \
+  TORCH_CHECK_TYPE((t).scalar_type() == (dt), name, " must have dtype ", dt, ", got ", (t).scalar_type())
+#define DSPARK_CHECK_SIZE(t, i, n, name)                                                 \
+  TORCH_CHECK((t).size(i) == (n), name, " must have size ", (n), " in dim ", (i), ", got shape ", \
+              (t).sizes())
+
+namespace dspark {
+
+// Metadata-only checks (dtype, shape, device, contiguity); data checks happen in the kernels.
+struct VerifyDims { int64_t R, N, V, W; bool onehot_q, has_uniforms; };
+VerifyDims check_verify_args(const at::Tensor& target_logits, const at::Tensor& node_offsets,
+                             const at::Tensor& draft_tokens, const at::Tensor& parents,
+                             const std::optional<at::Tensor>& draft_probs,
+                             const at::Tensor& temperature, const at::Tensor& top_k,
+                             const at::Tensor& top_p, const std::optional<at::Tensor>& seeds,
+                             const std::optional<at::Tensor>& positions,
+                             const std::optional<at::Tensor>& uniforms, int64_t max_nodes);
+
+struct SampleDims { int64_t R, V; bool has_uniforms; };
+SampleDims check_sample_args(const at::Tensor& logits, const at::Tensor& temperature,
+                             const at::Tensor& top_k, const at::Tensor& top_p,
+                             const std::optional<at::Tensor>& seeds,
+                             const std::optional<at::Tensor>& positions,
+                             const std::optional<at::Tensor>& uniforms);
+
+// Turns a kernel status word (StatusBit flags) into a ValueError naming the bad argument.
+void raise_on_status(int32_t status, const char* op);
+
+}  // namespace dspark

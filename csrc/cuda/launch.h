@@ -1,0 +1,35 @@
+// csrc/cuda/launch.h: the torch-free boundary between csrc/cuda/sampling_cuda.cpp (tensors) and
+// csrc/cuda/sampling_kernels.cu (nvcc). Keeping torch headers out of .cu files keeps nvcc fast.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace dspark {
+
+enum class LogitsType : int { kFloat32, kBFloat16, kFloat16 };
+enum class DraftType : int { kNone, kFloat32, kFloat64 };
+
+struct LaunchArgs {
+  const void* logits;  // [N, V]
+  LogitsType logits_type;
+  const void* draft_probs;  // [N, V] or nullptr
+  DraftType draft_type;
+  int64_t N, V, R, W;
+  const int64_t *offsets, *tokens, *parents;
+  const float* temperature;
+  const int64_t* top_k;
+  const float* top_p;
+  const int64_t *seeds, *positions;
+  const double* uniforms;  // [N, 2] or nullptr
+  int64_t *out_tokens, *out_count, *out_nodes;  // count/nodes may be nullptr (sample)
+  double* probs;                                 // [R, V] or nullptr
+  int32_t* status;
+  void* workspace;
+};
+
+size_t workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V);
+cudaError_t launch_verify(const LaunchArgs& args, cudaStream_t stream);
+
+}  // namespace dspark

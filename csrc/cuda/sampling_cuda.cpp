@@ -1,0 +1,124 @@
+// csrc/cuda/sampling_cuda.cpp: CUDA entry points of dspark::verify and dspark::sample.
+// Tensors -> raw pointers; the kernels (include/dspark/verify.cuh) validate data on device and
+// raise a status word; outside CUDA-graph capture it is read back and turned into a ValueError.
+// During capture no host sync happens: bad data then yields -1 tokens, never an invalid access.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "checks.h"
+#include "cuda/launch.h"
+
+namespace dspark {
+namespace {
+
+LogitsType logits_type(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kBFloat16: return LogitsType::kBFloat16;
+    case at::kHalf: return LogitsType::kFloat16;
+    default: return LogitsType::kFloat32;
+  }
+}
+
+template <typename T>
+const T* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+void run_and_check(LaunchArgs& a, const at::Tensor& like, const char* op) {
+  at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes(a.N, a.R, a.W, a.V))},
+                                   like.options().dtype(at::kByte));
+  at::Tensor status = at::empty({1}, like.options().dtype(at::kInt));
+  a.workspace = workspace.data_ptr();
+  a.status = status.data_ptr<int32_t>();
+  const cudaError_t err = launch_verify(a, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "dspark::", op, " kernel launch failed: ", cudaGetErrorString(err));
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None)
+    raise_on_status(status.item<int32_t>(), op);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(
+    const at::Tensor& target_logits, const at::Tensor& node_offsets, const at::Tensor& draft_tokens,
+    const at::Tensor& parents, const std::optional<at::Tensor>& draft_probs,
+    const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
+    const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& positions,
+    const std::optional<at::Tensor>& uniforms, int64_t max_nodes) {
+  const auto d = check_verify_args(target_logits, node_offsets, draft_tokens, parents, draft_probs,
+                                   temperature, top_k, top_p, seeds, positions, uniforms, max_nodes);
+  const c10::cuda::CUDAGuard guard(target_logits.device());
+  auto opts = draft_tokens.options();
+  at::Tensor out_tokens = at::empty({d.R, d.W}, opts);
+  at::Tensor out_count = at::empty({d.R}, opts);
+  at::Tensor out_nodes = at::empty({d.R, d.W}, opts);
+  LaunchArgs a{};
+  a.logits = target_logits.data_ptr();
+  a.logits_type = logits_type(target_logits);
+  a.draft_probs = draft_probs ? draft_probs->data_ptr() : nullptr;
+  a.draft_type = !draft_probs ? DraftType::kNone
+                 : draft_probs->scalar_type() == at::kDouble ? DraftType::kFloat64 : DraftType::kFloat32;
+  a.N = d.N; a.V = d.V; a.R = d.R; a.W = d.W;
+  a.offsets = node_offsets.data_ptr<int64_t>();
+  a.tokens = draft_tokens.data_ptr<int64_t>();
+  a.parents = parents.data_ptr<int64_t>();
+  a.temperature = temperature.data_ptr<float>();
+  a.top_k = top_k.data_ptr<int64_t>();
+  a.top_p = top_p.data_ptr<float>();
+  a.seeds = ptr_or_null<int64_t>(seeds);
+  a.positions = ptr_or_null<int64_t>(positions);
+  a.uniforms = ptr_or_null<double>(uniforms);
+  a.out_tokens = out_tokens.data_ptr<int64_t>();
+  a.out_count = out_count.data_ptr<int64_t>();
+  a.out_nodes = out_nodes.data_ptr<int64_t>();
+  run_and_check(a, target_logits, "verify");
+  return {out_tokens, out_count, out_nodes};
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits, const at::Tensor& temperature,
+                                               const at::Tensor& top_k, const at::Tensor& top_p,
+                                               const std::optional<at::Tensor>& seeds,
+                                               const std::optional<at::Tensor>& positions,
+                                               const std::optional<at::Tensor>& uniforms,
+                                               bool return_probs) {
+  const auto d = check_sample_args(logits, temperature, top_k, top_p, seeds, positions, uniforms);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  // A sample is verify of root-only requests: node r is request r's root, drawn with coin (r, 1).
+  auto lopts = logits.options().dtype(at::kLong);
+  at::Tensor offsets = at::arange(d.R + 1, lopts);
+  at::Tensor parents = at::full({d.R}, -1, lopts);
+  at::Tensor tokens_in = at::zeros({d.R}, lopts);
+  std::optional<at::Tensor> u2;
+  if (uniforms) {
+    u2 = at::zeros({d.R, 2}, uniforms->options());
+    u2->select(1, 1).copy_(*uniforms);
+  }
+  at::Tensor tokens = at::empty({d.R}, lopts);
+  at::Tensor probs = at::empty({return_probs ? d.R : 0, d.V}, logits.options().dtype(at::kDouble));
+  LaunchArgs a{};
+  a.logits = logits.data_ptr();
+  a.logits_type = logits_type(logits);
+  a.draft_type = DraftType::kNone;
+  a.N = d.R; a.V = d.V; a.R = d.R; a.W = 1;
+  a.offsets = offsets.data_ptr<int64_t>();
+  a.tokens = tokens_in.data_ptr<int64_t>();
+  a.parents = parents.data_ptr<int64_t>();
+  a.temperature = temperature.data_ptr<float>();
+  a.top_k = top_k.data_ptr<int64_t>();
+  a.top_p = top_p.data_ptr<float>();
+  a.seeds = ptr_or_null<int64_t>(seeds);
+  a.positions = ptr_or_null<int64_t>(positions);
+  a.uniforms = ptr_or_null<double>(u2);
+  a.out_tokens = tokens.data_ptr<int64_t>();
+  a.probs = return_probs ? probs.data_ptr<double>() : nullptr;
+  run_and_check(a, logits, "sample");
+  return {tokens, probs};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dspark, CUDA, m) {
+  m.impl("verify", &verify_cuda);
+  m.impl("sample", &sample_cuda);
+}
+
+}  // namespace dspark

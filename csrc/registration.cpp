@@ -1,0 +1,26 @@
+// csrc/registration.cpp: the only file that writes op schemas.
+#include <torch/library.h>
+
+TORCH_LIBRARY(dspark, m) {
+  m.set_python_module("dspark._fake");
+  // Batched chain/tree verification over packed ragged requests.
+  //   target_logits [N, V] f32|bf16|f16: row i = target logits after node i (root = anchor)
+  //   node_offsets  [R+1] i64: request r owns nodes node_offsets[r] .. node_offsets[r+1]-1
+  //   draft_tokens  [N] i64: token of each node (roots ignored)
+  //   parents       [N] i64: parent's index within the request (-1 at roots, < own index)
+  //   draft_probs   [N, V] f32|f64 or None: distribution each node was drawn from (None: one-hot)
+  //   temperature, top_p [R] f32; top_k [R] i64; seeds, positions [R] i64 or uniforms [N, 2] f64
+  // -> out_tokens [R, W] i64 (accepted drafts, then the bonus/correction; -1 padded),
+  //    accept_count [R] i64 (accepted drafts, bonus excluded),
+  //    accept_nodes [R, W] i64 (flat node indices: root, then accepted nodes; -1 padded)
+  m.def(
+      "verify(Tensor target_logits, Tensor node_offsets, Tensor draft_tokens, Tensor parents, "
+      "Tensor? draft_probs, Tensor temperature, Tensor top_k, Tensor top_p, Tensor? seeds, "
+      "Tensor? positions, Tensor? uniforms, int max_nodes) -> (Tensor, Tensor, Tensor)");
+  // Fused sampling with per-request temperature/top-k/top-p (T = 0: argmax).
+  //   logits [R, V] f32|bf16|f16; params as in verify; uniforms [R] f64
+  // -> tokens [R] i64, probs [R, V] f64 (the exact distribution sampled from; [0, V] if not asked)
+  m.def(
+      "sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor? seeds, "
+      "Tensor? positions, Tensor? uniforms, bool return_probs) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,22 @@
+"""Fake (meta) kernels: output shapes depend only on input shapes and int/bool arguments."""
+import torch
+
+
+@torch.library.register_fake("dspark::verify")
+def _verify_fake(target_logits, node_offsets, draft_tokens, parents, draft_probs, temperature,
+                 top_k, top_p, seeds, positions, uniforms, max_nodes):
+    torch._check(node_offsets.dim() == 1 and node_offsets.shape[0] >= 2,
+                 lambda: "node_offsets must be [R + 1] with R >= 1")
+    torch._check(target_logits.dim() == 2, lambda: "target_logits must be [N, V]")
+    r = node_offsets.shape[0] - 1
+    new = draft_tokens.new_empty
+    return new((r, max_nodes)), new((r,)), new((r, max_nodes))
+
+
+@torch.library.register_fake("dspark::sample")
+def _sample_fake(logits, temperature, top_k, top_p, seeds, positions, uniforms, return_probs):
+    torch._check(logits.dim() == 2, lambda: "logits must be [R, V]")
+    r, v = logits.shape
+    tokens = logits.new_empty((r,), dtype=torch.long)
+    probs = logits.new_empty((r if return_probs else 0, v), dtype=torch.float64)
+    return tokens, probs

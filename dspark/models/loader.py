@@ -1,0 +1,112 @@
+"""Load a Hugging Face-format checkpoint directory (config.json, *.safetensors, tokenizer.json)
+with ``safetensors`` and ``tokenizers`` only."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Optional, Union
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig
+from .transformer import Transformer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None], path: Optional[str] = None) -> torch.dtype:
+    """A torch dtype from a name; ``None``/"auto" means the checkpoint's dtype (else float32)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        dtype = "float32"
+        if path is not None:
+            with open(os.path.join(path, "config.json")) as f:
+                d = json.load(f)
+            dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _weight_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, n) for n in names]
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"no *.safetensors weights in {path!r}")
+    return files
+
+
+def _rename(name: str) -> Optional[str]:
+    """HF parameter name -> ours (None: drop). q/k/v and gate/up are fused after loading."""
+    if name.startswith("model."):
+        name = name[len("model."):]
+    if "rotary_emb" in name:
+        return None
+    for old, new in (("embed_tokens.", "embed."), ("input_layernorm.", "attn_norm."),
+                     ("post_attention_layernorm.", "mlp_norm."), ("self_attn.o_proj.", "attn.o."),
+                     ("self_attn.q_norm.", "attn.q_norm."), ("self_attn.k_norm.", "attn.k_norm."),
+                     ("self_attn.", "attn."), ("mlp.down_proj.", "mlp.down.")):
+        name = name.replace(old, new)
+    return name
+
+
+def load_state_dict(path: str, dtype: torch.dtype, device) -> dict:
+    raw = {}
+    for file in _weight_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                new = _rename(key)
+                if new is not None:
+                    raw[new] = f.get_tensor(key)
+    sd = {}
+    for key in list(raw):
+        for a, b, c, fused in (("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.qkv"),
+                               ("mlp.gate_proj", "mlp.up_proj", None, "mlp.gate_up")):
+            if key.endswith(a + ".weight") or key.endswith(a + ".bias"):
+                parts = [key.replace(a, p) for p in (a, b, c) if p is not None]
+                missing = [p for p in parts if p not in raw]
+                if missing:
+                    raise ValueError(f"checkpoint {path!r} lacks {missing}")
+                sd[key.replace(a, fused)] = torch.cat([raw.pop(p) for p in parts], 0)
+    sd.update(raw)
+    return {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+
+
+def load_model(path: str, device: Union[str, torch.device] = "cpu",
+               dtype: Union[str, torch.dtype, None] = None) -> Transformer:
+    """Build a :class:`Transformer` from an HF checkpoint directory."""
+    config = ModelConfig.from_dir(path)
+    dtype = resolve_dtype(dtype, path)
+    sd = load_state_dict(path, dtype, device)
+    if "lm_head.weight" not in sd:
+        if not config.tie_word_embeddings:
+            raise ValueError(f"checkpoint {path!r} has no lm_head.weight and does not tie embeddings")
+        sd["lm_head.weight"] = sd["embed.weight"]
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = set(model.state_dict())
+    missing, extra = expected - set(sd), set(sd) - expected
+    if missing:
+        raise ValueError(f"checkpoint {path!r} lacks weights: {sorted(missing)[:8]}")
+    if extra:
+        raise ValueError(f"checkpoint {path!r} has unexpected weights: {sorted(extra)[:8]}")
+    model.load_state_dict(sd, assign=True, strict=True)
+    model.inv_freq = config.inv_freq().to(device)
+    return model.eval().requires_grad_(False)
+
+
+def load_tokenizer(path: str):
+    """The ``tokenizers.Tokenizer`` of a checkpoint dir, or None when it has no tokenizer.json."""
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        return None
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(file)

@@ -1,0 +1,169 @@
+"""ModelRunner: a Transformer + its static KV cache + CUDA graphs for the fixed-shape calls.
+
+prefill (eager, any length), ``extend`` (a causal block of T tokens per request: decode is T = 1)
+and ``verify`` (packed ragged token trees) share one forward. On CUDA, ``extend`` and ``verify``
+are captured once per shape bucket and replayed; elsewhere they run eagerly (same code path).
+Outputs of graphed calls are static buffers: valid until the next call with the same shapes.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+from .kv import KVCache
+from .transformer import Transformer
+
+
+class Forward(NamedTuple):
+    logits: torch.Tensor  # [rows, V] float32
+    hidden: Optional[torch.Tensor]  # [len(taps), rows..., hidden] or None
+
+
+def tree_masks(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """parents [R, W] local ids (-1 = root) -> ancestor-or-self mask [R, W, W] and depth [R, W]."""
+    R, W = parents.shape
+    ids = torch.arange(W, device=parents.device)
+    anc = (ids[:, None] == ids[None, :]).expand(R, W, W).clone()
+    cur = ids.expand(R, W)
+    for _ in range(W - 1):
+        cur = torch.where(cur >= 0, parents.gather(1, cur.clamp(min=0)), -1)
+        anc |= cur[..., None] == ids
+    return anc, anc.sum(-1) - 1
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, use_cuda_graphs: Optional[bool] = None):
+        self.model = model
+        self.config = model.config
+        self.cache: Optional[KVCache] = None
+        if use_cuda_graphs is None:
+            use_cuda_graphs = model.device.type == "cuda"
+        self.use_cuda_graphs = use_cuda_graphs
+        self._graphs: dict = {}
+        self._pool = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def allocate(self, batch: int, max_len: int) -> KVCache:
+        """(Re)allocate the KV cache for ``batch`` sequences of ``max_len`` slots (drops graphs)."""
+        c = self.cache
+        if c is None or c.batch != batch or c.max_len != max_len:
+            self._graphs.clear()
+            self.cache = None
+            cfg = self.config
+            self.cache = KVCache(cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim,
+                                 self.model.dtype, self.device)
+        return self.cache
+
+    # ---- eager entry points ------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, prompts: Sequence[Sequence[int]], taps: Sequence[int] = ()) -> Forward:
+        """Run prompts (one per cache row, len >= 1) into cache slots 0..len-1.
+
+        Returns the logits after each prompt's last token [B, V] and the tapped residual streams
+        [len(taps), B, T_max, hidden] (right-padded) or None."""
+        B = len(prompts)
+        if self.cache is None or self.cache.batch != B:
+            raise ValueError(f"prefill of {B} prompts needs a cache of batch {B}: call allocate()")
+        lens = [len(p) for p in prompts]
+        T = max(lens)
+        if min(lens) < 1 or T > self.cache.max_len:
+            raise ValueError(f"prompt lengths must be in [1, {self.cache.max_len}], got {lens}")
+        dev = self.device
+        tokens = torch.zeros(B, T, dtype=torch.int64)
+        for b, p in enumerate(prompts):
+            tokens[b, :len(p)] = torch.as_tensor(list(p), dtype=torch.int64)
+        tokens = tokens.to(dev)
+        positions = torch.arange(T, device=dev).expand(B, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(B, T, T)
+        start = torch.zeros(B, dtype=torch.int64, device=dev)
+        h, tapped = self.model(tokens, positions, start, causal, self.cache.k, self.cache.v, T, taps)
+        last = torch.as_tensor(lens, device=dev) - 1
+        logits = self.model.logits(h[torch.arange(B, device=dev), last])
+        return Forward(logits, torch.stack(tapped) if tapped else None)
+
+    def extend(self, tokens: torch.Tensor, start: torch.Tensor, last: Optional[torch.Tensor] = None,
+               taps: Sequence[int] = ()) -> Forward:
+        """A causal block per request. tokens [B, T] at positions/slots start[b] + t; returns the
+        logits of row ``last[b]`` ([B] i64, default T - 1) as [B, V] and taps [n, B, T, hidden].
+        Rows past a request's real block are harmless padding (they only write slots beyond it)."""
+        if last is None:
+            last = torch.full_like(start, tokens.shape[1] - 1)
+        return self._run("extend", self._extend, tuple(taps), tokens, start, last)
+
+    def decode(self, tokens: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """One token per request ([B] at positions ``start``); logits [B, V]."""
+        return self.extend(tokens[:, None], start).logits
+
+    def verify(self, draft_tokens: torch.Tensor, parents: torch.Tensor, node_offsets: torch.Tensor,
+               start: torch.Tensor, max_nodes: int, taps: Sequence[int] = ()) -> Forward:
+        """Packed ragged token trees: request r's nodes are draft_tokens[off[r]:off[r+1]] (node 0 =
+        root = anchor at position start[r]); parents are local ids (-1 at the root). Node j is
+        written to slot start[r] + j at position start[r] + depth(j) and attends to the cache,
+        its ancestors and itself. Returns logits [N, V] and taps [n, N, hidden] (packed rows)."""
+        return self._run("verify", self._verify, (max_nodes, tuple(taps)), draft_tokens, parents,
+                         node_offsets, start)
+
+    # ---- traced bodies -----------------------------------------------------------------------
+    def _extend(self, tokens, start, last, taps):
+        B, T = tokens.shape
+        dev = tokens.device
+        positions = start[:, None] + torch.arange(T, device=dev)
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(B, T, T)
+        c = self.cache
+        h, tapped = self.model(tokens, positions, start, causal, c.k, c.v, c.max_len, taps)
+        logits = self.model.logits(h[torch.arange(B, device=dev), last])
+        return Forward(logits, torch.stack(tapped) if tapped else None)
+
+    def _verify(self, draft_tokens, parents, node_offsets, start, static):
+        max_nodes, taps = static
+        N, R, W = draft_tokens.shape[0], start.shape[0], max_nodes
+        dev = draft_tokens.device
+        node = torch.arange(N, device=dev)
+        row = torch.searchsorted(node_offsets[1:], node, right=True)
+        col = node - node_offsets[row]
+        tokens = torch.zeros(R, W, dtype=torch.int64, device=dev)
+        tokens[row, col] = draft_tokens
+        par = torch.full((R, W), -1, dtype=torch.int64, device=dev)
+        par[row, col] = parents
+        anc, depth = tree_masks(par)
+        c = self.cache
+        h, tapped = self.model(tokens, start[:, None] + depth, start, anc, c.k, c.v, c.max_len, taps)
+        hidden = torch.stack([t[row, col] for t in tapped]) if tapped else None
+        return Forward(self.model.logits(h[row, col]), hidden)
+
+    @torch.inference_mode()
+    def _run(self, name, fn, static, *tensors):
+        call = lambda *t: fn(*t, static)  # noqa: E731
+        if not self.use_cuda_graphs:
+            return call(*tensors)
+        key = (name, static, tuple(t.shape for t in tensors))
+        entry = self._graphs.get(key)
+        if entry is None:
+            # NOTE(graphs): warm-up and capture rerun the call on the real inputs; a forward only
+            # writes its own block's slots from the same context, so the reruns are idempotent.
+            inputs = [t.clone() for t in tensors]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    call(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = call(*inputs)
+            entry = self._graphs[key] = (graph, inputs, out)
+        graph, inputs, out = entry
+        for dst, src in zip(inputs, tensors):
+            dst.copy_(src)
+        graph.replay()
+        return out

@@ -1,0 +1,149 @@
+"""Decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3) over a static KV cache.
+
+One forward serves prefill, decode and tree verification: every call processes a block of T new
+tokens per request, written to cache slots ``start[b] .. start[b] + T - 1``; a query attends to the
+committed cache (slots < start[b]) and to the block slots its ``block_mask`` row allows (causal for
+prefill/chains, ancestors-and-self for trees). Positions are passed explicitly (tree depth).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.h, self.hkv, self.d = c.num_heads, c.num_kv_heads, c.head_dim
+        self.qkv = nn.Linear(c.hidden_size, (self.h + 2 * self.hkv) * self.d, bias=c.attention_bias)
+        self.o = nn.Linear(self.h * self.d, c.hidden_size, bias=c.o_bias)
+        self.q_norm = RMSNorm(self.d, c.rms_norm_eps) if c.qk_norm else None
+        self.k_norm = RMSNorm(self.d, c.rms_norm_eps) if c.qk_norm else None
+
+    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit):
+        # x: [B, T, hidden]; cos/sin: [B, 1, T, D]; k_cache/v_cache: [B, Hkv, S, D]; slots: [B, T]
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], -1)
+        q = q.view(B, T, self.h, self.d)
+        k = k.view(B, T, self.hkv, self.d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        bidx = torch.arange(B, device=x.device)[:, None]
+        k_cache[bidx, :, slots] = k.transpose(1, 2)  # [B, T, Hkv, D] into slots
+        v_cache[bidx, :, slots] = v.view(B, T, self.hkv, self.d)
+        out = F.scaled_dot_product_attention(q, k_cache[:, :, :kv_limit], v_cache[:, :, :kv_limit],
+                                             attn_mask=mask, enable_gqa=self.h != self.hkv)
+        return self.o(out.transpose(1, 2).reshape(B, T, self.h * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.inter = c.intermediate_size
+        self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)
+        self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.act = {"silu": F.silu, "gelu": F.gelu,
+                    "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh")}[c.hidden_act]
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).split(self.inter, -1)
+        return self.down(self.act(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.attn = Attention(c)
+        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit):
+        x = x + self.attn(self.attn_norm(x), cos, sin, k_cache, v_cache, slots, mask, kv_limit)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = c = config
+        self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.register_buffer("inv_freq", c.inv_freq(), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def _masks(self, positions, start, block_mask, kv_limit):
+        """Boolean attention masks [B, 1, T, S] (one per distinct sliding window)."""
+        B, T = positions.shape
+        rel = torch.arange(kv_limit, device=start.device)[None, :] - start[:, None]  # [B, S]
+        in_block = (rel >= 0) & (rel < T)
+        j = rel.clamp(0, T - 1)
+        seen = block_mask.gather(2, j[:, None, :].expand(B, T, kv_limit))  # [B, T, S]
+        full = (rel < 0)[:, None, :] | (in_block[:, None, :] & seen)
+        masks = {None: full[:, None]}
+        for w in set(self.config.sliding_window) - {None}:
+            key_pos = torch.where(in_block, positions.gather(1, j), rel + start[:, None])
+            near = (positions[:, :, None] - key_pos[:, None, :]) < w
+            masks[w] = (full & near)[:, None]
+        return masks
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, start: torch.Tensor,
+                block_mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                kv_limit: int, taps: Sequence[int] = ()) -> tuple[torch.Tensor, list]:
+        """tokens, positions: [B, T] i64; start: [B] i64 (first cache slot of the block);
+        block_mask: [B, T, T] bool (query t may see block slot j); k_cache/v_cache:
+        [L, B, Hkv, S, D]. Returns the final residual stream [B, T, hidden] (pre-norm) and the
+        tapped residual streams (layer l's output; -1 = embedding output), in ``taps`` order."""
+        T = tokens.shape[1]
+        x = self.embed(tokens)
+        freqs = positions.float()[..., None] * self.inv_freq  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), -1)[:, None]  # [B, 1, T, D]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        slots = start[:, None] + torch.arange(T, device=tokens.device)
+        masks = self._masks(positions, start, block_mask, kv_limit)
+        tapped = {-1: x} if -1 in taps else {}
+        for i, layer in enumerate(self.layers):
+            mask = masks[self.config.sliding_window[i]]
+            x = layer(x, cos, sin, k_cache[i], v_cache[i], slots, mask, kv_limit)
+            if i in taps:
+                tapped[i] = x
+        return x, [tapped[t] for t in taps]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head; logits in float32."""
+        return self.lm_head(self.norm(h)).float()

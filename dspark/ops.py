@@ -1,0 +1,107 @@
+"""Typed thin wrappers over ``torch.ops.dspark.*``. Shapes: R requests, N packed nodes, V vocab,
+W = max_nodes (static output width, usually gamma + 1).
+
+Randomness is either keyed (``seeds`` + ``positions``: uniform = hash(seed, position, node,
+purpose), so a request's draws never depend on its place in the batch) or caller-supplied
+(``uniforms``). Greedy requests (temperature < 1e-5) use no randomness.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+
+Floats = Union[float, Sequence[float], torch.Tensor]
+Ints = Union[int, Sequence[int], torch.Tensor]
+
+
+class SamplingTensors(NamedTuple):
+    temperature: torch.Tensor  # [R] f32, 0 = greedy
+    top_k: torch.Tensor  # [R] i64, 0 = off
+    top_p: torch.Tensor  # [R] f32, 1 = off
+
+
+def sampling_tensors(num_requests: int, temperature: Floats = 1.0, top_k: Ints = 0,
+                     top_p: Floats = 1.0, device: Union[str, torch.device] = "cpu") -> SamplingTensors:
+    """Per-request sampling parameters as the ops take them (scalars are broadcast to [R])."""
+    def full(x, dtype):
+        t = torch.as_tensor(x, dtype=dtype, device=device)
+        return t.expand(num_requests).contiguous() if t.dim() == 0 else t.contiguous()
+    return SamplingTensors(full(temperature, torch.float32), full(top_k, torch.int64),
+                           full(top_p, torch.float32))
+
+
+class VerifyResult(NamedTuple):
+    out_tokens: torch.Tensor  # [R, W] i64: accepted drafts then the bonus/correction, -1 padded
+    accept_count: torch.Tensor  # [R] i64: accepted draft tokens (bonus excluded)
+    accept_nodes: torch.Tensor  # [R, W] i64: flat node ids of root + accepted nodes, -1 padded
+
+
+def verify(target_logits: torch.Tensor, node_offsets: torch.Tensor, draft_tokens: torch.Tensor,
+           parents: torch.Tensor, draft_probs: Optional[torch.Tensor], params: SamplingTensors,
+           seeds: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None,
+           uniforms: Optional[torch.Tensor] = None, max_nodes: Optional[int] = None) -> VerifyResult:
+    """Verify packed draft trees (a chain is a tree with parents [-1, 0, 1, ...]).
+
+    Parameters
+    ----------
+    target_logits : [N, V] float32/bfloat16/float16. Row i holds the target's logits after node i
+        of its request (node 0 of each request is the root: the anchor token).
+    node_offsets : [R + 1] int64, strictly increasing, node_offsets[0] = 0, node_offsets[R] = N.
+    draft_tokens, parents : [N] int64. parents[i] is the parent's index *within the request*
+        (-1 at the root; otherwise smaller than the node's own index).
+    draft_probs : [N, V] float32/float64 or None. Row i is the distribution node i was drawn
+        from. None means deterministic drafts (target-only verification).
+    params : per-request temperature / top_k / top_p (see :func:`sampling_tensors`).
+    seeds, positions : [R] int64 (keyed randomness; positions = absolute position of the root),
+        or ``uniforms`` : [N, 2] float64 in [0, 1) (accept coin, sampling coin per node).
+    max_nodes : static output width W (>= nodes of every request); defaults to the widest
+        request (which reads node_offsets, i.e. syncs on CUDA; pass it in a decode loop).
+
+    Examples
+    --------
+    >>> import torch, dspark
+    >>> logits = torch.tensor([[0., 5., 0.], [0., 0., 5.]])  # root row, row after node 1
+    >>> r = dspark.ops.verify(logits, torch.tensor([0, 2]), torch.tensor([0, 1]),
+    ...                       torch.tensor([-1, 0]), None, dspark.ops.sampling_tensors(1, 0.0),
+    ...                       max_nodes=2, uniforms=torch.full((2, 2), 0.5, dtype=torch.float64))
+    >>> r.out_tokens.tolist(), r.accept_count.tolist()
+    ([[1, 2]], [1])
+    """
+    if max_nodes is None:
+        max_nodes = int((node_offsets[1:] - node_offsets[:-1]).max())
+    out = torch.ops.dspark.verify(target_logits, node_offsets, draft_tokens, parents, draft_probs,
+                                  params.temperature, params.top_k, params.top_p, seeds,
+                                  positions, uniforms, max_nodes)
+    return VerifyResult(*out)
+
+
+def sample(logits: torch.Tensor, params: SamplingTensors, seeds: Optional[torch.Tensor] = None,
+           positions: Optional[torch.Tensor] = None, uniforms: Optional[torch.Tensor] = None,
+           return_probs: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Sample one token per row of ``logits`` [R, V] with per-request temperature/top-k/top-p.
+
+    Returns ``tokens`` [R] int64 and, if ``return_probs``, ``probs`` [R, V] float64: the exact
+    distribution sampled from (what :func:`verify` takes as ``draft_probs``). With keyed
+    randomness the draw equals verify's draw for a request with no drafts.
+
+    Examples
+    --------
+    >>> import torch, dspark
+    >>> tok, _ = dspark.ops.sample(torch.tensor([[1., 3., 2.]]), dspark.ops.sampling_tensors(1, 0.0),
+    ...                            uniforms=torch.tensor([0.5], dtype=torch.float64))
+    >>> tok.tolist()
+    [1]
+    """
+    tokens, probs = torch.ops.dspark.sample(logits, params.temperature, params.top_k,
+                                            params.top_p, seeds, positions, uniforms, return_probs)
+    return tokens, (probs if return_probs else None)
+
+
+def chain_layout(draft_lengths: Sequence[int], device: Union[str, torch.device] = "cpu"):
+    """node_offsets [R+1] and parents [N] for chains with the given draft lengths (0 allowed)."""
+    lengths = torch.as_tensor(list(draft_lengths), dtype=torch.int64) + 1
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    parents = torch.cat([torch.arange(-1, n - 1) for n in lengths.tolist()])
+    return offsets.to(device), parents.to(device)

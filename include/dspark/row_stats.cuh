@@ -1,0 +1,288 @@
+// dspark/row_stats.cuh: CUDA kernels that validate the packed batch and compute, for every
+// logits row, the statistics verify/sample need (include/dspark/row.h: RowInfo).
+//   ValidateKernel     grid R          offsets, parents, tokens, sampling params, uniforms
+//   ChunkStatsKernel   grid (C, N)     unfiltered rows: per 4096-entry chunk, local base + sum
+//                                      (or argmax for greedy rows); one read of the logits
+//   FilteredRowKernel  grid N          top-k/top-p rows: radix selection of the threshold
+//   FinalizeRowsKernel grid N/128      combine chunk partials into RowInfo, rescale chunk sums
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "dspark/block_reduce.cuh"
+#include "dspark/row.h"
+
+namespace dspark {
+namespace cuda {
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <typename scalar_t, typename q_t>
+struct Params {
+  const scalar_t* logits;  // [N, V]
+  const q_t* q;            // [N, V] draft probabilities, or nullptr (one-hot drafts)
+  int64_t N, V, R, W, C;   // rows, vocab, requests, output width, chunks per row
+  const int64_t *offsets, *tokens, *parents;           // [R+1], [N], [N]
+  const float* temperature;                            // [R]
+  const int64_t* top_k;                                // [R]
+  const float* top_p;                                  // [R]
+  const int64_t *seeds, *positions;                    // [R] or nullptr
+  const double* uniforms;                              // [N, 2] or nullptr
+  int64_t *out_tokens, *out_count, *out_nodes;         // [R, W], [R], [R, W]
+  double* probs;                                       // [R, V] (sample only) or nullptr
+  int32_t* status;                                     // [1] StatusBit flags
+};
+
+struct Workspace {
+  RowInfo* info;         // [N]
+  float* chunk_base;     // [N, C] local base, later the row base
+  double* chunk_sum;     // [N, C] mass per chunk (relative to the row base after finalize)
+  float* chunk_wmax;     // [N, C] greedy rows: max logit per chunk
+  int32_t* chunk_widx;   // [N, C] greedy rows: its (first) index, -1 if none
+  int32_t* row_request;  // [N] owning request, -1 if the request is invalid
+  int32_t* req_ok;       // [R]
+  int64_t* final_row;    // [R] flat row the last token is drawn from, -1 if none
+  int32_t* n_rej;        // [R] rejected siblings at that row
+  int32_t* accepted;     // [R]
+  double* job_u;         // [R] the sampling coin
+  int32_t* rej_node;     // [R, W] local node ids of the rejected siblings, in order
+  double* rej_z;         // [R, W] residual total before each rejection
+  double* resid_chunk;   // [R, C] residual mass per chunk
+};
+
+__device__ __forceinline__ bool is_filtered(float temperature, int64_t top_k, float top_p) {
+  return !is_greedy(temperature) && (top_k > 0 || top_p < 1.0f);
+}
+
+template <typename S, typename Q>
+__global__ void ValidateKernel(Params<S, Q> p, Workspace ws) {
+  const int64_t r = blockIdx.x;
+  __shared__ int32_t bad;
+  const int64_t o = p.offsets[r], e = p.offsets[r + 1];
+  const bool offsets_ok = o >= 0 && e > o && e <= p.N && e - o <= p.W && (r != 0 || o == 0) &&
+                          (r != p.R - 1 || e == p.N);
+  if (threadIdx.x == 0) {
+    bad = offsets_ok ? 0 : kBadOffsets;
+    bad |= param_status(p.temperature[r], p.top_k[r], p.top_p[r]);
+  }
+  __syncthreads();
+  if (offsets_ok) {
+    int32_t mine = 0;
+    for (int64_t j = threadIdx.x; j < e - o; j += blockDim.x) {
+      const int64_t i = o + j, par = p.parents[i], tok = p.tokens[i];
+      if (j == 0 ? par != -1 : (par < 0 || par >= j)) mine |= kBadParent;
+      if (j > 0 && (tok < 0 || tok >= p.V)) mine |= kBadToken;
+      for (int c = 0; p.uniforms && c < 2; ++c) {
+        const double u = p.uniforms[i * 2 + c];
+        if (!(u >= 0.0 && u < 1.0)) mine |= kBadUniform;
+      }
+    }
+    if (mine) atomicOr(&bad, mine);
+  }
+  __syncthreads();
+  if (bad) {
+    if (threadIdx.x == 0) atomicOr(p.status, bad);
+  } else {
+    for (int64_t j = threadIdx.x; j < e - o; j += blockDim.x) ws.row_request[o + j] = static_cast<int32_t>(r);
+  }
+  if (threadIdx.x == 0) ws.req_ok[r] = bad == 0;
+}
+
+// blockDim.x == 256: each thread reads kChunk / 256 = 16 strided entries (coalesced loads).
+template <typename S, typename Q>
+__global__ void ChunkStatsKernel(Params<S, Q> p, Workspace ws) {
+  constexpr int kPer = kChunk / 256;
+  const int64_t row = blockIdx.y, b = blockIdx.x;
+  const int32_t r = ws.row_request[row];
+  if (r < 0) return;
+  const float temperature = p.temperature[r];
+  if (is_filtered(temperature, p.top_k[r], p.top_p[r])) return;
+  const S* w = p.logits + row * p.V;
+  const int64_t start = b * kChunk;
+  float x[kPer];
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    const int64_t v = start + k * 256 + threadIdx.x;
+    x[k] = v < p.V ? to_float(w[v]) : -INFINITY;
+  }
+  int32_t bad = 0;
+  const int64_t slot = row * p.C + b;
+  if (is_greedy(temperature)) {
+    float best = -INFINITY;
+    int32_t idx = INT32_MAX;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      if (isnan(x[k]) || x[k] == INFINITY) bad |= kBadLogits;
+      const int32_t v = static_cast<int32_t>(start + k * 256 + threadIdx.x);
+      if (x[k] > best) { best = x[k]; idx = v; }  // k ascending: first index per thread
+    }
+    const float top = block_reduce(best, MaxOp(), -INFINITY);
+    idx = block_reduce(best == top && top > -INFINITY ? idx : INT32_MAX, MinOp(), INT32_MAX);
+    if (threadIdx.x == 0) {
+      ws.chunk_wmax[slot] = top;
+      ws.chunk_widx[slot] = idx == INT32_MAX ? -1 : idx;
+    }
+  } else {
+    const float inv_t = inverse_temperature(temperature);
+    float tmax = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      if (isnan(x[k]) || x[k] == INFINITY) bad |= kBadLogits;
+      const float t = log2_scaled(x[k], inv_t);
+      if (x[k] > -INFINITY && !isfinite(t)) bad |= kBadLogits;
+      x[k] = t;
+      tmax = fmaxf(tmax, t);
+    }
+    tmax = block_reduce(tmax, MaxOp(), -INFINITY);
+    const float base = floorf(tmax);
+    double sum = 0.0;
+    if (tmax > -INFINITY && isfinite(tmax)) {
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) sum += scaled_exp(x[k], base);
+    }
+    sum = block_reduce(sum, SumOp(), 0.0);
+    if (threadIdx.x == 0) {
+      ws.chunk_base[slot] = tmax > -INFINITY ? base : -INFINITY;
+      ws.chunk_sum[slot] = sum;
+    }
+  }
+  if (bad) atomicOr(p.status, bad);
+}
+
+// One 1024-thread block per top-k/top-p row: max pass, radix select on ordered keys of t for the
+// k-th largest (counts) and the top-p cut (exact int64 fixed-point masses), then chunk sums.
+template <typename S, typename Q>
+__global__ void FilteredRowKernel(Params<S, Q> p, Workspace ws) {
+  const int64_t row = blockIdx.x;
+  const int32_t r = ws.row_request[row];
+  if (r < 0 || !is_filtered(p.temperature[r], p.top_k[r], p.top_p[r])) return;
+  const S* w = p.logits + row * p.V;
+  const float inv_t = inverse_temperature(p.temperature[r]);
+  auto t_at = [&](int64_t v) { return log2_scaled(to_float(w[v]), inv_t); };
+  int32_t bad = 0;
+  float tmax = -INFINITY;
+  long long finite = 0;
+  for (int64_t v = threadIdx.x; v < p.V; v += blockDim.x) {
+    const float x = to_float(w[v]);
+    if (isnan(x) || x == INFINITY) bad |= kBadLogits;
+    const float t = log2_scaled(x, inv_t);
+    if (x > -INFINITY && !isfinite(t)) bad |= kBadLogits;
+    finite += x > -INFINITY;
+    tmax = fmaxf(tmax, t);
+  }
+  if (bad) atomicOr(p.status, bad);
+  tmax = block_reduce(tmax, MaxOp(), -INFINITY);
+  finite = block_reduce(finite, SumOp(), 0ll);
+  if (finite == 0 || !isfinite(tmax)) {  // empty row: FinalizeRowsKernel flags it
+    for (int64_t b = threadIdx.x; b < p.C; b += blockDim.x) {
+      ws.chunk_base[row * p.C + b] = -INFINITY;
+      ws.chunk_sum[row * p.C + b] = 0.0;
+    }
+    if (threadIdx.x == 0) ws.info[row].t_keep = -INFINITY;
+    return;
+  }
+  const float base = floorf(tmax);
+  float keep = -INFINITY;
+  __shared__ unsigned long long hist[256];
+  __shared__ uint32_t s_prefix;
+  __shared__ unsigned long long s_carry;
+  // Radix descent over 4 digits of the ordered key. weight(v) = 1 (top-k) or the fixed mass
+  // (top-p); finds the largest key K with sum of weights over keys >= K reaching `need`.
+  auto descend = [&](bool by_mass, unsigned long long need) {
+    if (threadIdx.x == 0) { s_prefix = 0; s_carry = 0; }
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+      __syncthreads();
+      const uint32_t prefix = s_prefix;
+      const uint32_t high_mask = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
+      for (int64_t v = threadIdx.x; v < p.V; v += blockDim.x) {
+        const float t = t_at(v);
+        const uint32_t key = ordered_key(t);
+        if (!(t >= keep) || ((key ^ prefix) & high_mask)) continue;
+        const unsigned long long wt = by_mass ? static_cast<unsigned long long>(fixed_mass(t, base)) : 1ull;
+        if (wt) atomicAdd(&hist[(key >> shift) & 255u], wt);
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        unsigned long long cum = s_carry;
+        for (int d = 255; d >= 0; --d) {
+          if (cum + hist[d] >= need || d == 0) { s_prefix = prefix | (uint32_t(d) << shift); s_carry = cum; break; }
+          cum += hist[d];
+        }
+      }
+      __syncthreads();
+    }
+    return key_to_float(s_prefix);
+  };
+  const int64_t top_k = p.top_k[r];
+  if (top_k > 0 && top_k < finite) keep = descend(false, static_cast<unsigned long long>(top_k));
+  const float top_p = p.top_p[r];
+  if (top_p < 1.0f) {
+    long long total = 0;
+    for (int64_t v = threadIdx.x; v < p.V; v += blockDim.x) {
+      const float t = t_at(v);
+      if (t >= keep) total += fixed_mass(t, base);
+    }
+    total = block_reduce(total, SumOp(), 0ll);
+    const double want = ceil(static_cast<double>(top_p) * static_cast<double>(total));
+    const long long need = want >= static_cast<double>(total) ? total : max(1ll, static_cast<long long>(want));
+    keep = fmaxf(keep, descend(true, static_cast<unsigned long long>(need)));
+  }
+  for (int64_t b = 0; b < p.C; ++b) {
+    double sum = 0.0;
+    for (int64_t v = b * kChunk + threadIdx.x; v < min(p.V, (b + 1) * kChunk); v += blockDim.x) {
+      const float t = t_at(v);
+      if (t >= keep) sum += scaled_exp(t, base);
+    }
+    sum = block_reduce(sum, SumOp(), 0.0);
+    if (threadIdx.x == 0) { ws.chunk_sum[row * p.C + b] = sum; ws.chunk_base[row * p.C + b] = base; }
+  }
+  if (threadIdx.x == 0) ws.info[row].t_keep = keep;
+}
+
+// One thread per row: RowInfo from the chunk partials (fixed chunk order), chunk sums rescaled
+// to the row base in place (exact: powers of two).
+template <typename S, typename Q>
+__global__ void FinalizeRowsKernel(Params<S, Q> p, Workspace ws) {
+  const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (row >= p.N) return;
+  const int32_t r = ws.row_request[row];
+  if (r < 0) return;
+  RowInfo info{-1, 0.0, 0.0f, 0.0f, -INFINITY, 0};
+  const float temperature = p.temperature[r];
+  float* base = ws.chunk_base + row * p.C;
+  double* sums = ws.chunk_sum + row * p.C;
+  if (is_greedy(temperature)) {
+    float best = -INFINITY;
+    for (int64_t b = 0; b < p.C; ++b) {
+      const int32_t i = ws.chunk_widx[row * p.C + b];
+      if (i >= 0 && ws.chunk_wmax[row * p.C + b] > best) { best = ws.chunk_wmax[row * p.C + b]; info.argmax = i; }
+    }
+    info.greedy = 1;
+    info.total = 1.0;
+    for (int64_t b = 0; b < p.C; ++b) sums[b] = (info.argmax >= 0 && b == info.argmax / kChunk) ? 1.0 : 0.0;
+    if (info.argmax < 0) atomicOr(p.status, kEmptyRow);
+  } else {
+    float top = -INFINITY;
+    for (int64_t b = 0; b < p.C; ++b) top = fmaxf(top, base[b]);
+    info.inv_t = inverse_temperature(temperature);
+    info.nbase = top;
+    if (is_filtered(temperature, p.top_k[r], p.top_p[r])) info.t_keep = ws.info[row].t_keep;
+    double total = 0.0;
+    for (int64_t b = 0; b < p.C; ++b) {
+      const float drop = top - base[b];
+      const double s = (base[b] > -INFINITY && drop <= 1000.0f) ? sums[b] * pow2_neg(static_cast<int>(drop)) : 0.0;
+      sums[b] = s;
+      total += s;
+    }
+    info.total = total;
+    if (!(top > -INFINITY)) atomicOr(p.status, kEmptyRow);
+  }
+  ws.info[row] = info;
+}
+
+}  // namespace cuda
+}  // namespace dspark

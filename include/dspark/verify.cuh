@@ -1,0 +1,266 @@
+// dspark/verify.cuh: CUDA verify/sample. After the row statistics (row_stats.cuh):
+//   WalkKernel          grid R         walk each request's tree: accept/reject children in
+//                                      index order (recursive rejection sampling), record where
+//                                      the last token is drawn from and which siblings failed
+//   ResidualChunkKernel grid (C, R)    residual mass per chunk where siblings were rejected
+//   DrawKernel          grid R         inverse-CDF draw: pick the chunk, scan inside it
+//   ProbsKernel         grid (C, R)    sample(return_probs=True): p(v) = e(v) / S
+// Launch order and workspace layout live in `launch` at the bottom.
+#pragma once
+#include "dspark/row_stats.cuh"
+
+namespace dspark {
+namespace cuda {
+
+template <typename S, typename Q>
+__device__ __forceinline__ double draft_prob(const Params<S, Q>& p, int64_t row, int64_t v) {
+  if (p.q == nullptr) return 1.0;
+  const double x = static_cast<double>(p.q[row * p.V + v]);
+  if (!(x >= 0.0 && x < INFINITY)) atomicOr(p.status, kBadDraftProbs);
+  return x;
+}
+
+// Residual mass of token v at request r's final row: e(v), then each rejected sibling in order.
+template <typename S, typename Q>
+__device__ double residual_at(const Params<S, Q>& p, const Workspace& ws, int64_t r, int64_t o,
+                              const RowInfo& info, const S* w, int32_t nrej, int64_t v) {
+  double e = row_e(info, v, to_float(w[v]));
+  for (int32_t i = 0; i < nrej; ++i) {
+    const int64_t j = o + ws.rej_node[r * p.W + i];
+    e = residual_step(e, p.q == nullptr, v, p.tokens[j], draft_prob(p, j, v), ws.rej_z[r * p.W + i]);
+  }
+  return e;
+}
+
+template <typename S, typename Q>
+__device__ __forceinline__ double coin(const Params<S, Q>& p, int64_t r, int64_t o, int64_t node,
+                                       uint64_t purpose) {
+  return p.uniforms ? p.uniforms[(o + node) * 2 + purpose]
+                    : keyed_uniform(p.seeds[r], p.positions[r], node, purpose);
+}
+
+template <typename S, typename Q>
+__global__ void WalkKernel(Params<S, Q> p, Workspace ws) {
+  const int64_t r = blockIdx.x;
+  for (int64_t k = threadIdx.x; k < p.W; k += blockDim.x) {
+    p.out_tokens[r * p.W + k] = -1;
+    if (p.out_nodes) p.out_nodes[r * p.W + k] = -1;
+  }
+  if (!ws.req_ok[r]) {
+    if (threadIdx.x == 0) { ws.final_row[r] = -1; if (p.out_count) p.out_count[r] = 0; }
+    return;
+  }
+  const int64_t o = p.offsets[r], n = p.offsets[r + 1] - o;
+  enum { kAccept, kReject, kNeedSum, kFinal };
+  __shared__ int32_t s_cur, s_accepted, s_next, s_nrej, s_action;
+  __shared__ double s_z;
+  if (threadIdx.x == 0) { s_cur = 0; s_accepted = 0; }
+  __syncthreads();
+  if (threadIdx.x == 0 && p.out_nodes) p.out_nodes[r * p.W] = o;
+  while (true) {
+    const int64_t row = o + s_cur;
+    const RowInfo info = ws.info[row];
+    const S* w = p.logits + row * p.V;
+    if (threadIdx.x == 0) { s_z = info.total; s_nrej = 0; s_next = s_cur + 1; }
+    __syncthreads();
+    while (true) {
+      if (threadIdx.x == 0) {
+        int32_t j = s_next;
+        while (j < n && p.parents[o + j] != s_cur) ++j;
+        if (j >= n) {
+          s_action = kFinal;
+        } else {
+          const int64_t x = p.tokens[o + j];
+          const double rx = residual_at(p, ws, r, o, info, w, s_nrej, x);
+          const double u = coin(p, r, o, j, kAcceptCoin);
+          if (u * draft_prob(p, o + j, x) * s_z < rx) {
+            s_action = kAccept;
+          } else {
+            ws.rej_node[r * p.W + s_nrej] = j;
+            ws.rej_z[r * p.W + s_nrej] = s_z;
+            ++s_nrej;
+            s_action = p.q == nullptr ? kReject : kNeedSum;
+            if (p.q == nullptr) s_z = s_z - rx;
+          }
+          s_next = j;
+        }
+      }
+      __syncthreads();
+      const int32_t action = s_action;
+      if (action == kNeedSum) {  // new residual total after a full-distribution rejection
+        double part = 0.0;
+        for (int64_t v = threadIdx.x; v < p.V; v += blockDim.x) part += residual_at(p, ws, r, o, info, w, s_nrej, v);
+        part = block_reduce(part, SumOp(), 0.0);
+        if (threadIdx.x == 0) s_z = part;
+      }
+      if (action == kReject || action == kNeedSum) {
+        if (threadIdx.x == 0) ++s_next;
+        __syncthreads();
+        continue;
+      }
+      break;
+    }
+    if (s_action == kFinal) break;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const int32_t j = s_next;
+      p.out_tokens[r * p.W + s_accepted] = p.tokens[o + j];
+      ++s_accepted;
+      if (p.out_nodes) p.out_nodes[r * p.W + s_accepted] = o + j;
+      s_cur = j;
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    ws.final_row[r] = o + s_cur;
+    ws.n_rej[r] = s_nrej;
+    ws.accepted[r] = s_accepted;
+    ws.job_u[r] = coin(p, r, o, s_cur, kSampleCoin);
+  }
+}
+
+template <typename S, typename Q>
+__global__ void ResidualChunkKernel(Params<S, Q> p, Workspace ws) {
+  const int64_t b = blockIdx.x, r = blockIdx.y;
+  const int64_t row = ws.final_row[r];
+  if (row < 0 || ws.n_rej[r] == 0) return;
+  const int64_t o = p.offsets[r];
+  const RowInfo info = ws.info[row];
+  const S* w = p.logits + row * p.V;
+  double part = 0.0;
+  for (int64_t v = b * kChunk + threadIdx.x; v < min(p.V, (b + 1) * kChunk); v += blockDim.x)
+    part += residual_at(p, ws, r, o, info, w, ws.n_rej[r], v);
+  part = block_reduce(part, SumOp(), 0.0);
+  if (threadIdx.x == 0) ws.resid_chunk[r * p.C + b] = part;
+}
+
+// blockDim.x == 256; each thread owns 16 consecutive entries of the chosen chunk.
+template <typename S, typename Q>
+__global__ void DrawKernel(Params<S, Q> p, Workspace ws) {
+  constexpr int kPer = kChunk / 256;
+  const int64_t r = blockIdx.x;
+  const int64_t row = ws.final_row[r];
+  if (row < 0) return;
+  const int64_t o = p.offsets[r];
+  const RowInfo info = ws.info[row];
+  const S* w = p.logits + row * p.V;
+  const int32_t nrej_all = ws.n_rej[r];
+  __shared__ int64_t s_chunk;
+  __shared__ double s_before, s_target;
+  __shared__ int32_t s_nrej, s_hit, s_last;
+  if (threadIdx.x == 0) {
+    const double* sums = nrej_all > 0 ? ws.resid_chunk + r * p.C : ws.chunk_sum + row * p.C;
+    double z = 0.0;
+    for (int64_t b = 0; b < p.C; ++b) z += sums[b];
+    s_nrej = nrej_all;
+    if (z == 0.0) {  // the residual vanished: draw from the target row itself
+      sums = ws.chunk_sum + row * p.C;
+      z = info.total;
+      s_nrej = 0;
+    }
+    const double target = ws.job_u[r] * z;
+    double before = 0.0;
+    int64_t chunk = -1, last = -1;
+    for (int64_t b = 0; b < p.C; ++b) {
+      if (sums[b] > 0.0) {
+        last = b;
+        if (before + sums[b] > target) { chunk = b; break; }
+      }
+      before += sums[b];
+    }
+    // No chunk reached the target (rounding): take the last entry with mass, as the CPU does.
+    s_chunk = chunk >= 0 ? chunk : last;
+    s_before = chunk >= 0 ? before : 0.0;
+    s_target = chunk >= 0 ? target : INFINITY;
+    s_hit = INT32_MAX;
+    s_last = -1;
+  }
+  __syncthreads();
+  const int32_t nrej = s_nrej;
+  const int64_t chunk = s_chunk;
+  if (chunk >= 0) {
+    const int64_t first = chunk * kChunk + threadIdx.x * kPer;
+    double mass[kPer];
+    double mine = 0.0;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int64_t v = first + k;
+      mass[k] = v < p.V ? residual_at(p, ws, r, o, info, w, nrej, v) : 0.0;
+      mine += mass[k];
+    }
+    double cum = s_before + block_exclusive_scan(mine);
+    int32_t hit = INT32_MAX, last = -1;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      if (mass[k] > 0.0) {
+        last = static_cast<int32_t>(first + k);
+        cum += mass[k];
+        if (cum > s_target && hit == INT32_MAX) hit = last;
+      }
+    }
+    if (hit != INT32_MAX) atomicMin(&s_hit, hit);
+    if (last >= 0) atomicMax(&s_last, last);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int32_t acc = ws.accepted[r];
+    p.out_tokens[r * p.W + acc] = s_hit != INT32_MAX ? s_hit : s_last;
+    if (p.out_count) p.out_count[r] = acc;
+  }
+}
+
+template <typename S, typename Q>
+__global__ void ProbsKernel(Params<S, Q> p, Workspace ws) {
+  const int64_t b = blockIdx.x, r = blockIdx.y;
+  if (!ws.req_ok[r]) return;
+  const RowInfo info = ws.info[r];
+  const S* w = p.logits + r * p.V;
+  for (int64_t v = b * kChunk + threadIdx.x; v < min(p.V, (b + 1) * kChunk); v += blockDim.x)
+    p.probs[r * p.V + v] = row_e(info, v, to_float(w[v])) / info.total;
+}
+
+// Bytes of workspace for N rows, R requests, width W, vocabulary V (8-byte aligned pieces).
+inline size_t workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V) {
+  const int64_t C = ceil_div(V, kChunk);
+  auto a8 = [](int64_t x) { return static_cast<size_t>(ceil_div(x, 8) * 8); };
+  return a8(N * sizeof(RowInfo)) + a8(N * C * 4) * 2 + a8(N * C * 8) + a8(N * C * 4) + a8(N * 4) +
+         a8(R * 4) * 3 + a8(R * 8) * 2 + a8(R * W * 4) + a8(R * W * 8) + a8(R * C * 8);
+}
+
+template <typename S, typename Q>
+cudaError_t launch(Params<S, Q> p, void* workspace, cudaStream_t stream) {
+  p.C = ceil_div(p.V, kChunk);
+  char* cur = static_cast<char*>(workspace);
+  auto take = [&](int64_t bytes) { void* out = cur; cur += ceil_div(bytes, 8) * 8; return out; };
+  Workspace ws;
+  ws.info = static_cast<RowInfo*>(take(p.N * sizeof(RowInfo)));
+  ws.chunk_base = static_cast<float*>(take(p.N * p.C * 4));
+  ws.chunk_wmax = static_cast<float*>(take(p.N * p.C * 4));
+  ws.chunk_sum = static_cast<double*>(take(p.N * p.C * 8));
+  ws.chunk_widx = static_cast<int32_t*>(take(p.N * p.C * 4));
+  ws.row_request = static_cast<int32_t*>(take(p.N * 4));
+  ws.req_ok = static_cast<int32_t*>(take(p.R * 4));
+  ws.n_rej = static_cast<int32_t*>(take(p.R * 4));
+  ws.accepted = static_cast<int32_t*>(take(p.R * 4));
+  ws.final_row = static_cast<int64_t*>(take(p.R * 8));
+  ws.job_u = static_cast<double*>(take(p.R * 8));
+  ws.rej_node = static_cast<int32_t*>(take(p.R * p.W * 4));
+  ws.rej_z = static_cast<double*>(take(p.R * p.W * 8));
+  ws.resid_chunk = static_cast<double*>(take(p.R * p.C * 8));
+  cudaError_t err = cudaMemsetAsync(ws.row_request, 0xff, p.N * 4, stream);
+  if (err != cudaSuccess) return err;
+  err = cudaMemsetAsync(p.status, 0, sizeof(int32_t), stream);
+  if (err != cudaSuccess) return err;
+  ValidateKernel<<<p.R, 128, 0, stream>>>(p, ws);
+  ChunkStatsKernel<<<dim3(p.C, p.N), 256, 0, stream>>>(p, ws);
+  FilteredRowKernel<<<p.N, 1024, 0, stream>>>(p, ws);
+  FinalizeRowsKernel<<<ceil_div(p.N, 128), 128, 0, stream>>>(p, ws);
+  WalkKernel<<<p.R, 128, 0, stream>>>(p, ws);
+  ResidualChunkKernel<<<dim3(p.C, p.R), 256, 0, stream>>>(p, ws);
+  DrawKernel<<<p.R, 256, 0, stream>>>(p, ws);
+  if (p.probs) ProbsKernel<<<dim3(p.C, p.R), 256, 0, stream>>>(p, ws);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace dspark

@@ -1,0 +1,33 @@
+import os
+import sys
+import warnings
+import zlib
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/inputs.py
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)  # "built without CUDA kernels" on CPU builds
+    import dspark  # noqa: E402
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request):
+    if request.param == "cuda" and not dspark.cuda_available():
+        pytest.skip("needs a CUDA build of dspark and a visible GPU")
+    return request.param
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A per-test seed derived from the test id: stable across runs, different across tests."""
+    s = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(s)
+    return s
+
+
+@pytest.fixture
+def gen(seed) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

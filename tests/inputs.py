@@ -1,0 +1,269 @@
+"""Shared input factories for the dspark op tests.
+
+A :class:`Batch` holds every argument of ``torch.ops.dspark.verify`` in schema order. Factories
+build random packed batches (chains or trees, ragged draft lengths including 0, logits dtypes,
+with or without ``draft_probs``, keyed seeds or caller uniforms) from an explicit
+``torch.Generator`` so every test is deterministic.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+
+import dspark
+from dspark import reference
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SAMPLED_TEMPERATURES = (0.6, 1.0, 1.4)
+
+
+@dataclasses.dataclass
+class Batch:
+    target_logits: torch.Tensor
+    node_offsets: torch.Tensor
+    draft_tokens: torch.Tensor
+    parents: torch.Tensor
+    draft_probs: Optional[torch.Tensor]
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    seeds: Optional[torch.Tensor]
+    positions: Optional[torch.Tensor]
+    uniforms: Optional[torch.Tensor]
+    max_nodes: int
+
+    def args(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def to(self, device) -> "Batch":
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for k, v in moved.items():
+            if isinstance(v, torch.Tensor):
+                moved[k] = v.to(device)
+        return Batch(**moved)
+
+    def replace(self, **kw) -> "Batch":
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def num_requests(self) -> int:
+        return self.node_offsets.numel() - 1
+
+    def sizes(self) -> list[int]:
+        off = self.node_offsets.tolist()
+        return [b - a for a, b in zip(off, off[1:])]
+
+
+def run_kernel(batch: Batch, device="cpu") -> tuple[torch.Tensor, ...]:
+    """torch.ops.dspark.verify on ``device``; outputs returned on CPU."""
+    out = torch.ops.dspark.verify(*batch.to(device).args())
+    return tuple(t.cpu() for t in out)
+
+
+def run_reference(batch: Batch) -> tuple[torch.Tensor, ...]:
+    return reference.verify(*batch.to("cpu").args())
+
+
+def assert_equal_outputs(got, want, what=""):
+    names = ("out_tokens", "accept_count", "accept_nodes")
+    for name, g, w in zip(names, got, want):
+        assert g.dtype == torch.int64 and g.shape == w.shape, (what, name, g.dtype, g.shape, w.shape)
+        assert torch.equal(g, w), f"{what} {name} differs:\nkernel    {g.tolist()}\nreference {w.tolist()}"
+
+
+# ---- building blocks -------------------------------------------------------------------------
+def random_logits(rows: int, V: int, gen: torch.Generator, scale: float = 2.0,
+                  mask_frac: float = 0.0, dtype=torch.float32) -> torch.Tensor:
+    """Gaussian logits; optionally a fraction of entries masked to -inf (never a whole row)."""
+    w = torch.randn(rows, V, generator=gen) * scale
+    if mask_frac > 0.0:
+        mask = torch.rand(rows, V, generator=gen) < mask_frac
+        keep = torch.randint(0, V, (rows,), generator=gen)
+        mask[torch.arange(rows), keep] = False
+        w[mask] = -float("inf")
+    return w.to(dtype)
+
+
+def random_parents(n: int, gen: torch.Generator, layout: str) -> list[int]:
+    """Local parent indices of one request with n nodes (node 0 = root)."""
+    if layout == "chain":
+        return list(range(-1, n - 1))
+    par = [-1]
+    for j in range(1, n):
+        # Favour shallow nodes so that nodes commonly get several children.
+        hi = j if torch.rand((), generator=gen) < 0.5 else max(1, j // 2)
+        par.append(int(torch.randint(0, hi, (), generator=gen)))
+    return par
+
+
+def softmax64(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    x = x.double()
+    return torch.softmax(x / max(temperature, 0.3), dim=-1)
+
+
+def make_batch(draft_lengths: Sequence[int], V: int, gen: torch.Generator, *,
+               layout: str = "chain", dtype=torch.float32, q_dtype=None,
+               randomness: str = "keyed", temperature="sampled", top_k=0, top_p=1.0,
+               scale: float = 2.0, mask_frac: float = 0.0, draft_noise: float = 0.3,
+               max_nodes: Optional[int] = None) -> Batch:
+    """A packed batch of chains or trees.
+
+    temperature: "greedy", "sampled", "mixed" (per-request random greedy or sampled) or a float.
+    top_k / top_p: a number applied to every request, or "random" (per-request mix of on/off).
+    q_dtype: None (deterministic drafts, draft_probs=None) or torch.float32/float64.
+    Drafts are drawn the way a drafter would: with draft_probs, node j's token is sampled from
+    q_j = softmax((parent's target logits + noise) / T) (siblings share q: iid tree children);
+    without, tokens are mostly the parent's argmax (greedy) or a sample from p, sometimes random.
+    """
+    R = len(draft_lengths)
+    sizes = [int(g) + 1 for g in draft_lengths]
+    N = sum(sizes)
+    offsets = torch.zeros(R + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor(sizes), 0)
+
+    temps = []
+    for _ in range(R):
+        if temperature == "greedy":
+            temps.append(0.0)
+        elif temperature in ("sampled", "mixed"):
+            choices = SAMPLED_TEMPERATURES + ((0.0,) if temperature == "mixed" else ())
+            temps.append(choices[int(torch.randint(0, len(choices), (), generator=gen))])
+        else:
+            temps.append(float(temperature))
+
+    def per_request(value, choices):
+        if value != "random":
+            return [value] * R
+        return [choices[int(torch.randint(0, len(choices), (), generator=gen))] for _ in range(R)]
+
+    ks = per_request(top_k, (0, 0, 1, 5, max(1, V // 2)))
+    ps = per_request(top_p, (1.0, 1.0, 0.9, 0.5))
+
+    logits32 = random_logits(N, V, gen, scale, mask_frac, torch.float32)
+    logits = logits32.to(dtype)
+    parents, tokens = [], []
+    q = torch.zeros(N, V, dtype=torch.float64) if q_dtype is not None else None
+    for r in range(R):
+        o, n = int(offsets[r]), sizes[r]
+        par = random_parents(n, gen, layout)
+        parents += par
+        tokens.append(int(torch.randint(-1, V, (), generator=gen)))  # root token: ignored
+        sibling_q = {}
+        for j in range(1, n):
+            prow = logits[o + par[j]].float()
+            if q is not None:
+                if par[j] not in sibling_q:
+                    noise = torch.randn(V, generator=gen) * draft_noise
+                    base = torch.where(torch.isfinite(prow), prow, torch.zeros_like(prow))
+                    sibling_q[par[j]] = softmax64(base + noise, temps[r])
+                q[o + j] = sibling_q[par[j]]
+                tokens.append(int(torch.multinomial(q[o + j], 1, generator=gen)))
+            else:
+                coin = float(torch.rand((), generator=gen))
+                if coin < 0.25:
+                    tokens.append(int(torch.randint(0, V, (), generator=gen)))
+                elif temps[r] == 0.0 or coin < 0.5:
+                    tokens.append(int(torch.argmax(prow)))
+                else:
+                    tokens.append(int(torch.multinomial(softmax64(prow, temps[r]), 1, generator=gen)))
+
+    seeds = positions = uniforms = None
+    if randomness == "keyed":
+        seeds = torch.randint(-(2**63), 2**63 - 1, (R,), generator=gen, dtype=torch.int64)
+        positions = torch.randint(0, 1 << 40, (R,), generator=gen, dtype=torch.int64)
+    elif randomness == "uniforms":
+        uniforms = torch.rand(N, 2, generator=gen, dtype=torch.float64)
+    else:
+        raise ValueError(randomness)
+    params = dspark.ops.sampling_tensors(R, temps, ks, ps)
+    return Batch(logits, offsets, torch.tensor(tokens, dtype=torch.int64),
+                 torch.tensor(parents, dtype=torch.int64),
+                 None if q is None else q.to(q_dtype), params.temperature, params.top_k,
+                 params.top_p, seeds, positions, uniforms,
+                 max_nodes if max_nodes is not None else max(sizes))
+
+
+def random_draft_lengths(R: int, gamma: int, gen: torch.Generator) -> list[int]:
+    """Ragged draft lengths in [0, gamma]; with R >= 2 one request has 0 and one has gamma."""
+    lengths = torch.randint(0, gamma + 1, (R,), generator=gen).tolist()
+    if R >= 2:
+        lengths[0], lengths[-1] = gamma, 0
+    elif R == 1:
+        lengths[0] = gamma
+    return lengths
+
+
+def permute_requests(batch: Batch, perm: Sequence[int]) -> Batch:
+    """The same requests in another order (packed rows moved with their requests)."""
+    off = batch.node_offsets.tolist()
+    rows = torch.cat([torch.arange(off[r], off[r + 1]) for r in perm])
+    sizes = torch.tensor([off[r + 1] - off[r] for r in perm])
+    new_off = torch.zeros_like(batch.node_offsets)
+    new_off[1:] = torch.cumsum(sizes, 0)
+    p = torch.as_tensor(list(perm))
+    pick = lambda t: None if t is None else t[p]  # noqa: E731
+    return batch.replace(
+        target_logits=batch.target_logits[rows], node_offsets=new_off,
+        draft_tokens=batch.draft_tokens[rows], parents=batch.parents[rows],
+        draft_probs=None if batch.draft_probs is None else batch.draft_probs[rows],
+        temperature=batch.temperature[p], top_k=batch.top_k[p], top_p=batch.top_p[p],
+        seeds=pick(batch.seeds), positions=pick(batch.positions),
+        uniforms=None if batch.uniforms is None else batch.uniforms[rows])
+
+
+def sample_args(logits: torch.Tensor, gen: torch.Generator, *, temperature="sampled", top_k=0,
+                top_p=1.0, randomness="keyed"):
+    """Arguments of torch.ops.dspark.sample for the rows of ``logits`` (return_probs excluded)."""
+    R = logits.shape[0]
+    temps = [0.0 if temperature == "greedy" else
+             SAMPLED_TEMPERATURES[int(torch.randint(0, 3, (), generator=gen))]
+             if temperature == "sampled" else float(temperature) for _ in range(R)]
+    params = dspark.ops.sampling_tensors(R, temps, top_k, top_p)
+    seeds = positions = uniforms = None
+    if randomness == "keyed":
+        seeds = torch.randint(-(2**63), 2**63 - 1, (R,), generator=gen, dtype=torch.int64)
+        positions = torch.randint(0, 1 << 40, (R,), generator=gen, dtype=torch.int64)
+    else:
+        uniforms = torch.rand(R, generator=gen, dtype=torch.float64)
+    return (logits, *params, seeds, positions, uniforms)
+
+
+def manual_batch(logits, tokens, parents=None, *, draft_probs=None, temperature=1.0, top_k=0,
+                 top_p=1.0, accept_u=0.5, sample_u=0.5, offsets=None, max_nodes=None) -> Batch:
+    """A hand-made batch with caller uniforms (default: one request; chain unless parents given).
+
+    accept_u / sample_u: a number for every node or a per-node list (node = packed row).
+    """
+    logits = torch.as_tensor(logits, dtype=torch.float32)
+    N = logits.shape[0]
+    offsets = torch.as_tensor([0, N] if offsets is None else offsets, dtype=torch.int64)
+    R = offsets.numel() - 1
+    if parents is None:
+        parents = torch.cat([torch.arange(-1, int(b - a) - 1)
+                             for a, b in zip(offsets[:-1], offsets[1:])])
+    u = torch.empty(N, 2, dtype=torch.float64)
+    u[:, 0] = torch.as_tensor(accept_u, dtype=torch.float64)
+    u[:, 1] = torch.as_tensor(sample_u, dtype=torch.float64)
+    params = dspark.ops.sampling_tensors(R, temperature, top_k, top_p)
+    q = None if draft_probs is None else torch.as_tensor(draft_probs, dtype=torch.float64)
+    sizes = (offsets[1:] - offsets[:-1]).tolist()
+    return Batch(logits, offsets, torch.as_tensor(tokens, dtype=torch.int64),
+                 torch.as_tensor(parents, dtype=torch.int64), q, *params, None, None, u,
+                 max_nodes if max_nodes is not None else max(sizes))
+
+
+def keyed_uniforms(batch: Batch) -> torch.Tensor:
+    """The [N, 2] uniforms that keyed randomness (seeds, positions) draws, via the reference hash."""
+    off = batch.node_offsets.tolist()
+    u = torch.empty(off[-1], 2, dtype=torch.float64)
+    for r in range(len(off) - 1):
+        s, p = int(batch.seeds[r]), int(batch.positions[r])
+        for j in range(off[r + 1] - off[r]):
+            for purpose in (0, 1):
+                u[off[r] + j, purpose] = reference.keyed_uniform(s, p, j, purpose)
+    return u
+
+
+ONE_MINUS = 1.0 - 2.0**-53  # the largest double below 1: the least favourable accept coin

@@ -1,0 +1,192 @@
+"""dspark.models against transformers on tiny random checkpoints (fp32, CPU)."""
+import json
+import os
+
+import pytest
+import torch
+
+import dspark  # noqa: F401
+from dspark.models import ModelConfig, ModelRunner, commit_kv, load_model, load_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24, "tie_word_embeddings": True}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+}
+
+
+def make_checkpoint(path, arch="llama", vocab=97, hidden=64, layers=3, heads=4, kv_heads=2,
+                    inter=96, seed=0, init=0.02, shard=None, tokenizer=True, **extra):
+    """Save a random HF model (safetensors) + a word-level tokenizer.json to ``path``."""
+    cfg_name, model_name, arch_extra = ARCHS[arch]
+    kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+              num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+              max_position_embeddings=256, initializer_range=init, eos_token_id=vocab - 1,
+              bos_token_id=0)
+    kw.update(arch_extra)
+    kw.update(extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(getattr(transformers, cfg_name)(**kw)).eval()
+    with torch.no_grad():  # make the random model opinionated: bigger logits, varied norms
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif "bias" in name:
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(path, max_shard_size=shard) if shard else model.save_pretrained(path)
+    if tokenizer:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        words = ["<s>"] + [f"w{i}" for i in range(1, vocab - 1)] + ["</s>"]
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w1"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.save(os.path.join(path, "tokenizer.json"))
+    return model
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def pair(request, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp(request.param))
+    hf = make_checkpoint(path, request.param, shard="40KB" if request.param == "qwen2" else None)
+    return hf, load_model(path, dtype=torch.float32), path
+
+
+def hf_logits(hf, seq):
+    with torch.no_grad():
+        return hf(torch.tensor([seq])).logits[0].float()
+
+
+PROMPTS = [[3, 14, 15, 92, 65, 35, 89], [7, 9], [11, 12, 13, 14]]
+ATOL = 1e-4
+
+
+def test_loader_reads_config_and_shards(pair):
+    hf, model, path = pair
+    assert model.config.num_layers == hf.config.num_hidden_layers
+    assert model.config.eos_token_ids == (hf.config.vocab_size - 1,)
+    if model.config.model_type == "qwen2":
+        assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+    assert load_tokenizer(path).encode("w3 w5").ids == [3, 5]
+
+
+def test_prefill_and_decode_match_transformers(pair):
+    hf, model, _ = pair
+    runner = ModelRunner(model)
+    runner.allocate(len(PROMPTS), 32)
+    out = runner.prefill(PROMPTS)
+    for b, p in enumerate(PROMPTS):
+        torch.testing.assert_close(out.logits[b], hf_logits(hf, p)[-1], atol=ATOL, rtol=0)
+    nxt = torch.tensor([5, 6, 7])
+    start = torch.tensor([len(p) for p in PROMPTS])
+    for step in range(3):  # several decode steps
+        logits = runner.decode(nxt + step, start + step)
+        for b, p in enumerate(PROMPTS):
+            seq = p + [int(nxt[b]) + s for s in range(step + 1)]
+            torch.testing.assert_close(logits[b], hf_logits(hf, seq)[-1], atol=ATOL, rtol=0)
+
+
+# request 0: chain of 4 drafts; request 1: a tree; request 2: root only (no drafts)
+TREES = [([40, 41, 42, 43, 44], [-1, 0, 1, 2, 3]),
+         ([50, 51, 52, 53, 54, 55, 56], [-1, 0, 0, 1, 2, 2, 4]),
+         ([60], [-1])]
+
+
+def paths(parents):
+    out = []
+    for j in range(len(parents)):
+        path, cur = [], j
+        while cur >= 0:
+            path.append(cur)
+            cur = parents[cur]
+        out.append(path[::-1])
+    return out
+
+
+def verify_block(runner, taps=()):
+    toks = torch.tensor([t for ts, _ in TREES for t in ts])
+    pars = torch.tensor([p for _, ps in TREES for p in ps])
+    offs = torch.tensor([0] + list(torch.cumsum(torch.tensor([len(t) for t, _ in TREES]), 0)))
+    start = torch.tensor([len(p) for p in PROMPTS])
+    return runner.verify(toks, pars, offs, start, max_nodes=8, taps=taps), offs, start
+
+
+def test_verify_chain_and_tree_match_transformers(pair):
+    hf, model, _ = pair
+    runner = ModelRunner(model)
+    runner.allocate(len(PROMPTS), 32)
+    runner.prefill(PROMPTS)
+    taps = (-1, 0, 1)
+    (logits, hidden), offs, _ = verify_block(runner, taps)
+    assert logits.shape == (int(offs[-1]), model.config.vocab_size)
+    assert hidden.shape == (3, int(offs[-1]), model.config.hidden_size)
+    for r, (toks, pars) in enumerate(TREES):
+        for j, path in enumerate(paths(pars)):
+            seq = PROMPTS[r] + [toks[i] for i in path]
+            with torch.no_grad():
+                ref = hf(torch.tensor([seq]), output_hidden_states=True)
+            row = int(offs[r]) + j
+            torch.testing.assert_close(logits[row], ref.logits[0, -1], atol=ATOL, rtol=0)
+            for t, layer in enumerate(taps):
+                torch.testing.assert_close(hidden[t, row], ref.hidden_states[layer + 1][0, -1],
+                                           atol=ATOL, rtol=0)
+
+
+def test_prefill_taps_match_transformers(pair):
+    hf, model, _ = pair
+    runner = ModelRunner(model)
+    runner.allocate(1, 16)
+    out = runner.prefill(PROMPTS[:1], taps=(1, -1))
+    with torch.no_grad():
+        ref = hf(torch.tensor(PROMPTS[:1]), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(out.hidden[0, 0], ref[2][0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.hidden[1, 0], ref[0][0], atol=ATOL, rtol=0)
+
+
+def test_commit_kv_tree_equals_fresh_prefill(pair):
+    """Accept path root -> node 2 -> node 5 of the tree: the compacted cache equals a prefill."""
+    _, model, _ = pair
+    runner = ModelRunner(model)
+    runner.allocate(len(PROMPTS), 32)
+    runner.prefill(PROMPTS)
+    _, offs, start = verify_block(runner)
+    nodes = torch.tensor([[0, 1, 2, 3, -1], [0, 2, 5, -1, -1], [0, -1, -1, -1, -1]])
+    count = torch.tensor([3, 2, 0])
+    commit_kv(runner.cache, start, nodes, count)
+    fresh = ModelRunner(model)
+    fresh.allocate(1, 32)
+    for r, (toks, _) in enumerate(TREES):
+        seq = PROMPTS[r] + [toks[int(i)] for i in nodes[r, :int(count[r]) + 1]]
+        fresh.prefill([seq])
+        n = len(seq)
+        torch.testing.assert_close(runner.cache.k[:, r, :, :n], fresh.cache.k[:, 0, :, :n],
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(runner.cache.v[:, r, :, :n], fresh.cache.v[:, 0, :, :n],
+                                   atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_loads_and_runs(tmp_path, dtype):
+    hf = make_checkpoint(str(tmp_path), "qwen3")
+    model = load_model(str(tmp_path), dtype=dtype)
+    assert model.dtype == dtype
+    runner = ModelRunner(model)
+    runner.allocate(1, 16)
+    logits = runner.prefill(PROMPTS[:1]).logits
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits[0], hf_logits(hf, PROMPTS[0])[-1], atol=0.1, rtol=0.05)
+
+
+def test_bad_checkpoints(tmp_path):
+    with pytest.raises(ValueError, match="config.json"):
+        load_model(str(tmp_path))
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({"model_type": "gpt2"}, f)
+    with pytest.raises(ValueError, match="unsupported model_type"):
+        ModelConfig.from_dir(str(tmp_path))
+    with pytest.raises(ValueError, match="dtype"):
+        load_model(str(tmp_path), dtype="float8")
