@@ -10,7 +10,7 @@ for stage in "$@"; do
     build)
       log build
       nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
-      pip install --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+      python3 -m pip install --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
       (cd /tmp && python3 -c "import dspark, json; print(json.dumps(dspark.build_info()))") ;;
     check)
       log check_cuda; (cd bench && python3 check_cuda.py --cases 300) 2>&1 | tail -25 ;;

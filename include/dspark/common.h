@@ -13,8 +13,9 @@ namespace dspark {
 // A request whose temperature is below this samples greedily (one-hot at the argmax), as in
 // DeepSpec's evaluator. Keeps 1/T finite and the fixed-point probabilities well defined.
 constexpr float kGreedyTemperature = 1e-5f;
-// Vocabulary rows are split into chunks of this many entries for partial sums. CPU and CUDA use
-// the same chunking so that "which chunk holds the sample" is the same question on both.
+// CUDA splits vocabulary rows into chunks of this many entries for partial sums (one block of
+// 256 threads x 16 entries; 64 entries per thread measured slower on the H200). The CPU does
+// not chunk; chunking changes only the order of float64 additions.
 constexpr int kChunk = 4096;
 // Largest vocabulary: top-p masses are 44-bit fixed point, summed exactly in int64.
 constexpr int64_t kMaxVocab = (int64_t(1) << 19) - 1;

@@ -4,7 +4,7 @@
 //   ChunkStatsKernel   grid (C, N)     unfiltered rows: per 4096-entry chunk, local base + sum
 //                                      (or argmax for greedy rows); one read of the logits
 //   FilteredRowKernel  grid N          top-k/top-p rows: radix selection of the threshold
-//   FinalizeRowsKernel grid N/128      combine chunk partials into RowInfo, rescale chunk sums
+//   FinalizeRowsKernel grid N/4        combine chunk partials into RowInfo (warp per row)
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -34,6 +34,7 @@ struct Params {
   int64_t *out_tokens, *out_count, *out_nodes;         // [R, W], [R], [R, W]
   double* probs;                                       // [R, V] (sample only) or nullptr
   int32_t* status;                                     // [1] StatusBit flags
+  bool vec_loads;                                      // rows 16-byte aligned: vector loads
 };
 
 struct Workspace {
@@ -51,6 +52,9 @@ struct Workspace {
   int32_t* rej_node;     // [R, W] local node ids of the rejected siblings, in order
   double* rej_z;         // [R, W] residual total before each rejection
   double* resid_chunk;   // [R, C] residual mass per chunk
+  // Per-node facts for requests too wide for the walk's shared memory: [N] each.
+  int32_t *f_parent, *f_token;
+  double *f_e, *f_q, *f_u;
 };
 
 __device__ __forceinline__ bool is_filtered(float temperature, int64_t top_k, float top_p) {
@@ -91,7 +95,7 @@ __global__ void ValidateKernel(Params<S, Q> p, Workspace ws) {
   if (threadIdx.x == 0) ws.req_ok[r] = bad == 0;
 }
 
-// blockDim.x == 256: each thread reads kChunk / 256 = 16 strided entries (coalesced loads).
+// blockDim.x == 256: each thread reads kChunk / 256 = 16 entries (coalesced loads).
 template <typename S, typename Q>
 __global__ void ChunkStatsKernel(Params<S, Q> p, Workspace ws) {
   constexpr int kPer = kChunk / 256;
@@ -102,11 +106,34 @@ __global__ void ChunkStatsKernel(Params<S, Q> p, Workspace ws) {
   if (is_filtered(temperature, p.top_k[r], p.top_p[r])) return;
   const S* w = p.logits + row * p.V;
   const int64_t start = b * kChunk;
+  // Entry k of this thread is vocabulary index entry(k): 16-byte vectors when rows are
+  // aligned, else strided scalars. Either way k ascending means index ascending.
+  constexpr int kVec = 16 / sizeof(S);
+  auto entry = [&](int k) -> int64_t {
+    return p.vec_loads ? start + ((k / kVec) * 256 + threadIdx.x) * kVec + k % kVec
+                       : start + k * 256 + threadIdx.x;
+  };
   float x[kPer];
+  if (p.vec_loads) {
 #pragma unroll
-  for (int k = 0; k < kPer; ++k) {
-    const int64_t v = start + k * 256 + threadIdx.x;
-    x[k] = v < p.V ? to_float(w[v]) : -INFINITY;
+    for (int l = 0; l < kPer / kVec; ++l) {
+      const int64_t v0 = entry(l * kVec);
+      if (v0 + kVec <= p.V) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(w + v0);
+        const S* lanes = reinterpret_cast<const S*>(&raw);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) x[l * kVec + i] = to_float(lanes[i]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) x[l * kVec + i] = v0 + i < p.V ? to_float(w[v0 + i]) : -INFINITY;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int64_t v = entry(k);
+      x[k] = v < p.V ? to_float(w[v]) : -INFINITY;
+    }
   }
   int32_t bad = 0;
   const int64_t slot = row * p.C + b;
@@ -116,8 +143,7 @@ __global__ void ChunkStatsKernel(Params<S, Q> p, Workspace ws) {
 #pragma unroll
     for (int k = 0; k < kPer; ++k) {
       if (isnan(x[k]) || x[k] == INFINITY) bad |= kBadLogits;
-      const int32_t v = static_cast<int32_t>(start + k * 256 + threadIdx.x);
-      if (x[k] > best) { best = x[k]; idx = v; }  // k ascending: first index per thread
+      if (x[k] > best) { best = x[k]; idx = static_cast<int32_t>(entry(k)); }  // first index
     }
     const float top = block_reduce(best, MaxOp(), -INFINITY);
     idx = block_reduce(best == top && top > -INFINITY ? idx : INT32_MAX, MinOp(), INT32_MAX);
@@ -243,11 +269,25 @@ __global__ void FilteredRowKernel(Params<S, Q> p, Workspace ws) {
   if (threadIdx.x == 0) ws.info[row].t_keep = keep;
 }
 
-// One thread per row: RowInfo from the chunk partials (fixed chunk order), chunk sums rescaled
-// to the row base in place (exact: powers of two).
+// One warp per row: RowInfo from the chunk partials, chunk sums rescaled to the
+// row base in place (exact: powers of two). Lanes own chunks lane, lane+32, ...
+__device__ __forceinline__ double warp_sum(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return __shfl_sync(0xffffffffu, v, 0);
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ int32_t warp_min(int32_t v) {
+  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 template <typename S, typename Q>
 __global__ void FinalizeRowsKernel(Params<S, Q> p, Workspace ws) {
-  const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
   if (row >= p.N) return;
   const int32_t r = ws.row_request[row];
   if (r < 0) return;
@@ -257,31 +297,36 @@ __global__ void FinalizeRowsKernel(Params<S, Q> p, Workspace ws) {
   double* sums = ws.chunk_sum + row * p.C;
   if (is_greedy(temperature)) {
     float best = -INFINITY;
-    for (int64_t b = 0; b < p.C; ++b) {
+    int32_t idx = -1;
+    for (int64_t b = lane; b < p.C; b += 32) {
       const int32_t i = ws.chunk_widx[row * p.C + b];
-      if (i >= 0 && ws.chunk_wmax[row * p.C + b] > best) { best = ws.chunk_wmax[row * p.C + b]; info.argmax = i; }
+      if (i >= 0 && ws.chunk_wmax[row * p.C + b] > best) { best = ws.chunk_wmax[row * p.C + b]; idx = i; }
     }
+    const float top = warp_max(best);
+    const int32_t pick = warp_min(idx >= 0 && best == top ? idx : INT32_MAX);
+    info.argmax = pick == INT32_MAX ? -1 : pick;
     info.greedy = 1;
     info.total = 1.0;
-    for (int64_t b = 0; b < p.C; ++b) sums[b] = (info.argmax >= 0 && b == info.argmax / kChunk) ? 1.0 : 0.0;
-    if (info.argmax < 0) atomicOr(p.status, kEmptyRow);
+    for (int64_t b = lane; b < p.C; b += 32) sums[b] = (info.argmax >= 0 && b == info.argmax / kChunk) ? 1.0 : 0.0;
+    if (lane == 0 && info.argmax < 0) atomicOr(p.status, kEmptyRow);
   } else {
     float top = -INFINITY;
-    for (int64_t b = 0; b < p.C; ++b) top = fmaxf(top, base[b]);
+    for (int64_t b = lane; b < p.C; b += 32) top = fmaxf(top, base[b]);
+    top = warp_max(top);
     info.inv_t = inverse_temperature(temperature);
     info.nbase = top;
-    if (is_filtered(temperature, p.top_k[r], p.top_p[r])) info.t_keep = ws.info[row].t_keep;
-    double total = 0.0;
-    for (int64_t b = 0; b < p.C; ++b) {
+    double part = 0.0;
+    for (int64_t b = lane; b < p.C; b += 32) {
       const float drop = top - base[b];
       const double s = (base[b] > -INFINITY && drop <= 1000.0f) ? sums[b] * pow2_neg(static_cast<int>(drop)) : 0.0;
       sums[b] = s;
-      total += s;
+      part += s;
     }
-    info.total = total;
-    if (!(top > -INFINITY)) atomicOr(p.status, kEmptyRow);
+    info.total = warp_sum(part);
+    if (lane == 0 && is_filtered(temperature, p.top_k[r], p.top_p[r])) info.t_keep = ws.info[row].t_keep;
+    if (lane == 0 && !(top > -INFINITY)) atomicOr(p.status, kEmptyRow);
   }
-  ws.info[row] = info;
+  if (lane == 0) ws.info[row] = info;
 }
 
 }  // namespace cuda

@@ -39,6 +39,13 @@ __device__ __forceinline__ double coin(const Params<S, Q>& p, int64_t r, int64_t
                     : keyed_uniform(p.seeds[r], p.positions[r], node, purpose);
 }
 
+// One block per request. First every thread gathers, in parallel, the facts each node's accept
+// test needs (parent, token, e(token) under the parent's row, q(token), accept coin), into shared
+// memory (or the workspace for requests wider than kWalkSmem); then thread 0 walks the tree,
+// which is a short sequential loop. The block works together only to re-total a full-q residual
+// when another sibling is still to be tried.
+constexpr int kWalkSmem = 256;
+
 template <typename S, typename Q>
 __global__ void WalkKernel(Params<S, Q> p, Workspace ws) {
   const int64_t r = blockIdx.x;
@@ -51,12 +58,29 @@ __global__ void WalkKernel(Params<S, Q> p, Workspace ws) {
     return;
   }
   const int64_t o = p.offsets[r], n = p.offsets[r + 1] - o;
+  __shared__ int32_t sm_parent[kWalkSmem], sm_token[kWalkSmem];
+  __shared__ double sm_e[kWalkSmem], sm_q[kWalkSmem], sm_u[kWalkSmem];
+  const bool in_smem = n <= kWalkSmem;
+  int32_t* par = in_smem ? sm_parent : ws.f_parent + o;
+  int32_t* tok = in_smem ? sm_token : ws.f_token + o;
+  double* fe = in_smem ? sm_e : ws.f_e + o;
+  double* fq = in_smem ? sm_q : ws.f_q + o;
+  double* fu = in_smem ? sm_u : ws.f_u + o;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const int64_t parent = p.parents[o + j], x = p.tokens[o + j];
+    par[j] = static_cast<int32_t>(parent);
+    tok[j] = static_cast<int32_t>(x);
+    if (j == 0) continue;
+    const int64_t prow = o + parent;
+    fe[j] = row_e(ws.info[prow], x, to_float(p.logits[prow * p.V + x]));
+    fq[j] = draft_prob(p, o + j, x);
+    fu[j] = coin(p, r, o, j, kAcceptCoin);
+  }
   enum { kAccept, kReject, kNeedSum, kFinal };
   __shared__ int32_t s_cur, s_accepted, s_next, s_nrej, s_action;
   __shared__ double s_z;
-  if (threadIdx.x == 0) { s_cur = 0; s_accepted = 0; }
+  if (threadIdx.x == 0) { s_cur = 0; s_accepted = 0; if (p.out_nodes) p.out_nodes[r * p.W] = o; }
   __syncthreads();
-  if (threadIdx.x == 0 && p.out_nodes) p.out_nodes[r * p.W] = o;
   while (true) {
     const int64_t row = o + s_cur;
     const RowInfo info = ws.info[row];
@@ -65,29 +89,40 @@ __global__ void WalkKernel(Params<S, Q> p, Workspace ws) {
     __syncthreads();
     while (true) {
       if (threadIdx.x == 0) {
+        const int32_t cur = s_cur;
         int32_t j = s_next;
-        while (j < n && p.parents[o + j] != s_cur) ++j;
+        while (j < n && par[j] != cur) ++j;
         if (j >= n) {
           s_action = kFinal;
         } else {
-          const int64_t x = p.tokens[o + j];
-          const double rx = residual_at(p, ws, r, o, info, w, s_nrej, x);
-          const double u = coin(p, r, o, j, kAcceptCoin);
-          if (u * draft_prob(p, o + j, x) * s_z < rx) {
+          const int32_t x = tok[j];
+          double rx = fe[j];  // residual at x after the siblings rejected so far
+          if (s_nrej > 0 && p.q == nullptr) {
+            for (int32_t i = 0; i < s_nrej; ++i) rx = tok[ws.rej_node[r * p.W + i]] == x ? 0.0 : rx;
+          } else if (s_nrej > 0) {
+            rx = residual_at(p, ws, r, o, info, w, s_nrej, x);
+          }
+          if (fu[j] * fq[j] * s_z < rx) {
             s_action = kAccept;
           } else {
             ws.rej_node[r * p.W + s_nrej] = j;
             ws.rej_z[r * p.W + s_nrej] = s_z;
             ++s_nrej;
-            s_action = p.q == nullptr ? kReject : kNeedSum;
-            if (p.q == nullptr) s_z = s_z - rx;
+            if (p.q == nullptr) {
+              s_z = s_z - rx;
+              s_action = kReject;
+            } else {  // re-total the residual only if another sibling will be tested
+              int32_t k = j + 1;
+              while (k < n && par[k] != cur) ++k;
+              s_action = k < n ? kNeedSum : kFinal;
+            }
           }
           s_next = j;
         }
       }
       __syncthreads();
       const int32_t action = s_action;
-      if (action == kNeedSum) {  // new residual total after a full-distribution rejection
+      if (action == kNeedSum) {
         double part = 0.0;
         for (int64_t v = threadIdx.x; v < p.V; v += blockDim.x) part += residual_at(p, ws, r, o, info, w, s_nrej, v);
         part = block_reduce(part, SumOp(), 0.0);
@@ -104,7 +139,7 @@ __global__ void WalkKernel(Params<S, Q> p, Workspace ws) {
     __syncthreads();
     if (threadIdx.x == 0) {
       const int32_t j = s_next;
-      p.out_tokens[r * p.W + s_accepted] = p.tokens[o + j];
+      p.out_tokens[r * p.W + s_accepted] = tok[j];
       ++s_accepted;
       if (p.out_nodes) p.out_nodes[r * p.W + s_accepted] = o + j;
       s_cur = j;
@@ -134,10 +169,12 @@ __global__ void ResidualChunkKernel(Params<S, Q> p, Workspace ws) {
   if (threadIdx.x == 0) ws.resid_chunk[r * p.C + b] = part;
 }
 
-// blockDim.x == 256; each thread owns 16 consecutive entries of the chosen chunk.
+// blockDim.x == kDrawThreads; each thread owns kChunk / kDrawThreads consecutive entries of the
+// chosen chunk.
+constexpr int kDrawThreads = 256;
 template <typename S, typename Q>
 __global__ void DrawKernel(Params<S, Q> p, Workspace ws) {
-  constexpr int kPer = kChunk / 256;
+  constexpr int kPer = kChunk / kDrawThreads;
   const int64_t r = blockIdx.x;
   const int64_t row = ws.final_row[r];
   if (row < 0) return;
@@ -148,8 +185,12 @@ __global__ void DrawKernel(Params<S, Q> p, Workspace ws) {
   __shared__ int64_t s_chunk;
   __shared__ double s_before, s_target;
   __shared__ int32_t s_nrej, s_hit, s_last;
+  __shared__ double sm_sums[kMaxVocab / kChunk + 1];
+  const double* src = nrej_all > 0 ? ws.resid_chunk + r * p.C : ws.chunk_sum + row * p.C;
+  for (int64_t b = threadIdx.x; b < p.C; b += blockDim.x) sm_sums[b] = src[b];
+  __syncthreads();
   if (threadIdx.x == 0) {
-    const double* sums = nrej_all > 0 ? ws.resid_chunk + r * p.C : ws.chunk_sum + row * p.C;
+    const double* sums = sm_sums;
     double z = 0.0;
     for (int64_t b = 0; b < p.C; ++b) z += sums[b];
     s_nrej = nrej_all;
@@ -224,12 +265,14 @@ inline size_t workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V) {
   const int64_t C = ceil_div(V, kChunk);
   auto a8 = [](int64_t x) { return static_cast<size_t>(ceil_div(x, 8) * 8); };
   return a8(N * sizeof(RowInfo)) + a8(N * C * 4) * 2 + a8(N * C * 8) + a8(N * C * 4) + a8(N * 4) +
-         a8(R * 4) * 3 + a8(R * 8) * 2 + a8(R * W * 4) + a8(R * W * 8) + a8(R * C * 8);
+         a8(R * 4) * 3 + a8(R * 8) * 2 + a8(R * W * 4) + a8(R * W * 8) + a8(R * C * 8) +
+         a8(N * 4) * 2 + a8(N * 8) * 3;
 }
 
 template <typename S, typename Q>
 cudaError_t launch(Params<S, Q> p, void* workspace, cudaStream_t stream) {
   p.C = ceil_div(p.V, kChunk);
+  p.vec_loads = (p.V * sizeof(S)) % 16 == 0 && reinterpret_cast<uintptr_t>(p.logits) % 16 == 0;
   char* cur = static_cast<char*>(workspace);
   auto take = [&](int64_t bytes) { void* out = cur; cur += ceil_div(bytes, 8) * 8; return out; };
   Workspace ws;
@@ -247,6 +290,11 @@ cudaError_t launch(Params<S, Q> p, void* workspace, cudaStream_t stream) {
   ws.rej_node = static_cast<int32_t*>(take(p.R * p.W * 4));
   ws.rej_z = static_cast<double*>(take(p.R * p.W * 8));
   ws.resid_chunk = static_cast<double*>(take(p.R * p.C * 8));
+  ws.f_parent = static_cast<int32_t*>(take(p.N * 4));
+  ws.f_token = static_cast<int32_t*>(take(p.N * 4));
+  ws.f_e = static_cast<double*>(take(p.N * 8));
+  ws.f_q = static_cast<double*>(take(p.N * 8));
+  ws.f_u = static_cast<double*>(take(p.N * 8));
   cudaError_t err = cudaMemsetAsync(ws.row_request, 0xff, p.N * 4, stream);
   if (err != cudaSuccess) return err;
   err = cudaMemsetAsync(p.status, 0, sizeof(int32_t), stream);
@@ -254,10 +302,10 @@ cudaError_t launch(Params<S, Q> p, void* workspace, cudaStream_t stream) {
   ValidateKernel<<<p.R, 128, 0, stream>>>(p, ws);
   ChunkStatsKernel<<<dim3(p.C, p.N), 256, 0, stream>>>(p, ws);
   FilteredRowKernel<<<p.N, 1024, 0, stream>>>(p, ws);
-  FinalizeRowsKernel<<<ceil_div(p.N, 128), 128, 0, stream>>>(p, ws);
+  FinalizeRowsKernel<<<ceil_div(p.N, 4), 128, 0, stream>>>(p, ws);  // one warp per row
   WalkKernel<<<p.R, 128, 0, stream>>>(p, ws);
   ResidualChunkKernel<<<dim3(p.C, p.R), 256, 0, stream>>>(p, ws);
-  DrawKernel<<<p.R, 256, 0, stream>>>(p, ws);
+  DrawKernel<<<p.R, kDrawThreads, 0, stream>>>(p, ws);
   if (p.probs) ProbsKernel<<<dim3(p.C, p.R), 256, 0, stream>>>(p, ws);
   return cudaGetLastError();
 }
