@@ -120,6 +120,11 @@ SampleDims check_sample_args(const at::Tensor& logits, const at::Tensor& tempera
   return {R, V, uniforms.has_value()};
 }
 
+bool& cuda_sync_checks() {
+  static bool enabled = true;
+  return enabled;
+}
+
 void raise_on_status(int32_t status, const char* op) {
   if (status == 0) return;
   std::string msg = std::string("dspark::") + op + ": bad input:";
@@ -129,7 +134,7 @@ void raise_on_status(int32_t status, const char* op) {
   if (status & kBadParent) msg += " parents must be -1 at each root and in [0, node) elsewhere;";
   if (status & kBadOffsets)
     msg += " node_offsets must start at 0, end at N, increase strictly, and give <= max_nodes nodes per request;";
-  if (status & kBadTemperature) msg += " temperature must be >= 0 (0 = greedy) and not NaN;";
+  if (status & kBadTemperature) msg += " temperature must be finite and >= 0 (0 = greedy);";
   if (status & kBadTopK) msg += " top_k must be >= 0 (0 = off);";
   if (status & kBadTopP) msg += " top_p must be in (0, 1] (1 = off);";
   if (status & kBadDraftProbs) msg += " draft_probs must be finite and >= 0;";

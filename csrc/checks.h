@@ -32,6 +32,11 @@ SampleDims check_sample_args(const at::Tensor& logits, const at::Tensor& tempera
                              const std::optional<at::Tensor>& positions,
                              const std::optional<at::Tensor>& uniforms);
 
+// Whether CUDA entry points read the kernels' status word back after a launch (a host sync) to
+// raise on bad data. On by default; engines that validate their own inputs turn it off so a
+// decode step never syncs (dspark.ops.sync_checks). CUDA-graph capture never reads it back.
+bool& cuda_sync_checks();
+
 // Turns a kernel status word (StatusBit flags) into a ValueError naming the bad argument.
 void raise_on_status(int32_t status, const char* op);
 

@@ -2,6 +2,10 @@
 // it also answers what this build contains. Plain CPython API: nothing here needs pybind11.
 #include <Python.h>
 
+namespace dspark {
+bool& cuda_sync_checks();  // csrc/checks.cpp
+}
+
 namespace {
 
 #ifdef DSPARK_WITH_CUDA
@@ -12,8 +16,18 @@ constexpr bool kWithCuda = false;
 
 PyObject* cuda_enabled(PyObject*, PyObject*) { return PyBool_FromLong(kWithCuda); }
 
+PyObject* set_sync_checks(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  const bool before = dspark::cuda_sync_checks();
+  dspark::cuda_sync_checks() = on != 0;
+  return PyBool_FromLong(before);
+}
+
 PyMethodDef kMethods[] = {
     {"cuda_enabled", cuda_enabled, METH_NOARGS, "True if this build has the CUDA kernels."},
+    {"set_sync_checks", set_sync_checks, METH_O,
+     "Enable/disable reading CUDA data-check results back after each op (returns the old value)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", "dspark native ops (torch.ops.dspark)", -1,

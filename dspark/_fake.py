@@ -2,12 +2,22 @@
 import torch
 
 
+def _same_device(ref, **tensors):
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(t.device == ref.device,
+                         lambda: f"{name} must be on {ref.device} like the logits, got {t.device}")
+
+
 @torch.library.register_fake("dspark::verify")
 def _verify_fake(target_logits, node_offsets, draft_tokens, parents, draft_probs, temperature,
                  top_k, top_p, seeds, positions, uniforms, max_nodes):
     torch._check(node_offsets.dim() == 1 and node_offsets.shape[0] >= 2,
                  lambda: "node_offsets must be [R + 1] with R >= 1")
     torch._check(target_logits.dim() == 2, lambda: "target_logits must be [N, V]")
+    _same_device(target_logits, node_offsets=node_offsets, draft_tokens=draft_tokens,
+                 parents=parents, draft_probs=draft_probs, temperature=temperature, top_k=top_k,
+                 top_p=top_p, seeds=seeds, positions=positions, uniforms=uniforms)
     r = node_offsets.shape[0] - 1
     new = draft_tokens.new_empty
     return new((r, max_nodes)), new((r,)), new((r, max_nodes))
@@ -16,6 +26,8 @@ def _verify_fake(target_logits, node_offsets, draft_tokens, parents, draft_probs
 @torch.library.register_fake("dspark::sample")
 def _sample_fake(logits, temperature, top_k, top_p, seeds, positions, uniforms, return_probs):
     torch._check(logits.dim() == 2, lambda: "logits must be [R, V]")
+    _same_device(logits, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds,
+                 positions=positions, uniforms=uniforms)
     r, v = logits.shape
     tokens = logits.new_empty((r,), dtype=torch.long)
     probs = logits.new_empty((r if return_probs else 0, v), dtype=torch.float64)

@@ -7,12 +7,28 @@ purpose), so a request's draws never depend on its place in the batch) or caller
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from . import _C
+
 Floats = Union[float, Sequence[float], torch.Tensor]
 Ints = Union[int, Sequence[int], torch.Tensor]
+
+
+@contextlib.contextmanager
+def sync_checks(enabled: bool):
+    """Within the block, CUDA ops do (or do not) read their data-check status back after each
+    launch. Reading it back is a host sync; a decode loop that validated its inputs turns it off.
+    The kernels stay memory-safe either way (invalid requests give -1 tokens). CPU ops always
+    check; CUDA-graph capture never reads back."""
+    before = _C.set_sync_checks(enabled)
+    try:
+        yield
+    finally:
+        _C.set_sync_checks(before)
 
 
 class SamplingTensors(NamedTuple):

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-GREEDY_T = 1e-5
+GREEDY_T = float(torch.tensor(1e-5, dtype=torch.float32))  # kernels compare in fp32
 LOG2E = torch.tensor(1.44269502, dtype=torch.float32)
 EXP2_POLY = [1.0, 0.693146944, 0.240230501, 0.0554804280, 0.00968458038, 0.00123878219,
              0.000218775051]
@@ -112,12 +112,17 @@ class Row:
             idx = int(torch.nonzero(group_end & (cum >= need))[0])
             keep = torch.maximum(keep, tk[idx])
         self.e = torch.where(t >= keep, _scaled_exp(t, nbase), 0.0)
-        self.total = float(self.e.sum())
+        self.total = _seq_sum(self.e)
+
+
+def _seq_sum(x: torch.Tensor) -> float:
+    """float64 sum in index order (as the CPU kernel adds), via the last cumulative sum."""
+    return float(torch.cumsum(x, 0)[-1])
 
 
 def _draw(r: torch.Tensor, u: float, row: Row) -> int:
     """Inverse-CDF draw in index order from unnormalized r; r == 0 falls back to the row."""
-    z = float(r.sum())
+    z = _seq_sum(r)
     if z == 0.0:
         r, z = row.e, row.total
     cum = torch.cumsum(r, 0)
@@ -166,7 +171,7 @@ def verify(target_logits, node_offsets, draft_tokens, parents, draft_probs, temp
                     resid[x] = 0.0
                 else:
                     resid = torch.clamp(resid - q_all[o + j] * z, min=0.0)
-                    z = float(resid.sum())
+                    z = _seq_sum(resid)
             if final is None:
                 out_tokens[r, accepted] = _draw(resid, coin(cur, 1), row)
                 break

@@ -69,8 +69,9 @@ def run_reference(batch: Batch) -> tuple[torch.Tensor, ...]:
 def assert_equal_outputs(got, want, what=""):
     names = ("out_tokens", "accept_count", "accept_nodes")
     for name, g, w in zip(names, got, want):
-        assert g.dtype == torch.int64 and g.shape == w.shape, (what, name, g.dtype, g.shape, w.shape)
-        assert torch.equal(g, w), f"{what} {name} differs:\nkernel    {g.tolist()}\nreference {w.tolist()}"
+        assert g.dtype == torch.int64 and g.shape == w.shape, (what, name, g.dtype, g.shape)
+        assert torch.equal(g, w), \
+            f"{what} {name} differs:\nkernel    {g.tolist()}\nreference {w.tolist()}"
 
 
 # ---- building blocks -------------------------------------------------------------------------
@@ -167,7 +168,8 @@ def make_batch(draft_lengths: Sequence[int], V: int, gen: torch.Generator, *,
                 elif temps[r] == 0.0 or coin < 0.5:
                     tokens.append(int(torch.argmax(prow)))
                 else:
-                    tokens.append(int(torch.multinomial(softmax64(prow, temps[r]), 1, generator=gen)))
+                    p = softmax64(prow, temps[r])
+                    tokens.append(int(torch.multinomial(p, 1, generator=gen)))
 
     seeds = positions = uniforms = None
     if randomness == "keyed":
@@ -255,7 +257,7 @@ def manual_batch(logits, tokens, parents=None, *, draft_probs=None, temperature=
 
 
 def keyed_uniforms(batch: Batch) -> torch.Tensor:
-    """The [N, 2] uniforms that keyed randomness (seeds, positions) draws, via the reference hash."""
+    """The [N, 2] uniforms keyed randomness (seeds, positions) draws, via the reference hash."""
     off = batch.node_offsets.tolist()
     u = torch.empty(off[-1], 2, dtype=torch.float64)
     for r in range(len(off) - 1):

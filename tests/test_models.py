@@ -6,7 +6,14 @@ import pytest
 import torch
 
 import dspark  # noqa: F401
-from dspark.models import ModelConfig, ModelRunner, commit_kv, load_model, load_tokenizer
+from dspark.models import (
+    ModelConfig,
+    ModelRunner,
+    commit_kv,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -17,13 +24,15 @@ ARCHS = {
         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24, "tie_word_embeddings": True}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 5}),
 }
 
 
 def make_checkpoint(path, arch="llama", vocab=97, hidden=64, layers=3, heads=4, kv_heads=2,
-                    inter=96, seed=0, init=0.02, shard=None, tokenizer=True, **extra):
-    """Save a random HF model (safetensors) + a word-level tokenizer.json to ``path``."""
+                    inter=96, seed=0, init=0.02, shard=None, tokenizer=True, perturb=0.0, **extra):
+    """Save a random HF model (safetensors) + a word-level tokenizer.json to ``path``.
+    perturb > 0: the same model (same seed) with relative Gaussian noise on every weight, i.e. a
+    correlated draft model for the target made with perturb = 0."""
     cfg_name, model_name, arch_extra = ARCHS[arch]
     kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -39,6 +48,9 @@ def make_checkpoint(path, arch="llama", vocab=97, hidden=64, layers=3, heads=4, 
                 p.uniform_(0.5, 1.5)
             elif "bias" in name:
                 p.normal_(0.0, 0.1)
+        gen = torch.Generator().manual_seed(seed + 1)
+        for p in model.parameters() if perturb else ():
+            p.add_(torch.randn(p.shape, generator=gen) * perturb * p.std())
     model.save_pretrained(path, max_shard_size=shard) if shard else model.save_pretrained(path)
     if tokenizer:
         from tokenizers import Tokenizer, models, pre_tokenizers
@@ -153,7 +165,7 @@ def test_commit_kv_tree_equals_fresh_prefill(pair):
     runner = ModelRunner(model)
     runner.allocate(len(PROMPTS), 32)
     runner.prefill(PROMPTS)
-    _, offs, start = verify_block(runner)
+    _, _, start = verify_block(runner)
     nodes = torch.tensor([[0, 1, 2, 3, -1], [0, 2, 5, -1, -1], [0, -1, -1, -1, -1]])
     count = torch.tensor([3, 2, 0])
     commit_kv(runner.cache, start, nodes, count)
@@ -189,4 +201,4 @@ def test_bad_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="unsupported model_type"):
         ModelConfig.from_dir(str(tmp_path))
     with pytest.raises(ValueError, match="dtype"):
-        load_model(str(tmp_path), dtype="float8")
+        resolve_dtype("float8")

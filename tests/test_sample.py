@@ -11,6 +11,13 @@ from inputs import LOGIT_DTYPES, ONE_MINUS, random_logits, sample_args
 NEG = -float("inf")
 
 
+def sample_on(device, args, return_probs):
+    """torch.ops.dspark.sample with the tensor arguments moved to device; outputs on CPU."""
+    tok, probs = torch.ops.dspark.sample(*[None if a is None else a.to(device) for a in args],
+                                         return_probs)
+    return tok.cpu(), probs.cpu()
+
+
 def run(device, logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, seeds=None,
         positions=None, return_probs=True):
     logits = torch.as_tensor(logits, dtype=torch.float32) if not torch.is_tensor(logits) else logits
@@ -20,10 +27,7 @@ def run(device, logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, seed
     elif uniforms is not None:
         uniforms = torch.as_tensor(uniforms, dtype=torch.float64).expand(R).contiguous()
     params = dspark.ops.sampling_tensors(R, temperature, top_k, top_p)
-    args = [logits, *params, seeds, positions, uniforms]
-    tok, probs = torch.ops.dspark.sample(*[None if a is None else a.to(device) for a in args],
-                                         return_probs)
-    return tok.cpu(), probs.cpu()
+    return sample_on(device, [logits, *params, seeds, positions, uniforms], return_probs)
 
 
 @pytest.mark.parametrize("V", [1, 7, 1000, 32003])
@@ -38,14 +42,13 @@ def test_kernel_equals_reference(device, gen, V, dtype, mode):
     ps = (torch.rand(R, generator=gen) * 0.95 + 0.05) if mode == "topk_topp" else 1.0
     args = sample_args(logits, gen, temperature="greedy" if mode == "greedy" else "sampled",
                        top_k=ks, top_p=ps, randomness=rnd)
-    tok, probs = torch.ops.dspark.sample(*[None if a is None else a.to(device) for a in args], True)
+    tok, probs = sample_on(device, args, True)
     want_tok, want_probs = reference.sample(*args, return_probs=True)
-    assert torch.equal(tok.cpu(), want_tok)
+    assert torch.equal(tok, want_tok)
     assert probs.dtype == torch.float64 and probs.shape == (R, V)
-    torch.testing.assert_close(probs.cpu(), want_probs, rtol=0, atol=1e-12)
-    tok_only, no_probs = torch.ops.dspark.sample(*[None if a is None else a.to(device) for a in args],
-                                                 False)
-    assert torch.equal(tok_only.cpu(), want_tok) and no_probs.shape == (0, V)
+    torch.testing.assert_close(probs, want_probs, rtol=0, atol=1e-12)
+    tok_only, no_probs = sample_on(device, args, False)
+    assert torch.equal(tok_only, want_tok) and no_probs.shape == (0, V)
 
 
 @pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=["f32", "bf16", "f16"])
@@ -112,7 +115,7 @@ P_TIES = [0.2, 0.4, 0.2, 0.2]
 def test_top_p_support(device, probs, T, top_k, top_p, want):
     logits = torch.tensor([probs]).log()
     tok, got = run(device, logits, T, top_k=top_k, top_p=top_p)
-    assert support(got) == want
+    assert support(got) == want and int(tok) in want
     assert abs(float(got.sum()) - 1.0) < 1e-12
     masked = torch.full_like(logits, NEG)
     masked[0, want] = logits[0, want]
@@ -123,7 +126,8 @@ def test_top_p_support(device, probs, T, top_k, top_p, want):
 def test_probs_match_softmax_and_sum_to_one(device, gen, T):
     logits = random_logits(32, 5000, gen, scale=2.0, mask_frac=0.1)
     tok, probs = run(device, logits, T, seeds=torch.arange(32), positions=torch.arange(32))
-    torch.testing.assert_close(probs.sum(1), torch.ones(32, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(probs.sum(1), torch.ones(32, dtype=torch.float64), rtol=0,
+                               atol=1e-12)
     want = torch.softmax(logits.double() / T, -1)
     torch.testing.assert_close(probs, want, rtol=1e-5, atol=1e-300)
     assert (probs[torch.arange(32), tok] > 0).all()
@@ -133,21 +137,35 @@ def test_inverse_cdf_in_index_order(device):
     logits = [[NEG, 0.0, 0.0, NEG, 0.0]]
     for u, want in ((0.0, 1), (0.3, 1), (0.34, 2), (0.5, 2), (0.7, 4), (ONE_MINUS, 4)):
         assert run(device, logits, 1.0, uniforms=u)[0].tolist() == [want]
+    # u * Z landing exactly on a CDF step (Z = 4, steps at 1, 2, 3) takes the next token.
+    for u, want in ((0.25, 1), (0.5, 2), (0.75, 3)):
+        assert run(device, [[0.0] * 4], 1.0, uniforms=u)[0].tolist() == [want]
 
 
 def test_keyed_equals_uniforms_and_permutation(device, gen):
     logits = random_logits(64, 300, gen)
     args = sample_args(logits, gen, randomness="keyed")
     seeds, positions = args[4], args[5]
-    tok, _ = torch.ops.dspark.sample(*[None if a is None else a.to(device) for a in args], False)
-    u = torch.tensor([reference.keyed_uniform(int(s), int(p), 0, 1) for s, p in zip(seeds, positions)],
-                     dtype=torch.float64)
-    via_u, _ = torch.ops.dspark.sample(*[a.to(device) for a in args[:4]], None, None, u.to(device),
-                                       False)
-    assert torch.equal(tok, via_u)
+    tok, _ = sample_on(device, args, False)
+    u = torch.tensor([reference.keyed_uniform(int(s), int(p), 0, 1)
+                      for s, p in zip(seeds, positions)], dtype=torch.float64)
+    assert torch.equal(sample_on(device, [*args[:4], None, None, u], False)[0], tok)
     perm = torch.randperm(64, generator=gen)
-    permuted = [a[perm].contiguous().to(device) for a in args[:6]]
-    ptok, _ = torch.ops.dspark.sample(*permuted, None, False)
-    assert torch.equal(ptok.cpu(), tok.cpu()[perm])
-    assert not torch.equal(torch.ops.dspark.sample(*[a.to(device) for a in args[:4]], seeds.to(device) + 7,
-                                                   positions.to(device), None, False)[0], tok)
+    permuted = [a[perm].contiguous() for a in args[:6]]
+    assert torch.equal(sample_on(device, [*permuted, None], False)[0], tok[perm])
+    reseeded = sample_on(device, [*args[:4], seeds + 7, positions, None], False)[0]
+    assert not torch.equal(reseeded, tok)
+
+
+F32_1E5 = float(torch.tensor(1e-5, dtype=torch.float32))  # kGreedyTemperature = 1e-5f
+BELOW_1E5 = float(torch.nextafter(torch.tensor(1e-5), torch.tensor(0.0)))
+
+
+@pytest.mark.parametrize("T,want", [(F32_1E5, 0), (BELOW_1E5, 1), (0.0, 1)])
+def test_greedy_threshold(device, T, want):
+    """Greedy iff T < 1e-5f (fp32): T = 1e-5f samples from p = softmax([0, 1.4427] * ln 2)."""
+    logits = torch.tensor([[0.0, 1e-5]])  # at T = 1e-5: p = [0.269, 0.731]; argmax 1
+    u = torch.tensor([0.1], dtype=torch.float64)
+    assert run(device, logits, T, uniforms=u)[0].tolist() == [want]
+    ref, _ = reference.sample(logits, *dspark.ops.sampling_tensors(1, T), None, None, u)
+    assert ref.tolist() == [want]

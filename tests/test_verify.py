@@ -9,7 +9,8 @@ from inputs import (ONE_MINUS, assert_equal_outputs, keyed_uniforms, make_batch,
 f32, f64, bf16, f16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 NEG = -float("inf")
 
-# (R, gamma, V, layout, temperature, top_k, top_p, logits dtype, draft_probs dtype, randomness, extra)
+# (R, gamma, V, layout, temperature, top_k, top_p, logits dtype, draft_probs dtype, randomness,
+#  extra make_batch arguments)
 CASES = [
     (1, 0, 7, "chain", "sampled", 0, 1.0, f32, None, "keyed", {}),
     (3, 1, 7, "chain", "greedy", 0, 1.0, bf16, None, "uniforms", {}),
@@ -32,7 +33,8 @@ CASES = [
 
 
 def _id(c):
-    return f"R{c[0]}-g{c[1]}-V{c[2]}-{c[3]}-{c[4]}-k{c[5]}-p{c[6]}-{str(c[7])[6:]}-q{str(c[8])[6:]}-{c[9]}"
+    dt, qd = str(c[7])[6:], str(c[8])[6:]
+    return f"R{c[0]}-g{c[1]}-V{c[2]}-{c[3]}-{c[4]}-k{c[5]}-p{c[6]}-{dt}-q{qd}-{c[9]}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
@@ -43,7 +45,7 @@ def test_kernel_equals_reference(case, device, gen):
     assert_equal_outputs(run_kernel(b, device), run_reference(b), _id(case))
 
 
-@pytest.mark.parametrize("fuzz", range(24))
+@pytest.mark.parametrize("fuzz", range(64))
 def test_kernel_equals_reference_fuzz(fuzz, device, gen):
     pick = lambda xs: xs[int(torch.randint(0, len(xs), (), generator=gen))]  # noqa: E731
     V, gamma = pick([2, 7, 33, 300]), pick([0, 1, 3, 7])
@@ -105,12 +107,37 @@ def test_q_zero_always_accepted(device):
 def test_p_zero_always_rejected(device, with_q):
     logits = [[1.0, NEG, 0.5, 2.0], [0.0, 0.0, 0.0, 0.0]]
     q = [[0.0] * 4, [0.1, 0.8, 0.05, 0.05]] if with_q else None
-    u = 0.6  # one-hot drafts: the residual is p itself (p(1) is already 0), drawn by inverse CDF
-    probs = reference.target_probs(torch.tensor(logits[0]), 1.0)
-    want = None if with_q else int(torch.nonzero(torch.cumsum(probs, 0) > u)[0])
-    got = check(manual_batch(logits, [0, 1], draft_probs=q, accept_u=0.0, sample_u=u), device,
-                None if want is None else [[want, -1]], [0], [[0, -1]])
-    assert got[0][0, 0] != 1
+    p = reference.target_probs(torch.tensor(logits[0]), 1.0)
+    resid = torch.clamp(p - torch.tensor(q[1], dtype=f64), min=0) if with_q else p  # p(1) = 0
+    for u in (0.1, 0.6, 0.95):  # the correction: inverse CDF of the normalized residual
+        want = int(torch.nonzero(torch.cumsum(resid / resid.sum(), 0) > u)[0])
+        assert want != 1
+        check(manual_batch(logits, [0, 1], draft_probs=q, accept_u=0.0, sample_u=u), device,
+              [[want, -1]], [0], [[0, -1]])
+
+
+def test_residual_vanishes_falls_back_to_target(device):
+    """When the residual has no mass left, the final token is drawn from p itself."""
+    # Greedy target (argmax 2); node 1 drafted token 0 from q one-hot at 2: residual = 0.
+    b = manual_batch([[0.0, 1.0, 3.0], [0.0] * 3], [0, 0], draft_probs=[[0.0] * 3, [0.0, 0.0, 1.0]],
+                     temperature=0.0, accept_u=0.0)
+    check(b, device, [[2, -1]], [0], [[0, -1]])
+    # Unnormalized q = 2p: accept iff u < 1/2; on rejection max(p - 2p, 0) = 0 everywhere.
+    row = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    p = reference.target_probs(row, 1.0)
+    for su in (0.1, 0.5, 0.9):
+        b = manual_batch(torch.stack([row, row]), [0, 2], draft_probs=torch.stack([p, 2 * p]),
+                         accept_u=0.7, sample_u=su)
+        want = int(torch.nonzero(torch.cumsum(p, 0) > su)[0])
+        check(b, device, [[want, -1]], [0], [[0, -1]])
+
+
+@pytest.mark.parametrize("T", [1e-5, 0.0])
+def test_greedy_threshold(device, T):
+    """T = 1e-5 (fp32) is not greedy (greedy iff T < 1e-5f): tied logits split the mass."""
+    b = manual_batch([[1.0, 1.0, 0.0], [0.0] * 3], [0, 2], temperature=T, accept_u=0.0,
+                     sample_u=0.9)
+    check(b, device, [[0 if T == 0.0 else 1, -1]], [0], [[0, -1]])
 
 
 def test_top_k_excluded_draft_rejected(device):
@@ -124,7 +151,10 @@ def test_one_hot_rows(device, same):
     logits = [[NEG, NEG, 4.0, NEG], [NEG, 1.0, NEG, NEG]]
     q = [[0.0] * 4, [0.0, 0.0, 1.0, 0.0] if same else [1.0, 0.0, 0.0, 0.0]]
     b = manual_batch(logits, [0, 2 if same else 0], draft_probs=q, accept_u=0.5)
-    check(b, device, [[2, 1]] if same else [[2, -1]], [1 if same else 0], [[0, 1] if same else [0, -1]])
+    if same:
+        check(b, device, [[2, 1]], [1], [[0, 1]])
+    else:
+        check(b, device, [[2, -1]], [0], [[0, -1]])
 
 
 def test_duplicate_sibling_tokens(device):
@@ -171,31 +201,32 @@ def test_invariants(device, gen, layout, qd):
 @pytest.mark.parametrize("dead_first", [False, True])
 def test_chain_embedded_in_tree(device, gen, dead_first):
     """A chain plus a dead branch (root child with p = 0, one-hot drafts) == the chain alone."""
-    V = 20
-    chain = make_batch([6], V, gen, temperature=1.0, randomness="uniforms")
-    dead_tok = 5
-    chain.target_logits[0, dead_tok] = NEG
-    lg, tk, u = chain.target_logits, chain.draft_tokens.tolist(), chain.uniforms
-    dead = [torch.zeros(1, V), torch.tensor([dead_tok, 2]), torch.rand(2, 2, generator=gen, dtype=f64)]
-    if dead_first:  # nodes: root, dead(1), dead child(2), chain 1..6 (-> 3..8)
+    V, dead_tok = 20, 5
+    if dead_first:  # nodes: root, dead (1), dead child (2), chain 1..6 (-> 3..8)
         order, parents = [0, None, None, 1, 2, 3, 4, 5, 6], [-1, 0, 1, 0, 3, 4, 5, 6, 7]
-    else:  # nodes: root, chain 1..6, dead(7), dead child(8)
+    else:  # nodes: root, chain 1..6, dead (7), dead child (8)
         order, parents = [0, 1, 2, 3, 4, 5, 6, None, None], [-1, 0, 1, 2, 3, 4, 5, 0, 7]
-    rows, toks, us, d = [], [], [], 0
-    for o in order:
-        if o is None:
-            rows.append(dead[0][0]), toks.append(int(dead[1][d])), us.append(dead[2][d])
-            d += 1
-        else:
-            rows.append(lg[o]), toks.append(tk[o]), us.append(u[o])
-    tree = chain.replace(target_logits=torch.stack(rows), draft_tokens=torch.tensor(toks),
-                         parents=torch.tensor(parents), uniforms=torch.stack(us),
-                         node_offsets=torch.tensor([0, 9]), max_nodes=9)
-    ct, cc, cn = check(chain, device)
-    tt, tc, tn = check(tree, device)
-    assert torch.equal(tt[:, :7], ct) and (tt[:, 7:] == -1).all() and torch.equal(tc, cc)
     remap = torch.tensor([order.index(i) for i in range(7)])  # chain node -> tree node
-    assert torch.equal(tn[0, :int(cc) + 1], remap[cn[0, :int(cc) + 1]])
+    accepted = []
+    for _ in range(12):
+        chain = make_batch([6], V, gen, temperature=1.0, randomness="uniforms", scale=5.0)
+        chain.target_logits[0, dead_tok] = NEG
+        lg, tk, u = chain.target_logits, chain.draft_tokens.tolist(), chain.uniforms
+        dead = iter([(torch.zeros(V), dead_tok), (torch.zeros(V), 2)])
+        rows, toks, us = [], [], []
+        for o in order:
+            row, tok = next(dead) if o is None else (lg[o], tk[o])
+            rows.append(row), toks.append(tok)
+            us.append(torch.rand(2, generator=gen, dtype=f64) if o is None else u[o])
+        tree = chain.replace(target_logits=torch.stack(rows), draft_tokens=torch.tensor(toks),
+                             parents=torch.tensor(parents), uniforms=torch.stack(us),
+                             node_offsets=torch.tensor([0, 9]), max_nodes=9)
+        ct, cc, cn = check(chain, device)
+        tt, tc, tn = check(tree, device)
+        assert torch.equal(tt[:, :7], ct) and (tt[:, 7:] == -1).all() and torch.equal(tc, cc)
+        assert torch.equal(tn[0, :int(cc) + 1], remap[cn[0, :int(cc) + 1]])
+        accepted.append(int(cc))
+    assert min(accepted) == 0 and max(accepted) >= 2, accepted  # both paths were exercised
 
 
 def test_root_token_ignored(device, gen):

@@ -1,4 +1,4 @@
-"""Model configuration read from a Hugging Face ``config.json`` (Llama 2/3, Mistral, Qwen2, Qwen3)."""
+"""Model configuration from a Hugging Face ``config.json`` (Llama 2/3, Mistral, Qwen2, Qwen3)."""
 from __future__ import annotations
 
 import json
@@ -50,7 +50,8 @@ class ModelConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
         if rope_type not in ("default", "llama3", "linear"):
-            raise ValueError(f"unsupported rope_type {rope_type!r} (supported: default, llama3, linear)")
+            raise ValueError(f"unsupported rope_type {rope_type!r} "
+                             "(supported: default, llama3, linear)")
         if rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
             raise ValueError("partial rotary embeddings are not supported")
         n_layers = d["num_hidden_layers"]
@@ -83,7 +84,7 @@ class ModelConfig:
     def from_dir(cls, path: str) -> "ModelConfig":
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
-            raise ValueError(f"{path!r} is not a Hugging Face checkpoint directory (no config.json)")
+            raise ValueError(f"{path!r} is not a Hugging Face checkpoint dir (no config.json)")
         with open(cfg_path) as f:
             cfg = cls.from_dict(json.load(f))
         gen = os.path.join(path, "generation_config.json")
@@ -95,7 +96,7 @@ class ModelConfig:
         return cfg
 
     def inv_freq(self) -> torch.Tensor:
-        """RoPE inverse frequencies [head_dim / 2] in float32 (HF's formula, incl. Llama 3 scaling)."""
+        """RoPE inverse frequencies [head_dim / 2], float32 (HF's formula, Llama 3 scaling)."""
         d = self.head_dim
         inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
         s = self.rope_scaling

@@ -88,7 +88,8 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu",
     sd = load_state_dict(path, dtype, device)
     if "lm_head.weight" not in sd:
         if not config.tie_word_embeddings:
-            raise ValueError(f"checkpoint {path!r} has no lm_head.weight and does not tie embeddings")
+            raise ValueError(f"checkpoint {path!r} has no lm_head.weight and does not tie "
+                             "embeddings")
         sd["lm_head.weight"] = sd["embed.weight"]
     with torch.device("meta"):
         model = Transformer(config)

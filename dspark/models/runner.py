@@ -84,7 +84,8 @@ class ModelRunner:
         positions = torch.arange(T, device=dev).expand(B, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(B, T, T)
         start = torch.zeros(B, dtype=torch.int64, device=dev)
-        h, tapped = self.model(tokens, positions, start, causal, self.cache.k, self.cache.v, T, taps)
+        c = self.cache
+        h, tapped = self.model(tokens, positions, start, causal, c.k, c.v, T, taps)
         last = torch.as_tensor(lens, device=dev) - 1
         logits = self.model.logits(h[torch.arange(B, device=dev), last])
         return Forward(logits, torch.stack(tapped) if tapped else None)
@@ -135,7 +136,8 @@ class ModelRunner:
         par[row, col] = parents
         anc, depth = tree_masks(par)
         c = self.cache
-        h, tapped = self.model(tokens, start[:, None] + depth, start, anc, c.k, c.v, c.max_len, taps)
+        positions = start[:, None] + depth
+        h, tapped = self.model(tokens, positions, start, anc, c.k, c.v, c.max_len, taps)
         hidden = torch.stack([t[row, col] for t in tapped]) if tapped else None
         return Forward(self.model.logits(h[row, col]), hidden)
 
@@ -163,7 +165,7 @@ class ModelRunner:
                 out = call(*inputs)
             entry = self._graphs[key] = (graph, inputs, out)
         graph, inputs, out = entry
-        for dst, src in zip(inputs, tensors):
+        for dst, src in zip(inputs, tensors, strict=True):
             dst.copy_(src)
         graph.replay()
         return out

@@ -7,7 +7,7 @@ prefill/chains, ancestors-and-self for trees). Positions are passed explicitly (
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F

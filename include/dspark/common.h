@@ -13,10 +13,10 @@ namespace dspark {
 // A request whose temperature is below this samples greedily (one-hot at the argmax), as in
 // DeepSpec's evaluator. Keeps 1/T finite and the fixed-point probabilities well defined.
 constexpr float kGreedyTemperature = 1e-5f;
-// CUDA splits vocabulary rows into chunks of this many entries for partial sums (one block of
-// 256 threads x 16 entries; 64 entries per thread measured slower on the H200). The CPU does
-// not chunk; chunking changes only the order of float64 additions.
-constexpr int kChunk = 4096;
+// CUDA splits vocabulary rows into chunks of this many entries (one warp, 16 per lane) for
+// partial sums; warp reductions need no block-wide synchronisation. The CPU does not chunk:
+// chunking changes only the order of float64 additions.
+constexpr int kChunk = 512;
 // Largest vocabulary: top-p masses are 44-bit fixed point, summed exactly in int64.
 constexpr int64_t kMaxVocab = (int64_t(1) << 19) - 1;
 
@@ -27,7 +27,7 @@ enum StatusBit : int32_t {
   kBadToken = 1 << 2,        // draft token outside [0, V)
   kBadParent = 1 << 3,       // parents[root] != -1, or a parent not in [0, node)
   kBadOffsets = 1 << 4,      // offsets not starting at 0, not strictly increasing, or too wide
-  kBadTemperature = 1 << 5,  // temperature < 0 or NaN
+  kBadTemperature = 1 << 5,  // temperature < 0, inf or NaN
   kBadTopK = 1 << 6,         // top_k < 0
   kBadTopP = 1 << 7,         // top_p outside (0, 1]
   kBadDraftProbs = 1 << 8,   // a draft probability that is negative, NaN or inf

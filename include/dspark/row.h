@@ -21,7 +21,7 @@ struct RowInfo {
 // Status bits for one request's sampling parameters.
 DSPARK_HD int32_t param_status(float temperature, int64_t top_k, float top_p) {
   int32_t s = 0;
-  if (!(temperature >= 0.0f)) s |= kBadTemperature;  // catches NaN too
+  if (!(temperature >= 0.0f && temperature < INFINITY)) s |= kBadTemperature;  // NaN too
   if (top_k < 0) s |= kBadTopK;
   if (!(top_p > 0.0f && top_p <= 1.0f)) s |= kBadTopP;
   return s;

@@ -1,10 +1,10 @@
 // dspark/row_stats.cuh: CUDA kernels that validate the packed batch and compute, for every
 // logits row, the statistics verify/sample need (include/dspark/row.h: RowInfo).
-//   ValidateKernel     grid R          offsets, parents, tokens, sampling params, uniforms
-//   ChunkStatsKernel   grid (C, N)     unfiltered rows: per 4096-entry chunk, local base + sum
-//                                      (or argmax for greedy rows); one read of the logits
-//   FilteredRowKernel  grid N          top-k/top-p rows: radix selection of the threshold
-//   FinalizeRowsKernel grid N/4        combine chunk partials into RowInfo (warp per row)
+//   RowStatsKernel  grid (1 + C/16, N)  block x >= 1: one warp per 512-entry chunk (two chunks
+//                                       per warp), local base + sum, or argmax for greedy rows;
+//                                       block x == 0: top-k/top-p rows (radix selection)
+//   finalize_row    (called by WalkKernel, one warp per row) chunk partials -> RowInfo
+// No block-wide synchronisation in the hot path: chunk partials are warp reductions.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -43,8 +43,6 @@ struct Workspace {
   double* chunk_sum;     // [N, C] mass per chunk (relative to the row base after finalize)
   float* chunk_wmax;     // [N, C] greedy rows: max logit per chunk
   int32_t* chunk_widx;   // [N, C] greedy rows: its (first) index, -1 if none
-  int32_t* row_request;  // [N] owning request, -1 if the request is invalid
-  int32_t* req_ok;       // [R]
   int64_t* final_row;    // [R] flat row the last token is drawn from, -1 if none
   int32_t* n_rej;        // [R] rejected siblings at that row
   int32_t* accepted;     // [R]
@@ -57,134 +55,163 @@ struct Workspace {
   double *f_e, *f_q, *f_u;
 };
 
+__device__ __forceinline__ double warp_sum(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return __shfl_sync(0xffffffffu, v, 0);
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ int32_t warp_min(int32_t v) {
+  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 __device__ __forceinline__ bool is_filtered(float temperature, int64_t top_k, float top_p) {
   return !is_greedy(temperature) && (top_k > 0 || top_p < 1.0f);
 }
 
+// Request owning a packed row (binary search over node_offsets; always in [0, R)).
 template <typename S, typename Q>
-__global__ void ValidateKernel(Params<S, Q> p, Workspace ws) {
-  const int64_t r = blockIdx.x;
-  __shared__ int32_t bad;
-  const int64_t o = p.offsets[r], e = p.offsets[r + 1];
-  const bool offsets_ok = o >= 0 && e > o && e <= p.N && e - o <= p.W && (r != 0 || o == 0) &&
-                          (r != p.R - 1 || e == p.N);
-  if (threadIdx.x == 0) {
-    bad = offsets_ok ? 0 : kBadOffsets;
-    bad |= param_status(p.temperature[r], p.top_k[r], p.top_p[r]);
+__device__ __forceinline__ int32_t find_request(const Params<S, Q>& p, int64_t row) {
+  int64_t lo = 0, hi = p.R;
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (p.offsets[mid] <= row) lo = mid; else hi = mid;
   }
-  __syncthreads();
-  if (offsets_ok) {
-    int32_t mine = 0;
-    for (int64_t j = threadIdx.x; j < e - o; j += blockDim.x) {
-      const int64_t i = o + j, par = p.parents[i], tok = p.tokens[i];
-      if (j == 0 ? par != -1 : (par < 0 || par >= j)) mine |= kBadParent;
-      if (j > 0 && (tok < 0 || tok >= p.V)) mine |= kBadToken;
-      for (int c = 0; p.uniforms && c < 2; ++c) {
-        const double u = p.uniforms[i * 2 + c];
-        if (!(u >= 0.0 && u < 1.0)) mine |= kBadUniform;
-      }
-    }
-    if (mine) atomicOr(&bad, mine);
-  }
-  __syncthreads();
-  if (bad) {
-    if (threadIdx.x == 0) atomicOr(p.status, bad);
-  } else {
-    for (int64_t j = threadIdx.x; j < e - o; j += blockDim.x) ws.row_request[o + j] = static_cast<int32_t>(r);
-  }
-  if (threadIdx.x == 0) ws.req_ok[r] = bad == 0;
+  return static_cast<int32_t>(lo);
 }
 
-// blockDim.x == 256: each thread reads kChunk / 256 = 16 entries (coalesced loads).
+// Which request's parameters apply to this row, or -1 when the batch is malformed there (the
+// walk reports it) or the request's parameters are invalid.
 template <typename S, typename Q>
-__global__ void ChunkStatsKernel(Params<S, Q> p, Workspace ws) {
-  constexpr int kPer = kChunk / 256;
-  const int64_t row = blockIdx.y, b = blockIdx.x;
-  const int32_t r = ws.row_request[row];
-  if (r < 0) return;
-  const float temperature = p.temperature[r];
-  if (is_filtered(temperature, p.top_k[r], p.top_p[r])) return;
-  const S* w = p.logits + row * p.V;
-  const int64_t start = b * kChunk;
-  // Entry k of this thread is vocabulary index entry(k): 16-byte vectors when rows are
-  // aligned, else strided scalars. Either way k ascending means index ascending.
+__device__ __forceinline__ int32_t row_owner(const Params<S, Q>& p, int64_t row) {
+  const int32_t r = find_request(p, row);
+  if (!(p.offsets[r] <= row && row < p.offsets[r + 1])) return -1;
+  if (param_status(p.temperature[r], p.top_k[r], p.top_p[r])) return -1;
+  return r;
+}
+
+constexpr int kLanePer = kChunk / 32;  // entries per lane in a warp chunk
+constexpr int kChunksPerWarp = 2;
+
+// Loads one warp chunk: lane entry k is vocabulary index chunk_entry(k) (k ascending = index
+// ascending). 16-byte vector loads when rows are aligned, else coalesced scalars.
+template <typename S>
+__device__ __forceinline__ int64_t chunk_entry(bool vec, int64_t start, int k) {
   constexpr int kVec = 16 / sizeof(S);
-  auto entry = [&](int k) -> int64_t {
-    return p.vec_loads ? start + ((k / kVec) * 256 + threadIdx.x) * kVec + k % kVec
-                       : start + k * 256 + threadIdx.x;
-  };
-  float x[kPer];
-  if (p.vec_loads) {
+  const int lane = threadIdx.x & 31;
+  return vec ? start + ((k / kVec) * 32 + lane) * kVec + k % kVec : start + k * 32 + lane;
+}
+template <typename S>
+__device__ __forceinline__ void load_chunk(const S* w, int64_t V, bool vec, int64_t start, float* x) {
+  constexpr int kVec = 16 / sizeof(S);
+  if (vec) {
 #pragma unroll
-    for (int l = 0; l < kPer / kVec; ++l) {
-      const int64_t v0 = entry(l * kVec);
-      if (v0 + kVec <= p.V) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(w + v0);
+    for (int l = 0; l < kLanePer / kVec; ++l) {
+      const int64_t v0 = chunk_entry<S>(true, start, l * kVec);
+      if (v0 + kVec <= V) {
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(w + v0));
         const S* lanes = reinterpret_cast<const S*>(&raw);
 #pragma unroll
         for (int i = 0; i < kVec; ++i) x[l * kVec + i] = to_float(lanes[i]);
       } else {
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) x[l * kVec + i] = v0 + i < p.V ? to_float(w[v0 + i]) : -INFINITY;
+        for (int i = 0; i < kVec; ++i) x[l * kVec + i] = v0 + i < V ? to_float(w[v0 + i]) : -INFINITY;
       }
     }
   } else {
 #pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const int64_t v = entry(k);
-      x[k] = v < p.V ? to_float(w[v]) : -INFINITY;
+    for (int k = 0; k < kLanePer; ++k) {
+      const int64_t v = chunk_entry<S>(false, start, k);
+      x[k] = v < V ? to_float(w[v]) : -INFINITY;
     }
   }
-  int32_t bad = 0;
-  const int64_t slot = row * p.C + b;
+}
+
+// One warp chunk of an unfiltered row: argmax (greedy) or local base + sum of e (sampled).
+template <typename S, typename Q>
+__device__ void chunk_stats(const Params<S, Q>& p, const Workspace& ws, int64_t row, int64_t c,
+                            float temperature, float* x, int32_t& bad) {
+  const int lane = threadIdx.x & 31;
+  const int64_t start = c * kChunk, slot = row * p.C + c;
   if (is_greedy(temperature)) {
     float best = -INFINITY;
     int32_t idx = INT32_MAX;
 #pragma unroll
-    for (int k = 0; k < kPer; ++k) {
+    for (int k = 0; k < kLanePer; ++k) {
       if (isnan(x[k]) || x[k] == INFINITY) bad |= kBadLogits;
-      if (x[k] > best) { best = x[k]; idx = static_cast<int32_t>(entry(k)); }  // first index
+      if (x[k] > best) { best = x[k]; idx = static_cast<int32_t>(chunk_entry<S>(p.vec_loads, start, k)); }
     }
-    const float top = block_reduce(best, MaxOp(), -INFINITY);
-    idx = block_reduce(best == top && top > -INFINITY ? idx : INT32_MAX, MinOp(), INT32_MAX);
-    if (threadIdx.x == 0) {
+    const float top = warp_max(best);
+    idx = warp_min(best == top && top > -INFINITY ? idx : INT32_MAX);
+    if (lane == 0) {
       ws.chunk_wmax[slot] = top;
       ws.chunk_widx[slot] = idx == INT32_MAX ? -1 : idx;
     }
-  } else {
-    const float inv_t = inverse_temperature(temperature);
-    float tmax = -INFINITY;
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      if (isnan(x[k]) || x[k] == INFINITY) bad |= kBadLogits;
-      const float t = log2_scaled(x[k], inv_t);
-      if (x[k] > -INFINITY && !isfinite(t)) bad |= kBadLogits;
-      x[k] = t;
-      tmax = fmaxf(tmax, t);
-    }
-    tmax = block_reduce(tmax, MaxOp(), -INFINITY);
-    const float base = floorf(tmax);
-    double sum = 0.0;
-    if (tmax > -INFINITY && isfinite(tmax)) {
-#pragma unroll
-      for (int k = 0; k < kPer; ++k) sum += scaled_exp(x[k], base);
-    }
-    sum = block_reduce(sum, SumOp(), 0.0);
-    if (threadIdx.x == 0) {
-      ws.chunk_base[slot] = tmax > -INFINITY ? base : -INFINITY;
-      ws.chunk_sum[slot] = sum;
-    }
+    return;
   }
+  const float inv_t = inverse_temperature(temperature);
+  float tmax = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < kLanePer; ++k) {
+    if (isnan(x[k]) || x[k] == INFINITY) bad |= kBadLogits;
+    const float t = log2_scaled(x[k], inv_t);
+    if (x[k] > -INFINITY && !isfinite(t)) bad |= kBadLogits;
+    x[k] = t;
+    tmax = fmaxf(tmax, t);
+  }
+  tmax = warp_max(tmax);
+  const float base = floorf(tmax);
+  double sum = 0.0;
+  if (tmax > -INFINITY && isfinite(tmax)) {
+#pragma unroll
+    for (int k = 0; k < kLanePer; ++k) sum += scaled_exp(x[k], base);
+  }
+  sum = warp_sum(sum);
+  if (lane == 0) {
+    ws.chunk_base[slot] = tmax > -INFINITY ? base : -INFINITY;
+    ws.chunk_sum[slot] = sum;
+  }
+}
+
+template <typename S, typename Q>
+__device__ void filtered_row(const Params<S, Q>& p, const Workspace& ws, int64_t row, int32_t r);
+
+// blockDim.x == 256 (8 warps). Block x == 0 handles the row if it is top-k/top-p filtered;
+// blocks x >= 1 give each warp kChunksPerWarp consecutive chunks of an unfiltered row. The
+// logits are loaded before the owner lookup so the two latencies overlap.
+template <typename S, typename Q>
+__global__ void RowStatsKernel(Params<S, Q> p, Workspace ws) {
+  const int64_t row = blockIdx.y;
+  const S* w = p.logits + row * p.V;
+  if (blockIdx.x == 0) {
+    const int32_t r = row_owner(p, row);
+    if (r >= 0 && is_filtered(p.temperature[r], p.top_k[r], p.top_p[r])) filtered_row(p, ws, row, r);
+    return;
+  }
+  const int64_t c0 = ((blockIdx.x - 1) * (blockDim.x / 32) + threadIdx.x / 32) * kChunksPerWarp;
+  if (c0 >= p.C) return;
+  float x[kChunksPerWarp][kLanePer];
+#pragma unroll
+  for (int i = 0; i < kChunksPerWarp; ++i)
+    if (c0 + i < p.C) load_chunk(w, p.V, p.vec_loads, (c0 + i) * kChunk, x[i]);
+  const int32_t r = row_owner(p, row);
+  if (r < 0) return;
+  const float temperature = p.temperature[r];
+  if (is_filtered(temperature, p.top_k[r], p.top_p[r])) return;
+  int32_t bad = 0;
+#pragma unroll
+  for (int i = 0; i < kChunksPerWarp; ++i)
+    if (c0 + i < p.C) chunk_stats(p, ws, row, c0 + i, temperature, x[i], bad);
   if (bad) atomicOr(p.status, bad);
 }
 
-// One 1024-thread block per top-k/top-p row: max pass, radix select on ordered keys of t for the
-// k-th largest (counts) and the top-p cut (exact int64 fixed-point masses), then chunk sums.
+// One block per top-k/top-p row: max pass, radix select on ordered keys of t for the k-th
+// largest (counts) and the top-p cut (exact int64 fixed-point masses), then chunk sums.
 template <typename S, typename Q>
-__global__ void FilteredRowKernel(Params<S, Q> p, Workspace ws) {
-  const int64_t row = blockIdx.x;
-  const int32_t r = ws.row_request[row];
-  if (r < 0 || !is_filtered(p.temperature[r], p.top_k[r], p.top_p[r])) return;
+__device__ void filtered_row(const Params<S, Q>& p, const Workspace& ws, int64_t row, int32_t r) {
   const S* w = p.logits + row * p.V;
   const float inv_t = inverse_temperature(p.temperature[r]);
   auto t_at = [&](int64_t v) { return log2_scaled(to_float(w[v]), inv_t); };
@@ -202,7 +229,7 @@ __global__ void FilteredRowKernel(Params<S, Q> p, Workspace ws) {
   if (bad) atomicOr(p.status, bad);
   tmax = block_reduce(tmax, MaxOp(), -INFINITY);
   finite = block_reduce(finite, SumOp(), 0ll);
-  if (finite == 0 || !isfinite(tmax)) {  // empty row: FinalizeRowsKernel flags it
+  if (finite == 0 || !isfinite(tmax)) {  // empty row: finalize_row flags it
     for (int64_t b = threadIdx.x; b < p.C; b += blockDim.x) {
       ws.chunk_base[row * p.C + b] = -INFINITY;
       ws.chunk_sum[row * p.C + b] = 0.0;
@@ -257,40 +284,23 @@ __global__ void FilteredRowKernel(Params<S, Q> p, Workspace ws) {
     const long long need = want >= static_cast<double>(total) ? total : max(1ll, static_cast<long long>(want));
     keep = fmaxf(keep, descend(true, static_cast<unsigned long long>(need)));
   }
-  for (int64_t b = 0; b < p.C; ++b) {
+  for (int64_t b = threadIdx.x / 32; b < p.C; b += blockDim.x / 32) {
     double sum = 0.0;
-    for (int64_t v = b * kChunk + threadIdx.x; v < min(p.V, (b + 1) * kChunk); v += blockDim.x) {
+    for (int64_t v = b * kChunk + (threadIdx.x & 31); v < min(p.V, (b + 1) * kChunk); v += 32) {
       const float t = t_at(v);
       if (t >= keep) sum += scaled_exp(t, base);
     }
-    sum = block_reduce(sum, SumOp(), 0.0);
-    if (threadIdx.x == 0) { ws.chunk_sum[row * p.C + b] = sum; ws.chunk_base[row * p.C + b] = base; }
+    sum = warp_sum(sum);
+    if ((threadIdx.x & 31) == 0) { ws.chunk_sum[row * p.C + b] = sum; ws.chunk_base[row * p.C + b] = base; }
   }
   if (threadIdx.x == 0) ws.info[row].t_keep = keep;
 }
 
-// One warp per row: RowInfo from the chunk partials, chunk sums rescaled to the
+// One warp per row (called by WalkKernel): RowInfo from the chunk partials, chunk sums rescaled to the
 // row base in place (exact: powers of two). Lanes own chunks lane, lane+32, ...
-__device__ __forceinline__ double warp_sum(double v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  return __shfl_sync(0xffffffffu, v, 0);
-}
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ int32_t warp_min(int32_t v) {
-  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
 template <typename S, typename Q>
-__global__ void FinalizeRowsKernel(Params<S, Q> p, Workspace ws) {
-  const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+__device__ void finalize_row(const Params<S, Q>& p, const Workspace& ws, int64_t row, int32_t r) {
   const int lane = threadIdx.x & 31;
-  if (row >= p.N) return;
-  const int32_t r = ws.row_request[row];
-  if (r < 0) return;
   RowInfo info{-1, 0.0, 0.0f, 0.0f, -INFINITY, 0};
   const float temperature = p.temperature[r];
   float* base = ws.chunk_base + row * p.C;

@@ -1,8 +1,9 @@
 // dspark/verify.cuh: CUDA verify/sample. After the row statistics (row_stats.cuh):
-//   WalkKernel          grid R         walk each request's tree: accept/reject children in
+//   WalkKernel          grid R         validate the request, finalize its rows' statistics,
+//                                      walk its tree: accept/reject children in
 //                                      index order (recursive rejection sampling), record where
 //                                      the last token is drawn from and which siblings failed
-//   ResidualChunkKernel grid (C, R)    residual mass per chunk where siblings were rejected
+//   ResidualChunkKernel grid (C/8, R)  residual mass per chunk where siblings were rejected
 //   DrawKernel          grid R         inverse-CDF draw: pick the chunk, scan inside it
 //   ProbsKernel         grid (C, R)    sample(return_probs=True): p(v) = e(v) / S
 // Launch order and workspace layout live in `launch` at the bottom.
@@ -53,11 +54,38 @@ __global__ void WalkKernel(Params<S, Q> p, Workspace ws) {
     p.out_tokens[r * p.W + k] = -1;
     if (p.out_nodes) p.out_nodes[r * p.W + k] = -1;
   }
-  if (!ws.req_ok[r]) {
-    if (threadIdx.x == 0) { ws.final_row[r] = -1; if (p.out_count) p.out_count[r] = 0; }
+  // Validate this request (offsets, parameters, parents, tokens, uniforms).
+  __shared__ int32_t s_bad;
+  const int64_t o = p.offsets[r], n = p.offsets[r + 1] - o;
+  const bool offsets_ok = o >= 0 && n > 0 && o + n <= p.N && n <= p.W && (r != 0 || o == 0) &&
+                          (r != p.R - 1 || o + n == p.N);
+  if (threadIdx.x == 0) s_bad = (offsets_ok ? 0 : kBadOffsets) | param_status(p.temperature[r], p.top_k[r], p.top_p[r]);
+  __syncthreads();
+  if (offsets_ok) {
+    int32_t mine = 0;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const int64_t i = o + j, par = p.parents[i], tok = p.tokens[i];
+      if (j == 0 ? par != -1 : (par < 0 || par >= j)) mine |= kBadParent;
+      if (j > 0 && (tok < 0 || tok >= p.V)) mine |= kBadToken;
+      for (int c = 0; p.uniforms && c < 2; ++c) {
+        const double u = p.uniforms[i * 2 + c];
+        if (!(u >= 0.0 && u < 1.0)) mine |= kBadUniform;
+      }
+    }
+    if (mine) atomicOr(&s_bad, mine);
+  }
+  __syncthreads();
+  if (s_bad) {
+    if (threadIdx.x == 0) {
+      atomicOr(p.status, s_bad);
+      ws.final_row[r] = -1;
+      if (p.out_count) p.out_count[r] = 0;
+    }
     return;
   }
-  const int64_t o = p.offsets[r], n = p.offsets[r + 1] - o;
+  // Finalize this request's rows (one warp per row).
+  for (int64_t j = threadIdx.x / 32; j < n; j += blockDim.x / 32) finalize_row(p, ws, o + j, static_cast<int32_t>(r));
+  __syncthreads();
   __shared__ int32_t sm_parent[kWalkSmem], sm_token[kWalkSmem];
   __shared__ double sm_e[kWalkSmem], sm_q[kWalkSmem], sm_u[kWalkSmem];
   const bool in_smem = n <= kWalkSmem;
@@ -154,24 +182,26 @@ __global__ void WalkKernel(Params<S, Q> p, Workspace ws) {
   }
 }
 
+// blockDim.x == 256: one warp per chunk.
 template <typename S, typename Q>
 __global__ void ResidualChunkKernel(Params<S, Q> p, Workspace ws) {
-  const int64_t b = blockIdx.x, r = blockIdx.y;
+  const int64_t r = blockIdx.y, b = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
   const int64_t row = ws.final_row[r];
-  if (row < 0 || ws.n_rej[r] == 0) return;
+  if (row < 0 || ws.n_rej[r] == 0 || b >= p.C) return;
   const int64_t o = p.offsets[r];
   const RowInfo info = ws.info[row];
   const S* w = p.logits + row * p.V;
   double part = 0.0;
-  for (int64_t v = b * kChunk + threadIdx.x; v < min(p.V, (b + 1) * kChunk); v += blockDim.x)
+  for (int64_t v = b * kChunk + (threadIdx.x & 31); v < min(p.V, (b + 1) * kChunk); v += 32)
     part += residual_at(p, ws, r, o, info, w, ws.n_rej[r], v);
-  part = block_reduce(part, SumOp(), 0.0);
-  if (threadIdx.x == 0) ws.resid_chunk[r * p.C + b] = part;
+  part = warp_sum(part);
+  if ((threadIdx.x & 31) == 0) ws.resid_chunk[r * p.C + b] = part;
 }
 
 // blockDim.x == kDrawThreads; each thread owns kChunk / kDrawThreads consecutive entries of the
 // chosen chunk.
 constexpr int kDrawThreads = 256;
+static_assert(kChunk % kDrawThreads == 0, "a draw thread owns whole entries");
 template <typename S, typename Q>
 __global__ void DrawKernel(Params<S, Q> p, Workspace ws) {
   constexpr int kPer = kChunk / kDrawThreads;
@@ -184,35 +214,45 @@ __global__ void DrawKernel(Params<S, Q> p, Workspace ws) {
   const int32_t nrej_all = ws.n_rej[r];
   __shared__ int64_t s_chunk;
   __shared__ double s_before, s_target;
-  __shared__ int32_t s_nrej, s_hit, s_last;
+  __shared__ int32_t s_nrej, s_hit, s_last, s_cand, s_last_chunk;
   __shared__ double sm_sums[kMaxVocab / kChunk + 1];
-  const double* src = nrej_all > 0 ? ws.resid_chunk + r * p.C : ws.chunk_sum + row * p.C;
-  for (int64_t b = threadIdx.x; b < p.C; b += blockDim.x) sm_sums[b] = src[b];
+  // Chunk masses into shared memory; each thread owns a contiguous run of chunks.
+  const int64_t per = ceil_div(p.C, blockDim.x), b0 = threadIdx.x * per, b1 = min(p.C, b0 + per);
+  bool fallback = false;
+  double z = 0.0;
+  for (int pass = 0; pass < 2; ++pass) {
+    const double* src = (nrej_all > 0 && !fallback) ? ws.resid_chunk + r * p.C : ws.chunk_sum + row * p.C;
+    double mine = 0.0;
+    for (int64_t b = b0; b < b1; ++b) { sm_sums[b] = src[b]; mine += sm_sums[b]; }
+    z = block_reduce(mine, SumOp(), 0.0);
+    if (z != 0.0 || fallback || nrej_all == 0) break;
+    fallback = true;  // the residual vanished: draw from the target row itself
+  }
+  if (fallback) z = info.total;
+  const double target = ws.job_u[r] * z;
+  double mine = 0.0;
+  for (int64_t b = b0; b < b1; ++b) mine += sm_sums[b];
+  double before = block_exclusive_scan(mine);
+  if (threadIdx.x == 0) { s_cand = INT32_MAX; s_last_chunk = -1; }
   __syncthreads();
+  int32_t cand = INT32_MAX, last = -1;
+  for (int64_t b = b0; b < b1; ++b) {
+    if (sm_sums[b] > 0.0) {
+      last = static_cast<int32_t>(b);
+      if (cand == INT32_MAX && before + sm_sums[b] > target) cand = static_cast<int32_t>(b);
+    }
+    if (cand == INT32_MAX) before += sm_sums[b];
+  }
+  if (cand != INT32_MAX) atomicMin(&s_cand, cand);
+  if (last >= 0) atomicMax(&s_last_chunk, last);
+  __syncthreads();
+  if (cand != INT32_MAX && cand == s_cand) s_before = before;  // the owner of the chosen chunk
   if (threadIdx.x == 0) {
-    const double* sums = sm_sums;
-    double z = 0.0;
-    for (int64_t b = 0; b < p.C; ++b) z += sums[b];
-    s_nrej = nrej_all;
-    if (z == 0.0) {  // the residual vanished: draw from the target row itself
-      sums = ws.chunk_sum + row * p.C;
-      z = info.total;
-      s_nrej = 0;
-    }
-    const double target = ws.job_u[r] * z;
-    double before = 0.0;
-    int64_t chunk = -1, last = -1;
-    for (int64_t b = 0; b < p.C; ++b) {
-      if (sums[b] > 0.0) {
-        last = b;
-        if (before + sums[b] > target) { chunk = b; break; }
-      }
-      before += sums[b];
-    }
+    s_nrej = fallback ? 0 : nrej_all;
     // No chunk reached the target (rounding): take the last entry with mass, as the CPU does.
-    s_chunk = chunk >= 0 ? chunk : last;
-    s_before = chunk >= 0 ? before : 0.0;
-    s_target = chunk >= 0 ? target : INFINITY;
+    s_chunk = s_cand != INT32_MAX ? s_cand : s_last_chunk;
+    if (s_cand == INT32_MAX) s_before = 0.0;
+    s_target = s_cand != INT32_MAX ? target : INFINITY;
     s_hit = INT32_MAX;
     s_last = -1;
   }
@@ -253,7 +293,7 @@ __global__ void DrawKernel(Params<S, Q> p, Workspace ws) {
 template <typename S, typename Q>
 __global__ void ProbsKernel(Params<S, Q> p, Workspace ws) {
   const int64_t b = blockIdx.x, r = blockIdx.y;
-  if (!ws.req_ok[r]) return;
+  if (ws.final_row[r] < 0) return;
   const RowInfo info = ws.info[r];
   const S* w = p.logits + r * p.V;
   for (int64_t v = b * kChunk + threadIdx.x; v < min(p.V, (b + 1) * kChunk); v += blockDim.x)
@@ -281,8 +321,6 @@ cudaError_t launch(Params<S, Q> p, void* workspace, cudaStream_t stream) {
   ws.chunk_wmax = static_cast<float*>(take(p.N * p.C * 4));
   ws.chunk_sum = static_cast<double*>(take(p.N * p.C * 8));
   ws.chunk_widx = static_cast<int32_t*>(take(p.N * p.C * 4));
-  ws.row_request = static_cast<int32_t*>(take(p.N * 4));
-  ws.req_ok = static_cast<int32_t*>(take(p.R * 4));
   ws.n_rej = static_cast<int32_t*>(take(p.R * 4));
   ws.accepted = static_cast<int32_t*>(take(p.R * 4));
   ws.final_row = static_cast<int64_t*>(take(p.R * 8));
@@ -295,16 +333,12 @@ cudaError_t launch(Params<S, Q> p, void* workspace, cudaStream_t stream) {
   ws.f_e = static_cast<double*>(take(p.N * 8));
   ws.f_q = static_cast<double*>(take(p.N * 8));
   ws.f_u = static_cast<double*>(take(p.N * 8));
-  cudaError_t err = cudaMemsetAsync(ws.row_request, 0xff, p.N * 4, stream);
+  const cudaError_t err = cudaMemsetAsync(p.status, 0, sizeof(int32_t), stream);
   if (err != cudaSuccess) return err;
-  err = cudaMemsetAsync(p.status, 0, sizeof(int32_t), stream);
-  if (err != cudaSuccess) return err;
-  ValidateKernel<<<p.R, 128, 0, stream>>>(p, ws);
-  ChunkStatsKernel<<<dim3(p.C, p.N), 256, 0, stream>>>(p, ws);
-  FilteredRowKernel<<<p.N, 1024, 0, stream>>>(p, ws);
-  FinalizeRowsKernel<<<ceil_div(p.N, 4), 128, 0, stream>>>(p, ws);  // one warp per row
+  const int warps = 8;  // 256-thread blocks
+  RowStatsKernel<<<dim3(1 + ceil_div(p.C, warps * kChunksPerWarp), p.N), 256, 0, stream>>>(p, ws);
   WalkKernel<<<p.R, 128, 0, stream>>>(p, ws);
-  ResidualChunkKernel<<<dim3(p.C, p.R), 256, 0, stream>>>(p, ws);
+  ResidualChunkKernel<<<dim3(ceil_div(p.C, warps), p.R), 256, 0, stream>>>(p, ws);
   DrawKernel<<<p.R, kDrawThreads, 0, stream>>>(p, ws);
   if (p.probs) ProbsKernel<<<dim3(p.C, p.R), 256, 0, stream>>>(p, ws);
   return cudaGetLastError();

@@ -1,0 +1,22 @@
+"""The `dspark` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .cli_generate import add_generate_parser
+from .demo import add_demo_parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="dspark", description="DSpark speculative decoding")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_demo_parser(sub)
+    add_generate_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""`dspark generate`: speculative (or autoregressive) generation from HF checkpoint dirs."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_generate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("generate", help="generate text with speculative decoding",
+                              description="Generate with a target model and a drafter (a draft "
+                              "model or n-gram prompt lookup); prints text and metrics.")
+    p.add_argument("--target", required=True, help="target checkpoint dir (config.json, "
+                   "*.safetensors, tokenizer.json)")
+    d = p.add_mutually_exclusive_group()
+    d.add_argument("--draft", help="draft model checkpoint dir (same tokenizer)")
+    d.add_argument("--ngram", type=int, metavar="N", help="prompt-lookup drafter, n-grams up to N")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt text (repeat for several; '@file' reads one prompt per line)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1, help="requests per batch (prompts are cycled "
+                   "to fill the batch)")
+    p.add_argument("--gamma", type=int, default=4, help="draft depth")
+    p.add_argument("--tree-topk", type=int, default=1, help="draft-model tree: k children per "
+                   "depth (1 = chain)")
+    p.add_argument("--seed", type=int, default=0, help="request i uses seed + i")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--autoregressive", action="store_true", help="baseline: no drafting")
+    p.add_argument("--compare", action="store_true", help="also run the autoregressive baseline "
+                   "and report the speedup and whether greedy outputs match")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=run_generate)
+    return p
+
+
+def _prompts(items: list) -> list:
+    out = []
+    for item in items:
+        if item.startswith("@"):
+            with open(item[1:]) as f:
+                out.extend(line.rstrip("\n") for line in f if line.strip())
+        else:
+            out.append(item)
+    return out
+
+
+def run_generate(args) -> int:
+    import torch
+
+    from .engine import SpeculativeEngine
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        engine = SpeculativeEngine.from_pretrained(
+            args.target, draft=args.draft, ngram=args.ngram, gamma=args.gamma,
+            tree_topk=args.tree_topk, device=device, dtype=args.dtype)
+        if engine.tokenizer is None:
+            raise ValueError(f"{args.target!r} has no tokenizer.json")
+        prompts = _prompts(args.prompt)
+        if args.batch < 1 or not prompts:
+            raise ValueError("need --batch >= 1 and at least one prompt")
+        n = max(len(prompts), args.batch)
+        prompts = [prompts[i % len(prompts)] for i in range(-(-n // args.batch) * args.batch)]
+        spec = engine.drafter is not None and not args.autoregressive
+        runs = [("speculative" if spec else "autoregressive", spec)]
+        if args.compare and spec:
+            runs.append(("autoregressive", False))
+        report = {}
+        for name, use_spec in runs:
+            texts, metrics = [], []
+            for i in range(0, len(prompts), args.batch):
+                chunk = prompts[i:i + args.batch]
+                kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p,
+                          seed=[args.seed + i + j for j in range(len(chunk))])
+                gen = (engine.generate if use_spec else engine.generate_autoregressive)(chunk, **kw)
+                texts += gen.text
+                metrics.append(gen.metrics)
+            report[name] = {"text": texts, "metrics": [m.to_dict() for m in metrics],
+                            "summary": [m.summary() for m in metrics]}
+    except ValueError as exc:
+        print(f"dspark generate: error: {exc}", file=sys.stderr)
+        return 2
+    if len(report) == 2:
+        tps = [sum(m["new_tokens"] for m in r["metrics"]) / sum(m["total_s"] for m in r["metrics"])
+               for r in report.values()]
+        report["speedup"] = tps[0] / tps[1] if tps[1] else None
+        report["identical_text"] = report["speculative"]["text"] == report["autoregressive"]["text"]
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    for name, r in ((k, v) for k, v in report.items() if isinstance(v, dict)):
+        print(f"=== {name} ===")
+        for i, t in enumerate(r["text"]):
+            print(f"[{i}] {t}")
+        for s in r["summary"]:
+            print(f"metrics: {s}")
+    if "speedup" in report:
+        print(f"speedup {report['speedup']:.2f}x; identical text: {report['identical_text']}")
+    return 0

@@ -1,0 +1,89 @@
+"""Speculative-decoding metrics: tau, acceptance, per-position acceptance, histogram, time split."""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+class StageTimer:
+    """Accumulates wall time per named stage without syncing inside a step: CUDA events on GPU
+    (read by ``totals()`` after the caller's sync), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self._spans: dict[str, list] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            yield
+            b.record()
+        else:
+            a = time.perf_counter()
+            yield
+            b = time.perf_counter()
+        self._spans.setdefault(name, []).append((a, b))
+
+    def totals(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return {k: sum(a.elapsed_time(b) for a, b in v) / 1e3 for k, v in self._spans.items()}
+        return {k: sum(b - a for a, b in v) for k, v in self._spans.items()}
+
+
+@dataclass
+class Metrics:
+    gamma: int = 0
+    rounds: int = 0  # verify rounds (target forwards after prefill)
+    request_rounds: int = 0  # sum over rounds of active requests
+    new_tokens: int = 0  # tokens returned (after stop / max_new truncation)
+    tau: float = 1.0  # tokens per request-round, bonus/correction included
+    acceptance_rate: float = 0.0  # accepted drafts / drafted depth
+    position_acceptance: list = field(default_factory=list)  # P(accept depth k | reached k)
+    accept_hist: list = field(default_factory=list)  # request-rounds with k accepted, k = 0..gamma
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    overhead_s: float = 0.0  # commit, bookkeeping, host loop
+    total_s: float = 0.0
+    tokens_per_s: float = 0.0  # new_tokens / total_s (prefill included)
+    decode_tokens_per_s: float = 0.0  # new_tokens / (total_s - prefill_s)
+
+    @classmethod
+    def from_rounds(cls, gamma: int, accept: torch.Tensor, active: torch.Tensor, new_tokens: int,
+                    times: dict, total_s: float) -> "Metrics":
+        """accept, active: [rounds, B] accepted drafts and active flags per request-round."""
+        a = accept[active].long()
+        hist = torch.bincount(a, minlength=gamma + 1)[:gamma + 1] if a.numel() else \
+            torch.zeros(gamma + 1, dtype=torch.long)
+        reached = hist.flip(0).cumsum(0).flip(0)  # request-rounds with >= k accepted
+        pos = [float(reached[k] / reached[k - 1]) if reached[k - 1] else 0.0
+               for k in range(1, gamma + 1)]
+        n = int(a.numel())
+        prefill = times.get("prefill", 0.0)
+        draft, verify = times.get("draft", 0.0), times.get("verify", 0.0)
+        return cls(gamma=gamma, rounds=int(accept.shape[0]), request_rounds=n,
+                   new_tokens=new_tokens, tau=float(a.float().mean() + 1) if n else 1.0,
+                   acceptance_rate=float(a.float().mean() / gamma) if n and gamma else 0.0,
+                   position_acceptance=pos, accept_hist=hist.tolist(), prefill_s=prefill,
+                   draft_s=draft, verify_s=verify,
+                   overhead_s=max(total_s - prefill - draft - verify, 0.0), total_s=total_s,
+                   tokens_per_s=new_tokens / total_s if total_s > 0 else 0.0,
+                   decode_tokens_per_s=(new_tokens / (total_s - prefill)
+                                        if total_s > prefill else 0.0))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        pos = " ".join(f"{p:.2f}" for p in self.position_acceptance)
+        return (f"tokens {self.new_tokens} in {self.total_s:.3f}s ({self.tokens_per_s:.1f} tok/s, "
+                f"decode {self.decode_tokens_per_s:.1f} tok/s) | rounds {self.rounds} | "
+                f"tau {self.tau:.2f} | accept {self.acceptance_rate:.2%} | per-position [{pos}] | "
+                f"hist {self.accept_hist} | time prefill {self.prefill_s:.3f}s draft "
+                f"{self.draft_s:.3f}s verify {self.verify_s:.3f}s overhead {self.overhead_s:.3f}s")

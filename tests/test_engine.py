@@ -1,0 +1,345 @@
+"""The speculative engine end to end on tiny random models (CPU, fp32): greedy equality with
+autoregressive decoding, sampled-distribution equality (chi-square), KV rollback, bad input."""
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+from test_models import make_checkpoint
+
+from dspark import reference
+from dspark.drafters import DraftModelDrafter, NgramDrafter, SpecState
+from dspark.drafters.testing import AlwaysWrongDrafter, perfect_drafter
+from dspark.engine import SpeculativeEngine
+from dspark.metrics import Metrics
+from dspark.models import ModelRunner, load_model
+from dspark.ops import sampling_tensors
+
+V = 128
+PROMPTS = [[1, 5, 7, 9, 5, 7], [3, 4], [10, 11, 12, 13, 14, 10, 11, 12], [42],
+           [7, 7, 7, 7, 7, 7, 7], [99, 98, 97, 96, 95, 94, 93, 92, 91, 90, 89], [64, 65, 64, 65],
+           [120, 3, 17]]
+NEW = 20
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    tgt, dft = str(tmp_path_factory.mktemp("target")), str(tmp_path_factory.mktemp("draft"))
+    make_checkpoint(tgt, "llama", vocab=V, layers=2, init=0.3, seed=1)
+    make_checkpoint(dft, "llama", vocab=V, layers=2, init=0.3, seed=1, perturb=0.05)
+    return tgt, dft
+
+
+@pytest.fixture(scope="module")
+def models(ckpts):
+    return load_model(ckpts[0], dtype=torch.float32), load_model(ckpts[1], dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def ar_reference(models):
+    engine = SpeculativeEngine(models[0])
+    return {b: engine.generate_autoregressive(PROMPTS[:b], max_new_tokens=NEW,
+                                              stop_tokens=[]).tokens for b in (1, 3, 8)}
+
+
+DRAFTERS = {
+    "draft-chain": lambda t, d, g: DraftModelDrafter(d, g),
+    "draft-tree": lambda t, d, g: DraftModelDrafter(d, g, tree_topk=3),
+    "ngram": lambda t, d, g: NgramDrafter(g),
+    "perfect": lambda t, d, g: perfect_drafter(t, g),
+    "perfect-tree": lambda t, d, g: perfect_drafter(t, g, tree_topk=2),
+    "always-wrong": lambda t, d, g: AlwaysWrongDrafter(t, g),
+}
+
+
+@pytest.mark.parametrize("gamma", [1, 4, 8])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("kind", list(DRAFTERS))
+def test_greedy_equals_autoregressive(models, ar_reference, kind, batch, gamma):
+    target, draft = models
+    engine = SpeculativeEngine(target, DRAFTERS[kind](target, draft, gamma))
+    out = engine.generate(PROMPTS[:batch], max_new_tokens=NEW, stop_tokens=[])
+    assert out.tokens == ar_reference[batch]
+    m = out.metrics
+    assert sum(m.accept_hist) == m.request_rounds > 0
+    if kind.startswith("perfect"):
+        assert m.acceptance_rate == 1.0 and m.tau == gamma + 1
+    if kind == "always-wrong":
+        assert m.acceptance_rate == 0.0 and m.tau == 1.0
+
+
+def test_draft_model_accepts_some_and_rejects_some(models):
+    target, draft = models
+    for k in (1, 3):
+        m = SpeculativeEngine(target, DraftModelDrafter(draft, 4, k)).generate(
+            PROMPTS, max_new_tokens=NEW, stop_tokens=[]).metrics
+        assert m.accept_hist[0] > 0 and sum(m.accept_hist[1:]) > 0, m.accept_hist
+
+
+def test_stop_tokens_and_per_request_limits(models):
+    target, draft = models
+    free = SpeculativeEngine(target).generate_autoregressive(PROMPTS[:3], max_new_tokens=NEW,
+                                                              stop_tokens=[])
+    stop = free.tokens[1][6]
+    kw = dict(max_new_tokens=[5, NEW, 13], stop_tokens=[stop, 126])
+    ar = SpeculativeEngine(target).generate_autoregressive(PROMPTS[:3], **kw)
+    assert ar.tokens[1] == free.tokens[1][:free.tokens[1].index(stop) + 1]
+    assert len(ar.tokens[0]) <= 5 and len(ar.tokens[2]) <= 13
+    for drafter in (DraftModelDrafter(draft, 4), DraftModelDrafter(draft, 4, 3), NgramDrafter(8)):
+        assert SpeculativeEngine(target, drafter).generate(PROMPTS[:3], **kw).tokens == ar.tokens
+
+
+def test_qwen3_target(tmp_path):
+    make_checkpoint(str(tmp_path / "t"), "qwen3", vocab=V, layers=2, init=0.3, seed=3)
+    make_checkpoint(str(tmp_path / "d"), "qwen3", vocab=V, layers=2, init=0.3, seed=3, perturb=0.05)
+    target, draft = load_model(str(tmp_path / "t")), load_model(str(tmp_path / "d"))
+    ar = SpeculativeEngine(target).generate_autoregressive(PROMPTS[:3], max_new_tokens=NEW,
+                                                           stop_tokens=[])
+    for k in (1, 2):
+        spec = SpeculativeEngine(target, DraftModelDrafter(draft, 4, k)).generate(
+            PROMPTS[:3], max_new_tokens=NEW, stop_tokens=[])
+        assert spec.tokens == ar.tokens
+
+
+# ---- sampling: the speculative sampler's output distribution is the target's ------------------
+SV, NSAMP, PROMPT = 12, 4000, [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def small_models(tmp_path_factory):
+    tgt, dft = str(tmp_path_factory.mktemp("st")), str(tmp_path_factory.mktemp("sd"))
+    make_checkpoint(tgt, "llama", vocab=SV, hidden=32, layers=2, init=0.1, seed=5, inter=64)
+    make_checkpoint(dft, "llama", vocab=SV, hidden=32, layers=2, init=0.1, seed=5, inter=64,
+                    perturb=0.6)
+    return load_model(tgt), load_model(dft)
+
+
+def joint_first_two(model, params):
+    """Exact P(t1, t2 | PROMPT) [SV, SV] of the runner under sampling params (T, top_k, top_p)."""
+    r = ModelRunner(model)
+    r.allocate(SV, 8)
+    logits = r.prefill([PROMPT] * SV).logits
+    p1 = reference.target_probs(logits[0], *params)
+    nxt = r.decode(torch.arange(SV), torch.full((SV,), len(PROMPT)))
+    return torch.stack([p1[t] * reference.target_probs(nxt[t], *params) for t in range(SV)])
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Goodness of fit; cells with expected count < 5 are pooled; a sample in a cell of
+    probability 0 rejects the fit outright (p = 0)."""
+    from scipy import stats
+    exp = probs.flatten() * counts.sum()
+    obs = counts.flatten().double()
+    if obs[exp == 0].sum() > 0:
+        return 0.0
+    exp, obs = exp[exp > 0], obs[exp > 0]
+    small = exp < 5
+    if small.any():
+        exp = torch.cat([exp[~small], exp[small].sum()[None]])
+        obs = torch.cat([obs[~small], obs[small].sum()[None]])
+    exp = exp * obs.sum() / exp.sum()
+    return float(stats.chisquare(obs.numpy(), exp.numpy()).pvalue)
+
+
+def two_sample_pvalue(a: torch.Tensor, b: torch.Tensor) -> float:
+    from scipy import stats
+    table = torch.stack([a.flatten(), b.flatten()]).double()
+    keep = table.sum(0) >= 10
+    pool = table[:, ~keep].sum(1, keepdim=True)
+    table = torch.cat([table[:, keep]] + ([pool] if pool.sum() > 0 else []), 1)
+    return float(stats.chi2_contingency(table.numpy())[1])
+
+
+def histogram(tokens) -> torch.Tensor:
+    counts = torch.zeros(SV * SV, dtype=torch.long)
+    for t in tokens:
+        counts[t[0] * SV + t[1]] += 1
+    return counts.view(SV, SV)
+
+
+SAMPLING = {
+    "draft-chain": (lambda t, d: DraftModelDrafter(d, 3), (1.0, 0, 1.0)),
+    "draft-chain-topk-topp": (lambda t, d: DraftModelDrafter(d, 3), (0.8, 6, 0.9)),
+    "draft-tree": (lambda t, d: DraftModelDrafter(d, 3, tree_topk=3), (1.0, 0, 1.0)),
+    "ngram": (lambda t, d: NgramDrafter(3), (1.0, 0, 1.0)),
+    "always-wrong": (lambda t, d: AlwaysWrongDrafter(t, 2), (1.0, 0, 1.0)),
+}
+
+
+@pytest.mark.parametrize("kind", list(SAMPLING))
+def test_sampled_distribution_matches_autoregressive(small_models, kind):
+    pytest.importorskip("scipy")
+    target, draft = small_models
+    make, (temp, top_k, top_p) = SAMPLING[kind]
+    kw = dict(max_new_tokens=2, temperature=temp, top_k=top_k, top_p=top_p, stop_tokens=[])
+    spec = SpeculativeEngine(target, make(target, draft)).generate(
+        [PROMPT] * NSAMP, seed=list(range(NSAMP)), **kw)
+    ar = SpeculativeEngine(target).generate_autoregressive(
+        [PROMPT] * NSAMP, seed=list(range(NSAMP, 2 * NSAMP)), **kw)
+    hs, ha = histogram(spec.tokens), histogram(ar.tokens)
+    exact = joint_first_two(target, (temp, top_k, top_p))
+    assert two_sample_pvalue(hs, ha) > 1e-3
+    assert chi2_pvalue(hs, exact) > 1e-3
+    assert chi2_pvalue(ha, exact) > 1e-3
+    # the test has power: the draft model's distribution is rejected
+    assert chi2_pvalue(hs, joint_first_two(draft, (temp, top_k, top_p))) < 1e-6
+    if kind != "always-wrong":  # the drafter was useful in some rounds, useless in others
+        assert 0 < spec.metrics.acceptance_rate < 1
+
+
+def test_sampled_three_tokens_match_target(small_models):
+    """Deeper draft positions: the joint of the first three tokens fits the exact target joint."""
+    pytest.importorskip("scipy")
+    target, draft = small_models
+    r = ModelRunner(target)
+    r.allocate(SV * SV, 8)
+    t12 = torch.cartesian_prod(torch.arange(SV), torch.arange(SV))  # [SV^2, 2]
+    logits = r.prefill([PROMPT + t.tolist() for t in t12]).logits
+    p3 = torch.stack([reference.target_probs(row, 1.0) for row in logits])  # [SV^2, SV]
+    exact = joint_first_two(target, (1.0, 0, 1.0)).flatten()[:, None] * p3
+    n = 6000
+    for drafter in (DraftModelDrafter(draft, 3), DraftModelDrafter(draft, 3, tree_topk=2)):
+        out = SpeculativeEngine(target, drafter).generate(
+            [PROMPT] * n, seed=list(range(7, 7 + n)), max_new_tokens=3, temperature=1.0,
+            stop_tokens=[])
+        counts = torch.zeros(SV ** 3, dtype=torch.long)
+        for t in out.tokens:
+            counts[(t[0] * SV + t[1]) * SV + t[2]] += 1
+        assert chi2_pvalue(counts, exact) > 1e-3
+        assert sum(out.metrics.accept_hist[2:]) > 0  # depth >= 2 was accepted in some rounds
+
+
+# ---- rollback: after accepts and rejects the caches equal a fresh prefill ----------------------
+@pytest.mark.parametrize("topk", [1, 3])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_kv_rollback_equals_fresh_prefill(models, topk, temperature):
+    target, draft = models
+    drafter = DraftModelDrafter(draft, 4, topk)
+    engine = SpeculativeEngine(target, drafter)
+    out = engine.generate(PROMPTS[:4], max_new_tokens=[NEW, 9, NEW, 14], temperature=temperature,
+                          seed=[1, 2, 3, 4], stop_tokens=[])
+    h = out.metrics.accept_hist
+    assert h[0] > 0 and sum(h[1:]) > 0
+    st = engine.state
+    for runner, lens in ((engine.target, st.n_tokens - 1), (drafter.runner, drafter.draft_len)):
+        fresh = ModelRunner(runner.model)
+        fresh.allocate(1, runner.cache.max_len)
+        for b in range(4):
+            n = int(lens[b])
+            fresh.prefill([st.tokens[b, :n].tolist()])
+            for mine, ref in ((runner.cache.k, fresh.cache.k), (runner.cache.v, fresh.cache.v)):
+                torch.testing.assert_close(mine[:, b, :, :n], ref[:, 0, :, :n], atol=1e-5,
+                                           rtol=1e-5)
+    assert (drafter.draft_len >= st.prompt_lens).all()
+
+
+# ---- drafters in isolation ---------------------------------------------------------------------
+def _state(rows):
+    B, C = len(rows), 16
+    tokens = torch.zeros(B, C, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        tokens[b, :len(r)] = torch.tensor(r)
+    n = torch.tensor([len(r) for r in rows])
+    return SpecState(tokens, n, n.clone(), torch.full((B,), 99), torch.full((B, 1), -1),
+                     sampling_tensors(B, 0.0), torch.zeros(B, dtype=torch.int64),
+                     torch.ones(B, dtype=torch.bool), [list(r) for r in rows])
+
+
+def test_ngram_drafter_proposals():
+    st = _state([[5, 6, 7, 8, 5, 6], [1, 2, 3], [4, 9, 4, 9, 4]])
+    prop = NgramDrafter(gamma=5, max_ngram=2).propose(st)
+    toks = prop.draft_tokens.view(3, 6)
+    assert toks[0].tolist() == [6, 7, 8, 5, 6, 7]  # "5 6" seen at 0 -> 7 8 5 6, then periodic
+    assert toks[1].tolist() == [3, 3, 3, 3, 3, 3]  # no match: repeat the anchor
+    assert toks[2].tolist() == [4, 9, 4, 9, 4, 9]  # "9 4" seen at 1 -> 9 4 (periodic)
+    assert prop.draft_probs is None and prop.node_offsets.tolist() == [0, 6, 12, 18]
+    assert prop.parents.view(3, 6)[0].tolist() == [-1, 0, 1, 2, 3, 4]
+
+
+def test_tree_drafter_layout(models):
+    d = DraftModelDrafter(models[1], gamma=3, tree_topk=2)
+    d.setup(2, 32)
+    st = _state([[1, 2, 3], [4, 5]])
+    st.prompt_lens -= 1  # the last token is the anchor
+    st.prompts = [p[:-1] for p in st.prompts]
+    d.start(st, None)
+    prop = d.propose(st)
+    assert d.max_nodes == 7 and not d.is_chain
+    assert prop.parents.view(2, 7)[0].tolist() == [-1, 0, 0, 1, 1, 3, 3]
+    assert prop.draft_tokens.view(2, 7)[:, 0].tolist() == [3, 5]
+    assert prop.draft_probs is None
+
+
+def test_metrics_from_rounds():
+    accept = torch.tensor([[2, 0], [1, 4], [0, 3]])
+    active = torch.tensor([[True, True], [True, True], [False, True]])
+    m = Metrics.from_rounds(4, accept, active, new_tokens=12, times={"draft": 1.0, "verify": 2.0},
+                            total_s=4.0)
+    assert m.accept_hist == [1, 1, 1, 1, 1] and m.request_rounds == 5 and m.rounds == 3
+    assert m.tau == pytest.approx(3.0) and m.acceptance_rate == pytest.approx(0.5)
+    assert m.position_acceptance == pytest.approx([4 / 5, 3 / 4, 2 / 3, 1 / 2])
+    assert m.overhead_s == pytest.approx(1.0) and m.tokens_per_s == pytest.approx(3.0)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+def test_bad_input(models, tmp_path):
+    target, draft = models
+    engine = SpeculativeEngine(target, NgramDrafter(4), max_len=64)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.generate([[1, 2], []])
+    with pytest.raises(ValueError, match="no prompts"):
+        engine.generate([])
+    with pytest.raises(ValueError, match="exceeds the cache"):
+        engine.generate([list(range(1, 70))], max_new_tokens=4)
+    with pytest.raises(ValueError, match="exceeds the cache"):
+        engine.generate([[1, 2]], max_new_tokens=60)
+    with pytest.raises(ValueError, match="unknown token ids"):
+        engine.generate([[1, V]])
+    with pytest.raises(ValueError, match="unknown token ids"):
+        engine.generate_autoregressive([[-1, 3]])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.generate([[1, 2]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.generate_autoregressive([[1, 2]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.generate("hello")
+    with pytest.raises(ValueError, match="entries for 2 prompts"):
+        engine.generate([[1], [2]], seed=[1, 2, 3])
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate([[1]], temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        engine.generate([[1]], temperature=-1.0)
+    with pytest.raises(TypeError, match="unknown generate"):
+        engine.generate([[1]], max_tokens=3)
+    with pytest.raises(ValueError, match="no drafter"):
+        SpeculativeEngine(target).generate([[1]])
+    make_checkpoint(str(tmp_path), "llama", vocab=V - 32, hidden=32, layers=1)
+    with pytest.raises(ValueError, match="vocab size"):
+        SpeculativeEngine(target, DraftModelDrafter(load_model(str(tmp_path)), 4))
+    with pytest.raises(ValueError, match="gamma"):
+        DraftModelDrafter(draft, 0)
+
+
+# ---- text and the CLI --------------------------------------------------------------------------
+def test_text_generation_and_cli(ckpts):
+    from dspark.cli import main
+    target, draft = ckpts
+    engine = SpeculativeEngine.from_pretrained(target, ngram=3, gamma=3)
+    spec = engine.generate(["w5 w6 w7 w5 w6", "w9"], max_new_tokens=12)
+    ar = engine.generate_autoregressive(["w5 w6 w7 w5 w6", "w9"], max_new_tokens=12)
+    assert spec.text == ar.text and all(isinstance(t, str) and t for t in spec.text)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["generate", "--target", target, "--draft", draft, "--prompt", "w5 w6 w7",
+                   "--prompt", "w9", "--batch", "2", "--max-new-tokens", "8", "--gamma", "3",
+                   "--tree-topk", "2", "--compare", "--json", "--device", "cpu"])
+    assert rc == 0
+    report = json.loads(buf.getvalue())
+    assert report["identical_text"] and len(report["speculative"]["text"]) == 2
+    assert report["speculative"]["metrics"][0]["tau"] >= 1.0
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["generate", "--target", target, "--ngram", "2", "--prompt", "w1",
+                     "--max-new-tokens", "0"]) == 2
+    assert "max_new_tokens" in err.getvalue()
