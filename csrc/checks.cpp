@@ -9,9 +9,9 @@ namespace dspark {
 namespace {
 
 void check_common_device(const at::Tensor& ref, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), " like the logits, got ",
+  DSPARK_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), " like the logits, got ",
               t.device());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  DSPARK_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
 void check_request_params(const at::Tensor& ref, int64_t R, const at::Tensor& temperature,
@@ -30,9 +30,9 @@ void check_request_params(const at::Tensor& ref, int64_t R, const at::Tensor& te
   check_common_device(ref, temperature, "temperature");
   check_common_device(ref, top_k, "top_k");
   check_common_device(ref, top_p, "top_p");
-  TORCH_CHECK_VALUE(seeds.has_value() == positions.has_value(),
+  DSPARK_CHECK_VALUE(seeds.has_value() == positions.has_value(),
                     "seeds and positions must be given together (or neither, with uniforms)");
-  TORCH_CHECK_VALUE(has_uniforms || seeds.has_value(),
+  DSPARK_CHECK_VALUE(has_uniforms || seeds.has_value(),
                     "randomness needed: pass seeds and positions (keyed randomness) or uniforms");
   if (seeds.has_value()) {
     for (const auto& [t, name] : {std::pair{*seeds, "seeds"}, std::pair{*positions, "positions"}}) {
@@ -47,10 +47,10 @@ void check_request_params(const at::Tensor& ref, int64_t R, const at::Tensor& te
 void check_logits(const at::Tensor& logits, const char* name) {
   DSPARK_CHECK_DIM(logits, 2, name);
   const auto dt = logits.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
+  DSPARK_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
                    " must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(logits.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK_VALUE(logits.size(1) >= 1 && logits.size(1) <= kMaxVocab, name,
+  DSPARK_CHECK(logits.is_contiguous(), name, " must be contiguous");
+  DSPARK_CHECK_VALUE(logits.size(1) >= 1 && logits.size(1) <= kMaxVocab, name,
                     " vocabulary size must be in [1, ", kMaxVocab, "], got ", logits.size(1));
 }
 
@@ -67,12 +67,12 @@ VerifyDims check_verify_args(const at::Tensor& target_logits, const at::Tensor& 
   const int64_t N = target_logits.size(0), V = target_logits.size(1);
   DSPARK_CHECK_DIM(node_offsets, 1, "node_offsets");
   DSPARK_CHECK_DTYPE(node_offsets, at::kLong, "node_offsets");
-  TORCH_CHECK(node_offsets.size(0) >= 2, "node_offsets must hold R + 1 >= 2 entries, got ",
+  DSPARK_CHECK(node_offsets.size(0) >= 2, "node_offsets must hold R + 1 >= 2 entries, got ",
               node_offsets.size(0));
   const int64_t R = node_offsets.size(0) - 1;
-  TORCH_CHECK_VALUE(N >= R, "target_logits has ", N, " rows but ", R,
+  DSPARK_CHECK_VALUE(N >= R, "target_logits has ", N, " rows but ", R,
                     " requests need at least one (root) row each");
-  TORCH_CHECK_VALUE(max_nodes >= 1 && max_nodes <= 4096, "max_nodes must be in [1, 4096], got ",
+  DSPARK_CHECK_VALUE(max_nodes >= 1 && max_nodes <= 4096, "max_nodes must be in [1, 4096], got ",
                     max_nodes);
   for (const auto& [t, name] : {std::pair{draft_tokens, "draft_tokens"}, std::pair{parents, "parents"}}) {
     DSPARK_CHECK_DIM(t, 1, name);
@@ -84,16 +84,16 @@ VerifyDims check_verify_args(const at::Tensor& target_logits, const at::Tensor& 
   if (draft_probs.has_value()) {
     const auto& q = *draft_probs;
     DSPARK_CHECK_DIM(q, 2, "draft_probs");
-    TORCH_CHECK(q.size(0) == N && q.size(1) == V, "draft_probs must have shape [", N, ", ", V,
+    DSPARK_CHECK(q.size(0) == N && q.size(1) == V, "draft_probs must have shape [", N, ", ", V,
                 "] like target_logits, got ", q.sizes());
-    TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+    DSPARK_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
                      "draft_probs must be float32 or float64, got ", q.scalar_type());
     check_common_device(target_logits, q, "draft_probs");
   }
   if (uniforms.has_value()) {
     const auto& u = *uniforms;
     DSPARK_CHECK_DIM(u, 2, "uniforms");
-    TORCH_CHECK(u.size(0) == N && u.size(1) == 2, "uniforms must have shape [", N,
+    DSPARK_CHECK(u.size(0) == N && u.size(1) == 2, "uniforms must have shape [", N,
                 ", 2] (accept coin, sampling coin per node), got ", u.sizes());
     DSPARK_CHECK_DTYPE(u, at::kDouble, "uniforms");
     check_common_device(target_logits, u, "uniforms");
@@ -140,7 +140,7 @@ void raise_on_status(int32_t status, const char* op) {
   if (status & kBadDraftProbs) msg += " draft_probs must be finite and >= 0;";
   if (status & kBadUniform) msg += " uniforms must lie in [0, 1);";
   msg.pop_back();
-  TORCH_CHECK_VALUE(false, msg);
+  TORCH_CHECK_VALUE(false, msg);  // a single std::string: no stream formatting
 }
 
 }  // namespace dspark

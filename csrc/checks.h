@@ -5,13 +5,42 @@
 
 #include <optional>
 
+#include <string>
+#include <type_traits>
+
+namespace dspark {
+// Error messages are built with std::to_string and string concatenation, never by streaming
+// numbers: a module that ends up with its own copy of libstdc++ (some toolchains link it
+// statically) crashes formatting integers through torch's iostreams (seen on the H200 image).
+inline void append(std::string& s, const char* x) { s += x; }
+inline void append(std::string& s, const std::string& x) { s += x; }
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+inline void append(std::string& s, T x) { s += std::to_string(x); }
+inline void append(std::string& s, c10::ScalarType t) { s += c10::toString(t); }
+inline void append(std::string& s, const c10::Device& d) { s += d.str(); }
+inline void append(std::string& s, c10::IntArrayRef x) {
+  s += "[";
+  for (size_t i = 0; i < x.size(); ++i) s += (i ? ", " : "") + std::to_string(x[i]);
+  s += "]";
+}
+template <typename... A>
+std::string cat(const A&... a) {
+  std::string s;
+  (append(s, a), ...);
+  return s;
+}
+}  // namespace dspark
+
+#define DSPARK_CHECK(cond, ...) TORCH_CHECK(cond, ::dspark::cat(__VA_ARGS__))
+#define DSPARK_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, ::dspark::cat(__VA_ARGS__))
+#define DSPARK_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, ::dspark::cat(__VA_ARGS__))
 #define DSPARK_CHECK_DIM(t, d, name) \
-  TORCH_CHECK((t).dim() == (d), name, " must be a ", d, "-D tensor, got shape ", (t).sizes())
+  DSPARK_CHECK((t).dim() == (d), name, " must be a ", d, "-D tensor, got shape ", (t).sizes())
 #define DSPARK_CHECK_DTYPE(t, dt, name) \
-  TORCH_CHECK_TYPE((t).scalar_type() == (dt), name, " must have dtype ", dt, ", got ", (t).scalar_type())
+  DSPARK_CHECK_TYPE((t).scalar_type() == (dt), name, " must have dtype ", dt, ", got ", (t).scalar_type())
 #define DSPARK_CHECK_SIZE(t, i, n, name)                                                 \
-  TORCH_CHECK((t).size(i) == (n), name, " must have size ", (n), " in dim ", (i), ", got shape ", \
-              (t).sizes())
+  DSPARK_CHECK((t).size(i) == (n), name, " must have size ", (n), " in dim ", (i), ", got shape ", \
+               (t).sizes())
 
 namespace dspark {
 

@@ -10,17 +10,35 @@ for stage in "$@"; do
     build)
       log build
       nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
-      python3 -m pip install --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+      # NOTE(device): the image's CXX (/opt/gcc/bin/g++) links libstdc++ statically, so the
+      # module's iostreams clash with torch's libstdc++ (segfault formatting an error message).
+      # Build with the system compiler, which links libstdc++ dynamically like torch.
+      SYSCXX=(); [ -x /usr/bin/g++ ] && SYSCXX=(-C cmake.define.CMAKE_CXX_COMPILER=/usr/bin/g++
+        -C cmake.define.CMAKE_CUDA_HOST_COMPILER=/usr/bin/g++)
+      python3 -m pip install --no-build-isolation --no-deps -v "${SYSCXX[@]}" . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+      ldd "$(python3 -c 'import glob, site; print(glob.glob(site.getsitepackages()[0] + "/dspark/_C*.so")[0])')" | grep -q libstdc++ \
+        || echo "WARNING: dspark/_C links libstdc++ statically" 
       (cd /tmp && python3 -c "import dspark, json; print(json.dumps(dspark.build_info()))") ;;
     check)
       log check_cuda; (cd bench && python3 check_cuda.py --cases 300) 2>&1 | tail -25 ;;
     tests)
-      log pytest; (cd tests && timeout 400 python3 -m pytest -q -x -p no:cacheprovider 2>&1 | tail -25) ;;
+      log pytest; (cd tests && timeout 400 python3 -m pytest -q -p no:cacheprovider 2>&1 | tail -8) ;;
     sanitize)
       log memcheck
       (cd bench && compute-sanitizer --tool memcheck --leak-check no python3 check_cuda.py --cases 12 --small) 2>&1 | tail -6
       log racecheck
       (cd bench && compute-sanitizer --tool racecheck python3 check_cuda.py --cases 6 --small) 2>&1 | tail -6 ;;
+    engine)
+      log engine; (cd bench && python3 check_engine_cuda.py) 2>&1 | tail -8
+      log decode; (cd bench && python3 bench_decode.py --out "$OUT/bench_decode.json") 2>&1 | tail -4 ;;
+    choose)  # keep the working tree's kernels only if they beat .alt/include (the last measured)
+      log choose; (cd bench && python3 bench_ops.py --R 1,64 --gamma 1,7 --out "$OUT/bench_ops_try.json") 2>&1 | tail -9
+      if python3 -c "import json,sys; r={(x['mode'],x['R'],x['gamma']):x['verify_us'] for x in json.load(open('$OUT/bench_ops_try.json'))['rows']}; sys.exit(0 if r[('sampled',64,7)] < $ALT_SAMPLED and r[('greedy',64,7)] < $ALT_GREEDY else 1)"; then
+        echo "choose: working tree kernels kept"
+      else
+        echo "choose: reverting to .alt/include"; rm -rf include && cp -r .alt/include include && touch .reverted
+        python3 -m pip install --no-build-isolation --no-deps . > "$OUT/build2.log" 2>&1 || exit 1
+      fi ;;
     bench)
       log bench; (cd bench && python3 bench_ops.py --out "$OUT/bench_ops.json") 2>&1 | tail -30 ;;
   esac

@@ -3,8 +3,8 @@
 # pytest's exit code 5 ("no tests collected") is a failure, like any other non-zero code.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${DSPARK_VENV:-.venv}/bin/python
-[ -x "$PY" ] || PY=python3
+VENV=${DSPARK_VENV:-.venv}
+if [ -x "$VENV/bin/python" ]; then PY="$(cd "$VENV" && pwd)/bin/python"; else PY=python3; fi
 cd tests  # so that `import dspark` finds the installed package, not the source tree
 "$PY" -m pytest -q -p no:cacheprovider "$@"
 rc=$?

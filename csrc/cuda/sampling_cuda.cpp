@@ -33,7 +33,7 @@ void run_and_check(LaunchArgs& a, const at::Tensor& like, const char* op) {
   a.workspace = workspace.data_ptr();
   a.status = status.data_ptr<int32_t>();
   const cudaError_t err = launch_verify(a, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "dspark::", op, " kernel launch failed: ", cudaGetErrorString(err));
+  DSPARK_CHECK(err == cudaSuccess, "dspark::", op, " kernel launch failed: ", cudaGetErrorString(err));
   if (cuda_sync_checks() &&
       c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None)
     raise_on_status(status.item<int32_t>(), op);

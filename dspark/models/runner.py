@@ -56,6 +56,7 @@ class ModelRunner:
         c = self.cache
         if c is None or c.batch != batch or c.max_len != max_len:
             self._graphs.clear()
+            self._pool = None  # a fresh pool: the old one's graphs (and its memory) are gone
             self.cache = None
             cfg = self.config
             self.cache = KVCache(cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim,

@@ -1,8 +1,9 @@
 // dspark/row_stats.cuh: CUDA kernels that validate the packed batch and compute, for every
 // logits row, the statistics verify/sample need (include/dspark/row.h: RowInfo).
-//   RowStatsKernel  grid (1 + C/16, N)  block x >= 1: one warp per 512-entry chunk (two chunks
+//   RowOwnerKernel  grid N/256          row -> owning request (binary search over offsets)
+//   RowStatsKernel  grid (N, 1 + C/16)  block y >= 1: one warp per 512-entry chunk (two chunks
 //                                       per warp), local base + sum, or argmax for greedy rows;
-//                                       block x == 0: top-k/top-p rows (radix selection)
+//                                       block y == 0: top-k/top-p rows (radix selection)
 //   finalize_row    (called by WalkKernel, one warp per row) chunk partials -> RowInfo
 // No block-wide synchronisation in the hot path: chunk partials are warp reductions.
 #pragma once
@@ -50,6 +51,7 @@ struct Workspace {
   int32_t* rej_node;     // [R, W] local node ids of the rejected siblings, in order
   double* rej_z;         // [R, W] residual total before each rejection
   double* resid_chunk;   // [R, C] residual mass per chunk
+  int32_t* row_owner;    // [N] request whose parameters apply, -1 if malformed/invalid
   // Per-node facts for requests too wide for the walk's shared memory: [N] each.
   int32_t *f_parent, *f_token;
   double *f_e, *f_q, *f_u;
@@ -83,14 +85,17 @@ __device__ __forceinline__ int32_t find_request(const Params<S, Q>& p, int64_t r
   return static_cast<int32_t>(lo);
 }
 
-// Which request's parameters apply to this row, or -1 when the batch is malformed there (the
-// walk reports it) or the request's parameters are invalid.
+// One thread per row: which request's parameters apply to it, or -1 when the batch is malformed
+// there (the walk reports it) or the request's parameters are invalid. A table, so that the
+// statistics blocks do one load instead of a dependent binary search before their math.
 template <typename S, typename Q>
-__device__ __forceinline__ int32_t row_owner(const Params<S, Q>& p, int64_t row) {
-  const int32_t r = find_request(p, row);
-  if (!(p.offsets[r] <= row && row < p.offsets[r + 1])) return -1;
-  if (param_status(p.temperature[r], p.top_k[r], p.top_p[r])) return -1;
-  return r;
+__global__ void RowOwnerKernel(Params<S, Q> p, Workspace ws) {
+  const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (row >= p.N) return;
+  int32_t r = find_request(p, row);
+  if (!(p.offsets[r] <= row && row < p.offsets[r + 1])) r = -1;
+  else if (param_status(p.temperature[r], p.top_k[r], p.top_p[r])) r = -1;
+  ws.row_owner[row] = r;
 }
 
 constexpr int kLanePer = kChunk / 32;  // entries per lane in a warp chunk
@@ -179,25 +184,25 @@ __device__ void chunk_stats(const Params<S, Q>& p, const Workspace& ws, int64_t 
 template <typename S, typename Q>
 __device__ void filtered_row(const Params<S, Q>& p, const Workspace& ws, int64_t row, int32_t r);
 
-// blockDim.x == 256 (8 warps). Block x == 0 handles the row if it is top-k/top-p filtered;
-// blocks x >= 1 give each warp kChunksPerWarp consecutive chunks of an unfiltered row. The
+// blockDim.x == 256 (8 warps). Block y == 0 handles the row if it is top-k/top-p filtered;
+// blocks y >= 1 give each warp kChunksPerWarp consecutive chunks of an unfiltered row. The
 // logits are loaded before the owner lookup so the two latencies overlap.
 template <typename S, typename Q>
 __global__ void RowStatsKernel(Params<S, Q> p, Workspace ws) {
-  const int64_t row = blockIdx.y;
+  const int64_t row = blockIdx.x;  // rows in x: gridDim.y is limited to 65535
   const S* w = p.logits + row * p.V;
-  if (blockIdx.x == 0) {
-    const int32_t r = row_owner(p, row);
+  if (blockIdx.y == 0) {
+    const int32_t r = ws.row_owner[row];
     if (r >= 0 && is_filtered(p.temperature[r], p.top_k[r], p.top_p[r])) filtered_row(p, ws, row, r);
     return;
   }
-  const int64_t c0 = ((blockIdx.x - 1) * (blockDim.x / 32) + threadIdx.x / 32) * kChunksPerWarp;
+  const int64_t c0 = ((blockIdx.y - 1) * (blockDim.x / 32) + threadIdx.x / 32) * kChunksPerWarp;
   if (c0 >= p.C) return;
   float x[kChunksPerWarp][kLanePer];
 #pragma unroll
   for (int i = 0; i < kChunksPerWarp; ++i)
     if (c0 + i < p.C) load_chunk(w, p.V, p.vec_loads, (c0 + i) * kChunk, x[i]);
-  const int32_t r = row_owner(p, row);
+  const int32_t r = ws.row_owner[row];
   if (r < 0) return;
   const float temperature = p.temperature[r];
   if (is_filtered(temperature, p.top_k[r], p.top_p[r])) return;

@@ -3,9 +3,9 @@
 //                                      walk its tree: accept/reject children in
 //                                      index order (recursive rejection sampling), record where
 //                                      the last token is drawn from and which siblings failed
-//   ResidualChunkKernel grid (C/8, R)  residual mass per chunk where siblings were rejected
+//   ResidualChunkKernel grid (R, C/8)  residual mass per chunk where siblings were rejected
 //   DrawKernel          grid R         inverse-CDF draw: pick the chunk, scan inside it
-//   ProbsKernel         grid (C, R)    sample(return_probs=True): p(v) = e(v) / S
+//   ProbsKernel         grid (R, C)    sample(return_probs=True): p(v) = e(v) / S
 // Launch order and workspace layout live in `launch` at the bottom.
 #pragma once
 #include "dspark/row_stats.cuh"
@@ -185,7 +185,7 @@ __global__ void WalkKernel(Params<S, Q> p, Workspace ws) {
 // blockDim.x == 256: one warp per chunk.
 template <typename S, typename Q>
 __global__ void ResidualChunkKernel(Params<S, Q> p, Workspace ws) {
-  const int64_t r = blockIdx.y, b = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  const int64_t r = blockIdx.x, b = blockIdx.y * int64_t(blockDim.x / 32) + threadIdx.x / 32;
   const int64_t row = ws.final_row[r];
   if (row < 0 || ws.n_rej[r] == 0 || b >= p.C) return;
   const int64_t o = p.offsets[r];
@@ -292,7 +292,7 @@ __global__ void DrawKernel(Params<S, Q> p, Workspace ws) {
 
 template <typename S, typename Q>
 __global__ void ProbsKernel(Params<S, Q> p, Workspace ws) {
-  const int64_t b = blockIdx.x, r = blockIdx.y;
+  const int64_t r = blockIdx.x, b = blockIdx.y;
   if (ws.final_row[r] < 0) return;
   const RowInfo info = ws.info[r];
   const S* w = p.logits + r * p.V;
@@ -306,7 +306,7 @@ inline size_t workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V) {
   auto a8 = [](int64_t x) { return static_cast<size_t>(ceil_div(x, 8) * 8); };
   return a8(N * sizeof(RowInfo)) + a8(N * C * 4) * 2 + a8(N * C * 8) + a8(N * C * 4) + a8(N * 4) +
          a8(R * 4) * 3 + a8(R * 8) * 2 + a8(R * W * 4) + a8(R * W * 8) + a8(R * C * 8) +
-         a8(N * 4) * 2 + a8(N * 8) * 3;
+         a8(N * 4) * 3 + a8(N * 8) * 3;
 }
 
 template <typename S, typename Q>
@@ -333,14 +333,17 @@ cudaError_t launch(Params<S, Q> p, void* workspace, cudaStream_t stream) {
   ws.f_e = static_cast<double*>(take(p.N * 8));
   ws.f_q = static_cast<double*>(take(p.N * 8));
   ws.f_u = static_cast<double*>(take(p.N * 8));
+  ws.row_owner = static_cast<int32_t*>(take(p.N * 4));
   const cudaError_t err = cudaMemsetAsync(p.status, 0, sizeof(int32_t), stream);
   if (err != cudaSuccess) return err;
   const int warps = 8;  // 256-thread blocks
-  RowStatsKernel<<<dim3(1 + ceil_div(p.C, warps * kChunksPerWarp), p.N), 256, 0, stream>>>(p, ws);
+  RowOwnerKernel<<<ceil_div(p.N, 256), 256, 0, stream>>>(p, ws);
+  // Requests/rows go in grid x (up to 2^31 - 1); chunks in y (at most 1024 for kMaxVocab).
+  RowStatsKernel<<<dim3(p.N, 1 + ceil_div(p.C, warps * kChunksPerWarp)), 256, 0, stream>>>(p, ws);
   WalkKernel<<<p.R, 128, 0, stream>>>(p, ws);
-  ResidualChunkKernel<<<dim3(ceil_div(p.C, warps), p.R), 256, 0, stream>>>(p, ws);
+  ResidualChunkKernel<<<dim3(p.R, ceil_div(p.C, warps)), 256, 0, stream>>>(p, ws);
   DrawKernel<<<p.R, kDrawThreads, 0, stream>>>(p, ws);
-  if (p.probs) ProbsKernel<<<dim3(p.C, p.R), 256, 0, stream>>>(p, ws);
+  if (p.probs) ProbsKernel<<<dim3(p.R, p.C), 256, 0, stream>>>(p, ws);
   return cudaGetLastError();
 }
 
