@@ -192,10 +192,10 @@ class ParallelDraftModel(FrozenTargetParts, nn.Module):
         return Z, conf
 
 
-class ParallelDrafter(Drafter):
-    """Engine drafter for DSpark (spec.method 'dspark') and DFlash ('dflash')."""
+class TrainedDrafter(Drafter):
+    """Shared set-up of the drafters backed by a trained draft model attached to its target."""
 
-    def __init__(self, model: ParallelDraftModel, gamma: Optional[int] = None):
+    def __init__(self, model: nn.Module, gamma: Optional[int] = None):
         if model.embed_weight is None:
             raise ValueError("the draft model has no target attached (model.attach_target)")
         self.model = model
@@ -205,6 +205,13 @@ class ParallelDrafter(Drafter):
             raise ValueError(f"gamma must be >= 1, got {self.gamma}")
         self.vocab_size = self.spec.vocab_size
         self.target_taps = tuple(self.spec.target_layer_ids)
+
+
+class ParallelDrafter(TrainedDrafter):
+    """Engine drafter for DSpark (spec.method 'dspark') and DFlash ('dflash')."""
+
+    def __init__(self, model: ParallelDraftModel, gamma: Optional[int] = None):
+        super().__init__(model, gamma)
         self.recorder: Optional[list] = None  # set to [] to record (conf logits, L, accepted)
         self.last_logits: Optional[torch.Tensor] = None  # [B, gamma, V] fp32 corrected logits
         self.last_conf_logits: Optional[torch.Tensor] = None  # [B, gamma] raw z_k

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from .base import Drafter, Proposal, SpecState, chain_proposal
-from .dspark_drafter import FrozenTargetParts
+from .base import Proposal, SpecState, chain_proposal
+from .dspark_drafter import FrozenTargetParts, TrainedDrafter
 from .layers import MLP, Projections, RMSNorm, attend, init_weights, rope
 from .spec import DrafterSpec
 
@@ -98,21 +98,13 @@ class Eagle3Model(FrozenTargetParts, nn.Module):
         return torch.stack(out, 2)
 
 
-class Eagle3Drafter(Drafter):
+class Eagle3Drafter(TrainedDrafter):
     """Chain of gamma tokens, each sampled with the request's parameters (exact draft_probs).
     Cache slot = position; a query at position t sees slots <= t (context pairs and, while
     drafting, its own earlier draft pairs, which the next commit overwrites)."""
 
     def __init__(self, model: Eagle3Model, gamma: Optional[int] = None):
-        if model.embed_weight is None:
-            raise ValueError("the draft model has no target attached (model.attach_target)")
-        self.model = model
-        self.spec = model.spec
-        self.gamma = int(self.spec.gamma if gamma is None else gamma)
-        if self.gamma < 1:
-            raise ValueError(f"gamma must be >= 1, got {self.gamma}")
-        self.vocab_size = self.spec.vocab_size
-        self.target_taps = tuple(self.spec.target_layer_ids)
+        super().__init__(model, gamma)
         self.last_logits: Optional[torch.Tensor] = None
         self.k = self.v = None
 
