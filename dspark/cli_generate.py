@@ -33,6 +33,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="also run the autoregressive baseline "
                    "and report the speedup and whether greedy outputs match")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="token progress bar on stderr (default: when stderr is a terminal)")
     p.set_defaults(func=run_generate)
     return p
 
@@ -76,7 +78,8 @@ def run_generate(args) -> int:
                 chunk = prompts[i:i + args.batch]
                 kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p,
-                          seed=[args.seed + i + j for j in range(len(chunk))])
+                          seed=[args.seed + i + j for j in range(len(chunk))],
+                          progress=sys.stderr.isatty() if args.progress is None else args.progress)
                 gen = (engine.generate if use_spec else engine.generate_autoregressive)(chunk, **kw)
                 texts += gen.text
                 metrics.append(gen.metrics)

@@ -6,6 +6,7 @@ key (seed, p)), so greedy outputs are identical and sampled outputs have the sam
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -32,6 +33,23 @@ def _per_request(x, B: int, name: str) -> list:
             raise ValueError(f"{name} has {len(x)} entries for {B} prompts")
         return list(x)
     return [x] * B
+
+
+@contextlib.contextmanager
+def _progress(st: SpecState, enabled: bool):
+    """A tqdm bar over generated tokens (reads the token counts: one extra sync per step, so
+    only when asked for)."""
+    if not enabled:
+        yield lambda: None
+        return
+    from tqdm import tqdm
+
+    start = int(st.prompt_lens.sum())
+    with tqdm(total=int(st.max_new.sum()), unit="tok", desc="generate") as bar:
+        def tick():
+            bar.n = min(bar.total, int(st.n_tokens.sum()) - start)
+            bar.refresh()
+        yield tick
 
 
 class SpeculativeEngine:
@@ -92,6 +110,7 @@ class SpeculativeEngine:
             raise ValueError("this engine has no drafter: use generate_autoregressive()")
         t0 = time.perf_counter()
         d = self.drafter
+        bar = kw.pop("progress", False)
         st, timer, hidden = self._start(prompts, d.max_nodes, d.target_taps, kw)
         with timer("prefill"):
             self.drafter.setup(st.batch, st.capacity)
@@ -99,18 +118,21 @@ class SpeculativeEngine:
         accepts, actives = [], []
         # Inputs were validated in _start: CUDA ops need not read their status back (no sync).
         with ops.sync_checks(False):
-            while bool(st.active.any()):  # the one host sync per step
-                actives.append(st.active.clone())
-                accepts.append(self._step(st, timer).accept_count)
+            with _progress(st, bar) as tick:
+                while bool(st.active.any()):  # the one host sync per step
+                    actives.append(st.active.clone())
+                    accepts.append(self._step(st, timer).accept_count)
+                    tick()
         return self._finish(st, timer, t0, self.drafter.gamma, accepts, actives)
 
     @torch.inference_mode()
     def generate_autoregressive(self, prompts: Union[Prompt, Sequence[Prompt]], **kw) -> Generation:
         """Plain decoding on the same runner (the baseline); same arguments as :meth:`generate`."""
         t0 = time.perf_counter()
+        bar = kw.pop("progress", False)
         st, timer, _ = self._start(prompts, 1, (), kw)
         steps = 0
-        with ops.sync_checks(False):  # validated in _start; no status read-back (no sync)
+        with ops.sync_checks(False), _progress(st, bar) as tick:  # validated in _start: no sync
             while bool(st.active.any()):
                 steps += 1
                 with timer("verify"):
@@ -118,6 +140,7 @@ class SpeculativeEngine:
                     logits = self.target.decode(st.anchor(), root)
                     tok, _ = ops.sample(logits, st.params, st.seeds, root)
                 st.append(tok[:, None], torch.zeros_like(tok))
+                tick()
         gen = self._finish(st, timer, t0, 0, [], [])
         gen.metrics.rounds = steps
         return gen
