@@ -4,7 +4,8 @@ alignment), training forward == engine inference, greedy equality with autoregre
 the sampled distribution (chi-square), save / load and bad input."""
 import pytest
 import torch
-from test_engine import chi2_pvalue
+from test_engine import (NSAMP, PROMPT, SV, assert_first_three_tokens_fit, chi2_pvalue,
+                         joint_first_two)
 from test_models import make_checkpoint
 
 from dspark import reference
@@ -281,24 +282,12 @@ def test_confidence_is_pre_token(target):
 
 
 # ---- sampling: the speculative output distribution is the target's ----------------------------
-SV, NSAMP, PROMPT = 12, 4000, [1, 2, 3]
-
-
 @pytest.fixture(scope="module")
 def small_target(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("dsmall"))
     make_checkpoint(path, "qwen3", vocab=SV, hidden=32, layers=3, init=0.1, seed=5, inter=64,
                     head_dim=8)
     return load_model(path)
-
-
-def joint_first_two(model, params):
-    """Exact P(t1, t2 | PROMPT) [SV, SV] of the target under sampling params (T, top_k, top_p)."""
-    r = ModelRunner(model)
-    r.allocate(SV, 8)
-    p1 = reference.target_probs(r.prefill([PROMPT] * SV).logits[0], *params)
-    nxt = r.decode(torch.arange(SV), torch.full((SV,), len(PROMPT)))
-    return torch.stack([p1[t] * reference.target_probs(nxt[t], *params) for t in range(SV)])
 
 
 def histogram(tokens) -> torch.Tensor:
@@ -359,22 +348,8 @@ def test_sampled_distribution_matches_target(small_target, params):
 def test_sampled_three_tokens_match_target(small_target):
     """Depth >= 2 with the RNN head: the joint of the first three tokens fits the target's."""
     pytest.importorskip("scipy")
-    r = ModelRunner(small_target)
-    r.allocate(SV * SV, 8)
-    t12 = torch.cartesian_prod(torch.arange(SV), torch.arange(SV))
-    logits = r.prefill([PROMPT + t.tolist() for t in t12]).logits
-    p3 = torch.stack([reference.target_probs(row, 1.0) for row in logits])
-    exact = joint_first_two(small_target, (1.0, 0, 1.0)).flatten()[:, None] * p3
-    n = 6000
-    drafter = make_drafter(_small_dspark(small_target, "rnn"))
-    out = SpeculativeEngine(small_target, drafter).generate(
-        [PROMPT] * n, seed=list(range(11, 11 + n)), max_new_tokens=3, temperature=1.0,
-        stop_tokens=[])
-    counts = torch.zeros(SV ** 3, dtype=torch.long)
-    for t in out.tokens:
-        counts[(t[0] * SV + t[1]) * SV + t[2]] += 1
-    assert chi2_pvalue(counts, exact) > 1e-3
-    assert sum(out.metrics.accept_hist[2:]) > 0
+    assert_first_three_tokens_fit(small_target, make_drafter(_small_dspark(small_target, "rnn")),
+                                  seed0=11)
 
 
 # ---- save / load -------------------------------------------------------------------------------

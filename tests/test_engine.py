@@ -188,26 +188,31 @@ def test_sampled_distribution_matches_autoregressive(small_models, kind):
         assert 0 < spec.metrics.acceptance_rate < 1
 
 
-def test_sampled_three_tokens_match_target(small_models):
-    """Deeper draft positions: the joint of the first three tokens fits the exact target joint."""
-    pytest.importorskip("scipy")
-    target, draft = small_models
+def assert_first_three_tokens_fit(target, drafter, seed0: int, n: int = 6000) -> None:
+    """The joint of the first three tokens (T = 1) generated with ``drafter`` fits the target's
+    exact joint (chi-square), and depth >= 2 drafts were accepted in some rounds."""
     r = ModelRunner(target)
     r.allocate(SV * SV, 8)
     t12 = torch.cartesian_prod(torch.arange(SV), torch.arange(SV))  # [SV^2, 2]
     logits = r.prefill([PROMPT + t.tolist() for t in t12]).logits
     p3 = torch.stack([reference.target_probs(row, 1.0) for row in logits])  # [SV^2, SV]
     exact = joint_first_two(target, (1.0, 0, 1.0)).flatten()[:, None] * p3
-    n = 6000
+    out = SpeculativeEngine(target, drafter).generate(
+        [PROMPT] * n, seed=list(range(seed0, seed0 + n)), max_new_tokens=3, temperature=1.0,
+        stop_tokens=[])
+    counts = torch.zeros(SV ** 3, dtype=torch.long)
+    for t in out.tokens:
+        counts[(t[0] * SV + t[1]) * SV + t[2]] += 1
+    assert chi2_pvalue(counts, exact) > 1e-3
+    assert sum(out.metrics.accept_hist[2:]) > 0  # depth >= 2 was accepted in some rounds
+
+
+def test_sampled_three_tokens_match_target(small_models):
+    """Deeper draft positions: the joint of the first three tokens fits the exact target joint."""
+    pytest.importorskip("scipy")
+    target, draft = small_models
     for drafter in (DraftModelDrafter(draft, 3), DraftModelDrafter(draft, 3, tree_topk=2)):
-        out = SpeculativeEngine(target, drafter).generate(
-            [PROMPT] * n, seed=list(range(7, 7 + n)), max_new_tokens=3, temperature=1.0,
-            stop_tokens=[])
-        counts = torch.zeros(SV ** 3, dtype=torch.long)
-        for t in out.tokens:
-            counts[(t[0] * SV + t[1]) * SV + t[2]] += 1
-        assert chi2_pvalue(counts, exact) > 1e-3
-        assert sum(out.metrics.accept_hist[2:]) > 0  # depth >= 2 was accepted in some rounds
+        assert_first_three_tokens_fit(target, drafter, seed0=7)
 
 
 # ---- rollback: after accepts and rejects the caches equal a fresh prefill ----------------------

@@ -9,9 +9,6 @@ namespace cuda {
 struct MaxOp {
   template <typename T> __device__ __forceinline__ T operator()(T a, T b) const { return a > b ? a : b; }
 };
-struct MinOp {
-  template <typename T> __device__ __forceinline__ T operator()(T a, T b) const { return a < b ? a : b; }
-};
 struct SumOp {
   template <typename T> __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
 };
