@@ -5,16 +5,22 @@ path (graph-replayed decode + dspark::sample + one host sync per token). Floor =
 weights read per token (every parameter except the embedding table, of which one row is read)
 at the device copy bandwidth measured in the same run (read + write counted).
 
-    python bench/bench_decode.py [--layers 36] [--new 256]
+Variants: ``graph`` (eager kernels captured in a CUDA graph) and ``compile`` (torch.compile'd
+forward captured in a CUDA graph). ``--profile`` prints, per variant, the kernels of one
+graph-replayed decode step (count, summed GPU time, span, the largest): span minus the sum is
+the gaps between kernels, the sum above the floor is kernel inefficiency.
+
+    python bench/bench_decode.py [--layers 36] [--new 256] [--variants graph,compile] [--profile]
 """
 import argparse
 import json
+from collections import defaultdict
 
 import torch
 
 from bench_ops import copy_bandwidth
 from dspark.engine import SpeculativeEngine
-from dspark.models import ModelConfig, Transformer
+from dspark.models import ModelConfig, ModelRunner, Transformer
 
 
 def qwen3_8b(layers: int) -> ModelConfig:
@@ -24,10 +30,35 @@ def qwen3_8b(layers: int) -> ModelConfig:
         max_position_embeddings=4096, rope_theta=1e6, eos_token_id=None))
 
 
+def profile_step(runner: ModelRunner, top: int = 8) -> dict:
+    """Kernels inside one graph-replayed decode step (CUPTI reports graph kernels): count,
+    summed GPU µs and the ``top`` largest by name; ``span_us`` = first start to last end."""
+    tok, pos = torch.tensor([5], device="cuda"), torch.tensor([16], device="cuda")
+    runner.decode(tok, pos)  # same bucket as the engine's decode: replays the captured graph
+    torch.cuda.synchronize()
+    acts = torch.profiler.ProfilerActivity
+    with torch.profiler.profile(activities=[acts.CUDA]) as prof:
+        runner.decode(tok, pos)
+        torch.cuda.synchronize()
+    per_name, count, first, last = defaultdict(float), 0, float("inf"), 0.0
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("Memcpy"):
+            count += 1
+            per_name[e.name[:70]] += e.device_time
+            first = min(first, e.time_range.start)
+            last = max(last, e.time_range.end)
+    biggest = sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
+    return dict(kernels=count, kernel_us=round(sum(per_name.values()), 1),
+                span_us=round(last - first, 1) if count else None,
+                top=[(n, round(us, 1)) for n, us in biggest])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=36)
     ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--variants", default="graph,compile")
+    ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -41,19 +72,33 @@ def main():
     read_bytes = sum(p.numel() for p in model.parameters()) * 2 - embed * 2 + model.config.hidden_size * 2
     bw = copy_bandwidth()
     floor_ms = read_bytes / bw * 1e3
-    engine = SpeculativeEngine(model, max_len=1024)
-    prompt = [list(range(1, 17))]
-    engine.generate_autoregressive(prompt, max_new_tokens=8, temperature=0.0)  # capture graphs
-    gen = engine.generate_autoregressive(prompt, max_new_tokens=a.new, temperature=0.0)
-    ms = 1e3 / gen.metrics.decode_tokens_per_s
-    row = dict(params_B=round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
-               weight_read_GB=round(read_bytes / 1e9, 2), copy_GBps=round(bw / 1e9),
-               floor_ms=round(floor_ms, 3), decode_ms_per_token=round(ms, 3),
-               ratio_to_floor=round(ms / floor_ms, 3), tokens=gen.metrics.new_tokens)
-    print(json.dumps(row))
+    rows = []
+    for variant in a.variants.split(","):
+        compile = variant == "compile"
+        engine = SpeculativeEngine(ModelRunner(model, compile=compile), max_len=1024)
+        prompt = [list(range(1, 17))]
+        # warm-up with the same length: the cache size (so the graph/compile bucket) follows
+        # prompt + max_new_tokens, and a re-capture/re-compile must not land in the timing
+        engine.generate_autoregressive(prompt, max_new_tokens=a.new, temperature=0.0)
+        gen = engine.generate_autoregressive(prompt, max_new_tokens=a.new, temperature=0.0)
+        ms = 1e3 / gen.metrics.decode_tokens_per_s
+        row = dict(variant=variant,
+                   params_B=round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+                   weight_read_GB=round(read_bytes / 1e9, 2), copy_GBps=round(bw / 1e9),
+                   floor_ms=round(floor_ms, 3), decode_ms_per_token=round(ms, 3),
+                   ratio_to_floor=round(ms / floor_ms, 3), tokens=gen.metrics.new_tokens,
+                   tokens_head=gen.tokens[0][:8])
+        if a.profile:
+            row["profile"] = profile_step(engine.target)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del engine
+        torch.cuda.empty_cache()
+    if len({tuple(r["tokens_head"]) for r in rows}) > 1:
+        print("note: variants generated different greedy tokens (bf16 rounding differs)")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(row, f)
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

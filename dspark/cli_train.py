@@ -54,6 +54,8 @@ def add_train_parsers(subparsers) -> None:
     g.add_argument("--min-loss-tokens", type=int, default=14)
     g.add_argument("--heldout-frac", type=float, default=0.05)
     g.add_argument("--rebuild-data", action="store_true", help="ignore a cached OUT/data/")
+    g.add_argument("--data-only", action="store_true", help="build (or check) the data cache "
+                   "and stop: several methods can then train on it side by side")
     g = p.add_argument_group("drafter")
     g.add_argument("--gamma", type=int, default=7, help="block size / draft tokens per round")
     g.add_argument("--layers", type=int, default=None, help="draft layers (5; eagle3: 1)")
@@ -225,6 +227,8 @@ def run_train_draft(args) -> int:
             train, held = _build_data(args, target, tok, data_dir)
             print(f"data: {len(train)} train / {len(held)} held-out samples "
                   f"({sum(len(s.ids) for s in train):,} tokens) -> {data_dir}")
+        if args.data_only:
+            return 0
         mask = None
         if args.method != "eagle3":
             mask = default_mask_token(target.config.vocab_size, tok, args.mask_token)
@@ -319,11 +323,12 @@ def run_eval(args) -> int:
         target = load_model(args.target, dev, _dtype(args.dtype, dev))
         prompts = prompts_from(args.data, load_tokenizer(args.target), args.num_prompts,
                                seed=args.seed)
-        report = {}
+        report, reference = {}, {}
         for i, path in enumerate(args.drafter):
             eng = SpeculativeEngine(target, load_drafter(path, target, args.gamma))
             report[path] = evaluate(eng, prompts, args.temperature, args.max_new_tokens,
-                                    args.batch, args.seed, baseline=(i == 0))
+                                    args.batch, args.seed, baseline=(i == 0),
+                                    reference=reference)
             if i > 0:
                 ar = report[args.drafter[0]]["autoregressive"]
                 r = report[path]

@@ -55,9 +55,9 @@ def _progress(st: SpecState, enabled: bool):
 class SpeculativeEngine:
     def __init__(self, target: Union[Transformer, ModelRunner], drafter: Optional[Drafter] = None,
                  *, gamma: Optional[int] = None, tokenizer=None, max_len: Optional[int] = None,
-                 use_cuda_graphs: Optional[bool] = None):
+                 use_cuda_graphs: Optional[bool] = None, compile: bool = False):
         if not isinstance(target, ModelRunner):
-            target = ModelRunner(target, use_cuda_graphs)
+            target = ModelRunner(target, use_cuda_graphs, compile=compile)
         self.target = target
         self.drafter = drafter
         if gamma is not None and drafter is not None:

@@ -33,10 +33,18 @@ def sample_args(randomness="keyed"):
                              None if keyed else torch.rand(R, dtype=torch.float64), True)))
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """t on device with t's strides (``Tensor.to`` would make a strided view contiguous and so
+    hide the layout under test)."""
+    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+    return out.copy_(t)
+
+
 def call(op, args, device=None):
-    """The op on args (moved to device unless device is None)."""
+    """The op on args (moved to device, strides kept, unless device is None)."""
     if device is not None:
-        args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        args = {k: to_device(v, device) if isinstance(v, torch.Tensor) else v
+                for k, v in args.items()}
     names = VERIFY if op == "verify" else SAMPLE
     return getattr(torch.ops.dspark, op)(*[args[k] for k in names])
 

@@ -4,6 +4,11 @@ prefill (eager, any length), ``extend`` (a causal block of T tokens per request:
 and ``verify`` (packed ragged token trees) share one forward. On CUDA, ``extend`` and ``verify``
 are captured once per shape bucket and replayed; elsewhere they run eagerly (same code path).
 Outputs of graphed calls are static buffers: valid until the next call with the same shapes.
+
+``compile=True`` additionally runs ``extend``/``verify`` through ``torch.compile`` (one compile
+per shape bucket, then captured in the same CUDA graph): inductor fuses the ~40 small elementwise
+kernels per layer (norms, rotary, cache writes, SiLU·up) that dominate batch-1 decode latency.
+Compilation costs tens of seconds per bucket, so it is opt-in (``dspark generate --compile``).
 """
 from __future__ import annotations
 
@@ -33,8 +38,10 @@ def tree_masks(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, use_cuda_graphs: Optional[bool] = None):
+    def __init__(self, model: Transformer, use_cuda_graphs: Optional[bool] = None,
+                 compile: bool = False):
         self.model = model
+        self.compile = compile
         self.config = model.config
         self.cache: Optional[KVCache] = None
         if use_cuda_graphs is None:
@@ -42,6 +49,7 @@ class ModelRunner:
         self.use_cuda_graphs = use_cuda_graphs
         self._graphs: dict = {}
         self._pool = None
+        self._compiled: dict = {}
 
     @property
     def device(self) -> torch.device:
@@ -142,9 +150,19 @@ class ModelRunner:
         hidden = torch.stack([t[row, col] for t in tapped]) if tapped else None
         return Forward(self.model.logits(h[row, col]), hidden)
 
+    def _body(self, name, fn):
+        if not self.compile:
+            return fn
+        if name not in self._compiled:
+            # dynamic=False: every bucket is a fixed shape anyway, and static shapes let inductor
+            # pick its best kernels; taps/max_nodes are Python constants (guarded per value).
+            self._compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False)
+        return self._compiled[name]
+
     @torch.inference_mode()
     def _run(self, name, fn, static, *tensors):
-        call = lambda *t: fn(*t, static)  # noqa: E731
+        body = self._body(name, fn)
+        call = lambda *t: body(*t, static)  # noqa: E731
         if not self.use_cuda_graphs:
             return call(*tensors)
         key = (name, static, tuple(t.shape for t in tensors))

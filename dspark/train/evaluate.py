@@ -53,9 +53,12 @@ def _pool(metrics: list, gamma: int) -> dict:
 
 @torch.inference_mode()
 def evaluate(engine, prompts: Sequence, temperature: float = 0.0, max_new_tokens: int = 128,
-             batch_size: int = 8, seed: int = 0, baseline: bool = True) -> dict:
+             batch_size: int = 8, seed: int = 0, baseline: bool = True,
+             reference: Optional[dict] = None) -> dict:
     """Speculative decoding of ``prompts`` with the engine's drafter (and, with ``baseline``,
-    the autoregressive run): pooled tau / acceptance, tokens/s, speedup, greedy equality."""
+    the autoregressive run): pooled tau / acceptance, tokens/s, speedup, greedy equality.
+    ``reference``: a dict shared across calls on the same prompts and target; the baseline run
+    stores its tokens there, and later calls without a baseline compare against them (T = 0)."""
     gamma = engine.drafter.gamma
     out = {"prompts": len(prompts), "temperature": temperature, "gamma": gamma,
            "max_new_tokens": max_new_tokens}
@@ -81,8 +84,11 @@ def evaluate(engine, prompts: Sequence, temperature: float = 0.0, max_new_tokens
     if baseline:
         sp, ar = out["speculative"]["tokens_per_s"], out["autoregressive"]["tokens_per_s"]
         out["speedup"] = sp / ar if ar else None
-        if temperature == 0:
-            out["greedy_identical"] = tokens["speculative"] == tokens["autoregressive"]
+        if reference is not None:
+            reference["tokens"] = tokens["autoregressive"]
+    ar_tokens = tokens.get("autoregressive", (reference or {}).get("tokens"))
+    if temperature == 0 and ar_tokens is not None:
+        out["greedy_identical"] = tokens["speculative"] == ar_tokens
     return out
 
 
