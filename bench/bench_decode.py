@@ -5,8 +5,9 @@ path (graph-replayed decode + dspark::sample + one host sync per token). Floor =
 weights read per token (every parameter except the embedding table, of which one row is read)
 at the device copy bandwidth measured in the same run (read + write counted).
 
-Variants: ``graph`` (eager kernels captured in a CUDA graph) and ``compile`` (torch.compile'd
-forward captured in a CUDA graph). ``--profile`` prints, per variant, the kernels of one
+Variants: ``graph`` (eager kernels captured in a CUDA graph), ``compile`` (torch.compile'd
+forward captured in a CUDA graph) and ``compile:MODE`` (e.g. ``compile:max-autotune-no-cudagraphs``,
+inductor also benchmarks GEMM kernels). ``--profile`` prints, per variant, the kernels of one
 graph-replayed decode step (count, summed GPU time, span, the largest): span minus the sum is
 the gaps between kernels, the sum above the floor is kernel inefficiency.
 
@@ -40,17 +41,21 @@ def profile_step(runner: ModelRunner, top: int = 8) -> dict:
     with torch.profiler.profile(activities=[acts.CUDA]) as prof:
         runner.decode(tok, pos)
         torch.cuda.synchronize()
-    per_name, count, first, last = defaultdict(float), 0, float("inf"), 0.0
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("Memcpy"):
-            count += 1
-            per_name[e.name[:70]] += e.device_time
-            first = min(first, e.time_range.start)
-            last = max(last, e.time_range.end)
+    per_name, first, last = defaultdict(float), float("inf"), 0.0
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                      and not e.name.startswith("Memcpy")), key=lambda e: e.time_range.start)
+    for e in kernels:
+        per_name[e.name[:70]] += e.device_time
+        first = min(first, e.time_range.start)
+        last = max(last, e.time_range.end)
     biggest = sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
-    return dict(kernels=count, kernel_us=round(sum(per_name.values()), 1),
-                span_us=round(last - first, 1) if count else None,
-                top=[(n, round(us, 1)) for n, us in biggest])
+    # the first layer's kernels in launch order (which ops are still separate kernels)
+    per_layer = -(-len(kernels) // runner.config.num_layers)
+    return dict(kernels=len(kernels), kernel_us=round(sum(per_name.values()), 1),
+                span_us=round(last - first, 1) if kernels else None,
+                top=[(n, round(us, 1)) for n, us in biggest],
+                first_layer=[(e.name[:60], round(e.device_time, 1))
+                             for e in kernels[1:per_layer + 1]])
 
 
 def main():
@@ -74,7 +79,8 @@ def main():
     floor_ms = read_bytes / bw * 1e3
     rows = []
     for variant in a.variants.split(","):
-        compile = variant == "compile"
+        # "graph" | "compile" | "compile:<torch.compile mode>"
+        compile = variant.split(":", 1)[1] if ":" in variant else variant == "compile"
         engine = SpeculativeEngine(ModelRunner(model, compile=compile), max_len=1024)
         prompt = [list(range(1, 17))]
         # warm-up with the same length: the cache size (so the graph/compile bucket) follows

@@ -29,8 +29,10 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="request i uses seed + i")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--compile", action="store_true", help="torch.compile the target's decode/"
-                   "verify forwards (fewer, fused kernels; tens of seconds to compile)")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the target's decode/verify forwards (fewer, fused "
+                   "kernels; tens of seconds per shape to compile); MODE: default or "
+                   "max-autotune-no-cudagraphs")
     p.add_argument("--autoregressive", action="store_true", help="baseline: no drafting")
     p.add_argument("--compare", action="store_true", help="also run the autoregressive baseline "
                    "and report the speedup and whether greedy outputs match")
@@ -61,7 +63,7 @@ def run_generate(args) -> int:
     try:
         engine = SpeculativeEngine.from_pretrained(
             args.target, draft=args.draft, ngram=args.ngram, gamma=args.gamma,
-            tree_topk=args.tree_topk, device=device, dtype=args.dtype, compile=args.compile)
+            tree_topk=args.tree_topk, device=device, dtype=args.dtype, compile=args.compile or False)
         if engine.tokenizer is None:
             raise ValueError(f"{args.target!r} has no tokenizer.json")
         prompts = _prompts(args.prompt)

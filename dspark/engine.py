@@ -55,7 +55,7 @@ def _progress(st: SpecState, enabled: bool):
 class SpeculativeEngine:
     def __init__(self, target: Union[Transformer, ModelRunner], drafter: Optional[Drafter] = None,
                  *, gamma: Optional[int] = None, tokenizer=None, max_len: Optional[int] = None,
-                 use_cuda_graphs: Optional[bool] = None, compile: bool = False):
+                 use_cuda_graphs: Optional[bool] = None, compile: Union[bool, str] = False):
         if not isinstance(target, ModelRunner):
             target = ModelRunner(target, use_cuda_graphs, compile=compile)
         self.target = target

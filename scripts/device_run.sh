@@ -30,7 +30,7 @@ for stage in "$@"; do
       (cd bench && compute-sanitizer --tool racecheck python3 check_cuda.py --cases 6 --small) 2>&1 | tail -6 ;;
     engine)
       log engine; (cd bench && python3 check_engine_cuda.py) 2>&1 | tail -8
-      log decode; (cd bench && python3 bench_decode.py --out "$OUT/bench_decode.json") 2>&1 | tail -4 ;;
+      log decode; (cd bench && python3 bench_decode.py --profile --new 192 --out "$OUT/bench_decode.json") 2>&1 | tail -4 ;;
     choose)  # keep the working tree's kernels only if they beat .alt/include (the last measured)
       log choose; (cd bench && python3 bench_ops.py --R 1,64 --gamma 1,7 --out "$OUT/bench_ops_try.json") 2>&1 | tail -9
       if python3 -c "import json,sys; r={(x['mode'],x['R'],x['gamma']):x['verify_us'] for x in json.load(open('$OUT/bench_ops_try.json'))['rows']}; sys.exit(0 if r[('sampled',64,7)] < $ALT_SAMPLED and r[('greedy',64,7)] < $ALT_GREEDY else 1)"; then

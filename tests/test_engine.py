@@ -348,3 +348,8 @@ def test_text_generation_and_cli(ckpts):
         assert main(["generate", "--target", target, "--ngram", "2", "--prompt", "w1",
                      "--max-new-tokens", "0"]) == 2
     assert "max_new_tokens" in err.getvalue()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["generate", "--target", target, "--ngram", "2", "--prompt", "w1",
+                     "--compile", "reduce-overhead"]) == 2
+    assert "compile mode" in err.getvalue()

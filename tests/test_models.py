@@ -222,3 +222,10 @@ def test_compiled_runner_matches_transformers(tmp_path):
             seq = PROMPTS[r] + [toks[i] for i in path]
             torch.testing.assert_close(logits[int(offs[r]) + j], hf_logits(hf, seq)[-1],
                                        atol=ATOL, rtol=0)
+
+
+def test_compile_mode_with_its_own_cuda_graphs_is_refused(tmp_path):
+    make_checkpoint(str(tmp_path), "llama")
+    model = load_model(str(tmp_path), dtype=torch.float32)
+    with pytest.raises(ValueError, match="compile mode"):
+        ModelRunner(model, compile="reduce-overhead")

@@ -9,15 +9,21 @@ Outputs of graphed calls are static buffers: valid until the next call with the 
 per shape bucket, then captured in the same CUDA graph): inductor fuses the ~40 small elementwise
 kernels per layer (norms, rotary, cache writes, SiLU·up) that dominate batch-1 decode latency.
 Compilation costs tens of seconds per bucket, so it is opt-in (``dspark generate --compile``).
+``compile="max-autotune-no-cudagraphs"`` (or ``"max-autotune"``'s graph-free twin) lets inductor
+also benchmark GEMM kernels; modes that bring their own CUDA graphs are refused (ours capture).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from .kv import KVCache
 from .transformer import Transformer
+
+
+# torch.compile modes without CUDA graphs of their own (the runner captures the compiled call)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 class Forward(NamedTuple):
@@ -39,7 +45,10 @@ def tree_masks(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class ModelRunner:
     def __init__(self, model: Transformer, use_cuda_graphs: Optional[bool] = None,
-                 compile: bool = False):
+                 compile: Union[bool, str] = False):
+        if isinstance(compile, str) and compile not in COMPILE_MODES:
+            raise ValueError(f"compile mode must be one of {COMPILE_MODES} (the runner captures "
+                             f"its own CUDA graphs), got {compile!r}")
         self.model = model
         self.compile = compile
         self.config = model.config
@@ -156,7 +165,8 @@ class ModelRunner:
         if name not in self._compiled:
             # dynamic=False: every bucket is a fixed shape anyway, and static shapes let inductor
             # pick its best kernels; taps/max_nodes are Python constants (guarded per value).
-            self._compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False)
+            mode = self.compile if isinstance(self.compile, str) else None
+            self._compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
         return self._compiled[name]
 
     @torch.inference_mode()
