@@ -108,7 +108,7 @@ class Transformer(nn.Module):
         return self.embed.weight.dtype
 
     def _masks(self, positions, start, block_mask, kv_limit):
-        """Additive attention masks [B, 1, T, S] (0 / -inf; one per distinct sliding window)."""
+        """Boolean attention masks [B, 1, T, S] (one per distinct sliding window)."""
         B, T = positions.shape
         rel = torch.arange(kv_limit, device=start.device)[None, :] - start[:, None]  # [B, S]
         in_block = (rel >= 0) & (rel < T)
@@ -120,10 +120,7 @@ class Transformer(nn.Module):
             key_pos = torch.where(in_block, positions.gather(1, j), rel + start[:, None])
             near = (positions[:, :, None] - key_pos[:, None, :]) < w
             masks[w] = (full & near)[:, None]
-        # Additive masks, built once per forward: SDPA would otherwise convert the boolean mask
-        # to a bias in every layer (an extra kernel per layer in decode).
-        zero = torch.zeros((), dtype=self.dtype, device=start.device)
-        return {w: torch.where(m, zero, float("-inf")) for w, m in masks.items()}
+        return masks
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, start: torch.Tensor,
                 block_mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
