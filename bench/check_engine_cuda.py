@@ -15,12 +15,16 @@ def main():
     prompts = [[1, 2, 3, 4, 1, 2, 3, 4], [10, 20, 30], [5, 6, 5, 6, 5, 6], [9] * 12]
     ar = SpeculativeEngine(target).generate_autoregressive(prompts, max_new_tokens=48, temperature=0.0)
     bad = 0
-    for name, make in [("chain", lambda: DraftModelDrafter(_random_qwen3(V, 7, 0.05, "cuda"), gamma=4)),
-                       ("tree", lambda: DraftModelDrafter(_random_qwen3(V, 7, 0.05, "cuda"), gamma=4, tree_topk=3)),
-                       ("ngram", lambda: NgramDrafter(gamma=4))]:
-        eng = SpeculativeEngine(target, make())
+    chain = lambda: DraftModelDrafter(_random_qwen3(V, 7, 0.05, "cuda"), gamma=4)  # noqa: E731
+    cases = [("chain", chain, False),
+             ("tree", lambda: DraftModelDrafter(_random_qwen3(V, 7, 0.05, "cuda"), gamma=4, tree_topk=3), False),
+             ("ngram", lambda: NgramDrafter(gamma=4), False),
+             ("chain+compile", chain, True)]  # torch.compile'd target runner (own AR baseline)
+    for name, make, compile in cases:
+        eng = SpeculativeEngine(target, make(), compile=compile)
         out = eng.generate(prompts, max_new_tokens=48, temperature=0.0)
-        same = out.tokens == ar.tokens
+        ref = eng.generate_autoregressive(prompts, max_new_tokens=48, temperature=0.0) if compile else ar
+        same = out.tokens == ref.tokens
         bad += not same
         # A second call with sync debugging: any host sync inside the step raises.
         st_ok = True
@@ -40,7 +44,7 @@ def main():
             print("  sync inside step:", str(e).splitlines()[0])
         print(f"{name}: identical={same} tau={out.metrics.tau:.2f} step_sync_free={st_ok}")
         bad += not st_ok
-    print(f"check_engine_cuda: {3 * 2 - bad} passed, {bad} failed")
+    print(f"check_engine_cuda: {len(cases) * 2 - bad} passed, {bad} failed")
     return 1 if bad else 0
 
 
