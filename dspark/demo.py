@@ -1,23 +1,29 @@
 """`dspark demo`: a self-contained, offline tour on this machine (GPU if there is one, else CPU).
 
 1. The `verify` op on a hand-made batch (a greedy chain and a sampled chain).
-2. The speculative engine on a small seeded random Qwen3-shaped target with a correlated draft
-   model (the target with 5% weight noise) and with n-gram drafting: greedy speculative output
-   is checked token for token against autoregressive output of the same runner.
-(A trained target + DSpark draft pair replaces the random models once the draft trainer ships.)
+2. The shipped demo pair (``dspark/demo_models``): a 2.0 M-parameter Qwen3-architecture target
+   trained by ``dspark train-target`` on Python's stdlib sources and docs, and a DSpark drafter
+   trained for it by ``dspark train-draft`` (recipe: ``demo_models/README.md``). It writes text;
+   greedy speculative output is checked token for token against autoregressive output.
+3. The other drafters on a seeded random Qwen3-shaped target: a correlated draft model (the
+   target with 5% weight noise; chain and tree) and n-gram prompt lookup.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
 
 import dspark
-from dspark.drafters import DraftModelDrafter, NgramDrafter
+from dspark.drafters import DraftModelDrafter, NgramDrafter, load_drafter
 from dspark.engine import SpeculativeEngine
-from dspark.models import ModelConfig, Transformer
+from dspark.models import ModelConfig, Transformer, load_model, load_tokenizer
+
+DEMO_MODELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_models")
+DEMO_PROMPTS = ["def read_config(path):\n", "class Stack:\n    \"\"\"", "The os module provides"]
 
 
 def _random_qwen3(vocab: int, seed: int, noise: float = 0.0, device="cpu") -> Transformer:
@@ -57,10 +63,50 @@ def _ops_tour(device: str) -> None:
     print("  accept_count", res.accept_count.tolist())
 
 
+def load_demo_pair(device="cpu"):
+    """(target Transformer, tokenizer, DSpark drafter) of the shipped demo pair (fp32)."""
+    target_dir = os.path.join(DEMO_MODELS, "target")
+    if not os.path.isfile(os.path.join(target_dir, "config.json")):
+        raise FileNotFoundError(f"the demo pair is missing from {DEMO_MODELS}: reinstall dspark")
+    target = load_model(target_dir, device, torch.float32)
+    return target, load_tokenizer(target_dir), load_drafter(os.path.join(DEMO_MODELS, "dspark"),
+                                                            target)
+
+
+def _trained_pair_tour(device: str, max_new_tokens: int) -> bool:
+    target, tok, drafter = load_demo_pair(device)
+    c = target.config
+    print(f"\nshipped pair (dspark/demo_models): Qwen3-architecture target, {c.num_layers} layers"
+          f" x {c.hidden_size}, trained on Python's stdlib; DSpark drafter (gamma {drafter.gamma})")
+    timed = {}
+    for name, eng in (("autoregressive", SpeculativeEngine(target, tokenizer=tok)),
+                      ("dspark", SpeculativeEngine(target, drafter, tokenizer=tok))):
+        fn = eng.generate_autoregressive if name == "autoregressive" else eng.generate
+        fn(DEMO_PROMPTS[:1], max_new_tokens=4, temperature=0.0)  # warm-up (graphs on GPU)
+        t0 = time.perf_counter()
+        timed[name] = (fn(DEMO_PROMPTS, max_new_tokens=max_new_tokens, temperature=0.0),
+                       time.perf_counter() - t0)
+    (ar, t_ar), (sp, t_sp) = timed["autoregressive"], timed["dspark"]
+    same = sp.tokens == ar.tokens
+    m = sp.metrics
+    print(f"greedy, {len(DEMO_PROMPTS)} prompts x {max_new_tokens} tokens: identical to "
+          f"autoregressive: {same}  tau={m.tau:.2f}  per-position acceptance="
+          f"{[round(a, 2) for a in m.position_acceptance]}  {t_sp:.2f}s (autoregressive "
+          f"{t_ar:.2f}s)")
+    print(f"  {DEMO_PROMPTS[0]!r} -> {sp.text[0]!r}")
+    out = SpeculativeEngine(target, drafter, tokenizer=tok).generate(
+        DEMO_PROMPTS, max_new_tokens=max_new_tokens, temperature=1.0, seed=3)
+    print(f"sampled (T=1, exact rejection sampling): tau={out.metrics.tau:.2f}")
+    print(f"  {DEMO_PROMPTS[2]!r} -> {out.text[2]!r}")
+    return same
+
+
 def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if dspark.cuda_available() else "cpu")
     print("dspark", json.dumps(dspark.build_info()), f"-> running on {device}")
     _ops_tour(device)
+    ok = _trained_pair_tour(device, args.max_new_tokens)
+    print("\nother drafters, on a seeded random Qwen3-shaped target:")
     V = 256
     target = _random_qwen3(V, seed=7, device=device)
     prompts = [[1, 2, 3, 4, 1, 2, 3, 4], [10, 20, 30], [5, 6, 5, 6, 5, 6]]
@@ -74,7 +120,6 @@ def run(args: argparse.Namespace) -> int:
         "draft model, tree (top-2 children)": DraftModelDrafter(_random_qwen3(V, 7, 0.05, device), gamma=4, tree_topk=2),
         "n-gram prompt lookup": NgramDrafter(gamma=4, max_ngram=3),
     }
-    ok = True
     for name, drafter in drafters.items():
         eng = SpeculativeEngine(target, drafter)
         t0 = time.perf_counter()
