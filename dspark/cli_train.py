@@ -207,7 +207,7 @@ def run_train_draft(args) -> int:
     from .drafters import DrafterSpec, default_mask_token, make_drafter, save_drafter
     from .engine import SpeculativeEngine
     from .models import load_model, load_tokenizer
-    from .train.calibrate import fit_sts, format_report, record_rounds, report
+    from .train.calibrate import calibrate_drafter, format_report
     from .train.data import load_samples
     from .train.evaluate import evaluate, format_eval
     from .train.trainer import TrainConfig, train_drafter
@@ -250,16 +250,11 @@ def run_train_draft(args) -> int:
         results = {}
         if args.method == "dspark" and args.calib_prompts > 0 and held:
             prompts = [s.ids[:max(1, s.prompt_len)] for s in held][:args.calib_prompts]
-            eng = SpeculativeEngine(target, make_drafter(model))
-            rounds = record_rounds(eng, prompts, args.calib_temperature, args.calib_new_tokens)
-            temps = fit_sts(rounds)
-            rep = report(rounds, temps)
-            spec.sts_temperatures = temps
-            spec.sts_serving_temperature = args.calib_temperature
-            spec.calibration = {"rounds": int(rounds.z.shape[0]), "prompts": len(prompts),
-                                "per_position": rep}
+            rep = calibrate_drafter(model, target, prompts, args.calib_temperature,
+                                    args.calib_new_tokens)
             save_drafter(model, args.out)
-            print(f"STS on {rounds.z.shape[0]} held-out rounds (T = {args.calib_temperature}):")
+            print(f"STS on {spec.calibration['rounds']} held-out rounds "
+                  f"(T = {args.calib_temperature}):")
             print(format_report(rep))
             results["calibration"] = spec.calibration
         if args.eval_prompts > 0:
@@ -281,10 +276,9 @@ def run_train_draft(args) -> int:
 
 # ---- calibrate-draft ---------------------------------------------------------------------------
 def run_calibrate(args) -> int:
-    from .drafters import load_draft_model, make_drafter, save_drafter
-    from .engine import SpeculativeEngine
+    from .drafters import load_draft_model, save_drafter
     from .models import load_model, load_tokenizer
-    from .train.calibrate import fit_sts, format_report, record_rounds, report
+    from .train.calibrate import calibrate_drafter, format_report
     from .train.evaluate import prompts_from
 
     dev = _device(args.device)
@@ -295,15 +289,8 @@ def run_calibrate(args) -> int:
             raise ValueError("STS calibrates the DSpark confidence head; this drafter is "
                              f"{model.spec.method}")
         prompts = prompts_from(args.data, load_tokenizer(args.target), args.num_prompts)
-        eng = SpeculativeEngine(target, make_drafter(model))
-        rounds = record_rounds(eng, prompts, args.temperature, args.max_new_tokens, args.batch)
-        temps = fit_sts(rounds)
-        rep = report(rounds, temps)
-        spec = model.spec
-        spec.sts_temperatures = temps
-        spec.sts_serving_temperature = args.temperature
-        spec.calibration = {"rounds": int(rounds.z.shape[0]), "prompts": len(prompts),
-                            "per_position": rep}
+        rep = calibrate_drafter(model, target, prompts, args.temperature, args.max_new_tokens,
+                                args.batch)
         save_drafter(model.float(), args.drafter)
         print(format_report(rep))
     except (ValueError, FileNotFoundError) as exc:

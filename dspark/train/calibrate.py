@@ -150,3 +150,22 @@ def record_rounds(engine, prompts: Sequence, temperature: float = 1.0, max_new_t
         raise ValueError("no rounds were recorded")
     z = torch.cat([r[0] for r in recs])
     return Rounds(z, torch.cat([r[1] for r in recs]), torch.cat([r[2] for r in recs]))
+
+
+def calibrate_drafter(model, target, prompts: Sequence, temperature: float = 1.0,
+                      max_new_tokens: int = 128, batch_size: int = 16) -> list:
+    """Fit STS for the DSpark ``model`` on held-out ``prompts`` decoded with ``target`` at the
+    serving ``temperature``; store the temperatures and the report in ``model.spec`` (saved
+    with the drafter) and return the per-position report."""
+    from ..drafters import make_drafter
+    from ..engine import SpeculativeEngine
+    rounds = record_rounds(SpeculativeEngine(target, make_drafter(model)), prompts, temperature,
+                           max_new_tokens, batch_size)
+    temps = fit_sts(rounds)
+    rep = report(rounds, temps)
+    spec = model.spec
+    spec.sts_temperatures = temps
+    spec.sts_serving_temperature = temperature
+    spec.calibration = {"rounds": int(rounds.z.shape[0]), "prompts": len(prompts),
+                        "per_position": rep}
+    return rep
