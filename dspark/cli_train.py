@@ -76,6 +76,10 @@ def add_train_parsers(subparsers) -> None:
     g.add_argument("--num-anchors", type=int, default=512, help="anchors per sequence")
     g.add_argument("--lr", type=float, default=6e-4)
     g.add_argument("--warmup", type=float, default=0.04, help="warmup fraction of the steps")
+    g.add_argument("--loss-weights", type=float, nargs=3, default=None, metavar=("CE", "TV", "CONF"),
+                   help="dspark/dflash loss weights (default: the method's, 0.1 0.9 1 / 1 0 0)")
+    g.add_argument("--ce-target", choices=["label", "soft"], default="label", help="CE against "
+                   "the data token (the method) or the target's distribution (an ablation)")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--save-every", type=int, default=500)
     g.add_argument("--max-minutes", type=float, default=None, help="stop training (and save) "
@@ -240,6 +244,8 @@ def run_train_draft(args) -> int:
             epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
             grad_accum=args.grad_accum, max_length=args.max_length, num_anchors=args.num_anchors,
             lr=args.lr, warmup_frac=args.warmup, seed=args.seed, save_every=args.save_every,
+            loss_weights=tuple(args.loss_weights) if args.loss_weights else None,
+            ce_target=args.ce_target,
             max_minutes=args.max_minutes, progress=not args.no_progress,
             extra={"target": os.path.abspath(args.target), "responses": args.responses})
         print(f"{args.method}: gamma {spec.gamma}, {spec.num_draft_layers} layer(s), taps "

@@ -117,6 +117,13 @@ def test_loss_terms():
     assert conf.grad is not None and conf.grad[0, 0] < 0  # label 1 at slot 1 pushes z up
     assert cosine_lr(0, 100) == pytest.approx(0.25) and cosine_lr(4, 100) == pytest.approx(1.0)
     assert cosine_lr(99, 100) < 0.01
+    # the "soft" CE ablation: cross-entropy against the target's distribution, same weights
+    soft = block_losses(Z, None, T, labels, valid, 1.0, 0.0, 0.0, ce_target="soft")
+    ce_k = -(torch.softmax(T, -1) * torch.log_softmax(Z, -1)).sum(-1)[0]
+    assert float(soft.ce) == pytest.approx(float((w * ce_k).sum() / w.sum()), rel=1e-5)
+    assert float(soft.total) == pytest.approx(float(soft.ce), rel=1e-6)
+    with pytest.raises(ValueError, match="ce_target"):
+        block_losses(Z, None, T, labels, valid, ce_target="hard")
 
 
 def _write_text(path, n=40, seed=0):

@@ -80,15 +80,22 @@ def _wmean(x, w, denom):
 
 def block_losses(Z: torch.Tensor, conf: Optional[torch.Tensor], target_logits: torch.Tensor,
                  labels: torch.Tensor, valid: torch.Tensor, ce_w: float = 0.1, tv_w: float = 0.9,
-                 conf_w: float = 1.0, decay: float = DECAY) -> LossTerms:
-    """Z, target_logits [..., G, V]; conf [..., G] or None; labels, valid [..., G]."""
+                 conf_w: float = 1.0, decay: float = DECAY, ce_target: str = "label") -> LossTerms:
+    """Z, target_logits [..., G, V]; conf [..., G] or None; labels, valid [..., G].
+    ``ce_target``: "label" (the method: CE of the data token) or "soft" (an ablation: CE against
+    the target's full T = 1 distribution, as EAGLE-3 trains)."""
+    if ce_target not in ("label", "soft"):
+        raise ValueError(f"ce_target must be 'label' or 'soft', got {ce_target!r}")
     G = Z.shape[-2]
     w = position_weights(G, decay, Z.device) * valid.float()
     denom = w.sum().clamp(min=1e-6)
     logp = F.log_softmax(Z.float(), -1)
     p_d = logp.exp()
     p_t = F.softmax(target_logits.float(), -1)
-    ce = -logp.gather(-1, labels[..., None])[..., 0]
+    if ce_target == "soft":
+        ce = -(p_t * logp).sum(-1)
+    else:
+        ce = -logp.gather(-1, labels[..., None])[..., 0]
     l1 = (p_d - p_t).abs().sum(-1)
     cstar = (1 - 0.5 * l1).clamp(0, 1).detach()
     L_ce = _wmean(ce, w, denom)

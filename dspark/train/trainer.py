@@ -45,6 +45,7 @@ class TrainConfig:
     warmup_frac: float = 0.04
     grad_clip: float = 1.0
     loss_weights: Optional[tuple] = None  # (ce, tv, conf); None = the method's defaults
+    ce_target: str = "label"  # "label" (the method) | "soft" (ablation: CE vs the target's dist.)
     decay: float = 4.0
     eagle_step_decay: float = 0.8
     seed: int = 42
@@ -96,7 +97,7 @@ def micro_batch_loss(model, target, spec: DrafterSpec, ids: torch.Tensor, loss_m
                             .expand(B, A * g, tf.final.shape[-1])).view(B, A, g, -1)
     ce_w, tv_w, conf_w = cfg.loss_weights or LOSS_DEFAULTS[spec.method]
     return block_losses(Z, conf, target_logits(target, final), blk.labels, blk.valid, ce_w, tv_w,
-                        conf_w, cfg.decay)
+                        conf_w, cfg.decay, cfg.ce_target)
 
 
 def _progress(total: int, initial: int, enabled: bool):
