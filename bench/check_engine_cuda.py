@@ -29,7 +29,6 @@ def main():
         # A second call with sync debugging: any host sync inside the step raises.
         st_ok = True
         try:
-            eng._step_sync_check = True
             orig = eng._step
             def checked(st, timer, _orig=orig):
                 torch.cuda.set_sync_debug_mode("error")

@@ -11,15 +11,16 @@ import os
 import sys
 
 
-def _device(name):
+def _load_target(args):
+    """The --target checkpoint on --device (default: cuda if available) in --dtype (auto: bf16
+    on CUDA, else fp32)."""
     import torch
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
-
-def _dtype(name, device):
-    if name and name != "auto":
-        return name
-    return "bfloat16" if str(device).startswith("cuda") else "float32"
+    from .models import load_model
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype if args.dtype and args.dtype != "auto" else \
+        ("bfloat16" if str(dev).startswith("cuda") else "float32")
+    return load_model(args.target, dev, dtype)
 
 
 def add_train_parsers(subparsers) -> None:
@@ -210,15 +211,14 @@ def _build_data(args, target, tok, data_dir: str):
 def run_train_draft(args) -> int:
     from .drafters import DrafterSpec, default_mask_token, make_drafter, save_drafter
     from .engine import SpeculativeEngine
-    from .models import load_model, load_tokenizer
+    from .models import load_tokenizer
     from .train.calibrate import calibrate_drafter, format_report
     from .train.data import load_samples
     from .train.evaluate import evaluate, format_eval
     from .train.trainer import TrainConfig, train_drafter
 
-    dev = _device(args.device)
     try:
-        target = load_model(args.target, dev, _dtype(args.dtype, dev))
+        target = _load_target(args)
         tok = load_tokenizer(args.target)
         os.makedirs(args.out, exist_ok=True)
         data_dir = args.data_cache or os.path.join(args.out, "data")
@@ -283,13 +283,12 @@ def run_train_draft(args) -> int:
 # ---- calibrate-draft ---------------------------------------------------------------------------
 def run_calibrate(args) -> int:
     from .drafters import load_draft_model, save_drafter
-    from .models import load_model, load_tokenizer
+    from .models import load_tokenizer
     from .train.calibrate import calibrate_drafter, format_report
     from .train.evaluate import prompts_from
 
-    dev = _device(args.device)
     try:
-        target = load_model(args.target, dev, _dtype(args.dtype, dev))
+        target = _load_target(args)
         model = load_draft_model(args.drafter, target)
         if model.spec.method != "dspark":
             raise ValueError("STS calibrates the DSpark confidence head; this drafter is "
@@ -308,12 +307,11 @@ def run_calibrate(args) -> int:
 def run_eval(args) -> int:
     from .drafters import load_drafter
     from .engine import SpeculativeEngine
-    from .models import load_model, load_tokenizer
+    from .models import load_tokenizer
     from .train.evaluate import evaluate, format_eval, prompts_from
 
-    dev = _device(args.device)
     try:
-        target = load_model(args.target, dev, _dtype(args.dtype, dev))
+        target = _load_target(args)
         prompts = prompts_from(args.data, load_tokenizer(args.target), args.num_prompts,
                                seed=args.seed)
         report, reference = {}, {}
