@@ -7,7 +7,8 @@ at the device copy bandwidth measured in the same run (read + write counted).
 
 Variants: ``graph`` (eager kernels captured in a CUDA graph), ``compile`` (torch.compile'd
 forward captured in a CUDA graph) and ``compile:MODE`` (e.g. ``compile:max-autotune-no-cudagraphs``,
-inductor also benchmarks GEMM kernels). ``--profile`` prints, per variant, the kernels of one
+inductor also benchmarks GEMM kernels); a ``-unfused`` suffix turns off the runner's
+dspark::fused_linear projections (cuBLAS + separate norm/gate/residual ops). ``--profile`` prints, per variant, the kernels of one
 graph-replayed decode step (count, summed GPU time, span, the largest): span minus the sum is
 the gaps between kernels, the sum above the floor is kernel inefficiency.
 
@@ -79,9 +80,10 @@ def main():
     floor_ms = read_bytes / bw * 1e3
     rows = []
     for variant in a.variants.split(","):
-        # "graph" | "compile" | "compile:<torch.compile mode>"
-        compile = variant.split(":", 1)[1] if ":" in variant else variant == "compile"
-        engine = SpeculativeEngine(ModelRunner(model, compile=compile), max_len=1024)
+        # "graph" | "compile" | "compile:<torch.compile mode>", each optionally "-unfused"
+        base, fused = variant.removesuffix("-unfused"), not variant.endswith("-unfused")
+        compile = base.split(":", 1)[1] if ":" in base else base == "compile"
+        engine = SpeculativeEngine(ModelRunner(model, compile=compile, fused=fused), max_len=1024)
         prompt = [list(range(1, 17))]
         # warm-up with the same length: the cache size (so the graph/compile bucket) follows
         # prompt + max_new_tokens, and a re-capture/re-compile must not land in the timing

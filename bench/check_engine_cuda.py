@@ -1,5 +1,7 @@
 """On the GPU: greedy speculative == greedy autoregressive (fp32, small random Qwen3 model) for
-each drafter, and no host sync inside a speculative step (torch sync debug mode)."""
+each drafter, and no host sync inside a speculative step (torch sync debug mode).
+
+    python bench/check_engine_cuda.py [--no-compile]   (skip the torch.compile'd target cases)"""
 import sys
 
 import torch
@@ -12,18 +14,22 @@ from dspark.engine import SpeculativeEngine
 def main():
     V = 256
     target = _random_qwen3(V, seed=7, device="cuda")
-    prompts = [[1, 2, 3, 4, 1, 2, 3, 4], [10, 20, 30], [5, 6, 5, 6, 5, 6], [9] * 12]
-    ar = SpeculativeEngine(target).generate_autoregressive(prompts, max_new_tokens=48, temperature=0.0)
+    prompts4 = [[1, 2, 3, 4, 1, 2, 3, 4], [10, 20, 30], [5, 6, 5, 6, 5, 6], [9] * 12]
     bad = 0
     chain = lambda: DraftModelDrafter(_random_qwen3(V, 7, 0.05, "cuda"), gamma=4)  # noqa: E731
     cases = [("chain", chain, False),
              ("tree", lambda: DraftModelDrafter(_random_qwen3(V, 7, 0.05, "cuda"), gamma=4, tree_topk=3), False),
              ("ngram", lambda: NgramDrafter(gamma=4), False),
              ("chain+compile", chain, True)]  # torch.compile'd target runner (own AR baseline)
-    for name, make, compile in cases:
+    # Batches of 4 decode on cuBLAS + SDPA; batches of <= 2 (FUSED_MAX_ROWS) decode on
+    # dspark::fused_linear + dspark::decode_attention, so both target paths are checked.
+    cases = [(f"{name} B={len(p)}", make, compile, p) for p in (prompts4, prompts4[:2], prompts4[1:2])
+             for name, make, compile in cases
+             if not compile or (len(p) != 2 and "--no-compile" not in sys.argv)]
+    for name, make, compile, prompts in cases:
         eng = SpeculativeEngine(target, make(), compile=compile)
         out = eng.generate(prompts, max_new_tokens=48, temperature=0.0)
-        ref = eng.generate_autoregressive(prompts, max_new_tokens=48, temperature=0.0) if compile else ar
+        ref = eng.generate_autoregressive(prompts, max_new_tokens=48, temperature=0.0)
         same = out.tokens == ref.tokens
         bad += not same
         # A second call with sync debugging: any host sync inside the step raises.

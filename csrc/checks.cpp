@@ -1,6 +1,7 @@
 // csrc/checks.cpp: every caller error gets a message that names the argument.
 #include "checks.h"
 
+#include <cmath>
 #include <string>
 
 #include "dspark/common.h"
@@ -120,6 +121,104 @@ SampleDims check_sample_args(const at::Tensor& logits, const at::Tensor& tempera
   return {R, V, uniforms.has_value()};
 }
 
+LinearDims check_fused_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias,
+                                   const std::optional<at::Tensor>& residual,
+                                   const std::optional<at::Tensor>& norm_weight, double eps,
+                                   bool silu_gate) {
+  DSPARK_CHECK_DIM(x, 2, "x");
+  DSPARK_CHECK_DIM(weight, 2, "weight");
+  const auto dt = x.scalar_type();
+  DSPARK_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+                   "x must be float32, bfloat16 or float16, got ", dt);
+  const int64_t M = x.size(0), N = weight.size(0), K = weight.size(1);
+  DSPARK_CHECK_VALUE(K >= 1, "weight must have at least one input feature, got shape ", weight.sizes());
+  DSPARK_CHECK_VALUE(x.size(1) == (silu_gate ? 2 * K : K), "x must have ", (silu_gate ? 2 * K : K),
+                    " features for a weight of shape ", weight.sizes(),
+                    (silu_gate ? " (silu_gate: gate and up halves)" : ""), ", got shape ", x.sizes());
+  DSPARK_CHECK_VALUE(!(silu_gate && norm_weight.has_value()),
+                    "fused_linear takes one prologue: norm_weight or silu_gate, not both");
+  DSPARK_CHECK_VALUE(M <= int64_t(65535) * 8, "x has ", M, " rows; at most ", int64_t(65535) * 8,
+                    " are supported");
+  auto same = [&](const at::Tensor& t, const char* name) {
+    DSPARK_CHECK_TYPE(t.scalar_type() == dt, name, " must have the dtype of x (", dt, "), got ",
+                     t.scalar_type());
+    DSPARK_CHECK(t.device() == x.device(), name, " must be on ", x.device(), " like x, got ", t.device());
+    DSPARK_CHECK(t.is_contiguous(), name, " must be contiguous");
+  };
+  same(x, "x");
+  same(weight, "weight");
+  if (bias) {
+    DSPARK_CHECK_DIM(*bias, 1, "bias");
+    DSPARK_CHECK_SIZE(*bias, 0, N, "bias");
+    same(*bias, "bias");
+  }
+  if (residual) {
+    DSPARK_CHECK_DIM(*residual, 2, "residual");
+    DSPARK_CHECK(residual->size(0) == M && residual->size(1) == N, "residual must have shape [", M,
+                ", ", N, "] like the output, got ", residual->sizes());
+    same(*residual, "residual");
+  }
+  if (norm_weight) {
+    DSPARK_CHECK_DIM(*norm_weight, 1, "norm_weight");
+    DSPARK_CHECK_SIZE(*norm_weight, 0, K, "norm_weight");
+    same(*norm_weight, "norm_weight");
+    DSPARK_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, "eps must be finite and >= 0, got ",
+                      std::to_string(eps));
+  }
+  return {M, N, K, silu_gate ? 2 : norm_weight ? 1 : 0};
+}
+
+AttnDims check_decode_attention_args(const at::Tensor& qkv, const at::Tensor& k_cache,
+                                     const at::Tensor& v_cache, int64_t layer,
+                                     const at::Tensor& positions, const at::Tensor& inv_freq,
+                                     const std::optional<at::Tensor>& q_norm_weight,
+                                     const std::optional<at::Tensor>& k_norm_weight, double eps,
+                                     int64_t num_heads, int64_t window) {
+  DSPARK_CHECK_DIM(qkv, 2, "qkv");
+  const auto dt = qkv.scalar_type();
+  DSPARK_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+                   "qkv must be float32, bfloat16 or float16, got ", dt);
+  DSPARK_CHECK(k_cache.dim() == 5, "k_cache must be [layers, batch, kv_heads, slots, head_dim], got shape ",
+              k_cache.sizes());
+  DSPARK_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ", k_cache.sizes(),
+              ", got ", v_cache.sizes());
+  const int64_t L = k_cache.size(0), B = k_cache.size(1), Hkv = k_cache.size(2), S = k_cache.size(3),
+                D = k_cache.size(4), H = num_heads;
+  DSPARK_CHECK_VALUE(layer >= 0 && layer < L, "layer must be in [0, ", L, "), got ", layer);
+  DSPARK_CHECK_VALUE(H >= 1 && Hkv >= 1 && H % Hkv == 0 && H / Hkv <= 16, "num_heads (", H,
+                    ") must be a multiple of the cache's kv_heads (", Hkv, "), at most 16 per KV head");
+  DSPARK_CHECK_VALUE(D >= 2 && D <= 256 && D % 2 == 0, "head_dim must be even and in [2, 256], got ", D);
+  DSPARK_CHECK_VALUE(S >= 1, "the cache must have at least one slot");
+  DSPARK_CHECK(qkv.size(0) == B && qkv.size(1) == (H + 2 * Hkv) * D, "qkv must have shape [", B, ", ",
+              (H + 2 * Hkv) * D, "] ((num_heads + 2 kv_heads) * head_dim), got ", qkv.sizes());
+  DSPARK_CHECK_VALUE(window >= 0, "window must be >= 0 (0 = no sliding window), got ", window);
+  auto same = [&](const at::Tensor& t, const char* name, at::ScalarType want) {
+    DSPARK_CHECK_TYPE(t.scalar_type() == want, name, " must have dtype ", want, ", got ", t.scalar_type());
+    DSPARK_CHECK(t.device() == qkv.device(), name, " must be on ", qkv.device(), " like qkv, got ",
+                t.device());
+    DSPARK_CHECK(t.is_contiguous(), name, " must be contiguous");
+  };
+  same(qkv, "qkv", dt);
+  same(k_cache, "k_cache", dt);
+  same(v_cache, "v_cache", dt);
+  DSPARK_CHECK_DIM(positions, 1, "positions");
+  DSPARK_CHECK_SIZE(positions, 0, B, "positions");
+  same(positions, "positions", at::kLong);
+  DSPARK_CHECK_DIM(inv_freq, 1, "inv_freq");
+  DSPARK_CHECK_SIZE(inv_freq, 0, D / 2, "inv_freq");
+  same(inv_freq, "inv_freq", at::kFloat);
+  for (const auto& [t, name] : {std::pair{q_norm_weight, "q_norm_weight"}, std::pair{k_norm_weight, "k_norm_weight"}}) {
+    if (!t) continue;
+    DSPARK_CHECK_DIM(*t, 1, name);
+    DSPARK_CHECK_SIZE(*t, 0, D, name);
+    same(*t, name, dt);
+  }
+  DSPARK_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, "eps must be finite and >= 0, got ",
+                    std::to_string(eps));
+  return {B, H, Hkv, S, D, L};
+}
+
 bool& cuda_sync_checks() {
   static bool enabled = true;
   return enabled;
@@ -139,6 +238,7 @@ void raise_on_status(int32_t status, const char* op) {
   if (status & kBadTopP) msg += " top_p must be in (0, 1] (1 = off);";
   if (status & kBadDraftProbs) msg += " draft_probs must be finite and >= 0;";
   if (status & kBadUniform) msg += " uniforms must lie in [0, 1);";
+  if (status & kBadPosition) msg += " positions must lie in [0, S): a slot of the KV cache;";
   msg.pop_back();
   TORCH_CHECK_VALUE(false, msg);  // a single std::string: no stream formatting
 }

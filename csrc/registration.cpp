@@ -23,4 +23,21 @@ TORCH_LIBRARY(dspark, m) {
   m.def(
       "sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor? seeds, "
       "Tensor? positions, Tensor? uniforms, bool return_probs) -> (Tensor, Tensor)");
+  // Fused skinny linear layer (decode / small verify blocks; any M is correct, M <= 8 is fast).
+  //   x [M, K] (or [M, 2K] with silu_gate), weight [N, K], bias [N]?, residual [M, N]?,
+  //   norm_weight [K]? (RMSNorm of x first, with eps); all one dtype f32|bf16|f16
+  // -> out [M, N] = residual + weight @ xhat + bias, xhat = x | rmsnorm(x) * norm_weight |
+  //    silu(x[:, :K]) * x[:, K:]
+  m.def(
+      "fused_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? norm_weight, "
+      "float eps, bool silu_gate) -> Tensor");
+  // One decode step of attention (one new token per request) with QK-norm, rotary and the KV
+  // cache write folded in.
+  //   qkv [B, (H + 2 Hkv) D]; k_cache, v_cache [L, B, Hkv, S, D] (layer `layer` is read and
+  //   written at slot positions[b]); positions [B] i64; inv_freq [D/2] f32; q/k_norm_weight [D]?;
+  //   window: sliding window (0 = none). -> out [B, H * D]
+  m.def(
+      "decode_attention(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, "
+      "Tensor positions, Tensor inv_freq, Tensor? q_norm_weight, Tensor? k_norm_weight, float eps, "
+      "int num_heads, int window) -> Tensor");
 }

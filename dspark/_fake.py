@@ -32,3 +32,21 @@ def _sample_fake(logits, temperature, top_k, top_p, seeds, positions, uniforms, 
     tokens = logits.new_empty((r,), dtype=torch.long)
     probs = logits.new_empty((r if return_probs else 0, v), dtype=torch.float64)
     return tokens, probs
+
+
+@torch.library.register_fake("dspark::fused_linear")
+def _fused_linear_fake(x, weight, bias, residual, norm_weight, eps, silu_gate):
+    torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "x and weight must be 2-D")
+    k = weight.shape[1] * (2 if silu_gate else 1)
+    torch._check(x.shape[1] == k, lambda: f"x must have {k} features, got {x.shape[1]}")
+    _same_device(x, weight=weight, bias=bias, residual=residual, norm_weight=norm_weight)
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("dspark::decode_attention")
+def _decode_attention_fake(qkv, k_cache, v_cache, layer, positions, inv_freq, q_norm_weight,
+                           k_norm_weight, eps, num_heads, window):
+    torch._check(qkv.dim() == 2 and k_cache.dim() == 5, lambda: "qkv must be 2-D, k_cache 5-D")
+    _same_device(qkv, k_cache=k_cache, v_cache=v_cache, positions=positions, inv_freq=inv_freq,
+                 q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight)
+    return qkv.new_empty((qkv.shape[0], num_heads * k_cache.shape[4]))

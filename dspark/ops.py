@@ -114,6 +114,46 @@ def sample(logits: torch.Tensor, params: SamplingTensors, seeds: Optional[torch.
     return tokens, (probs if return_probs else None)
 
 
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 residual: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
+                 eps: float = 1e-6, silu_gate: bool = False) -> torch.Tensor:
+    """``residual + linear(xhat, weight, bias)`` in one kernel, for the few-token calls (decode,
+    verify) where a linear layer is a weight-streaming GEMV.
+
+    x : [..., K] (``silu_gate``: [..., 2K], xhat = silu(x[..., :K]) * x[..., K:]); with
+        ``norm_weight`` [K], xhat = RMSNorm(x) * norm_weight (epsilon ``eps``); else xhat = x.
+    weight : [N, K] (nn.Linear layout); bias : [N]; residual : [..., N]. One dtype throughout
+        (float32 / bfloat16 / float16); intermediates are rounded to it as the separate PyTorch
+        ops would store them (see dspark.reference.fused_linear). Returns [..., N].
+    Any number of rows is correct; the CUDA kernel is built for <= 8 rows (larger counts re-read
+    the weight once per 8 rows, use a GEMM there).
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    res2 = None if residual is None else residual.reshape(-1, residual.shape[-1])
+    out = torch.ops.dspark.fused_linear(x2, weight, bias, res2, norm_weight, eps, silu_gate)
+    return out.view(*lead, weight.shape[0])
+
+
+def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int,
+                     positions: torch.Tensor, inv_freq: torch.Tensor, num_heads: int,
+                     q_norm_weight: Optional[torch.Tensor] = None,
+                     k_norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                     window: int = 0) -> torch.Tensor:
+    """Attention of one new token per request, with its QK-norm, rotary embedding and KV-cache
+    write in the same kernels (decode: one launch per layer plus a chunk merge for long caches).
+
+    qkv : [B, (H + 2 Hkv) D] the token's q | k | v projections (H = ``num_heads``).
+    k_cache, v_cache : [L, B, Hkv, S, D]; layer ``layer``'s slot ``positions[b]`` is written
+        (rotated, normed k; v), then slots max(0, pos - window + 1) .. pos are attended.
+    positions : [B] int64, the token's position = its cache slot, in [0, S).
+    inv_freq : [D/2] float32 rotary frequencies; q/k_norm_weight : [D] per-head RMSNorm (Qwen3).
+    Returns [B, H * D] in qkv's dtype (what the output projection takes).
+    """
+    return torch.ops.dspark.decode_attention(qkv, k_cache, v_cache, layer, positions, inv_freq,
+                                             q_norm_weight, k_norm_weight, eps, num_heads, window)
+
+
 def chain_layout(draft_lengths: Sequence[int], device: Union[str, torch.device] = "cpu"):
     """node_offsets [R+1] and parents [N] for chains with the given draft lengths (0 allowed)."""
     lengths = torch.as_tensor(list(draft_lengths), dtype=torch.int64) + 1

@@ -204,3 +204,76 @@ def target_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p
     """The exact distribution verify/sample use for one row (float64 [V])."""
     row = Row(logits, temperature, top_k, top_p)
     return row.e / row.total
+
+
+# ---- fused_linear ---------------------------------------------------------------------------
+def fused_linear_input(x, weight, norm_weight=None, eps=1e-6, silu_gate=False):
+    """xhat of fused_linear: x, RMSNorm(x) * norm_weight, or silu(gate) * up (stored in x's dtype)."""
+    dt = x.dtype
+    if silu_gate:
+        gate, up = x.float().split(weight.shape[1], -1)
+        return (torch.nn.functional.silu(gate).to(dt).float() * up).to(dt)
+    if norm_weight is not None:
+        xf = x.float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dt)
+        return (norm_weight.float() * normed.float()).to(dt)
+    return x
+
+
+def fused_linear(x, weight, bias=None, residual=None, norm_weight=None, eps=1e-6, silu_gate=False):
+    """What dspark::fused_linear computes, written as the unfused modules it replaces (RMSNorm ->
+    Linear -> residual add, or SiLU(gate) * up -> Linear -> residual add). x [M, K] (or [M, 2K]),
+    weight [N, K] -> [M, N]. Every intermediate is stored in x's dtype; the matmul sums in fp32."""
+    dt = x.dtype
+    y = fused_linear_input(x, weight, norm_weight, eps, silu_gate).float() @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    y = y.to(dt)
+    if residual is not None:
+        y = (residual.float() + y.float()).to(dt)
+    return y
+
+
+# ---- decode_attention -----------------------------------------------------------------------
+def _norm_rope(x, weight, eps, cos, sin):
+    """x [..., D] in dtype T: per-head RMSNorm (if weight) then rotary with T-rounded cos/sin,
+    each product and the sum rounded to T (what the model's separate ops store)."""
+    dt = x.dtype
+    if weight is not None:
+        xf = x.float()
+        x = (weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dt).float()).to(dt)
+    x1, x2 = x.chunk(2, -1)
+    rot = torch.cat((-x2, x1), -1)
+    return ((x.float() * cos.float()).to(dt).float() + (rot.float() * sin.float()).to(dt).float()).to(dt)
+
+
+def decode_attention(qkv, k_cache, v_cache, layer, positions, inv_freq, q_norm_weight,
+                     k_norm_weight, eps, num_heads, window):
+    """What dspark::decode_attention computes (mutates k_cache/v_cache like the op): per request,
+    write the rotated k and v at slot pos, then softmax(q K^T / sqrt(D)) V over the visible slots
+    in fp32, output rounded to qkv's dtype. Returns [B, H * D]."""
+    B = qkv.shape[0]
+    Hkv, S, D = k_cache.shape[2], k_cache.shape[3], k_cache.shape[4]
+    H, dt = num_heads, qkv.dtype
+    out = torch.empty(B, H * D, dtype=dt)
+    for b in range(B):
+        pos = int(positions[b])
+        if not 0 <= pos < S:
+            raise ValueError(f"positions must lie in [0, {S}), got {pos}")
+        f = torch.tensor(float(pos), dtype=torch.float32) * inv_freq.float().cpu()
+        emb = torch.cat((f, f))
+        cos, sin = emb.cos().to(dt), emb.sin().to(dt)
+        q = qkv[b, :H * D].view(H, D)
+        k = qkv[b, H * D:(H + Hkv) * D].view(Hkv, D)
+        v = qkv[b, (H + Hkv) * D:].view(Hkv, D)
+        q = _norm_rope(q, q_norm_weight, eps, cos, sin)
+        k_cache[layer, b, :, pos] = _norm_rope(k, k_norm_weight, eps, cos, sin)
+        v_cache[layer, b, :, pos] = v
+        lo = max(0, pos - window + 1) if window > 0 else 0
+        keys = k_cache[layer, b, :, lo:pos + 1].float()  # [Hkv, n, D]
+        vals = v_cache[layer, b, :, lo:pos + 1].float()
+        group = H // Hkv
+        kk, vv = keys.repeat_interleave(group, 0), vals.repeat_interleave(group, 0)  # [H, n, D]
+        scores = torch.einsum("hd,hnd->hn", q.float(), kk) / math.sqrt(D)
+        out[b] = torch.einsum("hn,hnd->hd", scores.softmax(-1), vv).to(dt).reshape(-1)
+    return out

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One batched session on the GPU machine: build, CUDA checks, sanitizers, benchmarks.
-# Usage: bash scripts/device_run.sh [build] [check] [tests] [sanitize] [bench] ; results in $OUT.
+# Usage: bash scripts/device_run.sh [build] [check] [tests] [sanitize] [linear] [engine] [decode] [bench]
+# (decode: DECODE_VARIANTS=graph,compile,...); results in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -28,9 +29,14 @@ for stage in "$@"; do
       (cd bench && compute-sanitizer --tool memcheck --leak-check no python3 check_cuda.py --cases 12 --small) 2>&1 | tail -6
       log racecheck
       (cd bench && compute-sanitizer --tool racecheck python3 check_cuda.py --cases 6 --small) 2>&1 | tail -6 ;;
+    linear)
+      log layer-op-tests; (cd tests && timeout 300 python3 -m pytest -q -p no:cacheprovider test_linear.py test_attention.py -k cuda 2>&1 | tail -4)
+      log bench_linear; (cd bench && python3 bench_linear.py --M 1,2,4 --out "$OUT/bench_linear.json") 2>&1 | tail -18
+      log bench_attention; (cd bench && python3 bench_attention.py --out "$OUT/bench_attention.json") 2>&1 | tail -5 ;;
     engine)
-      log engine; (cd bench && python3 check_engine_cuda.py) 2>&1 | tail -8
-      log decode; (cd bench && python3 bench_decode.py --profile --new 192 --out "$OUT/bench_decode.json") 2>&1 | tail -4 ;;
+      log engine; (cd bench && python3 check_engine_cuda.py) 2>&1 | tail -8 ;;
+    decode)
+      log decode; (cd bench && python3 bench_decode.py --profile --new 192 --variants "${DECODE_VARIANTS:-graph,compile}" --out "$OUT/bench_decode.json") 2>&1 | tail -8 ;;
     choose)  # keep the working tree's kernels only if they beat .alt/include (the last measured)
       log choose; (cd bench && python3 bench_ops.py --R 1,64 --gamma 1,7 --out "$OUT/bench_ops_try.json") 2>&1 | tail -9
       if python3 -c "import json,sys; r={(x['mode'],x['R'],x['gamma']):x['verify_us'] for x in json.load(open('$OUT/bench_ops_try.json'))['rows']}; sys.exit(0 if r[('sampled',64,7)] < $ALT_SAMPLED and r[('greedy',64,7)] < $ALT_GREEDY else 1)"; then

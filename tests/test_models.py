@@ -7,6 +7,7 @@ import torch
 
 import dspark  # noqa: F401
 from dspark.models import (
+    FUSED_MAX_ROWS,
     ModelConfig,
     ModelRunner,
     commit_kv,
@@ -148,6 +149,29 @@ def test_verify_chain_and_tree_match_transformers(pair):
                                            atol=ATOL, rtol=0)
 
 
+def test_fused_runner_matches_transformers(pair):
+    """fused=True (the CUDA default): decode of 2 requests and a one-request verify of 2 nodes
+    run their linear layers on dspark::fused_linear and still give transformers' logits."""
+    hf, model, _ = pair
+    runner = ModelRunner(model, fused=True)
+    assert runner.fused and model.can_fuse(FUSED_MAX_ROWS) and not model.can_fuse(FUSED_MAX_ROWS + 1)
+    prompts = PROMPTS[:FUSED_MAX_ROWS]
+    runner.allocate(len(prompts), 32)
+    runner.prefill(prompts)
+    start = torch.tensor([len(p) for p in prompts])
+    logits = runner.decode(torch.tensor([5, 6])[:len(prompts)], start)
+    for b, p in enumerate(prompts):
+        torch.testing.assert_close(logits[b], hf_logits(hf, p + [5 + b])[-1], atol=ATOL, rtol=0)
+    toks, pars = [50, 51], [-1, 0]
+    runner.allocate(1, 32)
+    runner.prefill(PROMPTS[:1])
+    logits, _ = runner.verify(torch.tensor(toks), torch.tensor(pars), torch.tensor([0, 2]),
+                              torch.tensor([len(PROMPTS[0])]), max_nodes=2)
+    for j, path in enumerate(paths(pars)):
+        seq = PROMPTS[0] + [toks[i] for i in path]
+        torch.testing.assert_close(logits[j], hf_logits(hf, seq)[-1], atol=ATOL, rtol=0)
+
+
 def test_prefill_taps_match_transformers(pair):
     hf, model, _ = pair
     runner = ModelRunner(model)
@@ -204,11 +228,13 @@ def test_bad_checkpoints(tmp_path):
         resolve_dtype("float8")
 
 
-def test_compiled_runner_matches_transformers(tmp_path):
-    """runner(compile=True): the torch.compile'd decode and tree verify give the eager logits."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_compiled_runner_matches_transformers(tmp_path, fused):
+    """runner(compile=True): the torch.compile'd decode and tree verify give the eager logits
+    (fused: with dspark::fused_linear inside the compiled graph, as on CUDA)."""
     hf = make_checkpoint(str(tmp_path), "qwen3")
     model = load_model(str(tmp_path), dtype=torch.float32)
-    runner = ModelRunner(model, compile=True)
+    runner = ModelRunner(model, compile=True, fused=fused)
     runner.allocate(len(PROMPTS), 32)
     runner.prefill(PROMPTS)
     start = torch.tensor([len(p) for p in PROMPTS])
@@ -222,6 +248,24 @@ def test_compiled_runner_matches_transformers(tmp_path):
             seq = PROMPTS[r] + [toks[i] for i in path]
             torch.testing.assert_close(logits[int(offs[r]) + j], hf_logits(hf, seq)[-1],
                                        atol=ATOL, rtol=0)
+
+
+def test_compiled_fused_decode_matches_transformers(tmp_path):
+    """compile=True + fused (the CUDA configuration): the compiled decode that runs on
+    fused_linear + decode_attention (mutating the cache inside the graph) gives transformers'
+    logits, step after step."""
+    hf = make_checkpoint(str(tmp_path), "qwen3")
+    model = load_model(str(tmp_path), dtype=torch.float32)
+    runner = ModelRunner(model, compile=True, fused=True)
+    prompts = PROMPTS[:2]
+    runner.allocate(len(prompts), 32)
+    runner.prefill(prompts)
+    start = torch.tensor([len(p) for p in prompts])
+    for step in range(3):
+        logits = runner.decode(torch.tensor([5, 6]) + step, start + step)
+        for b, p in enumerate(prompts):
+            seq = p + [5 + b + s for s in range(step + 1)]
+            torch.testing.assert_close(logits[b], hf_logits(hf, seq)[-1], atol=ATOL, rtol=0)
 
 
 def test_compile_mode_with_its_own_cuda_graphs_is_refused(tmp_path):

@@ -32,4 +32,33 @@ struct LaunchArgs {
 size_t workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V);
 cudaError_t launch_verify(const LaunchArgs& args, cudaStream_t stream);
 
+// dspark::fused_linear (include/dspark/linear.cuh); every tensor has element type `dtype`.
+struct LinearArgs {
+  LogitsType dtype;
+  const void *x, *weight, *bias, *residual, *norm_weight;  // bias/residual/norm_weight may be null
+  void* out;
+  int64_t M, N, K;
+  float eps;
+  int prologue;  // 0 plain, 1 RMSNorm, 2 SiLU gate
+};
+cudaError_t launch_linear(const LinearArgs& args, cudaStream_t stream);
+
+// dspark::decode_attention (include/dspark/attention.cuh); qkv/caches/norms/out of type `dtype`.
+struct AttnArgs {
+  LogitsType dtype;
+  const void* qkv;
+  void *k_cache, *v_cache;
+  const int64_t* positions;
+  const float* inv_freq;
+  const void *q_norm, *k_norm;  // may be null
+  void* out;
+  float *part_o, *part_ml;  // chunk partials (splits > 1)
+  int32_t* status;
+  int64_t B, H, Hkv, S, D, layer, window;
+  float eps, scale;
+  int splits;
+};
+int attention_splits(int64_t S);  // chunks of the cache's slots (one block each per KV head)
+cudaError_t launch_attention(const AttnArgs& args, cudaStream_t stream);
+
 }  // namespace dspark

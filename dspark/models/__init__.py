@@ -4,7 +4,8 @@ from .config import ModelConfig
 from .kv import KVCache, commit_kv
 from .loader import load_model, load_tokenizer, resolve_dtype
 from .runner import Forward, ModelRunner, tree_masks
-from .transformer import Transformer
+from .transformer import FUSED_MAX_ROWS, Transformer
 
 __all__ = ["ModelConfig", "KVCache", "commit_kv", "load_model", "load_tokenizer", "resolve_dtype",
-           "Forward", "ModelRunner", "tree_masks", "Transformer"]
+           "Forward", "ModelRunner", "tree_masks", "Transformer",
+           "FUSED_MAX_ROWS"]

@@ -9,6 +9,10 @@ Outputs of graphed calls are static buffers: valid until the next call with the 
 per shape bucket, then captured in the same CUDA graph): inductor fuses the ~40 small elementwise
 kernels per layer (norms, rotary, cache writes, SiLU·up) that dominate batch-1 decode latency.
 Compilation costs tens of seconds per bucket, so it is opt-in (``dspark generate --compile``).
+
+``fused`` (default: on for CUDA) runs the linear layers of calls over at most
+``FUSED_MAX_ROWS`` token rows (decode, small verify blocks) on ``dspark::fused_linear``: one
+weight-streaming kernel per projection with RMSNorm / SiLU-gate / residual folded in.
 ``compile="max-autotune-no-cudagraphs"`` (or ``"max-autotune"``'s graph-free twin) lets inductor
 also benchmark GEMM kernels; modes that bring their own CUDA graphs are refused (ours capture).
 """
@@ -45,7 +49,7 @@ def tree_masks(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class ModelRunner:
     def __init__(self, model: Transformer, use_cuda_graphs: Optional[bool] = None,
-                 compile: Union[bool, str] = False):
+                 compile: Union[bool, str] = False, fused: Optional[bool] = None):
         if isinstance(compile, str) and compile not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES} (the runner captures "
                              f"its own CUDA graphs), got {compile!r}")
@@ -56,6 +60,7 @@ class ModelRunner:
         if use_cuda_graphs is None:
             use_cuda_graphs = model.device.type == "cuda"
         self.use_cuda_graphs = use_cuda_graphs
+        self.fused = model.device.type == "cuda" if fused is None else fused
         self._graphs: dict = {}
         self._pool = None
         self._compiled: dict = {}
@@ -137,8 +142,9 @@ class ModelRunner:
         positions = start[:, None] + torch.arange(T, device=dev)
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(B, T, T)
         c = self.cache
-        h, tapped = self.model(tokens, positions, start, causal, c.k, c.v, c.max_len, taps)
-        logits = self.model.logits(h[torch.arange(B, device=dev), last])
+        fused = self.fused and self.model.can_fuse(B * T)
+        h, tapped = self.model(tokens, positions, start, causal, c.k, c.v, c.max_len, taps, fused)
+        logits = self.model.logits(h[torch.arange(B, device=dev), last], fused)
         return Forward(logits, torch.stack(tapped) if tapped else None)
 
     def _verify(self, draft_tokens, parents, node_offsets, start, static):
@@ -146,7 +152,9 @@ class ModelRunner:
         N, R, W = draft_tokens.shape[0], start.shape[0], max_nodes
         dev = draft_tokens.device
         node = torch.arange(N, device=dev)
-        row = torch.searchsorted(node_offsets[1:], node, right=True)
+        # request of each node: how many request ends lie at or before it (a comparison-sum
+        # rather than searchsorted, whose inductor lowering tripped a device-side assert here)
+        row = (node[:, None] >= node_offsets[None, 1:]).sum(1)
         col = node - node_offsets[row]
         tokens = torch.zeros(R, W, dtype=torch.int64, device=dev)
         tokens[row, col] = draft_tokens
@@ -155,9 +163,10 @@ class ModelRunner:
         anc, depth = tree_masks(par)
         c = self.cache
         positions = start[:, None] + depth
-        h, tapped = self.model(tokens, positions, start, anc, c.k, c.v, c.max_len, taps)
+        fused = self.fused and self.model.can_fuse(R * W)
+        h, tapped = self.model(tokens, positions, start, anc, c.k, c.v, c.max_len, taps, fused)
         hidden = torch.stack([t[row, col] for t in tapped]) if tapped else None
-        return Forward(self.model.logits(h[row, col]), hidden)
+        return Forward(self.model.logits(h[row, col], fused), hidden)
 
     def _body(self, name, fn):
         if not self.compile:

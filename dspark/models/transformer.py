@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import decode_attention, fused_linear
 from .config import ModelConfig
+
+# A forward over at most this many token rows (batch x block) may use dspark::fused_linear:
+# there a linear layer streams its weight once (GEMV-like), which the fused kernel is built for.
+# Measured on the H200 (bench/bench_linear.py, Qwen3-8B projections): it beats the unfused
+# norm + cuBLAS + add ops at 1 and 2 rows and loses from 4 rows on (bench/RESULTS.md).
+FUSED_MAX_ROWS = 2
 
 
 class RMSNorm(nn.Module):
@@ -42,11 +49,18 @@ class Attention(nn.Module):
         self.o = nn.Linear(self.h * self.d, c.hidden_size, bias=c.o_bias)
         self.q_norm = RMSNorm(self.d, c.rms_norm_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(self.d, c.rms_norm_eps) if c.qk_norm else None
+        self.eps = c.rms_norm_eps
+        self.window = 0  # sliding window of this layer (0 = none); set by Transformer
 
     def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit):
-        # x: [B, T, hidden]; cos/sin: [B, 1, T, D]; k_cache/v_cache: [B, Hkv, S, D]; slots: [B, T]
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], -1)
+        return self.o(self.core(self.qkv(x), cos, sin, k_cache, v_cache, slots, mask, kv_limit))
+
+    def core(self, qkv, cos, sin, k_cache, v_cache, slots, mask, kv_limit):
+        """Everything between the QKV and output projections (QK-norm, rotary, cache write,
+        attention). qkv: [B, T, (H + 2 Hkv) D]; cos/sin: [B, 1, T, D]; k_cache/v_cache:
+        [B, Hkv, S, D]; slots: [B, T] -> [B, T, H D]."""
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], -1)
         q = q.view(B, T, self.h, self.d)
         k = k.view(B, T, self.hkv, self.d)
         if self.q_norm is not None:
@@ -54,12 +68,12 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        bidx = torch.arange(B, device=x.device)[:, None]
+        bidx = torch.arange(B, device=qkv.device)[:, None]
         k_cache[bidx, :, slots] = k.transpose(1, 2)  # [B, T, Hkv, D] into slots
         v_cache[bidx, :, slots] = v.view(B, T, self.hkv, self.d)
         out = F.scaled_dot_product_attention(q, k_cache[:, :, :kv_limit], v_cache[:, :, :kv_limit],
                                              attn_mask=mask, enable_gqa=self.h != self.hkv)
-        return self.o(out.transpose(1, 2).reshape(B, T, self.h * self.d))
+        return out.transpose(1, 2).reshape(B, T, self.h * self.d)
 
 
 class MLP(nn.Module):
@@ -84,9 +98,38 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit):
+    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit, fused=False):
+        if fused:
+            return self._fused(x, cos, sin, k_cache, v_cache, slots, mask, kv_limit)
         x = x + self.attn(self.attn_norm(x), cos, sin, k_cache, v_cache, slots, mask, kv_limit)
         return x + self.mlp(self.mlp_norm(x))
+
+    def decode(self, x, k_cache, v_cache, layer, positions, inv_freq):
+        """One token per request on dspark kernels only: 4 fused_linear + decode_attention.
+        x: [B, hidden]; k_cache/v_cache: [L, B, Hkv, S, D] (slot positions[b] of ``layer`` is
+        written); positions: [B]; inv_freq: [D/2] f32."""
+        a, m = self.attn, self.mlp
+        qkv = fused_linear(x, a.qkv.weight, a.qkv.bias, norm_weight=self.attn_norm.weight,
+                           eps=self.attn_norm.eps)
+        attn = decode_attention(qkv, k_cache, v_cache, layer, positions, inv_freq, a.h,
+                                a.q_norm.weight if a.q_norm is not None else None,
+                                a.k_norm.weight if a.k_norm is not None else None, a.eps, a.window)
+        h = fused_linear(attn, a.o.weight, a.o.bias, residual=x)
+        gate_up = fused_linear(h, m.gate_up.weight, m.gate_up.bias, norm_weight=self.mlp_norm.weight,
+                               eps=self.mlp_norm.eps)
+        return fused_linear(gate_up, m.down.weight, m.down.bias, residual=h, silu_gate=True)
+
+    def _fused(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit):
+        """Same block, four dspark::fused_linear calls: RMSNorm folded into the QKV and gate/up
+        projections, SiLU(gate)*up into the down projection, residual adds into o and down."""
+        a, m = self.attn, self.mlp
+        qkv = fused_linear(x, a.qkv.weight, a.qkv.bias, norm_weight=self.attn_norm.weight,
+                           eps=self.attn_norm.eps)
+        attn = a.core(qkv, cos, sin, k_cache, v_cache, slots, mask, kv_limit)
+        h = fused_linear(attn, a.o.weight, a.o.bias, residual=x)
+        gate_up = fused_linear(h, m.gate_up.weight, m.gate_up.bias, norm_weight=self.mlp_norm.weight,
+                               eps=self.mlp_norm.eps)
+        return fused_linear(gate_up, m.down.weight, m.down.bias, residual=h, silu_gate=True)
 
 
 class Transformer(nn.Module):
@@ -97,6 +140,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        for layer, window in zip(self.layers, c.sliding_window):
+            layer.attn.window = window or 0
         self.register_buffer("inv_freq", c.inv_freq(), persistent=False)
 
     @property
@@ -124,13 +169,25 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, start: torch.Tensor,
                 block_mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                kv_limit: int, taps: Sequence[int] = ()) -> tuple[torch.Tensor, list]:
+                kv_limit: int, taps: Sequence[int] = (), fused: bool = False
+                ) -> tuple[torch.Tensor, list]:
         """tokens, positions: [B, T] i64; start: [B] i64 (first cache slot of the block);
         block_mask: [B, T, T] bool (query t may see block slot j); k_cache/v_cache:
         [L, B, Hkv, S, D]. Returns the final residual stream [B, T, hidden] (pre-norm) and the
-        tapped residual streams (layer l's output; -1 = embedding output), in ``taps`` order."""
-        T = tokens.shape[1]
+        tapped residual streams (layer l's output; -1 = embedding output), in ``taps`` order.
+        ``fused``: run the blocks on dspark::fused_linear (see :meth:`can_fuse`); with one token
+        per request (T = 1: decode, or a root-only verify) attention runs on
+        dspark::decode_attention too, and no masks or rotary tables are built."""
+        B, T = tokens.shape
         x = self.embed(tokens)
+        if fused and T == 1:
+            h, pos, inv_freq = x.view(B, -1), positions.view(B), self.inv_freq.float()
+            tapped = {-1: x} if -1 in taps else {}
+            for i, layer in enumerate(self.layers):
+                h = layer.decode(h, k_cache, v_cache, i, pos, inv_freq)
+                if i in taps:
+                    tapped[i] = h.view(B, 1, -1)
+            return h.view(B, 1, -1), [tapped[t] for t in taps]
         freqs = positions.float()[..., None] * self.inv_freq  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), -1)[:, None]  # [B, 1, T, D]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
@@ -139,11 +196,19 @@ class Transformer(nn.Module):
         tapped = {-1: x} if -1 in taps else {}
         for i, layer in enumerate(self.layers):
             mask = masks[self.config.sliding_window[i]]
-            x = layer(x, cos, sin, k_cache[i], v_cache[i], slots, mask, kv_limit)
+            x = layer(x, cos, sin, k_cache[i], v_cache[i], slots, mask, kv_limit, fused)
             if i in taps:
                 tapped[i] = x
         return x, [tapped[t] for t in taps]
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def can_fuse(self, rows: int) -> bool:
+        """Whether a forward over ``rows`` token rows can use dspark::fused_linear (few rows, and
+        the SiLU-gated MLP the down-projection kernel folds in)."""
+        return rows <= FUSED_MAX_ROWS and self.config.hidden_act == "silu"
+
+    def logits(self, h: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """Final norm + LM head; logits in float32."""
+        if fused:
+            return fused_linear(h, self.lm_head.weight, norm_weight=self.norm.weight,
+                                eps=self.norm.eps).float()
         return self.lm_head(self.norm(h)).float()

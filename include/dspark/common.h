@@ -32,6 +32,7 @@ enum StatusBit : int32_t {
   kBadTopP = 1 << 7,         // top_p outside (0, 1]
   kBadDraftProbs = 1 << 8,   // a draft probability that is negative, NaN or inf
   kBadUniform = 1 << 9,      // caller-supplied uniform outside [0, 1)
+  kBadPosition = 1 << 10,    // decode_attention: a position outside the cache's slots [0, S)
 };
 
 DSPARK_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -1,0 +1,79 @@
+"""dspark::decode_attention (Qwen3-8B heads: 32 q / 8 KV heads of 128, bf16, batch 1) against
+the unfused PyTorch ops it replaces (QK-norm, rotary, cache write, SDPA over the masked cache),
+median µs per call, CUDA-graph replay. Roofline: the K/V bytes of the visible slots at the copy
+bandwidth (small caches are latency-bound: the floor is then far below a kernel launch).
+
+    python bench/bench_attention.py [--slots 256,1024,4096,32768] [--out bench_attention.json]
+"""
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+import dspark
+from bench_ops import copy_bandwidth, time_graph
+
+H, HKV, D, LAYERS = 32, 8, 128, 2
+
+
+def unfused(qkv, k_cache, v_cache, pos, inv_freq, qn, kn, S):
+    """The runner's unfused decode attention for one layer (as dspark/models/transformer.py)."""
+    B = qkv.shape[0]
+    q, k, v = qkv.view(B, 1, -1).split([H * D, HKV * D, HKV * D], -1)
+    q, k = q.view(B, 1, H, D), k.view(B, 1, HKV, D)
+
+    def norm(x, w):
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+    q, k = norm(q, qn).transpose(1, 2), norm(k, kn).transpose(1, 2)
+    f = pos.float()[:, None, None] * inv_freq
+    emb = torch.cat((f, f), -1)[:, None]
+    cos, sin = emb.cos().to(qkv.dtype), emb.sin().to(qkv.dtype)
+
+    def rot(x):
+        x1, x2 = x.chunk(2, -1)
+        return torch.cat((-x2, x1), -1)
+    q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+    bidx = torch.arange(B, device=qkv.device)[:, None]
+    k_cache[1][bidx, :, pos[:, None]] = k.transpose(1, 2)
+    v_cache[1][bidx, :, pos[:, None]] = v.view(B, 1, HKV, D)
+    mask = (torch.arange(S, device=qkv.device)[None, :] <= pos[:, None])[:, None, None]
+    out = F.scaled_dot_product_attention(q, k_cache[1], v_cache[1], attn_mask=mask, enable_gqa=True)
+    return out.transpose(1, 2).reshape(B, H * D)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--slots", default="256,1024,4096,32768")
+    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    bw = copy_bandwidth()
+    dt, dev = torch.bfloat16, "cuda"
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s; Qwen3-8B heads, bf16, batch 1, position S-1; µs median")
+    rows = []
+    for S in (int(s) for s in a.slots.split(",")):
+        gen = torch.Generator(device=dev).manual_seed(0)
+        k_cache = torch.randn(LAYERS, 1, HKV, S, D, device=dev, generator=gen).to(dt)
+        v_cache = torch.randn(LAYERS, 1, HKV, S, D, device=dev, generator=gen).to(dt)
+        qkv = torch.randn(1, (H + 2 * HKV) * D, device=dev, generator=gen).to(dt)
+        pos = torch.tensor([S - 1], device=dev)
+        inv_freq = 1.0 / (1e6 ** (torch.arange(0, D, 2, device=dev, dtype=torch.float32) / D))
+        qn, kn = torch.ones(D, device=dev, dtype=dt), torch.ones(D, device=dev, dtype=dt)
+        ours = lambda _: dspark.ops.decode_attention(qkv, k_cache, v_cache, 1, pos, inv_freq, H, qn, kn)  # noqa: E731
+        base = lambda _: unfused(qkv, k_cache, v_cache, pos, inv_freq, qn, kn, S)  # noqa: E731
+        diff = (ours(None).float() - base(None).float()).abs().max().item()
+        floor_us = 2 * HKV * S * D * 2 / bw * 1e6
+        row = dict(slots=S, floor_us=round(floor_us, 2), max_abs_diff=diff,
+                   ours_us=round(time_graph(ours, [None], a.reps), 2),
+                   unfused_us=round(time_graph(base, [None], a.reps), 2))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(copy_GBps=round(bw / 1e9), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

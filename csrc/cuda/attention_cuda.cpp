@@ -1,0 +1,64 @@
+// csrc/cuda/attention_cuda.cpp: CUDA entry point of dspark::decode_attention.
+// Positions are checked on the device (status word, read back outside CUDA-graph capture when
+// sync checks are on, like verify/sample); an invalid request writes nothing to the cache and
+// gets a zero output.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cmath>
+
+#include "checks.h"
+#include "cuda/launch.h"
+
+namespace dspark {
+namespace {
+
+at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache,
+                                 int64_t layer, const at::Tensor& positions, const at::Tensor& inv_freq,
+                                 const std::optional<at::Tensor>& q_norm_weight,
+                                 const std::optional<at::Tensor>& k_norm_weight, double eps,
+                                 int64_t num_heads, int64_t window) {
+  const auto d = check_decode_attention_args(qkv, k_cache, v_cache, layer, positions, inv_freq,
+                                             q_norm_weight, k_norm_weight, eps, num_heads, window);
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  at::Tensor out = at::empty({d.B, d.H * d.D}, qkv.options());
+  if (d.B == 0) return out;
+  const int splits = attention_splits(d.S);
+  const auto f32 = qkv.options().dtype(at::kFloat);
+  at::Tensor part_o = at::empty({splits > 1 ? d.B * d.H * splits * d.D : 0}, f32);
+  at::Tensor part_ml = at::empty({splits > 1 ? d.B * d.H * splits * 2 : 0}, f32);
+  at::Tensor status = at::zeros({1}, qkv.options().dtype(at::kInt));
+  AttnArgs a{};
+  a.dtype = qkv.scalar_type() == at::kBFloat16 ? LogitsType::kBFloat16
+            : qkv.scalar_type() == at::kHalf   ? LogitsType::kFloat16
+                                               : LogitsType::kFloat32;
+  a.qkv = qkv.data_ptr();
+  a.k_cache = k_cache.data_ptr();
+  a.v_cache = v_cache.data_ptr();
+  a.positions = positions.data_ptr<int64_t>();
+  a.inv_freq = inv_freq.data_ptr<float>();
+  a.q_norm = q_norm_weight ? q_norm_weight->data_ptr() : nullptr;
+  a.k_norm = k_norm_weight ? k_norm_weight->data_ptr() : nullptr;
+  a.out = out.data_ptr();
+  a.part_o = part_o.data_ptr<float>();
+  a.part_ml = part_ml.data_ptr<float>();
+  a.status = status.data_ptr<int32_t>();
+  a.B = d.B; a.H = d.H; a.Hkv = d.Hkv; a.S = d.S; a.D = d.D; a.layer = layer; a.window = window;
+  a.eps = static_cast<float>(eps);
+  a.scale = 1.0f / std::sqrt(static_cast<float>(d.D));
+  a.splits = splits;
+  const cudaError_t err = launch_attention(a, c10::cuda::getCurrentCUDAStream());
+  DSPARK_CHECK(err == cudaSuccess, "dspark::decode_attention kernel launch failed: ", cudaGetErrorString(err));
+  if (cuda_sync_checks() &&
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None)
+    raise_on_status(status.item<int32_t>(), "decode_attention");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dspark, CUDA, m) { m.impl("decode_attention", &decode_attention_cuda); }
+
+}  // namespace dspark

@@ -1,0 +1,40 @@
+// csrc/cuda/attention_kernels.cu: instantiates the header-only decode attention per dtype.
+#include "cuda/launch.h"
+#include "dspark/attention.cuh"
+
+namespace dspark {
+
+int attention_splits(int64_t S) { return cuda::attn_splits(S); }
+
+namespace {
+template <typename T>
+cudaError_t run(const AttnArgs& a, cudaStream_t stream) {
+  cuda::AttnParams<T> p{};
+  p.qkv = static_cast<const T*>(a.qkv);
+  p.k_cache = static_cast<T*>(a.k_cache);
+  p.v_cache = static_cast<T*>(a.v_cache);
+  p.positions = a.positions;
+  p.inv_freq = a.inv_freq;
+  p.q_norm = static_cast<const T*>(a.q_norm);
+  p.k_norm = static_cast<const T*>(a.k_norm);
+  p.out = static_cast<T*>(a.out);
+  p.part_o = a.part_o;
+  p.part_ml = a.part_ml;
+  p.status = a.status;
+  p.B = a.B; p.H = a.H; p.Hkv = a.Hkv; p.S = a.S; p.D = a.D; p.layer = a.layer; p.window = a.window;
+  p.eps = a.eps;
+  p.scale = a.scale;
+  p.splits = a.splits;
+  return cuda::launch_decode_attention(p, stream);
+}
+}  // namespace
+
+cudaError_t launch_attention(const AttnArgs& a, cudaStream_t stream) {
+  switch (a.dtype) {
+    case LogitsType::kBFloat16: return run<__nv_bfloat16>(a, stream);
+    case LogitsType::kFloat16: return run<__half>(a, stream);
+    default: return run<float>(a, stream);
+  }
+}
+
+}  // namespace dspark

@@ -1,0 +1,26 @@
+// csrc/cuda/linear_kernels.cu: instantiates the header-only fused linear kernel per dtype.
+#include "cuda/launch.h"
+#include "dspark/linear.cuh"
+
+namespace dspark {
+
+namespace {
+template <typename T>
+cudaError_t run(const LinearArgs& a, cudaStream_t stream) {
+  const cuda::LinearParams<T> p{static_cast<const T*>(a.x), static_cast<const T*>(a.weight),
+                                static_cast<const T*>(a.bias), static_cast<const T*>(a.residual),
+                                static_cast<const T*>(a.norm_weight), static_cast<T*>(a.out),
+                                a.M, a.N, a.K, a.eps, a.prologue};
+  return cuda::launch_fused_linear(p, stream);
+}
+}  // namespace
+
+cudaError_t launch_linear(const LinearArgs& a, cudaStream_t stream) {
+  switch (a.dtype) {
+    case LogitsType::kBFloat16: return run<__nv_bfloat16>(a, stream);
+    case LogitsType::kFloat16: return run<__half>(a, stream);
+    default: return run<float>(a, stream);
+  }
+}
+
+}  // namespace dspark

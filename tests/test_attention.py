@@ -1,0 +1,138 @@
+"""dspark::decode_attention against dspark.reference.decode_attention: outputs and the cache
+writes, over dtypes, head groupings, head sizes (vector and scalar paths), cache lengths (one and
+several chunks), sliding windows, edge positions; opcheck, torch.compile, bad input."""
+import pytest
+import torch
+
+import dspark
+from dspark import reference as ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make(B, H, Hkv, S, D, dtype, gen, device, qk_norm=True, L=2, positions=None):
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+    pos = positions if positions is not None else torch.randint(0, S, (B,), generator=gen)
+    return dict(qkv=rnd(B, (H + 2 * Hkv) * D), k_cache=rnd(L, B, Hkv, S, D), v_cache=rnd(L, B, Hkv, S, D),
+                layer=L - 1, positions=torch.as_tensor(pos, dtype=torch.int64),
+                inv_freq=1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)),
+                q_norm_weight=(torch.rand(D, generator=gen) + 0.5).to(dtype) if qk_norm else None,
+                k_norm_weight=(torch.rand(D, generator=gen) + 0.5).to(dtype) if qk_norm else None,
+                eps=1e-6, num_heads=H, window=0)
+
+
+def to(args, device):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+def check(args, device):
+    dev = to(args, device)
+    got = torch.ops.dspark.decode_attention(*dev.values())
+    cpu = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    want = ref.decode_attention(*cpu.values())
+    dt = args["qkv"].dtype
+    # Outputs are convex combinations of V rows (|v| ~ 1): the kernels and the reference differ by
+    # fp32 summation order and by the last bit of cos/sin/rsqrt, which can move a rounded q/k
+    # element by one unit of T; allowed: a few units of T (fp32: 1e-5).
+    tol = 1e-5 if dt == torch.float32 else 4 * torch.finfo(dt).eps
+    torch.testing.assert_close(got.cpu().float(), want.float(), atol=tol, rtol=tol)
+    for name in ("k_cache", "v_cache"):  # written slot: one unit of T (rotary); others untouched
+        torch.testing.assert_close(dev[name].cpu().float(), cpu[name].float(),
+                                   atol=1e-6 if dt == torch.float32 else 2 * torch.finfo(dt).eps,
+                                   rtol=1e-6 if dt == torch.float32 else torch.finfo(dt).eps)
+    untouched = torch.ones_like(args["k_cache"], dtype=torch.bool)
+    for b, p in enumerate(args["positions"].tolist()):
+        untouched[args["layer"], b, :, p] = False
+    assert torch.equal(dev["k_cache"].cpu()[untouched], args["k_cache"][untouched])
+    assert torch.equal(dev["v_cache"].cpu()[untouched], args["v_cache"][untouched])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H,Hkv,S,D", [(1, 1, 1, 1, 2), (2, 4, 2, 5, 16), (3, 8, 2, 130, 64),
+                                         (1, 32, 8, 300, 128), (2, 6, 3, 40, 12), (1, 16, 1, 20, 32)])
+def test_matches_reference(device, gen, dtype, B, H, Hkv, S, D):
+    check(make(B, H, Hkv, S, D, dtype, gen, device), device)
+
+
+@pytest.mark.parametrize("window", [1, 3, 100, 1000])
+def test_sliding_window(device, gen, window):
+    args = make(3, 4, 2, 260, 32, torch.float32, gen, device, positions=[259, 2, 140])
+    args["window"] = window
+    check(args, device)
+
+
+@pytest.mark.parametrize("positions", [[0, 0], [255, 256], [511, 0]])
+def test_chunk_edges(device, gen, positions):
+    """Positions at the first slot, either side of a chunk boundary, the last slot."""
+    check(make(2, 4, 4, 512, 64, torch.bfloat16, gen, device, qk_norm=False, positions=positions),
+          device)
+
+
+def test_wrapper_and_layers(device, gen):
+    """dspark.ops.decode_attention == the op; only the chosen layer's slot is written."""
+    args = to(make(2, 4, 2, 16, 16, torch.float32, gen, device, L=3), device)
+    args["layer"] = 1
+    before = args["k_cache"].clone()
+    out = dspark.ops.decode_attention(args["qkv"], args["k_cache"], args["v_cache"], 1,
+                                      args["positions"], args["inv_freq"], 4,
+                                      args["q_norm_weight"], args["k_norm_weight"])
+    assert out.shape == (2, 4 * 16)
+    assert torch.equal(args["k_cache"][0], before[0]) and torch.equal(args["k_cache"][2], before[2])
+
+
+def test_opcheck(device, gen):
+    args = to(make(2, 4, 2, 140, 16, torch.float32, gen, device), device)
+    torch.library.opcheck(torch.ops.dspark.decode_attention.default, tuple(args.values()))
+
+
+def test_compile_fullgraph_equals_eager(device, gen):
+    torch._dynamo.reset()
+    args = to(make(2, 4, 2, 24, 16, torch.float32, gen, device), device)
+
+    def step(qkv, k, v, pos, inv):  # the cache is mutated in place: run on copies
+        return dspark.ops.decode_attention(qkv, k, v, 1, pos, inv, 4) * 2.0
+    eager_k, eager_v = args["k_cache"].clone(), args["v_cache"].clone()
+    want = step(args["qkv"], eager_k, eager_v, args["positions"], args["inv_freq"])
+    got = torch.compile(step, fullgraph=True)(args["qkv"], args["k_cache"], args["v_cache"],
+                                              args["positions"], args["inv_freq"])
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert torch.equal(args["k_cache"], eager_k) and torch.equal(args["v_cache"], eager_v)
+
+
+def bad_cases():
+    gen = torch.Generator().manual_seed(0)
+    base = make(2, 4, 2, 8, 16, torch.float32, gen, "cpu")
+    cases = {
+        "qkv_1d": (dict(qkv=torch.ones(10)), "qkv must be a 2-D"),
+        "qkv_f64": (dict(qkv=base["qkv"].double()), "float32, bfloat16 or float16"),
+        "qkv_width": (dict(qkv=torch.ones(2, 10)), "qkv must have shape"),
+        "cache_4d": (dict(k_cache=torch.ones(2, 2, 8, 16)), "k_cache must be"),
+        "v_shape": (dict(v_cache=torch.ones(2, 2, 2, 9, 16)), "v_cache must have k_cache's shape"),
+        "cache_dtype": (dict(k_cache=base["k_cache"].half(), v_cache=base["v_cache"].half()),
+                        "k_cache must have dtype"),
+        "layer": (dict(layer=2), "layer must be in"),
+        "heads": (dict(num_heads=3), "multiple of the cache's kv_heads"),
+        "positions_i32": (dict(positions=base["positions"].int()), "positions must have dtype"),
+        "positions_len": (dict(positions=torch.zeros(3, dtype=torch.long)), "positions must have size 2"),
+        "inv_freq_len": (dict(inv_freq=torch.ones(7)), "inv_freq must have size 8"),
+        "norm_len": (dict(q_norm_weight=torch.ones(15)), "q_norm_weight must have size 16"),
+        "window": (dict(window=-1), "window must be >= 0"),
+        "eps": (dict(eps=float("inf")), "eps must be finite"),
+        "cache_strided": (dict(k_cache=base["k_cache"].transpose(3, 4).contiguous().transpose(3, 4)),
+                          "k_cache must be contiguous"),
+        "position_past_cache": (dict(positions=torch.tensor([1, 8])), r"positions must lie in \[0, S\)"),
+        "position_negative": (dict(positions=torch.tensor([-1, 0])), r"positions must lie in \[0, S\)"),
+    }
+    return base, cases
+
+
+@pytest.mark.parametrize("case", list(bad_cases()[1]))
+def test_bad_input(device, case):
+    base, cases = bad_cases()
+    change, message = cases[case]
+    args = {**base, **change}
+    args = {k: (torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=device).copy_(v)
+                if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=message):
+        torch.ops.dspark.decode_attention(*args.values())
