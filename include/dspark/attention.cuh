@@ -213,41 +213,60 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
     fin[2 * threadIdx.x + 1] = l;
   }
 
-  // Weighted V: warp w sums slots c0 + w, c0 + w + warps, ... (several rows in flight);
-  // lane owns d = lane + 32 i.
-  constexpr int kPerLane = kAttnMaxHeadDim / 32;
-  int64_t j0 = c0 + warp;
-  if (j0 < first) j0 += (first - j0 + kAttnWarps - 1) / kAttnWarps * kAttnWarps;
+  // Weighted V: each half-warp takes one slot (half h of warp w: slots c0 + 2 w + h, then every
+  // 2 * warps), its 16 lanes reading the V row in VEC-wide loads (lane l: elements
+  // VEC * (l + 16 i)); several slots' loads are in flight per lane; the halves are added last.
+  constexpr int kVecPerLane = (kAttnMaxHeadDim + 16 * VEC - 1) / (16 * VEC);
+  const int half = lane >> 4, hl = lane & 15;
   for (int64_t g0 = 0; g0 < G; g0 += 4) {
-    float acc[4][kPerLane];
+    float acc[4][kVecPerLane][VEC];
 #pragma unroll
     for (int g = 0; g < 4; ++g)
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) acc[g][i] = 0.0f;
-#pragma unroll 4
-    for (int64_t jj = j0; jj < end; jj += kAttnWarps) {
-      const T* vrow = p.v_cache + (head_base + jj) * D;
-      float v[kPerLane];
+      for (int i = 0; i < kVecPerLane; ++i)
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) {
-        const int64_t d = lane + 32 * i;
-        v[i] = d < D ? (jj == pos ? kv_new[D + d] : to_f(vrow[d])) : 0.0f;
+        for (int e = 0; e < VEC; ++e) acc[g][i][e] = 0.0f;
+#pragma unroll 4
+    for (int64_t jj = c0 + 2 * warp + half; jj < end; jj += 2 * kAttnWarps) {
+      if (jj < first) continue;
+      const T* vrow = p.v_cache + (head_base + jj) * D;
+      float v[kVecPerLane][VEC];
+#pragma unroll
+      for (int i = 0; i < kVecPerLane; ++i) {
+        const int64_t d0 = int64_t(VEC) * (hl + 16 * i);
+        if (d0 >= D) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) v[i][e] = 0.0f;
+        } else if (jj == pos) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) v[i][e] = kv_new[D + d0 + e];
+        } else {
+          Vec<T, VEC> vv;
+          vv.load(vrow + d0);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) v[i][e] = vv[e];
+        }
       }
 #pragma unroll
       for (int g = 0; g < 4; ++g) {
         if (g0 + g >= G) break;
         const float w = scores[(g0 + g) * kAttnChunk + (jj - c0)];
 #pragma unroll
-        for (int i = 0; i < kPerLane; ++i) acc[g][i] = __fmaf_rn(w, v[i], acc[g][i]);
+        for (int i = 0; i < kVecPerLane; ++i)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc[g][i][e] = __fmaf_rn(w, v[i][e], acc[g][i][e]);
       }
     }
 #pragma unroll
     for (int g = 0; g < 4; ++g)
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) {
-        const int64_t d = lane + 32 * i;
-        if (g0 + g < G && d < D) warp_o[(warp * G + g0 + g) * D + d] = acc[g][i];
-      }
+      for (int i = 0; i < kVecPerLane; ++i)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const float other = __shfl_xor_sync(0xffffffffu, acc[g][i][e], 16);
+          const int64_t d = int64_t(VEC) * (hl + 16 * i) + e;
+          if (half == 0 && g0 + g < G && d < D) warp_o[(warp * G + g0 + g) * D + d] = acc[g][i][e] + other;
+        }
   }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < G * D; i += blockDim.x) {

@@ -146,12 +146,13 @@ fused_linear_kernel(LinearParams<T> p, int64_t kc_max) {
   pdl_trigger();
   WeightBatch<T, VEC, ROWS, U> cur, next;
   bool prefetched = false;
-  if (one_chunk) {  // the first group's first batch, before waiting on the previous kernel
+  if (one_chunk) {  // the first group's first two batches, before waiting on the previous kernel
     const int64_t row0 = (int64_t(blockIdx.x) * kLinearWarps + warp) * ROWS;
     if (row0 < p.N) {
       const T* w[ROWS];
       row_ptrs(row0, 0, w);
       cur.load(w, lane, p.K / VEC);
+      next.load(w, lane + 32 * U, p.K / VEC);
       prefetched = true;
     }
   }
@@ -206,10 +207,12 @@ fused_linear_kernel(LinearParams<T> p, int64_t kc_max) {
       row_ptrs(row0, k0, w);
       const int64_t nvec = kc / VEC;
       if (!prefetched) cur.load(w, lane, nvec);
+      bool next_ready = prefetched;  // the prefetch also loaded the second batch
       prefetched = false;
       for (int64_t v0 = lane; v0 < nvec; v0 += 32 * U) {
         const bool more = v0 + 32 * U < nvec;
-        if (more) next.load(w, v0 + 32 * U, nvec);
+        if (more && !next_ready) next.load(w, v0 + 32 * U, nvec);
+        next_ready = false;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int64_t v = v0 + u * 32;
