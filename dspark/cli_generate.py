@@ -33,6 +33,9 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
                    help="torch.compile the target's decode/verify forwards (fewer, fused "
                    "kernels; tens of seconds per shape to compile); MODE: default or "
                    "max-autotune-no-cudagraphs")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="run batch-1/2 decode on dspark::fused_linear + decode_attention "
+                   "(default: on CUDA)")
     p.add_argument("--autoregressive", action="store_true", help="baseline: no drafting")
     p.add_argument("--compare", action="store_true", help="also run the autoregressive baseline "
                    "and report the speedup and whether greedy outputs match")
@@ -63,7 +66,8 @@ def run_generate(args) -> int:
     try:
         engine = SpeculativeEngine.from_pretrained(
             args.target, draft=args.draft, ngram=args.ngram, gamma=args.gamma,
-            tree_topk=args.tree_topk, device=device, dtype=args.dtype, compile=args.compile or False)
+            tree_topk=args.tree_topk, device=device, dtype=args.dtype, compile=args.compile or False,
+            fused=args.fused)
         if engine.tokenizer is None:
             raise ValueError(f"{args.target!r} has no tokenizer.json")
         prompts = _prompts(args.prompt)

@@ -59,9 +59,12 @@ AR_TOKENS_PER_SYNC = 8
 class SpeculativeEngine:
     def __init__(self, target: Union[Transformer, ModelRunner], drafter: Optional[Drafter] = None,
                  *, gamma: Optional[int] = None, tokenizer=None, max_len: Optional[int] = None,
-                 use_cuda_graphs: Optional[bool] = None, compile: Union[bool, str] = False):
+                 use_cuda_graphs: Optional[bool] = None, compile: Union[bool, str] = False,
+                 fused: Optional[bool] = None):
+        # fused: the runner's dspark::fused_linear / decode_attention path for <= 2-row calls
+        # (None: on for CUDA); compile: torch.compile the graphed bodies (see ModelRunner)
         if not isinstance(target, ModelRunner):
-            target = ModelRunner(target, use_cuda_graphs, compile=compile)
+            target = ModelRunner(target, use_cuda_graphs, compile=compile, fused=fused)
         self.target = target
         self.drafter = drafter
         if gamma is not None and drafter is not None:

@@ -343,6 +343,12 @@ def test_text_generation_and_cli(ckpts):
     report = json.loads(buf.getvalue())
     assert report["identical_text"] and len(report["speculative"]["text"]) == 2
     assert report["speculative"]["metrics"][0]["tau"] >= 1.0
+    buf = io.StringIO()  # --fused on CPU: the AR baseline decodes on the fused CPU kernels
+    with contextlib.redirect_stdout(buf):
+        rc = main(["generate", "--target", target, "--draft", draft, "--prompt", "w5 w6 w7",
+                   "--prompt", "w9", "--batch", "2", "--max-new-tokens", "8", "--gamma", "3",
+                   "--compare", "--json", "--device", "cpu", "--fused"])
+    assert rc == 0 and json.loads(buf.getvalue())["identical_text"]
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert main(["generate", "--target", target, "--ngram", "2", "--prompt", "w1",
