@@ -9,7 +9,6 @@
 namespace dspark {
 namespace {
 
-template <typename T>
 const void* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr() : nullptr;
 }
@@ -28,9 +27,9 @@ at::Tensor fused_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                                              : LogitsType::kFloat32;
   a.x = x.data_ptr();
   a.weight = weight.data_ptr();
-  a.bias = ptr_or_null<void>(bias);
-  a.residual = ptr_or_null<void>(residual);
-  a.norm_weight = ptr_or_null<void>(norm_weight);
+  a.bias = ptr_or_null(bias);
+  a.residual = ptr_or_null(residual);
+  a.norm_weight = ptr_or_null(norm_weight);
   a.out = out.data_ptr();
   a.M = d.M; a.N = d.N; a.K = d.K;
   a.eps = static_cast<float>(eps);

@@ -100,7 +100,9 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit, fused=False):
         if fused:
-            return self._fused(x, cos, sin, k_cache, v_cache, slots, mask, kv_limit)
+            attn = self.attn
+            return self._fused(x, lambda qkv: attn.core(qkv, cos, sin, k_cache, v_cache, slots,
+                                                        mask, kv_limit))
         x = x + self.attn(self.attn_norm(x), cos, sin, k_cache, v_cache, slots, mask, kv_limit)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -108,25 +110,21 @@ class Block(nn.Module):
         """One token per request on dspark kernels only: 4 fused_linear + decode_attention.
         x: [B, hidden]; k_cache/v_cache: [L, B, Hkv, S, D] (slot positions[b] of ``layer`` is
         written); positions: [B]; inv_freq: [D/2] f32."""
-        a, m = self.attn, self.mlp
-        qkv = fused_linear(x, a.qkv.weight, a.qkv.bias, norm_weight=self.attn_norm.weight,
-                           eps=self.attn_norm.eps)
-        attn = decode_attention(qkv, k_cache, v_cache, layer, positions, inv_freq, a.h,
-                                a.q_norm.weight if a.q_norm is not None else None,
-                                a.k_norm.weight if a.k_norm is not None else None, a.eps, a.window)
-        h = fused_linear(attn, a.o.weight, a.o.bias, residual=x)
-        gate_up = fused_linear(h, m.gate_up.weight, m.gate_up.bias, norm_weight=self.mlp_norm.weight,
-                               eps=self.mlp_norm.eps)
-        return fused_linear(gate_up, m.down.weight, m.down.bias, residual=h, silu_gate=True)
+        a = self.attn
+        q_norm = a.q_norm.weight if a.q_norm is not None else None
+        k_norm = a.k_norm.weight if a.k_norm is not None else None
+        return self._fused(x, lambda qkv: decode_attention(qkv, k_cache, v_cache, layer, positions,
+                                                           inv_freq, a.h, q_norm, k_norm, a.eps,
+                                                           a.window))
 
-    def _fused(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit):
-        """Same block, four dspark::fused_linear calls: RMSNorm folded into the QKV and gate/up
-        projections, SiLU(gate)*up into the down projection, residual adds into o and down."""
+    def _fused(self, x, attend):
+        """The block on four dspark::fused_linear calls (RMSNorm folded into the QKV and gate/up
+        projections, SiLU(gate)*up into the down projection, residual adds into o and down);
+        ``attend`` maps the QKV projection to the attention output."""
         a, m = self.attn, self.mlp
         qkv = fused_linear(x, a.qkv.weight, a.qkv.bias, norm_weight=self.attn_norm.weight,
                            eps=self.attn_norm.eps)
-        attn = a.core(qkv, cos, sin, k_cache, v_cache, slots, mask, kv_limit)
-        h = fused_linear(attn, a.o.weight, a.o.bias, residual=x)
+        h = fused_linear(attend(qkv), a.o.weight, a.o.bias, residual=x)
         gate_up = fused_linear(h, m.gate_up.weight, m.gate_up.bias, norm_weight=self.mlp_norm.weight,
                                eps=self.mlp_norm.eps)
         return fused_linear(gate_up, m.down.weight, m.down.bias, residual=h, silu_gate=True)
