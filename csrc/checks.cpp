@@ -190,6 +190,10 @@ AttnDims check_decode_attention_args(const at::Tensor& qkv, const at::Tensor& k_
                     ") must be a multiple of the cache's kv_heads (", Hkv, "), at most 16 per KV head");
   DSPARK_CHECK_VALUE(D >= 2 && D <= 256 && D % 2 == 0, "head_dim must be even and in [2, 256], got ", D);
   DSPARK_CHECK_VALUE(S >= 1, "the cache must have at least one slot");
+  // CUDA grid limits (requests on grid y, 128-slot chunks on grid z); the same contract on CPU.
+  DSPARK_CHECK_VALUE(B <= 65535, "at most 65535 requests per call, got ", B);
+  DSPARK_CHECK_VALUE(S <= int64_t(65535) * 128, "at most ", int64_t(65535) * 128,
+                    " cache slots, got ", S);
   DSPARK_CHECK(qkv.size(0) == B && qkv.size(1) == (H + 2 * Hkv) * D, "qkv must have shape [", B, ", ",
               (H + 2 * Hkv) * D, "] ((num_heads + 2 kv_heads) * head_dim), got ", qkv.sizes());
   DSPARK_CHECK_VALUE(window >= 0, "window must be >= 0 (0 = no sliding window), got ", window);

@@ -123,6 +123,10 @@ def bad_cases():
                           "k_cache must be contiguous"),
         "position_past_cache": (dict(positions=torch.tensor([1, 8])), r"positions must lie in \[0, S\)"),
         "position_negative": (dict(positions=torch.tensor([-1, 0])), r"positions must lie in \[0, S\)"),
+        "too_many_requests": (dict(qkv=torch.ones(65536, 128), k_cache=torch.ones(1, 65536, 2, 1, 16),
+                                   v_cache=torch.ones(1, 65536, 2, 1, 16), layer=0,
+                                   positions=torch.zeros(65536, dtype=torch.long)),
+                              "at most 65535 requests"),
     }
     return base, cases
 
