@@ -11,6 +11,7 @@
 
 #include "checks.h"
 #include "cuda/launch.h"
+#include "cuda/tensor_args.h"
 
 namespace dspark {
 namespace {
@@ -31,16 +32,14 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at:
   at::Tensor part_ml = at::empty({splits > 1 ? d.B * d.H * splits * 2 : 0}, f32);
   at::Tensor status = at::zeros({1}, qkv.options().dtype(at::kInt));
   AttnArgs a{};
-  a.dtype = qkv.scalar_type() == at::kBFloat16 ? LogitsType::kBFloat16
-            : qkv.scalar_type() == at::kHalf   ? LogitsType::kFloat16
-                                               : LogitsType::kFloat32;
+  a.dtype = element_type(qkv);
   a.qkv = qkv.data_ptr();
   a.k_cache = k_cache.data_ptr();
   a.v_cache = v_cache.data_ptr();
   a.positions = positions.data_ptr<int64_t>();
   a.inv_freq = inv_freq.data_ptr<float>();
-  a.q_norm = q_norm_weight ? q_norm_weight->data_ptr() : nullptr;
-  a.k_norm = k_norm_weight ? k_norm_weight->data_ptr() : nullptr;
+  a.q_norm = ptr_or_null(q_norm_weight);
+  a.k_norm = ptr_or_null(k_norm_weight);
   a.out = out.data_ptr();
   a.part_o = part_o.data_ptr<float>();
   a.part_ml = part_ml.data_ptr<float>();

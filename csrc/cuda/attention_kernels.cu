@@ -1,4 +1,5 @@
 // csrc/cuda/attention_kernels.cu: instantiates the header-only decode attention per dtype.
+#include "cuda/dispatch.cuh"
 #include "cuda/launch.h"
 #include "dspark/attention.cuh"
 
@@ -30,11 +31,7 @@ cudaError_t run(const AttnArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_attention(const AttnArgs& a, cudaStream_t stream) {
-  switch (a.dtype) {
-    case LogitsType::kBFloat16: return run<__nv_bfloat16>(a, stream);
-    case LogitsType::kFloat16: return run<__half>(a, stream);
-    default: return run<float>(a, stream);
-  }
+  return with_element_type(a.dtype, [&](auto t) { return run<decltype(t)>(a, stream); });
 }
 
 }  // namespace dspark

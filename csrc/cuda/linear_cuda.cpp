@@ -5,13 +5,10 @@
 
 #include "checks.h"
 #include "cuda/launch.h"
+#include "cuda/tensor_args.h"
 
 namespace dspark {
 namespace {
-
-const void* ptr_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr() : nullptr;
-}
 
 at::Tensor fused_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias,
@@ -22,9 +19,7 @@ at::Tensor fused_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor out = at::empty({d.M, d.N}, x.options());
   if (d.M == 0 || d.N == 0) return out;
   LinearArgs a{};
-  a.dtype = x.scalar_type() == at::kBFloat16 ? LogitsType::kBFloat16
-            : x.scalar_type() == at::kHalf   ? LogitsType::kFloat16
-                                             : LogitsType::kFloat32;
+  a.dtype = element_type(x);
   a.x = x.data_ptr();
   a.weight = weight.data_ptr();
   a.bias = ptr_or_null(bias);

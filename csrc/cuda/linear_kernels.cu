@@ -1,4 +1,5 @@
 // csrc/cuda/linear_kernels.cu: instantiates the header-only fused linear kernel per dtype.
+#include "cuda/dispatch.cuh"
 #include "cuda/launch.h"
 #include "dspark/linear.cuh"
 
@@ -16,11 +17,7 @@ cudaError_t run(const LinearArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_linear(const LinearArgs& a, cudaStream_t stream) {
-  switch (a.dtype) {
-    case LogitsType::kBFloat16: return run<__nv_bfloat16>(a, stream);
-    case LogitsType::kFloat16: return run<__half>(a, stream);
-    default: return run<float>(a, stream);
-  }
+  return with_element_type(a.dtype, [&](auto t) { return run<decltype(t)>(a, stream); });
 }
 
 }  // namespace dspark

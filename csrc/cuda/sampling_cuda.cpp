@@ -9,22 +9,10 @@
 
 #include "checks.h"
 #include "cuda/launch.h"
+#include "cuda/tensor_args.h"
 
 namespace dspark {
 namespace {
-
-LogitsType logits_type(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kBFloat16: return LogitsType::kBFloat16;
-    case at::kHalf: return LogitsType::kFloat16;
-    default: return LogitsType::kFloat32;
-  }
-}
-
-template <typename T>
-const T* ptr_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
 
 void run_and_check(LaunchArgs& a, const at::Tensor& like, const char* op) {
   at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes(a.N, a.R, a.W, a.V))},
@@ -54,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(
   at::Tensor out_nodes = at::empty({d.R, d.W}, opts);
   LaunchArgs a{};
   a.logits = target_logits.data_ptr();
-  a.logits_type = logits_type(target_logits);
+  a.logits_type = element_type(target_logits);
   a.draft_probs = draft_probs ? draft_probs->data_ptr() : nullptr;
   a.draft_type = !draft_probs ? DraftType::kNone
                  : draft_probs->scalar_type() == at::kDouble ? DraftType::kFloat64 : DraftType::kFloat32;
@@ -97,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits, const a
   at::Tensor probs = at::empty({return_probs ? d.R : 0, d.V}, logits.options().dtype(at::kDouble));
   LaunchArgs a{};
   a.logits = logits.data_ptr();
-  a.logits_type = logits_type(logits);
+  a.logits_type = element_type(logits);
   a.draft_type = DraftType::kNone;
   a.N = d.R; a.V = d.V; a.R = d.R; a.W = 1;
   a.offsets = offsets.data_ptr<int64_t>();

@@ -1,4 +1,5 @@
 // csrc/cuda/sampling_kernels.cu: instantiates the header-only kernels for each dtype pair.
+#include "cuda/dispatch.cuh"
 #include "cuda/launch.h"
 #include "dspark/verify.cuh"
 
@@ -28,11 +29,7 @@ cudaError_t run_q(const LaunchArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_verify(const LaunchArgs& a, cudaStream_t stream) {
-  switch (a.logits_type) {
-    case LogitsType::kBFloat16: return run_q<__nv_bfloat16>(a, stream);
-    case LogitsType::kFloat16: return run_q<__half>(a, stream);
-    default: return run_q<float>(a, stream);
-  }
+  return with_element_type(a.logits_type, [&](auto t) { return run_q<decltype(t)>(a, stream); });
 }
 
 }  // namespace dspark

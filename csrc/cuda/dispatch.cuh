@@ -1,0 +1,19 @@
+// csrc/cuda/dispatch.cuh: calls f(T{}) with the CUDA element type named by a LogitsType (.cu only).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda/launch.h"
+
+namespace dspark {
+
+template <typename F>
+cudaError_t with_element_type(LogitsType t, F&& f) {
+  switch (t) {
+    case LogitsType::kBFloat16: return f(__nv_bfloat16{});
+    case LogitsType::kFloat16: return f(__half{});
+    default: return f(float{});
+  }
+}
+
+}  // namespace dspark
