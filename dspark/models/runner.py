@@ -9,12 +9,13 @@ Outputs of graphed calls are static buffers: valid until the next call with the 
 per shape bucket, then captured in the same CUDA graph): inductor fuses the ~40 small elementwise
 kernels per layer (norms, rotary, cache writes, SiLU·up) that dominate batch-1 decode latency.
 Compilation costs tens of seconds per bucket, so it is opt-in (``dspark generate --compile``).
+``compile="max-autotune-no-cudagraphs"`` (or ``"max-autotune"``'s graph-free twin) lets inductor
+also benchmark GEMM kernels; modes that bring their own CUDA graphs are refused (ours capture).
 
 ``fused`` (default: on for CUDA) runs the linear layers of calls over at most
 ``FUSED_MAX_ROWS`` token rows (decode, small verify blocks) on ``dspark::fused_linear``: one
-weight-streaming kernel per projection with RMSNorm / SiLU-gate / residual folded in.
-``compile="max-autotune-no-cudagraphs"`` (or ``"max-autotune"``'s graph-free twin) lets inductor
-also benchmark GEMM kernels; modes that bring their own CUDA graphs are refused (ours capture).
+weight-streaming kernel per projection with RMSNorm / SiLU-gate / residual folded in; with one
+token per request, attention runs on ``dspark::decode_attention``.
 """
 from __future__ import annotations
 
