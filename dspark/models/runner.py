@@ -140,10 +140,17 @@ class ModelRunner:
     def _extend(self, tokens, start, last, taps):
         B, T = tokens.shape
         dev = tokens.device
-        positions = start[:, None] + torch.arange(T, device=dev)
-        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(B, T, T)
         c = self.cache
         fused = self.fused and self.model.can_fuse(B * T)
+        if fused and T == 1:
+            # decode on the dspark kernels: no mask, no position arange, row 0 is the last row
+            # (each would be one more small kernel, outside the programmatic-launch chain)
+            h, tapped = self.model(tokens, start[:, None], start, None, c.k, c.v, c.max_len, taps,
+                                   fused)
+            logits = self.model.logits(h[:, 0], fused)
+            return Forward(logits, torch.stack(tapped) if tapped else None)
+        positions = start[:, None] + torch.arange(T, device=dev)
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(B, T, T)
         h, tapped = self.model(tokens, positions, start, causal, c.k, c.v, c.max_len, taps, fused)
         logits = self.model.logits(h[torch.arange(B, device=dev), last], fused)
         return Forward(logits, torch.stack(tapped) if tapped else None)

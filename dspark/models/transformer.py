@@ -7,7 +7,7 @@ prefill/chains, ancestors-and-self for trees). Positions are passed explicitly (
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -166,11 +166,12 @@ class Transformer(nn.Module):
         return masks
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, start: torch.Tensor,
-                block_mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                block_mask: Optional[torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Tensor,
                 kv_limit: int, taps: Sequence[int] = (), fused: bool = False
                 ) -> tuple[torch.Tensor, list]:
         """tokens, positions: [B, T] i64; start: [B] i64 (first cache slot of the block);
-        block_mask: [B, T, T] bool (query t may see block slot j); k_cache/v_cache:
+        block_mask: [B, T, T] bool (query t may see block slot j; unused, may be None, on the
+        fused T = 1 path, where slot = position); k_cache/v_cache:
         [L, B, Hkv, S, D]. Returns the final residual stream [B, T, hidden] (pre-norm) and the
         tapped residual streams (layer l's output; -1 = embedding output), in ``taps`` order.
         ``fused``: run the blocks on dspark::fused_linear (see :meth:`can_fuse`); with one token
