@@ -46,7 +46,8 @@ def check(args):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["plain", "norm", "gate"])
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 7, 3), (2, 33, 64), (3, 257, 13),
-                                   (5, 100, 200), (8, 65, 1000), (9, 17, 40), (17, 3, 24)])
+                                   (5, 100, 200), (8, 65, 1000), (9, 17, 40), (17, 3, 24),
+                                   (1, 300, 512), (1, 33, 4096)])  # (CUDA: norm in registers)
 def test_matches_reference(device, gen, dtype, kind, M, N, K):
     check(make(M, N, K, dtype, kind, bias=N % 2 == 1, residual=M % 2 == 1, gen=gen, device=device))
 

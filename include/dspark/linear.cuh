@@ -156,9 +156,45 @@ fused_linear_kernel(LinearParams<T> p, int64_t kc_max) {
       prefetched = true;
     }
   }
+  // RMSNorm of one row whose K fits kRegNormVecs vectors per thread (e.g. hidden 4096, bf16):
+  // the norm weight (constant) is loaded before the wait and x once after it, both kept in
+  // registers, so a single global round trip separates the wait from the weight stream.
+  constexpr int kRegNormVecs = 2;
+  const bool norm_in_regs = VEC > 1 && MT == 1 && one_chunk && p.prologue == kRmsNorm &&
+                            p.K / VEC <= int64_t(kRegNormVecs) * blockDim.x;
+  Vec<T, VEC> g_reg[kRegNormVecs];
+  if (norm_in_regs) {
+#pragma unroll
+    for (int r = 0; r < kRegNormVecs; ++r) {
+      const int64_t i = threadIdx.x + int64_t(r) * blockDim.x;
+      if (i < p.K / VEC) g_reg[r].load(p.norm_weight + i * VEC);
+    }
+  }
   pdl_wait();  // x / residual come from earlier kernels (dspark/pdl.cuh)
 
-  if (p.prologue == kRmsNorm) {
+  if (norm_in_regs) {
+    Vec<T, VEC> x_reg[kRegNormVecs];
+    float ss = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kRegNormVecs; ++r) {
+      const int64_t i = threadIdx.x + int64_t(r) * blockDim.x;
+      if (i >= p.K / VEC) continue;
+      x_reg[r].load(p.x + m0 * p.K + i * VEC);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) ss = __fmaf_rn(x_reg[r][e], x_reg[r][e], ss);
+    }
+    ss = block_reduce(ss, SumOp{}, 0.0f);
+    const float inv = rsqrtf(ss / float(p.K) + p.eps);
+#pragma unroll
+    for (int r = 0; r < kRegNormVecs; ++r) {
+      const int64_t i = threadIdx.x + int64_t(r) * blockDim.x;
+      if (i >= p.K / VEC) continue;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e)
+        xs[i * VEC + e] = round_t<T>(g_reg[r][e] * round_t<T>(x_reg[r][e] * inv));
+    }
+    __syncthreads();
+  } else if (p.prologue == kRmsNorm) {
     for (int m = 0; m < mcount; ++m) {
       float ss = 0.0f;
       if constexpr (VEC > 1) {
@@ -190,7 +226,7 @@ fused_linear_kernel(LinearParams<T> p, int64_t kc_max) {
     }
     __syncthreads();
   };
-  if (one_chunk) stage(0, p.K);
+  if (one_chunk && !norm_in_regs) stage(0, p.K);
 
   for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {  // uniform across the block
     const int64_t row0 = (g * kLinearWarps + warp) * ROWS;
@@ -279,12 +315,18 @@ cudaError_t launch_fused_linear_tile(const LinearParams<T>& p, cudaStream_t stre
   if (kc_max > p.K) kc_max = p.K;
   const size_t smem = size_t(MT) * size_t(kc_max) * sizeof(float);
   // Enough blocks to fill the GPU once; each walks row groups grid-stride (one prologue each).
-  static int blocks_per_sm = 0, sms = 0;  // per instantiation; the first launch measures them
-  if (sms == 0) {
-    int dev = 0, count = 0, per_sm = 0;
-    cudaError_t err = cudaGetDevice(&dev);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev);
-    // 48 KB of staging plus the static shared arrays pass the default 48 KB dynamic limit.
+  // Per device (function attributes and SM counts are per device): the first launch on a
+  // device opts the kernel in to 48 KB of staging plus its static shared arrays (over the
+  // default dynamic limit) and measures the occupancy.
+  constexpr int kMaxDevices = 64;
+  static int blocks_per_sm[kMaxDevices] = {}, sms[kMaxDevices] = {};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < 0 || dev >= kMaxDevices) return cudaErrorInvalidDevice;
+  if (sms[dev] == 0) {
+    int count = 0, per_sm = 0;
+    err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev);
     if (err == cudaSuccess)
       err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  int(kLinearStageFloats * sizeof(float)));
@@ -292,12 +334,12 @@ cudaError_t launch_fused_linear_tile(const LinearParams<T>& p, cudaStream_t stre
       err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kLinearWarps * 32,
                                                           kLinearStageFloats * sizeof(float));
     if (err != cudaSuccess) return err;
-    blocks_per_sm = per_sm < 1 ? 1 : per_sm;
-    sms = count;
+    blocks_per_sm[dev] = per_sm < 1 ? 1 : per_sm;
+    sms[dev] = count;
   }
   const int64_t rows_per_group = int64_t(kLinearWarps) * ROWS;
   const int64_t groups = (p.N + rows_per_group - 1) / rows_per_group;
-  const int64_t fill = int64_t(sms) * blocks_per_sm;
+  const int64_t fill = int64_t(sms[dev]) * blocks_per_sm[dev];
   const dim3 grid(unsigned(groups < fill ? groups : fill), unsigned((p.M + MT - 1) / MT));
   return launch_pdl(kernel, grid, dim3(kLinearWarps * 32), smem, stream, p, kc_max);
 }
