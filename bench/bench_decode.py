@@ -51,13 +51,24 @@ def profile_step(runner: ModelRunner, top: int = 8) -> dict:
         first = min(first, e.time_range.start)
         last = max(last, e.time_range.end)
     biggest = sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
-    # the first layer's kernels in launch order (which ops are still separate kernels)
-    per_layer = -(-len(kernels) // runner.config.num_layers)
+    # Critical path: with programmatic dependent launch a kernel starts before its predecessor
+    # ends, so durations overlap; what each kernel adds to the step is how far its end moves
+    # past the latest end before it. Summed per position in the layer (kernel 0 is the
+    # embedding lookup, the last few the final norm / lm_head, counted as "rest").
+    layers = runner.config.num_layers
+    per_layer = (len(kernels) - 2) // layers if kernels else 0
+    added, latest = defaultdict(float), first
+    for i, e in enumerate(kernels):
+        j = (i - 1) % per_layer if per_layer and 1 <= i <= per_layer * layers else -1
+        key = f"{j}:{e.name[:40]}" if j >= 0 else "rest"
+        added[key] += max(0.0, e.time_range.end - latest)
+        latest = max(latest, e.time_range.end)
     return dict(kernels=len(kernels), kernel_us=round(sum(per_name.values()), 1),
                 span_us=round(last - first, 1) if kernels else None,
                 top=[(n, round(us, 1)) for n, us in biggest],
                 first_layer=[(e.name[:60], round(e.device_time, 1))
-                             for e in kernels[1:per_layer + 1]])
+                             for e in kernels[1:per_layer + 1]],
+                critical_us={k: round(v, 1) for k, v in sorted(added.items())})
 
 
 def runner_decode_ms(runner: ModelRunner, steps: int = 64, position: int = 112) -> float:
