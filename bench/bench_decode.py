@@ -53,8 +53,10 @@ def profile_step(runner: ModelRunner, top: int = 8) -> dict:
     biggest = sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
     # Critical path: with programmatic dependent launch a kernel starts before its predecessor
     # ends, so durations overlap; what each kernel adds to the step is how far its end moves
-    # past the latest end before it. Summed per position in the layer (kernel 0 is the
-    # embedding lookup, the last few the final norm / lm_head, counted as "rest").
+    # past the latest end before it. Summed per position j = (i - 1) mod (kernels per layer)
+    # over kernels i = 1 .. layers * per_layer, keyed with the kernel's name (a position that
+    # holds two kinds, e.g. the embedding lookup and every later layer's last kernel, shows as
+    # two entries); kernel 0 and the ones after (final norm, lm_head) count as "rest".
     layers = runner.config.num_layers
     per_layer = (len(kernels) - 2) // layers if kernels else 0
     added, latest = defaultdict(float), first
