@@ -10,9 +10,9 @@ import json
 
 import torch
 import torch.nn.functional as F
+from bench_ops import copy_bandwidth, time_graph
 
 import dspark
-from bench_ops import copy_bandwidth, time_graph
 
 H, HKV, D, LAYERS = 32, 8, 128, 2
 

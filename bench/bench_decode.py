@@ -20,8 +20,8 @@ import json
 from collections import defaultdict
 
 import torch
-
 from bench_ops import copy_bandwidth
+
 from dspark.engine import SpeculativeEngine
 from dspark.models import ModelConfig, ModelRunner, Transformer
 

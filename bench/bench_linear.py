@@ -13,9 +13,9 @@ import json
 
 import torch
 import torch.nn.functional as F
+from bench_ops import L2_BYTES, copy_bandwidth, time_graph
 
 import dspark
-from bench_ops import L2_BYTES, copy_bandwidth, time_graph
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 4096, 12288, 32, 8, 128, 151936
 # name, N, K, prologue, residual (as the runner calls them)

@@ -14,9 +14,9 @@ import sys
 import time
 
 import torch
+from torch_baseline import chain_verify_torch
 
 import dspark
-from torch_baseline import chain_verify_torch
 
 L2_BYTES = 60 << 20
 
@@ -29,7 +29,10 @@ def copy_bandwidth(nbytes=1 << 30, reps=20):
     times = []
     for _ in range(reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); b.copy_(a); e.record(); torch.cuda.synchronize()
+        s.record()
+        b.copy_(a)
+        e.record()
+        torch.cuda.synchronize()
         times.append(s.elapsed_time(e) * 1e-3)
     return 2 * nbytes / statistics.median(times)
 
@@ -54,7 +57,10 @@ def time_graph(make_fn, copies, reps):
     for i in range(reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         g = graphs[i % len(graphs)]
-        s.record(); g.replay(); e.record(); e.synchronize()
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
         times.append(s.elapsed_time(e) * 1e3)
     return statistics.median(times)
 
@@ -69,19 +75,22 @@ def make_inputs(R, gamma, V, greedy, seed):
     draft_logits = logits.float() + torch.randn(N, V, device="cuda", generator=gen) * 1.5
     shift = torch.roll(draft_logits.view(R, gamma + 1, V), 1, dims=1).reshape(N, V)
     toks, q = dspark.ops.sample(shift, params, torch.arange(N, device="cuda"),
-                                torch.zeros(N, dtype=torch.long, device="cuda"), return_probs=not greedy)
+                                torch.zeros(N, dtype=torch.long, device="cuda"),
+                                return_probs=not greedy)
     offsets, parents = dspark.ops.chain_layout([gamma] * R, device="cuda")
     req = dspark.ops.sampling_tensors(R, temp, 0, 1.0, device="cuda")
     return dict(logits=logits, offsets=offsets, tokens=toks, parents=parents,
                 q=None if greedy else q.float(), params=req,
-                seeds=torch.arange(R, device="cuda"), positions=torch.full((R,), 100, device="cuda"),
+                seeds=torch.arange(R, device="cuda"),
+                positions=torch.full((R,), 100, device="cuda"),
                 uniforms=torch.rand(R, gamma + 1, device="cuda", generator=gen),
                 row_seeds=torch.arange(N, device="cuda"))
 
 
 def bench_case(R, gamma, V, greedy, reps, bw):
     per_copy = R * (gamma + 1) * V * (2 + (0 if greedy else 4))
-    copies = [make_inputs(R, gamma, V, greedy, s) for s in range(max(1, min(8, 2 * L2_BYTES // per_copy + 1)))]
+    n_copies = max(1, min(8, 2 * L2_BYTES // per_copy + 1))  # rotate inputs larger than L2
+    copies = [make_inputs(R, gamma, V, greedy, s) for s in range(n_copies)]
     W = gamma + 1
 
     def ours(c):
@@ -107,7 +116,8 @@ def bench_case(R, gamma, V, greedy, reps, bw):
     return dict(R=R, gamma=gamma, V=V, mode="greedy" if greedy else "sampled",
                 verify_us=round(t_ours, 2), torch_us=round(t_base, 2), sample_us=round(t_sample, 2),
                 floor_us=round(floor_us, 2), verify_GBps=round(bytes_needed / t_ours / 1e3, 1),
-                pct_roofline=round(100 * floor_us / t_ours, 1), speedup_vs_torch=round(t_base / t_ours, 2),
+                pct_roofline=round(100 * floor_us / t_ours, 1),
+                speedup_vs_torch=round(t_base / t_ours, 2),
                 sample_GBps=round(R * W * V * 2 / t_sample / 1e3, 1),
                 mean_accepted=round(float(res[1].float().mean()), 2))
 
@@ -118,7 +128,8 @@ _sampling_cache = {}
 def sampling_for(n, greedy):
     key = (n, greedy)
     if key not in _sampling_cache:
-        _sampling_cache[key] = dspark.ops.sampling_tensors(n, 0.0 if greedy else 1.0, 0, 1.0, device="cuda")
+        _sampling_cache[key] = dspark.ops.sampling_tensors(n, 0.0 if greedy else 1.0, 0, 1.0,
+                                                           device="cuda")
     return _sampling_cache[key]
 
 
@@ -133,7 +144,8 @@ def main():
     assert torch.cuda.is_available() and dspark.cuda_available(), "needs a GPU and a CUDA build"
     bw = copy_bandwidth()
     rows = []
-    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e9:.0f} GB/s (r+w)", flush=True)
+    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e9:.0f} GB/s (r+w)",
+          flush=True)
     for greedy in (True, False):
         for R in map(int, args.R.split(",")):
             for g in map(int, args.gamma.split(",")):

@@ -10,8 +10,6 @@ import sys
 
 import torch
 
-import dspark
-
 
 def random_case(rng, small):
     R = rng.choice([1, 3, 8] if small else [1, 3, 17, 64])
@@ -34,19 +32,24 @@ def random_case(rng, small):
     mode = rng.choice(["none", "f32", "f64"])
     q = None
     if mode != "none":
-        q = torch.softmax(torch.randn(N, V, generator=g) * 2, -1).to(torch.float64 if mode == "f64" else torch.float32)
+        q = torch.softmax(torch.randn(N, V, generator=g) * 2, -1)
+        q = q.to(torch.float64 if mode == "f64" else torch.float32)
         if rng.random() < 0.3:
             q[:, : max(1, V // 3)] = 0.0
     tokens = torch.randint(0, V, (N,), generator=g)
     if rng.random() < 0.5:  # make many drafts agree with the target argmax so paths get long
-        tokens = torch.where(torch.rand(N, generator=g) < 0.7, logits.float().argmax(-1).roll(1), tokens)
+        agree = torch.rand(N, generator=g) < 0.7
+        tokens = torch.where(agree, logits.float().argmax(-1).roll(1), tokens)
     temp = torch.tensor([rng.choice([0.0, 0.5, 1.0, 1.5]) for _ in range(R)], dtype=torch.float32)
     top_k = torch.tensor([rng.choice([0, 0, 1, 5, 50]) for _ in range(R)], dtype=torch.int64)
     top_p = torch.tensor([rng.choice([1.0, 1.0, 0.9, 0.5]) for _ in range(R)], dtype=torch.float32)
     keyed = rng.random() < 0.5
-    extra = dict(seeds=torch.randint(0, 1 << 40, (R,), generator=g), positions=torch.randint(0, 5000, (R,), generator=g),
-                 uniforms=None) if keyed else dict(seeds=None, positions=None,
-                                                   uniforms=torch.rand(N, 2, generator=g, dtype=torch.float64))
+    if keyed:
+        extra = dict(seeds=torch.randint(0, 1 << 40, (R,), generator=g),
+                     positions=torch.randint(0, 5000, (R,), generator=g), uniforms=None)
+    else:
+        extra = dict(seeds=None, positions=None,
+                     uniforms=torch.rand(N, 2, generator=g, dtype=torch.float64))
     args = (logits, offsets, tokens, torch.tensor(parents), q, temp, top_k, top_p,
             extra["seeds"], extra["positions"], extra["uniforms"], max(counts) + rng.randint(0, 2))
     return args
@@ -71,16 +74,19 @@ def main():
         logits, temp, top_k, top_p = args[0], args[5], args[6], args[7]
         R = len(temp)
         rows = logits[args[1][:-1]]
-        s_cpu = torch.ops.dspark.sample(rows, temp, top_k, top_p, args[8], args[9],
-                                        None if args[10] is None else args[10][args[1][:-1], 1], True)
-        s_gpu = torch.ops.dspark.sample(*to((rows, temp, top_k, top_p, args[8], args[9],
-                                             None if args[10] is None else args[10][args[1][:-1], 1]), "cuda"), True)
-        same_s = torch.equal(s_cpu[0], s_gpu[0].cpu()) and torch.allclose(s_cpu[1], s_gpu[1].cpu(), rtol=1e-12, atol=1e-15)
+        root_u = None if args[10] is None else args[10][args[1][:-1], 1]
+        sample_args = (rows, temp, top_k, top_p, args[8], args[9], root_u)
+        s_cpu = torch.ops.dspark.sample(*sample_args, True)
+        s_gpu = torch.ops.dspark.sample(*to(sample_args, "cuda"), True)
+        same_s = torch.equal(s_cpu[0], s_gpu[0].cpu()) and torch.allclose(
+            s_cpu[1], s_gpu[1].cpu(), rtol=1e-12, atol=1e-15)
         if not (same and same_s):
             bad += 1
-            print(f"case {i}: verify same={same} sample same={same_s} R={R} V={logits.shape[1]} dtype={logits.dtype}")
+            print(f"case {i}: verify same={same} sample same={same_s} R={R} V={logits.shape[1]} "
+                  f"dtype={logits.dtype}")
             if not same:
-                print(" cpu", [x.tolist() for x in cpu[:2]], "\n gpu", [x.tolist() for x in gpu[:2]])
+                print(" cpu", [x.tolist() for x in cpu[:2]])
+                print(" gpu", [x.tolist() for x in gpu[:2]])
     print(f"check_cuda: {a.cases - bad} passed, {bad} failed")
     return 1 if bad else 0
 

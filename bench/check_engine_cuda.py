@@ -16,14 +16,17 @@ def main():
     target = _random_qwen3(V, seed=7, device="cuda")
     prompts4 = [[1, 2, 3, 4, 1, 2, 3, 4], [10, 20, 30], [5, 6, 5, 6, 5, 6], [9] * 12]
     bad = 0
-    chain = lambda: DraftModelDrafter(_random_qwen3(V, 7, 0.05, "cuda"), gamma=4)  # noqa: E731
+    def draft_lm():
+        return _random_qwen3(V, 7, 0.05, "cuda")
+    chain = lambda: DraftModelDrafter(draft_lm(), gamma=4)  # noqa: E731
     cases = [("chain", chain, False),
-             ("tree", lambda: DraftModelDrafter(_random_qwen3(V, 7, 0.05, "cuda"), gamma=4, tree_topk=3), False),
+             ("tree", lambda: DraftModelDrafter(draft_lm(), gamma=4, tree_topk=3), False),
              ("ngram", lambda: NgramDrafter(gamma=4), False),
              ("chain+compile", chain, True)]  # torch.compile'd target runner (own AR baseline)
     # Batches of 4 decode on cuBLAS + SDPA; batches of <= 2 (FUSED_MAX_ROWS) decode on
     # dspark::fused_linear + dspark::decode_attention, so both target paths are checked.
-    cases = [(f"{name} B={len(p)}", make, compile, p) for p in (prompts4, prompts4[:2], prompts4[1:2])
+    cases = [(f"{name} B={len(p)}", make, compile, p)
+             for p in (prompts4, prompts4[:2], prompts4[1:2])
              for name, make, compile in cases
              if not compile or (len(p) != 2 and "--no-compile" not in sys.argv)]
     for name, make, compile, prompts in cases:

@@ -9,7 +9,8 @@ import torch
 
 def chain_verify_torch(target_logits, draft_tokens, draft_probs, temperature, gamma, uniforms):
     """target_logits [R*(g+1), V]; draft_tokens [R, g]; draft_probs [R*(g+1), V] (row i+1 = q of
-    draft i) or None (greedy); temperature [R]; uniforms [R, g+1] -> (tokens [R, g+1], count [R])."""
+    draft i) or None (greedy); temperature [R]; uniforms [R, g+1]
+    -> (tokens [R, g+1], count [R])."""
     R = draft_tokens.shape[0]
     V = target_logits.shape[-1]
     logits = target_logits.view(R, gamma + 1, V).float()

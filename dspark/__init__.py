@@ -13,8 +13,8 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         f"compiled against the installed torch. Original error: {exc}"
     ) from exc
 
-from . import _fake  # noqa: F401,E402  (fake kernels for torch.compile / meta tensors)
-from . import ops  # noqa: E402
+# _fake registers the fake kernels (torch.compile / meta tensors); ops holds the typed wrappers
+from . import _fake, ops  # noqa: F401,E402
 from ._build_info import CUDA_ARCHS, TORCH_VERSION, WITH_CUDA  # noqa: E402
 
 __version__ = "0.1.0"

@@ -8,12 +8,16 @@ import sys
 
 def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("generate", help="generate text with speculative decoding",
-                              description="Generate with a target model and a drafter (a draft "
-                              "model or n-gram prompt lookup); prints text and metrics.")
+                              description="Generate with a target model and a drafter (a "
+                              "trained DSpark / DFlash / EAGLE-3 drafter, a draft LM, or n-gram "
+                              "prompt lookup); prints text and metrics.")
     p.add_argument("--target", required=True, help="target checkpoint dir (config.json, "
                    "*.safetensors, tokenizer.json)")
     d = p.add_mutually_exclusive_group()
-    d.add_argument("--draft", help="draft model checkpoint dir (same tokenizer)")
+    d.add_argument("--drafter", metavar="DIR", help="drafter dir: trained by `dspark "
+                   "train-draft` (drafter_config.json) or an HF causal LM with the target's "
+                   "tokenizer (config.json) used as draft model")
+    d.add_argument("--draft", dest="drafter", help=argparse.SUPPRESS)  # the old name
     d.add_argument("--ngram", type=int, metavar="N", help="prompt-lookup drafter, n-grams up to N")
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text (repeat for several; '@file' reads one prompt per line)")
@@ -23,7 +27,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=1, help="requests per batch (prompts are cycled "
                    "to fill the batch)")
-    p.add_argument("--gamma", type=int, default=4, help="draft depth")
+    p.add_argument("--gamma", type=int, default=None, help="draft depth (default: a trained "
+                   "drafter's block size, else 4)")
     p.add_argument("--tree-topk", type=int, default=1, help="draft-model tree: k children per "
                    "depth (1 = chain)")
     p.add_argument("--seed", type=int, default=0, help="request i uses seed + i")
@@ -65,9 +70,9 @@ def run_generate(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         engine = SpeculativeEngine.from_pretrained(
-            args.target, draft=args.draft, ngram=args.ngram, gamma=args.gamma,
-            tree_topk=args.tree_topk, device=device, dtype=args.dtype, compile=args.compile or False,
-            fused=args.fused)
+            args.target, drafter=args.drafter, ngram=args.ngram, gamma=args.gamma,
+            tree_topk=args.tree_topk, device=device, dtype=args.dtype,
+            compile=args.compile or False, fused=args.fused)
         if engine.tokenizer is None:
             raise ValueError(f"{args.target!r} has no tokenizer.json")
         prompts = _prompts(args.prompt)

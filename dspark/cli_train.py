@@ -24,6 +24,8 @@ def _load_target(args):
 
 
 def add_train_parsers(subparsers) -> None:
+    from .drafters.registry import METHODS, method_names
+
     # ---- train-draft ---------------------------------------------------------------------------
     p = subparsers.add_parser(
         "train-draft", help="train a DSpark / DFlash / EAGLE-3 drafter for a target",
@@ -32,7 +34,8 @@ def add_train_parsers(subparsers) -> None:
         "token data is cached in OUT/data/ and reused. DSpark drafters are STS-calibrated on "
         "the held-out split at the end. Writes OUT/drafter_config.json + OUT/model.safetensors.")
     p.add_argument("--target", required=True, help="target checkpoint dir (HF format)")
-    p.add_argument("--method", choices=["dspark", "dflash", "eagle3"], default="dspark")
+    p.add_argument("--method", choices=method_names(), default="dspark",
+                   help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
     p.add_argument("--data", nargs="+", help="jsonl ({'turns': [...]}) / text files, dirs, globs")
     p.add_argument("--out", required=True, help="output dir (drafter, data cache, checkpoints)")
     g = p.add_argument_group("data")
@@ -77,7 +80,8 @@ def add_train_parsers(subparsers) -> None:
     g.add_argument("--num-anchors", type=int, default=512, help="anchors per sequence")
     g.add_argument("--lr", type=float, default=6e-4)
     g.add_argument("--warmup", type=float, default=0.04, help="warmup fraction of the steps")
-    g.add_argument("--loss-weights", type=float, nargs=3, default=None, metavar=("CE", "TV", "CONF"),
+    g.add_argument("--loss-weights", type=float, nargs=3, default=None,
+                   metavar=("CE", "TV", "CONF"),
                    help="dspark/dflash loss weights (default: the method's, 0.1 0.9 1 / 1 0 0)")
     g.add_argument("--ce-target", choices=["label", "soft"], default="label", help="CE against "
                    "the data token (the method) or the target's distribution (an ablation)")
@@ -209,7 +213,7 @@ def _build_data(args, target, tok, data_dir: str):
 
 
 def run_train_draft(args) -> int:
-    from .drafters import DrafterSpec, default_mask_token, make_drafter, save_drafter
+    from .drafters import DrafterSpec, default_mask_token, get_method, make_drafter, save_drafter
     from .engine import SpeculativeEngine
     from .models import load_tokenizer
     from .train.calibrate import calibrate_drafter, format_report
@@ -233,8 +237,9 @@ def run_train_draft(args) -> int:
                   f"({sum(len(s.ids) for s in train):,} tokens) -> {data_dir}")
         if args.data_only:
             return 0
+        method = get_method(args.method)
         mask = None
-        if args.method != "eagle3":
+        if method.uses_mask_token:
             mask = default_mask_token(target.config.vocab_size, tok, args.mask_token)
         spec = DrafterSpec.for_target(
             target.config, args.method, gamma=args.gamma, target_layer_ids=args.taps,
@@ -254,7 +259,7 @@ def run_train_draft(args) -> int:
         model, _ = train_drafter(target, spec, train, cfg, args.out, resume=args.resume)
         spec = model.spec
         results = {}
-        if args.method == "dspark" and args.calib_prompts > 0 and held:
+        if method.calibrated and args.calib_prompts > 0 and held:
             prompts = [s.ids[:max(1, s.prompt_len)] for s in held][:args.calib_prompts]
             rep = calibrate_drafter(model, target, prompts, args.calib_temperature,
                                     args.calib_new_tokens)
@@ -282,7 +287,7 @@ def run_train_draft(args) -> int:
 
 # ---- calibrate-draft ---------------------------------------------------------------------------
 def run_calibrate(args) -> int:
-    from .drafters import load_draft_model, save_drafter
+    from .drafters import get_method, load_draft_model, save_drafter
     from .models import load_tokenizer
     from .train.calibrate import calibrate_drafter, format_report
     from .train.evaluate import prompts_from
@@ -290,9 +295,9 @@ def run_calibrate(args) -> int:
     try:
         target = _load_target(args)
         model = load_draft_model(args.drafter, target)
-        if model.spec.method != "dspark":
-            raise ValueError("STS calibrates the DSpark confidence head; this drafter is "
-                             f"{model.spec.method}")
+        if not get_method(model.spec.method).calibrated:
+            raise ValueError("STS calibrates a confidence head; this drafter is "
+                             f"{model.spec.method}, which has none")
         prompts = prompts_from(args.data, load_tokenizer(args.target), args.num_prompts)
         rep = calibrate_drafter(model, target, prompts, args.temperature, args.max_new_tokens,
                                 args.batch)

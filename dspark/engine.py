@@ -13,10 +13,11 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 
 from . import ops
-from .drafters import Drafter, DraftModelDrafter, NgramDrafter, SpecState
+from .drafters import Drafter, NgramDrafter, load_drafter
 from .metrics import Metrics, StageTimer
-from .models import ModelRunner, Transformer, commit_kv, load_model, load_tokenizer
+from .models import ModelRunner, Transformer, load_model, load_tokenizer
 from .ops import VerifyResult, sampling_tensors
+from .state import SpecState, cache_len
 
 Prompt = Union[str, Sequence[int]]
 
@@ -77,16 +78,22 @@ class SpeculativeEngine:
         self.max_len = max_len or self.target.config.max_position_embeddings
 
     @classmethod
-    def from_pretrained(cls, target: str, draft: Optional[str] = None, ngram: Optional[int] = None,
-                        gamma: int = 4, tree_topk: int = 1, device="cpu", dtype=None, **kw):
-        """Target (and draft model) from HF checkpoint dirs; ``ngram`` = max n of prompt lookup."""
+    def from_pretrained(cls, target: str, drafter: Optional[str] = None,
+                        ngram: Optional[int] = None, gamma: Optional[int] = None,
+                        tree_topk: int = 1, device="cpu", dtype=None, **kw):
+        """Target from an HF checkpoint dir; ``drafter`` a dir of any kind
+        (:func:`dspark.drafters.load_drafter`: a trained DSpark / DFlash / EAGLE-3 drafter, or an
+        HF causal LM as draft model) or ``ngram`` = max n of prompt lookup. ``gamma`` defaults to
+        a trained drafter's block size, else 4."""
+        if drafter is not None and ngram is not None:
+            raise ValueError("give a drafter dir or ngram, not both")
         model = load_model(target, device, dtype)
-        drafter = None
-        if draft is not None:
-            drafter = DraftModelDrafter(load_model(draft, device, model.dtype), gamma, tree_topk)
+        d = None
+        if drafter is not None:
+            d = load_drafter(drafter, model, gamma, tree_topk=tree_topk)
         elif ngram is not None:
-            drafter = NgramDrafter(gamma, max_ngram=ngram)
-        return cls(model, drafter, tokenizer=load_tokenizer(target), **kw)
+            d = NgramDrafter(4 if gamma is None else gamma, max_ngram=ngram)
+        return cls(model, d, tokenizer=load_tokenizer(target), **kw)
 
     # ---- the speculative step ----------------------------------------------------------------
     def _step(self, st: SpecState, timer: StageTimer) -> VerifyResult:
@@ -95,17 +102,19 @@ class SpeculativeEngine:
         root = st.anchor_pos()  # [B] anchor positions = target KV lengths
         with timer("draft"):
             prop = d.propose(st)  # packed trees: [N] tokens/parents, [N, V] probs | None, [B+1]
-        with timer("verify"):
-            fwd = self.target.verify(prop.draft_tokens, prop.parents, prop.node_offsets, root, W,
-                                     d.target_taps)  # logits [N, V], taps [n, N, hidden]
+        with timer("target forward"):
+            fwd = self.target.forward_tree(prop.draft_tokens, prop.parents, prop.node_offsets,
+                                           root, W, d.target_taps)  # [N, V], [n, N, hidden]
+        with timer("accept"):
             res = ops.verify(fwd.logits, prop.node_offsets, prop.draft_tokens, prop.parents,
-                                 prop.draft_probs, st.params, seeds=st.seeds, positions=root,
-                                 max_nodes=W)  # out_tokens [B, W], accept_count [B]
-        if not d.is_chain:  # tree: move the accepted path's K/V into slots root + depth
-            commit_kv(self.target.cache, root, res.accept_nodes - prop.node_offsets[:-1, None],
-                      res.accept_count)
-        st.append(res.out_tokens, res.accept_count)  # chain rollback = lengths only
-        d.commit(st, prop, res, root, fwd.hidden)
+                             prop.draft_probs, st.params, seeds=st.seeds, positions=root,
+                             max_nodes=W)  # out_tokens [B, W], accept_count [B]
+        with timer("commit"):
+            if not d.is_chain:  # tree: the accepted path's K/V into slots root + depth
+                self.target.commit(root, res.accept_nodes - prop.node_offsets[:-1, None],
+                                   res.accept_count)
+            st.append(res.out_tokens, res.accept_count)  # chain rollback = lengths only
+            d.commit(st, prop, res, root, fwd.hidden)
         return res
 
     @torch.inference_mode()
@@ -150,7 +159,7 @@ class SpeculativeEngine:
                 for _ in range(max(1, min(AR_TOKENS_PER_SYNC, left))):
                     steps += 1
                     left -= 1
-                    with timer("verify"):
+                    with timer("target forward"):
                         root = st.anchor_pos()
                         logits = self.target.decode(st.anchor(), root)
                         tok, _ = ops.sample(logits, st.params, st.seeds, root)
@@ -205,10 +214,13 @@ class SpeculativeEngine:
             stops = [list(stops)] * B
         stops = _per_request(stops, B, "stop_tokens")
         longest = max(len(p) for p in prompts)
-        need = longest + max(max_new) + 2 * room + 1
+        # a round may commit up to `room` tokens past max_new (cut in _finish), then a block of
+        # `room` rows is written after the committed tokens
+        need = cache_len(longest + max(max_new) + room, room)
         if need > self.max_len:
             raise ValueError(f"prompt of {longest} tokens + max_new_tokens {max(max_new)} + "
-                             f"{2 * room + 1} draft slots exceeds the cache length {self.max_len}")
+                             f"{need - longest - max(max_new)} draft slots exceeds the cache "
+                             f"length {self.max_len}")
         cap = min(-(-need // 64) * 64, self.max_len)  # round up: fewer graph re-captures
         dev = self.target.device
         timer = StageTimer(dev)

@@ -36,10 +36,16 @@ class StageTimer:
         return {k: sum(b - a for a, b in v) for k, v in self._spans.items()}
 
 
+# Stages a step is timed in (StageTimer names): the drafter's proposal, the target's forward over
+# the proposed tokens (autoregressive decoding: the whole decode step), the acceptance op
+# (dspark.ops.verify) and the commit (KV compaction, state and drafter updates).
+STAGES = ("draft", "target forward", "accept", "commit")
+
+
 @dataclass
 class Metrics:
-    gamma: int = 0
-    rounds: int = 0  # verify rounds (target forwards after prefill)
+    gamma: int = 0  # 0: autoregressive decoding (no drafts: no acceptance statistics)
+    rounds: int = 0  # target forwards after prefill (speculative rounds or decode steps)
     request_rounds: int = 0  # sum over rounds of active requests
     new_tokens: int = 0  # tokens returned (after stop / max_new truncation)
     tau: float = 1.0  # tokens per request-round, bonus/correction included
@@ -48,16 +54,23 @@ class Metrics:
     accept_hist: list = field(default_factory=list)  # request-rounds with k accepted, k = 0..gamma
     prefill_s: float = 0.0
     draft_s: float = 0.0
-    verify_s: float = 0.0
-    overhead_s: float = 0.0  # commit, bookkeeping, host loop
+    target_forward_s: float = 0.0
+    accept_s: float = 0.0
+    commit_s: float = 0.0
+    other_s: float = 0.0  # the host loop and anything outside the timed stages
     total_s: float = 0.0
     tokens_per_s: float = 0.0  # new_tokens / total_s (prefill included)
     decode_tokens_per_s: float = 0.0  # new_tokens / (total_s - prefill_s)
 
+    @property
+    def speculative(self) -> bool:
+        return self.gamma > 0
+
     @classmethod
     def from_rounds(cls, gamma: int, accept: torch.Tensor, active: torch.Tensor, new_tokens: int,
                     times: dict, total_s: float) -> "Metrics":
-        """accept, active: [rounds, B] accepted drafts and active flags per request-round."""
+        """accept, active: [rounds, B] accepted drafts and active flags per request-round;
+        times: seconds per stage ("prefill" and STAGES)."""
         a = accept[active].long()
         hist = torch.bincount(a, minlength=gamma + 1)[:gamma + 1] if a.numel() else \
             torch.zeros(gamma + 1, dtype=torch.long)
@@ -66,13 +79,14 @@ class Metrics:
                for k in range(1, gamma + 1)]
         n = int(a.numel())
         prefill = times.get("prefill", 0.0)
-        draft, verify = times.get("draft", 0.0), times.get("verify", 0.0)
+        stage = {name: times.get(name, 0.0) for name in STAGES}
         return cls(gamma=gamma, rounds=int(accept.shape[0]), request_rounds=n,
                    new_tokens=new_tokens, tau=float(a.float().mean() + 1) if n else 1.0,
                    acceptance_rate=float(a.float().mean() / gamma) if n and gamma else 0.0,
                    position_acceptance=pos, accept_hist=hist.tolist(), prefill_s=prefill,
-                   draft_s=draft, verify_s=verify,
-                   overhead_s=max(total_s - prefill - draft - verify, 0.0), total_s=total_s,
+                   draft_s=stage["draft"], target_forward_s=stage["target forward"],
+                   accept_s=stage["accept"], commit_s=stage["commit"],
+                   other_s=max(total_s - prefill - sum(stage.values()), 0.0), total_s=total_s,
                    tokens_per_s=new_tokens / total_s if total_s > 0 else 0.0,
                    decode_tokens_per_s=(new_tokens / (total_s - prefill)
                                         if total_s > prefill else 0.0))
@@ -81,9 +95,15 @@ class Metrics:
         return asdict(self)
 
     def summary(self) -> str:
-        pos = " ".join(f"{p:.2f}" for p in self.position_acceptance)
-        return (f"tokens {self.new_tokens} in {self.total_s:.3f}s ({self.tokens_per_s:.1f} tok/s, "
-                f"decode {self.decode_tokens_per_s:.1f} tok/s) | rounds {self.rounds} | "
-                f"tau {self.tau:.2f} | accept {self.acceptance_rate:.2%} | per-position [{pos}] | "
-                f"hist {self.accept_hist} | time prefill {self.prefill_s:.3f}s draft "
-                f"{self.draft_s:.3f}s verify {self.verify_s:.3f}s overhead {self.overhead_s:.3f}s")
+        head = (f"tokens {self.new_tokens} in {self.total_s:.3f}s ({self.tokens_per_s:.1f} tok/s, "
+                f"decode {self.decode_tokens_per_s:.1f} tok/s)")
+        if self.speculative:
+            pos = " ".join(f"{p:.2f}" for p in self.position_acceptance)
+            return (f"{head} | rounds {self.rounds} | tau {self.tau:.2f} | accept "
+                    f"{self.acceptance_rate:.2%} | per-position [{pos}] | hist "
+                    f"{self.accept_hist} | time prefill {self.prefill_s:.3f}s draft "
+                    f"{self.draft_s:.3f}s target forward {self.target_forward_s:.3f}s accept "
+                    f"{self.accept_s:.3f}s commit {self.commit_s:.3f}s other {self.other_s:.3f}s")
+        return (f"{head} | autoregressive: {self.rounds} decode steps | time prefill "
+                f"{self.prefill_s:.3f}s target forward {self.target_forward_s:.3f}s other "
+                f"{self.other_s:.3f}s")

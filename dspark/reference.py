@@ -18,7 +18,7 @@ GREEDY_T = float(torch.tensor(1e-5, dtype=torch.float32))  # kernels compare in 
 LOG2E = torch.tensor(1.44269502, dtype=torch.float32)
 EXP2_POLY = [1.0, 0.693146944, 0.240230501, 0.0554804280, 0.00968458038, 0.00123878219,
              0.000218775051]
-MAX_VOCAB = (1 << 19) - 1
+MAX_VOCAB = (1 << 19) - 1  # top-p masses are 44-bit fixed point summed in int64: V <= 2^19 - 1
 _M64 = (1 << 64) - 1
 
 
@@ -78,6 +78,8 @@ class Row:
 
     def __init__(self, logits: torch.Tensor, temperature: float, top_k: int, top_p: float):
         w = logits.detach().to("cpu", torch.float32)
+        if not 1 <= w.numel() <= MAX_VOCAB:
+            raise ValueError(f"vocabulary size must be in [1, {MAX_VOCAB}], got {w.numel()}")
         if torch.isnan(w).any() or (w == math.inf).any():
             raise ValueError("logits contain NaN or +inf")
         finite = w > -math.inf

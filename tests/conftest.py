@@ -6,7 +6,7 @@ import zlib
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/inputs.py
+sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # "built without CUDA kernels" on CPU builds

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import dspark
-from inputs import make_batch
+
+from helpers import make_batch
 
 NAN, INF = float("nan"), float("inf")
 VERIFY = ["target_logits", "node_offsets", "draft_tokens", "parents", "draft_probs",

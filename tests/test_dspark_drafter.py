@@ -4,18 +4,16 @@ alignment), training forward == engine inference, greedy equality with autoregre
 the sampled distribution (chi-square), save / load and bad input."""
 import pytest
 import torch
-from test_engine import (NSAMP, PROMPT, SV, assert_first_three_tokens_fit, chi2_pvalue,
-                         joint_first_two)
-from test_models import make_checkpoint
 
 from dspark import reference
 from dspark.drafters import (
     DrafterSpec,
+    DraftModelDrafter,
     ParallelDrafter,
-    SpecState,
     build_draft_model,
     default_mask_token,
     default_taps,
+    load_draft_model,
     load_drafter,
     make_drafter,
     save_drafter,
@@ -23,9 +21,20 @@ from dspark.drafters import (
 from dspark.engine import SpeculativeEngine
 from dspark.models import ModelRunner, load_model
 from dspark.ops import sampling_tensors
+from dspark.state import SpecState
 from dspark.train.features import target_features, target_logits
 from dspark.train.losses import make_blocks, position_weights, sample_anchors
 from dspark.train.trainer import TrainConfig, micro_batch_loss
+
+from helpers import (
+    NSAMP,
+    PROMPT,
+    SV,
+    assert_first_three_tokens_fit,
+    chi2_pvalue,
+    joint_first_two,
+    make_checkpoint,
+)
 
 V = 64
 PROMPTS = [[1, 5, 7, 9, 5, 7], [3, 4], [10, 11, 12, 13, 14, 10, 11, 12], [42]]
@@ -193,6 +202,8 @@ def test_training_forward_equals_engine_inference(target, kind, temperature):
     context after each commit."""
     model = make_model(target, kind)
     drafter = make_drafter(model)
+    assert drafter.last_logits is None and not drafter.keep_logits  # opt-in
+    drafter.keep_logits = True
     rounds = []
     propose = drafter.propose
 
@@ -243,6 +254,7 @@ def test_draft_probs_are_the_sampled_distribution(target):
     (and the same top-k / top-p as the target), and confidence uses the previous token only."""
     model = make_model(target, "dspark")
     d = make_drafter(model)
+    d.keep_logits = True
     engine = SpeculativeEngine(target, d)
     seen = []
     propose = d.propose
@@ -316,6 +328,7 @@ def _draft_joint(target, model, params):
     fwd = r.prefill([PROMPT], model.spec.target_layer_ids)
     p1 = reference.target_probs(fwd.logits[0], *params)
     d = make_drafter(model)
+    d.keep_logits = True
     d.setup(SV, 16)
     st = SpecState(torch.tensor([PROMPT + [t] + [0] * 8 for t in range(SV)]),
                    torch.full((SV,), len(PROMPT) + 1), torch.full((SV,), len(PROMPT)),
@@ -382,7 +395,14 @@ def test_load_for_a_different_target_fails(target, tmp_path):
         with pytest.raises(ValueError, match=f"different target.*{what}"):
             load_drafter(str(tmp_path / "d"), other)
     with pytest.raises(ValueError, match="not a dspark drafter"):
-        load_drafter(str(tmp_path / "wide"), target)
+        load_draft_model(str(tmp_path / "wide"), target)
+    # load_drafter takes any drafter dir: an HF causal LM becomes a draft model
+    assert isinstance(load_drafter(str(tmp_path / "wide"), target), DraftModelDrafter)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a dspark drafter dir"):
+        load_drafter(str(tmp_path / "empty"), target)
+    with pytest.raises(ValueError, match="trees are drafted by draft LMs only"):
+        load_drafter(str(tmp_path / "d"), target, tree_topk=2)
     with pytest.raises(ValueError, match="hidden size"):
         model.attach_target(load_model(str(tmp_path / "wide")))
     with pytest.raises(ValueError, match="gamma"):

@@ -6,15 +6,25 @@ import json
 
 import pytest
 import torch
-from test_models import make_checkpoint
 
-from dspark import reference
-from dspark.drafters import DraftModelDrafter, NgramDrafter, SpecState
+from dspark.drafters import DraftModelDrafter, NgramDrafter
 from dspark.drafters.testing import AlwaysWrongDrafter, perfect_drafter
 from dspark.engine import SpeculativeEngine
 from dspark.metrics import Metrics
 from dspark.models import ModelRunner, load_model
-from dspark.ops import sampling_tensors
+
+from helpers import (
+    NSAMP,
+    PROMPT,
+    SV,
+    assert_first_three_tokens_fit,
+    chi2_pvalue,
+    histogram,
+    joint_first_two,
+    make_checkpoint,
+    spec_state,
+    two_sample_pvalue,
+)
 
 V = 128
 PROMPTS = [[1, 5, 7, 9, 5, 7], [3, 4], [10, 11, 12, 13, 14, 10, 11, 12], [42],
@@ -103,7 +113,6 @@ def test_qwen3_target(tmp_path):
 
 
 # ---- sampling: the speculative sampler's output distribution is the target's ------------------
-SV, NSAMP, PROMPT = 12, 4000, [1, 2, 3]
 
 
 @pytest.fixture(scope="module")
@@ -113,49 +122,6 @@ def small_models(tmp_path_factory):
     make_checkpoint(dft, "llama", vocab=SV, hidden=32, layers=2, init=0.1, seed=5, inter=64,
                     perturb=0.6)
     return load_model(tgt), load_model(dft)
-
-
-def joint_first_two(model, params):
-    """Exact P(t1, t2 | PROMPT) [SV, SV] of the runner under sampling params (T, top_k, top_p)."""
-    r = ModelRunner(model)
-    r.allocate(SV, 8)
-    logits = r.prefill([PROMPT] * SV).logits
-    p1 = reference.target_probs(logits[0], *params)
-    nxt = r.decode(torch.arange(SV), torch.full((SV,), len(PROMPT)))
-    return torch.stack([p1[t] * reference.target_probs(nxt[t], *params) for t in range(SV)])
-
-
-def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Goodness of fit; cells with expected count < 5 are pooled; a sample in a cell of
-    probability 0 rejects the fit outright (p = 0)."""
-    from scipy import stats
-    exp = probs.flatten() * counts.sum()
-    obs = counts.flatten().double()
-    if obs[exp == 0].sum() > 0:
-        return 0.0
-    exp, obs = exp[exp > 0], obs[exp > 0]
-    small = exp < 5
-    if small.any():
-        exp = torch.cat([exp[~small], exp[small].sum()[None]])
-        obs = torch.cat([obs[~small], obs[small].sum()[None]])
-    exp = exp * obs.sum() / exp.sum()
-    return float(stats.chisquare(obs.numpy(), exp.numpy()).pvalue)
-
-
-def two_sample_pvalue(a: torch.Tensor, b: torch.Tensor) -> float:
-    from scipy import stats
-    table = torch.stack([a.flatten(), b.flatten()]).double()
-    keep = table.sum(0) >= 10
-    pool = table[:, ~keep].sum(1, keepdim=True)
-    table = torch.cat([table[:, keep]] + ([pool] if pool.sum() > 0 else []), 1)
-    return float(stats.chi2_contingency(table.numpy())[1])
-
-
-def histogram(tokens) -> torch.Tensor:
-    counts = torch.zeros(SV * SV, dtype=torch.long)
-    for t in tokens:
-        counts[t[0] * SV + t[1]] += 1
-    return counts.view(SV, SV)
 
 
 SAMPLING = {
@@ -186,25 +152,6 @@ def test_sampled_distribution_matches_autoregressive(small_models, kind):
     assert chi2_pvalue(hs, joint_first_two(draft, (temp, top_k, top_p))) < 1e-6
     if kind != "always-wrong":  # the drafter was useful in some rounds, useless in others
         assert 0 < spec.metrics.acceptance_rate < 1
-
-
-def assert_first_three_tokens_fit(target, drafter, seed0: int, n: int = 6000) -> None:
-    """The joint of the first three tokens (T = 1) generated with ``drafter`` fits the target's
-    exact joint (chi-square), and depth >= 2 drafts were accepted in some rounds."""
-    r = ModelRunner(target)
-    r.allocate(SV * SV, 8)
-    t12 = torch.cartesian_prod(torch.arange(SV), torch.arange(SV))  # [SV^2, 2]
-    logits = r.prefill([PROMPT + t.tolist() for t in t12]).logits
-    p3 = torch.stack([reference.target_probs(row, 1.0) for row in logits])  # [SV^2, SV]
-    exact = joint_first_two(target, (1.0, 0, 1.0)).flatten()[:, None] * p3
-    out = SpeculativeEngine(target, drafter).generate(
-        [PROMPT] * n, seed=list(range(seed0, seed0 + n)), max_new_tokens=3, temperature=1.0,
-        stop_tokens=[])
-    counts = torch.zeros(SV ** 3, dtype=torch.long)
-    for t in out.tokens:
-        counts[(t[0] * SV + t[1]) * SV + t[2]] += 1
-    assert chi2_pvalue(counts, exact) > 1e-3
-    assert sum(out.metrics.accept_hist[2:]) > 0  # depth >= 2 was accepted in some rounds
 
 
 def test_sampled_three_tokens_match_target(small_models):
@@ -240,19 +187,8 @@ def test_kv_rollback_equals_fresh_prefill(models, topk, temperature):
 
 
 # ---- drafters in isolation ---------------------------------------------------------------------
-def _state(rows):
-    B, C = len(rows), 16
-    tokens = torch.zeros(B, C, dtype=torch.int64)
-    for b, r in enumerate(rows):
-        tokens[b, :len(r)] = torch.tensor(r)
-    n = torch.tensor([len(r) for r in rows])
-    return SpecState(tokens, n, n.clone(), torch.full((B,), 99), torch.full((B, 1), -1),
-                     sampling_tensors(B, 0.0), torch.zeros(B, dtype=torch.int64),
-                     torch.ones(B, dtype=torch.bool), [list(r) for r in rows])
-
-
 def test_ngram_drafter_proposals():
-    st = _state([[5, 6, 7, 8, 5, 6], [1, 2, 3], [4, 9, 4, 9, 4]])
+    st = spec_state([[5, 6, 7, 8, 5, 6], [1, 2, 3], [4, 9, 4, 9, 4]])
     prop = NgramDrafter(gamma=5, max_ngram=2).propose(st)
     toks = prop.draft_tokens.view(3, 6)
     assert toks[0].tolist() == [6, 7, 8, 5, 6, 7]  # "5 6" seen at 0 -> 7 8 5 6, then periodic
@@ -265,7 +201,7 @@ def test_ngram_drafter_proposals():
 def test_tree_drafter_layout(models):
     d = DraftModelDrafter(models[1], gamma=3, tree_topk=2)
     d.setup(2, 32)
-    st = _state([[1, 2, 3], [4, 5]])
+    st = spec_state([[1, 2, 3], [4, 5]])
     st.prompt_lens -= 1  # the last token is the anchor
     st.prompts = [p[:-1] for p in st.prompts]
     d.start(st, None)
@@ -279,12 +215,18 @@ def test_tree_drafter_layout(models):
 def test_metrics_from_rounds():
     accept = torch.tensor([[2, 0], [1, 4], [0, 3]])
     active = torch.tensor([[True, True], [True, True], [False, True]])
-    m = Metrics.from_rounds(4, accept, active, new_tokens=12, times={"draft": 1.0, "verify": 2.0},
-                            total_s=4.0)
+    times = {"draft": 1.0, "target forward": 1.5, "accept": 0.25, "commit": 0.25}
+    m = Metrics.from_rounds(4, accept, active, new_tokens=12, times=times, total_s=4.0)
     assert m.accept_hist == [1, 1, 1, 1, 1] and m.request_rounds == 5 and m.rounds == 3
     assert m.tau == pytest.approx(3.0) and m.acceptance_rate == pytest.approx(0.5)
     assert m.position_acceptance == pytest.approx([4 / 5, 3 / 4, 2 / 3, 1 / 2])
-    assert m.overhead_s == pytest.approx(1.0) and m.tokens_per_s == pytest.approx(3.0)
+    assert m.other_s == pytest.approx(1.0) and m.tokens_per_s == pytest.approx(3.0)
+    assert m.target_forward_s == 1.5 and m.accept_s == m.commit_s == 0.25 and m.speculative
+    assert "tau 3.00" in m.summary() and "target forward 1.500s" in m.summary()
+    ar = Metrics.from_rounds(0, torch.zeros(3, 2, dtype=torch.long), active, 6,
+                             {"target forward": 2.0}, total_s=2.5)
+    assert not ar.speculative and "autoregressive: 3 decode steps" in ar.summary()
+    assert "tau" not in ar.summary() and "per-position" not in ar.summary()
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -336,14 +278,14 @@ def test_text_generation_and_cli(ckpts):
     assert spec.text == ar.text and all(isinstance(t, str) and t for t in spec.text)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = main(["generate", "--target", target, "--draft", draft, "--prompt", "w5 w6 w7",
+        rc = main(["generate", "--target", target, "--drafter", draft, "--prompt", "w5 w6 w7",
                    "--prompt", "w9", "--batch", "2", "--max-new-tokens", "8", "--gamma", "3",
                    "--tree-topk", "2", "--compare", "--json", "--device", "cpu"])
     assert rc == 0
     report = json.loads(buf.getvalue())
     assert report["identical_text"] and len(report["speculative"]["text"]) == 2
     assert report["speculative"]["metrics"][0]["tau"] >= 1.0
-    buf = io.StringIO()  # --fused on CPU: the AR baseline decodes on the fused CPU kernels
+    buf = io.StringIO()  # --fused on CPU (and the old --draft spelling of --drafter)
     with contextlib.redirect_stdout(buf):
         rc = main(["generate", "--target", target, "--draft", draft, "--prompt", "w5 w6 w7",
                    "--prompt", "w9", "--batch", "2", "--max-new-tokens", "8", "--gamma", "3",

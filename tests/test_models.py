@@ -10,57 +10,14 @@ from dspark.models import (
     FUSED_MAX_ROWS,
     ModelConfig,
     ModelRunner,
-    commit_kv,
     load_model,
     load_tokenizer,
     resolve_dtype,
 )
 
+from helpers import ARCHS, make_checkpoint
+
 transformers = pytest.importorskip("transformers")
-
-ARCHS = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "llama3": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": {
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24, "tie_word_embeddings": True}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 5}),
-}
-
-
-def make_checkpoint(path, arch="llama", vocab=97, hidden=64, layers=3, heads=4, kv_heads=2,
-                    inter=96, seed=0, init=0.02, shard=None, tokenizer=True, perturb=0.0, **extra):
-    """Save a random HF model (safetensors) + a word-level tokenizer.json to ``path``.
-    perturb > 0: the same model (same seed) with relative Gaussian noise on every weight, i.e. a
-    correlated draft model for the target made with perturb = 0."""
-    cfg_name, model_name, arch_extra = ARCHS[arch]
-    kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-              num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-              max_position_embeddings=256, initializer_range=init, eos_token_id=vocab - 1,
-              bos_token_id=0)
-    kw.update(arch_extra)
-    kw.update(extra)
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(getattr(transformers, cfg_name)(**kw)).eval()
-    with torch.no_grad():  # make the random model opinionated: bigger logits, varied norms
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif "bias" in name:
-                p.normal_(0.0, 0.1)
-        gen = torch.Generator().manual_seed(seed + 1)
-        for p in model.parameters() if perturb else ():
-            p.add_(torch.randn(p.shape, generator=gen) * perturb * p.std())
-    model.save_pretrained(path, max_shard_size=shard) if shard else model.save_pretrained(path)
-    if tokenizer:
-        from tokenizers import Tokenizer, models, pre_tokenizers
-        words = ["<s>"] + [f"w{i}" for i in range(1, vocab - 1)] + ["</s>"]
-        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w1"))
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        tok.save(os.path.join(path, "tokenizer.json"))
-    return model
-
 
 @pytest.fixture(scope="module", params=list(ARCHS))
 def pair(request, tmp_path_factory):
@@ -125,7 +82,7 @@ def verify_block(runner, taps=()):
     pars = torch.tensor([p for _, ps in TREES for p in ps])
     offs = torch.tensor([0] + list(torch.cumsum(torch.tensor([len(t) for t, _ in TREES]), 0)))
     start = torch.tensor([len(p) for p in PROMPTS])
-    return runner.verify(toks, pars, offs, start, max_nodes=8, taps=taps), offs, start
+    return runner.forward_tree(toks, pars, offs, start, max_nodes=8, taps=taps), offs, start
 
 
 def test_verify_chain_and_tree_match_transformers(pair):
@@ -154,7 +111,8 @@ def test_fused_runner_matches_transformers(pair):
     run their linear layers on dspark::fused_linear and still give transformers' logits."""
     hf, model, _ = pair
     runner = ModelRunner(model, fused=True)
-    assert runner.fused and model.can_fuse(FUSED_MAX_ROWS) and not model.can_fuse(FUSED_MAX_ROWS + 1)
+    assert runner.fused and model.can_fuse(FUSED_MAX_ROWS)
+    assert not model.can_fuse(FUSED_MAX_ROWS + 1)
     prompts = PROMPTS[:FUSED_MAX_ROWS]
     runner.allocate(len(prompts), 32)
     runner.prefill(prompts)
@@ -165,7 +123,7 @@ def test_fused_runner_matches_transformers(pair):
     toks, pars = [50, 51], [-1, 0]
     runner.allocate(1, 32)
     runner.prefill(PROMPTS[:1])
-    logits, _ = runner.verify(torch.tensor(toks), torch.tensor(pars), torch.tensor([0, 2]),
+    logits, _ = runner.forward_tree(torch.tensor(toks), torch.tensor(pars), torch.tensor([0, 2]),
                               torch.tensor([len(PROMPTS[0])]), max_nodes=2)
     for j, path in enumerate(paths(pars)):
         seq = PROMPTS[0] + [toks[i] for i in path]
@@ -183,7 +141,7 @@ def test_prefill_taps_match_transformers(pair):
     torch.testing.assert_close(out.hidden[1, 0], ref[0][0], atol=ATOL, rtol=0)
 
 
-def test_commit_kv_tree_equals_fresh_prefill(pair):
+def test_commit_tree_equals_fresh_prefill(pair):
     """Accept path root -> node 2 -> node 5 of the tree: the compacted cache equals a prefill."""
     _, model, _ = pair
     runner = ModelRunner(model)
@@ -192,7 +150,7 @@ def test_commit_kv_tree_equals_fresh_prefill(pair):
     _, _, start = verify_block(runner)
     nodes = torch.tensor([[0, 1, 2, 3, -1], [0, 2, 5, -1, -1], [0, -1, -1, -1, -1]])
     count = torch.tensor([3, 2, 0])
-    commit_kv(runner.cache, start, nodes, count)
+    runner.commit(start, nodes, count)
     fresh = ModelRunner(model)
     fresh.allocate(1, 32)
     for r, (toks, _) in enumerate(TREES):

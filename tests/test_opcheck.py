@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from inputs import make_batch, sample_args
+from helpers import make_batch, sample_args
 
 
 def verify_cases():

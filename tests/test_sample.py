@@ -5,8 +5,8 @@ import torch
 
 import dspark
 from dspark import reference
-from inputs import LOGIT_DTYPES, ONE_MINUS, random_logits, sample_args
 
+from helpers import LOGIT_DTYPES, ONE_MINUS, random_logits, sample_args
 
 NEG = -float("inf")
 

@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-from test_models import make_checkpoint
 
 from dspark.cli_train import main
 from dspark.drafters import DrafterSpec, build_draft_model, load_drafter, make_drafter
@@ -18,6 +17,8 @@ from dspark.models import load_model
 from dspark.train.data import Sample, load_samples
 from dspark.train.losses import block_losses, cosine_lr
 from dspark.train.trainer import TrainConfig, train_drafter
+
+from helpers import make_checkpoint
 
 V = 64
 NEW = 32

@@ -3,8 +3,18 @@ import pytest
 import torch
 
 from dspark import reference
-from inputs import (ONE_MINUS, assert_equal_outputs, keyed_uniforms, make_batch, manual_batch,
-                    permute_requests, random_draft_lengths, run_kernel, run_reference)
+
+from helpers import (
+    ONE_MINUS,
+    assert_equal_outputs,
+    keyed_uniforms,
+    make_batch,
+    manual_batch,
+    permute_requests,
+    random_draft_lengths,
+    run_kernel,
+    run_reference,
+)
 
 f32, f64, bf16, f16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 NEG = -float("inf")
@@ -279,3 +289,17 @@ def test_zero_drafts_equals_sample(device, gen, randomness):
                                          d.positions, None if u is None else u.to(device), False)
     assert torch.equal(toks[:, 0], sampled.cpu()) and (count == 0).all()
     assert torch.equal(nodes[:, 0], b.node_offsets[:-1])
+
+
+def test_readme_ops_example_runs_as_written():
+    """The README's `verify` example defines every variable it uses and runs as written."""
+    import os
+    import re
+    readme = os.path.join(os.path.dirname(__file__), "..", "README.md")
+    with open(readme) as f:
+        block = re.search(r"```python\n(import torch, dspark\n.*?)```", f.read(), re.S).group(1)
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    res = scope["res"]
+    assert res.out_tokens.shape == (3, 4) and res.accept_count.shape == (3,)
+    assert (res.out_tokens[:, 0] >= 0).all() and (res.accept_count <= torch.tensor([3, 0, 2])).all()

@@ -18,7 +18,8 @@ import torch
 
 from .. import ops
 from ..models import ModelRunner, Transformer
-from .base import Drafter, Proposal, SpecState, chain_proposal
+from ..state import Proposal, SpecState, cache_len, chain_proposal
+from .base import Drafter
 
 
 class DraftModelDrafter(Drafter):
@@ -42,7 +43,7 @@ class DraftModelDrafter(Drafter):
         return self.topk == 1
 
     def setup(self, batch: int, capacity: int) -> None:
-        self.runner.allocate(batch, capacity + self.gamma + 1)
+        self.runner.allocate(batch, cache_len(capacity, self.gamma))  # draft block: gamma past p
         dev = self.runner.device
         g, k = self.gamma, self.topk
         depth = torch.arange(1, g + 1, device=dev).repeat_interleave(k)  # [g * k]

@@ -1,7 +1,7 @@
 """DSpark and DFlash drafters: a parallel backbone conditioned on the target's tapped hidden states
 (KV injection), plus for DSpark a semi-autoregressive head (Markov or RNN) and a confidence head.
 
-Backbone (docs/dspark-method.md 1): context features
+Backbone (docs/method.md, "Drafter"): context features
 ``C_t = RMSNorm(W_c [H^(l1)_t; ...; H^(lm)_t])`` are keys/values only: in draft layer i,
 ``K = KNorm([C W_i^K; X W_i^K])``, ``V = [C W_i^V; X W_i^V]`` with RoPE at the context's own
 positions. The block ``[x0, MASK, ...]`` at positions ``p, p+1, ...`` attends to every context
@@ -30,17 +30,16 @@ from torch import nn
 
 from .. import ops
 from ..models.config import ModelConfig
-from .base import Drafter, Proposal, SpecState, chain_proposal
+from ..models.layers import MLP, RMSNorm, rope
+from ..state import Proposal, SpecState, cache_len, chain_proposal
+from .base import Drafter
 from .layers import (
-    MLP,
     ConfidenceHead,
     MarkovHead,
     Projections,
-    RMSNorm,
     RNNHead,
     attend,
     init_weights,
-    rope,
     sts_scale,
 )
 from .spec import DrafterSpec
@@ -54,7 +53,7 @@ class InjectedLayer(nn.Module):
         self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.attn = Projections(c)
         self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = MLP(c)
+        self.mlp = MLP.from_config(c)
 
     def forward(self, h, cos, sin, ctx_k, ctx_v, mask):
         x = self.attn_norm(h)
@@ -107,8 +106,10 @@ class ParallelDraftModel(FrozenTargetParts, nn.Module):
 
     def __init__(self, spec: DrafterSpec):
         super().__init__()
-        if spec.method == "eagle3":
-            raise ValueError("ParallelDraftModel is the DSpark/DFlash backbone; use Eagle3Model")
+        from .registry import get_method
+        if get_method(spec.method).model_class is not ParallelDraftModel:
+            raise ValueError(f"ParallelDraftModel is the DSpark/DFlash backbone; {spec.method!r} "
+                             "drafters are built by their registered model class")
         self.spec = spec
         c = spec.draft_config()
         d, V, r = c.hidden_size, spec.vocab_size, spec.markov_rank
@@ -205,6 +206,10 @@ class TrainedDrafter(Drafter):
             raise ValueError(f"gamma must be >= 1, got {self.gamma}")
         self.vocab_size = self.spec.vocab_size
         self.target_taps = tuple(self.spec.target_layer_ids)
+        # keep_logits: tests and analyses set it to keep each proposal's corrected draft logits
+        # [B, gamma, V] fp32 in last_logits (off by default: a full vocabulary row per draft)
+        self.keep_logits = False
+        self.last_logits: Optional[torch.Tensor] = None
 
 
 class ParallelDrafter(TrainedDrafter):
@@ -213,7 +218,6 @@ class ParallelDrafter(TrainedDrafter):
     def __init__(self, model: ParallelDraftModel, gamma: Optional[int] = None):
         super().__init__(model, gamma)
         self.recorder: Optional[list] = None  # set to [] to record (conf logits, L, accepted)
-        self.last_logits: Optional[torch.Tensor] = None  # [B, gamma, V] fp32 corrected logits
         self.last_conf_logits: Optional[torch.Tensor] = None  # [B, gamma] raw z_k
         self.k = self.v = None
 
@@ -222,7 +226,9 @@ class ParallelDrafter(TrainedDrafter):
         m = self.model
         c = self.spec.draft_config()
         p = next(m.parameters())
-        shape = (len(m.layers), batch, c.num_kv_heads, capacity + self.gamma + 2, c.head_dim)
+        # context rows are written at the verified block: up to gamma + 1 past the anchor
+        shape = (len(m.layers), batch, c.num_kv_heads, cache_len(capacity, self.gamma + 1),
+                 c.head_dim)
         if self.k is None or self.k.shape != shape or self.k.device != p.device:
             self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
             self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
@@ -289,9 +295,10 @@ class ParallelDrafter(TrainedDrafter):
             tok, prob = ops.sample(z.contiguous(), state.params, seeds, p + k, return_probs=True)
             toks.append(tok)
             probs.append(prob)
-            logits.append(z)
+            if self.keep_logits:
+                logits.append(z)
             prev = tok
-        self.last_logits = torch.stack(logits, 1)
+        self.last_logits = torch.stack(logits, 1) if self.keep_logits else None
         self.last_conf_logits = torch.stack(conf, 1) if conf else None
         self._active = state.active.clone()
         return chain_proposal(state.anchor(), torch.stack(toks, 1), torch.stack(probs, 1))

@@ -1,4 +1,4 @@
-"""EAGLE-3 drafter (comparison baseline, docs/dspark-method.md 6.6): one autoregressive decoder
+"""EAGLE-3 drafter (comparison baseline, docs/method.md "Training"): one autoregressive decoder
 layer over pairs (hidden_t, x_{t+1}).
 
 Pair at position t: attention input ``[RMSNorm(embed(x_{t+1})); RMSNorm(g_t)]`` (2d wide), where
@@ -21,16 +21,18 @@ import torch
 from torch import nn
 
 from .. import ops
-from .base import Proposal, SpecState, chain_proposal
+from ..models.layers import MLP, RMSNorm, rope
+from ..state import Proposal, SpecState, cache_len, chain_proposal
 from .dspark_drafter import FrozenTargetParts, TrainedDrafter
-from .layers import MLP, Projections, RMSNorm, attend, init_weights, rope
+from .layers import Projections, attend, init_weights
 from .spec import DrafterSpec
 
 
 class Eagle3Model(FrozenTargetParts, nn.Module):
     def __init__(self, spec: DrafterSpec):
         super().__init__()
-        if spec.method != "eagle3":
+        from .registry import get_method
+        if get_method(spec.method).model_class is not Eagle3Model:
             raise ValueError(f"Eagle3Model needs an eagle3 spec, got {spec.method!r}")
         if spec.num_draft_layers != 1:
             raise ValueError("the EAGLE-3 drafter has exactly one decoder layer")
@@ -42,7 +44,7 @@ class Eagle3Model(FrozenTargetParts, nn.Module):
         self.hidden_norm = RMSNorm(d, c.rms_norm_eps)
         self.attn = Projections(c, 2 * d)
         self.mlp_norm = RMSNorm(d, c.rms_norm_eps)
-        self.mlp = MLP(c)
+        self.mlp = MLP.from_config(c)
         self.norm = RMSNorm(d, c.rms_norm_eps)
         self.register_buffer("inv_freq", c.inv_freq(), persistent=False)
         init_weights(self)
@@ -105,13 +107,12 @@ class Eagle3Drafter(TrainedDrafter):
 
     def __init__(self, model: Eagle3Model, gamma: Optional[int] = None):
         super().__init__(model, gamma)
-        self.last_logits: Optional[torch.Tensor] = None
         self.k = self.v = None
 
     def setup(self, batch: int, capacity: int) -> None:
         c = self.spec.draft_config()
         p = next(self.model.parameters())
-        shape = (batch, c.num_kv_heads, capacity + self.gamma + 2, c.head_dim)
+        shape = (batch, c.num_kv_heads, cache_len(capacity, self.gamma + 1), c.head_dim)
         if self.k is None or self.k.shape != shape or self.k.device != p.device:
             self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
             self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
@@ -167,6 +168,7 @@ class Eagle3Drafter(TrainedDrafter):
                                    return_probs=True)
             toks.append(tok)
             probs.append(prob)
-            logits.append(z)
-        self.last_logits = torch.stack(logits, 1)
+            if self.keep_logits:
+                logits.append(z)
+        self.last_logits = torch.stack(logits, 1) if self.keep_logits else None
         return chain_proposal(state.anchor(), torch.stack(toks, 1), torch.stack(probs, 1))

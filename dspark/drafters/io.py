@@ -1,8 +1,10 @@
-"""Build, save and load feature-conditioned drafters (DSpark, DFlash, EAGLE-3).
+"""Build, save and load drafters.
 
-A drafter directory holds ``drafter_config.json`` (a :class:`DrafterSpec`: method, gamma, taps,
-mask token, head, the target's shapes, STS temperatures) and ``model.safetensors`` (the trainable
-weights only; the embedding table and LM head are the target's and are attached on load).
+A trained drafter directory holds ``drafter_config.json`` (a :class:`DrafterSpec`: method, gamma,
+taps, mask token, head, the target's shapes, STS temperatures) and ``model.safetensors`` (the
+trainable weights only; the embedding table and LM head are the target's and are attached on
+load). :func:`load_drafter` also takes a Hugging Face causal-LM checkpoint dir (``config.json``),
+which becomes a draft-model drafter: one way to load any drafter from a directory.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ from typing import Optional, Union
 
 import torch
 
-from .dspark_drafter import ParallelDrafter, ParallelDraftModel
-from .eagle3 import Eagle3Drafter, Eagle3Model
+from .dspark_drafter import ParallelDraftModel
+from .eagle3 import Eagle3Model
+from .registry import get_method
 from .spec import DrafterSpec
 
 CONFIG_NAME = "drafter_config.json"
@@ -24,7 +27,7 @@ DraftModel = Union[ParallelDraftModel, Eagle3Model]
 
 def build_draft_model(spec: DrafterSpec, target=None) -> DraftModel:
     """A freshly initialized draft model for ``spec`` (attached to ``target`` if given)."""
-    model = Eagle3Model(spec) if spec.method == "eagle3" else ParallelDraftModel(spec)
+    model = get_method(spec.method).model_class(spec)
     if target is not None:
         model.to(target.device)
         model.attach_target(target)
@@ -32,10 +35,8 @@ def build_draft_model(spec: DrafterSpec, target=None) -> DraftModel:
 
 
 def make_drafter(model: DraftModel, gamma: Optional[int] = None):
-    """The engine-facing :class:`~dspark.drafters.Drafter` for a draft model."""
-    if isinstance(model, Eagle3Model):
-        return Eagle3Drafter(model, gamma)
-    return ParallelDrafter(model, gamma)
+    """The engine-facing :class:`~dspark.drafters.Drafter` for a trained draft model."""
+    return get_method(model.spec.method).drafter_class(model, gamma)
 
 
 def save_drafter(model: DraftModel, path: str) -> None:
@@ -79,7 +80,7 @@ def load_draft_model(path: str, target, dtype: Optional[torch.dtype] = None) -> 
     spec = load_spec(path)
     check_target(spec, target.config)
     with torch.device("meta"):
-        model = Eagle3Model(spec) if spec.method == "eagle3" else ParallelDraftModel(spec)
+        model = get_method(spec.method).model_class(spec)
     file = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(file):
         raise ValueError(f"{path!r} has no {WEIGHTS_NAME}")
@@ -97,8 +98,31 @@ def load_draft_model(path: str, target, dtype: Optional[torch.dtype] = None) -> 
     return model.eval().requires_grad_(False)
 
 
+def drafter_kind(path: str) -> str:
+    """``"trained"`` (a dspark drafter dir) or ``"lm"`` (an HF causal-LM checkpoint dir)."""
+    if not os.path.isdir(path):
+        raise ValueError(f"drafter {path!r} is not a directory")
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return "trained"
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "lm"
+    raise ValueError(f"{path!r} is neither a dspark drafter dir ({CONFIG_NAME}) nor a model "
+                     "checkpoint dir (config.json)")
+
+
 def load_drafter(path: str, target, gamma: Optional[int] = None,
-                 dtype: Optional[torch.dtype] = None):
-    """The engine drafter saved in ``path`` for ``target`` (dspark Transformer or ModelRunner)."""
+                 dtype: Optional[torch.dtype] = None, tree_topk: int = 1):
+    """The engine drafter stored in ``path`` for ``target`` (dspark Transformer or ModelRunner):
+    a trained DSpark / DFlash / EAGLE-3 drafter (``drafter_config.json``; gamma defaults to the
+    trained block size) or an HF causal LM with the target's tokenizer, run as a draft model
+    (gamma defaults to 4; ``tree_topk`` > 1 drafts top-k trees)."""
+    from .draft_model import DraftModelDrafter
     target = getattr(target, "model", target)
+    if drafter_kind(path) == "lm":
+        from ..models import load_model
+        lm = load_model(path, target.device, dtype or target.dtype)
+        return DraftModelDrafter(lm, 4 if gamma is None else gamma, tree_topk)
+    if tree_topk != 1:
+        raise ValueError(f"tree_topk {tree_topk}: trees are drafted by draft LMs only; "
+                         f"{path!r} holds a trained chain drafter")
     return make_drafter(load_draft_model(path, target, dtype), gamma)

@@ -1,6 +1,7 @@
-"""Building blocks shared by the feature-conditioned drafters: attention projections in the target
-family's style (Qwen3 per-head QK RMSNorm, optional biases), RoPE, the Markov / RNN sequential
-heads and the confidence head (docs/dspark-method.md sections 1.2, 2, 3)."""
+"""Building blocks of the feature-conditioned drafters: attention projections in the target
+family's style (Qwen3 per-head QK RMSNorm, optional biases), the Markov / RNN sequential heads
+and the confidence head (docs/method.md, "Drafter" and "Confidence"). RMSNorm, RoPE and the
+gated MLP are the target's own (:mod:`dspark.models.layers`)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,17 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.config import ModelConfig
-from ..models.transformer import MLP, RMSNorm, _rotate_half
+from ..models.layers import RMSNorm, apply_rope
 
-__all__ = ["MLP", "RMSNorm", "Projections", "rope", "attend", "init_weights", "MarkovHead",
-           "RNNHead", "ConfidenceHead", "sts_scale"]
-
-
-def rope(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos, sin [B, 1, T, D] for positions [B, T] (HF's rotate-half convention)."""
-    freqs = positions.float()[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), -1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+__all__ = ["Projections", "attend", "init_weights", "MarkovHead", "RNNHead", "ConfidenceHead",
+           "sts_scale"]
 
 
 class Projections(nn.Module):
@@ -44,8 +38,7 @@ class Projections(nn.Module):
         q = self.q(x).view(B, T, self.h, self.d)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        q = q.transpose(1, 2)
-        return q * cos + _rotate_half(q) * sin
+        return apply_rope(q.transpose(1, 2), cos, sin)
 
     def key_value(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, in] -> k, v [B, Hkv, T, D] (K: QK-norm, then RoPE; V as is)."""
@@ -55,7 +48,7 @@ class Projections(nn.Module):
             k = self.k_norm(k)
         k = k.transpose(1, 2)
         v = self.v(x).view(B, T, self.hkv, self.d).transpose(1, 2)
-        return k * cos + _rotate_half(k) * sin, v
+        return apply_rope(k, cos, sin), v
 
     def out(self, attn: torch.Tensor) -> torch.Tensor:
         """attn [B, H, T, D] -> [B, T, hidden]."""

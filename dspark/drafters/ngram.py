@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Drafter, Proposal, SpecState, chain_proposal
+from ..state import Proposal, SpecState, chain_proposal
+from .base import Drafter
 
 
 class NgramDrafter(Drafter):

@@ -4,7 +4,7 @@ A ``DrafterSpec`` is saved as ``drafter_config.json`` beside the trainable weigh
 (``model.safetensors``). The target's embedding table and LM head are *not* saved: they are the
 target's, frozen, and attached at load time (see :mod:`dspark.drafters.io`).
 
-Conventions (docs/dspark-method.md):
+Conventions (docs/method.md):
 - ``target_layer_ids``: tapped target layers (raw residual output of decoder layer l; -1 = the
   embedding output), see :func:`default_taps`.
 - ``block_layout``: ``"anchor"`` (DSpark): block ``[x0, MASK x (gamma-1)]`` at positions
@@ -23,7 +23,6 @@ from typing import Optional
 
 from ..models.config import ModelConfig
 
-METHODS = ("dspark", "dflash", "eagle3")
 FORMAT = "dspark-drafter"
 VERSION = 1
 
@@ -72,7 +71,7 @@ def default_mask_token(vocab_size: int, tokenizer=None, configured: Optional[int
 
 @dataclass
 class DrafterSpec:
-    method: str  # dspark | dflash | eagle3
+    method: str  # a registered method (drafters/registry.py): dspark | dflash | eagle3
     gamma: int  # draft tokens per round the drafter was trained for
     target_layer_ids: list
     target: dict  # the target's ModelConfig (asdict): shapes the draft layers copy
@@ -83,13 +82,13 @@ class DrafterSpec:
     confidence_head: bool = False
     block_layout: str = "anchor"  # anchor (DSpark) | mask (original DFlash)
     sts_temperatures: Optional[list] = None  # per-position STS temperatures (confidence head)
-    sts_serving_temperature: Optional[float] = None  # sampling temperature they were fit at
-    calibration: Optional[dict] = None  # the STS report (per-position ECE / AUC before, after)
+    calibration: Optional[dict] = None  # the STS fit: serving temperature, rounds, per-position
+    # ECE / AUROC before and after
     training: dict = field(default_factory=dict)  # informational: the training run's settings
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown drafter method {self.method!r}; choose one of {METHODS}")
+        from .registry import get_method
+        method = get_method(self.method)
         if self.gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {self.gamma}")
         if self.head_type not in ("markov", "rnn", "none"):
@@ -107,7 +106,7 @@ class DrafterSpec:
             if not -1 <= t < n - 1:
                 raise ValueError(f"tapped layer {t} is not in [-1, {n - 2}] (the target has {n} "
                                  "layers; its last layer must not be tapped)")
-        if self.method != "eagle3":
+        if method.uses_mask_token:
             if self.mask_token_id is None or not 0 <= self.mask_token_id < self.vocab_size:
                 raise ValueError(f"mask token {self.mask_token_id} is not a vocabulary id")
 
@@ -141,6 +140,10 @@ class DrafterSpec:
         if d.get("version", 0) > VERSION:
             raise ValueError(f"drafter config version {d['version']} is newer than this dspark "
                              f"supports ({VERSION})")
+        d = dict(d)
+        serving_t = d.pop("sts_serving_temperature", None)  # configs written before 0.1.1
+        if serving_t is not None and d.get("calibration"):
+            d["calibration"] = {"temperature": serving_t, **d["calibration"]}
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -150,21 +153,23 @@ class DrafterSpec:
                    num_draft_layers: Optional[int] = None, markov_rank: int = 256,
                    head_type: str = "markov", block_layout: Optional[str] = None,
                    num_taps: int = 5) -> "DrafterSpec":
-        """Method defaults: dspark = Markov (or RNN) head rank ``markov_rank`` + confidence head,
-        anchor-slot layout, 5 layers; dflash = no sequential head, no confidence head, the
-        original mask-slot layout, 5 layers; eagle3 = 1 autoregressive layer."""
-        if method not in METHODS:
-            raise ValueError(f"unknown drafter method {method!r}; choose one of {METHODS}")
+        """A spec from the method's registered defaults (drafters/registry.py): dspark = Markov
+        (or RNN) head of rank ``markov_rank`` + confidence head, anchor-slot layout, 5 layers;
+        dflash = no sequential head, no confidence head, the original mask-slot layout, 5 layers;
+        eagle3 = 1 autoregressive layer. Arguments a method has no use for are ignored."""
+        from .registry import get_method
+        m = get_method(method)
+        fields = dict(m.spec_defaults)
+        if m.sequential_head:
+            fields["head_type"] = head_type
+            fields["markov_rank"] = markov_rank if head_type != "none" else 0
+        if num_draft_layers:
+            fields["num_draft_layers"] = num_draft_layers
+        if m.uses_mask_token:
+            fields["block_layout"] = block_layout or fields["block_layout"]
+            fields["mask_token_id"] = mask_token_id
         taps = list(target_layer_ids) if target_layer_ids is not None else \
             default_taps(target_config.num_layers, num_taps)
         tgt = dataclasses.asdict(target_config)
         tgt["eos_token_ids"] = list(tgt["eos_token_ids"])
-        if method == "dspark":
-            return cls(method, gamma, taps, tgt, mask_token_id, num_draft_layers or 5,
-                       markov_rank if head_type != "none" else 0, head_type,
-                       confidence_head=True, block_layout=block_layout or "anchor")
-        if method == "dflash":
-            return cls(method, gamma, taps, tgt, mask_token_id, num_draft_layers or 5, 0, "none",
-                       confidence_head=False, block_layout=block_layout or "mask")
-        return cls(method, gamma, taps, tgt, None, num_draft_layers or 1, 0, "none",
-                   confidence_head=False, block_layout="anchor")
+        return cls(method=method, gamma=gamma, target_layer_ids=taps, target=tgt, **fields)

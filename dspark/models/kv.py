@@ -1,4 +1,4 @@
-"""Static KV cache and the post-verification commit.
+"""Static KV cache and its post-verification commit.
 
 Layout: ``k``, ``v`` are [layers, batch, kv_heads, max_len, head_dim]; slot s holds position s of
 the committed sequence. Lengths live with the caller (the engine's committed-token counts): a
@@ -25,22 +25,22 @@ class KVCache:
         return self.k.shape[3]
 
 
-def commit_kv(cache: KVCache, start: torch.Tensor, accept_nodes: torch.Tensor,
-              accept_count: torch.Tensor) -> None:
-    """Move the accepted tree path's K/V into contiguous slots (in place, no host sync).
+    def commit(self, start: torch.Tensor, accept_nodes: torch.Tensor,
+               accept_count: torch.Tensor) -> None:
+        """Move the accepted tree path's K/V into contiguous slots (in place, no host sync).
 
-    start: [B] i64, cache slot of each request's root (node j of the verified block sits in slot
-    start + j). accept_nodes: [B, W] i64 *local* node ids (root first, then the accepted nodes in
-    depth order; entries past ``accept_count`` are ignored). accept_count: [B] accepted drafts.
-    After the call slot start + d holds the accepted node at depth d, for d = 0..accept_count.
-    For a chain accept_nodes[b, d] == d and nothing changes.
-    """
-    B, W = accept_nodes.shape
-    depth = torch.arange(W, device=start.device)[None, :]
-    valid = depth <= accept_count[:, None]
-    dst = start[:, None] + depth  # [B, W]
-    src = torch.where(valid, start[:, None] + accept_nodes.clamp(min=0), dst)
-    bidx = torch.arange(B, device=start.device)[:, None]
-    for buf in (cache.k, cache.v):
-        moved = buf[:, bidx, :, src]  # [B, W, L, H, D] (advanced indices first)
-        buf[:, bidx, :, dst] = moved
+        start: [B] i64, cache slot of each request's root (node j of the verified block sits in
+        slot start + j). accept_nodes: [B, W] i64 *local* node ids (root first, then the accepted
+        nodes in depth order; entries past ``accept_count`` are ignored). accept_count: [B]
+        accepted drafts. After the call slot start + d holds the accepted node at depth d, for
+        d = 0..accept_count. For a chain accept_nodes[b, d] == d and nothing changes.
+        """
+        B, W = accept_nodes.shape
+        depth = torch.arange(W, device=start.device)[None, :]
+        valid = depth <= accept_count[:, None]
+        dst = start[:, None] + depth  # [B, W]
+        src = torch.where(valid, start[:, None] + accept_nodes.clamp(min=0), dst)
+        bidx = torch.arange(B, device=start.device)[:, None]
+        for buf in (self.k, self.v):
+            moved = buf[:, bidx, :, src]  # [B, W, L, H, D] (advanced indices first)
+            buf[:, bidx, :, dst] = moved

@@ -1,13 +1,17 @@
 """ModelRunner: a Transformer + its static KV cache + CUDA graphs for the fixed-shape calls.
 
 prefill (eager, any length), ``extend`` (a causal block of T tokens per request: decode is T = 1)
-and ``verify`` (packed ragged token trees) share one forward. On CUDA, ``extend`` and ``verify``
-are captured once per shape bucket and replayed; elsewhere they run eagerly (same code path).
-Outputs of graphed calls are static buffers: valid until the next call with the same shapes.
+and ``forward_tree`` (the target forward of a speculative step over packed ragged token trees;
+not to be confused with ``dspark.ops.verify``, the acceptance op that reads its logits) share one
+forward. ``commit`` moves an accepted tree path's K/V into place after verification. On CUDA,
+``extend`` and ``forward_tree`` are captured once per shape bucket and replayed; elsewhere they
+run eagerly (same code path). Outputs of graphed calls are static buffers: valid until the next
+call with the same shapes.
 
-``compile=True`` additionally runs ``extend``/``verify`` through ``torch.compile`` (one compile
-per shape bucket, then captured in the same CUDA graph): inductor fuses the ~40 small elementwise
-kernels per layer (norms, rotary, cache writes, SiLU·up) that dominate batch-1 decode latency.
+``compile=True`` additionally runs ``extend``/``forward_tree`` through ``torch.compile`` (one
+compile per shape bucket, then captured in the same CUDA graph): inductor fuses the ~40 small
+elementwise kernels per layer (norms, rotary, cache writes, SiLU·up) that dominate batch-1 decode
+latency.
 Compilation costs tens of seconds per bucket, so it is opt-in (``dspark generate --compile``).
 ``compile="max-autotune-no-cudagraphs"`` (or ``"max-autotune"``'s graph-free twin) lets inductor
 also benchmark GEMM kernels; modes that bring their own CUDA graphs are refused (ours capture).
@@ -25,7 +29,6 @@ import torch
 
 from .kv import KVCache
 from .transformer import Transformer
-
 
 # torch.compile modes without CUDA graphs of their own (the runner captures the compiled call)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
@@ -127,14 +130,26 @@ class ModelRunner:
         """One token per request ([B] at positions ``start``); logits [B, V]."""
         return self.extend(tokens[:, None], start).logits
 
-    def verify(self, draft_tokens: torch.Tensor, parents: torch.Tensor, node_offsets: torch.Tensor,
-               start: torch.Tensor, max_nodes: int, taps: Sequence[int] = ()) -> Forward:
-        """Packed ragged token trees: request r's nodes are draft_tokens[off[r]:off[r+1]] (node 0 =
-        root = anchor at position start[r]); parents are local ids (-1 at the root). Node j is
-        written to slot start[r] + j at position start[r] + depth(j) and attends to the cache,
-        its ancestors and itself. Returns logits [N, V] and taps [n, N, hidden] (packed rows)."""
-        return self._run("verify", self._verify, (max_nodes, tuple(taps)), draft_tokens, parents,
-                         node_offsets, start)
+    def forward_tree(self, draft_tokens: torch.Tensor, parents: torch.Tensor,
+                     node_offsets: torch.Tensor, start: torch.Tensor, max_nodes: int,
+                     taps: Sequence[int] = ()) -> Forward:
+        """The target forward of a speculative step over packed ragged token trees: request r's
+        nodes are draft_tokens[off[r]:off[r+1]] (node 0 = root = anchor at position start[r]);
+        parents are local ids (-1 at the root). Node j is written to slot start[r] + j at
+        position start[r] + depth(j) and attends to the cache, its ancestors and itself. Returns
+        logits [N, V] and taps [n, N, hidden] (packed rows)."""
+        return self._run("forward_tree", self._forward_tree, (max_nodes, tuple(taps)),
+                         draft_tokens, parents, node_offsets, start)
+
+    def commit(self, root: torch.Tensor, accepted_nodes: torch.Tensor,
+               accept_count: torch.Tensor) -> None:
+        """After ``dspark.ops.verify`` of a tree: move the accepted path's K/V to the slots right
+        after the committed prefix. root: [B] root slots; accepted_nodes: [B, W] *local* node ids
+        (root first, entries past accept_count ignored); accept_count: [B]. Chains need no call:
+        their accepted nodes already sit in slots root + depth (rollback = shorter lengths)."""
+        if self.cache is None:
+            raise ValueError("commit() before allocate(): there is no KV cache")
+        self.cache.commit(root, accepted_nodes, accept_count)
 
     # ---- traced bodies -----------------------------------------------------------------------
     def _extend(self, tokens, start, last, taps):
@@ -155,7 +170,7 @@ class ModelRunner:
         logits = self.model.logits(h[torch.arange(B, device=dev), last], fused)
         return Forward(logits, torch.stack(tapped) if tapped else None)
 
-    def _verify(self, draft_tokens, parents, node_offsets, start, static):
+    def _forward_tree(self, draft_tokens, parents, node_offsets, start, static):
         max_nodes, taps = static
         N, R, W = draft_tokens.shape[0], start.shape[0], max_nodes
         dev = draft_tokens.device

@@ -15,30 +15,13 @@ from torch import nn
 
 from ..ops import decode_attention, fused_linear
 from .config import ModelConfig
+from .layers import MLP, RMSNorm, apply_rope, rope
 
 # A forward over at most this many token rows (batch x block) may use dspark::fused_linear:
 # there a linear layer streams its weight once (GEMV-like), which the fused kernel is built for.
 # Measured on the H200 (bench/bench_linear.py, Qwen3-8B projections): it beats the unfused
 # norm + cuBLAS + add ops at 1 and 2 rows and loses from 4 rows on (bench/RESULTS.md).
 FUSED_MAX_ROWS = 2
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class Attention(nn.Module):
@@ -66,8 +49,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         bidx = torch.arange(B, device=qkv.device)[:, None]
         k_cache[bidx, :, slots] = k.transpose(1, 2)  # [B, T, Hkv, D] into slots
         v_cache[bidx, :, slots] = v.view(B, T, self.hkv, self.d)
@@ -76,27 +58,13 @@ class Attention(nn.Module):
         return out.transpose(1, 2).reshape(B, T, self.h * self.d)
 
 
-class MLP(nn.Module):
-    def __init__(self, c: ModelConfig):
-        super().__init__()
-        self.inter = c.intermediate_size
-        self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)
-        self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
-        self.act = {"silu": F.silu, "gelu": F.gelu,
-                    "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh")}[c.hidden_act]
-
-    def forward(self, x):
-        gate, up = self.gate_up(x).split(self.inter, -1)
-        return self.down(self.act(gate) * up)
-
-
 class Block(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.attn = Attention(c)
         self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = MLP(c)
+        self.mlp = MLP.from_config(c)
 
     def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit, fused=False):
         if fused:
@@ -187,9 +155,7 @@ class Transformer(nn.Module):
                 if i in taps:
                     tapped[i] = h.view(B, 1, -1)
             return h.view(B, 1, -1), [tapped[t] for t in taps]
-        freqs = positions.float()[..., None] * self.inv_freq  # [B, T, D/2]
-        emb = torch.cat((freqs, freqs), -1)[:, None]  # [B, 1, T, D]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = rope(positions, self.inv_freq, x.dtype)  # [B, 1, T, D]
         slots = start[:, None] + torch.arange(T, device=tokens.device)
         masks = self._masks(positions, start, block_mask, kv_limit)
         tapped = {-1: x} if -1 in taps else {}

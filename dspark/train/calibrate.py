@@ -1,4 +1,5 @@
-"""Sequential Temperature Scaling (STS) of the DSpark confidence head (docs/dspark-method.md 3.3).
+"""Sequential Temperature Scaling (STS) of the DSpark confidence head (docs/method.md,
+"Confidence").
 
 Data: rounds decoded on held-out prompts with full-length proposals (no scheduler) at the serving
 temperature. Round n has raw confidence logits z_{n,1..gamma}, a proposal length L_n (gamma, or
@@ -165,7 +166,6 @@ def calibrate_drafter(model, target, prompts: Sequence, temperature: float = 1.0
     rep = report(rounds, temps)
     spec = model.spec
     spec.sts_temperatures = temps
-    spec.sts_serving_temperature = temperature
-    spec.calibration = {"rounds": int(rounds.z.shape[0]), "prompts": len(prompts),
-                        "per_position": rep}
+    spec.calibration = {"temperature": temperature, "rounds": int(rounds.z.shape[0]),
+                        "prompts": len(prompts), "per_position": rep}
     return rep

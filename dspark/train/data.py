@@ -7,7 +7,7 @@ plain text / source files, directories (every *.py, *.txt, *.rst, *.md, *.jsonl 
 patterns.
 
 Responses (``build_samples``):
-- ``"target"`` (the method's choice, docs/dspark-method.md 6.1): every record gives a prompt (the
+- ``"target"`` (the method's choice, docs/method.md "Training"): every record gives a prompt (the
   first user turn, or the first ``prompt_tokens`` tokens of each ``max_length`` window of a text)
   and the target itself writes the response (``gen_tokens`` new tokens, sampling parameters as
   given, stopping at its EOS). Loss mask = the response. The drafter then learns the target's own

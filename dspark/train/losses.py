@@ -1,4 +1,4 @@
-"""Draft-training losses (docs/dspark-method.md 6.3-6.4, 6.6).
+"""Draft-training losses (docs/method.md, "Training").
 
 Anchors: positions a with loss_mask[a] = loss_mask[a+1] = 1, sampled uniformly without replacement
 (random keys, top-k) and sorted. Slot k (1..G) of anchor a is labelled with ids[a + k] and valid

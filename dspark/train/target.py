@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.layers import MLP, RMSNorm, apply_rope, rope
+
 EOS = "<|endoftext|>"
 CODE_EXTS = (".py",)
 PROSE_EXTS = (".rst", ".txt", ".md")
@@ -132,33 +134,21 @@ class TargetConfig:
     save_dtype: Optional[str] = None  # None: bfloat16 when trained on CUDA, else float32
 
 
-class _RMSNorm(nn.Module):
-    def __init__(self, d, eps):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(d))
-        self.eps = eps
-
-    def forward(self, x):
-        dt = x.dtype
-        x = x.float()
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dt)
-
-
 class _Layer(nn.Module):
+    """A Qwen3 decoder layer with HF parameter names (q/k/v/o projections; the MLP is the shared
+    gated one, whose fused ``gate_up`` is split into gate_proj / up_proj on save)."""
+
     def __init__(self, c: TargetConfig):
         super().__init__()
         d, h, kv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         self.h, self.kv, self.hd = h, kv, hd
-        self.input_layernorm = _RMSNorm(d, c.rms_norm_eps)
-        self.post_attention_layernorm = _RMSNorm(d, c.rms_norm_eps)
+        self.input_layernorm = RMSNorm(d, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(d, c.rms_norm_eps)
         self.self_attn = nn.ModuleDict(dict(
             q_proj=nn.Linear(d, h * hd, bias=False), k_proj=nn.Linear(d, kv * hd, bias=False),
             v_proj=nn.Linear(d, kv * hd, bias=False), o_proj=nn.Linear(h * hd, d, bias=False),
-            q_norm=_RMSNorm(hd, c.rms_norm_eps), k_norm=_RMSNorm(hd, c.rms_norm_eps)))
-        self.mlp = nn.ModuleDict(dict(
-            gate_proj=nn.Linear(d, c.intermediate_size, bias=False),
-            up_proj=nn.Linear(d, c.intermediate_size, bias=False),
-            down_proj=nn.Linear(c.intermediate_size, d, bias=False)))
+            q_norm=RMSNorm(hd, c.rms_norm_eps), k_norm=RMSNorm(hd, c.rms_norm_eps)))
+        self.mlp = MLP(d, c.intermediate_size)
 
     def forward(self, x, cos, sin):
         B, T, _ = x.shape
@@ -167,18 +157,10 @@ class _Layer(nn.Module):
         q = a["q_norm"](a["q_proj"](y).view(B, T, self.h, self.hd)).transpose(1, 2)
         k = a["k_norm"](a["k_proj"](y).view(B, T, self.kv, self.hd)).transpose(1, 2)
         v = a["v_proj"](y).view(B, T, self.kv, self.hd).transpose(1, 2)
-        q = q * cos + _rot(q) * sin
-        k = k * cos + _rot(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.h != self.kv)
         x = x + a["o_proj"](o.transpose(1, 2).reshape(B, T, self.h * self.hd))
-        m = self.mlp
-        y = self.post_attention_layernorm(x)
-        return x + m["down_proj"](F.silu(m["gate_proj"](y)) * m["up_proj"](y))
-
-
-def _rot(x):
-    x1, x2 = x.chunk(2, -1)
-    return torch.cat((-x2, x1), -1)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class TinyQwen3(nn.Module):
@@ -190,22 +172,25 @@ class TinyQwen3(nn.Module):
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(padded_vocab, c.hidden_size)
         self.model.layers = nn.ModuleList(_Layer(c) for _ in range(c.num_layers))
-        self.model.norm = _RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim))
         self.register_buffer("inv_freq", inv, persistent=False)
+        done = set()  # gate_up is drawn as gate rows, then up rows (HF's separate projections)
         for mod in self.modules():
-            if isinstance(mod, (nn.Linear, nn.Embedding)):
+            if isinstance(mod, MLP):
+                for part in mod.gate_up.weight.split(mod.inter):
+                    nn.init.normal_(part, 0.0, 0.02)
+                done.add(mod.gate_up)
+            elif isinstance(mod, (nn.Linear, nn.Embedding)) and mod not in done:
                 nn.init.normal_(mod.weight, 0.0, 0.02)
         for layer in self.model.layers:  # scaled residual projections
-            for w in (layer.self_attn["o_proj"].weight, layer.mlp["down_proj"].weight):
+            for w in (layer.self_attn["o_proj"].weight, layer.mlp.down.weight):
                 nn.init.normal_(w, 0.0, 0.02 / math.sqrt(2 * c.num_layers))
 
     def forward(self, ids):
-        T = ids.shape[1]
-        freqs = torch.arange(T, device=ids.device).float()[:, None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), -1)
         x = self.model.embed_tokens(ids)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = rope(torch.arange(ids.shape[1], device=ids.device)[None], self.inv_freq,
+                        x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin)
         return F.linear(self.model.norm(x), self.model.embed_tokens.weight)
@@ -231,7 +216,15 @@ def save_target(model: TinyQwen3, tokenizer, path: str, dtype: str, eos_id: int,
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    sd = {k: v.detach().to(tdt).contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().to(tdt).cpu()
+        if k.endswith("mlp.gate_up.weight"):  # HF names: separate gate and up projections
+            gate, up = v.split(model.c.intermediate_size)
+            sd[k.replace("gate_up", "gate_proj")] = gate.contiguous()
+            sd[k.replace("gate_up", "up_proj")] = up.contiguous()
+        else:
+            sd[k.replace("mlp.down.", "mlp.down_proj.")] = v.contiguous()
     save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     padded = model.model.embed_tokens.weight.shape[0]
     with open(os.path.join(path, "config.json"), "w") as f:

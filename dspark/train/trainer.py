@@ -1,8 +1,9 @@
 """The draft trainer: DSpark, DFlash and EAGLE-3 drafters against a frozen dspark target.
 
 Per micro-batch: the frozen target computes tapped features and final hidden states online
-(``features.py``); DSpark / DFlash sample anchors and build gamma-blocks (``losses.py``), EAGLE-3
-runs its training-time-test unroll over every position; losses per method (defaults):
+(``features.py``); then the method's registered objective (drafters/registry.py): "block" (DSpark
+/ DFlash) samples anchors and builds gamma-blocks (``losses.py``), "unroll" (EAGLE-3) runs the
+training-time-test unroll over every position. Default loss weights are the registry's:
   dspark: 0.1 CE + 0.9 TV + 1.0 BCE(confidence), decay 4.0
   dflash: 1.0 CE (TV reported, not trained), decay 4.0
   eagle3: soft CE to the target distribution, step weight 0.8^j
@@ -24,12 +25,11 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..drafters.io import build_draft_model, save_drafter
+from ..drafters.registry import get_method
 from ..drafters.spec import DrafterSpec
 from .data import Sample, collate
 from .features import target_features, target_logits
 from .losses import block_losses, cosine_lr, eagle_losses, eagle_valid, make_blocks, sample_anchors
-
-LOSS_DEFAULTS = {"dspark": (0.1, 0.9, 1.0), "dflash": (1.0, 0.0, 0.0), "eagle3": (1.0, 0.0, 0.0)}
 
 
 @dataclass
@@ -72,21 +72,22 @@ class _Stream:
         return self._perms[e][j]
 
 
-def micro_batch_loss(model, target, spec: DrafterSpec, ids: torch.Tensor, loss_mask: torch.Tensor,
-                     cfg: TrainConfig, generator: Optional[torch.Generator] = None, autocast=None):
-    """Loss terms of one micro-batch (ids, loss_mask [B, S] on the target's device)."""
+def _unroll_loss(model, target, spec, ids, loss_mask, tf, cfg, generator, amp):
+    """EAGLE-3's training-time-test unroll: every position drafts gamma steps."""
     g = spec.gamma
-    tf = target_features(target, ids, spec.target_layer_ids)
-    amp = autocast or contextlib.nullcontext()
-    if spec.method == "eagle3":
-        with amp:
-            Z = model.forward_train(ids, tf.feats, g)  # [B, S-1, g, V]
-        B, S = ids.shape
-        rows = (torch.arange(S - 1, device=ids.device)[:, None]
-                + torch.arange(1, g + 1, device=ids.device)).clamp(max=S - 1)  # t + j + 1
-        final = tf.final[:, rows.view(-1)].view(B, S - 1, g, -1)
-        return eagle_losses(Z, target_logits(target, final), eagle_valid(loss_mask, g),
-                            cfg.eagle_step_decay)
+    with amp:
+        Z = model.forward_train(ids, tf.feats, g)  # [B, S-1, g, V]
+    B, S = ids.shape
+    rows = (torch.arange(S - 1, device=ids.device)[:, None]
+            + torch.arange(1, g + 1, device=ids.device)).clamp(max=S - 1)  # t + j + 1
+    final = tf.final[:, rows.view(-1)].view(B, S - 1, g, -1)
+    return eagle_losses(Z, target_logits(target, final), eagle_valid(loss_mask, g),
+                        cfg.eagle_step_decay)
+
+
+def _block_loss(model, target, spec, ids, loss_mask, tf, cfg, generator, amp):
+    """DSpark / DFlash: anchor-bounded gamma-blocks (docs/method.md, "Training")."""
+    g = spec.gamma
     anchors, ok = sample_anchors(loss_mask, cfg.num_anchors, generator)
     blk = make_blocks(ids, loss_mask, anchors, ok, g)
     with amp:
@@ -95,9 +96,21 @@ def micro_batch_loss(model, target, spec: DrafterSpec, ids: torch.Tensor, loss_m
     rows = anchors[..., None] + torch.arange(g, device=ids.device)  # a + k - 1
     final = tf.final.gather(1, rows.clamp(max=ids.shape[1] - 1).view(B, A * g, 1)
                             .expand(B, A * g, tf.final.shape[-1])).view(B, A, g, -1)
-    ce_w, tv_w, conf_w = cfg.loss_weights or LOSS_DEFAULTS[spec.method]
+    ce_w, tv_w, conf_w = cfg.loss_weights or get_method(spec.method).loss_weights
     return block_losses(Z, conf, target_logits(target, final), blk.labels, blk.valid, ce_w, tv_w,
                         conf_w, cfg.decay, cfg.ce_target)
+
+
+OBJECTIVES = {"block": _block_loss, "unroll": _unroll_loss}
+
+
+def micro_batch_loss(model, target, spec: DrafterSpec, ids: torch.Tensor, loss_mask: torch.Tensor,
+                     cfg: TrainConfig, generator: Optional[torch.Generator] = None, autocast=None):
+    """Loss terms of one micro-batch (ids, loss_mask [B, S] on the target's device)."""
+    tf = target_features(target, ids, spec.target_layer_ids)
+    amp = autocast or contextlib.nullcontext()
+    objective = OBJECTIVES[get_method(spec.method).objective]
+    return objective(model, target, spec, ids, loss_mask, tf, cfg, generator, amp)
 
 
 def _progress(total: int, initial: int, enabled: bool):

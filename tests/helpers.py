@@ -1,19 +1,24 @@
-"""Shared input factories for the dspark op tests.
+"""Shared test helpers: input factories of the ops (a :class:`Batch` holds every argument of
+``torch.ops.dspark.verify`` in schema order), tiny random HF checkpoints, exact-distribution and
+chi-square helpers for the engine's statistical tests, and a SpecState builder.
 
-A :class:`Batch` holds every argument of ``torch.ops.dspark.verify`` in schema order. Factories
-build random packed batches (chains or trees, ragged draft lengths including 0, logits dtypes,
-with or without ``draft_probs``, keyed seeds or caller uniforms) from an explicit
-``torch.Generator`` so every test is deterministic.
+Factories build their random inputs from an explicit ``torch.Generator`` so every test is
+deterministic. Test modules import from here, never from each other.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional, Sequence
 
 import torch
 
 import dspark
 from dspark import reference
+from dspark.engine import SpeculativeEngine
+from dspark.models import ModelRunner
+from dspark.ops import sampling_tensors
+from dspark.state import SpecState
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SAMPLED_TEMPERATURES = (0.6, 1.0, 1.4)
@@ -269,3 +274,128 @@ def keyed_uniforms(batch: Batch) -> torch.Tensor:
 
 
 ONE_MINUS = 1.0 - 2.0**-53  # the largest double below 1: the least favourable accept coin
+
+
+# ---- tiny random Hugging Face checkpoints ----------------------------------------------------
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24, "tie_word_embeddings": True}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 5}),
+}
+
+
+def make_checkpoint(path, arch="llama", vocab=97, hidden=64, layers=3, heads=4, kv_heads=2,
+                    inter=96, seed=0, init=0.02, shard=None, tokenizer=True, perturb=0.0, **extra):
+    """Save a random HF model (safetensors) + a word-level tokenizer.json to ``path``.
+    perturb > 0: the same model (same seed) with relative Gaussian noise on every weight, i.e. a
+    correlated draft model for the target made with perturb = 0."""
+    import transformers
+    cfg_name, model_name, arch_extra = ARCHS[arch]
+    kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+              num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+              max_position_embeddings=256, initializer_range=init, eos_token_id=vocab - 1,
+              bos_token_id=0)
+    kw.update(arch_extra)
+    kw.update(extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(getattr(transformers, cfg_name)(**kw)).eval()
+    with torch.no_grad():  # make the random model opinionated: bigger logits, varied norms
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif "bias" in name:
+                p.normal_(0.0, 0.1)
+        gen = torch.Generator().manual_seed(seed + 1)
+        for p in model.parameters() if perturb else ():
+            p.add_(torch.randn(p.shape, generator=gen) * perturb * p.std())
+    model.save_pretrained(path, max_shard_size=shard) if shard else model.save_pretrained(path)
+    if tokenizer:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        words = ["<s>"] + [f"w{i}" for i in range(1, vocab - 1)] + ["</s>"]
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w1"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.save(os.path.join(path, "tokenizer.json"))
+    return model
+
+
+# ---- exact distributions and goodness of fit (engine statistical tests) ----------------------
+SV, NSAMP, PROMPT = 12, 4000, [1, 2, 3]  # vocabulary, samples, prompt of the sampling tests
+
+
+def joint_first_two(model, params):
+    """Exact P(t1, t2 | PROMPT) [SV, SV] of the runner under sampling params (T, top_k, top_p)."""
+    r = ModelRunner(model)
+    r.allocate(SV, 8)
+    logits = r.prefill([PROMPT] * SV).logits
+    p1 = reference.target_probs(logits[0], *params)
+    nxt = r.decode(torch.arange(SV), torch.full((SV,), len(PROMPT)))
+    return torch.stack([p1[t] * reference.target_probs(nxt[t], *params) for t in range(SV)])
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Goodness of fit; cells with expected count < 5 are pooled; a sample in a cell of
+    probability 0 rejects the fit outright (p = 0)."""
+    from scipy import stats
+    exp = probs.flatten() * counts.sum()
+    obs = counts.flatten().double()
+    if obs[exp == 0].sum() > 0:
+        return 0.0
+    exp, obs = exp[exp > 0], obs[exp > 0]
+    small = exp < 5
+    if small.any():
+        exp = torch.cat([exp[~small], exp[small].sum()[None]])
+        obs = torch.cat([obs[~small], obs[small].sum()[None]])
+    exp = exp * obs.sum() / exp.sum()
+    return float(stats.chisquare(obs.numpy(), exp.numpy()).pvalue)
+
+
+def two_sample_pvalue(a: torch.Tensor, b: torch.Tensor) -> float:
+    from scipy import stats
+    table = torch.stack([a.flatten(), b.flatten()]).double()
+    keep = table.sum(0) >= 10
+    pool = table[:, ~keep].sum(1, keepdim=True)
+    table = torch.cat([table[:, keep]] + ([pool] if pool.sum() > 0 else []), 1)
+    return float(stats.chi2_contingency(table.numpy())[1])
+
+
+def histogram(tokens) -> torch.Tensor:
+    counts = torch.zeros(SV * SV, dtype=torch.long)
+    for t in tokens:
+        counts[t[0] * SV + t[1]] += 1
+    return counts.view(SV, SV)
+
+
+def assert_first_three_tokens_fit(target, drafter, seed0: int, n: int = 6000) -> None:
+    """The joint of the first three tokens (T = 1) generated with ``drafter`` fits the target's
+    exact joint (chi-square), and depth >= 2 drafts were accepted in some rounds."""
+    r = ModelRunner(target)
+    r.allocate(SV * SV, 8)
+    t12 = torch.cartesian_prod(torch.arange(SV), torch.arange(SV))  # [SV^2, 2]
+    logits = r.prefill([PROMPT + t.tolist() for t in t12]).logits
+    p3 = torch.stack([reference.target_probs(row, 1.0) for row in logits])  # [SV^2, SV]
+    exact = joint_first_two(target, (1.0, 0, 1.0)).flatten()[:, None] * p3
+    out = SpeculativeEngine(target, drafter).generate(
+        [PROMPT] * n, seed=list(range(seed0, seed0 + n)), max_new_tokens=3, temperature=1.0,
+        stop_tokens=[])
+    counts = torch.zeros(SV ** 3, dtype=torch.long)
+    for t in out.tokens:
+        counts[(t[0] * SV + t[1]) * SV + t[2]] += 1
+    assert chi2_pvalue(counts, exact) > 1e-3
+    assert sum(out.metrics.accept_hist[2:]) > 0  # depth >= 2 was accepted in some rounds
+
+
+# ---- engine state ----------------------------------------------------------------------------
+def spec_state(rows, capacity: int = 16) -> SpecState:
+    """A greedy SpecState whose committed tokens are ``rows`` (the last one is the anchor)."""
+    B, C = len(rows), capacity
+    tokens = torch.zeros(B, C, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        tokens[b, :len(r)] = torch.tensor(r)
+    n = torch.tensor([len(r) for r in rows])
+    return SpecState(tokens, n, n.clone(), torch.full((B,), 99), torch.full((B, 1), -1),
+                     sampling_tensors(B, 0.0), torch.zeros(B, dtype=torch.int64),
+                     torch.ones(B, dtype=torch.bool), [list(r) for r in rows])
