@@ -35,7 +35,8 @@ def main():
         ref = eng.generate_autoregressive(prompts, max_new_tokens=48, temperature=0.0)
         same = out.tokens == ref.tokens
         bad += not same
-        # A second call with sync debugging: any host sync inside the step raises.
+        # A third call with the same shapes, with sync debugging: the step stages replay the
+        # graphs the first call captured, and any host sync inside the step raises.
         st_ok = True
         try:
             orig = eng._step
@@ -46,7 +47,7 @@ def main():
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             eng._step = checked
-            eng.generate(prompts, max_new_tokens=16, temperature=1.0, seed=1)
+            eng.generate(prompts, max_new_tokens=48, temperature=1.0, seed=1)
         except RuntimeError as e:
             st_ok = False
             print("  sync inside step:", str(e).splitlines()[0])

@@ -1,8 +1,13 @@
-"""The speculative loop: draft -> one packed target verify -> dspark.ops.verify -> commit.
+"""The speculative loop: draft -> one packed target forward -> dspark.ops.verify -> commit.
 
 ``SpeculativeEngine.generate`` runs speculative decoding; ``generate_autoregressive`` runs plain
 decoding on the same runner with the same randomness keying (token after position p is drawn with
 key (seed, p)), so greedy outputs are identical and sampled outputs have the same distribution.
+
+On CUDA every stage of a step (draft, target forward, accept, commit; the autoregressive decode
+step) is replayed from a CUDA graph over buffers that persist across steps and calls
+(:mod:`dspark.graphs`), and the host runs one step ahead of the GPU: it reads the finished flags
+of step k only after step k+1 is queued, so the GPU never waits for Python.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import torch
 
 from . import ops
 from .drafters import Drafter, NgramDrafter, load_drafter
+from .graphs import StageGraphs
 from .metrics import Metrics, StageTimer
 from .models import ModelRunner, Transformer, load_model, load_tokenizer
 from .ops import VerifyResult, sampling_tensors
@@ -53,17 +59,15 @@ def _progress(st: SpecState, enabled: bool):
         yield tick
 
 
-# Autoregressive baseline: tokens decoded between two reads of the finished flags.
-AR_TOKENS_PER_SYNC = 8
-
-
 class SpeculativeEngine:
     def __init__(self, target: Union[Transformer, ModelRunner], drafter: Optional[Drafter] = None,
                  *, gamma: Optional[int] = None, tokenizer=None, max_len: Optional[int] = None,
                  use_cuda_graphs: Optional[bool] = None, compile: Union[bool, str] = False,
-                 fused: Optional[bool] = None):
+                 fused: Optional[bool] = None, nvtx: bool = False):
         # fused: the runner's dspark::fused_linear / decode_attention path for <= 2-row calls
-        # (None: on for CUDA); compile: torch.compile the graphed bodies (see ModelRunner)
+        # (None: on for CUDA); compile: torch.compile the graphed bodies (see ModelRunner);
+        # use_cuda_graphs: the runner's forwards and the engine's step stages (None: on CUDA);
+        # nvtx: an NVTX range around every stage (for Nsight Systems)
         if not isinstance(target, ModelRunner):
             target = ModelRunner(target, use_cuda_graphs, compile=compile, fused=fused)
         self.target = target
@@ -76,6 +80,10 @@ class SpeculativeEngine:
         self.tokenizer = tokenizer
         self.state: Optional[SpecState] = None  # the last generate() call's final state
         self.max_len = max_len or self.target.config.max_position_embeddings
+        self.nvtx = nvtx
+        self.graphs = StageGraphs(self.target.use_cuda_graphs)
+        self._states: dict = {}  # (batch, capacity, stop width) -> persistent SpecState
+        self._flags = None  # pinned host flags + events of the one-step-ahead loop
 
     @classmethod
     def from_pretrained(cls, target: str, drafter: Optional[str] = None,
@@ -97,25 +105,79 @@ class SpeculativeEngine:
 
     # ---- the speculative step ----------------------------------------------------------------
     def _step(self, st: SpecState, timer: StageTimer) -> VerifyResult:
-        """One speculative step for all requests; no host sync inside."""
-        d, W = self.drafter, self.drafter.max_nodes
-        root = st.anchor_pos()  # [B] anchor positions = target KV lengths
-        with timer("draft"):
-            prop = d.propose(st)  # packed trees: [N] tokens/parents, [N, V] probs | None, [B+1]
-        with timer("target forward"):
-            fwd = self.target.forward_tree(prop.draft_tokens, prop.parents, prop.node_offsets,
-                                           root, W, d.target_taps)  # [N, V], [n, N, hidden]
-        with timer("accept"):
-            res = ops.verify(fwd.logits, prop.node_offsets, prop.draft_tokens, prop.parents,
-                             prop.draft_probs, st.params, seeds=st.seeds, positions=root,
-                             max_nodes=W)  # out_tokens [B, W], accept_count [B]
+        """One speculative step for all requests; no host sync inside. Each stage replays a CUDA
+        graph on GPU (keyed by the buffers it reads); every value crossing stages is a graph
+        output, so it is static."""
+        d, W, g = self.drafter, self.drafter.max_nodes, self._graph_key(st)
+        with timer("draft"):  # packed trees: [N] tokens/parents, [N, V] probs | None, [B+1]
+            root, active, prop = self.graphs(("draft", g), lambda: (
+                st.anchor_pos(), st.active.clone(), d.propose(st)))
+        with timer("target forward"):  # logits [N, V], taps [n, N, hidden]
+            fwd = self.graphs(("target forward", g), lambda: self.target.forward_tree(
+                prop.draft_tokens, prop.parents, prop.node_offsets, root, W, d.target_taps))
+        with timer("accept"):  # out_tokens [B, W], accept_count [B], accept_nodes [B, W]
+            res = self.graphs(("accept", g), lambda: ops.verify(
+                fwd.logits, prop.node_offsets, prop.draft_tokens, prop.parents, prop.draft_probs,
+                st.params, seeds=st.seeds, positions=root, max_nodes=W))
         with timer("commit"):
-            if not d.is_chain:  # tree: the accepted path's K/V into slots root + depth
-                self.target.commit(root, res.accept_nodes - prop.node_offsets[:-1, None],
-                                   res.accept_count)
-            st.append(res.out_tokens, res.accept_count)  # chain rollback = lengths only
-            d.commit(st, prop, res, root, fwd.hidden)
+            self.graphs(("commit", g), lambda: self._commit(st, root, active, prop, fwd, res))
         return res
+
+    def _commit(self, st, root, active, prop, fwd, res) -> None:
+        if not self.drafter.is_chain:  # tree: the accepted path's K/V into slots root + depth
+            self.target.commit(root, res.accept_nodes - prop.node_offsets[:-1, None],
+                               res.accept_count)
+        st.append(res.out_tokens, res.accept_count)  # chain rollback = lengths only
+        self.drafter.commit(st, prop, res, root, fwd.hidden)
+        st.log_round(active, res.accept_count)
+
+    def _decode_step(self, st: SpecState, timer: StageTimer) -> None:
+        """One autoregressive step (the baseline): decode, sample, commit, as one graph."""
+        def step():
+            root = st.anchor_pos()
+            logits = self.target.decode(st.anchor(), root)
+            tok, _ = ops.sample(logits, st.params, st.seeds, root)
+            active = st.active.clone()
+            zero = torch.zeros_like(tok)
+            st.append(tok[:, None], zero)
+            st.log_round(active, zero)
+        with timer("target forward"):
+            self.graphs(("decode", self._graph_key(st)), step)
+
+    def _graph_key(self, st: SpecState) -> tuple:
+        """What the stage graphs read: the state buffers, the target's KV cache, the drafter."""
+        d = self.drafter
+        drafter = () if d is None else (id(d), d.max_nodes, d.graph_key())
+        return (st.serial, self.target.cache_serial, drafter)
+
+    def _run(self, st: SpecState, step, bar: bool) -> None:
+        """Run ``step`` until no request is active. On CUDA the host stays one step ahead: it
+        queues step k+1, then waits for step k's finished flag (a step with every request
+        finished commits nothing, so the one extra step is harmless)."""
+        with ops.sync_checks(False), _progress(st, bar) as tick:
+            # inputs were validated in _start: CUDA ops need not read their status back
+            if not bool(st.any_active):
+                return
+            if st.tokens.device.type != "cuda":
+                while bool(st.any_active):
+                    step()
+                    tick()
+                return
+            if self._flags is None:
+                self._flags = [(torch.zeros((), dtype=torch.bool).pin_memory(),
+                                torch.cuda.Event()) for _ in range(2)]
+            prev = None
+            for k in range(st.capacity + 2):  # every step commits a token per active request
+                step()
+                flag, event = self._flags[k % 2]
+                flag.copy_(st.any_active, non_blocking=True)
+                event.record()
+                if prev is not None:
+                    prev[1].synchronize()
+                    if not bool(prev[0]):
+                        break
+                prev = self._flags[k % 2]
+                tick()
 
     @torch.inference_mode()
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]], **kw) -> Generation:
@@ -127,47 +189,33 @@ class SpeculativeEngine:
         t0 = time.perf_counter()
         d = self.drafter
         bar = kw.pop("progress", False)
-        st, timer, hidden = self._start(prompts, d.max_nodes, d.target_taps, kw)
+        st, timer, hidden = self._start(prompts, d.target_taps, kw, speculative=True)
         with timer("prefill"):
-            self.drafter.setup(st.batch, st.capacity)
-            self.drafter.start(st, hidden)
-        accepts, actives = [], []
-        # Inputs were validated in _start: CUDA ops need not read their status back (no sync).
-        with ops.sync_checks(False):
-            with _progress(st, bar) as tick:
-                while bool(st.active.any()):  # the one host sync per step
-                    actives.append(st.active.clone())
-                    accepts.append(self._step(st, timer).accept_count)
-                    tick()
-        return self._finish(st, timer, t0, self.drafter.gamma, accepts, actives)
+            d.setup(st.batch, st.capacity)
+            d.start(st, hidden)
+        if not d.graphable:
+            self.graphs.clear()
+        with self._graphs_enabled(d.graphable):
+            self._run(st, lambda: self._step(st, timer), bar)
+        return self._finish(st, timer, t0, d.gamma)
 
     @torch.inference_mode()
     def generate_autoregressive(self, prompts: Union[Prompt, Sequence[Prompt]], **kw) -> Generation:
         """Plain decoding on the same runner (the baseline); same arguments as :meth:`generate`."""
         t0 = time.perf_counter()
         bar = kw.pop("progress", False)
-        st, timer, _ = self._start(prompts, 1, (), kw)
-        steps = 0
-        # The finished flags are read back (a host sync) once per AR_TOKENS_PER_SYNC tokens, so
-        # the GPU runs ahead of this Python loop instead of idling after every token. A chunk
-        # never exceeds the steps the longest request may still take; steps of finished
-        # requests commit nothing (append skips inactive rows), so at most AR_TOKENS_PER_SYNC - 1
-        # steps are spent after every request stopped on a stop token.
-        left = int(st.max_new.max()) - 1  # the first new token came with the prefill
-        with ops.sync_checks(False), _progress(st, bar) as tick:  # validated in _start: no sync
-            while bool(st.active.any()):
-                for _ in range(max(1, min(AR_TOKENS_PER_SYNC, left))):
-                    steps += 1
-                    left -= 1
-                    with timer("target forward"):
-                        root = st.anchor_pos()
-                        logits = self.target.decode(st.anchor(), root)
-                        tok, _ = ops.sample(logits, st.params, st.seeds, root)
-                    st.append(tok[:, None], torch.zeros_like(tok))
-                    tick()
-        gen = self._finish(st, timer, t0, 0, [], [])
-        gen.metrics.rounds = steps
-        return gen
+        st, timer, _ = self._start(prompts, (), kw, speculative=False)
+        self._run(st, lambda: self._decode_step(st, timer), bar)
+        return self._finish(st, timer, t0, 0)
+
+    @contextlib.contextmanager
+    def _graphs_enabled(self, enabled: bool):
+        was = self.graphs.enabled
+        self.graphs.enabled = was and enabled
+        try:
+            yield
+        finally:
+            self.graphs.enabled = was
 
     # ---- setup and results -------------------------------------------------------------------
     def _tokenize(self, prompts) -> list:
@@ -191,7 +239,7 @@ class SpeculativeEngine:
             out.append(p)
         return out
 
-    def _start(self, prompts, room: int, taps, kw):
+    def _start(self, prompts, taps, kw, speculative: bool):
         unknown = set(kw) - {"max_new_tokens", "temperature", "top_k", "top_p", "seed",
                              "stop_tokens"}
         if unknown:
@@ -215,37 +263,37 @@ class SpeculativeEngine:
         stops = _per_request(stops, B, "stop_tokens")
         longest = max(len(p) for p in prompts)
         # a round may commit up to `room` tokens past max_new (cut in _finish), then a block of
-        # `room` rows is written after the committed tokens
+        # `room` rows is written after the committed tokens. The autoregressive baseline sizes
+        # its cache like the speculative run where that fits, so both share cache and buffers.
+        room = self.drafter.max_nodes if self.drafter is not None else 1
         need = cache_len(longest + max(max_new) + room, room)
+        if not speculative and need > self.max_len:
+            need = cache_len(longest + max(max_new) + 1, 1)
         if need > self.max_len:
             raise ValueError(f"prompt of {longest} tokens + max_new_tokens {max(max_new)} + "
                              f"{need - longest - max(max_new)} draft slots exceeds the cache "
                              f"length {self.max_len}")
         cap = min(-(-need // 64) * 64, self.max_len)  # round up: fewer graph re-captures
+        S = max(1, max(len(s) for s in stops))
+        S = -(-S // 4) * 4  # stop-list width in steps of 4: fewer state shapes
         dev = self.target.device
-        timer = StageTimer(dev)
+        timer = StageTimer(dev, self.nvtx)
         with timer("prefill"):
             self.target.allocate(B, cap)
+            st = self._states.get((B, cap, S))
+            if st is None:
+                self._states.clear()  # one set of state buffers (and of stage graphs) at a time
+                self.graphs.clear()
+                st = self._states[(B, cap, S)] = SpecState.allocate(B, cap, S, dev)
+            st.reset(prompts, max_new, stops, sampling_tensors(B, temp, top_k, top_p), seed)
             fwd = self.target.prefill(prompts, taps)
-            lens = torch.tensor([len(p) for p in prompts], device=dev)
-            params = sampling_tensors(B, temp, top_k, top_p, dev)
-            seeds = torch.tensor(seed, dtype=torch.int64, device=dev)
-            first, _ = ops.sample(fwd.logits, params, seeds, lens - 1)
-            tokens = torch.zeros(B, cap, dtype=torch.int64)
-            for b, p in enumerate(prompts):
-                tokens[b, :len(p)] = torch.tensor(p)
-            S = max(1, max(len(s) for s in stops))
-            stop_t = torch.tensor([list(s) + [-1] * (S - len(s)) for s in stops], dtype=torch.int64)
-            st = SpecState(tokens=tokens.to(dev), n_tokens=lens.clone(), prompt_lens=lens,
-                           max_new=torch.tensor(max_new, device=dev), stop_tokens=stop_t.to(dev),
-                           params=params, seeds=seeds,
-                           active=torch.ones(B, dtype=torch.bool, device=dev),
-                           prompts=prompts)
+            first, _ = ops.sample(fwd.logits, st.params, st.seeds, st.n_tokens - 1)
             st.append(first[:, None], torch.zeros_like(first))
+            st.any_active.copy_(st.active.any())
         self.state = st
         return st, timer, fwd.hidden
 
-    def _finish(self, st: SpecState, timer: StageTimer, t0: float, gamma: int, accepts, actives):
+    def _finish(self, st: SpecState, timer: StageTimer, t0: float, gamma: int) -> Generation:
         tokens, n = st.tokens.cpu(), st.n_tokens.cpu()
         stops, max_new = st.stop_tokens.cpu().tolist(), st.max_new.cpu().tolist()
         out = []
@@ -258,10 +306,12 @@ class SpeculativeEngine:
             out.append(gen)
         times = timer.totals()
         total = time.perf_counter() - t0
-        B = st.batch
-        acc = torch.stack(accepts).cpu() if accepts else torch.zeros(0, B, dtype=torch.long)
-        act = torch.stack(actives).cpu() if actives else torch.zeros(0, B, dtype=torch.bool)
-        metrics = Metrics.from_rounds(gamma, acc, act, sum(map(len, out)), times, total)
+        rounds = min(int(st.rounds), st.round_active.shape[0])
+        act = st.round_active[:rounds].cpu()
+        acc = st.round_accepts[:rounds].cpu()
+        keep = act.any(1)  # drop the one step run after every request finished
+        metrics = Metrics.from_rounds(gamma, acc[keep], act[keep], sum(map(len, out)), times,
+                                      total)
         text = None
         if self.tokenizer is not None:
             text = [self.tokenizer.decode(g, skip_special_tokens=True) for g in out]

@@ -7,6 +7,7 @@ how many KV-cache slots a model needs beyond its committed tokens.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -36,12 +37,20 @@ class Proposal(NamedTuple):
     node_offsets: torch.Tensor  # [R + 1] i64
 
 
+_serials = itertools.count(1)
+
+
 @dataclass
 class SpecState:
     """Per-request decoding state, all on the model's device.
 
     tokens[b, :n_tokens[b]] are the committed tokens (prompt, then generated); the last one is the
     anchor, at position n_tokens[b] - 1, which is also the target KV cache length.
+
+    The engine allocates the buffers once per shape (:meth:`allocate`) and refills them for every
+    generate() call (:meth:`reset`), so CUDA graphs captured over them stay valid; ``serial``
+    names one allocation. The round log records, per step, which requests were active and how
+    many drafts each accepted (written on the device: no host sync per step).
     """
     tokens: torch.Tensor  # [B, C] i64
     n_tokens: torch.Tensor  # [B] i64
@@ -52,6 +61,61 @@ class SpecState:
     seeds: torch.Tensor  # [B] i64
     active: torch.Tensor  # [B] bool: not finished
     prompts: list  # host copy of the prompts (list of lists of ints)
+    round_active: Optional[torch.Tensor] = None  # [C, B] bool: active at the start of round i
+    round_accepts: Optional[torch.Tensor] = None  # [C, B] i64: drafts accepted in round i
+    rounds: Optional[torch.Tensor] = None  # [] i64: rounds logged
+    any_active: Optional[torch.Tensor] = None  # [] bool: some request still active
+    serial: int = 0
+
+    @classmethod
+    def allocate(cls, batch: int, capacity: int, stop_width: int, device) -> "SpecState":
+        """Zeroed buffers for ``batch`` requests of up to ``capacity`` tokens and ``stop_width``
+        stop tokens each (a step commits at least one token per active request, so ``capacity``
+        rounds always fit the round log)."""
+        def z(*shape, dtype=torch.int64):
+            return torch.zeros(shape, dtype=dtype, device=device)
+        B, C = batch, capacity
+        params = SamplingTensors(z(B, dtype=torch.float32), z(B), z(B, dtype=torch.float32))
+        return cls(tokens=z(B, C), n_tokens=z(B), prompt_lens=z(B), max_new=z(B),
+                   stop_tokens=z(B, stop_width), params=params, seeds=z(B),
+                   active=z(B, dtype=torch.bool), prompts=[],
+                   round_active=z(C, B, dtype=torch.bool), round_accepts=z(C, B), rounds=z(),
+                   any_active=z(dtype=torch.bool), serial=next(_serials))
+
+    def reset(self, prompts: list, max_new: list, stop_tokens: list, params: SamplingTensors,
+              seeds: list) -> None:
+        """Refill for a new set of requests (host lists; one host-to-device copy each)."""
+        B, C = self.tokens.shape
+        tokens = torch.zeros(B, C, dtype=torch.int64)
+        for b, p in enumerate(prompts):
+            tokens[b, :len(p)] = torch.as_tensor(p, dtype=torch.int64)
+        S = self.stop_tokens.shape[1]
+        stops = torch.tensor([list(s) + [-1] * (S - len(s)) for s in stop_tokens],
+                             dtype=torch.int64)
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+        self.tokens.copy_(tokens)
+        self.n_tokens.copy_(lens)
+        self.prompt_lens.copy_(lens)
+        self.max_new.copy_(torch.as_tensor(max_new, dtype=torch.int64))
+        self.stop_tokens.copy_(stops)
+        for mine, new in zip(self.params, params):
+            mine.copy_(new)
+        self.seeds.copy_(torch.as_tensor(seeds, dtype=torch.int64))
+        self.active.fill_(True)
+        self.round_active.zero_()
+        self.round_accepts.zero_()
+        self.rounds.zero_()
+        self.any_active.fill_(True)
+        self.prompts = [list(p) for p in prompts]
+
+    def log_round(self, active: torch.Tensor, accept_count: torch.Tensor) -> None:
+        """Record a finished round (``active``: the flags at its start) and refresh
+        ``any_active``; device-side indexing, no host sync."""
+        i = self.rounds.clamp(max=self.round_active.shape[0] - 1)[None]
+        self.round_active.index_copy_(0, i, active[None])
+        self.round_accepts.index_copy_(0, i, accept_count[None])
+        self.rounds += 1
+        self.any_active.copy_(self.active.any())
 
     @property
     def batch(self) -> int:

@@ -35,6 +35,15 @@ for stage in "$@"; do
       log bench_attention; (cd bench && python3 bench_attention.py --out "$OUT/bench_attention.json") 2>&1 | tail -5 ;;
     engine)
       log engine; (cd bench && python3 check_engine_cuda.py) 2>&1 | tail -8 ;;
+    graphs)
+      log engine-graph-tests; (cd tests && timeout 400 python3 -m pytest -q -p no:cacheprovider test_engine_graphs.py 2>&1 | tail -15) ;;
+    cudatests)
+      log cuda-tests; (cd tests && timeout 500 python3 -m pytest -q -p no:cacheprovider -k cuda 2>&1 | tail -15) ;;
+    round)  # speculative round vs decode step on the demo pair (.data/: carried prompt sets)
+      log bench_round
+      for dt in bfloat16 float32; do
+        (cd bench && python3 bench_round.py --dataset ../.data/humaneval.jsonl --prompts 16 --new 128 --dtype $dt --out "$OUT/round_$dt.json") 2>&1 | tail -4
+      done ;;
     decode)
       log decode; (cd bench && python3 bench_decode.py --profile --new 192 --variants "${DECODE_VARIANTS:-graph,compile}" --out "$OUT/bench_decode.json") 2>&1 | tail -8 ;;
     choose)  # keep the working tree's kernels only if they beat .alt/include (the last measured)

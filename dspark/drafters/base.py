@@ -31,6 +31,20 @@ class Drafter:
         return self.gamma + 1
 
     @property
+    def graphable(self) -> bool:
+        """Whether propose/commit may be captured in CUDA graphs: everything they read or write
+        lives in buffers that persist across steps, and they never sync with the host."""
+        return True
+
+    def graph_key(self) -> tuple:
+        """Changes whenever the drafter reallocates the buffers its graphs read (subclasses
+        that keep buffers call :meth:`_buffers_changed` when they allocate them)."""
+        return (getattr(self, "_buffers_serial", 0),)
+
+    def _buffers_changed(self) -> None:
+        self._buffers_serial = getattr(self, "_buffers_serial", 0) + 1
+
+    @property
     def is_chain(self) -> bool:
         return True
 

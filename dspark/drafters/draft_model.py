@@ -44,6 +44,9 @@ class DraftModelDrafter(Drafter):
 
     def setup(self, batch: int, capacity: int) -> None:
         self.runner.allocate(batch, cache_len(capacity, self.gamma))  # draft block: gamma past p
+        layout = (batch, self.gamma, self.topk)
+        if getattr(self, "_layout", None) == layout:
+            return  # the tree layout and draft_len buffers persist (CUDA graphs read them)
         dev = self.runner.device
         g, k = self.gamma, self.topk
         depth = torch.arange(1, g + 1, device=dev).repeat_interleave(k)  # [g * k]
@@ -52,10 +55,16 @@ class DraftModelDrafter(Drafter):
         self._parents = torch.cat([torch.tensor([-1], device=dev), main[depth - 1]]).repeat(batch)
         self._offsets = torch.arange(batch + 1, device=dev) * self.max_nodes
         self._main = main[1:]  # [g]
+        self.draft_len = torch.zeros(batch, dtype=torch.int64, device=dev)
+        self._layout = layout
+        self._buffers_changed()
+
+    def graph_key(self) -> tuple:
+        return super().graph_key() + (self.runner.cache_serial,)
 
     def start(self, state: SpecState, target_hidden=None) -> None:
         self.runner.prefill(state.prompts)
-        self.draft_len = state.prompt_lens.clone()
+        self.draft_len.copy_(state.prompt_lens)
 
     def _pick(self, logits: torch.Tensor, state: SpecState, pos: torch.Tensor):
         """Chain step: the next draft token [B] and the distribution it was drawn from [B, V]."""
@@ -93,4 +102,4 @@ class DraftModelDrafter(Drafter):
         depth = torch.arange(1, self.gamma, device=root_pos.device)
         on_main = (local == self._main[:self.gamma - 1]) & (depth <= result.accept_count[:, None])
         m = on_main.long().cumprod(1).sum(1)
-        self.draft_len = torch.minimum(root_pos + 1 + m, state.anchor_pos())
+        self.draft_len.copy_(torch.minimum(root_pos + 1 + m, state.anchor_pos()))

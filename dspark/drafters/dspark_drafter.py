@@ -232,6 +232,7 @@ class ParallelDrafter(TrainedDrafter):
         if self.k is None or self.k.shape != shape or self.k.device != p.device:
             self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
             self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            self._buffers_changed()
 
     def _write_context(self, feats: torch.Tensor, start: torch.Tensor) -> None:
         """feats [B, T, m*d] of positions start[b] + t -> cache slots (same numbers)."""
@@ -302,6 +303,10 @@ class ParallelDrafter(TrainedDrafter):
         self.last_conf_logits = torch.stack(conf, 1) if conf else None
         self._active = state.active.clone()
         return chain_proposal(state.anchor(), torch.stack(toks, 1), torch.stack(probs, 1))
+
+    @property
+    def graphable(self) -> bool:
+        return self.recorder is None  # recording copies each round's data to the host
 
     def confidences(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Of the last proposal: STS-calibrated c_k = sigmoid(z_k / T_k) [B, gamma] and the prefix

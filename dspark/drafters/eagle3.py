@@ -116,6 +116,8 @@ class Eagle3Drafter(TrainedDrafter):
         if self.k is None or self.k.shape != shape or self.k.device != p.device:
             self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
             self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            self.h_last = torch.zeros(batch, c.hidden_size, dtype=p.dtype, device=p.device)
+            self._buffers_changed()
 
     def _run(self, tokens, hidden, positions) -> torch.Tensor:
         """Pairs [B, T] at positions [B, T]: write their K/V to slot = position, attend to slots
@@ -143,7 +145,7 @@ class Eagle3Drafter(TrainedDrafter):
         feats = target_hidden.permute(1, 2, 0, 3).reshape(B, T, m * d)
         h = self._pairs(state, feats, torch.zeros(B, dtype=torch.int64, device=feats.device))
         last = (state.prompt_lens - 1).clamp(max=T - 1)
-        self.h_last = h[torch.arange(B, device=h.device), last]
+        self.h_last.copy_(h[torch.arange(B, device=h.device), last])
 
     def commit(self, state, proposal, result, root_pos, target_hidden=None) -> None:
         m, N, d = target_hidden.shape
@@ -152,13 +154,13 @@ class Eagle3Drafter(TrainedDrafter):
         feats = target_hidden.view(m, B, W, d).permute(1, 2, 0, 3).reshape(B, W, m * d)
         h = self._pairs(state, feats, root_pos)
         a = result.accept_count.clamp(0, W - 1)
-        self.h_last = h[torch.arange(B, device=h.device), a]
+        self.h_last.copy_(h[torch.arange(B, device=h.device), a])
 
     def propose(self, state: SpecState) -> Proposal:
         m = self.model
         p = state.anchor_pos()
         seeds = state.draft_seeds()
-        h = self.h_last
+        h = self.h_last.clone()  # propose must not write the buffer commit fills
         toks, probs, logits = [], [], []
         for j in range(1, self.gamma + 1):
             if j > 1:

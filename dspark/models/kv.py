@@ -6,7 +6,11 @@ chain rollback is "don't advance the length" (stale slots past it are overwritte
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
+
+_serials = itertools.count(1)
 
 
 class KVCache:
@@ -15,6 +19,7 @@ class KVCache:
         shape = (num_layers, batch, kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.serial = next(_serials)  # names this allocation (CUDA graphs read its addresses)
 
     @property
     def batch(self) -> int:

@@ -77,6 +77,11 @@ class ModelRunner:
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
+    @property
+    def cache_serial(self) -> int:
+        """Names the current KV-cache allocation (0: none); graphs over it are keyed by it."""
+        return self.cache.serial if self.cache is not None else 0
+
     def allocate(self, batch: int, max_len: int) -> KVCache:
         """(Re)allocate the KV cache for ``batch`` sequences of ``max_len`` slots (drops graphs)."""
         c = self.cache
@@ -205,8 +210,8 @@ class ModelRunner:
     def _run(self, name, fn, static, *tensors):
         body = self._body(name, fn)
         call = lambda *t: body(*t, static)  # noqa: E731
-        if not self.use_cuda_graphs:
-            return call(*tensors)
+        if not self.use_cuda_graphs or torch.cuda.is_current_stream_capturing():
+            return call(*tensors)  # (inside a caller's capture: part of the caller's graph)
         key = (name, static, tuple(t.shape for t in tensors))
         entry = self._graphs.get(key)
         if entry is None:
