@@ -1,0 +1,86 @@
+"""`dspark bench`: speculative decoding vs the autoregressive baseline on prompt sets."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="measure speculative decoding against plain decoding on prompt sets",
+        description="In one process and on one runner: the autoregressive baseline and each "
+        "drafter on the same prompts, per dataset, temperature and batch size. Prints a table "
+        "per dataset (tau, per-position acceptance, tokens/s, speedup, greedy-identical "
+        "fraction, time per round: draft / target forward / accept / commit / other); --out "
+        "writes results.json and PNG plots.")
+    p.add_argument("--target", required=True, help="target checkpoint dir (HF format)")
+    p.add_argument("--drafter", nargs="+", default=[], metavar="DIR", help="drafter dirs "
+                   "(trained by `dspark train-draft`, or an HF causal LM used as draft model)")
+    p.add_argument("--ngram", type=int, metavar="N", help="also bench n-gram prompt lookup")
+    p.add_argument("--dataset", nargs="+", required=True, metavar="FILE",
+                   help="DeepSpec-format jsonl prompt sets ({'turns': [...]}); one domain each")
+    p.add_argument("--prompts", type=int, default=16, help="prompts per dataset")
+    p.add_argument("--prompt-tokens", type=int, default=256, help="keep a prompt's last N tokens")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, nargs="+", default=[0.0])
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--gamma", type=int, default=None, help="draft depth (default: a trained "
+                   "drafter's block size, else 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="the runner's fused decode kernels (default: on CUDA)")
+    p.add_argument("--nvtx", action="store_true", help="NVTX ranges around every step stage")
+    p.add_argument("--out", default=None, help="dir for results.json and the PNG plots")
+    p.add_argument("--json", action="store_true", help="print the JSON report, not tables")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    p.set_defaults(func=run_bench_cli)
+    return p
+
+
+def run_bench_cli(args) -> int:
+    import torch
+
+    from .benchmark import format_table, load_prompts, run_bench, save_report
+    from .drafters import NgramDrafter, load_drafter
+    from .models import ModelRunner, load_model, load_tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if min(args.batch) < 1 or args.prompts < 1 or args.max_new_tokens < 1:
+            raise ValueError("need --batch, --prompts and --max-new-tokens >= 1")
+        model = load_model(args.target, device, args.dtype)
+        tok = load_tokenizer(args.target)
+        if tok is None:
+            raise ValueError(f"{args.target!r} has no tokenizer.json")
+        drafters = {}
+        for path in args.drafter:
+            d = load_drafter(path, model, args.gamma)
+            name = getattr(getattr(d, "spec", None), "method", "draft-lm")
+            if name in drafters:
+                name = f"{name}:{os.path.basename(os.path.normpath(path))}"
+            drafters[name] = d
+        if args.ngram:
+            drafters["ngram"] = NgramDrafter(args.gamma or 4, max_ngram=args.ngram)
+        if not drafters:
+            raise ValueError("nothing to compare: give --drafter DIR and/or --ngram N")
+        datasets = {os.path.splitext(os.path.basename(f))[0]:
+                    load_prompts(f, tok, args.prompts, args.prompt_tokens) for f in args.dataset}
+        runner = ModelRunner(model, fused=args.fused)
+        progress = sys.stderr.isatty() if args.progress is None else args.progress
+        report = run_bench(runner, drafters, datasets, temperatures=args.temperature,
+                           batches=args.batch, max_new_tokens=args.max_new_tokens,
+                           seed=args.seed, progress=progress)
+        report["config"] = {k: v for k, v in vars(args).items() if k != "func"}
+        report["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"dspark bench: error: {exc}", file=sys.stderr)
+        return 2
+    if args.out:
+        for path in save_report(report, args.out):
+            print(f"wrote {path}", file=sys.stderr)
+    print(json.dumps(report, indent=1) if args.json else format_table(report))
+    return 0

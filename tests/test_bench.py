@@ -1,0 +1,50 @@
+"""`dspark bench` end to end on the shipped demo pair (CPU, tiny prompts): the table, the JSON
+report and the PNG plots, with numbers from the engine's own code path."""
+import json
+import os
+
+from dspark.cli import main
+from dspark.demo import DEMO_MODELS, DEMO_PROMPTS, load_demo_pair
+from dspark.engine import SpeculativeEngine
+
+
+def test_bench_writes_report_and_plots(tmp_path, capsys):
+    data = tmp_path / "code.jsonl"
+    data.write_text("".join(json.dumps({"turns": [p, "unused second turn"]}) + "\n"
+                            for p in DEMO_PROMPTS[:2]))
+    out = tmp_path / "bench"
+    rc = main(["bench", "--target", os.path.join(DEMO_MODELS, "target"),
+               "--drafter", os.path.join(DEMO_MODELS, "dspark"), "--ngram", "3",
+               "--dataset", str(data), "--prompts", "2", "--max-new-tokens", "8",
+               "--batch", "1", "2", "--device", "cpu", "--dtype", "float32",
+               "--out", str(out), "--no-progress"])
+    table = capsys.readouterr().out
+    assert rc == 0 and "== code" in table and "ngram" in table
+    report = json.loads((out / "results.json").read_text())
+    runs = report["runs"]
+    assert len(runs) == 6  # 1 dataset x 1 temperature x 2 batch sizes x (AR + 2 drafters)
+    for r in runs:
+        assert r["new_tokens"] == 16 and r["rounds"] > 0
+        assert set(r["round_ms"]) == {"draft", "target_forward", "accept", "commit", "other"}
+        if r["method"] != "autoregressive":
+            assert r["greedy_identical_fraction"] == 1.0 and r["tau"] >= 1.0
+            assert len(r["position_acceptance"]) == 4 and r["speedup"] > 0
+    for name in ("acceptance_by_position.png", "speedup.png", "time_split.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    # the bench's tau is the engine's: one batch of 2 through SpeculativeEngine directly
+    target, tok, drafter = load_demo_pair("cpu")
+    prompts = [tok.encode(p).ids for p in DEMO_PROMPTS[:2]]
+    gen = SpeculativeEngine(target, drafter).generate(prompts, max_new_tokens=8, seed=[0, 1])
+    bench = next(r for r in runs if r["method"] == "dspark" and r["batch"] == 2)
+    assert bench["accept_hist"] == gen.metrics.accept_hist
+
+
+def test_bench_bad_input(tmp_path, capsys):
+    target = os.path.join(DEMO_MODELS, "target")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["bench", "--target", target, "--ngram", "3", "--dataset", str(empty),
+                 "--device", "cpu"]) == 2
+    assert "no usable records" in capsys.readouterr().err
+    assert main(["bench", "--target", target, "--dataset", str(empty), "--device", "cpu"]) == 2
+    assert "nothing to compare" in capsys.readouterr().err
