@@ -41,3 +41,27 @@ TORCH_LIBRARY(dspark, m) {
       "Tensor positions, Tensor inv_freq, Tensor? q_norm_weight, Tensor? k_norm_weight, float eps, "
       "int num_heads, int window) -> Tensor");
 }
+
+// The speculative step's bookkeeping, one kernel each (a fragment of the same library, so this
+// block merges as an append).
+TORCH_LIBRARY_FRAGMENT(dspark, m) {
+  m.set_python_module("dspark._fake");
+  // Commit verified tokens to the per-request state and log the round (in place), as
+  // SpecState.append then log_round (dspark/reference.py: commit_tokens).
+  //   tokens [B, C] i64, n_tokens [B] i64, active [B] bool: the state (updated)
+  //   out_tokens [B, W] i64 (W >= 1), accept_count [B] i64: verify's outputs; an active request
+  //     commits clamp(accept_count + 1, 0, W) tokens
+  //   stop_tokens [B, S] i64 (-1 padded), prompt_lens, max_new [B] i64: when a request ends
+  //   round_active [Rmax, B] bool, round_accepts [Rmax, B] i64: row min(rounds, Rmax - 1) gets the
+  //     active flags before the commit and accept_count; rounds [] i64 += 1;
+  //   any_active [] bool <- any(active) after the commit
+  m.def(
+      "commit_tokens(Tensor(a!) tokens, Tensor(b!) n_tokens, Tensor(c!) active, Tensor out_tokens, "
+      "Tensor accept_count, Tensor stop_tokens, Tensor prompt_lens, Tensor max_new, "
+      "Tensor(d!) round_active, Tensor(e!) round_accepts, Tensor(f!) rounds, "
+      "Tensor(g!) any_active) -> ()");
+  // Prompt-lookup (n-gram) drafts, as NgramDrafter.propose (dspark/reference.py: ngram_propose).
+  //   tokens [B, C] i64, n_tokens [B] i64 in [1, C]: committed tokens tokens[b, :n_tokens[b]]
+  // -> drafts [B, gamma + 1] i64: the anchor tokens[b, n - 1], then gamma drafts
+  m.def("ngram_propose(Tensor tokens, Tensor n_tokens, int gamma, int max_ngram, int min_ngram) -> Tensor");
+}

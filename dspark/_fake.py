@@ -50,3 +50,22 @@ def _decode_attention_fake(qkv, k_cache, v_cache, layer, positions, inv_freq, q_
     _same_device(qkv, k_cache=k_cache, v_cache=v_cache, positions=positions, inv_freq=inv_freq,
                  q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight)
     return qkv.new_empty((qkv.shape[0], num_heads * k_cache.shape[4]))
+
+
+@torch.library.register_fake("dspark::commit_tokens")
+def _commit_tokens_fake(tokens, n_tokens, active, out_tokens, accept_count, stop_tokens,
+                        prompt_lens, max_new, round_active, round_accepts, rounds, any_active):
+    torch._check(tokens.dim() == 2 and out_tokens.dim() == 2,
+                 lambda: "tokens and out_tokens must be 2-D")
+    _same_device(tokens, n_tokens=n_tokens, active=active, out_tokens=out_tokens,
+                 accept_count=accept_count, stop_tokens=stop_tokens, prompt_lens=prompt_lens,
+                 max_new=max_new, round_active=round_active, round_accepts=round_accepts,
+                 rounds=rounds, any_active=any_active)
+    return None  # in place
+
+
+@torch.library.register_fake("dspark::ngram_propose")
+def _ngram_propose_fake(tokens, n_tokens, gamma, max_ngram, min_ngram):
+    torch._check(tokens.dim() == 2, lambda: "tokens must be [B, C]")
+    _same_device(tokens, n_tokens=n_tokens)
+    return tokens.new_empty((tokens.shape[0], gamma + 1))

@@ -161,3 +161,52 @@ def chain_layout(draft_lengths: Sequence[int], device: Union[str, torch.device] 
     offsets[1:] = torch.cumsum(lengths, 0)
     parents = torch.cat([torch.arange(-1, n - 1) for n in lengths.tolist()])
     return offsets.to(device), parents.to(device)
+
+
+def commit_tokens(tokens: torch.Tensor, n_tokens: torch.Tensor, active: torch.Tensor,
+                  out_tokens: torch.Tensor, accept_count: torch.Tensor, stop_tokens: torch.Tensor,
+                  prompt_lens: torch.Tensor, max_new: torch.Tensor, round_active: torch.Tensor,
+                  round_accepts: torch.Tensor, rounds: torch.Tensor,
+                  any_active: torch.Tensor) -> None:
+    """Commit a verified step to the per-request state, in place and in one kernel (what
+    ``SpecState.append`` then ``log_round`` do; spec: dspark.reference.commit_tokens).
+
+    tokens : [B, C] int64, n_tokens : [B] int64, active : [B] bool — the state (updated).
+        An active request appends ``add = clamp(accept_count + 1, 0, W)`` tokens of its
+        ``out_tokens`` row at ``tokens[b, min(n_tokens + k, C - 1)]``; an inactive one adds none.
+    out_tokens : [B, W] int64 (W >= 1), accept_count : [B] int64 — as :func:`verify` returns them.
+    stop_tokens : [B, S] int64 (-1 padded), prompt_lens, max_new : [B] int64 — a committed stop
+        token, or ``n_tokens - prompt_lens >= max_new`` after the commit, clears ``active``.
+    round_active : [Rmax, B] bool, round_accepts : [Rmax, B] int64 — row ``min(rounds, Rmax - 1)``
+        gets the active flags from before the commit and ``accept_count``.
+    rounds : [] int64 (incremented), any_active : [] bool (set to ``active.any()`` afterwards).
+
+    Capturable in a CUDA graph (no host sync there; see :func:`sync_checks` for eager calls).
+    ``n_tokens < 0`` is bad input (ValueError; on CUDA without the read-back the request is
+    skipped).
+    """
+    torch.ops.dspark.commit_tokens(tokens, n_tokens, active, out_tokens, accept_count,
+                                   stop_tokens, prompt_lens, max_new, round_active,
+                                   round_accepts, rounds, any_active)
+
+
+def ngram_propose(tokens: torch.Tensor, n_tokens: torch.Tensor, gamma: int, max_ngram: int = 3,
+                  min_ngram: int = 1) -> torch.Tensor:
+    """Prompt-lookup drafts in one kernel (what ``NgramDrafter.propose`` computes; spec:
+    dspark.reference.ngram_propose).
+
+    tokens : [B, C] int64, n_tokens : [B] int64 in [1, C]; request b's context is
+        ``tokens[b, :n_tokens[b]]`` (entries beyond it are never read).
+    For the largest size in max_ngram..min_ngram (sizes >= C skipped) whose last ``size`` tokens
+    occur earlier in the context, the drafts continue after the most recent occurrence (repeated
+    periodically where they reach the end of the context); without any match the anchor repeats.
+    Returns drafts [B, gamma + 1] int64: the anchor ``tokens[b, n - 1]`` then gamma drafts, so
+    ``drafts.view(-1)`` is the packed chain proposal (``gamma + 1`` nodes per request).
+
+    Examples
+    --------
+    >>> import torch, dspark
+    >>> dspark.ops.ngram_propose(torch.tensor([[5, 6, 7, 5, 6, 0]]), torch.tensor([5]), 3).tolist()
+    [[6, 7, 5, 6]]
+    """
+    return torch.ops.dspark.ngram_propose(tokens, n_tokens, gamma, max_ngram, min_ngram)

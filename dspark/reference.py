@@ -279,3 +279,59 @@ def decode_attention(qkv, k_cache, v_cache, layer, positions, inv_freq, q_norm_w
         scores = torch.einsum("hd,hnd->hn", q.float(), kk) / math.sqrt(D)
         out[b] = torch.einsum("hn,hnd->hd", scores.softmax(-1), vv).to(dt).reshape(-1)
     return out
+
+
+# ---- the step's bookkeeping (dspark::commit_tokens, dspark::ngram_propose) --------------------
+def commit_tokens(tokens, n_tokens, active, out_tokens, accept_count, stop_tokens, prompt_lens,
+                  max_new, round_active, round_accepts, rounds, any_active):
+    """What dspark::commit_tokens does, in place: ``SpecState.append(out_tokens, accept_count)``
+    then ``log_round(active at the round's start, accept_count)``, as tensor ops (the engine's
+    code; capturable in a CUDA graph, no host sync). Two clamps are the op's contract for input
+    the engine never passes and change nothing otherwise: ``add`` to [0, W] (accept_count
+    outside [0, W - 1]) and the log row to >= 0 (a negative round counter)."""
+    C, W, R = tokens.shape[1], out_tokens.shape[1], round_active.shape[0]
+    active_at_start = active.clone()
+    # append
+    k = torch.arange(W, device=out_tokens.device)
+    add = torch.where(active, (accept_count + 1).clamp(0, W), 0)
+    keep = k[None, :] < add[:, None]
+    idx = (n_tokens[:, None] + k).clamp(max=C - 1)
+    tokens.scatter_(1, idx, torch.where(keep, out_tokens, tokens.gather(1, idx)))
+    stop = ((out_tokens[:, :, None] == stop_tokens[:, None, :]).any(-1) & keep).any(-1)
+    n_tokens += add
+    active &= ~stop & (n_tokens - prompt_lens < max_new)  # the new n_tokens
+    # log_round
+    i = rounds.clamp(0, R - 1).view(1)
+    round_active.index_copy_(0, i, active_at_start[None])
+    round_accepts.index_copy_(0, i, accept_count[None])
+    rounds += 1
+    any_active.copy_(active.any())
+
+
+def ngram_propose(tokens, n_tokens, gamma, max_ngram, min_ngram):
+    """What dspark::ngram_propose returns: ``NgramDrafter.propose``'s tensor code (static shapes,
+    no host sync) with its chain packed as rows: drafts [B, gamma + 1] = anchor, then the gamma
+    tokens that followed the most recent earlier occurrence of the longest matching suffix
+    (sizes max_ngram .. min_ngram, sizes >= C skipped), continued periodically; without a
+    match the anchor repeats."""
+    toks, n = tokens, n_tokens  # [B, C], [B]
+    B, C = toks.shape
+    dev = toks.device
+    cont = n - 1  # continuation start; default: repeat the anchor
+    found = torch.zeros(B, dtype=torch.bool, device=dev)
+    for size in range(max_ngram, min_ngram - 1, -1):
+        if size >= C:
+            continue
+        at = n[:, None] - size + torch.arange(size, device=dev)
+        suffix = toks.gather(1, at.clamp(min=0))
+        windows = toks.unfold(1, size, 1)  # [B, C - size + 1, size]
+        begin = torch.arange(windows.shape[1], device=dev)
+        match = (windows == suffix[:, None, :]).all(-1) & (begin[None, :] + size < n[:, None])
+        last = torch.where(match, begin, -1).max(1).values
+        hit = (last >= 0) & ~found & (n > size)
+        cont = torch.where(hit, last + size, cont)
+        found |= hit
+    period = n - cont  # >= 1
+    idx = cont[:, None] + torch.arange(gamma, device=dev) % period[:, None]
+    anchor = toks.gather(1, (n - 1)[:, None])
+    return torch.cat([anchor, toks.gather(1, idx)], 1)
