@@ -1,6 +1,7 @@
 """Microbenchmark of the step's bookkeeping on CUDA: dspark::commit_tokens and
-dspark::ngram_propose next to the PyTorch code they replace (dspark/reference.py: the engine's
-SpecState.append + log_round and NgramDrafter.propose), every variant replayed from a CUDA graph.
+dspark::ngram_propose next to the PyTorch code they replaced in the engine (dspark/reference.py:
+the former SpecState.append + round log and NgramDrafter.propose), every variant replayed from a
+CUDA graph.
 
 Timing: one graph per variant, replays queued back to back with CUDA events around each, median
 over --reps. The commit mutates the state, so n_tokens / active are restored before each replay,

@@ -110,8 +110,7 @@ class SpeculativeEngine:
         output, so it is static."""
         d, W, g = self.drafter, self.drafter.max_nodes, self._graph_key(st)
         with timer("draft"):  # packed trees: [N] tokens/parents, [N, V] probs | None, [B+1]
-            root, active, prop = self.graphs(("draft", g), lambda: (
-                st.anchor_pos(), st.active.clone(), d.propose(st)))
+            root, prop = self.graphs(("draft", g), lambda: (st.anchor_pos(), d.propose(st)))
         with timer("target forward"):  # logits [N, V], taps [n, N, hidden]
             fwd = self.graphs(("target forward", g), lambda: self.target.forward_tree(
                 prop.draft_tokens, prop.parents, prop.node_offsets, root, W, d.target_taps))
@@ -120,16 +119,15 @@ class SpeculativeEngine:
                 fwd.logits, prop.node_offsets, prop.draft_tokens, prop.parents, prop.draft_probs,
                 st.params, seeds=st.seeds, positions=root, max_nodes=W))
         with timer("commit"):
-            self.graphs(("commit", g), lambda: self._commit(st, root, active, prop, fwd, res))
+            self.graphs(("commit", g), lambda: self._commit(st, root, prop, fwd, res))
         return res
 
-    def _commit(self, st, root, active, prop, fwd, res) -> None:
+    def _commit(self, st, root, prop, fwd, res) -> None:
         if not self.drafter.is_chain:  # tree: the accepted path's K/V into slots root + depth
             self.target.commit(root, res.accept_nodes - prop.node_offsets[:-1, None],
                                res.accept_count)
-        st.append(res.out_tokens, res.accept_count)  # chain rollback = lengths only
+        st.commit(res.out_tokens, res.accept_count)  # chain rollback = lengths only
         self.drafter.commit(st, prop, res, root, fwd.hidden)
-        st.log_round(active, res.accept_count)
 
     def _decode_step(self, st: SpecState, timer: StageTimer) -> None:
         """One autoregressive step (the baseline): decode, sample, commit, as one graph."""
@@ -137,10 +135,7 @@ class SpeculativeEngine:
             root = st.anchor_pos()
             logits = self.target.decode(st.anchor(), root)
             tok, _ = ops.sample(logits, st.params, st.seeds, root)
-            active = st.active.clone()
-            zero = torch.zeros_like(tok)
-            st.append(tok[:, None], zero)
-            st.log_round(active, zero)
+            st.commit(tok[:, None], torch.zeros_like(tok))
         with timer("target forward"):
             self.graphs(("decode", self._graph_key(st)), step)
 
@@ -288,8 +283,7 @@ class SpeculativeEngine:
             st.reset(prompts, max_new, stops, sampling_tensors(B, temp, top_k, top_p), seed)
             fwd = self.target.prefill(prompts, taps)
             first, _ = ops.sample(fwd.logits, st.params, st.seeds, st.n_tokens - 1)
-            st.append(first[:, None], torch.zeros_like(first))
-            st.any_active.copy_(st.active.any())
+            st.commit_first(first)
         self.state = st
         return st, timer, fwd.hidden
 

@@ -169,7 +169,7 @@ def commit_tokens(tokens: torch.Tensor, n_tokens: torch.Tensor, active: torch.Te
                   round_accepts: torch.Tensor, rounds: torch.Tensor,
                   any_active: torch.Tensor) -> None:
     """Commit a verified step to the per-request state, in place and in one kernel (what
-    ``SpecState.append`` then ``log_round`` do; spec: dspark.reference.commit_tokens).
+    ``SpecState.commit`` runs; spec: dspark.reference.commit_tokens).
 
     tokens : [B, C] int64, n_tokens : [B] int64, active : [B] bool — the state (updated).
         An active request appends ``add = clamp(accept_count + 1, 0, W)`` tokens of its

@@ -284,9 +284,9 @@ def decode_attention(qkv, k_cache, v_cache, layer, positions, inv_freq, q_norm_w
 # ---- the step's bookkeeping (dspark::commit_tokens, dspark::ngram_propose) --------------------
 def commit_tokens(tokens, n_tokens, active, out_tokens, accept_count, stop_tokens, prompt_lens,
                   max_new, round_active, round_accepts, rounds, any_active):
-    """What dspark::commit_tokens does, in place: ``SpecState.append(out_tokens, accept_count)``
-    then ``log_round(active at the round's start, accept_count)``, as tensor ops (the engine's
-    code; capturable in a CUDA graph, no host sync). Two clamps are the op's contract for input
+    """What dspark::commit_tokens does, in place (``SpecState.commit``): append the accepted
+    tokens and the bonus, update the finished flags, then log the round (active flags at its
+    start, accepted counts), as tensor ops (capturable in a CUDA graph, no host sync). Two clamps are the op's contract for input
     the engine never passes and change nothing otherwise: ``add`` to [0, W] (accept_count
     outside [0, W - 1]) and the log row to >= 0 (a negative round counter)."""
     C, W, R = tokens.shape[1], out_tokens.shape[1], round_active.shape[0]
@@ -300,7 +300,7 @@ def commit_tokens(tokens, n_tokens, active, out_tokens, accept_count, stop_token
     stop = ((out_tokens[:, :, None] == stop_tokens[:, None, :]).any(-1) & keep).any(-1)
     n_tokens += add
     active &= ~stop & (n_tokens - prompt_lens < max_new)  # the new n_tokens
-    # log_round
+    # the round log
     i = rounds.clamp(0, R - 1).view(1)
     round_active.index_copy_(0, i, active_at_start[None])
     round_accepts.index_copy_(0, i, accept_count[None])

@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import ops
 from .ops import SamplingTensors
 
 DRAFT_SEED_XOR = 0x5DEECE66D  # drafter coins are keyed by seed ^ this: independent of verify's
@@ -49,8 +50,8 @@ class SpecState:
 
     The engine allocates the buffers once per shape (:meth:`allocate`) and refills them for every
     generate() call (:meth:`reset`), so CUDA graphs captured over them stay valid; ``serial``
-    names one allocation. The round log records, per step, which requests were active and how
-    many drafts each accepted (written on the device: no host sync per step).
+    names one allocation. :meth:`commit` also keeps the round log: per step, which requests were
+    active and how many drafts each accepted (written on the device: no host sync per step).
     """
     tokens: torch.Tensor  # [B, C] i64
     n_tokens: torch.Tensor  # [B] i64
@@ -108,15 +109,6 @@ class SpecState:
         self.any_active.fill_(True)
         self.prompts = [list(p) for p in prompts]
 
-    def log_round(self, active: torch.Tensor, accept_count: torch.Tensor) -> None:
-        """Record a finished round (``active``: the flags at its start) and refresh
-        ``any_active``; device-side indexing, no host sync."""
-        i = self.rounds.clamp(max=self.round_active.shape[0] - 1)[None]
-        self.round_active.index_copy_(0, i, active[None])
-        self.round_accepts.index_copy_(0, i, accept_count[None])
-        self.rounds += 1
-        self.any_active.copy_(self.active.any())
-
     @property
     def batch(self) -> int:
         return self.tokens.shape[0]
@@ -134,19 +126,21 @@ class SpecState:
     def draft_seeds(self) -> torch.Tensor:
         return self.seeds ^ DRAFT_SEED_XOR
 
-    def append(self, out_tokens: torch.Tensor, accept_count: torch.Tensor) -> torch.Tensor:
-        """Commit ``accept_count + 1`` tokens of out_tokens [B, W] per active request and update
-        the finished flags (stop token or max_new reached). Returns the per-request count added."""
-        W = out_tokens.shape[1]
-        k = torch.arange(W, device=out_tokens.device)
-        add = torch.where(self.active, accept_count + 1, 0)
-        keep = k[None, :] < add[:, None]
-        idx = (self.n_tokens[:, None] + k).clamp(max=self.capacity - 1)
-        self.tokens.scatter_(1, idx, torch.where(keep, out_tokens, self.tokens.gather(1, idx)))
-        stop = ((out_tokens[:, :, None] == self.stop_tokens[:, None, :]).any(-1) & keep).any(-1)
-        self.n_tokens += add
-        self.active &= ~stop & (self.n_tokens - self.prompt_lens < self.max_new)
-        return add
+    def commit(self, out_tokens: torch.Tensor, accept_count: torch.Tensor) -> None:
+        """One round's result, in place (one ``dspark::commit_tokens`` kernel): append
+        ``accept_count + 1`` tokens of out_tokens [B, W] per active request, clear ``active``
+        where a stop token was committed or max_new is reached, log the round (the active flags
+        at its start and the accepted counts) and refresh ``any_active``. No host sync."""
+        ops.commit_tokens(self.tokens, self.n_tokens, self.active, out_tokens, accept_count,
+                          self.stop_tokens, self.prompt_lens, self.max_new, self.round_active,
+                          self.round_accepts, self.rounds, self.any_active)
+
+    def commit_first(self, first: torch.Tensor) -> None:
+        """The token sampled from the prefill logits [B]: committed, but not a round."""
+        self.commit(first[:, None], torch.zeros_like(first))
+        self.round_active[0].zero_()
+        self.round_accepts[0].zero_()
+        self.rounds.zero_()
 
 
 def chain_proposal(anchor: torch.Tensor, drafts: torch.Tensor,

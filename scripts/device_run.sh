@@ -39,6 +39,9 @@ for stage in "$@"; do
       log engine-graph-tests; (cd tests && timeout 400 python3 -m pytest -q -p no:cacheprovider test_engine_graphs.py 2>&1 | tail -15) ;;
     cudatests)
       log cuda-tests; (cd tests && timeout 500 python3 -m pytest -q -p no:cacheprovider -k cuda 2>&1 | tail -15) ;;
+    stateops)
+      log state-ops; (cd tests && timeout 300 python3 -m pytest -q -p no:cacheprovider test_state_ops.py -k cuda 2>&1 | tail -4)
+      (cd bench && python3 bench_state_ops.py --out "$OUT/bench_state_ops.json") 2>&1 | tail -14 ;;
     round)  # speculative round vs decode step on the demo pair (.data/: carried prompt sets)
       log bench_round
       for dt in bfloat16 float32; do
