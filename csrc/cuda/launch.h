@@ -1,5 +1,6 @@
-// csrc/cuda/launch.h: the torch-free boundary between csrc/cuda/sampling_cuda.cpp (tensors) and
-// csrc/cuda/sampling_kernels.cu (nvcc). Keeping torch headers out of .cu files keeps nvcc fast.
+// csrc/cuda/launch.h: the torch-free boundary between the CUDA entry points (csrc/cuda/*_cuda.cpp:
+// tensors) and the kernel instantiations (csrc/cuda/*_kernels.cu: nvcc), one section per op.
+// Keeping torch headers out of .cu files keeps nvcc fast.
 #pragma once
 #include <cuda_runtime_api.h>
 

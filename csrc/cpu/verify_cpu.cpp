@@ -1,4 +1,6 @@
-// csrc/cpu/sampling_cpu.cpp: CPU kernels of dspark::verify and dspark::sample.
+// csrc/cpu/verify_cpu.cpp: CPU kernels of dspark::verify and dspark::sample. Both live here
+// because sample is verify of requests with no drafts: the same row statistics and the same draw
+// (node 0, sampling coin), so the two ops cannot drift apart.
 // Same definitions as the CUDA kernels (include/dspark/*.h) and dspark/reference.py.
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>

@@ -1,4 +1,6 @@
-// csrc/cuda/sampling_kernels.cu: instantiates the header-only kernels for each dtype pair.
+// csrc/cuda/verify_kernels.cu: instantiates the header-only verify kernels
+// (include/dspark/verify.cuh) for each (logits, draft_probs) dtype pair. They serve dspark::verify
+// and dspark::sample alike: sample is verify of requests with no drafts.
 #include "cuda/dispatch.cuh"
 #include "cuda/launch.h"
 #include "dspark/verify.cuh"

@@ -1,4 +1,5 @@
-// csrc/cuda/sampling_cuda.cpp: CUDA entry points of dspark::verify and dspark::sample.
+// csrc/cuda/verify_cuda.cpp: CUDA entry points of dspark::verify and dspark::sample (sample is
+// verify of root-only requests: one launch path, include/dspark/verify.cuh, serves both).
 // Tensors -> raw pointers; the kernels (include/dspark/verify.cuh) validate data on device and
 // raise a status word; outside CUDA-graph capture it is read back and turned into a ValueError.
 // During capture no host sync happens: bad data then yields -1 tokens, never an invalid access.
