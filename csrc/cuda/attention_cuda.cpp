@@ -31,7 +31,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at:
   at::Tensor part_o = at::empty({splits > 1 ? d.B * d.H * splits * d.D : 0}, f32);
   at::Tensor part_ml = at::empty({splits > 1 ? d.B * d.H * splits * 2 : 0}, f32);
   at::Tensor status = at::empty({1}, qkv.options().dtype(at::kInt));  // written by the kernel
-  AttnArgs a{};
+  AttentionArgs a{};
   a.dtype = element_type(qkv);
   a.qkv = qkv.data_ptr();
   a.k_cache = k_cache.data_ptr();

@@ -9,7 +9,7 @@ int attention_splits(int64_t S) { return cuda::attn_splits(S); }
 
 namespace {
 template <typename T>
-cudaError_t run(const AttnArgs& a, cudaStream_t stream) {
+cudaError_t run(const AttentionArgs& a, cudaStream_t stream) {
   cuda::AttnParams<T> p{};
   p.qkv = static_cast<const T*>(a.qkv);
   p.k_cache = static_cast<T*>(a.k_cache);
@@ -30,7 +30,7 @@ cudaError_t run(const AttnArgs& a, cudaStream_t stream) {
 }
 }  // namespace
 
-cudaError_t launch_attention(const AttnArgs& a, cudaStream_t stream) {
+cudaError_t launch_attention(const AttentionArgs& a, cudaStream_t stream) {
   return with_element_type(a.dtype, [&](auto t) { return run<decltype(t)>(a, stream); });
 }
 

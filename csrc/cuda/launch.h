@@ -12,7 +12,7 @@ namespace dspark {
 enum class LogitsType : int { kFloat32, kBFloat16, kFloat16 };
 enum class DraftType : int { kNone, kFloat32, kFloat64 };
 
-struct LaunchArgs {
+struct VerifyArgs {
   const void* logits;  // [N, V]
   LogitsType logits_type;
   const void* draft_probs;  // [N, V] or nullptr
@@ -30,8 +30,8 @@ struct LaunchArgs {
   void* workspace;
 };
 
-size_t workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V);
-cudaError_t launch_verify(const LaunchArgs& args, cudaStream_t stream);
+size_t verify_workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V);
+cudaError_t launch_verify(const VerifyArgs& args, cudaStream_t stream);
 
 // dspark::fused_linear (include/dspark/linear.cuh); every tensor has element type `dtype`.
 struct LinearArgs {
@@ -45,7 +45,7 @@ struct LinearArgs {
 cudaError_t launch_linear(const LinearArgs& args, cudaStream_t stream);
 
 // dspark::decode_attention (include/dspark/attention.cuh); qkv/caches/norms/out of type `dtype`.
-struct AttnArgs {
+struct AttentionArgs {
   LogitsType dtype;
   const void* qkv;
   void *k_cache, *v_cache;
@@ -60,6 +60,6 @@ struct AttnArgs {
   int splits;
 };
 int attention_splits(int64_t S);  // chunks of the cache's slots (one block each per KV head)
-cudaError_t launch_attention(const AttnArgs& args, cudaStream_t stream);
+cudaError_t launch_attention(const AttentionArgs& args, cudaStream_t stream);
 
 }  // namespace dspark

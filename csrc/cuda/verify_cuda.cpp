@@ -15,8 +15,8 @@
 namespace dspark {
 namespace {
 
-void run_and_check(LaunchArgs& a, const at::Tensor& like, const char* op) {
-  at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes(a.N, a.R, a.W, a.V))},
+void run_and_check(VerifyArgs& a, const at::Tensor& like, const char* op) {
+  at::Tensor workspace = at::empty({static_cast<int64_t>(verify_workspace_bytes(a.N, a.R, a.W, a.V))},
                                    like.options().dtype(at::kByte));
   at::Tensor status = at::empty({1}, like.options().dtype(at::kInt));
   a.workspace = workspace.data_ptr();
@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(
   at::Tensor out_tokens = at::empty({d.R, d.W}, opts);
   at::Tensor out_count = at::empty({d.R}, opts);
   at::Tensor out_nodes = at::empty({d.R, d.W}, opts);
-  LaunchArgs a{};
+  VerifyArgs a{};
   a.logits = target_logits.data_ptr();
   a.logits_type = element_type(target_logits);
   a.draft_probs = draft_probs ? draft_probs->data_ptr() : nullptr;
@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits, const a
   }
   at::Tensor tokens = at::empty({d.R}, lopts);
   at::Tensor probs = at::empty({return_probs ? d.R : 0, d.V}, logits.options().dtype(at::kDouble));
-  LaunchArgs a{};
+  VerifyArgs a{};
   a.logits = logits.data_ptr();
   a.logits_type = element_type(logits);
   a.draft_type = DraftType::kNone;

@@ -7,22 +7,22 @@
 
 namespace dspark {
 
-size_t workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V) {
-  return cuda::workspace_bytes(N, R, W, V);
+size_t verify_workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V) {
+  return cuda::verify_workspace_bytes(N, R, W, V);
 }
 
 namespace {
 template <typename S, typename Q>
-cudaError_t run(const LaunchArgs& a, cudaStream_t stream) {
-  cuda::Params<S, Q> p{static_cast<const S*>(a.logits), static_cast<const Q*>(a.draft_probs),
+cudaError_t run(const VerifyArgs& a, cudaStream_t stream) {
+  cuda::VerifyParams<S, Q> p{static_cast<const S*>(a.logits), static_cast<const Q*>(a.draft_probs),
                        a.N, a.V, a.R, a.W, 0, a.offsets, a.tokens, a.parents, a.temperature,
                        a.top_k, a.top_p, a.seeds, a.positions, a.uniforms, a.out_tokens,
                        a.out_count, a.out_nodes, a.probs, a.status};
-  return cuda::launch(p, a.workspace, stream);
+  return cuda::launch_verify(p, a.workspace, stream);
 }
 
 template <typename S>
-cudaError_t run_q(const LaunchArgs& a, cudaStream_t stream) {
+cudaError_t run_q(const VerifyArgs& a, cudaStream_t stream) {
   switch (a.draft_type) {
     case DraftType::kFloat64: return run<S, double>(a, stream);
     default: return run<S, float>(a, stream);  // kNone: q == nullptr, never dereferenced
@@ -30,7 +30,7 @@ cudaError_t run_q(const LaunchArgs& a, cudaStream_t stream) {
 }
 }  // namespace
 
-cudaError_t launch_verify(const LaunchArgs& a, cudaStream_t stream) {
+cudaError_t launch_verify(const VerifyArgs& a, cudaStream_t stream) {
   return with_element_type(a.logits_type, [&](auto t) { return run_q<decltype(t)>(a, stream); });
 }
 

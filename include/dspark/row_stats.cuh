@@ -21,8 +21,9 @@ __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
+// Arguments of one verify launch (sample launches it too: root-only requests, W = 1).
 template <typename scalar_t, typename q_t>
-struct Params {
+struct VerifyParams {
   const scalar_t* logits;  // [N, V]
   const q_t* q;            // [N, V] draft probabilities, or nullptr (one-hot drafts)
   int64_t N, V, R, W, C;   // rows, vocab, requests, output width, chunks per row
@@ -38,7 +39,8 @@ struct Params {
   bool vec_loads;                                      // rows 16-byte aligned: vector loads
 };
 
-struct Workspace {
+// Scratch of one verify launch, carved from one device buffer by launch_verify (verify.cuh).
+struct VerifyWorkspace {
   RowInfo* info;         // [N]
   float* chunk_base;     // [N, C] local base, later the row base
   double* chunk_sum;     // [N, C] mass per chunk (relative to the row base after finalize)
@@ -76,7 +78,7 @@ __device__ __forceinline__ bool is_filtered(float temperature, int64_t top_k, fl
 
 // Request owning a packed row (binary search over node_offsets; always in [0, R)).
 template <typename S, typename Q>
-__device__ __forceinline__ int32_t find_request(const Params<S, Q>& p, int64_t row) {
+__device__ __forceinline__ int32_t find_request(const VerifyParams<S, Q>& p, int64_t row) {
   int64_t lo = 0, hi = p.R;
   while (hi - lo > 1) {
     const int64_t mid = (lo + hi) / 2;
@@ -89,7 +91,7 @@ __device__ __forceinline__ int32_t find_request(const Params<S, Q>& p, int64_t r
 // there (the walk reports it) or the request's parameters are invalid. A table, so that the
 // statistics blocks do one load instead of a dependent binary search before their math.
 template <typename S, typename Q>
-__global__ void RowOwnerKernel(Params<S, Q> p, Workspace ws) {
+__global__ void RowOwnerKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (row >= p.N) return;
   int32_t r = find_request(p, row);
@@ -137,7 +139,7 @@ __device__ __forceinline__ void load_chunk(const S* w, int64_t V, bool vec, int6
 
 // One warp chunk of an unfiltered row: argmax (greedy) or local base + sum of e (sampled).
 template <typename S, typename Q>
-__device__ void chunk_stats(const Params<S, Q>& p, const Workspace& ws, int64_t row, int64_t c,
+__device__ void chunk_stats(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t row, int64_t c,
                             float temperature, float* x, int32_t& bad) {
   const int lane = threadIdx.x & 31;
   const int64_t start = c * kChunk, slot = row * p.C + c;
@@ -182,13 +184,13 @@ __device__ void chunk_stats(const Params<S, Q>& p, const Workspace& ws, int64_t 
 }
 
 template <typename S, typename Q>
-__device__ void filtered_row(const Params<S, Q>& p, const Workspace& ws, int64_t row, int32_t r);
+__device__ void filtered_row(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t row, int32_t r);
 
 // blockDim.x == 256 (8 warps). Block y == 0 handles the row if it is top-k/top-p filtered;
 // blocks y >= 1 give each warp kChunksPerWarp consecutive chunks of an unfiltered row. The
 // logits are loaded before the owner lookup so the two latencies overlap.
 template <typename S, typename Q>
-__global__ void RowStatsKernel(Params<S, Q> p, Workspace ws) {
+__global__ void RowStatsKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   const int64_t row = blockIdx.x;  // rows in x: gridDim.y is limited to 65535
   const S* w = p.logits + row * p.V;
   if (blockIdx.y == 0) {
@@ -216,7 +218,7 @@ __global__ void RowStatsKernel(Params<S, Q> p, Workspace ws) {
 // One block per top-k/top-p row: max pass, radix select on ordered keys of t for the k-th
 // largest (counts) and the top-p cut (exact int64 fixed-point masses), then chunk sums.
 template <typename S, typename Q>
-__device__ void filtered_row(const Params<S, Q>& p, const Workspace& ws, int64_t row, int32_t r) {
+__device__ void filtered_row(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t row, int32_t r) {
   const S* w = p.logits + row * p.V;
   const float inv_t = inverse_temperature(p.temperature[r]);
   auto t_at = [&](int64_t v) { return log2_scaled(to_float(w[v]), inv_t); };
@@ -304,7 +306,7 @@ __device__ void filtered_row(const Params<S, Q>& p, const Workspace& ws, int64_t
 // One warp per row (called by WalkKernel): RowInfo from the chunk partials, chunk sums rescaled to the
 // row base in place (exact: powers of two). Lanes own chunks lane, lane+32, ...
 template <typename S, typename Q>
-__device__ void finalize_row(const Params<S, Q>& p, const Workspace& ws, int64_t row, int32_t r) {
+__device__ void finalize_row(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t row, int32_t r) {
   const int lane = threadIdx.x & 31;
   RowInfo info{-1, 0.0, 0.0f, 0.0f, -INFINITY, 0};
   const float temperature = p.temperature[r];

@@ -6,7 +6,7 @@
 //   ResidualChunkKernel grid (R, C/8)  residual mass per chunk where siblings were rejected
 //   DrawKernel          grid R         inverse-CDF draw: pick the chunk, scan inside it
 //   ProbsKernel         grid (R, C)    sample(return_probs=True): p(v) = e(v) / S
-// Launch order and workspace layout live in `launch` at the bottom.
+// Launch order and workspace layout live in `launch_verify` at the bottom.
 #pragma once
 #include "dspark/row_stats.cuh"
 
@@ -14,7 +14,7 @@ namespace dspark {
 namespace cuda {
 
 template <typename S, typename Q>
-__device__ __forceinline__ double draft_prob(const Params<S, Q>& p, int64_t row, int64_t v) {
+__device__ __forceinline__ double draft_prob(const VerifyParams<S, Q>& p, int64_t row, int64_t v) {
   if (p.q == nullptr) return 1.0;
   const double x = static_cast<double>(p.q[row * p.V + v]);
   if (!(x >= 0.0 && x < INFINITY)) atomicOr(p.status, kBadDraftProbs);
@@ -23,7 +23,7 @@ __device__ __forceinline__ double draft_prob(const Params<S, Q>& p, int64_t row,
 
 // Residual mass of token v at request r's final row: e(v), then each rejected sibling in order.
 template <typename S, typename Q>
-__device__ double residual_at(const Params<S, Q>& p, const Workspace& ws, int64_t r, int64_t o,
+__device__ double residual_at(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r, int64_t o,
                               const RowInfo& info, const S* w, int32_t nrej, int64_t v) {
   double e = row_e(info, v, to_float(w[v]));
   for (int32_t i = 0; i < nrej; ++i) {
@@ -34,7 +34,7 @@ __device__ double residual_at(const Params<S, Q>& p, const Workspace& ws, int64_
 }
 
 template <typename S, typename Q>
-__device__ __forceinline__ double coin(const Params<S, Q>& p, int64_t r, int64_t o, int64_t node,
+__device__ __forceinline__ double coin(const VerifyParams<S, Q>& p, int64_t r, int64_t o, int64_t node,
                                        uint64_t purpose) {
   return p.uniforms ? p.uniforms[(o + node) * 2 + purpose]
                     : keyed_uniform(p.seeds[r], p.positions[r], node, purpose);
@@ -48,7 +48,7 @@ __device__ __forceinline__ double coin(const Params<S, Q>& p, int64_t r, int64_t
 constexpr int kWalkSmem = 256;
 
 template <typename S, typename Q>
-__global__ void WalkKernel(Params<S, Q> p, Workspace ws) {
+__global__ void WalkKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   const int64_t r = blockIdx.x;
   for (int64_t k = threadIdx.x; k < p.W; k += blockDim.x) {
     p.out_tokens[r * p.W + k] = -1;
@@ -184,7 +184,7 @@ __global__ void WalkKernel(Params<S, Q> p, Workspace ws) {
 
 // blockDim.x == 256: one warp per chunk.
 template <typename S, typename Q>
-__global__ void ResidualChunkKernel(Params<S, Q> p, Workspace ws) {
+__global__ void ResidualChunkKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   const int64_t r = blockIdx.x, b = blockIdx.y * int64_t(blockDim.x / 32) + threadIdx.x / 32;
   const int64_t row = ws.final_row[r];
   if (row < 0 || ws.n_rej[r] == 0 || b >= p.C) return;
@@ -203,7 +203,7 @@ __global__ void ResidualChunkKernel(Params<S, Q> p, Workspace ws) {
 constexpr int kDrawThreads = 256;
 static_assert(kChunk % kDrawThreads == 0, "a draw thread owns whole entries");
 template <typename S, typename Q>
-__global__ void DrawKernel(Params<S, Q> p, Workspace ws) {
+__global__ void DrawKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   constexpr int kPer = kChunk / kDrawThreads;
   const int64_t r = blockIdx.x;
   const int64_t row = ws.final_row[r];
@@ -291,7 +291,7 @@ __global__ void DrawKernel(Params<S, Q> p, Workspace ws) {
 }
 
 template <typename S, typename Q>
-__global__ void ProbsKernel(Params<S, Q> p, Workspace ws) {
+__global__ void ProbsKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   const int64_t r = blockIdx.x, b = blockIdx.y;
   if (ws.final_row[r] < 0) return;
   const RowInfo info = ws.info[r];
@@ -301,7 +301,7 @@ __global__ void ProbsKernel(Params<S, Q> p, Workspace ws) {
 }
 
 // Bytes of workspace for N rows, R requests, width W, vocabulary V (8-byte aligned pieces).
-inline size_t workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V) {
+inline size_t verify_workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V) {
   const int64_t C = ceil_div(V, kChunk);
   auto a8 = [](int64_t x) { return static_cast<size_t>(ceil_div(x, 8) * 8); };
   return a8(N * sizeof(RowInfo)) + a8(N * C * 4) * 2 + a8(N * C * 8) + a8(N * C * 4) + a8(N * 4) +
@@ -310,12 +310,12 @@ inline size_t workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V) {
 }
 
 template <typename S, typename Q>
-cudaError_t launch(Params<S, Q> p, void* workspace, cudaStream_t stream) {
+cudaError_t launch_verify(VerifyParams<S, Q> p, void* workspace, cudaStream_t stream) {
   p.C = ceil_div(p.V, kChunk);
   p.vec_loads = (p.V * sizeof(S)) % 16 == 0 && reinterpret_cast<uintptr_t>(p.logits) % 16 == 0;
   char* cur = static_cast<char*>(workspace);
   auto take = [&](int64_t bytes) { void* out = cur; cur += ceil_div(bytes, 8) * 8; return out; };
-  Workspace ws;
+  VerifyWorkspace ws;
   ws.info = static_cast<RowInfo*>(take(p.N * sizeof(RowInfo)));
   ws.chunk_base = static_cast<float*>(take(p.N * p.C * 4));
   ws.chunk_wmax = static_cast<float*>(take(p.N * p.C * 4));
