@@ -8,6 +8,8 @@
 //   ProbsKernel         grid (R, C)    sample(return_probs=True): p(v) = e(v) / S
 // Launch order and workspace layout live in `launch_verify` at the bottom.
 #pragma once
+#include <type_traits>
+
 #include "dspark/row_stats.cuh"
 
 namespace dspark {
@@ -300,40 +302,57 @@ __global__ void ProbsKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
     p.probs[r * p.V + v] = row_e(info, v, to_float(w[v])) / info.total;
 }
 
-// Bytes of workspace for N rows, R requests, width W, vocabulary V (8-byte aligned pieces).
-inline size_t verify_workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V) {
+// The workspace layout, written once: every piece of VerifyWorkspace in order, each 8-byte
+// aligned and sized by its element type times its count. verify_workspace_bytes sizes the buffer
+// with it, launch_verify carves the buffer with it, so the two cannot disagree.
+struct VerifyWorkspaceLayout {
+  VerifyWorkspace ws;  // the pieces (all nullptr when only sizing)
+  size_t bytes;        // total size
+};
+
+// N rows, R requests, output width W, vocabulary V; base: the buffer, or nullptr to size only.
+inline VerifyWorkspaceLayout verify_workspace_layout(int64_t N, int64_t R, int64_t W, int64_t V,
+                                                     void* base) {
   const int64_t C = ceil_div(V, kChunk);
-  auto a8 = [](int64_t x) { return static_cast<size_t>(ceil_div(x, 8) * 8); };
-  return a8(N * sizeof(RowInfo)) + a8(N * C * 4) * 2 + a8(N * C * 8) + a8(N * C * 4) + a8(N * 4) +
-         a8(R * 4) * 3 + a8(R * 8) * 2 + a8(R * W * 4) + a8(R * W * 8) + a8(R * C * 8) +
-         a8(N * 4) * 3 + a8(N * 8) * 3;
+  VerifyWorkspaceLayout l{};
+  auto take = [&](auto*& piece, int64_t count) {
+    using T = std::remove_pointer_t<std::remove_reference_t<decltype(piece)>>;
+    piece = base ? reinterpret_cast<T*>(static_cast<char*>(base) + l.bytes) : nullptr;
+    l.bytes += static_cast<size_t>(ceil_div(count * static_cast<int64_t>(sizeof(T)), 8) * 8);
+  };
+  VerifyWorkspace& ws = l.ws;
+  take(ws.info, N);
+  take(ws.chunk_base, N * C);
+  take(ws.chunk_wmax, N * C);
+  take(ws.chunk_sum, N * C);
+  take(ws.chunk_widx, N * C);
+  take(ws.n_rej, R);
+  take(ws.accepted, R);
+  take(ws.final_row, R);
+  take(ws.job_u, R);
+  take(ws.rej_node, R * W);
+  take(ws.rej_z, R * W);
+  take(ws.resid_chunk, R * C);
+  take(ws.f_parent, N);
+  take(ws.f_token, N);
+  take(ws.f_e, N);
+  take(ws.f_q, N);
+  take(ws.f_u, N);
+  take(ws.row_owner, N);
+  static_assert(sizeof(VerifyWorkspace) == 18 * sizeof(void*),
+                "every VerifyWorkspace piece needs its take() line above");
+  return l;
+}
+
+inline size_t verify_workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V) {
+  return verify_workspace_layout(N, R, W, V, nullptr).bytes;
 }
 
 template <typename S, typename Q>
 cudaError_t launch_verify(VerifyParams<S, Q> p, void* workspace, cudaStream_t stream) {
   p.C = ceil_div(p.V, kChunk);
   p.vec_loads = (p.V * sizeof(S)) % 16 == 0 && reinterpret_cast<uintptr_t>(p.logits) % 16 == 0;
-  char* cur = static_cast<char*>(workspace);
-  auto take = [&](int64_t bytes) { void* out = cur; cur += ceil_div(bytes, 8) * 8; return out; };
-  VerifyWorkspace ws;
-  ws.info = static_cast<RowInfo*>(take(p.N * sizeof(RowInfo)));
-  ws.chunk_base = static_cast<float*>(take(p.N * p.C * 4));
-  ws.chunk_wmax = static_cast<float*>(take(p.N * p.C * 4));
-  ws.chunk_sum = static_cast<double*>(take(p.N * p.C * 8));
-  ws.chunk_widx = static_cast<int32_t*>(take(p.N * p.C * 4));
-  ws.n_rej = static_cast<int32_t*>(take(p.R * 4));
-  ws.accepted = static_cast<int32_t*>(take(p.R * 4));
-  ws.final_row = static_cast<int64_t*>(take(p.R * 8));
-  ws.job_u = static_cast<double*>(take(p.R * 8));
-  ws.rej_node = static_cast<int32_t*>(take(p.R * p.W * 4));
-  ws.rej_z = static_cast<double*>(take(p.R * p.W * 8));
-  ws.resid_chunk = static_cast<double*>(take(p.R * p.C * 8));
-  ws.f_parent = static_cast<int32_t*>(take(p.N * 4));
-  ws.f_token = static_cast<int32_t*>(take(p.N * 4));
-  ws.f_e = static_cast<double*>(take(p.N * 8));
-  ws.f_q = static_cast<double*>(take(p.N * 8));
-  ws.f_u = static_cast<double*>(take(p.N * 8));
-  ws.row_owner = static_cast<int32_t*>(take(p.N * 4));
+  const VerifyWorkspace ws = verify_workspace_layout(p.N, p.R, p.W, p.V, workspace).ws;
   const cudaError_t err = cudaMemsetAsync(p.status, 0, sizeof(int32_t), stream);
   if (err != cudaSuccess) return err;
   const int warps = 8;  // 256-thread blocks
