@@ -11,6 +11,7 @@
 
 #include "checks.h"
 #include "dspark/row.h"
+#include "dspark/verify_rules.h"
 
 namespace dspark {
 namespace {
@@ -23,7 +24,7 @@ int32_t row_stats(const scalar_t* w, int64_t V, float temperature, int64_t top_k
   int64_t finite = 0;
   for (int64_t v = 0; v < V; ++v) {
     const float x = static_cast<float>(w[v]);
-    if (std::isnan(x) || x == INFINITY) return kBadLogits;
+    if (bad_logit(x)) return kBadLogits;
     finite += x > -INFINITY;
   }
   if (finite == 0) return kEmptyRow;
@@ -42,7 +43,7 @@ int32_t row_stats(const scalar_t* w, int64_t V, float temperature, int64_t top_k
   for (int64_t v = 0; v < V; ++v) {
     const float x = static_cast<float>(w[v]);
     t[v] = log2_scaled(x, info.inv_t);
-    if (x > -INFINITY && !std::isfinite(t[v])) return kBadLogits;  // w / T overflowed
+    if (bad_scaled_logit(x, t[v])) return kBadLogits;
     tmax = std::max(tmax, t[v]);
   }
   info.nbase = std::floor(tmax);
@@ -62,8 +63,7 @@ int32_t row_stats(const scalar_t* w, int64_t V, float temperature, int64_t top_k
       total += m;
     }
     std::sort(kept.begin(), kept.end(), [](auto& a, auto& b) { return a.first > b.first; });
-    const double want = std::ceil(static_cast<double>(top_p) * static_cast<double>(total));
-    const int64_t need = want >= static_cast<double>(total) ? total : std::max<int64_t>(1, static_cast<int64_t>(want));
+    const int64_t need = top_p_need(top_p, total);
     int64_t cum = 0;
     for (size_t i = 0; i < kept.size(); ++i) {
       cum += kept[i].second;
@@ -112,13 +112,12 @@ void verify_kernel(const scalar_t* logits, int64_t V, const int64_t* offsets, in
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = offsets[r], n = offsets[r + 1] - o;
       auto coin = [&](int64_t node, uint64_t purpose) {
-        return uniforms ? uniforms[(o + node) * 2 + purpose]
-                        : keyed_uniform(seeds[r], positions[r], node, purpose);
+        return node_coin(uniforms, seeds, positions, r, o, node, purpose);
       };
       auto qv = [&](int64_t node, int64_t v) -> double {
         if (!q) return 1.0;
         const double x = static_cast<double>(q[(o + node) * V + v]);
-        if (!(x >= 0.0 && x < INFINITY)) status |= kBadDraftProbs;
+        if (const int32_t bad = draft_prob_status(x)) status |= bad;  // no atomic op when valid
         return x;
       };
       int64_t cur = 0, accepted = 0;
@@ -141,11 +140,11 @@ void verify_kernel(const scalar_t* logits, int64_t V, const int64_t* offsets, in
           if (parents[o + j] != cur) continue;
           const int64_t x = tokens[o + j];
           const double rx = residual(x, row_e(info, x, static_cast<float>(w[x])));
-          if (coin(j, kAcceptCoin) * qv(j, x) * z < rx) { next = j; break; }
+          if (accepts(coin(j, kAcceptCoin), qv(j, x), z, rx)) { next = j; break; }
           rejected.push_back(j);
           zs.push_back(z);
           if (!q) {
-            z = z - rx;
+            z = onehot_rejected_total(z, rx);
           } else {
             double s = 0.0;
             for (int64_t v = 0; v < V; ++v) s += residual(v, row_e(info, v, static_cast<float>(w[v])));
@@ -186,7 +185,7 @@ int32_t check_params_and_uniforms(int64_t R, const float* temp, const int64_t* t
                                   const float* top_p, const double* u, int64_t n_u) {
   int32_t s = 0;
   for (int64_t r = 0; r < R; ++r) s |= param_status(temp[r], top_k[r], top_p[r]);
-  for (int64_t i = 0; u && i < n_u; ++i) s |= (u[i] >= 0.0 && u[i] < 1.0) ? 0 : kBadUniform;
+  for (int64_t i = 0; u && i < n_u; ++i) s |= uniform_status(u[i]);
   return s;
 }
 
@@ -203,17 +202,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cpu(
   const int64_t* par = parents.data_ptr<int64_t>();
   // Data checks of the small tensors first: offsets gate every later index.
   int32_t st = 0;
-  if (off[0] != 0 || off[d.R] != d.N) st |= kBadOffsets;
-  for (int64_t r = 0; r < d.R && !st; ++r)
-    if (off[r + 1] <= off[r] || off[r + 1] - off[r] > d.W) st |= kBadOffsets;
+  for (int64_t r = 0; r < d.R && !st; ++r) st |= offsets_status(r, d.R, off[r], off[r + 1], d.N, d.W);
   raise_on_status(st, "verify");
   std::vector<int64_t> row_request(d.N);
   for (int64_t r = 0; r < d.R; ++r) {
     for (int64_t j = 0; j < off[r + 1] - off[r]; ++j) {
       const int64_t i = off[r] + j;
       row_request[i] = r;
-      if (j == 0 ? par[i] != -1 : (par[i] < 0 || par[i] >= j)) st |= kBadParent;
-      if (j > 0 && (tok[i] < 0 || tok[i] >= d.V)) st |= kBadToken;
+      st |= node_status(j, par[i], tok[i], d.V);
     }
   }
   const float* temp = temperature.data_ptr<float>();

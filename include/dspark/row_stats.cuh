@@ -148,7 +148,7 @@ __device__ void chunk_stats(const VerifyParams<S, Q>& p, const VerifyWorkspace& 
     int32_t idx = INT32_MAX;
 #pragma unroll
     for (int k = 0; k < kLanePer; ++k) {
-      if (isnan(x[k]) || x[k] == INFINITY) bad |= kBadLogits;
+      if (bad_logit(x[k])) bad |= kBadLogits;
       if (x[k] > best) { best = x[k]; idx = static_cast<int32_t>(chunk_entry<S>(p.vec_loads, start, k)); }
     }
     const float top = warp_max(best);
@@ -163,9 +163,9 @@ __device__ void chunk_stats(const VerifyParams<S, Q>& p, const VerifyWorkspace& 
   float tmax = -INFINITY;
 #pragma unroll
   for (int k = 0; k < kLanePer; ++k) {
-    if (isnan(x[k]) || x[k] == INFINITY) bad |= kBadLogits;
+    if (bad_logit(x[k])) bad |= kBadLogits;
     const float t = log2_scaled(x[k], inv_t);
-    if (x[k] > -INFINITY && !isfinite(t)) bad |= kBadLogits;
+    if (bad_scaled_logit(x[k], t)) bad |= kBadLogits;
     x[k] = t;
     tmax = fmaxf(tmax, t);
   }
@@ -227,9 +227,9 @@ __device__ void filtered_row(const VerifyParams<S, Q>& p, const VerifyWorkspace&
   long long finite = 0;
   for (int64_t v = threadIdx.x; v < p.V; v += blockDim.x) {
     const float x = to_float(w[v]);
-    if (isnan(x) || x == INFINITY) bad |= kBadLogits;
+    if (bad_logit(x)) bad |= kBadLogits;
     const float t = log2_scaled(x, inv_t);
-    if (x > -INFINITY && !isfinite(t)) bad |= kBadLogits;
+    if (bad_scaled_logit(x, t)) bad |= kBadLogits;
     finite += x > -INFINITY;
     tmax = fmaxf(tmax, t);
   }
@@ -287,8 +287,7 @@ __device__ void filtered_row(const VerifyParams<S, Q>& p, const VerifyWorkspace&
       if (t >= keep) total += fixed_mass(t, base);
     }
     total = block_reduce(total, SumOp(), 0ll);
-    const double want = ceil(static_cast<double>(top_p) * static_cast<double>(total));
-    const long long need = want >= static_cast<double>(total) ? total : max(1ll, static_cast<long long>(want));
+    const int64_t need = top_p_need(top_p, total);
     keep = fmaxf(keep, descend(true, static_cast<unsigned long long>(need)));
   }
   for (int64_t b = threadIdx.x / 32; b < p.C; b += blockDim.x / 32) {

@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "dspark/row_stats.cuh"
+#include "dspark/verify_rules.h"
 
 namespace dspark {
 namespace cuda {
@@ -19,7 +20,7 @@ template <typename S, typename Q>
 __device__ __forceinline__ double draft_prob(const VerifyParams<S, Q>& p, int64_t row, int64_t v) {
   if (p.q == nullptr) return 1.0;
   const double x = static_cast<double>(p.q[row * p.V + v]);
-  if (!(x >= 0.0 && x < INFINITY)) atomicOr(p.status, kBadDraftProbs);
+  if (const int32_t bad = draft_prob_status(x)) atomicOr(p.status, bad);
   return x;
 }
 
@@ -38,8 +39,7 @@ __device__ double residual_at(const VerifyParams<S, Q>& p, const VerifyWorkspace
 template <typename S, typename Q>
 __device__ __forceinline__ double coin(const VerifyParams<S, Q>& p, int64_t r, int64_t o, int64_t node,
                                        uint64_t purpose) {
-  return p.uniforms ? p.uniforms[(o + node) * 2 + purpose]
-                    : keyed_uniform(p.seeds[r], p.positions[r], node, purpose);
+  return node_coin(p.uniforms, p.seeds, p.positions, r, o, node, purpose);
 }
 
 // One block per request. First every thread gathers, in parallel, the facts each node's accept
@@ -59,20 +59,16 @@ __global__ void WalkKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   // Validate this request (offsets, parameters, parents, tokens, uniforms).
   __shared__ int32_t s_bad;
   const int64_t o = p.offsets[r], n = p.offsets[r + 1] - o;
-  const bool offsets_ok = o >= 0 && n > 0 && o + n <= p.N && n <= p.W && (r != 0 || o == 0) &&
-                          (r != p.R - 1 || o + n == p.N);
-  if (threadIdx.x == 0) s_bad = (offsets_ok ? 0 : kBadOffsets) | param_status(p.temperature[r], p.top_k[r], p.top_p[r]);
+  const int32_t offsets_bad = offsets_status(r, p.R, o, o + n, p.N, p.W);
+  const bool offsets_ok = offsets_bad == 0;
+  if (threadIdx.x == 0) s_bad = offsets_bad | param_status(p.temperature[r], p.top_k[r], p.top_p[r]);
   __syncthreads();
   if (offsets_ok) {
     int32_t mine = 0;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-      const int64_t i = o + j, par = p.parents[i], tok = p.tokens[i];
-      if (j == 0 ? par != -1 : (par < 0 || par >= j)) mine |= kBadParent;
-      if (j > 0 && (tok < 0 || tok >= p.V)) mine |= kBadToken;
-      for (int c = 0; p.uniforms && c < 2; ++c) {
-        const double u = p.uniforms[i * 2 + c];
-        if (!(u >= 0.0 && u < 1.0)) mine |= kBadUniform;
-      }
+      const int64_t i = o + j;
+      mine |= node_status(j, p.parents[i], p.tokens[i], p.V);
+      for (int c = 0; p.uniforms && c < 2; ++c) mine |= uniform_status(p.uniforms[i * 2 + c]);
     }
     if (mine) atomicOr(&s_bad, mine);
   }
@@ -127,19 +123,20 @@ __global__ void WalkKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
         } else {
           const int32_t x = tok[j];
           double rx = fe[j];  // residual at x after the siblings rejected so far
-          if (s_nrej > 0 && p.q == nullptr) {
-            for (int32_t i = 0; i < s_nrej; ++i) rx = tok[ws.rej_node[r * p.W + i]] == x ? 0.0 : rx;
+          if (s_nrej > 0 && p.q == nullptr) {  // one-hot: cheap, from the facts in shared memory
+            for (int32_t i = 0; i < s_nrej; ++i)
+              rx = residual_step(rx, true, x, tok[ws.rej_node[r * p.W + i]], 1.0, 0.0);
           } else if (s_nrej > 0) {
             rx = residual_at(p, ws, r, o, info, w, s_nrej, x);
           }
-          if (fu[j] * fq[j] * s_z < rx) {
+          if (accepts(fu[j], fq[j], s_z, rx)) {
             s_action = kAccept;
           } else {
             ws.rej_node[r * p.W + s_nrej] = j;
             ws.rej_z[r * p.W + s_nrej] = s_z;
             ++s_nrej;
             if (p.q == nullptr) {
-              s_z = s_z - rx;
+              s_z = onehot_rejected_total(s_z, rx);
               s_action = kReject;
             } else {  // re-total the residual only if another sibling will be tested
               int32_t k = j + 1;
