@@ -7,14 +7,15 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "dspark/numeric.h"  // ElementType
+
 namespace dspark {
 
-enum class LogitsType : int { kFloat32, kBFloat16, kFloat16 };
 enum class DraftType : int { kNone, kFloat32, kFloat64 };
 
 struct VerifyArgs {
   const void* logits;  // [N, V]
-  LogitsType logits_type;
+  ElementType logits_type;
   const void* draft_probs;  // [N, V] or nullptr
   DraftType draft_type;
   int64_t N, V, R, W;
@@ -35,7 +36,7 @@ cudaError_t launch_verify(const VerifyArgs& args, cudaStream_t stream);
 
 // dspark::fused_linear (include/dspark/linear.cuh); every tensor has element type `dtype`.
 struct LinearArgs {
-  LogitsType dtype;
+  ElementType dtype;
   const void *x, *weight, *bias, *residual, *norm_weight;  // bias/residual/norm_weight may be null
   void* out;
   int64_t M, N, K;
@@ -46,7 +47,7 @@ cudaError_t launch_linear(const LinearArgs& args, cudaStream_t stream);
 
 // dspark::decode_attention (include/dspark/attention.cuh); qkv/caches/norms/out of type `dtype`.
 struct AttentionArgs {
-  LogitsType dtype;
+  ElementType dtype;
   const void* qkv;
   void *k_cache, *v_cache;
   const int64_t* positions;

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "dspark/common.h"
+#include "dspark/numeric.h"  // float_as_bits / bits_as_float
 
 namespace dspark {
 
@@ -80,23 +81,11 @@ DSPARK_HD int64_t fixed_mass(float t, float nbase) {
 
 // Order-preserving map float -> uint32 (larger float, larger key). Used for top-k/top-p selection.
 DSPARK_HD uint32_t ordered_key(float x) {
-  uint32_t b;
-#if defined(__CUDA_ARCH__)
-  b = __float_as_uint(x);
-#else
-  __builtin_memcpy(&b, &x, 4);
-#endif
+  const uint32_t b = float_as_bits(x);
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 DSPARK_HD float key_to_float(uint32_t k) {
-  uint32_t b = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
-  float x;
-#if defined(__CUDA_ARCH__)
-  x = __uint_as_float(b);
-#else
-  __builtin_memcpy(&x, &b, 4);
-#endif
-  return x;
+  return bits_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
 // ---- Counter-based randomness: uniform(seed, position, node, purpose) ---------------------

@@ -12,14 +12,11 @@
 #include <cuda_runtime.h>
 
 #include "dspark/block_reduce.cuh"
+#include "dspark/numeric.h"  // to_f
 #include "dspark/row.h"
 
 namespace dspark {
 namespace cuda {
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
 // Arguments of one verify launch (sample launches it too: root-only requests, W = 1).
 template <typename scalar_t, typename q_t>
@@ -122,17 +119,17 @@ __device__ __forceinline__ void load_chunk(const S* w, int64_t V, bool vec, int6
         const uint4 raw = __ldg(reinterpret_cast<const uint4*>(w + v0));
         const S* lanes = reinterpret_cast<const S*>(&raw);
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) x[l * kVec + i] = to_float(lanes[i]);
+        for (int i = 0; i < kVec; ++i) x[l * kVec + i] = to_f(lanes[i]);
       } else {
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) x[l * kVec + i] = v0 + i < V ? to_float(w[v0 + i]) : -INFINITY;
+        for (int i = 0; i < kVec; ++i) x[l * kVec + i] = v0 + i < V ? to_f(w[v0 + i]) : -INFINITY;
       }
     }
   } else {
 #pragma unroll
     for (int k = 0; k < kLanePer; ++k) {
       const int64_t v = chunk_entry<S>(false, start, k);
-      x[k] = v < V ? to_float(w[v]) : -INFINITY;
+      x[k] = v < V ? to_f(w[v]) : -INFINITY;
     }
   }
 }
@@ -221,12 +218,12 @@ template <typename S, typename Q>
 __device__ void filtered_row(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t row, int32_t r) {
   const S* w = p.logits + row * p.V;
   const float inv_t = inverse_temperature(p.temperature[r]);
-  auto t_at = [&](int64_t v) { return log2_scaled(to_float(w[v]), inv_t); };
+  auto t_at = [&](int64_t v) { return log2_scaled(to_f(w[v]), inv_t); };
   int32_t bad = 0;
   float tmax = -INFINITY;
   long long finite = 0;
   for (int64_t v = threadIdx.x; v < p.V; v += blockDim.x) {
-    const float x = to_float(w[v]);
+    const float x = to_f(w[v]);
     if (bad_logit(x)) bad |= kBadLogits;
     const float t = log2_scaled(x, inv_t);
     if (bad_scaled_logit(x, t)) bad |= kBadLogits;

@@ -28,7 +28,7 @@ __device__ __forceinline__ double draft_prob(const VerifyParams<S, Q>& p, int64_
 template <typename S, typename Q>
 __device__ double residual_at(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r, int64_t o,
                               const RowInfo& info, const S* w, int32_t nrej, int64_t v) {
-  double e = row_e(info, v, to_float(w[v]));
+  double e = row_e(info, v, to_f(w[v]));
   for (int32_t i = 0; i < nrej; ++i) {
     const int64_t j = o + ws.rej_node[r * p.W + i];
     e = residual_step(e, p.q == nullptr, v, p.tokens[j], draft_prob(p, j, v), ws.rej_z[r * p.W + i]);
@@ -98,7 +98,7 @@ __global__ void WalkKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
     tok[j] = static_cast<int32_t>(x);
     if (j == 0) continue;
     const int64_t prow = o + parent;
-    fe[j] = row_e(ws.info[prow], x, to_float(p.logits[prow * p.V + x]));
+    fe[j] = row_e(ws.info[prow], x, to_f(p.logits[prow * p.V + x]));
     fq[j] = draft_prob(p, o + j, x);
     fu[j] = coin(p, r, o, j, kAcceptCoin);
   }
@@ -296,7 +296,7 @@ __global__ void ProbsKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   const RowInfo info = ws.info[r];
   const S* w = p.logits + r * p.V;
   for (int64_t v = b * kChunk + threadIdx.x; v < min(p.V, (b + 1) * kChunk); v += blockDim.x)
-    p.probs[r * p.V + v] = row_e(info, v, to_float(w[v])) / info.total;
+    p.probs[r * p.V + v] = row_e(info, v, to_f(w[v])) / info.total;
 }
 
 // The workspace layout, written once: every piece of VerifyWorkspace in order, each 8-byte
