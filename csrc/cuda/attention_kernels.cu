@@ -22,7 +22,13 @@ cudaError_t run(const AttentionArgs& a, cudaStream_t stream) {
   p.part_o = a.part_o;
   p.part_ml = a.part_ml;
   p.status = a.status;
-  p.B = a.B; p.H = a.H; p.Hkv = a.Hkv; p.S = a.S; p.D = a.D; p.layer = a.layer; p.window = a.window;
+  p.B = a.B;
+  p.H = a.H;
+  p.Hkv = a.Hkv;
+  p.S = a.S;
+  p.D = a.D;
+  p.layer = a.layer;
+  p.window = a.window;
   p.eps = a.eps;
   p.scale = a.scale;
   p.splits = a.splits;

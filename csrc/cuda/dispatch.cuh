@@ -1,4 +1,4 @@
-// csrc/cuda/dispatch.cuh: calls f(T{}) with the CUDA element type named by an ElementType (.cu only).
+// csrc/cuda/dispatch.cuh (.cu only): calls f(T{}) with the CUDA element type an ElementType names.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -24,9 +24,9 @@ struct VerifyArgs {
   const int64_t* top_k;
   const float* top_p;
   const int64_t *seeds, *positions;
-  const double* uniforms;  // [N, 2] or nullptr
+  const double* uniforms;                       // [N, 2] or nullptr
   int64_t *out_tokens, *out_count, *out_nodes;  // count/nodes may be nullptr (sample)
-  double* probs;                                 // [R, V] or nullptr
+  double* probs;                                // [R, V] or nullptr
   int32_t* status;
   void* workspace;
 };

@@ -14,10 +14,27 @@ size_t verify_workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V) {
 namespace {
 template <typename S, typename Q>
 cudaError_t run(const VerifyArgs& a, cudaStream_t stream) {
-  cuda::VerifyParams<S, Q> p{static_cast<const S*>(a.logits), static_cast<const Q*>(a.draft_probs),
-                       a.N, a.V, a.R, a.W, 0, a.offsets, a.tokens, a.parents, a.temperature,
-                       a.top_k, a.top_p, a.seeds, a.positions, a.uniforms, a.out_tokens,
-                       a.out_count, a.out_nodes, a.probs, a.status};
+  cuda::VerifyParams<S, Q> p{};  // C and vec_loads: launch_verify sets them
+  p.logits = static_cast<const S*>(a.logits);
+  p.q = static_cast<const Q*>(a.draft_probs);
+  p.N = a.N;
+  p.V = a.V;
+  p.R = a.R;
+  p.W = a.W;
+  p.offsets = a.offsets;
+  p.tokens = a.tokens;
+  p.parents = a.parents;
+  p.temperature = a.temperature;
+  p.top_k = a.top_k;
+  p.top_p = a.top_p;
+  p.seeds = a.seeds;
+  p.positions = a.positions;
+  p.uniforms = a.uniforms;
+  p.out_tokens = a.out_tokens;
+  p.out_count = a.out_count;
+  p.out_nodes = a.out_nodes;
+  p.probs = a.probs;
+  p.status = a.status;
   return cuda::launch_verify(p, a.workspace, stream);
 }
 

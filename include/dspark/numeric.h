@@ -59,7 +59,9 @@ DSPARK_HD uint16_t bf16_bits_rn(float f) {
   // bit rounds an exact tie to even. A carry runs into the exponent (up to inf), as it should.
   return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
-DSPARK_HD float bf16_bits_to_float(uint16_t h) { return bits_as_float(static_cast<uint32_t>(h) << 16); }
+DSPARK_HD float bf16_bits_to_float(uint16_t h) {
+  return bits_as_float(static_cast<uint32_t>(h) << 16);
+}
 
 DSPARK_HD uint16_t half_bits_rn(float f) {
   const uint32_t x = float_as_bits(f);

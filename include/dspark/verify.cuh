@@ -26,19 +26,20 @@ __device__ __forceinline__ double draft_prob(const VerifyParams<S, Q>& p, int64_
 
 // Residual mass of token v at request r's final row: e(v), then each rejected sibling in order.
 template <typename S, typename Q>
-__device__ double residual_at(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r, int64_t o,
-                              const RowInfo& info, const S* w, int32_t nrej, int64_t v) {
+__device__ double residual_at(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
+                              int64_t o, const RowInfo& info, const S* w, int32_t nrej, int64_t v) {
   double e = row_e(info, v, to_f(w[v]));
   for (int32_t i = 0; i < nrej; ++i) {
     const int64_t j = o + ws.rej_node[r * p.W + i];
-    e = residual_step(e, p.q == nullptr, v, p.tokens[j], draft_prob(p, j, v), ws.rej_z[r * p.W + i]);
+    e = residual_step(e, p.q == nullptr, v, p.tokens[j], draft_prob(p, j, v),
+                      ws.rej_z[r * p.W + i]);
   }
   return e;
 }
 
 template <typename S, typename Q>
-__device__ __forceinline__ double coin(const VerifyParams<S, Q>& p, int64_t r, int64_t o, int64_t node,
-                                       uint64_t purpose) {
+__device__ __forceinline__ double coin(const VerifyParams<S, Q>& p, int64_t r, int64_t o,
+                                       int64_t node, uint64_t purpose) {
   return node_coin(p.uniforms, p.seeds, p.positions, r, o, node, purpose);
 }
 
@@ -61,7 +62,8 @@ __global__ void WalkKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   const int64_t o = p.offsets[r], n = p.offsets[r + 1] - o;
   const int32_t offsets_bad = offsets_status(r, p.R, o, o + n, p.N, p.W);
   const bool offsets_ok = offsets_bad == 0;
-  if (threadIdx.x == 0) s_bad = offsets_bad | param_status(p.temperature[r], p.top_k[r], p.top_p[r]);
+  if (threadIdx.x == 0)
+    s_bad = offsets_bad | param_status(p.temperature[r], p.top_k[r], p.top_p[r]);
   __syncthreads();
   if (offsets_ok) {
     int32_t mine = 0;
@@ -82,7 +84,8 @@ __global__ void WalkKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
     return;
   }
   // Finalize this request's rows (one warp per row).
-  for (int64_t j = threadIdx.x / 32; j < n; j += blockDim.x / 32) finalize_row(p, ws, o + j, static_cast<int32_t>(r));
+  for (int64_t j = threadIdx.x / 32; j < n; j += blockDim.x / 32)
+    finalize_row(p, ws, o + j, static_cast<int32_t>(r));
   __syncthreads();
   __shared__ int32_t sm_parent[kWalkSmem], sm_token[kWalkSmem];
   __shared__ double sm_e[kWalkSmem], sm_q[kWalkSmem], sm_u[kWalkSmem];
@@ -105,13 +108,21 @@ __global__ void WalkKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   enum { kAccept, kReject, kNeedSum, kFinal };
   __shared__ int32_t s_cur, s_accepted, s_next, s_nrej, s_action;
   __shared__ double s_z;
-  if (threadIdx.x == 0) { s_cur = 0; s_accepted = 0; if (p.out_nodes) p.out_nodes[r * p.W] = o; }
+  if (threadIdx.x == 0) {
+    s_cur = 0;
+    s_accepted = 0;
+    if (p.out_nodes) p.out_nodes[r * p.W] = o;
+  }
   __syncthreads();
   while (true) {
     const int64_t row = o + s_cur;
     const RowInfo info = ws.info[row];
     const S* w = p.logits + row * p.V;
-    if (threadIdx.x == 0) { s_z = info.total; s_nrej = 0; s_next = s_cur + 1; }
+    if (threadIdx.x == 0) {
+      s_z = info.total;
+      s_nrej = 0;
+      s_next = s_cur + 1;
+    }
     __syncthreads();
     while (true) {
       if (threadIdx.x == 0) {
@@ -122,7 +133,8 @@ __global__ void WalkKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
           s_action = kFinal;
         } else {
           const int32_t x = tok[j];
-          double rx = fe[j];  // residual at x after the siblings rejected so far
+          // rx: the residual at x after the siblings rejected so far.
+          double rx = fe[j];
           if (s_nrej > 0 && p.q == nullptr) {  // one-hot: cheap, from the facts in shared memory
             for (int32_t i = 0; i < s_nrej; ++i)
               rx = residual_step(rx, true, x, tok[ws.rej_node[r * p.W + i]], 1.0, 0.0);
@@ -151,7 +163,8 @@ __global__ void WalkKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
       const int32_t action = s_action;
       if (action == kNeedSum) {
         double part = 0.0;
-        for (int64_t v = threadIdx.x; v < p.V; v += blockDim.x) part += residual_at(p, ws, r, o, info, w, s_nrej, v);
+        for (int64_t v = threadIdx.x; v < p.V; v += blockDim.x)
+          part += residual_at(p, ws, r, o, info, w, s_nrej, v);
         part = block_reduce(part, SumOp(), 0.0);
         if (threadIdx.x == 0) s_z = part;
       }
@@ -220,9 +233,13 @@ __global__ void DrawKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   bool fallback = false;
   double z = 0.0;
   for (int pass = 0; pass < 2; ++pass) {
-    const double* src = (nrej_all > 0 && !fallback) ? ws.resid_chunk + r * p.C : ws.chunk_sum + row * p.C;
+    const double* src =
+        (nrej_all > 0 && !fallback) ? ws.resid_chunk + r * p.C : ws.chunk_sum + row * p.C;
     double mine = 0.0;
-    for (int64_t b = b0; b < b1; ++b) { sm_sums[b] = src[b]; mine += sm_sums[b]; }
+    for (int64_t b = b0; b < b1; ++b) {
+      sm_sums[b] = src[b];
+      mine += sm_sums[b];
+    }
     z = block_reduce(mine, SumOp(), 0.0);
     if (z != 0.0 || fallback || nrej_all == 0) break;
     fallback = true;  // the residual vanished: draw from the target row itself
@@ -232,7 +249,10 @@ __global__ void DrawKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   double mine = 0.0;
   for (int64_t b = b0; b < b1; ++b) mine += sm_sums[b];
   double before = block_exclusive_scan(mine);
-  if (threadIdx.x == 0) { s_cand = INT32_MAX; s_last_chunk = -1; }
+  if (threadIdx.x == 0) {
+    s_cand = INT32_MAX;
+    s_last_chunk = -1;
+  }
   __syncthreads();
   int32_t cand = INT32_MAX, last = -1;
   for (int64_t b = b0; b < b1; ++b) {
