@@ -28,23 +28,14 @@ struct ElementTypeOf<float> {
   static constexpr ElementType value = ElementType::kFloat32;
 };
 
-DSPARK_HD uint32_t float_as_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  uint32_t b;
-  __builtin_memcpy(&b, &x, 4);
-  return b;
-#endif
-}
-DSPARK_HD float bits_as_float(uint32_t b) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(b);
-#else
-  float x;
-  __builtin_memcpy(&x, &b, 4);
-  return x;
-#endif
+// The bits of x read as a To of the same size (std::bit_cast, which C++17 device code lacks).
+// Compilers turn the copy into a register move, on the device too.
+template <typename To, typename From>
+DSPARK_HD To bit_cast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of different sizes");
+  To y;
+  __builtin_memcpy(&y, &x, sizeof(To));
+  return y;
 }
 
 // ---- Host conversions, bit for bit those of torch's CPU types (c10::BFloat16, c10::Half) -----
@@ -53,18 +44,18 @@ DSPARK_HD float bits_as_float(uint32_t b) {
 // tests/test_numeric.py checks them against torch's, float by float.
 
 DSPARK_HD uint16_t bf16_bits_rn(float f) {
-  const uint32_t x = float_as_bits(f);
+  const uint32_t x = bit_cast<uint32_t>(f);
   if ((x & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
   // Drop the low 16 bits: adding 0x7fff rounds up past the halfway point, plus the lowest kept
   // bit rounds an exact tie to even. A carry runs into the exponent (up to inf), as it should.
   return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 DSPARK_HD float bf16_bits_to_float(uint16_t h) {
-  return bits_as_float(static_cast<uint32_t>(h) << 16);
+  return bit_cast<float>(static_cast<uint32_t>(h) << 16);
 }
 
 DSPARK_HD uint16_t half_bits_rn(float f) {
-  const uint32_t x = float_as_bits(f);
+  const uint32_t x = bit_cast<uint32_t>(f);
   const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
   const uint32_t a = x & 0x7fffffffu;  // |f|
   if (a > 0x7f800000u) return sign | 0x7e00u;
@@ -89,15 +80,15 @@ DSPARK_HD uint16_t half_bits_rn(float f) {
 DSPARK_HD float half_bits_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-  if (e == 0x1fu) return bits_as_float(sign | 0x7f800000u | (m << 13) | (m ? 0x400000u : 0u));
-  if (e != 0) return bits_as_float(sign | ((e + 112u) << 23) | (m << 13));
-  if (m == 0) return bits_as_float(sign);
+  if (e == 0x1fu) return bit_cast<float>(sign | 0x7f800000u | (m << 13) | (m ? 0x400000u : 0u));
+  if (e != 0) return bit_cast<float>(sign | ((e + 112u) << 23) | (m << 13));
+  if (m == 0) return bit_cast<float>(sign);
   uint32_t norm = m, e32 = 113;  // subnormal m * 2^-24: shift the leading one up to bit 10
   while (!(norm & 0x400u)) {
     norm <<= 1;
     --e32;
   }
-  return bits_as_float(sign | (e32 << 23) | ((norm & 0x3ffu) << 13));
+  return bit_cast<float>(sign | (e32 << 23) | ((norm & 0x3ffu) << 13));
 }
 
 #if defined(__CUDACC__)

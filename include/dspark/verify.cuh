@@ -332,32 +332,22 @@ inline VerifyWorkspaceLayout verify_workspace_layout(int64_t N, int64_t R, int64
                                                      void* base) {
   const int64_t C = ceil_div(V, kChunk);
   VerifyWorkspaceLayout l{};
-  auto take = [&](auto*& piece, int64_t count) {
+  auto place = [&](auto*& piece, int64_t count) {
     using T = std::remove_pointer_t<std::remove_reference_t<decltype(piece)>>;
     piece = base ? reinterpret_cast<T*>(static_cast<char*>(base) + l.bytes) : nullptr;
     l.bytes += static_cast<size_t>(ceil_div(count * static_cast<int64_t>(sizeof(T)), 8) * 8);
   };
+  // take(count, pieces...): the pieces, in order, each of `count` entries.
+  auto take = [&](int64_t count, auto*&... pieces) { (place(pieces, count), ...); };
   VerifyWorkspace& ws = l.ws;
-  take(ws.info, N);
-  take(ws.chunk_base, N * C);
-  take(ws.chunk_wmax, N * C);
-  take(ws.chunk_sum, N * C);
-  take(ws.chunk_widx, N * C);
-  take(ws.n_rej, R);
-  take(ws.accepted, R);
-  take(ws.final_row, R);
-  take(ws.job_u, R);
-  take(ws.rej_node, R * W);
-  take(ws.rej_z, R * W);
-  take(ws.resid_chunk, R * C);
-  take(ws.f_parent, N);
-  take(ws.f_token, N);
-  take(ws.f_e, N);
-  take(ws.f_q, N);
-  take(ws.f_u, N);
-  take(ws.row_owner, N);
+  take(N, ws.info);
+  take(N * C, ws.chunk_base, ws.chunk_wmax, ws.chunk_sum, ws.chunk_widx);
+  take(R, ws.n_rej, ws.accepted, ws.final_row, ws.job_u);
+  take(R * W, ws.rej_node, ws.rej_z);
+  take(R * C, ws.resid_chunk);
+  take(N, ws.f_parent, ws.f_token, ws.f_e, ws.f_q, ws.f_u, ws.row_owner);
   static_assert(sizeof(VerifyWorkspace) == 18 * sizeof(void*),
-                "every VerifyWorkspace piece needs its take() line above");
+                "every VerifyWorkspace piece needs its place in a take() above");
   return l;
 }
 
