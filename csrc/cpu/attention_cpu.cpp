@@ -8,12 +8,10 @@
 
 #include "checks.h"
 #include "dspark/common.h"
+#include "element_type.h"  // round_t<scalar_t>
 
 namespace dspark {
 namespace {
-
-template <typename T>
-float round_t(float v) { return static_cast<float>(static_cast<T>(v)); }
 
 // x [D] in place: optional RMSNorm with weight w, then rotary at position pos.
 template <typename T>

@@ -8,12 +8,10 @@
 #include <vector>
 
 #include "checks.h"
+#include "element_type.h"  // round_t<scalar_t>
 
 namespace dspark {
 namespace {
-
-template <typename T>
-float round_t(float v) { return static_cast<float>(static_cast<T>(v)); }
 
 // xhat [M, K] in fp32 (each value already rounded through T, as a stored intermediate would be).
 template <typename T>

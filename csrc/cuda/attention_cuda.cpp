@@ -17,7 +17,8 @@ namespace dspark {
 namespace {
 
 at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache,
-                                 int64_t layer, const at::Tensor& positions, const at::Tensor& inv_freq,
+                                 int64_t layer, const at::Tensor& positions,
+                                 const at::Tensor& inv_freq,
                                  const std::optional<at::Tensor>& q_norm_weight,
                                  const std::optional<at::Tensor>& k_norm_weight, double eps,
                                  int64_t num_heads, int64_t window) {
@@ -31,7 +32,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at:
   at::Tensor part_o = at::empty({splits > 1 ? d.B * d.H * splits * d.D : 0}, f32);
   at::Tensor part_ml = at::empty({splits > 1 ? d.B * d.H * splits * 2 : 0}, f32);
   at::Tensor status = at::empty({1}, qkv.options().dtype(at::kInt));  // written by the kernel
-  AttnArgs a{};
+  AttentionArgs a{};
   a.dtype = element_type(qkv);
   a.qkv = qkv.data_ptr();
   a.k_cache = k_cache.data_ptr();
@@ -44,12 +45,19 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at:
   a.part_o = part_o.data_ptr<float>();
   a.part_ml = part_ml.data_ptr<float>();
   a.status = status.data_ptr<int32_t>();
-  a.B = d.B; a.H = d.H; a.Hkv = d.Hkv; a.S = d.S; a.D = d.D; a.layer = layer; a.window = window;
+  a.B = d.B;
+  a.H = d.H;
+  a.Hkv = d.Hkv;
+  a.S = d.S;
+  a.D = d.D;
+  a.layer = layer;
+  a.window = window;
   a.eps = static_cast<float>(eps);
   a.scale = 1.0f / std::sqrt(static_cast<float>(d.D));
   a.splits = splits;
   const cudaError_t err = launch_attention(a, c10::cuda::getCurrentCUDAStream());
-  DSPARK_CHECK(err == cudaSuccess, "dspark::decode_attention kernel launch failed: ", cudaGetErrorString(err));
+  DSPARK_CHECK(err == cudaSuccess,
+               "dspark::decode_attention kernel launch failed: ", cudaGetErrorString(err));
   if (cuda_sync_checks() &&
       c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None)
     raise_on_status(status.item<int32_t>(), "decode_attention");

@@ -9,7 +9,7 @@ int attention_splits(int64_t S) { return cuda::attn_splits(S); }
 
 namespace {
 template <typename T>
-cudaError_t run(const AttnArgs& a, cudaStream_t stream) {
+cudaError_t run(const AttentionArgs& a, cudaStream_t stream) {
   cuda::AttnParams<T> p{};
   p.qkv = static_cast<const T*>(a.qkv);
   p.k_cache = static_cast<T*>(a.k_cache);
@@ -22,7 +22,13 @@ cudaError_t run(const AttnArgs& a, cudaStream_t stream) {
   p.part_o = a.part_o;
   p.part_ml = a.part_ml;
   p.status = a.status;
-  p.B = a.B; p.H = a.H; p.Hkv = a.Hkv; p.S = a.S; p.D = a.D; p.layer = a.layer; p.window = a.window;
+  p.B = a.B;
+  p.H = a.H;
+  p.Hkv = a.Hkv;
+  p.S = a.S;
+  p.D = a.D;
+  p.layer = a.layer;
+  p.window = a.window;
   p.eps = a.eps;
   p.scale = a.scale;
   p.splits = a.splits;
@@ -30,7 +36,7 @@ cudaError_t run(const AttnArgs& a, cudaStream_t stream) {
 }
 }  // namespace
 
-cudaError_t launch_attention(const AttnArgs& a, cudaStream_t stream) {
+cudaError_t launch_attention(const AttentionArgs& a, cudaStream_t stream) {
   return with_element_type(a.dtype, [&](auto t) { return run<decltype(t)>(a, stream); });
 }
 

@@ -1,4 +1,4 @@
-// csrc/cuda/dispatch.cuh: calls f(T{}) with the CUDA element type named by a LogitsType (.cu only).
+// csrc/cuda/dispatch.cuh (.cu only): calls f(T{}) with the CUDA element type an ElementType names.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -8,10 +8,10 @@
 namespace dspark {
 
 template <typename F>
-cudaError_t with_element_type(LogitsType t, F&& f) {
+cudaError_t with_element_type(ElementType t, F&& f) {
   switch (t) {
-    case LogitsType::kBFloat16: return f(__nv_bfloat16{});
-    case LogitsType::kFloat16: return f(__half{});
+    case ElementType::kBFloat16: return f(__nv_bfloat16{});
+    case ElementType::kFloat16: return f(__half{});
     default: return f(float{});
   }
 }

@@ -1,19 +1,21 @@
-// csrc/cuda/launch.h: the torch-free boundary between csrc/cuda/sampling_cuda.cpp (tensors) and
-// csrc/cuda/sampling_kernels.cu (nvcc). Keeping torch headers out of .cu files keeps nvcc fast.
+// csrc/cuda/launch.h: the torch-free boundary between the CUDA entry points (csrc/cuda/*_cuda.cpp:
+// tensors) and the kernel instantiations (csrc/cuda/*_kernels.cu: nvcc), one section per op.
+// Keeping torch headers out of .cu files keeps nvcc fast.
 #pragma once
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
 #include <cstdint>
 
+#include "dspark/numeric.h"  // ElementType
+
 namespace dspark {
 
-enum class LogitsType : int { kFloat32, kBFloat16, kFloat16 };
 enum class DraftType : int { kNone, kFloat32, kFloat64 };
 
-struct LaunchArgs {
+struct VerifyArgs {
   const void* logits;  // [N, V]
-  LogitsType logits_type;
+  ElementType logits_type;
   const void* draft_probs;  // [N, V] or nullptr
   DraftType draft_type;
   int64_t N, V, R, W;
@@ -22,19 +24,19 @@ struct LaunchArgs {
   const int64_t* top_k;
   const float* top_p;
   const int64_t *seeds, *positions;
-  const double* uniforms;  // [N, 2] or nullptr
+  const double* uniforms;                       // [N, 2] or nullptr
   int64_t *out_tokens, *out_count, *out_nodes;  // count/nodes may be nullptr (sample)
-  double* probs;                                 // [R, V] or nullptr
+  double* probs;                                // [R, V] or nullptr
   int32_t* status;
   void* workspace;
 };
 
-size_t workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V);
-cudaError_t launch_verify(const LaunchArgs& args, cudaStream_t stream);
+size_t verify_workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V);
+cudaError_t launch_verify(const VerifyArgs& args, cudaStream_t stream);
 
 // dspark::fused_linear (include/dspark/linear.cuh); every tensor has element type `dtype`.
 struct LinearArgs {
-  LogitsType dtype;
+  ElementType dtype;
   const void *x, *weight, *bias, *residual, *norm_weight;  // bias/residual/norm_weight may be null
   void* out;
   int64_t M, N, K;
@@ -44,8 +46,8 @@ struct LinearArgs {
 cudaError_t launch_linear(const LinearArgs& args, cudaStream_t stream);
 
 // dspark::decode_attention (include/dspark/attention.cuh); qkv/caches/norms/out of type `dtype`.
-struct AttnArgs {
-  LogitsType dtype;
+struct AttentionArgs {
+  ElementType dtype;
   const void* qkv;
   void *k_cache, *v_cache;
   const int64_t* positions;
@@ -59,6 +61,6 @@ struct AttnArgs {
   int splits;
 };
 int attention_splits(int64_t S);  // chunks of the cache's slots (one block each per KV head)
-cudaError_t launch_attention(const AttnArgs& args, cudaStream_t stream);
+cudaError_t launch_attention(const AttentionArgs& args, cudaStream_t stream);
 
 }  // namespace dspark

@@ -6,17 +6,9 @@
 #include <type_traits>
 
 #include "cuda/launch.h"
+#include "element_type.h"  // element_type(tensor)
 
 namespace dspark {
-
-// Element type of a float32 / bfloat16 / float16 tensor (the entry points check the dtype first).
-inline LogitsType element_type(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kBFloat16: return LogitsType::kBFloat16;
-    case at::kHalf: return LogitsType::kFloat16;
-    default: return LogitsType::kFloat32;
-  }
-}
 
 template <typename T = void>
 const T* ptr_or_null(const std::optional<at::Tensor>& t) {

@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "dspark/block_reduce.cuh"
+#include "dspark/numeric.h"  // to_f / from_f / round_t
 #include "dspark/pdl.cuh"
 
 namespace dspark {
@@ -46,16 +47,6 @@ struct LinearParams {
 
 constexpr int kLinearWarps = 8;                // 256 threads per block
 constexpr int kLinearStageFloats = 12288;      // 48 KB of staged xhat per block
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-// Round through T (what storing an intermediate tensor of dtype T does).
-template <typename T> __device__ __forceinline__ float round_t(float v) { return to_f(from_f<T>(v)); }
 
 // VEC consecutive elements of T from one 16-byte (VEC * sizeof(T) == 16) or scalar (VEC == 1)
 // load, kept packed until use (half the registers of unpacked floats for 16-bit types).

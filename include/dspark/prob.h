@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "dspark/common.h"
+#include "dspark/numeric.h"  // bit_cast
 
 namespace dspark {
 
@@ -45,16 +46,7 @@ DSPARK_HD float exp2_frac(float f) {
 DSPARK_HD float log2_scaled(float w, float inv_t) { return mul_rn(mul_rn(w, inv_t), kLog2e); }
 
 // Exact 2^-k for integer k in [0, 1000], built from the exponent bits (no libm).
-DSPARK_HD double pow2_neg(int k) {
-  const int64_t bits = static_cast<int64_t>(1023 - k) << 52;
-#if defined(__CUDA_ARCH__)
-  return __longlong_as_double(bits);
-#else
-  double x;
-  __builtin_memcpy(&x, &bits, 8);
-  return x;
-#endif
-}
+DSPARK_HD double pow2_neg(int k) { return bit_cast<double>(static_cast<int64_t>(1023 - k) << 52); }
 
 // e = 2^(t - nbase) up to the polynomial, as an exact double; 0 for -inf and far-below entries.
 DSPARK_HD double scaled_exp(float t, float nbase) {
@@ -80,23 +72,11 @@ DSPARK_HD int64_t fixed_mass(float t, float nbase) {
 
 // Order-preserving map float -> uint32 (larger float, larger key). Used for top-k/top-p selection.
 DSPARK_HD uint32_t ordered_key(float x) {
-  uint32_t b;
-#if defined(__CUDA_ARCH__)
-  b = __float_as_uint(x);
-#else
-  __builtin_memcpy(&b, &x, 4);
-#endif
+  const uint32_t b = bit_cast<uint32_t>(x);
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 DSPARK_HD float key_to_float(uint32_t k) {
-  uint32_t b = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
-  float x;
-#if defined(__CUDA_ARCH__)
-  x = __uint_as_float(b);
-#else
-  __builtin_memcpy(&x, &b, 4);
-#endif
-  return x;
+  return bit_cast<float>((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
 // ---- Counter-based randomness: uniform(seed, position, node, purpose) ---------------------

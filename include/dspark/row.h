@@ -1,5 +1,6 @@
-// dspark/row.h: what a backend knows about one logits row after its statistics pass, and the
-// per-entry unnormalized probability e(v) that every later step recomputes from the logits.
+// dspark/row.h: what a backend knows about one logits row after its statistics pass, the
+// per-entry unnormalized probability e(v) that every later step recomputes from the logits, and
+// the rules of that pass both backends share (parameter and logit checks, the top-p cut).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -37,12 +38,18 @@ DSPARK_HD double row_e(const RowInfo& info, int64_t v, float w) {
   return t >= info.t_keep ? scaled_exp(t, info.nbase) : 0.0;
 }
 
-// Residual after rejected siblings: r <- max(r - q_j(v) * Z_j, 0) for each rejected j in order.
-// One-hot drafts (no draft_probs) zero the rejected token instead (same value, since r <= Z).
-DSPARK_HD double residual_step(double r, bool onehot, int64_t v, int64_t token, double qv, double z) {
-  if (onehot) return v == token ? 0.0 : r;
-  const double d = r - qv * z;
-  return d > 0.0 ? d : 0.0;
+// A logit that is NaN or +inf is bad input; -inf is a masked entry.
+DSPARK_HD bool bad_logit(float w) { return std::isnan(w) || w == INFINITY; }
+// A logit that is not masked but whose t = w / T * log2(e) is not finite: w / T overflowed.
+DSPARK_HD bool bad_scaled_logit(float w, float t) { return w > -INFINITY && !std::isfinite(t); }
+
+// Top-p keeps the smallest set of largest entries whose fixed-point mass reaches this many units
+// of the kept total: ceil(top_p * total), at least 1 and at most total.
+DSPARK_HD int64_t top_p_need(float top_p, int64_t total) {
+  const double want = ceil(static_cast<double>(top_p) * static_cast<double>(total));
+  if (want >= static_cast<double>(total)) return total;
+  const int64_t need = static_cast<int64_t>(want);
+  return need > 1 ? need : 1;
 }
 
 }  // namespace dspark

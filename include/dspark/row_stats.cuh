@@ -12,46 +12,45 @@
 #include <cuda_runtime.h>
 
 #include "dspark/block_reduce.cuh"
+#include "dspark/numeric.h"  // to_f
 #include "dspark/row.h"
 
 namespace dspark {
 namespace cuda {
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
+// Arguments of one verify launch (sample launches it too: root-only requests, W = 1).
 template <typename scalar_t, typename q_t>
-struct Params {
+struct VerifyParams {
   const scalar_t* logits;  // [N, V]
   const q_t* q;            // [N, V] draft probabilities, or nullptr (one-hot drafts)
   int64_t N, V, R, W, C;   // rows, vocab, requests, output width, chunks per row
-  const int64_t *offsets, *tokens, *parents;           // [R+1], [N], [N]
-  const float* temperature;                            // [R]
-  const int64_t* top_k;                                // [R]
-  const float* top_p;                                  // [R]
-  const int64_t *seeds, *positions;                    // [R] or nullptr
-  const double* uniforms;                              // [N, 2] or nullptr
-  int64_t *out_tokens, *out_count, *out_nodes;         // [R, W], [R], [R, W]
-  double* probs;                                       // [R, V] (sample only) or nullptr
-  int32_t* status;                                     // [1] StatusBit flags
-  bool vec_loads;                                      // rows 16-byte aligned: vector loads
+  const int64_t *offsets, *tokens, *parents;    // [R+1], [N], [N]
+  const float* temperature;                     // [R]
+  const int64_t* top_k;                         // [R]
+  const float* top_p;                           // [R]
+  const int64_t *seeds, *positions;             // [R] or nullptr
+  const double* uniforms;                       // [N, 2] or nullptr
+  int64_t *out_tokens, *out_count, *out_nodes;  // [R, W], [R], [R, W]
+  double* probs;                                // [R, V] (sample only) or nullptr
+  int32_t* status;                              // [1] StatusBit flags
+  bool vec_loads;                               // rows 16-byte aligned: vector loads
 };
 
-struct Workspace {
-  RowInfo* info;         // [N]
-  float* chunk_base;     // [N, C] local base, later the row base
-  double* chunk_sum;     // [N, C] mass per chunk (relative to the row base after finalize)
-  float* chunk_wmax;     // [N, C] greedy rows: max logit per chunk
-  int32_t* chunk_widx;   // [N, C] greedy rows: its (first) index, -1 if none
-  int64_t* final_row;    // [R] flat row the last token is drawn from, -1 if none
-  int32_t* n_rej;        // [R] rejected siblings at that row
-  int32_t* accepted;     // [R]
-  double* job_u;         // [R] the sampling coin
-  int32_t* rej_node;     // [R, W] local node ids of the rejected siblings, in order
-  double* rej_z;         // [R, W] residual total before each rejection
-  double* resid_chunk;   // [R, C] residual mass per chunk
-  int32_t* row_owner;    // [N] request whose parameters apply, -1 if malformed/invalid
+// Scratch of one verify launch, carved from one device buffer by launch_verify (verify.cuh).
+struct VerifyWorkspace {
+  RowInfo* info;        // [N]
+  float* chunk_base;    // [N, C] local base, later the row base
+  double* chunk_sum;    // [N, C] mass per chunk (relative to the row base after finalize)
+  float* chunk_wmax;    // [N, C] greedy rows: max logit per chunk
+  int32_t* chunk_widx;  // [N, C] greedy rows: its (first) index, -1 if none
+  int64_t* final_row;   // [R] flat row the last token is drawn from, -1 if none
+  int32_t* n_rej;       // [R] rejected siblings at that row
+  int32_t* accepted;    // [R]
+  double* job_u;        // [R] the sampling coin
+  int32_t* rej_node;    // [R, W] local node ids of the rejected siblings, in order
+  double* rej_z;        // [R, W] residual total before each rejection
+  double* resid_chunk;  // [R, C] residual mass per chunk
+  int32_t* row_owner;   // [N] request whose parameters apply, -1 if malformed/invalid
   // Per-node facts for requests too wide for the walk's shared memory: [N] each.
   int32_t *f_parent, *f_token;
   double *f_e, *f_q, *f_u;
@@ -76,11 +75,12 @@ __device__ __forceinline__ bool is_filtered(float temperature, int64_t top_k, fl
 
 // Request owning a packed row (binary search over node_offsets; always in [0, R)).
 template <typename S, typename Q>
-__device__ __forceinline__ int32_t find_request(const Params<S, Q>& p, int64_t row) {
+__device__ __forceinline__ int32_t find_request(const VerifyParams<S, Q>& p, int64_t row) {
   int64_t lo = 0, hi = p.R;
   while (hi - lo > 1) {
     const int64_t mid = (lo + hi) / 2;
-    if (p.offsets[mid] <= row) lo = mid; else hi = mid;
+    if (p.offsets[mid] <= row) lo = mid;
+    else hi = mid;
   }
   return static_cast<int32_t>(lo);
 }
@@ -89,7 +89,7 @@ __device__ __forceinline__ int32_t find_request(const Params<S, Q>& p, int64_t r
 // there (the walk reports it) or the request's parameters are invalid. A table, so that the
 // statistics blocks do one load instead of a dependent binary search before their math.
 template <typename S, typename Q>
-__global__ void RowOwnerKernel(Params<S, Q> p, Workspace ws) {
+__global__ void RowOwnerKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (row >= p.N) return;
   int32_t r = find_request(p, row);
@@ -110,7 +110,8 @@ __device__ __forceinline__ int64_t chunk_entry(bool vec, int64_t start, int k) {
   return vec ? start + ((k / kVec) * 32 + lane) * kVec + k % kVec : start + k * 32 + lane;
 }
 template <typename S>
-__device__ __forceinline__ void load_chunk(const S* w, int64_t V, bool vec, int64_t start, float* x) {
+__device__ __forceinline__ void load_chunk(const S* w, int64_t V, bool vec, int64_t start,
+                                           float* x) {
   constexpr int kVec = 16 / sizeof(S);
   if (vec) {
 #pragma unroll
@@ -120,25 +121,25 @@ __device__ __forceinline__ void load_chunk(const S* w, int64_t V, bool vec, int6
         const uint4 raw = __ldg(reinterpret_cast<const uint4*>(w + v0));
         const S* lanes = reinterpret_cast<const S*>(&raw);
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) x[l * kVec + i] = to_float(lanes[i]);
+        for (int i = 0; i < kVec; ++i) x[l * kVec + i] = to_f(lanes[i]);
       } else {
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) x[l * kVec + i] = v0 + i < V ? to_float(w[v0 + i]) : -INFINITY;
+        for (int i = 0; i < kVec; ++i) x[l * kVec + i] = v0 + i < V ? to_f(w[v0 + i]) : -INFINITY;
       }
     }
   } else {
 #pragma unroll
     for (int k = 0; k < kLanePer; ++k) {
       const int64_t v = chunk_entry<S>(false, start, k);
-      x[k] = v < V ? to_float(w[v]) : -INFINITY;
+      x[k] = v < V ? to_f(w[v]) : -INFINITY;
     }
   }
 }
 
 // One warp chunk of an unfiltered row: argmax (greedy) or local base + sum of e (sampled).
 template <typename S, typename Q>
-__device__ void chunk_stats(const Params<S, Q>& p, const Workspace& ws, int64_t row, int64_t c,
-                            float temperature, float* x, int32_t& bad) {
+__device__ void chunk_stats(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t row,
+                            int64_t c, float temperature, float* x, int32_t& bad) {
   const int lane = threadIdx.x & 31;
   const int64_t start = c * kChunk, slot = row * p.C + c;
   if (is_greedy(temperature)) {
@@ -146,8 +147,11 @@ __device__ void chunk_stats(const Params<S, Q>& p, const Workspace& ws, int64_t 
     int32_t idx = INT32_MAX;
 #pragma unroll
     for (int k = 0; k < kLanePer; ++k) {
-      if (isnan(x[k]) || x[k] == INFINITY) bad |= kBadLogits;
-      if (x[k] > best) { best = x[k]; idx = static_cast<int32_t>(chunk_entry<S>(p.vec_loads, start, k)); }
+      if (bad_logit(x[k])) bad |= kBadLogits;
+      if (x[k] > best) {
+        best = x[k];
+        idx = static_cast<int32_t>(chunk_entry<S>(p.vec_loads, start, k));
+      }
     }
     const float top = warp_max(best);
     idx = warp_min(best == top && top > -INFINITY ? idx : INT32_MAX);
@@ -161,9 +165,9 @@ __device__ void chunk_stats(const Params<S, Q>& p, const Workspace& ws, int64_t 
   float tmax = -INFINITY;
 #pragma unroll
   for (int k = 0; k < kLanePer; ++k) {
-    if (isnan(x[k]) || x[k] == INFINITY) bad |= kBadLogits;
+    if (bad_logit(x[k])) bad |= kBadLogits;
     const float t = log2_scaled(x[k], inv_t);
-    if (x[k] > -INFINITY && !isfinite(t)) bad |= kBadLogits;
+    if (bad_scaled_logit(x[k], t)) bad |= kBadLogits;
     x[k] = t;
     tmax = fmaxf(tmax, t);
   }
@@ -182,18 +186,20 @@ __device__ void chunk_stats(const Params<S, Q>& p, const Workspace& ws, int64_t 
 }
 
 template <typename S, typename Q>
-__device__ void filtered_row(const Params<S, Q>& p, const Workspace& ws, int64_t row, int32_t r);
+__device__ void filtered_row(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t row,
+                             int32_t r);
 
 // blockDim.x == 256 (8 warps). Block y == 0 handles the row if it is top-k/top-p filtered;
 // blocks y >= 1 give each warp kChunksPerWarp consecutive chunks of an unfiltered row. The
 // logits are loaded before the owner lookup so the two latencies overlap.
 template <typename S, typename Q>
-__global__ void RowStatsKernel(Params<S, Q> p, Workspace ws) {
+__global__ void RowStatsKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   const int64_t row = blockIdx.x;  // rows in x: gridDim.y is limited to 65535
   const S* w = p.logits + row * p.V;
   if (blockIdx.y == 0) {
     const int32_t r = ws.row_owner[row];
-    if (r >= 0 && is_filtered(p.temperature[r], p.top_k[r], p.top_p[r])) filtered_row(p, ws, row, r);
+    if (r >= 0 && is_filtered(p.temperature[r], p.top_k[r], p.top_p[r]))
+      filtered_row(p, ws, row, r);
     return;
   }
   const int64_t c0 = ((blockIdx.y - 1) * (blockDim.x / 32) + threadIdx.x / 32) * kChunksPerWarp;
@@ -216,18 +222,19 @@ __global__ void RowStatsKernel(Params<S, Q> p, Workspace ws) {
 // One block per top-k/top-p row: max pass, radix select on ordered keys of t for the k-th
 // largest (counts) and the top-p cut (exact int64 fixed-point masses), then chunk sums.
 template <typename S, typename Q>
-__device__ void filtered_row(const Params<S, Q>& p, const Workspace& ws, int64_t row, int32_t r) {
+__device__ void filtered_row(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t row,
+                             int32_t r) {
   const S* w = p.logits + row * p.V;
   const float inv_t = inverse_temperature(p.temperature[r]);
-  auto t_at = [&](int64_t v) { return log2_scaled(to_float(w[v]), inv_t); };
+  auto t_at = [&](int64_t v) { return log2_scaled(to_f(w[v]), inv_t); };
   int32_t bad = 0;
   float tmax = -INFINITY;
   long long finite = 0;
   for (int64_t v = threadIdx.x; v < p.V; v += blockDim.x) {
-    const float x = to_float(w[v]);
-    if (isnan(x) || x == INFINITY) bad |= kBadLogits;
+    const float x = to_f(w[v]);
+    if (bad_logit(x)) bad |= kBadLogits;
     const float t = log2_scaled(x, inv_t);
-    if (x > -INFINITY && !isfinite(t)) bad |= kBadLogits;
+    if (bad_scaled_logit(x, t)) bad |= kBadLogits;
     finite += x > -INFINITY;
     tmax = fmaxf(tmax, t);
   }
@@ -250,7 +257,10 @@ __device__ void filtered_row(const Params<S, Q>& p, const Workspace& ws, int64_t
   // Radix descent over 4 digits of the ordered key. weight(v) = 1 (top-k) or the fixed mass
   // (top-p); finds the largest key K with sum of weights over keys >= K reaching `need`.
   auto descend = [&](bool by_mass, unsigned long long need) {
-    if (threadIdx.x == 0) { s_prefix = 0; s_carry = 0; }
+    if (threadIdx.x == 0) {
+      s_prefix = 0;
+      s_carry = 0;
+    }
     for (int shift = 24; shift >= 0; shift -= 8) {
       for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
       __syncthreads();
@@ -260,14 +270,19 @@ __device__ void filtered_row(const Params<S, Q>& p, const Workspace& ws, int64_t
         const float t = t_at(v);
         const uint32_t key = ordered_key(t);
         if (!(t >= keep) || ((key ^ prefix) & high_mask)) continue;
-        const unsigned long long wt = by_mass ? static_cast<unsigned long long>(fixed_mass(t, base)) : 1ull;
+        const unsigned long long wt =
+            by_mass ? static_cast<unsigned long long>(fixed_mass(t, base)) : 1ull;
         if (wt) atomicAdd(&hist[(key >> shift) & 255u], wt);
       }
       __syncthreads();
       if (threadIdx.x == 0) {
         unsigned long long cum = s_carry;
         for (int d = 255; d >= 0; --d) {
-          if (cum + hist[d] >= need || d == 0) { s_prefix = prefix | (uint32_t(d) << shift); s_carry = cum; break; }
+          if (cum + hist[d] >= need || d == 0) {
+            s_prefix = prefix | (uint32_t(d) << shift);
+            s_carry = cum;
+            break;
+          }
           cum += hist[d];
         }
       }
@@ -285,8 +300,7 @@ __device__ void filtered_row(const Params<S, Q>& p, const Workspace& ws, int64_t
       if (t >= keep) total += fixed_mass(t, base);
     }
     total = block_reduce(total, SumOp(), 0ll);
-    const double want = ceil(static_cast<double>(top_p) * static_cast<double>(total));
-    const long long need = want >= static_cast<double>(total) ? total : max(1ll, static_cast<long long>(want));
+    const int64_t need = top_p_need(top_p, total);
     keep = fmaxf(keep, descend(true, static_cast<unsigned long long>(need)));
   }
   for (int64_t b = threadIdx.x / 32; b < p.C; b += blockDim.x / 32) {
@@ -296,15 +310,19 @@ __device__ void filtered_row(const Params<S, Q>& p, const Workspace& ws, int64_t
       if (t >= keep) sum += scaled_exp(t, base);
     }
     sum = warp_sum(sum);
-    if ((threadIdx.x & 31) == 0) { ws.chunk_sum[row * p.C + b] = sum; ws.chunk_base[row * p.C + b] = base; }
+    if ((threadIdx.x & 31) == 0) {
+      ws.chunk_sum[row * p.C + b] = sum;
+      ws.chunk_base[row * p.C + b] = base;
+    }
   }
   if (threadIdx.x == 0) ws.info[row].t_keep = keep;
 }
 
-// One warp per row (called by WalkKernel): RowInfo from the chunk partials, chunk sums rescaled to the
-// row base in place (exact: powers of two). Lanes own chunks lane, lane+32, ...
+// One warp per row (called by WalkKernel): RowInfo from the chunk partials, chunk sums rescaled to
+// the row base in place (exact: powers of two). Lanes own chunks lane, lane+32, ...
 template <typename S, typename Q>
-__device__ void finalize_row(const Params<S, Q>& p, const Workspace& ws, int64_t row, int32_t r) {
+__device__ void finalize_row(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t row,
+                             int32_t r) {
   const int lane = threadIdx.x & 31;
   RowInfo info{-1, 0.0, 0.0f, 0.0f, -INFINITY, 0};
   const float temperature = p.temperature[r];
@@ -315,14 +333,18 @@ __device__ void finalize_row(const Params<S, Q>& p, const Workspace& ws, int64_t
     int32_t idx = -1;
     for (int64_t b = lane; b < p.C; b += 32) {
       const int32_t i = ws.chunk_widx[row * p.C + b];
-      if (i >= 0 && ws.chunk_wmax[row * p.C + b] > best) { best = ws.chunk_wmax[row * p.C + b]; idx = i; }
+      if (i >= 0 && ws.chunk_wmax[row * p.C + b] > best) {
+        best = ws.chunk_wmax[row * p.C + b];
+        idx = i;
+      }
     }
     const float top = warp_max(best);
     const int32_t pick = warp_min(idx >= 0 && best == top ? idx : INT32_MAX);
     info.argmax = pick == INT32_MAX ? -1 : pick;
     info.greedy = 1;
     info.total = 1.0;
-    for (int64_t b = lane; b < p.C; b += 32) sums[b] = (info.argmax >= 0 && b == info.argmax / kChunk) ? 1.0 : 0.0;
+    for (int64_t b = lane; b < p.C; b += 32)
+      sums[b] = (info.argmax >= 0 && b == info.argmax / kChunk) ? 1.0 : 0.0;
     if (lane == 0 && info.argmax < 0) atomicOr(p.status, kEmptyRow);
   } else {
     float top = -INFINITY;
@@ -333,12 +355,15 @@ __device__ void finalize_row(const Params<S, Q>& p, const Workspace& ws, int64_t
     double part = 0.0;
     for (int64_t b = lane; b < p.C; b += 32) {
       const float drop = top - base[b];
-      const double s = (base[b] > -INFINITY && drop <= 1000.0f) ? sums[b] * pow2_neg(static_cast<int>(drop)) : 0.0;
+      const double s = (base[b] > -INFINITY && drop <= 1000.0f)
+                           ? sums[b] * pow2_neg(static_cast<int>(drop))
+                           : 0.0;
       sums[b] = s;
       part += s;
     }
     info.total = warp_sum(part);
-    if (lane == 0 && is_filtered(temperature, p.top_k[r], p.top_p[r])) info.t_keep = ws.info[row].t_keep;
+    if (lane == 0 && is_filtered(temperature, p.top_k[r], p.top_p[r]))
+      info.t_keep = ws.info[row].t_keep;
     if (lane == 0 && !(top > -INFINITY)) atomicOr(p.status, kEmptyRow);
   }
   if (lane == 0) ws.info[row] = info;

@@ -6,38 +6,41 @@
 //   ResidualChunkKernel grid (R, C/8)  residual mass per chunk where siblings were rejected
 //   DrawKernel          grid R         inverse-CDF draw: pick the chunk, scan inside it
 //   ProbsKernel         grid (R, C)    sample(return_probs=True): p(v) = e(v) / S
-// Launch order and workspace layout live in `launch` at the bottom.
+// Launch order and workspace layout live in `launch_verify` at the bottom.
 #pragma once
+#include <type_traits>
+
 #include "dspark/row_stats.cuh"
+#include "dspark/verify_rules.h"
 
 namespace dspark {
 namespace cuda {
 
 template <typename S, typename Q>
-__device__ __forceinline__ double draft_prob(const Params<S, Q>& p, int64_t row, int64_t v) {
+__device__ __forceinline__ double draft_prob(const VerifyParams<S, Q>& p, int64_t row, int64_t v) {
   if (p.q == nullptr) return 1.0;
   const double x = static_cast<double>(p.q[row * p.V + v]);
-  if (!(x >= 0.0 && x < INFINITY)) atomicOr(p.status, kBadDraftProbs);
+  if (const int32_t bad = draft_prob_status(x)) atomicOr(p.status, bad);
   return x;
 }
 
 // Residual mass of token v at request r's final row: e(v), then each rejected sibling in order.
 template <typename S, typename Q>
-__device__ double residual_at(const Params<S, Q>& p, const Workspace& ws, int64_t r, int64_t o,
-                              const RowInfo& info, const S* w, int32_t nrej, int64_t v) {
-  double e = row_e(info, v, to_float(w[v]));
+__device__ double residual_at(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
+                              int64_t o, const RowInfo& info, const S* w, int32_t nrej, int64_t v) {
+  double e = row_e(info, v, to_f(w[v]));
   for (int32_t i = 0; i < nrej; ++i) {
     const int64_t j = o + ws.rej_node[r * p.W + i];
-    e = residual_step(e, p.q == nullptr, v, p.tokens[j], draft_prob(p, j, v), ws.rej_z[r * p.W + i]);
+    e = residual_step(e, p.q == nullptr, v, p.tokens[j], draft_prob(p, j, v),
+                      ws.rej_z[r * p.W + i]);
   }
   return e;
 }
 
 template <typename S, typename Q>
-__device__ __forceinline__ double coin(const Params<S, Q>& p, int64_t r, int64_t o, int64_t node,
-                                       uint64_t purpose) {
-  return p.uniforms ? p.uniforms[(o + node) * 2 + purpose]
-                    : keyed_uniform(p.seeds[r], p.positions[r], node, purpose);
+__device__ __forceinline__ double coin(const VerifyParams<S, Q>& p, int64_t r, int64_t o,
+                                       int64_t node, uint64_t purpose) {
+  return node_coin(p.uniforms, p.seeds, p.positions, r, o, node, purpose);
 }
 
 // One block per request. First every thread gathers, in parallel, the facts each node's accept
@@ -48,7 +51,7 @@ __device__ __forceinline__ double coin(const Params<S, Q>& p, int64_t r, int64_t
 constexpr int kWalkSmem = 256;
 
 template <typename S, typename Q>
-__global__ void WalkKernel(Params<S, Q> p, Workspace ws) {
+__global__ void WalkKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   const int64_t r = blockIdx.x;
   for (int64_t k = threadIdx.x; k < p.W; k += blockDim.x) {
     p.out_tokens[r * p.W + k] = -1;
@@ -57,20 +60,17 @@ __global__ void WalkKernel(Params<S, Q> p, Workspace ws) {
   // Validate this request (offsets, parameters, parents, tokens, uniforms).
   __shared__ int32_t s_bad;
   const int64_t o = p.offsets[r], n = p.offsets[r + 1] - o;
-  const bool offsets_ok = o >= 0 && n > 0 && o + n <= p.N && n <= p.W && (r != 0 || o == 0) &&
-                          (r != p.R - 1 || o + n == p.N);
-  if (threadIdx.x == 0) s_bad = (offsets_ok ? 0 : kBadOffsets) | param_status(p.temperature[r], p.top_k[r], p.top_p[r]);
+  const int32_t offsets_bad = offsets_status(r, p.R, o, o + n, p.N, p.W);
+  const bool offsets_ok = offsets_bad == 0;
+  if (threadIdx.x == 0)
+    s_bad = offsets_bad | param_status(p.temperature[r], p.top_k[r], p.top_p[r]);
   __syncthreads();
   if (offsets_ok) {
     int32_t mine = 0;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-      const int64_t i = o + j, par = p.parents[i], tok = p.tokens[i];
-      if (j == 0 ? par != -1 : (par < 0 || par >= j)) mine |= kBadParent;
-      if (j > 0 && (tok < 0 || tok >= p.V)) mine |= kBadToken;
-      for (int c = 0; p.uniforms && c < 2; ++c) {
-        const double u = p.uniforms[i * 2 + c];
-        if (!(u >= 0.0 && u < 1.0)) mine |= kBadUniform;
-      }
+      const int64_t i = o + j;
+      mine |= node_status(j, p.parents[i], p.tokens[i], p.V);
+      for (int c = 0; p.uniforms && c < 2; ++c) mine |= uniform_status(p.uniforms[i * 2 + c]);
     }
     if (mine) atomicOr(&s_bad, mine);
   }
@@ -84,7 +84,8 @@ __global__ void WalkKernel(Params<S, Q> p, Workspace ws) {
     return;
   }
   // Finalize this request's rows (one warp per row).
-  for (int64_t j = threadIdx.x / 32; j < n; j += blockDim.x / 32) finalize_row(p, ws, o + j, static_cast<int32_t>(r));
+  for (int64_t j = threadIdx.x / 32; j < n; j += blockDim.x / 32)
+    finalize_row(p, ws, o + j, static_cast<int32_t>(r));
   __syncthreads();
   __shared__ int32_t sm_parent[kWalkSmem], sm_token[kWalkSmem];
   __shared__ double sm_e[kWalkSmem], sm_q[kWalkSmem], sm_u[kWalkSmem];
@@ -100,20 +101,28 @@ __global__ void WalkKernel(Params<S, Q> p, Workspace ws) {
     tok[j] = static_cast<int32_t>(x);
     if (j == 0) continue;
     const int64_t prow = o + parent;
-    fe[j] = row_e(ws.info[prow], x, to_float(p.logits[prow * p.V + x]));
+    fe[j] = row_e(ws.info[prow], x, to_f(p.logits[prow * p.V + x]));
     fq[j] = draft_prob(p, o + j, x);
     fu[j] = coin(p, r, o, j, kAcceptCoin);
   }
   enum { kAccept, kReject, kNeedSum, kFinal };
   __shared__ int32_t s_cur, s_accepted, s_next, s_nrej, s_action;
   __shared__ double s_z;
-  if (threadIdx.x == 0) { s_cur = 0; s_accepted = 0; if (p.out_nodes) p.out_nodes[r * p.W] = o; }
+  if (threadIdx.x == 0) {
+    s_cur = 0;
+    s_accepted = 0;
+    if (p.out_nodes) p.out_nodes[r * p.W] = o;
+  }
   __syncthreads();
   while (true) {
     const int64_t row = o + s_cur;
     const RowInfo info = ws.info[row];
     const S* w = p.logits + row * p.V;
-    if (threadIdx.x == 0) { s_z = info.total; s_nrej = 0; s_next = s_cur + 1; }
+    if (threadIdx.x == 0) {
+      s_z = info.total;
+      s_nrej = 0;
+      s_next = s_cur + 1;
+    }
     __syncthreads();
     while (true) {
       if (threadIdx.x == 0) {
@@ -124,20 +133,22 @@ __global__ void WalkKernel(Params<S, Q> p, Workspace ws) {
           s_action = kFinal;
         } else {
           const int32_t x = tok[j];
-          double rx = fe[j];  // residual at x after the siblings rejected so far
-          if (s_nrej > 0 && p.q == nullptr) {
-            for (int32_t i = 0; i < s_nrej; ++i) rx = tok[ws.rej_node[r * p.W + i]] == x ? 0.0 : rx;
+          // rx: the residual at x after the siblings rejected so far.
+          double rx = fe[j];
+          if (s_nrej > 0 && p.q == nullptr) {  // one-hot: cheap, from the facts in shared memory
+            for (int32_t i = 0; i < s_nrej; ++i)
+              rx = residual_step(rx, true, x, tok[ws.rej_node[r * p.W + i]], 1.0, 0.0);
           } else if (s_nrej > 0) {
             rx = residual_at(p, ws, r, o, info, w, s_nrej, x);
           }
-          if (fu[j] * fq[j] * s_z < rx) {
+          if (accepts(fu[j], fq[j], s_z, rx)) {
             s_action = kAccept;
           } else {
             ws.rej_node[r * p.W + s_nrej] = j;
             ws.rej_z[r * p.W + s_nrej] = s_z;
             ++s_nrej;
             if (p.q == nullptr) {
-              s_z = s_z - rx;
+              s_z = onehot_rejected_total(s_z, rx);
               s_action = kReject;
             } else {  // re-total the residual only if another sibling will be tested
               int32_t k = j + 1;
@@ -152,7 +163,8 @@ __global__ void WalkKernel(Params<S, Q> p, Workspace ws) {
       const int32_t action = s_action;
       if (action == kNeedSum) {
         double part = 0.0;
-        for (int64_t v = threadIdx.x; v < p.V; v += blockDim.x) part += residual_at(p, ws, r, o, info, w, s_nrej, v);
+        for (int64_t v = threadIdx.x; v < p.V; v += blockDim.x)
+          part += residual_at(p, ws, r, o, info, w, s_nrej, v);
         part = block_reduce(part, SumOp(), 0.0);
         if (threadIdx.x == 0) s_z = part;
       }
@@ -184,7 +196,7 @@ __global__ void WalkKernel(Params<S, Q> p, Workspace ws) {
 
 // blockDim.x == 256: one warp per chunk.
 template <typename S, typename Q>
-__global__ void ResidualChunkKernel(Params<S, Q> p, Workspace ws) {
+__global__ void ResidualChunkKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   const int64_t r = blockIdx.x, b = blockIdx.y * int64_t(blockDim.x / 32) + threadIdx.x / 32;
   const int64_t row = ws.final_row[r];
   if (row < 0 || ws.n_rej[r] == 0 || b >= p.C) return;
@@ -203,7 +215,7 @@ __global__ void ResidualChunkKernel(Params<S, Q> p, Workspace ws) {
 constexpr int kDrawThreads = 256;
 static_assert(kChunk % kDrawThreads == 0, "a draw thread owns whole entries");
 template <typename S, typename Q>
-__global__ void DrawKernel(Params<S, Q> p, Workspace ws) {
+__global__ void DrawKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   constexpr int kPer = kChunk / kDrawThreads;
   const int64_t r = blockIdx.x;
   const int64_t row = ws.final_row[r];
@@ -221,9 +233,13 @@ __global__ void DrawKernel(Params<S, Q> p, Workspace ws) {
   bool fallback = false;
   double z = 0.0;
   for (int pass = 0; pass < 2; ++pass) {
-    const double* src = (nrej_all > 0 && !fallback) ? ws.resid_chunk + r * p.C : ws.chunk_sum + row * p.C;
+    const double* src =
+        (nrej_all > 0 && !fallback) ? ws.resid_chunk + r * p.C : ws.chunk_sum + row * p.C;
     double mine = 0.0;
-    for (int64_t b = b0; b < b1; ++b) { sm_sums[b] = src[b]; mine += sm_sums[b]; }
+    for (int64_t b = b0; b < b1; ++b) {
+      sm_sums[b] = src[b];
+      mine += sm_sums[b];
+    }
     z = block_reduce(mine, SumOp(), 0.0);
     if (z != 0.0 || fallback || nrej_all == 0) break;
     fallback = true;  // the residual vanished: draw from the target row itself
@@ -233,7 +249,10 @@ __global__ void DrawKernel(Params<S, Q> p, Workspace ws) {
   double mine = 0.0;
   for (int64_t b = b0; b < b1; ++b) mine += sm_sums[b];
   double before = block_exclusive_scan(mine);
-  if (threadIdx.x == 0) { s_cand = INT32_MAX; s_last_chunk = -1; }
+  if (threadIdx.x == 0) {
+    s_cand = INT32_MAX;
+    s_last_chunk = -1;
+  }
   __syncthreads();
   int32_t cand = INT32_MAX, last = -1;
   for (int64_t b = b0; b < b1; ++b) {
@@ -291,49 +310,56 @@ __global__ void DrawKernel(Params<S, Q> p, Workspace ws) {
 }
 
 template <typename S, typename Q>
-__global__ void ProbsKernel(Params<S, Q> p, Workspace ws) {
+__global__ void ProbsKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   const int64_t r = blockIdx.x, b = blockIdx.y;
   if (ws.final_row[r] < 0) return;
   const RowInfo info = ws.info[r];
   const S* w = p.logits + r * p.V;
   for (int64_t v = b * kChunk + threadIdx.x; v < min(p.V, (b + 1) * kChunk); v += blockDim.x)
-    p.probs[r * p.V + v] = row_e(info, v, to_float(w[v])) / info.total;
+    p.probs[r * p.V + v] = row_e(info, v, to_f(w[v])) / info.total;
 }
 
-// Bytes of workspace for N rows, R requests, width W, vocabulary V (8-byte aligned pieces).
-inline size_t workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V) {
+// The workspace layout, written once: every piece of VerifyWorkspace in order, each 8-byte
+// aligned and sized by its element type times its count. verify_workspace_bytes sizes the buffer
+// with it, launch_verify carves the buffer with it, so the two cannot disagree.
+struct VerifyWorkspaceLayout {
+  VerifyWorkspace ws;  // the pieces (all nullptr when only sizing)
+  size_t bytes;        // total size
+};
+
+// N rows, R requests, output width W, vocabulary V; base: the buffer, or nullptr to size only.
+inline VerifyWorkspaceLayout verify_workspace_layout(int64_t N, int64_t R, int64_t W, int64_t V,
+                                                     void* base) {
   const int64_t C = ceil_div(V, kChunk);
-  auto a8 = [](int64_t x) { return static_cast<size_t>(ceil_div(x, 8) * 8); };
-  return a8(N * sizeof(RowInfo)) + a8(N * C * 4) * 2 + a8(N * C * 8) + a8(N * C * 4) + a8(N * 4) +
-         a8(R * 4) * 3 + a8(R * 8) * 2 + a8(R * W * 4) + a8(R * W * 8) + a8(R * C * 8) +
-         a8(N * 4) * 3 + a8(N * 8) * 3;
+  VerifyWorkspaceLayout l{};
+  auto place = [&](auto*& piece, int64_t count) {
+    using T = std::remove_pointer_t<std::remove_reference_t<decltype(piece)>>;
+    piece = base ? reinterpret_cast<T*>(static_cast<char*>(base) + l.bytes) : nullptr;
+    l.bytes += static_cast<size_t>(ceil_div(count * static_cast<int64_t>(sizeof(T)), 8) * 8);
+  };
+  // take(count, pieces...): the pieces, in order, each of `count` entries.
+  auto take = [&](int64_t count, auto*&... pieces) { (place(pieces, count), ...); };
+  VerifyWorkspace& ws = l.ws;
+  take(N, ws.info);
+  take(N * C, ws.chunk_base, ws.chunk_wmax, ws.chunk_sum, ws.chunk_widx);
+  take(R, ws.n_rej, ws.accepted, ws.final_row, ws.job_u);
+  take(R * W, ws.rej_node, ws.rej_z);
+  take(R * C, ws.resid_chunk);
+  take(N, ws.f_parent, ws.f_token, ws.f_e, ws.f_q, ws.f_u, ws.row_owner);
+  static_assert(sizeof(VerifyWorkspace) == 18 * sizeof(void*),
+                "every VerifyWorkspace piece needs its place in a take() above");
+  return l;
+}
+
+inline size_t verify_workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V) {
+  return verify_workspace_layout(N, R, W, V, nullptr).bytes;
 }
 
 template <typename S, typename Q>
-cudaError_t launch(Params<S, Q> p, void* workspace, cudaStream_t stream) {
+cudaError_t launch_verify(VerifyParams<S, Q> p, void* workspace, cudaStream_t stream) {
   p.C = ceil_div(p.V, kChunk);
   p.vec_loads = (p.V * sizeof(S)) % 16 == 0 && reinterpret_cast<uintptr_t>(p.logits) % 16 == 0;
-  char* cur = static_cast<char*>(workspace);
-  auto take = [&](int64_t bytes) { void* out = cur; cur += ceil_div(bytes, 8) * 8; return out; };
-  Workspace ws;
-  ws.info = static_cast<RowInfo*>(take(p.N * sizeof(RowInfo)));
-  ws.chunk_base = static_cast<float*>(take(p.N * p.C * 4));
-  ws.chunk_wmax = static_cast<float*>(take(p.N * p.C * 4));
-  ws.chunk_sum = static_cast<double*>(take(p.N * p.C * 8));
-  ws.chunk_widx = static_cast<int32_t*>(take(p.N * p.C * 4));
-  ws.n_rej = static_cast<int32_t*>(take(p.R * 4));
-  ws.accepted = static_cast<int32_t*>(take(p.R * 4));
-  ws.final_row = static_cast<int64_t*>(take(p.R * 8));
-  ws.job_u = static_cast<double*>(take(p.R * 8));
-  ws.rej_node = static_cast<int32_t*>(take(p.R * p.W * 4));
-  ws.rej_z = static_cast<double*>(take(p.R * p.W * 8));
-  ws.resid_chunk = static_cast<double*>(take(p.R * p.C * 8));
-  ws.f_parent = static_cast<int32_t*>(take(p.N * 4));
-  ws.f_token = static_cast<int32_t*>(take(p.N * 4));
-  ws.f_e = static_cast<double*>(take(p.N * 8));
-  ws.f_q = static_cast<double*>(take(p.N * 8));
-  ws.f_u = static_cast<double*>(take(p.N * 8));
-  ws.row_owner = static_cast<int32_t*>(take(p.N * 4));
+  const VerifyWorkspace ws = verify_workspace_layout(p.N, p.R, p.W, p.V, workspace).ws;
   const cudaError_t err = cudaMemsetAsync(p.status, 0, sizeof(int32_t), stream);
   if (err != cudaSuccess) return err;
   const int warps = 8;  // 256-thread blocks

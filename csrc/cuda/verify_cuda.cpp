@@ -1,4 +1,5 @@
-// csrc/cuda/sampling_cuda.cpp: CUDA entry points of dspark::verify and dspark::sample.
+// csrc/cuda/verify_cuda.cpp: CUDA entry points of dspark::verify and dspark::sample (sample is
+// verify of root-only requests: one launch path, include/dspark/verify.cuh, serves both).
 // Tensors -> raw pointers; the kernels (include/dspark/verify.cuh) validate data on device and
 // raise a status word; outside CUDA-graph capture it is read back and turned into a ValueError.
 // During capture no host sync happens: bad data then yields -1 tokens, never an invalid access.
@@ -14,14 +15,16 @@
 namespace dspark {
 namespace {
 
-void run_and_check(LaunchArgs& a, const at::Tensor& like, const char* op) {
-  at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes(a.N, a.R, a.W, a.V))},
-                                   like.options().dtype(at::kByte));
+void run_and_check(VerifyArgs& a, const at::Tensor& like, const char* op) {
+  at::Tensor workspace =
+      at::empty({static_cast<int64_t>(verify_workspace_bytes(a.N, a.R, a.W, a.V))},
+                like.options().dtype(at::kByte));
   at::Tensor status = at::empty({1}, like.options().dtype(at::kInt));
   a.workspace = workspace.data_ptr();
   a.status = status.data_ptr<int32_t>();
   const cudaError_t err = launch_verify(a, c10::cuda::getCurrentCUDAStream());
-  DSPARK_CHECK(err == cudaSuccess, "dspark::", op, " kernel launch failed: ", cudaGetErrorString(err));
+  DSPARK_CHECK(err == cudaSuccess, "dspark::", op,
+               " kernel launch failed: ", cudaGetErrorString(err));
   if (cuda_sync_checks() &&
       c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None)
     raise_on_status(status.item<int32_t>(), op);
@@ -33,20 +36,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(
     const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
     const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& positions,
     const std::optional<at::Tensor>& uniforms, int64_t max_nodes) {
-  const auto d = check_verify_args(target_logits, node_offsets, draft_tokens, parents, draft_probs,
-                                   temperature, top_k, top_p, seeds, positions, uniforms, max_nodes);
+  const auto d =
+      check_verify_args(target_logits, node_offsets, draft_tokens, parents, draft_probs,
+                        temperature, top_k, top_p, seeds, positions, uniforms, max_nodes);
   const c10::cuda::CUDAGuard guard(target_logits.device());
   auto opts = draft_tokens.options();
   at::Tensor out_tokens = at::empty({d.R, d.W}, opts);
   at::Tensor out_count = at::empty({d.R}, opts);
   at::Tensor out_nodes = at::empty({d.R, d.W}, opts);
-  LaunchArgs a{};
+  VerifyArgs a{};
   a.logits = target_logits.data_ptr();
   a.logits_type = element_type(target_logits);
   a.draft_probs = draft_probs ? draft_probs->data_ptr() : nullptr;
-  a.draft_type = !draft_probs ? DraftType::kNone
-                 : draft_probs->scalar_type() == at::kDouble ? DraftType::kFloat64 : DraftType::kFloat32;
-  a.N = d.N; a.V = d.V; a.R = d.R; a.W = d.W;
+  a.draft_type = !draft_probs                                ? DraftType::kNone
+                 : draft_probs->scalar_type() == at::kDouble ? DraftType::kFloat64
+                                                             : DraftType::kFloat32;
+  a.N = d.N;
+  a.V = d.V;
+  a.R = d.R;
+  a.W = d.W;
   a.offsets = node_offsets.data_ptr<int64_t>();
   a.tokens = draft_tokens.data_ptr<int64_t>();
   a.parents = parents.data_ptr<int64_t>();
@@ -63,7 +71,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(
   return {out_tokens, out_count, out_nodes};
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits, const at::Tensor& temperature,
+std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits,
+                                               const at::Tensor& temperature,
                                                const at::Tensor& top_k, const at::Tensor& top_p,
                                                const std::optional<at::Tensor>& seeds,
                                                const std::optional<at::Tensor>& positions,
@@ -83,11 +92,14 @@ std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits, const a
   }
   at::Tensor tokens = at::empty({d.R}, lopts);
   at::Tensor probs = at::empty({return_probs ? d.R : 0, d.V}, logits.options().dtype(at::kDouble));
-  LaunchArgs a{};
+  VerifyArgs a{};
   a.logits = logits.data_ptr();
   a.logits_type = element_type(logits);
   a.draft_type = DraftType::kNone;
-  a.N = d.R; a.V = d.V; a.R = d.R; a.W = 1;
+  a.N = d.R;
+  a.V = d.V;
+  a.R = d.R;
+  a.W = 1;
   a.offsets = offsets.data_ptr<int64_t>();
   a.tokens = tokens_in.data_ptr<int64_t>();
   a.parents = parents.data_ptr<int64_t>();

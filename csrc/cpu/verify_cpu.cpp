@@ -1,7 +1,9 @@
-// csrc/cpu/sampling_cpu.cpp: CPU kernels of dspark::verify and dspark::sample.
+// csrc/cpu/verify_cpu.cpp: CPU kernels of dspark::verify and dspark::sample. Both live here
+// because sample is verify of requests with no drafts: the same row statistics and the same draw
+// (node 0, sampling coin), so the two ops cannot drift apart.
 // Same definitions as the CUDA kernels (include/dspark/*.h) and dspark/reference.py.
-#include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
@@ -9,6 +11,7 @@
 
 #include "checks.h"
 #include "dspark/row.h"
+#include "dspark/verify_rules.h"
 
 namespace dspark {
 namespace {
@@ -21,7 +24,7 @@ int32_t row_stats(const scalar_t* w, int64_t V, float temperature, int64_t top_k
   int64_t finite = 0;
   for (int64_t v = 0; v < V; ++v) {
     const float x = static_cast<float>(w[v]);
-    if (std::isnan(x) || x == INFINITY) return kBadLogits;
+    if (bad_logit(x)) return kBadLogits;
     finite += x > -INFINITY;
   }
   if (finite == 0) return kEmptyRow;
@@ -30,7 +33,10 @@ int32_t row_stats(const scalar_t* w, int64_t V, float temperature, int64_t top_k
     float best = -INFINITY;
     for (int64_t v = 0; v < V; ++v) {
       const float x = static_cast<float>(w[v]);
-      if (x > best) { best = x; info.argmax = v; }  // first of equal maxima
+      if (x > best) {  // strictly: the first of equal maxima
+        best = x;
+        info.argmax = v;
+      }
     }
     return 0;
   }
@@ -40,14 +46,15 @@ int32_t row_stats(const scalar_t* w, int64_t V, float temperature, int64_t top_k
   for (int64_t v = 0; v < V; ++v) {
     const float x = static_cast<float>(w[v]);
     t[v] = log2_scaled(x, info.inv_t);
-    if (x > -INFINITY && !std::isfinite(t[v])) return kBadLogits;  // w / T overflowed
+    if (bad_scaled_logit(x, t[v])) return kBadLogits;
     tmax = std::max(tmax, t[v]);
   }
   info.nbase = std::floor(tmax);
   float keep = -INFINITY;
   if (top_k > 0 && top_k < finite) {  // k-th largest t, counting ties
     std::vector<float> sorted(t);
-    std::nth_element(sorted.begin(), sorted.begin() + (top_k - 1), sorted.end(), std::greater<float>());
+    std::nth_element(sorted.begin(), sorted.begin() + (top_k - 1), sorted.end(),
+                     std::greater<float>());
     keep = sorted[top_k - 1];
   }
   if (top_p < 1.0f) {  // smallest set of largest-t entries (ties kept together) with mass >= p
@@ -60,13 +67,15 @@ int32_t row_stats(const scalar_t* w, int64_t V, float temperature, int64_t top_k
       total += m;
     }
     std::sort(kept.begin(), kept.end(), [](auto& a, auto& b) { return a.first > b.first; });
-    const double want = std::ceil(static_cast<double>(top_p) * static_cast<double>(total));
-    const int64_t need = want >= static_cast<double>(total) ? total : std::max<int64_t>(1, static_cast<int64_t>(want));
+    const int64_t need = top_p_need(top_p, total);
     int64_t cum = 0;
     for (size_t i = 0; i < kept.size(); ++i) {
       cum += kept[i].second;
       const bool group_end = i + 1 == kept.size() || kept[i + 1].first != kept[i].first;
-      if (group_end && cum >= need) { keep = std::max(keep, kept[i].first); break; }
+      if (group_end && cum >= need) {
+        keep = std::max(keep, kept[i].first);
+        break;
+      }
     }
   }
   info.t_keep = keep;
@@ -110,13 +119,12 @@ void verify_kernel(const scalar_t* logits, int64_t V, const int64_t* offsets, in
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = offsets[r], n = offsets[r + 1] - o;
       auto coin = [&](int64_t node, uint64_t purpose) {
-        return uniforms ? uniforms[(o + node) * 2 + purpose]
-                        : keyed_uniform(seeds[r], positions[r], node, purpose);
+        return node_coin(uniforms, seeds, positions, r, o, node, purpose);
       };
       auto qv = [&](int64_t node, int64_t v) -> double {
         if (!q) return 1.0;
         const double x = static_cast<double>(q[(o + node) * V + v]);
-        if (!(x >= 0.0 && x < INFINITY)) status |= kBadDraftProbs;
+        if (const int32_t bad = draft_prob_status(x)) status |= bad;  // no atomic op when valid
         return x;
       };
       int64_t cur = 0, accepted = 0;
@@ -139,14 +147,18 @@ void verify_kernel(const scalar_t* logits, int64_t V, const int64_t* offsets, in
           if (parents[o + j] != cur) continue;
           const int64_t x = tokens[o + j];
           const double rx = residual(x, row_e(info, x, static_cast<float>(w[x])));
-          if (coin(j, kAcceptCoin) * qv(j, x) * z < rx) { next = j; break; }
+          if (accepts(coin(j, kAcceptCoin), qv(j, x), z, rx)) {
+            next = j;
+            break;
+          }
           rejected.push_back(j);
           zs.push_back(z);
           if (!q) {
-            z = z - rx;
+            z = onehot_rejected_total(z, rx);
           } else {
             double s = 0.0;
-            for (int64_t v = 0; v < V; ++v) s += residual(v, row_e(info, v, static_cast<float>(w[v])));
+            for (int64_t v = 0; v < V; ++v)
+              s += residual(v, row_e(info, v, static_cast<float>(w[v])));
             z = s;
           }
         }
@@ -184,7 +196,7 @@ int32_t check_params_and_uniforms(int64_t R, const float* temp, const int64_t* t
                                   const float* top_p, const double* u, int64_t n_u) {
   int32_t s = 0;
   for (int64_t r = 0; r < R; ++r) s |= param_status(temp[r], top_k[r], top_p[r]);
-  for (int64_t i = 0; u && i < n_u; ++i) s |= (u[i] >= 0.0 && u[i] < 1.0) ? 0 : kBadUniform;
+  for (int64_t i = 0; u && i < n_u; ++i) s |= uniform_status(u[i]);
   return s;
 }
 
@@ -194,24 +206,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cpu(
     const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
     const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& positions,
     const std::optional<at::Tensor>& uniforms, int64_t max_nodes) {
-  const auto d = check_verify_args(target_logits, node_offsets, draft_tokens, parents, draft_probs,
-                                   temperature, top_k, top_p, seeds, positions, uniforms, max_nodes);
+  const auto d =
+      check_verify_args(target_logits, node_offsets, draft_tokens, parents, draft_probs,
+                        temperature, top_k, top_p, seeds, positions, uniforms, max_nodes);
   const int64_t* off = node_offsets.data_ptr<int64_t>();
   const int64_t* tok = draft_tokens.data_ptr<int64_t>();
   const int64_t* par = parents.data_ptr<int64_t>();
   // Data checks of the small tensors first: offsets gate every later index.
   int32_t st = 0;
-  if (off[0] != 0 || off[d.R] != d.N) st |= kBadOffsets;
   for (int64_t r = 0; r < d.R && !st; ++r)
-    if (off[r + 1] <= off[r] || off[r + 1] - off[r] > d.W) st |= kBadOffsets;
+    st |= offsets_status(r, d.R, off[r], off[r + 1], d.N, d.W);
   raise_on_status(st, "verify");
   std::vector<int64_t> row_request(d.N);
   for (int64_t r = 0; r < d.R; ++r) {
     for (int64_t j = 0; j < off[r + 1] - off[r]; ++j) {
       const int64_t i = off[r] + j;
       row_request[i] = r;
-      if (j == 0 ? par[i] != -1 : (par[i] < 0 || par[i] >= j)) st |= kBadParent;
-      if (j > 0 && (tok[i] < 0 || tok[i] >= d.V)) st |= kBadToken;
+      st |= node_status(j, par[i], tok[i], d.V);
     }
   }
   const float* temp = temperature.data_ptr<float>();
@@ -226,7 +237,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cpu(
   at::Tensor out_count = at::zeros({d.R}, opts);
   at::Tensor out_nodes = at::full({d.R, d.W}, -1, opts);
   std::atomic<int32_t> status{0};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, target_logits.scalar_type(), "verify_cpu", [&] {
+  const auto dtype = target_logits.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "verify_cpu", [&] {
     auto rows = all_row_stats<scalar_t>(target_logits, row_request.data(), temp, k, p, status);
     raise_on_status(status.load(), "verify");
     auto run = [&](auto* q) {
@@ -244,7 +256,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cpu(
   return {out_tokens, out_count, out_nodes};
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits, const at::Tensor& temperature,
+std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits,
+                                              const at::Tensor& temperature,
                                               const at::Tensor& top_k, const at::Tensor& top_p,
                                               const std::optional<at::Tensor>& seeds,
                                               const std::optional<at::Tensor>& positions,
@@ -261,7 +274,8 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits, const at
   std::vector<int64_t> row_request(d.R);
   for (int64_t r = 0; r < d.R; ++r) row_request[r] = r;
   std::atomic<int32_t> status{0};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "sample_cpu", [&] {
+  const auto dtype = logits.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "sample_cpu", [&] {
     auto rows = all_row_stats<scalar_t>(logits, row_request.data(), temp, k, p, status);
     raise_on_status(status.load(), "sample");
     const scalar_t* base = logits.data_ptr<scalar_t>();
@@ -271,8 +285,9 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits, const at
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* w = base + r * d.V;
         // Node 0, sampling coin: the same draw verify makes for a request with no drafts.
-        const double coin = u ? u[r] : keyed_uniform(seeds->data_ptr<int64_t>()[r],
-                                                     positions->data_ptr<int64_t>()[r], 0, kSampleCoin);
+        const double coin = u ? u[r]
+                              : keyed_uniform(seeds->data_ptr<int64_t>()[r],
+                                              positions->data_ptr<int64_t>()[r], 0, kSampleCoin);
         out[r] = draw(w, d.V, rows[r], coin, [](int64_t, double e) { return e; });
         for (int64_t v = 0; return_probs && v < d.V; ++v)
           pr[r * d.V + v] = row_e(rows[r], v, static_cast<float>(w[v])) / rows[r].total;
