@@ -138,8 +138,11 @@ LinearDims check_fused_linear_args(const at::Tensor& x, const at::Tensor& weight
                     (silu_gate ? " (silu_gate: gate and up halves)" : ""), ", got shape ", x.sizes());
   DSPARK_CHECK_VALUE(!(silu_gate && norm_weight.has_value()),
                     "fused_linear takes one prologue: norm_weight or silu_gate, not both");
-  DSPARK_CHECK_VALUE(M <= int64_t(65535) * 8, "x has ", M, " rows; at most ", int64_t(65535) * 8,
+  DSPARK_CHECK_VALUE(M <= kLinearMaxRows, "x has ", M, " rows; at most ", kLinearMaxRows,
                     " are supported");
+  DSPARK_CHECK_VALUE(K <= int64_t(1) << 30, "weight has ", K, " input features; at most 2^30 are supported");
+  DSPARK_CHECK_VALUE((N + 127) / 128 * ((M + 63) / 64) * 8 < (int64_t(1) << 31), "fused_linear of ", M,
+                    " rows and ", N, " outputs exceeds the CUDA grid (2^31 blocks)");
   auto same = [&](const at::Tensor& t, const char* name) {
     DSPARK_CHECK_TYPE(t.scalar_type() == dt, name, " must have the dtype of x (", dt, "), got ",
                      t.scalar_type());

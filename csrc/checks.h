@@ -62,6 +62,7 @@ SampleDims check_sample_args(const at::Tensor& logits, const at::Tensor& tempera
                              const std::optional<at::Tensor>& uniforms);
 
 // dspark::fused_linear. prologue: 0 plain, 1 RMSNorm (norm_weight), 2 SiLU gate (x is [M, 2K]).
+constexpr int64_t kLinearMaxRows = int64_t(1) << 24;  // rows per call (CUDA grid, int sizes)
 struct LinearDims { int64_t M, N, K; int prologue; };
 LinearDims check_fused_linear_args(const at::Tensor& x, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& bias,

@@ -23,7 +23,8 @@ TORCH_LIBRARY(dspark, m) {
   m.def(
       "sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor? seeds, "
       "Tensor? positions, Tensor? uniforms, bool return_probs) -> (Tensor, Tensor)");
-  // Fused skinny linear layer (decode / small verify blocks; any M is correct, M <= 8 is fast).
+  // Fused skinny linear layer of decode / verify forwards: one summation order for any M (a row's
+  // result does not depend on the other rows); weights streamed once per 64 rows.
   //   x [M, K] (or [M, 2K] with silu_gate), weight [N, K], bias [N]?, residual [M, N]?,
   //   norm_weight [K]? (RMSNorm of x first, with eps); all one dtype f32|bf16|f16
   // -> out [M, N] = residual + weight @ xhat + bias, xhat = x | rmsnorm(x) * norm_weight |

@@ -118,15 +118,17 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                  residual: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
                  eps: float = 1e-6, silu_gate: bool = False) -> torch.Tensor:
     """``residual + linear(xhat, weight, bias)`` in one kernel, for the few-token calls (decode,
-    verify) where a linear layer is a weight-streaming GEMV.
+    verify) where a linear layer streams its weight.
 
     x : [..., K] (``silu_gate``: [..., 2K], xhat = silu(x[..., :K]) * x[..., K:]); with
         ``norm_weight`` [K], xhat = RMSNorm(x) * norm_weight (epsilon ``eps``); else xhat = x.
     weight : [N, K] (nn.Linear layout); bias : [N]; residual : [..., N]. One dtype throughout
         (float32 / bfloat16 / float16); intermediates are rounded to it as the separate PyTorch
         ops would store them (see dspark.reference.fused_linear). Returns [..., N].
-    Any number of rows is correct; the CUDA kernel is built for <= 8 rows (larger counts re-read
-    the weight once per 8 rows, use a GEMM there).
+    A row's result is bit-identical whatever the other rows are and however many there are
+    (one summation order for every row count: a decoded token and the same token inside a
+    verify block get the same bits). The CUDA kernel reads the weight once per 64 rows
+    (tensor cores for bf16/fp16).
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
