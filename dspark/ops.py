@@ -141,19 +141,26 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
                      positions: torch.Tensor, inv_freq: torch.Tensor, num_heads: int,
                      q_norm_weight: Optional[torch.Tensor] = None,
                      k_norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
-                     window: int = 0) -> torch.Tensor:
-    """Attention of one new token per request, with its QK-norm, rotary embedding and KV-cache
-    write in the same kernels (decode: one launch per layer plus a chunk merge for long caches).
+                     window: int = 0, parents: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of a block of new tokens per request (decode: one; verify: a causal chain or a
+    token tree), with their QK-norm, rotary embedding and KV-cache write in the same kernels.
 
-    qkv : [B, (H + 2 Hkv) D] the token's q | k | v projections (H = ``num_heads``).
-    k_cache, v_cache : [L, B, Hkv, S, D]; layer ``layer``'s slot ``positions[b]`` is written
-        (rotated, normed k; v), then slots max(0, pos - window + 1) .. pos are attended.
-    positions : [B] int64, the token's position = its cache slot, in [0, S).
+    qkv : [B, (H + 2 Hkv) D] (one token per request) or [B, T, (H + 2 Hkv) D] (T <= 64 rows;
+        H = ``num_heads``): the tokens' q | k | v projections.
+    k_cache, v_cache : [L, B, Hkv, S, D]; row j of request b is written to layer ``layer``'s
+        slot ``positions[b] + j`` (rotated, normed k; v).
+    positions : [B] int64, slot and position of row 0; the block must fit: positions + T <= S.
+    parents : [B, T] int64 local parent ids (-1 at roots) or None (a causal chain). Row j sits
+        at position ``positions[b] + depth(j)`` and attends the cache slots below positions[b]
+        and its ancestors (itself included), within the sliding ``window`` (0 = none).
     inv_freq : [D/2] float32 rotary frequencies; q/k_norm_weight : [D] per-head RMSNorm (Qwen3).
-    Returns [B, H * D] in qkv's dtype (what the output projection takes).
+    Returns [B, H * D] or [B, T, H * D] in qkv's dtype (what the output projection takes).
+    A row's bits equal those of decoding its token alone at its position once its ancestors
+    sit in the slots below it (compacted path), whatever T, the other rows or S.
     """
     return torch.ops.dspark.decode_attention(qkv, k_cache, v_cache, layer, positions, inv_freq,
-                                             q_norm_weight, k_norm_weight, eps, num_heads, window)
+                                             q_norm_weight, k_norm_weight, eps, num_heads, window,
+                                             parents)
 
 
 def chain_layout(draft_lengths: Sequence[int], device: Union[str, torch.device] = "cpu"):
