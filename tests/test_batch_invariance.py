@@ -181,3 +181,24 @@ def test_dspark_drafter_greedy_equals_autoregressive_bf16(device, batch):
     ar = eng.generate_autoregressive(prompts, max_new_tokens=40, stop_tokens=[])
     assert spec.tokens == ar.tokens
     assert spec.metrics.tau > 1.0
+
+
+def test_cli_batch_invariant_bf16(tmp_path):
+    """dspark generate --batch-invariant --dtype bfloat16 --compare: identical greedy text."""
+    import contextlib
+    import io
+    import json
+
+    from test_models import make_checkpoint
+
+    from dspark.cli import main
+    tgt, dft = str(tmp_path / "t"), str(tmp_path / "d")
+    make_checkpoint(tgt, "qwen3", vocab=128, layers=2, init=0.3, seed=1)
+    make_checkpoint(dft, "qwen3", vocab=128, layers=2, init=0.3, seed=1, perturb=0.05)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["generate", "--target", tgt, "--draft", dft, "--prompt", "w5 w6 w7",
+                   "--prompt", "w9", "--batch", "2", "--max-new-tokens", "12", "--gamma", "3",
+                   "--tree-topk", "2", "--compare", "--json", "--device", "cpu", "--dtype",
+                   "bfloat16", "--batch-invariant"])
+    assert rc == 0 and json.loads(buf.getvalue())["identical_text"]
