@@ -179,9 +179,27 @@ def test_wrapper_and_layers(device, gen):
     assert torch.equal(args["k_cache"][0], before[0]) and torch.equal(args["k_cache"][2], before[2])
 
 
-def test_opcheck(device, gen):
-    args = to(make(2, 4, 2, 140, 16, torch.float32, gen, device), device)
+@pytest.mark.parametrize("layout", ["decode", "chain", "tree"])
+def test_opcheck(device, gen, layout):
+    T = None if layout == "decode" else 9
+    parents = [TREE, TREE] if layout == "tree" else None
+    args = to(make(2, 4, 2, 140, 16, torch.float32, gen, device, T=T, parents=parents), device)
     torch.library.opcheck(torch.ops.dspark.decode_attention.default, tuple(args.values()))
+
+
+def test_compile_fullgraph_block_equals_eager(device, gen):
+    torch._dynamo.reset()
+    args = to(make(2, 4, 2, 40, 16, torch.float32, gen, device, T=9, parents=[TREE, TREE]), device)
+
+    def step(qkv, k, v, pos, inv, par):
+        return dspark.ops.decode_attention(qkv, k, v, 1, pos, inv, 4, parents=par) + 1.0
+    eager_k, eager_v = args["k_cache"].clone(), args["v_cache"].clone()
+    want = step(args["qkv"], eager_k, eager_v, args["positions"], args["inv_freq"], args["parents"])
+    got = torch.compile(step, fullgraph=True)(args["qkv"], args["k_cache"], args["v_cache"],
+                                              args["positions"], args["inv_freq"], args["parents"])
+    assert got.shape == (2, 9, 64)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert torch.equal(args["k_cache"], eager_k) and torch.equal(args["v_cache"], eager_v)
 
 
 def test_compile_fullgraph_equals_eager(device, gen):

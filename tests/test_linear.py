@@ -145,9 +145,9 @@ def test_wrapper_keeps_leading_dims(device, gen):
 
 
 @pytest.mark.parametrize("kind", ["plain", "norm", "gate"])
-def test_opcheck(device, gen, kind):
-    a = make(3, 9, 16, torch.float32, kind, bias=True, residual=kind != "plain", gen=gen,
-             device=device)
+@pytest.mark.parametrize("dtype,M", [(torch.float32, 3), (torch.bfloat16, 70)])
+def test_opcheck(device, gen, kind, dtype, M):
+    a = make(M, 9, 16, dtype, kind, bias=True, residual=kind != "plain", gen=gen, device=device)
     torch.library.opcheck(torch.ops.dspark.fused_linear.default, tuple(a.values()))
 
 
