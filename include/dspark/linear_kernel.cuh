@@ -15,9 +15,11 @@
 //      xhat (T) for all tokens in shared memory, then each warp multiplies its weight slabs
 //      (software pipeline: the next batch is in flight while one is multiplied) with every
 //      8-token column tile;
-//   4. puts its slice sums in shared memory; after a cluster barrier, block `rank` finishes
-//      rows [rank, rank + 1) * 128 / slices of the row block: slice sums added in slice order
-//      (read through distributed shared memory), bias, rounding, residual.
+//   4. stores its slice sums straight into the shared memory of the block that finishes those
+//      rows (block `rank` finishes rows [rank, rank + 1) * 128 / slices of the row block, through
+//      distributed shared memory); after one cluster barrier each block adds the slice sums of
+//      its rows in slice order, then bias, rounding, residual. (Pushing rather than pulling:
+//      one barrier and no remote round trip at the kernel's tail.)
 // Each weight byte is read once per 64 tokens; the staged activations (64 B per token and 32 k)
 // are read from L2 once per block, so their traffic is tokens / 128 of the weight traffic.
 #pragma once
@@ -32,11 +34,18 @@
 namespace dspark {
 namespace cuda {
 
-__device__ __forceinline__ void cluster_barrier() {
+// Split cluster barrier (every thread of every block arrives once per phase, then waits).
+// Pre-Hopper builds run one slice per row block (a cluster of one): a block barrier.
+__device__ __forceinline__ void cluster_arrive() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  cooperative_groups::this_cluster().sync();
+  cooperative_groups::this_cluster().barrier_arrive();
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().barrier_wait();
 #else
-  __syncthreads();  // pre-Hopper builds run one slice per row block (cluster of one)
+  __syncthreads();
 #endif
 }
 
@@ -50,20 +59,20 @@ __device__ __forceinline__ F* cluster_peer(F* p, int rank) {
 #endif
 }
 
-// Shared memory: 2 x 64 floats (RMS statistics), then `tokens` (<= 8 NT) staged token rows,
-// reused for the slice sums of the 128 rows after the k loop.
+// Shared memory (floats, then bytes): RMS slice statistics [slices][64] and 1 / rms [64], the
+// slice sums received for this block's rows [slices][128 / slices][8 NT + 4] (written by the
+// cluster's blocks: not aliased with anything), then `tokens` (<= 8 NT) staged token rows.
 template <int NT>
 constexpr size_t linear_smem_bytes(int tokens) {
-  const size_t staged = size_t(tokens) * linear_stage_stride<NT>();
-  const size_t sums = size_t(kLinearRows) * (8 * NT + 4) * sizeof(float);
-  return 2 * kLinearCols * sizeof(float) + (staged > sums ? staged : sums);
+  return sizeof(float) * (size_t(kLinearMaxSlices + 1) * kLinearCols + size_t(kLinearRows) * (8 * NT + 4)) +
+         size_t(tokens) * linear_stage_stride<NT>();
 }
 
 // NT: 8-token column tiles per block (8 NT >= the tokens of a y group); U: slabs per weight
 // batch (two batches in flight per warp: the pipeline's current and next); VEC: 16-byte loads
 // of W and x (else element loads: the same values, so the same bits).
 template <typename T, int NT, int U, bool VEC>
-__global__ void __launch_bounds__(kLinearThreads, sizeof(T) == 2 && NT <= 2 ? 3 : 2)
+__global__ void __launch_bounds__(kLinearThreads, VEC && sizeof(T) == 2 && NT <= 2 ? 3 : 2)
 fused_linear_kernel(LinearParams<T> p, LinearSplit split) {
   constexpr bool wvec = VEC, xvec = VEC;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -71,10 +80,10 @@ fused_linear_kernel(LinearParams<T> p, LinearSplit split) {
   constexpr int KC = linear_stage_bytes<NT>() / int(sizeof(T));  // k per staged chunk
   constexpr int kStride = linear_stage_stride<NT>();
   constexpr int kPt = 8 * NT + 4;                             // slice-sum row stride (floats)
-  float* ss = reinterpret_cast<float*>(smem);                 // [64] RMS slice statistics
-  float* inv_rms = ss + kLinearCols;                          // [64]
-  unsigned char* act = smem + 2 * kLinearCols * sizeof(float);  // [tokens][kStride]
-  float* pt = reinterpret_cast<float*>(act);                  // [kLinearRows][kPt] after the k loop
+  float* ss = reinterpret_cast<float*>(smem);       // [slices][64] RMS slice statistics
+  float* inv_rms = ss + kLinearMaxSlices * kLinearCols;  // [64]
+  float* recv = inv_rms + kLinearCols;               // [slices][128 / slices][kPt] slice sums
+  unsigned char* act = reinterpret_cast<unsigned char*>(recv + kLinearRows * kPt);  // [tokens][kStride]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int P = split.slices, rank = int(blockIdx.x % unsigned(P));
   const int64_t groups = (p.M + kLinearCols - 1) / kLinearCols, rest = blockIdx.x / unsigned(P);
@@ -95,6 +104,7 @@ fused_linear_kernel(LinearParams<T> p, LinearSplit split) {
     ends[i] = n < p.N ? k_hi : 0;
   }
   pdl_trigger();
+  cluster_arrive();  // (phase 1: every block has started before any remote shared-memory access)
   WeightBatch<T, U> cur, nxt;
   cur.load(rows, ends, k_lo, 0, nslab, wvec, lane);
   nxt.load(rows, ends, k_lo, U, nslab, wvec, lane);
@@ -103,6 +113,7 @@ fused_linear_kernel(LinearParams<T> p, LinearSplit split) {
       asm volatile("prefetch.global.L1 [%0];" ::"l"(p.norm_weight + k));
   pdl_wait();  // x / residual come from earlier kernels (dspark/pdl.cuh)
 
+  bool started = false;  // phase 1 waited for
   if (p.prologue == kRmsNorm) {
     if (P == 1 || mcols <= 2) {  // all slices here (decode): pairs (token, slice) over the warps
       for (int pr = warp; pr < mcols * P; pr += kLinearWarps) {
@@ -117,20 +128,18 @@ fused_linear_kernel(LinearParams<T> p, LinearSplit split) {
         for (int q = 1; q < P; ++q) s += ss[threadIdx.x * P + q];
         inv_rms[threadIdx.x] = rsqrtf(s / float(p.K) + p.eps);
       }
-    } else {  // this slice here, the others from the cluster's blocks
+    } else {  // this slice here, pushed to every block of the cluster; the others from them
+      cluster_wait();
+      started = true;
       for (int m = warp; m < mcols; m += kLinearWarps) {
         const float s = slice_sumsq(p.x + (m0 + m) * p.K, k_lo, k_hi, xvec, lane);
-        if (lane == 0) ss[m] = s;
+        if (lane < P) cluster_peer(ss, lane)[rank * kLinearCols + m] = s;
       }
-      cluster_barrier();
+      cluster_arrive();
+      cluster_wait();
       if (int(threadIdx.x) < mcols) {
-        float s = 0.0f;
-#pragma unroll
-        for (int q = 0; q < kLinearMaxSlices; ++q) {
-          if (q >= P) break;
-          const float v = cluster_peer(ss, q)[threadIdx.x];
-          s = q == 0 ? v : s + v;
-        }
+        float s = ss[threadIdx.x];
+        for (int q = 1; q < P; ++q) s += ss[q * kLinearCols + threadIdx.x];
         inv_rms[threadIdx.x] = rsqrtf(s / float(p.K) + p.eps);
       }
     }
@@ -166,48 +175,46 @@ fused_linear_kernel(LinearParams<T> p, LinearSplit split) {
     }
   }
 
-  // Slice sums of this block into shared memory (over the staged chunk).
-  __syncthreads();
+  // Slice sums into the block that finishes each row (row r: block r / mine, its slot `rank`).
+  const int mine = kLinearRows / P;
+  if (!started) cluster_wait();
   if constexpr (sizeof(T) == 4) {
 #pragma unroll
     for (int m = 0; m < 8 * NT; ++m) {
       if (m >= mcols) break;
       acc32[m] += __shfl_xor_sync(0xffffffffu, acc32[m], 16);  // the two halves of each slab
-      if (lane < 16) pt[(warp * 16 + lane) * kPt + m] = acc32[m];
+      const int r = warp * 16 + (lane & 15);
+      if (lane < 16) cluster_peer(recv, r / mine)[(rank * mine + r % mine) * kPt + m] = acc32[m];
     }
   } else {
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      if (j * 8 >= mcols) break;
-      float* r0 = pt + (warp * 16 + g) * kPt + j * 8 + 2 * t;
-      r0[0] = acc16[j][0];
-      r0[1] = acc16[j][1];
-      r0[8 * kPt] = acc16[j][2];
-      r0[8 * kPt + 1] = acc16[j][3];
+    for (int h = 0; h < 2; ++h) {  // rows g and g + 8 of the strip
+      const int r = warp * 16 + g + 8 * h;
+      float* dst = cluster_peer(recv, r / mine) + (rank * mine + r % mine) * kPt + 2 * t;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        if (j * 8 >= mcols) break;
+        dst[j * 8] = acc16[j][2 * h];
+        dst[j * 8 + 1] = acc16[j][2 * h + 1];
+      }
     }
   }
-  cluster_barrier();
+  cluster_arrive();
+  cluster_wait();
 
-  // Epilogue of rows [rank, rank + 1) * 128 / P: slice sums in slice order, bias, round, residual.
-  const float* peer[kLinearMaxSlices];
-#pragma unroll
-  for (int q = 0; q < kLinearMaxSlices; ++q) peer[q] = q < P ? cluster_peer(pt, q) : pt;
-  const int mine = kLinearRows / P;
+  // Epilogue of rows [rank, rank + 1) * mine: slice sums in slice order, bias, round, residual.
   for (int i = threadIdx.x; i < mine * mcols; i += kLinearThreads) {
-    const int r = rank * mine + i % mine, m = i / mine;
-    const int64_t n = rb * kLinearRows + r;
+    const int lr = i % mine, m = i / mine;
+    const int64_t n = rb * kLinearRows + rank * mine + lr;
     if (n >= p.N) continue;
-    float y = peer[0][r * kPt + m];
-#pragma unroll
-    for (int q = 1; q < kLinearMaxSlices; ++q)
-      if (q < P) y += peer[q][r * kPt + m];
+    float y = recv[lr * kPt + m];
+    for (int q = 1; q < P; ++q) y += recv[(q * mine + lr) * kPt + m];
     if (p.bias) y += to_f(p.bias[n]);
     y = round_t<T>(y);
     if (p.residual) y = to_f(p.residual[(m0 + m) * p.N + n]) + y;
     p.out[(m0 + m) * p.N + n] = from_f<T>(y);
   }
-  cluster_barrier();  // no block leaves while the others read its shared memory
 }
 
 // Per-device launch facts (function attributes and SM architectures are per device).
