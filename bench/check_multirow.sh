@@ -51,7 +51,7 @@ stage build 300 "nvidia-smi --query-gpu=name,driver_version --format=csv; \
 stage tests 240 "cd tests && python3 -m pytest -q -p no:cacheprovider -rf -k cuda \
   test_linear.py test_attention.py test_opcheck.py test_batch_invariance.py 2>&1 | tail -40"
 stage verify_forward 200 "cd bench && python3 bench_verify_forward.py --out $OUT/bench_verify_forward.json"
-stage decode 120 "cd bench && python3 bench_decode.py --variants graph --new 128 --out $OUT/bench_decode.json"
+stage decode 120 "cd bench && python3 bench_decode.py --variants graph --new 128 --profile --out $OUT/bench_decode.json"
 stage memcheck 120 "cd bench && compute-sanitizer --tool memcheck --leak-check no python3 sanitize_layers.py 2>&1 | tail -8"
 stage racecheck 120 "cd bench && compute-sanitizer --tool racecheck python3 sanitize_layers.py 2>&1 | tail -8"
 stage engine 150 "cd bench && python3 check_engine_cuda.py --no-compile"
