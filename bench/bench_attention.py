@@ -1,9 +1,10 @@
 """dspark::decode_attention (Qwen3-8B heads: 32 q / 8 KV heads of 128, bf16, batch 1) against
 the unfused PyTorch ops it replaces (QK-norm, rotary, cache write, SDPA over the masked cache),
-median µs per call, CUDA-graph replay. Roofline: the K/V bytes of the visible slots at the copy
-bandwidth (small caches are latency-bound: the floor is then far below a kernel launch).
+median µs per call, CUDA-graph replay; decode (one row) and verify blocks of T rows (a chain
+ending at the last slot). Roofline: the K/V bytes of the visible slots at the copy bandwidth
+(small caches are latency-bound: the floor is then far below a kernel launch).
 
-    python bench/bench_attention.py [--slots 256,1024,4096,32768] [--out bench_attention.json]
+    python bench/bench_attention.py [--slots 256,1024,4096,32768] [--rows 1,8,16] [--out f.json]
 """
 import argparse
 import json
@@ -18,16 +19,17 @@ H, HKV, D, LAYERS = 32, 8, 128, 2
 
 
 def unfused(qkv, k_cache, v_cache, pos, inv_freq, qn, kn, S):
-    """The runner's unfused decode attention for one layer (as dspark/models/transformer.py)."""
-    B = qkv.shape[0]
-    q, k, v = qkv.view(B, 1, -1).split([H * D, HKV * D, HKV * D], -1)
-    q, k = q.view(B, 1, H, D), k.view(B, 1, HKV, D)
+    """The runner's unfused attention for one layer (as dspark/models/transformer.py) of a
+    causal block: qkv [B, T, width] at positions pos [B, T] (= slots)."""
+    B, T = qkv.shape[:2]
+    q, k, v = qkv.split([H * D, HKV * D, HKV * D], -1)
+    q, k = q.reshape(B, T, H, D), k.reshape(B, T, HKV, D)
 
     def norm(x, w):
         xf = x.float()
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
     q, k = norm(q, qn).transpose(1, 2), norm(k, kn).transpose(1, 2)
-    f = pos.float()[:, None, None] * inv_freq
+    f = pos.float()[..., None] * inv_freq
     emb = torch.cat((f, f), -1)[:, None]
     cos, sin = emb.cos().to(qkv.dtype), emb.sin().to(qkv.dtype)
 
@@ -36,40 +38,44 @@ def unfused(qkv, k_cache, v_cache, pos, inv_freq, qn, kn, S):
         return torch.cat((-x2, x1), -1)
     q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
     bidx = torch.arange(B, device=qkv.device)[:, None]
-    k_cache[1][bidx, :, pos[:, None]] = k.transpose(1, 2)
-    v_cache[1][bidx, :, pos[:, None]] = v.view(B, 1, HKV, D)
-    mask = (torch.arange(S, device=qkv.device)[None, :] <= pos[:, None])[:, None, None]
+    k_cache[1][bidx, :, pos] = k.transpose(1, 2)
+    v_cache[1][bidx, :, pos] = v.reshape(B, T, HKV, D)
+    mask = (torch.arange(S, device=qkv.device)[None, None, :] <= pos[..., None])[:, None]
     out = F.scaled_dot_product_attention(q, k_cache[1], v_cache[1], attn_mask=mask, enable_gqa=True)
-    return out.transpose(1, 2).reshape(B, H * D)
+    return out.transpose(1, 2).reshape(B, T, H * D)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--slots", default="256,1024,4096,32768")
+    ap.add_argument("--rows", default="1,8,16")
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     bw = copy_bandwidth()
     dt, dev = torch.bfloat16, "cuda"
-    print(f"copy bandwidth {bw / 1e9:.0f} GB/s; Qwen3-8B heads, bf16, batch 1, position S-1; µs median")
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s; Qwen3-8B heads, bf16, batch 1, block ending at "
+          f"slot S-1; µs median")
     rows = []
     for S in (int(s) for s in a.slots.split(",")):
-        gen = torch.Generator(device=dev).manual_seed(0)
-        k_cache = torch.randn(LAYERS, 1, HKV, S, D, device=dev, generator=gen).to(dt)
-        v_cache = torch.randn(LAYERS, 1, HKV, S, D, device=dev, generator=gen).to(dt)
-        qkv = torch.randn(1, (H + 2 * HKV) * D, device=dev, generator=gen).to(dt)
-        pos = torch.tensor([S - 1], device=dev)
-        inv_freq = 1.0 / (1e6 ** (torch.arange(0, D, 2, device=dev, dtype=torch.float32) / D))
-        qn, kn = torch.ones(D, device=dev, dtype=dt), torch.ones(D, device=dev, dtype=dt)
-        ours = lambda _: dspark.ops.decode_attention(qkv, k_cache, v_cache, 1, pos, inv_freq, H, qn, kn)  # noqa: E731
-        base = lambda _: unfused(qkv, k_cache, v_cache, pos, inv_freq, qn, kn, S)  # noqa: E731
-        diff = (ours(None).float() - base(None).float()).abs().max().item()
-        floor_us = 2 * HKV * S * D * 2 / bw * 1e6
-        row = dict(slots=S, floor_us=round(floor_us, 2), max_abs_diff=diff,
-                   ours_us=round(time_graph(ours, [None], a.reps), 2),
-                   unfused_us=round(time_graph(base, [None], a.reps), 2))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for T in (int(t) for t in a.rows.split(",")):
+            gen = torch.Generator(device=dev).manual_seed(0)
+            k_cache = torch.randn(LAYERS, 1, HKV, S, D, device=dev, generator=gen).to(dt)
+            v_cache = torch.randn(LAYERS, 1, HKV, S, D, device=dev, generator=gen).to(dt)
+            qkv = torch.randn(1, T, (H + 2 * HKV) * D, device=dev, generator=gen).to(dt)
+            start = torch.tensor([S - T], device=dev)
+            pos = start[:, None] + torch.arange(T, device=dev)
+            inv_freq = 1.0 / (1e6 ** (torch.arange(0, D, 2, device=dev, dtype=torch.float32) / D))
+            qn, kn = torch.ones(D, device=dev, dtype=dt), torch.ones(D, device=dev, dtype=dt)
+            ours = lambda _: dspark.ops.decode_attention(qkv, k_cache, v_cache, 1, start, inv_freq, H, qn, kn)  # noqa: E731
+            base = lambda _: unfused(qkv, k_cache, v_cache, pos, inv_freq, qn, kn, S)  # noqa: E731
+            diff = (ours(None).float() - base(None).float()).abs().max().item()
+            floor_us = 2 * HKV * S * D * 2 / bw * 1e6
+            row = dict(slots=S, rows=T, floor_us=round(floor_us, 2), max_abs_diff=diff,
+                       ours_us=round(time_graph(ours, [None], a.reps), 2),
+                       unfused_us=round(time_graph(base, [None], a.reps), 2))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(copy_GBps=round(bw / 1e9), rows=rows), f, indent=1)

@@ -6,7 +6,10 @@ for that projection; ``cublas`` = the bare F.linear (cuBLAS's pick for the GEMV/
 add), eager. Timing: CUDA-graph replay, weights rotated through copies larger than 2x L2 so every
 weight read comes from HBM. Roofline: weight bytes at the copy bandwidth measured in the run.
 
-    python bench/bench_linear.py [--M 1,8] [--reps 200] [--out bench_linear.json]
+    python bench/bench_linear.py [--M 1,8,32,64] [--reps 200] [--out bench_linear.json]
+
+M is the number of token rows: 1 = batch-1 decode, 8 = a batch-1 verify of gamma + 1 = 8,
+32 / 64 = batch 4 / 8 verifies. fused_linear reads the weight once per 64 rows at any M.
 """
 import argparse
 import json
@@ -76,7 +79,7 @@ def bench_shape(name, N, K, kind, residual, M, reps, bw):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--M", default="1,8")
+    ap.add_argument("--M", default="1,8,32,64")
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()

@@ -138,8 +138,11 @@ LinearDims check_fused_linear_args(const at::Tensor& x, const at::Tensor& weight
                     (silu_gate ? " (silu_gate: gate and up halves)" : ""), ", got shape ", x.sizes());
   DSPARK_CHECK_VALUE(!(silu_gate && norm_weight.has_value()),
                     "fused_linear takes one prologue: norm_weight or silu_gate, not both");
-  DSPARK_CHECK_VALUE(M <= int64_t(65535) * 8, "x has ", M, " rows; at most ", int64_t(65535) * 8,
+  DSPARK_CHECK_VALUE(M <= kLinearMaxRows, "x has ", M, " rows; at most ", kLinearMaxRows,
                     " are supported");
+  DSPARK_CHECK_VALUE(K <= int64_t(1) << 30, "weight has ", K, " input features; at most 2^30 are supported");
+  DSPARK_CHECK_VALUE((N + 127) / 128 * ((M + 63) / 64) * 8 < (int64_t(1) << 31), "fused_linear of ", M,
+                    " rows and ", N, " outputs exceeds the CUDA grid (2^31 blocks)");
   auto same = [&](const at::Tensor& t, const char* name) {
     DSPARK_CHECK_TYPE(t.scalar_type() == dt, name, " must have the dtype of x (", dt, "), got ",
                      t.scalar_type());
@@ -174,8 +177,11 @@ AttnDims check_decode_attention_args(const at::Tensor& qkv, const at::Tensor& k_
                                      const at::Tensor& positions, const at::Tensor& inv_freq,
                                      const std::optional<at::Tensor>& q_norm_weight,
                                      const std::optional<at::Tensor>& k_norm_weight, double eps,
-                                     int64_t num_heads, int64_t window) {
-  DSPARK_CHECK_DIM(qkv, 2, "qkv");
+                                     int64_t num_heads, int64_t window,
+                                     const std::optional<at::Tensor>& parents) {
+  DSPARK_CHECK(qkv.dim() == 2 || qkv.dim() == 3,
+               "qkv must be a 2-D [batch, width] or 3-D [batch, rows, width] tensor, got shape ",
+               qkv.sizes());
   const auto dt = qkv.scalar_type();
   DSPARK_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
                    "qkv must be float32, bfloat16 or float16, got ", dt);
@@ -183,19 +189,23 @@ AttnDims check_decode_attention_args(const at::Tensor& qkv, const at::Tensor& k_
               k_cache.sizes());
   DSPARK_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ", k_cache.sizes(),
               ", got ", v_cache.sizes());
+  const bool three_d = qkv.dim() == 3;
   const int64_t L = k_cache.size(0), B = k_cache.size(1), Hkv = k_cache.size(2), S = k_cache.size(3),
-                D = k_cache.size(4), H = num_heads;
+                D = k_cache.size(4), H = num_heads, T = three_d ? qkv.size(1) : 1;
   DSPARK_CHECK_VALUE(layer >= 0 && layer < L, "layer must be in [0, ", L, "), got ", layer);
   DSPARK_CHECK_VALUE(H >= 1 && Hkv >= 1 && H % Hkv == 0 && H / Hkv <= 16, "num_heads (", H,
                     ") must be a multiple of the cache's kv_heads (", Hkv, "), at most 16 per KV head");
   DSPARK_CHECK_VALUE(D >= 2 && D <= 256 && D % 2 == 0, "head_dim must be even and in [2, 256], got ", D);
   DSPARK_CHECK_VALUE(S >= 1, "the cache must have at least one slot");
+  DSPARK_CHECK_VALUE(T >= 1 && T <= 64, "qkv must have 1 to 64 rows per request (dim 1), got ", T);
   // CUDA grid limits (requests on grid y, 128-slot chunks on grid z); the same contract on CPU.
   DSPARK_CHECK_VALUE(B <= 65535, "at most 65535 requests per call, got ", B);
   DSPARK_CHECK_VALUE(S <= int64_t(65535) * 128, "at most ", int64_t(65535) * 128,
                     " cache slots, got ", S);
-  DSPARK_CHECK(qkv.size(0) == B && qkv.size(1) == (H + 2 * Hkv) * D, "qkv must have shape [", B, ", ",
-              (H + 2 * Hkv) * D, "] ((num_heads + 2 kv_heads) * head_dim), got ", qkv.sizes());
+  const int64_t width = (H + 2 * Hkv) * D;
+  DSPARK_CHECK(qkv.size(0) == B && qkv.size(-1) == width, "qkv must have shape [", B,
+               three_d ? ", rows, " : ", ", width, "] ((num_heads + 2 kv_heads) * head_dim), got ",
+               qkv.sizes());
   DSPARK_CHECK_VALUE(window >= 0, "window must be >= 0 (0 = no sliding window), got ", window);
   auto same = [&](const at::Tensor& t, const char* name, at::ScalarType want) {
     DSPARK_CHECK_TYPE(t.scalar_type() == want, name, " must have dtype ", want, ", got ", t.scalar_type());
@@ -209,6 +219,12 @@ AttnDims check_decode_attention_args(const at::Tensor& qkv, const at::Tensor& k_
   DSPARK_CHECK_DIM(positions, 1, "positions");
   DSPARK_CHECK_SIZE(positions, 0, B, "positions");
   same(positions, "positions", at::kLong);
+  if (parents) {
+    DSPARK_CHECK(parents->dim() == 2 && parents->size(0) == B && parents->size(1) == T,
+                 "parents must have shape [", B, ", ", T, "] (a parent id per row, -1 at roots), got ",
+                 parents->sizes());
+    same(*parents, "parents", at::kLong);
+  }
   DSPARK_CHECK_DIM(inv_freq, 1, "inv_freq");
   DSPARK_CHECK_SIZE(inv_freq, 0, D / 2, "inv_freq");
   same(inv_freq, "inv_freq", at::kFloat);
@@ -220,7 +236,7 @@ AttnDims check_decode_attention_args(const at::Tensor& qkv, const at::Tensor& k_
   }
   DSPARK_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, "eps must be finite and >= 0, got ",
                     std::to_string(eps));
-  return {B, H, Hkv, S, D, L};
+  return {B, T, H, Hkv, S, D, L, three_d};
 }
 
 bool& cuda_sync_checks() {
@@ -242,7 +258,8 @@ void raise_on_status(int32_t status, const char* op) {
   if (status & kBadTopP) msg += " top_p must be in (0, 1] (1 = off);";
   if (status & kBadDraftProbs) msg += " draft_probs must be finite and >= 0;";
   if (status & kBadUniform) msg += " uniforms must lie in [0, 1);";
-  if (status & kBadPosition) msg += " positions must lie in [0, S): a slot of the KV cache;";
+  if (status & kBadPosition)
+    msg += " positions must lie in [0, S): a slot of the KV cache (and positions + rows <= S);";
   msg.pop_back();
   TORCH_CHECK_VALUE(false, msg);  // a single std::string: no stream formatting
 }

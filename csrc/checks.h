@@ -62,6 +62,7 @@ SampleDims check_sample_args(const at::Tensor& logits, const at::Tensor& tempera
                              const std::optional<at::Tensor>& uniforms);
 
 // dspark::fused_linear. prologue: 0 plain, 1 RMSNorm (norm_weight), 2 SiLU gate (x is [M, 2K]).
+constexpr int64_t kLinearMaxRows = int64_t(1) << 24;  // rows per call (CUDA grid, int sizes)
 struct LinearDims { int64_t M, N, K; int prologue; };
 LinearDims check_fused_linear_args(const at::Tensor& x, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& bias,
@@ -69,14 +70,16 @@ LinearDims check_fused_linear_args(const at::Tensor& x, const at::Tensor& weight
                                    const std::optional<at::Tensor>& norm_weight, double eps,
                                    bool silu_gate);
 
-// dspark::decode_attention. G = H / Hkv query heads per KV head.
-struct AttnDims { int64_t B, H, Hkv, S, D, L; };
+// dspark::decode_attention. G = H / Hkv query heads per KV head; T rows per request (qkv
+// [B, (H + 2 Hkv) D] is T = 1 with a 2-D output).
+struct AttnDims { int64_t B, T, H, Hkv, S, D, L; bool three_d; };
 AttnDims check_decode_attention_args(const at::Tensor& qkv, const at::Tensor& k_cache,
                                      const at::Tensor& v_cache, int64_t layer,
                                      const at::Tensor& positions, const at::Tensor& inv_freq,
                                      const std::optional<at::Tensor>& q_norm_weight,
                                      const std::optional<at::Tensor>& k_norm_weight, double eps,
-                                     int64_t num_heads, int64_t window);
+                                     int64_t num_heads, int64_t window,
+                                     const std::optional<at::Tensor>& parents);
 
 // Whether CUDA entry points read the kernels' status word back after a launch (a host sync) to
 // raise on bad data. On by default; engines that validate their own inputs turn it off so a

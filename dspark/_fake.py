@@ -45,11 +45,12 @@ def _fused_linear_fake(x, weight, bias, residual, norm_weight, eps, silu_gate):
 
 @torch.library.register_fake("dspark::decode_attention")
 def _decode_attention_fake(qkv, k_cache, v_cache, layer, positions, inv_freq, q_norm_weight,
-                           k_norm_weight, eps, num_heads, window):
-    torch._check(qkv.dim() == 2 and k_cache.dim() == 5, lambda: "qkv must be 2-D, k_cache 5-D")
+                           k_norm_weight, eps, num_heads, window, parents=None):
+    torch._check(qkv.dim() in (2, 3) and k_cache.dim() == 5,
+                 lambda: "qkv must be 2-D or 3-D, k_cache 5-D")
     _same_device(qkv, k_cache=k_cache, v_cache=v_cache, positions=positions, inv_freq=inv_freq,
-                 q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight)
-    return qkv.new_empty((qkv.shape[0], num_heads * k_cache.shape[4]))
+                 q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, parents=parents)
+    return qkv.new_empty((*qkv.shape[:-1], num_heads * k_cache.shape[4]))
 
 
 @torch.library.register_fake("dspark::commit_tokens")

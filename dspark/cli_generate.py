@@ -39,8 +39,12 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
                    "kernels; tens of seconds per shape to compile); MODE: default or "
                    "max-autotune-no-cudagraphs")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                   help="run batch-1/2 decode on dspark::fused_linear + decode_attention "
-                   "(default: on CUDA)")
+                   help="run decode / verify calls of up to 64 token rows on dspark::fused_linear "
+                   "+ decode_attention (default: on CUDA)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="run every decode / verify call on the dspark kernels, whatever the rows: "
+                   "greedy speculative == greedy autoregressive at any batch size (slower than "
+                   "cuBLAS above 64 rows)")
     p.add_argument("--autoregressive", action="store_true", help="baseline: no drafting")
     p.add_argument("--compare", action="store_true", help="also run the autoregressive baseline "
                    "and report the speedup and whether greedy outputs match")
@@ -72,7 +76,7 @@ def run_generate(args) -> int:
         engine = SpeculativeEngine.from_pretrained(
             args.target, drafter=args.drafter, ngram=args.ngram, gamma=args.gamma,
             tree_topk=args.tree_topk, device=device, dtype=args.dtype,
-            compile=args.compile or False, fused=args.fused)
+            compile=args.compile or False, fused=args.fused, batch_invariant=args.batch_invariant)
         if engine.tokenizer is None:
             raise ValueError(f"{args.target!r} has no tokenizer.json")
         prompts = _prompts(args.prompt)

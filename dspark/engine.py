@@ -63,13 +63,17 @@ class SpeculativeEngine:
     def __init__(self, target: Union[Transformer, ModelRunner], drafter: Optional[Drafter] = None,
                  *, gamma: Optional[int] = None, tokenizer=None, max_len: Optional[int] = None,
                  use_cuda_graphs: Optional[bool] = None, compile: Union[bool, str] = False,
-                 fused: Optional[bool] = None, nvtx: bool = False):
-        # fused: the runner's dspark::fused_linear / decode_attention path for <= 2-row calls
-        # (None: on for CUDA); compile: torch.compile the graphed bodies (see ModelRunner);
+                 fused: Optional[bool] = None, batch_invariant: bool = False,
+                 nvtx: bool = False):
+        # fused: the runner's dspark::fused_linear / decode_attention path for calls of up to
+        # FUSED_MAX_ROWS rows (None: on for CUDA); batch_invariant: that path for every decode /
+        # verify call (greedy speculative == greedy autoregressive at any batch size, bf16
+        # included); compile: torch.compile the graphed bodies (see ModelRunner);
         # use_cuda_graphs: the runner's forwards and the engine's step stages (None: on CUDA);
         # nvtx: an NVTX range around every stage (for Nsight Systems)
         if not isinstance(target, ModelRunner):
-            target = ModelRunner(target, use_cuda_graphs, compile=compile, fused=fused)
+            target = ModelRunner(target, use_cuda_graphs, compile=compile, fused=fused,
+                                 batch_invariant=batch_invariant)
         self.target = target
         self.drafter = drafter
         if gamma is not None and drafter is not None:

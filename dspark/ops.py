@@ -118,15 +118,17 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                  residual: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
                  eps: float = 1e-6, silu_gate: bool = False) -> torch.Tensor:
     """``residual + linear(xhat, weight, bias)`` in one kernel, for the few-token calls (decode,
-    verify) where a linear layer is a weight-streaming GEMV.
+    verify) where a linear layer streams its weight.
 
     x : [..., K] (``silu_gate``: [..., 2K], xhat = silu(x[..., :K]) * x[..., K:]); with
         ``norm_weight`` [K], xhat = RMSNorm(x) * norm_weight (epsilon ``eps``); else xhat = x.
     weight : [N, K] (nn.Linear layout); bias : [N]; residual : [..., N]. One dtype throughout
         (float32 / bfloat16 / float16); intermediates are rounded to it as the separate PyTorch
         ops would store them (see dspark.reference.fused_linear). Returns [..., N].
-    Any number of rows is correct; the CUDA kernel is built for <= 8 rows (larger counts re-read
-    the weight once per 8 rows, use a GEMM there).
+    A row's result is bit-identical whatever the other rows are and however many there are
+    (one summation order for every row count: a decoded token and the same token inside a
+    verify block get the same bits). The CUDA kernel reads the weight once per 64 rows
+    (tensor cores for bf16/fp16).
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -139,19 +141,26 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
                      positions: torch.Tensor, inv_freq: torch.Tensor, num_heads: int,
                      q_norm_weight: Optional[torch.Tensor] = None,
                      k_norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
-                     window: int = 0) -> torch.Tensor:
-    """Attention of one new token per request, with its QK-norm, rotary embedding and KV-cache
-    write in the same kernels (decode: one launch per layer plus a chunk merge for long caches).
+                     window: int = 0, parents: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of a block of new tokens per request (decode: one; verify: a causal chain or a
+    token tree), with their QK-norm, rotary embedding and KV-cache write in the same kernels.
 
-    qkv : [B, (H + 2 Hkv) D] the token's q | k | v projections (H = ``num_heads``).
-    k_cache, v_cache : [L, B, Hkv, S, D]; layer ``layer``'s slot ``positions[b]`` is written
-        (rotated, normed k; v), then slots max(0, pos - window + 1) .. pos are attended.
-    positions : [B] int64, the token's position = its cache slot, in [0, S).
+    qkv : [B, (H + 2 Hkv) D] (one token per request) or [B, T, (H + 2 Hkv) D] (T <= 64 rows;
+        H = ``num_heads``): the tokens' q | k | v projections.
+    k_cache, v_cache : [L, B, Hkv, S, D]; row j of request b is written to layer ``layer``'s
+        slot ``positions[b] + j`` (rotated, normed k; v).
+    positions : [B] int64, slot and position of row 0; the block must fit: positions + T <= S.
+    parents : [B, T] int64 local parent ids (-1 at roots) or None (a causal chain). Row j sits
+        at position ``positions[b] + depth(j)`` and attends the cache slots below positions[b]
+        and its ancestors (itself included), within the sliding ``window`` (0 = none).
     inv_freq : [D/2] float32 rotary frequencies; q/k_norm_weight : [D] per-head RMSNorm (Qwen3).
-    Returns [B, H * D] in qkv's dtype (what the output projection takes).
+    Returns [B, H * D] or [B, T, H * D] in qkv's dtype (what the output projection takes).
+    A row's bits equal those of decoding its token alone at its position once its ancestors
+    sit in the slots below it (compacted path), whatever T, the other rows or S.
     """
     return torch.ops.dspark.decode_attention(qkv, k_cache, v_cache, layer, positions, inv_freq,
-                                             q_norm_weight, k_norm_weight, eps, num_heads, window)
+                                             q_norm_weight, k_norm_weight, eps, num_heads, window,
+                                             parents)
 
 
 def chain_layout(draft_lengths: Sequence[int], device: Union[str, torch.device] = "cpu"):

@@ -249,36 +249,57 @@ def _norm_rope(x, weight, eps, cos, sin):
     return ((x.float() * cos.float()).to(dt).float() + (rot.float() * sin.float()).to(dt).float()).to(dt)
 
 
+def tree_paths(parents: list) -> list:
+    """Ancestors of each node from the root to itself (parents: local ids, -1 at roots)."""
+    paths = []
+    for j, q in enumerate(parents):
+        paths.append((paths[q] if q >= 0 else []) + [j])
+    return paths
+
+
 def decode_attention(qkv, k_cache, v_cache, layer, positions, inv_freq, q_norm_weight,
-                     k_norm_weight, eps, num_heads, window):
+                     k_norm_weight, eps, num_heads, window, parents=None):
     """What dspark::decode_attention computes (mutates k_cache/v_cache like the op): per request,
-    write the rotated k and v at slot pos, then softmax(q K^T / sqrt(D)) V over the visible slots
-    in fp32, output rounded to qkv's dtype. Returns [B, H * D]."""
-    B = qkv.shape[0]
+    write each row's rotated k and v at slot positions[b] + j, then softmax(q K^T / sqrt(D)) V in
+    fp32 over the row's virtual slots (the cache below positions[b], then its ancestors), output
+    rounded to qkv's dtype. qkv [B, W] (one row) or [B, T, W]; returns [B, H * D] or
+    [B, T, H * D]."""
+    squeeze = qkv.dim() == 2
+    q3 = qkv[:, None] if squeeze else qkv
+    B, T = q3.shape[:2]
     Hkv, S, D = k_cache.shape[2], k_cache.shape[3], k_cache.shape[4]
     H, dt = num_heads, qkv.dtype
-    out = torch.empty(B, H * D, dtype=dt)
+    out = torch.empty(B, T, H * D, dtype=dt)
     for b in range(B):
-        pos = int(positions[b])
-        if not 0 <= pos < S:
-            raise ValueError(f"positions must lie in [0, {S}), got {pos}")
-        f = torch.tensor(float(pos), dtype=torch.float32) * inv_freq.float().cpu()
-        emb = torch.cat((f, f))
-        cos, sin = emb.cos().to(dt), emb.sin().to(dt)
-        q = qkv[b, :H * D].view(H, D)
-        k = qkv[b, H * D:(H + Hkv) * D].view(Hkv, D)
-        v = qkv[b, (H + Hkv) * D:].view(Hkv, D)
-        q = _norm_rope(q, q_norm_weight, eps, cos, sin)
-        k_cache[layer, b, :, pos] = _norm_rope(k, k_norm_weight, eps, cos, sin)
-        v_cache[layer, b, :, pos] = v
-        lo = max(0, pos - window + 1) if window > 0 else 0
-        keys = k_cache[layer, b, :, lo:pos + 1].float()  # [Hkv, n, D]
-        vals = v_cache[layer, b, :, lo:pos + 1].float()
-        group = H // Hkv
-        kk, vv = keys.repeat_interleave(group, 0), vals.repeat_interleave(group, 0)  # [H, n, D]
-        scores = torch.einsum("hd,hnd->hn", q.float(), kk) / math.sqrt(D)
-        out[b] = torch.einsum("hn,hnd->hd", scores.softmax(-1), vv).to(dt).reshape(-1)
-    return out
+        st = int(positions[b])
+        if not (0 <= st and st + T <= S):
+            raise ValueError(f"positions must lie in [0, {S}) with room for {T} rows, got {st}")
+        par = list(range(-1, T - 1)) if parents is None else [int(x) for x in parents[b]]
+        if any(not -1 <= x < j for j, x in enumerate(par)):
+            raise ValueError(f"parents must be -1 or a smaller row id, got {par}")
+        paths = tree_paths(par)
+        pos = [st + len(p) - 1 for p in paths]
+
+        def rope_tables(p):
+            f = torch.tensor(float(p), dtype=torch.float32) * inv_freq.float().cpu()
+            emb = torch.cat((f, f))
+            return emb.cos().to(dt), emb.sin().to(dt)
+        for j in range(T):
+            k = q3[b, j, H * D:(H + Hkv) * D].view(Hkv, D)
+            k_cache[layer, b, :, st + j] = _norm_rope(k, k_norm_weight, eps, *rope_tables(pos[j]))
+            v_cache[layer, b, :, st + j] = q3[b, j, (H + Hkv) * D:].view(Hkv, D)
+        for j in range(T):
+            p = pos[j]
+            lo = max(0, p - window + 1) if window > 0 else 0
+            slots = [v if v < st else st + paths[j][v - st] for v in range(lo, p + 1)]
+            q = _norm_rope(q3[b, j, :H * D].view(H, D), q_norm_weight, eps, *rope_tables(p))
+            keys = k_cache[layer, b][:, slots].float()  # [Hkv, n, D]
+            vals = v_cache[layer, b][:, slots].float()
+            group = H // Hkv
+            kk, vv = keys.repeat_interleave(group, 0), vals.repeat_interleave(group, 0)
+            scores = torch.einsum("hd,hnd->hn", q.float(), kk) / math.sqrt(D)
+            out[b, j] = torch.einsum("hn,hnd->hd", scores.softmax(-1), vv).to(dt).reshape(-1)
+    return out[:, 0] if squeeze else out
 
 
 # ---- the step's bookkeeping (dspark::commit_tokens, dspark::ngram_propose) --------------------

@@ -1,5 +1,6 @@
 """dspark::fused_linear against dspark.reference.fused_linear (odd sizes, every prologue, dtypes,
-the multi-chunk and unaligned kernel paths), opcheck, torch.compile, and bad input."""
+the k-split / multi-chunk / unaligned kernel paths), the one-summation-order property (a row's
+bits do not depend on the other rows), opcheck, torch.compile, and bad input."""
 import pytest
 import torch
 
@@ -47,7 +48,8 @@ def check(args):
 @pytest.mark.parametrize("kind", ["plain", "norm", "gate"])
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 7, 3), (2, 33, 64), (3, 257, 13),
                                    (5, 100, 200), (8, 65, 1000), (9, 17, 40), (17, 3, 24),
-                                   (1, 300, 512), (1, 33, 4096)])  # (CUDA: norm in registers)
+                                   (1, 300, 512), (1, 33, 4096), (16, 129, 1000), (33, 300, 300),
+                                   (65, 40, 4099), (3, 128, 96)])
 def test_matches_reference(device, gen, dtype, kind, M, N, K):
     check(make(M, N, K, dtype, kind, bias=N % 2 == 1, residual=M % 2 == 1, gen=gen, device=device))
 
@@ -57,6 +59,50 @@ def test_matches_reference(device, gen, dtype, kind, M, N, K):
 def test_k_larger_than_one_staged_chunk(device, gen, dtype, M, K):
     """K beyond what one block stages in shared memory (12288 floats per M tile): K chunks."""
     check(make(M, 40, K, dtype, "norm", bias=True, residual=True, gen=gen, device=device))
+
+
+# (N, K): the CUDA kernel's k split into 1 / 4 / 8 slices with partial last slices and several
+# staged chunks per slice, element loads (K odd), one and several row blocks.
+SPLIT_SHAPES = [(7, 13), (100, 1000), (300, 300), (33, 4096), (40, 12300), (257, 40)]
+
+
+def call_rows(args, idx):
+    """fused_linear over rows `idx` of args' x / residual only."""
+    sub = dict(args, x=args["x"][idx].contiguous())
+    if args["residual"] is not None:
+        sub["residual"] = args["residual"][idx].contiguous()
+    return torch.ops.dspark.fused_linear(*sub.values())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["plain", "norm", "gate"])
+@pytest.mark.parametrize("N,K", SPLIT_SHAPES)
+def test_row_bits_do_not_depend_on_other_rows(device, gen, dtype, kind, N, K):
+    """One summation order for every row count (batch invariance): each row of a 70-row call
+    (two 64-row groups on CUDA) equals, bit for bit, the same row computed alone (decode), in a
+    pair, and among 9, 17 or 33 other rows in another order (1, 2, 4 and 8 column tiles)."""
+    M = 70
+    a = make(M, N, K, dtype, kind, bias=True, residual=kind != "norm", gen=gen, device=device)
+    full = torch.ops.dspark.fused_linear(*a.values())
+    perm = torch.randperm(M, generator=gen)
+    for idx in ([5], [69], [0, 1], perm[:9], perm[9:26], perm[26:59]):
+        idx = torch.as_tensor(idx, device=device)
+        got, want = call_rows(a, idx), full[idx]
+        assert torch.equal(got, want), f"rows {idx.tolist()}: max diff {(got.float() - want.float()).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["norm", "gate"])
+def test_load_alignment_does_not_change_bits(device, gen, dtype, kind):
+    """x or weight starting mid-vector (element loads) give the bits of aligned tensors (16-byte
+    loads): the same values feed the same sums."""
+    a = make(5, 70, 256, dtype, kind, bias=False, residual=True, gen=gen, device=device)
+    want = torch.ops.dspark.fused_linear(*a.values())
+    for name in ("x", "weight"):
+        flat = torch.empty(a[name].numel() + 1, dtype=dtype, device=device)
+        view = flat[1:].view_as(a[name])
+        view.copy_(a[name])
+        assert torch.equal(torch.ops.dspark.fused_linear(*dict(a, **{name: view}).values()), want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -99,9 +145,9 @@ def test_wrapper_keeps_leading_dims(device, gen):
 
 
 @pytest.mark.parametrize("kind", ["plain", "norm", "gate"])
-def test_opcheck(device, gen, kind):
-    a = make(3, 9, 16, torch.float32, kind, bias=True, residual=kind != "plain", gen=gen,
-             device=device)
+@pytest.mark.parametrize("dtype,M", [(torch.float32, 3), (torch.bfloat16, 70)])
+def test_opcheck(device, gen, kind, dtype, M):
+    a = make(M, 9, 16, dtype, kind, bias=True, residual=kind != "plain", gen=gen, device=device)
     torch.library.opcheck(torch.ops.dspark.fused_linear.default, tuple(a.values()))
 
 

@@ -107,27 +107,37 @@ def test_verify_chain_and_tree_match_transformers(pair):
 
 
 def test_fused_runner_matches_transformers(pair):
-    """fused=True (the CUDA default): decode of 2 requests and a one-request verify of 2 nodes
-    run their linear layers on dspark::fused_linear and still give transformers' logits."""
+    """fused=True (the CUDA default): decode of 3 requests, an extend block and the packed
+    chain + tree verify run entirely on dspark::fused_linear + dspark::decode_attention (every
+    architecture, sliding windows included) and still give transformers' logits and taps."""
     hf, model, _ = pair
     runner = ModelRunner(model, fused=True)
     assert runner.fused and model.can_fuse(FUSED_MAX_ROWS)
     assert not model.can_fuse(FUSED_MAX_ROWS + 1)
-    prompts = PROMPTS[:FUSED_MAX_ROWS]
-    runner.allocate(len(prompts), 32)
-    runner.prefill(prompts)
-    start = torch.tensor([len(p) for p in prompts])
-    logits = runner.decode(torch.tensor([5, 6])[:len(prompts)], start)
-    for b, p in enumerate(prompts):
+    runner.allocate(len(PROMPTS), 32)
+    runner.prefill(PROMPTS)
+    start = torch.tensor([len(p) for p in PROMPTS])
+    logits = runner.decode(torch.tensor([5, 6, 7]), start)
+    for b, p in enumerate(PROMPTS):
         torch.testing.assert_close(logits[b], hf_logits(hf, p + [5 + b])[-1], atol=ATOL, rtol=0)
-    toks, pars = [50, 51], [-1, 0]
-    runner.allocate(1, 32)
-    runner.prefill(PROMPTS[:1])
-    logits, _ = runner.forward_tree(torch.tensor(toks), torch.tensor(pars), torch.tensor([0, 2]),
-                              torch.tensor([len(PROMPTS[0])]), max_nodes=2)
-    for j, path in enumerate(paths(pars)):
-        seq = PROMPTS[0] + [toks[i] for i in path]
-        torch.testing.assert_close(logits[j], hf_logits(hf, seq)[-1], atol=ATOL, rtol=0)
+    block = torch.tensor([[5, 8, 9], [6, 8, 9], [7, 8, 9]])
+    logits = runner.extend(block, start, last=torch.tensor([2, 1, 0])).logits
+    for b, p in enumerate(PROMPTS):
+        seq = p + block[b].tolist()[:3 - b]
+        torch.testing.assert_close(logits[b], hf_logits(hf, seq)[-1], atol=ATOL, rtol=0)
+    runner.prefill(PROMPTS)
+    taps = (-1, 1)
+    (logits, hidden), offs, _ = verify_block(runner, taps)
+    for r, (toks, pars) in enumerate(TREES):
+        for j, path in enumerate(paths(pars)):
+            seq = PROMPTS[r] + [toks[i] for i in path]
+            with torch.no_grad():
+                ref = hf(torch.tensor([seq]), output_hidden_states=True)
+            row = int(offs[r]) + j
+            torch.testing.assert_close(logits[row], ref.logits[0, -1], atol=ATOL, rtol=0)
+            for t, layer in enumerate(taps):
+                torch.testing.assert_close(hidden[t, row], ref.hidden_states[layer + 1][0, -1],
+                                           atol=ATOL, rtol=0)
 
 
 def test_prefill_taps_match_transformers(pair):

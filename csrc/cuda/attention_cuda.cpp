@@ -1,7 +1,7 @@
 // csrc/cuda/attention_cuda.cpp: CUDA entry point of dspark::decode_attention.
-// Positions are checked on the device (status word, read back outside CUDA-graph capture when
-// sync checks are on, like verify/sample); an invalid request writes nothing to the cache and
-// gets a zero output.
+// Positions (each request's first slot) and parents are checked on the device (status word,
+// read back outside CUDA-graph capture when sync checks are on, like verify/sample); a request whose block does not fit the cache writes
+// nothing and gets a zero output; a parent outside [-1, row) counts as -1 (a root).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,23 +21,31 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at:
                                  const at::Tensor& inv_freq,
                                  const std::optional<at::Tensor>& q_norm_weight,
                                  const std::optional<at::Tensor>& k_norm_weight, double eps,
-                                 int64_t num_heads, int64_t window) {
+                                 int64_t num_heads, int64_t window,
+                                 const std::optional<at::Tensor>& parents) {
   const auto d = check_decode_attention_args(qkv, k_cache, v_cache, layer, positions, inv_freq,
-                                             q_norm_weight, k_norm_weight, eps, num_heads, window);
+                                             q_norm_weight, k_norm_weight, eps, num_heads, window,
+                                             parents);
   const c10::cuda::CUDAGuard guard(qkv.device());
-  at::Tensor out = at::empty({d.B, d.H * d.D}, qkv.options());
+  at::Tensor out = d.three_d ? at::empty({d.B, d.T, d.H * d.D}, qkv.options())
+                             : at::empty({d.B, d.H * d.D}, qkv.options());
   if (d.B == 0) return out;
   const int splits = attention_splits(d.S);
+  const int rows = attention_rows_per_block(d.T, d.H / d.Hkv, splits);
+  DSPARK_CHECK_VALUE(int64_t(splits) * ((d.T + rows - 1) / rows) <= 65535, "a cache of ", d.S,
+                     " slots with ", d.T, " rows per request exceeds the CUDA grid (65535 blocks in z)");
   const auto f32 = qkv.options().dtype(at::kFloat);
-  at::Tensor part_o = at::empty({splits > 1 ? d.B * d.H * splits * d.D : 0}, f32);
-  at::Tensor part_ml = at::empty({splits > 1 ? d.B * d.H * splits * 2 : 0}, f32);
+  const int64_t parts = splits > 1 ? d.B * d.T * d.H * splits : 0;
+  at::Tensor part_o = at::empty({parts * d.D}, f32);
+  at::Tensor part_ml = at::empty({parts * 2}, f32);
   at::Tensor status = at::empty({1}, qkv.options().dtype(at::kInt));  // written by the kernel
   AttentionArgs a{};
   a.dtype = element_type(qkv);
   a.qkv = qkv.data_ptr();
   a.k_cache = k_cache.data_ptr();
   a.v_cache = v_cache.data_ptr();
-  a.positions = positions.data_ptr<int64_t>();
+  a.start = positions.data_ptr<int64_t>();
+  a.parents = ptr_or_null<int64_t>(parents);
   a.inv_freq = inv_freq.data_ptr<float>();
   a.q_norm = ptr_or_null(q_norm_weight);
   a.k_norm = ptr_or_null(k_norm_weight);
@@ -46,6 +54,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at:
   a.part_ml = part_ml.data_ptr<float>();
   a.status = status.data_ptr<int32_t>();
   a.B = d.B;
+  a.T = d.T;
   a.H = d.H;
   a.Hkv = d.Hkv;
   a.S = d.S;
@@ -55,6 +64,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at:
   a.eps = static_cast<float>(eps);
   a.scale = 1.0f / std::sqrt(static_cast<float>(d.D));
   a.splits = splits;
+  a.rows_per_block = rows;
   const cudaError_t err = launch_attention(a, c10::cuda::getCurrentCUDAStream());
   DSPARK_CHECK(err == cudaSuccess,
                "dspark::decode_attention kernel launch failed: ", cudaGetErrorString(err));

@@ -1,11 +1,14 @@
 // csrc/cuda/attention_kernels.cu: instantiates the header-only decode attention per dtype.
 #include "cuda/dispatch.cuh"
 #include "cuda/launch.h"
-#include "dspark/attention.cuh"
+#include "dspark/attention_kernel.cuh"
 
 namespace dspark {
 
 int attention_splits(int64_t S) { return cuda::attn_splits(S); }
+int attention_rows_per_block(int64_t T, int64_t G, int splits) {
+  return cuda::attn_rows_per_block(T, G, splits);
+}
 
 namespace {
 template <typename T>
@@ -14,7 +17,8 @@ cudaError_t run(const AttentionArgs& a, cudaStream_t stream) {
   p.qkv = static_cast<const T*>(a.qkv);
   p.k_cache = static_cast<T*>(a.k_cache);
   p.v_cache = static_cast<T*>(a.v_cache);
-  p.positions = a.positions;
+  p.start = a.start;
+  p.parents = a.parents;
   p.inv_freq = a.inv_freq;
   p.q_norm = static_cast<const T*>(a.q_norm);
   p.k_norm = static_cast<const T*>(a.k_norm);
@@ -23,6 +27,7 @@ cudaError_t run(const AttentionArgs& a, cudaStream_t stream) {
   p.part_ml = a.part_ml;
   p.status = a.status;
   p.B = a.B;
+  p.rows = a.T;
   p.H = a.H;
   p.Hkv = a.Hkv;
   p.S = a.S;
@@ -32,6 +37,7 @@ cudaError_t run(const AttentionArgs& a, cudaStream_t stream) {
   p.eps = a.eps;
   p.scale = a.scale;
   p.splits = a.splits;
+  p.rows_per_block = a.rows_per_block;
   return cuda::launch_decode_attention(p, stream);
 }
 }  // namespace

@@ -48,19 +48,21 @@ cudaError_t launch_linear(const LinearArgs& args, cudaStream_t stream);
 // dspark::decode_attention (include/dspark/attention.cuh); qkv/caches/norms/out of type `dtype`.
 struct AttentionArgs {
   ElementType dtype;
-  const void* qkv;
+  const void* qkv;  // [B, T, (H + 2 Hkv) D]
   void *k_cache, *v_cache;
-  const int64_t* positions;
+  const int64_t* start;    // [B] slot (and position) of row 0
+  const int64_t* parents;  // [B, T] or null (chain)
   const float* inv_freq;
   const void *q_norm, *k_norm;  // may be null
   void* out;
   float *part_o, *part_ml;  // chunk partials (splits > 1)
   int32_t* status;
-  int64_t B, H, Hkv, S, D, layer, window;
+  int64_t B, T, H, Hkv, S, D, layer, window;
   float eps, scale;
-  int splits;
+  int splits, rows_per_block;
 };
 int attention_splits(int64_t S);  // chunks of the cache's slots (one block each per KV head)
+int attention_rows_per_block(int64_t T, int64_t G, int splits);  // rows of one block
 cudaError_t launch_attention(const AttentionArgs& args, cudaStream_t stream);
 
 }  // namespace dspark

@@ -1,7 +1,7 @@
 // csrc/cuda/linear_kernels.cu: instantiates the header-only fused linear kernel per dtype.
 #include "cuda/dispatch.cuh"
 #include "cuda/launch.h"
-#include "dspark/linear.cuh"
+#include "dspark/linear_kernel.cuh"
 
 namespace dspark {
 

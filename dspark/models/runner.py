@@ -16,10 +16,15 @@ Compilation costs tens of seconds per bucket, so it is opt-in (``dspark generate
 ``compile="max-autotune-no-cudagraphs"`` (or ``"max-autotune"``'s graph-free twin) lets inductor
 also benchmark GEMM kernels; modes that bring their own CUDA graphs are refused (ours capture).
 
-``fused`` (default: on for CUDA) runs the linear layers of calls over at most
-``FUSED_MAX_ROWS`` token rows (decode, small verify blocks) on ``dspark::fused_linear``: one
-weight-streaming kernel per projection with RMSNorm / SiLU-gate / residual folded in; with one
-token per request, attention runs on ``dspark::decode_attention``.
+``fused`` (default: on for CUDA) runs decode / extend / verify calls over at most
+``FUSED_MAX_ROWS`` token rows entirely on the dspark kernels: ``dspark::fused_linear`` (one
+weight-streaming kernel per projection with RMSNorm / SiLU-gate / residual folded in) and
+``dspark::decode_attention`` (the block's chain or tree, QK-norm, rotary, cache write). Their
+sums do not depend on the row count, so a token's logits are bit-identical in decode and verify.
+``batch_invariant=True`` forces them for every decode / extend / verify call, whatever the rows
+(above FUSED_MAX_ROWS they re-read the weights once per 64 rows: slower than cuBLAS there, but
+greedy speculative output then equals greedy autoregressive output at any batch size).
+Prefill stays on cuBLAS + SDPA (shared by the autoregressive and speculative runs).
 """
 from __future__ import annotations
 
@@ -53,7 +58,8 @@ def tree_masks(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class ModelRunner:
     def __init__(self, model: Transformer, use_cuda_graphs: Optional[bool] = None,
-                 compile: Union[bool, str] = False, fused: Optional[bool] = None):
+                 compile: Union[bool, str] = False, fused: Optional[bool] = None,
+                 batch_invariant: bool = False):
         if isinstance(compile, str) and compile not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES} (the runner captures "
                              f"its own CUDA graphs), got {compile!r}")
@@ -65,6 +71,12 @@ class ModelRunner:
             use_cuda_graphs = model.device.type == "cuda"
         self.use_cuda_graphs = use_cuda_graphs
         self.fused = model.device.type == "cuda" if fused is None else fused
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            if fused is False or not model.fusable():
+                raise ValueError("batch_invariant needs the fused dspark kernels (fused=True and "
+                                 "a SiLU-gated MLP)")
+            self.fused = True
         self._graphs: dict = {}
         self._pool = None
         self._compiled: dict = {}
@@ -161,40 +173,58 @@ class ModelRunner:
         B, T = tokens.shape
         dev = tokens.device
         c = self.cache
-        fused = self.fused and self.model.can_fuse(B * T)
-        if fused and T == 1:
-            # decode on the dspark kernels: no mask, no position arange, row 0 is the last row
-            # (each would be one more small kernel, outside the programmatic-launch chain)
-            h, tapped = self.model(tokens, start[:, None], start, None, c.k, c.v, c.max_len, taps,
-                                   fused)
-            logits = self.model.logits(h[:, 0], fused)
-            return Forward(logits, torch.stack(tapped) if tapped else None)
+        if self._fuse(B * T, T):
+            # on the dspark kernels: no mask, no position arange (each would be one more small
+            # kernel, outside the programmatic-launch chain); decode's last row is row 0
+            h, tapped = self.model(tokens, None, start, None, c.k, c.v, c.max_len, taps, True)
+            h = h[:, 0] if T == 1 else h[torch.arange(B, device=dev), last]
+            return Forward(self.model.logits(h, True), torch.stack(tapped) if tapped else None)
         positions = start[:, None] + torch.arange(T, device=dev)
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(B, T, T)
-        h, tapped = self.model(tokens, positions, start, causal, c.k, c.v, c.max_len, taps, fused)
-        logits = self.model.logits(h[torch.arange(B, device=dev), last], fused)
+        h, tapped = self.model(tokens, positions, start, causal, c.k, c.v, c.max_len, taps)
+        logits = self.model.logits(h[torch.arange(B, device=dev), last])
         return Forward(logits, torch.stack(tapped) if tapped else None)
 
     def _forward_tree(self, draft_tokens, parents, node_offsets, start, static):
         max_nodes, taps = static
         N, R, W = draft_tokens.shape[0], start.shape[0], max_nodes
         dev = draft_tokens.device
-        node = torch.arange(N, device=dev)
-        # request of each node: how many request ends lie at or before it (a comparison-sum
-        # rather than searchsorted, whose inductor lowering tripped a device-side assert here)
-        row = (node[:, None] >= node_offsets[None, 1:]).sum(1)
-        col = node - node_offsets[row]
-        tokens = torch.zeros(R, W, dtype=torch.int64, device=dev)
-        tokens[row, col] = draft_tokens
-        par = torch.full((R, W), -1, dtype=torch.int64, device=dev)
-        par[row, col] = parents
-        anc, depth = tree_masks(par)
+        if N == R * W:  # every request has max_nodes nodes (no request may have more): no padding
+            tokens, par = draft_tokens.view(R, W), parents.view(R, W)
+            row = col = None
+        else:
+            node = torch.arange(N, device=dev)
+            # request of each node: how many request ends lie at or before it (a comparison-sum
+            # rather than searchsorted, whose inductor lowering tripped a device-side assert)
+            row = (node[:, None] >= node_offsets[None, 1:]).sum(1)
+            col = node - node_offsets[row]
+            tokens = torch.zeros(R, W, dtype=torch.int64, device=dev)
+            tokens[row, col] = draft_tokens
+            par = torch.full((R, W), -1, dtype=torch.int64, device=dev)
+            par[row, col] = parents
+
+        def packed(t):  # [R, W, ...] -> the nodes' rows [N, ...]
+            return t.reshape(N, *t.shape[2:]) if row is None else t[row, col]
         c = self.cache
-        positions = start[:, None] + depth
-        fused = self.fused and self.model.can_fuse(R * W)
-        h, tapped = self.model(tokens, positions, start, anc, c.k, c.v, c.max_len, taps, fused)
-        hidden = torch.stack([t[row, col] for t in tapped]) if tapped else None
-        return Forward(self.model.logits(h[row, col], fused), hidden)
+        fused = self._fuse(R * W, W)
+        if fused:  # the kernels take the tree as parents (row j at position start + depth(j))
+            h, tapped = self.model(tokens, None, start, None, c.k, c.v, c.max_len, taps, True, par)
+        else:
+            anc, depth = tree_masks(par)
+            positions = start[:, None] + depth
+            h, tapped = self.model(tokens, positions, start, anc, c.k, c.v, c.max_len, taps)
+        hidden = torch.stack([packed(t) for t in tapped]) if tapped else None
+        return Forward(self.model.logits(packed(h), fused), hidden)
+
+    def _fuse(self, rows: int, block: int) -> bool:
+        """Whether a call over ``rows`` token rows, ``block`` per request, runs on the dspark
+        kernels (see the module docstring)."""
+        if self.batch_invariant:
+            if not self.model.fusable(block):
+                raise ValueError(f"batch_invariant: blocks of {block} tokens exceed the fused "
+                                 f"kernels' limit")
+            return True
+        return self.fused and self.model.can_fuse(rows, block)
 
     def _body(self, name, fn):
         if not self.compile:

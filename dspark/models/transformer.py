@@ -17,11 +17,16 @@ from ..ops import decode_attention, fused_linear
 from .config import ModelConfig
 from .layers import MLP, RMSNorm, apply_rope, rope
 
-# A forward over at most this many token rows (batch x block) may use dspark::fused_linear:
-# there a linear layer streams its weight once (GEMV-like), which the fused kernel is built for.
-# Measured on the H200 (bench/bench_linear.py, Qwen3-8B projections): it beats the unfused
-# norm + cuBLAS + add ops at 1 and 2 rows and loses from 4 rows on (bench/RESULTS.md).
-FUSED_MAX_ROWS = 2
+# A decode / verify forward over at most this many token rows (batch x block) runs on the dspark
+# kernels (fused_linear + decode_attention): weights streamed once per 64 rows on tensor cores,
+# and one summation order for every row count, so a token's logits are bit-identical in decode
+# and verify (greedy speculative == greedy autoregressive in bf16). Above it cuBLAS + SDPA take
+# over (faster for many rows, but their sums depend on the row count) unless the runner is
+# batch_invariant. 64 = the rows one kernel pass covers (expected crossover with cuBLAS; set from
+# the H200 measurement: bench/bench_verify_forward.py).
+FUSED_MAX_ROWS = 64
+# Tokens per request of a fused forward (dspark::decode_attention's limit).
+FUSED_MAX_BLOCK = 64
 
 
 class Attention(nn.Module):
@@ -66,24 +71,21 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP.from_config(c)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit, fused=False):
-        if fused:
-            attn = self.attn
-            return self._fused(x, lambda qkv: attn.core(qkv, cos, sin, k_cache, v_cache, slots,
-                                                        mask, kv_limit))
+    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit):
         x = x + self.attn(self.attn_norm(x), cos, sin, k_cache, v_cache, slots, mask, kv_limit)
         return x + self.mlp(self.mlp_norm(x))
 
-    def decode(self, x, k_cache, v_cache, layer, positions, inv_freq):
-        """One token per request on dspark kernels only: 4 fused_linear + decode_attention.
-        x: [B, hidden]; k_cache/v_cache: [L, B, Hkv, S, D] (slot positions[b] of ``layer`` is
-        written); positions: [B]; inv_freq: [D/2] f32."""
+    def decode(self, x, k_cache, v_cache, layer, start, inv_freq, parents=None):
+        """A block of T tokens per request on dspark kernels only: 4 fused_linear +
+        decode_attention. x: [B, T, hidden]; k_cache/v_cache: [L, B, Hkv, S, D] (slots
+        start[b] + t of ``layer`` are written); start: [B]; parents: [B, T] local ids (-1 at
+        roots) or None (a causal chain); inv_freq: [D/2] f32."""
         a = self.attn
         q_norm = a.q_norm.weight if a.q_norm is not None else None
         k_norm = a.k_norm.weight if a.k_norm is not None else None
-        return self._fused(x, lambda qkv: decode_attention(qkv, k_cache, v_cache, layer, positions,
+        return self._fused(x, lambda qkv: decode_attention(qkv, k_cache, v_cache, layer, start,
                                                            inv_freq, a.h, q_norm, k_norm, a.eps,
-                                                           a.window))
+                                                           a.window, parents))
 
     def _fused(self, x, attend):
         """The block on four dspark::fused_linear calls (RMSNorm folded into the QKV and gate/up
@@ -133,43 +135,48 @@ class Transformer(nn.Module):
             masks[w] = (full & near)[:, None]
         return masks
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, start: torch.Tensor,
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor], start: torch.Tensor,
                 block_mask: Optional[torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Tensor,
-                kv_limit: int, taps: Sequence[int] = (), fused: bool = False
-                ) -> tuple[torch.Tensor, list]:
+                kv_limit: int, taps: Sequence[int] = (), fused: bool = False,
+                parents: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list]:
         """tokens, positions: [B, T] i64; start: [B] i64 (first cache slot of the block);
-        block_mask: [B, T, T] bool (query t may see block slot j; unused, may be None, on the
-        fused T = 1 path, where slot = position); k_cache/v_cache:
+        block_mask: [B, T, T] bool (query t may see block slot j); k_cache/v_cache:
         [L, B, Hkv, S, D]. Returns the final residual stream [B, T, hidden] (pre-norm) and the
         tapped residual streams (layer l's output; -1 = embedding output), in ``taps`` order.
-        ``fused``: run the blocks on dspark::fused_linear (see :meth:`can_fuse`); with one token
-        per request (T = 1: decode, or a root-only verify) attention runs on
-        dspark::decode_attention too, and no masks or rotary tables are built."""
+        ``fused``: every block on the dspark kernels (see :meth:`can_fuse`); the block's tree is
+        then given by ``parents`` [B, T] (local ids, -1 at roots; None = a causal chain), row t
+        sitting at position start + depth(t): positions and block_mask are not used (may be
+        None), and no masks or rotary tables are built."""
         B, T = tokens.shape
         x = self.embed(tokens)
-        if fused and T == 1:
-            h, pos, inv_freq = x.view(B, -1), positions.view(B), self.inv_freq.float()
+        if fused:
+            inv_freq = self.inv_freq.float()
             tapped = {-1: x} if -1 in taps else {}
             for i, layer in enumerate(self.layers):
-                h = layer.decode(h, k_cache, v_cache, i, pos, inv_freq)
+                x = layer.decode(x, k_cache, v_cache, i, start, inv_freq, parents)
                 if i in taps:
-                    tapped[i] = h.view(B, 1, -1)
-            return h.view(B, 1, -1), [tapped[t] for t in taps]
+                    tapped[i] = x
+            return x, [tapped[t] for t in taps]
         cos, sin = rope(positions, self.inv_freq, x.dtype)  # [B, 1, T, D]
         slots = start[:, None] + torch.arange(T, device=tokens.device)
         masks = self._masks(positions, start, block_mask, kv_limit)
         tapped = {-1: x} if -1 in taps else {}
         for i, layer in enumerate(self.layers):
             mask = masks[self.config.sliding_window[i]]
-            x = layer(x, cos, sin, k_cache[i], v_cache[i], slots, mask, kv_limit, fused)
+            x = layer(x, cos, sin, k_cache[i], v_cache[i], slots, mask, kv_limit)
             if i in taps:
                 tapped[i] = x
         return x, [tapped[t] for t in taps]
 
-    def can_fuse(self, rows: int) -> bool:
-        """Whether a forward over ``rows`` token rows can use dspark::fused_linear (few rows, and
-        the SiLU-gated MLP the down-projection kernel folds in)."""
-        return rows <= FUSED_MAX_ROWS and self.config.hidden_act == "silu"
+    def can_fuse(self, rows: int, block: int = 1) -> bool:
+        """Whether a forward over ``rows`` token rows in blocks of ``block`` tokens per request
+        runs on the dspark kernels by default (few rows, a short block, and the SiLU-gated MLP
+        the down-projection kernel folds in)."""
+        return self.fusable(block) and rows <= FUSED_MAX_ROWS
+
+    def fusable(self, block: int = 1) -> bool:
+        """Whether the dspark kernels can run this model's forward at all (any row count)."""
+        return block <= FUSED_MAX_BLOCK and self.config.hidden_act == "silu"
 
     def logits(self, h: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """Final norm + LM head; logits in float32."""

@@ -1,4 +1,5 @@
-// dspark/linear.cuh: the fused skinny linear layer of batch-1 decode and small verify blocks.
+// dspark/linear.cuh: parameters, numeric helpers and tile building blocks of dspark's fused
+// skinny linear layer (the kernel and its launcher: dspark/linear_kernel.cuh).
 //
 //   out[m, n] = residual[m, n] + (sum_k W[n, k] * xhat[m, k] + bias[n])        (M small, N, K big)
 //   xhat = x                                    (kPlain,    x [M, K])
@@ -9,12 +10,17 @@
 // or gated input is rounded to T like the separate ops would store it, products accumulate in
 // fp32, bias is added before the one rounding of the GEMM result, the residual add rounds again.
 //
-// Why a kernel of our own: at M = 1 the layer is a GEMV that reads each weight once; cuBLAS
-// splits K for some shapes (a second reduce kernel) and the norm / SiLU-gate / residual ops
-// around it are separate kernels. Here one kernel streams W at full width (16-byte loads, several
-// in flight per lane), each warp owning ROWS output rows; every block first stages xhat for its
-// M tile in shared memory (fp32) and then walks row groups grid-stride, so the prologue runs once
-// per block, not once per row. No torch headers: raw pointers, sizes and a stream.
+// One summation order for every row count (docs/DESIGN.md property 6, batch invariance): each
+// out[m, n] is a fixed function of row m of x and of (N, K), never of M or of the other rows:
+//   - K is cut into linear_split(N, K).slices slices of slice_k (a multiple of 32); a slice is
+//     summed by one block of a thread-block cluster, the slice sums are added in slice order;
+//   - inside a slice a warp owns a 16-row strip of W and walks the slice in 32-k slabs in order.
+//     bf16/fp16: a slab is two mma.m16n8k16 (A = 16 weight rows x 16 k, B = 16 k x 8 tokens,
+//     fp32 accumulators chained slab after slab); an MMA's columns are independent, so a token
+//     gets the same bits in whichever 8-token tile it sits. fp32: one FMA chain per (weight row,
+//     token, half of each slab), the halves added at the end of the slice;
+//   - the RMSNorm statistic of a row: per slice a fixed 32-lane order, slices added in order.
+// How many tokens a call has only decides how many column tiles each weight fragment meets.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -45,8 +51,34 @@ struct LinearParams {
   int prologue;
 };
 
-constexpr int kLinearWarps = 8;                // 256 threads per block
-constexpr int kLinearStageFloats = 12288;      // 48 KB of staged xhat per block
+constexpr int kLinearWarps = 8;                  // 256 threads per block
+constexpr int kLinearThreads = 32 * kLinearWarps;
+constexpr int kLinearRows = 16 * kLinearWarps;   // output rows per block: a 16-row strip per warp
+constexpr int kLinearSlab = 32;                  // k per weight step of a warp (two k16 MMAs)
+constexpr int kLinearMaxSlices = 8;              // blocks per cluster (the portable maximum)
+constexpr int kLinearCols = 64;                  // tokens per block (8 MMA column tiles)
+constexpr int kLinearTargetBlocks = 256;         // slices double until the grid has this many
+// Bytes of one token's staged xhat chunk: 8 KB / column tiles, so the staging buffer stays
+// under 70 KB for any tile count and a decode or batch-1 verify stages a whole slice at once
+// (the LM head's 4096 bf16 inputs included). +64 B per token row: conflict-free B fragments.
+template <int NT> constexpr int linear_stage_bytes() { return 8192 / NT; }
+template <int NT> constexpr int linear_stage_stride() { return linear_stage_bytes<NT>() + 64; }
+
+// The canonical k split of an [N, K] weight. A function of (N, K) only, not of M or of the
+// device, because it fixes the summation order: slices double while the grid stays under
+// kLinearTargetBlocks blocks (small N: qkv / o / down of a 8B model get 8 slices, the LM head 1)
+// and each slice keeps at least two slabs.
+struct LinearSplit {
+  int slices;
+  int64_t slice_k;  // multiple of kLinearSlab; the last slice may be shorter or empty
+};
+inline LinearSplit linear_split(int64_t N, int64_t K) {
+  const int64_t row_blocks = (N + kLinearRows - 1) / kLinearRows;
+  const int64_t slabs = (K + kLinearSlab - 1) / kLinearSlab;
+  int s = 1;
+  while (s < kLinearMaxSlices && row_blocks * s < kLinearTargetBlocks && slabs >= 4 * s) s *= 2;
+  return {s, (slabs + s - 1) / s * kLinearSlab};
+}
 
 // VEC consecutive elements of T from one 16-byte (VEC * sizeof(T) == 16) or scalar (VEC == 1)
 // load, kept packed until use (half the registers of unpacked floats for 16-bit types).
@@ -74,284 +106,201 @@ struct Vec {
   }
 };
 
-// xhat[m, k .. k + VEC) (the prologue) into dst, in fp32 after T-rounding of each stored
-// intermediate. k is a multiple of VEC; x / norm_weight rows are VEC-aligned (host-checked).
-template <typename T, int VEC>
-__device__ __forceinline__ void prologue_vec(const LinearParams<T>& p, int64_t m, int64_t k,
-                                             float inv_rms, float* dst) {
-  if (p.prologue == kSiluGate) {
-    Vec<T, VEC> a, u;
-    a.load(p.x + m * 2 * p.K + k);
-    u.load(p.x + m * 2 * p.K + p.K + k);
+
+// ---- tile building blocks -------------------------------------------------------------------
+
+// 16 bytes of row[k ..] (16 / sizeof(T) elements) as raw bits, zeros at and past `end`. `vec`:
+// one 16-byte load (the caller guarantees alignment and that no 16-byte group straddles `end`).
+template <typename T>
+__device__ __forceinline__ uint4 load16(const T* row, int64_t k, int64_t end, bool vec) {
+  if (k >= end) return make_uint4(0u, 0u, 0u, 0u);
+  if (vec) return __ldg(reinterpret_cast<const uint4*>(row + k));
+  unsigned w[4] = {0u, 0u, 0u, 0u};
+  if constexpr (sizeof(T) == 4) {
+    const unsigned* r = reinterpret_cast<const unsigned*>(row);
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) dst[e] = round_t<T>(round_t<T>(a[e] / (1.0f + expf(-a[e]))) * u[e]);
-    return;
+    for (int e = 0; e < 4; ++e)
+      if (k + e < end) w[e] = __ldg(r + k + e);
+  } else {
+    const unsigned short* r = reinterpret_cast<const unsigned short*>(row);
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      if (k + e < end) w[e / 2] |= unsigned(__ldg(r + k + e)) << (16 * (e & 1));
   }
-  Vec<T, VEC> x;
-  x.load(p.x + m * p.K + k);
-  if (p.prologue == kRmsNorm) {
-    Vec<T, VEC> g;
-    g.load(p.norm_weight + k);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) dst[e] = round_t<T>(g[e] * round_t<T>(x[e] * inv_rms));
-    return;
-  }
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) dst[e] = x[e];
+  return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// One batch of weight vectors per lane: U vectors (32 apart) of each of ROWS rows.
-template <typename T, int VEC, int ROWS, int U>
+// Element i of 16 packed bytes of T, as float.
+template <typename T>
+__device__ __forceinline__ float elem(const uint4& v, int i) {
+  constexpr int kPerWord = 4 / int(sizeof(T));
+  const int wi = i / kPerWord;
+  const unsigned word = wi == 0 ? v.x : wi == 1 ? v.y : wi == 2 ? v.z : v.w;
+  if constexpr (sizeof(T) == 4) return __uint_as_float(word);
+  const unsigned bits = (i & 1) ? word >> 16 : word & 0xffffu;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __uint_as_float(bits << 16);
+  else return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+}
+
+// The bits of from_f<T>(v), in the low bits of the word.
+template <typename T>
+__device__ __forceinline__ unsigned bits_of(float v) {
+  if constexpr (sizeof(T) == 4) return __float_as_uint(v);
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  else return __half_as_ushort(__float2half_rn(v));
+}
+
+// 16 bytes of xhat[m, k ..] (the prologue), as T bits, zeros at and past `end`.
+template <typename T>
+__device__ __forceinline__ uint4 xhat16(const LinearParams<T>& p, int64_t m, int64_t k, int64_t end,
+                                        float inv_rms, bool vec) {
+  constexpr int E = 16 / int(sizeof(T));
+  if (p.prologue == kPlain) return load16(p.x + m * p.K, k, end, vec);  // the bits as they are
+  float r[E];
+  if (p.prologue == kSiluGate) {
+    const uint4 a = load16(p.x + m * 2 * p.K, k, end, vec);
+    const uint4 u = load16(p.x + m * 2 * p.K + p.K, k, end, vec);
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const float av = elem<T>(a, e);
+      r[e] = round_t<T>(round_t<T>(av / (1.0f + expf(-av))) * elem<T>(u, e));
+    }
+  } else {
+    const uint4 x = load16(p.x + m * p.K, k, end, vec), g = load16(p.norm_weight, k, end, vec);
+#pragma unroll
+    for (int e = 0; e < E; ++e) r[e] = round_t<T>(elem<T>(g, e) * round_t<T>(elem<T>(x, e) * inv_rms));
+  }
+  unsigned w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const unsigned b = k + e < end ? bits_of<T>(r[e]) : 0u;
+    if constexpr (sizeof(T) == 4) w[e] = b;
+    else w[e / 2] |= b << (16 * (e & 1));
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// RMSNorm statistic of row[lo, hi) in the canonical order: 8-element groups (counted from lo)
+// dealt round-robin to the 32 lanes, FMA-chained per lane in order, then an xor butterfly (every
+// lane ends with the same bits). lo is a multiple of 32.
+template <typename T>
+__device__ float slice_sumsq(const T* row, int64_t lo, int64_t hi, bool vec, int lane) {
+  constexpr int E = 16 / int(sizeof(T));
+  float ss = 0.0f;
+#pragma unroll 2
+  for (int64_t k = lo + 8 * lane; k < hi; k += 8 * 32) {
+#pragma unroll
+    for (int h = 0; h < 8 / E; ++h) {
+      const uint4 v = load16(row, k + h * E, hi, vec);
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const float f = elem<T>(v, e);
+        ss = __fmaf_rn(f, f, ss);
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  return ss;
+}
+
+// U slabs of a warp's 16-row strip. 16-bit T: lane (g, t) = (lane / 4, lane % 4) holds rows g and
+// g + 8 at k + 8t .. k + 8t + 8 (w[u][0], w[u][1]): the A fragments of the slab's two MMAs, whose
+// k slots {2t, 2t+1, 2t+8, 2t+9} take k + 8t + {0, 1, 2, 3} (MMA 0) and + {4, 5, 6, 7} (MMA 1).
+// The activations are staged so that B uses the same permutation. fp32: lane (r, h) = (lane %
+// 16, lane / 16) holds row r at k + 16h .. k + 16h + 16 (four words).
+template <typename T, int U>
 struct WeightBatch {
-  Vec<T, VEC> w[U][ROWS];
-  __device__ __forceinline__ void load(const T* const* rows, int64_t v0, int64_t nvec) {
+  static constexpr int kWords = sizeof(T) == 4 ? 4 : 2;
+  uint4 w[U][kWords];
+  // rows / ends: this lane's weight rows and where they stop (0 for rows past N).
+  __device__ __forceinline__ void load(const T* const* rows, const int64_t* ends, int64_t k_lo,
+                                       int slab0, int nslab, bool vec, int lane) {
 #pragma unroll
-    for (int u = 0; u < U; ++u)
+    for (int u = 0; u < U; ++u) {
+      if (slab0 + u >= nslab) break;
+      const int64_t k = k_lo + int64_t(slab0 + u) * kLinearSlab;
+      if constexpr (sizeof(T) == 4) {
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r)
-        if (v0 + u * 32 < nvec) w[u][r].load(rows[r] + (v0 + u * 32) * VEC);
+        for (int i = 0; i < 4; ++i) w[u][i] = load16(rows[0], k + 16 * (lane >> 4) + 4 * i, ends[0], vec);
+      } else {
+        w[u][0] = load16(rows[0], k + 8 * (lane & 3), ends[0], vec);
+        w[u][1] = load16(rows[1], k + 8 * (lane & 3), ends[1], vec);
+      }
+    }
   }
 };
 
-// grid: (row-group blocks, ceil(M / MT)); block: kLinearWarps warps; dynamic smem MT * kc floats.
-// Software pipeline per warp: the next batch of weight vectors is in flight while the current
-// one is multiplied, and a block's first batch is issued before its prologue (the weights do not
-// depend on x), so the prologue's latency hides under the first weight reads.
-// MT: rows of x per block (M tile); ROWS: output rows per warp; U: vectors per row and batch.
-template <typename T, int VEC, int MT, int ROWS, int U>
-__global__ void __launch_bounds__(kLinearWarps * 32)
-fused_linear_kernel(LinearParams<T> p, int64_t kc_max) {
-  extern __shared__ __align__(16) float xs[];  // [MT][kc_max]: xhat of this block's M tile
-  __shared__ float inv_rms[MT];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t m0 = int64_t(blockIdx.y) * MT;
-  const int mcount = int(p.M - m0 < MT ? p.M - m0 : MT);
-  const bool one_chunk = p.K <= kc_max;
-  const int64_t rows_per_group = int64_t(kLinearWarps) * ROWS;
-  const int64_t groups = (p.N + rows_per_group - 1) / rows_per_group;
-
-  auto row_ptrs = [&](int64_t row0, int64_t k0, const T** w) {
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) w[r] = p.weight + (row0 + r < p.N ? row0 + r : 0) * p.K + k0;
-  };
-  pdl_trigger();
-  WeightBatch<T, VEC, ROWS, U> cur, next;
-  bool prefetched = false;
-  if (one_chunk) {  // the first group's first two batches, before waiting on the previous kernel
-    const int64_t row0 = (int64_t(blockIdx.x) * kLinearWarps + warp) * ROWS;
-    if (row0 < p.N) {
-      const T* w[ROWS];
-      row_ptrs(row0, 0, w);
-      cur.load(w, lane, p.K / VEC);
-      next.load(w, lane + 32 * U, p.K / VEC);
-      prefetched = true;
-    }
-  }
-  // RMSNorm of one row whose K fits kRegNormVecs vectors per thread (e.g. hidden 4096, bf16):
-  // the norm weight (constant) is loaded before the wait and x once after it, both kept in
-  // registers, so a single global round trip separates the wait from the weight stream.
-  constexpr int kRegNormVecs = 2;
-  const bool norm_in_regs = VEC > 1 && MT == 1 && one_chunk && p.prologue == kRmsNorm &&
-                            p.K / VEC <= int64_t(kRegNormVecs) * blockDim.x;
-  Vec<T, VEC> g_reg[kRegNormVecs];
-  if (norm_in_regs) {
-#pragma unroll
-    for (int r = 0; r < kRegNormVecs; ++r) {
-      const int64_t i = threadIdx.x + int64_t(r) * blockDim.x;
-      if (i < p.K / VEC) g_reg[r].load(p.norm_weight + i * VEC);
-    }
-  }
-  pdl_wait();  // x / residual come from earlier kernels (dspark/pdl.cuh)
-
-  if (norm_in_regs) {
-    Vec<T, VEC> x_reg[kRegNormVecs];
-    float ss = 0.0f;
-#pragma unroll
-    for (int r = 0; r < kRegNormVecs; ++r) {
-      const int64_t i = threadIdx.x + int64_t(r) * blockDim.x;
-      if (i >= p.K / VEC) continue;
-      x_reg[r].load(p.x + m0 * p.K + i * VEC);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) ss = __fmaf_rn(x_reg[r][e], x_reg[r][e], ss);
-    }
-    ss = block_reduce(ss, SumOp{}, 0.0f);
-    const float inv = rsqrtf(ss / float(p.K) + p.eps);
-#pragma unroll
-    for (int r = 0; r < kRegNormVecs; ++r) {
-      const int64_t i = threadIdx.x + int64_t(r) * blockDim.x;
-      if (i >= p.K / VEC) continue;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e)
-        xs[i * VEC + e] = round_t<T>(g_reg[r][e] * round_t<T>(x_reg[r][e] * inv));
-    }
-    __syncthreads();
-  } else if (p.prologue == kRmsNorm) {
-    for (int m = 0; m < mcount; ++m) {
-      float ss = 0.0f;
-      if constexpr (VEC > 1) {
-#pragma unroll 4
-        for (int64_t i = threadIdx.x; i < p.K / VEC; i += blockDim.x) {
-          Vec<T, VEC> x;
-          x.load(p.x + (m0 + m) * p.K + i * VEC);
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) ss = __fmaf_rn(x[e], x[e], ss);
-        }
-      } else {
-#pragma unroll 4
-        for (int64_t k = threadIdx.x; k < p.K; k += blockDim.x) {
-          const float v = to_f(p.x[(m0 + m) * p.K + k]);
-          ss = __fmaf_rn(v, v, ss);
-        }
-      }
-      ss = block_reduce(ss, SumOp{}, 0.0f);
-      if (threadIdx.x == 0) inv_rms[m] = rsqrtf(ss / float(p.K) + p.eps);
-    }
-    __syncthreads();
-  }
-  auto stage = [&](int64_t k0, int64_t kc) {
-    __syncthreads();  // the previous chunk's readers are done
-    for (int m = 0; m < mcount; ++m) {
-#pragma unroll 4
-      for (int64_t i = threadIdx.x; i < kc / VEC; i += blockDim.x)
-        prologue_vec<T, VEC>(p, m0 + m, k0 + i * VEC, inv_rms[m], xs + m * kc_max + i * VEC);
-    }
-    __syncthreads();
-  };
-  if (one_chunk && !norm_in_regs) stage(0, p.K);
-
-  for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {  // uniform across the block
-    const int64_t row0 = (g * kLinearWarps + warp) * ROWS;
-    float acc[ROWS][MT];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-      for (int m = 0; m < MT; ++m) acc[r][m] = 0.0f;
-    for (int64_t k0 = 0; k0 < p.K; k0 += kc_max) {
-      const int64_t kc = p.K - k0 < kc_max ? p.K - k0 : kc_max;
-      if (!one_chunk) stage(k0, kc);
-      if (row0 >= p.N) continue;  // warp-uniform; idle warps still reach the staging barriers
-      const T* w[ROWS];
-      row_ptrs(row0, k0, w);
-      const int64_t nvec = kc / VEC;
-      if (!prefetched) cur.load(w, lane, nvec);
-      bool next_ready = prefetched;  // the prefetch also loaded the second batch
-      prefetched = false;
-      for (int64_t v0 = lane; v0 < nvec; v0 += 32 * U) {
-        const bool more = v0 + 32 * U < nvec;
-        if (more && !next_ready) next.load(w, v0 + 32 * U, nvec);
-        next_ready = false;
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int64_t v = v0 + u * 32;
-          if (v >= nvec) break;
-#pragma unroll
-          for (int m = 0; m < MT; ++m) {
-            const float* xm = xs + m * kc_max + v * VEC;
-            if constexpr (VEC % 4 == 0) {  // 16-byte shared loads of xhat
-#pragma unroll
-              for (int j = 0; j < VEC / 4; ++j) {
-                const float4 q = reinterpret_cast<const float4*>(xm)[j];
-#pragma unroll
-                for (int r = 0; r < ROWS; ++r) {
-                  float a = acc[r][m];
-                  a = __fmaf_rn(cur.w[u][r][4 * j + 0], q.x, a);
-                  a = __fmaf_rn(cur.w[u][r][4 * j + 1], q.y, a);
-                  a = __fmaf_rn(cur.w[u][r][4 * j + 2], q.z, a);
-                  acc[r][m] = __fmaf_rn(cur.w[u][r][4 * j + 3], q.w, a);
-                }
-              }
-            } else {
-#pragma unroll
-              for (int r = 0; r < ROWS; ++r) acc[r][m] = __fmaf_rn(cur.w[u][r][0], xm[0], acc[r][m]);
-            }
-          }
-        }
-        if (more) cur = next;
-      }
-      for (int64_t k = nvec * VEC + lane; k < kc; k += 32) {  // tail (VEC > 1 and K % VEC != 0)
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-          const float wk = to_f(w[r][k]);
-#pragma unroll
-          for (int m = 0; m < MT; ++m) acc[r][m] = __fmaf_rn(wk, xs[m * kc_max + k], acc[r][m]);
-        }
-      }
-    }
-    if (row0 >= p.N) continue;
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-      for (int m = 0; m < MT; ++m)
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], o);
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        const int64_t n = row0 + r, mm = m0 + m;
-        if (lane != (r * MT + m) % 32 || n >= p.N || m >= mcount) continue;
-        float y = acc[r][m];
-        if (p.bias) y += to_f(p.bias[n]);
-        y = round_t<T>(y);
-        if (p.residual) y = to_f(p.residual[mm * p.N + n]) + y;
-        p.out[mm * p.N + n] = from_f<T>(y);
-      }
-  }
-}
-
-template <typename T, int VEC, int MT, int ROWS, int U>
-cudaError_t launch_fused_linear_tile(const LinearParams<T>& p, cudaStream_t stream) {
-  auto kernel = fused_linear_kernel<T, VEC, MT, ROWS, U>;
-  int64_t kc_max = kLinearStageFloats / MT / VEC * VEC;
-  if (kc_max > p.K) kc_max = p.K;
-  const size_t smem = size_t(MT) * size_t(kc_max) * sizeof(float);
-  // Enough blocks to fill the GPU once; each walks row groups grid-stride (one prologue each).
-  // Per device (function attributes and SM counts are per device): the first launch on a
-  // device opts the kernel in to 48 KB of staging plus its static shared arrays (over the
-  // default dynamic limit) and measures the occupancy.
-  constexpr int kMaxDevices = 64;
-  static int blocks_per_sm[kMaxDevices] = {}, sms[kMaxDevices] = {};
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if (dev < 0 || dev >= kMaxDevices) return cudaErrorInvalidDevice;
-  if (sms[dev] == 0) {
-    int count = 0, per_sm = 0;
-    err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev);
-    if (err == cudaSuccess)
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 int(kLinearStageFloats * sizeof(float)));
-    if (err == cudaSuccess)
-      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kLinearWarps * 32,
-                                                          kLinearStageFloats * sizeof(float));
-    if (err != cudaSuccess) return err;
-    blocks_per_sm[dev] = per_sm < 1 ? 1 : per_sm;
-    sms[dev] = count;
-  }
-  const int64_t rows_per_group = int64_t(kLinearWarps) * ROWS;
-  const int64_t groups = (p.N + rows_per_group - 1) / rows_per_group;
-  const int64_t fill = int64_t(sms[dev]) * blocks_per_sm[dev];
-  const dim3 grid(unsigned(groups < fill ? groups : fill), unsigned((p.M + MT - 1) / MT));
-  return launch_pdl(kernel, grid, dim3(kLinearWarps * 32), smem, stream, p, kc_max);
-}
-
-template <typename T, int VEC>
-cudaError_t launch_fused_linear_vec(const LinearParams<T>& p, cudaStream_t stream) {
-  // MT: the smallest tile holding min(M, 8) rows; larger M runs ceil(M / 8) tiles (W re-read).
-  // Two batches of ROWS * U 16-byte loads per lane in flight (the pipeline's current and next).
-  if (p.M <= 1) return launch_fused_linear_tile<T, VEC, 1, 2, 2>(p, stream);
-  if (p.M <= 2) return launch_fused_linear_tile<T, VEC, 2, 2, 2>(p, stream);
-  if (p.M <= 4) return launch_fused_linear_tile<T, VEC, 4, 2, 2>(p, stream);
-  return launch_fused_linear_tile<T, VEC, 8, 2, 2>(p, stream);
-}
-
-// Shapes as in LinearParams. M, N >= 1, K >= 1, grid-y limit: ceil(M / 8) <= 65535.
+// c += A B for one m16n8k16 tile: A = four packed registers, B = two (fp32 accumulators).
 template <typename T>
-cudaError_t launch_fused_linear(const LinearParams<T>& p, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(T);
-  auto al = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-  const bool aligned = p.K % kVec == 0 && al(p.weight) && al(p.x) && (!p.norm_weight || al(p.norm_weight));
-  return aligned ? launch_fused_linear_vec<T, kVec>(p, stream) : launch_fused_linear_vec<T, 1>(p, stream);
+__device__ __forceinline__ void mma16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2,
+                                         unsigned a3, unsigned b0, unsigned b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Slabs s0 .. s0 + U (those < cs) of the staged chunk `act` ([tokens][stage stride] bytes)
+// into the accumulators: 16-bit T, acc[j] = C fragment of column tile j (rows g, g + 8; tokens
+// 8j + 2t, 8j + 2t + 1); tokens >= mcols read as zeros. Arithmetic per token column is the same
+// for every mcols.
+template <typename T, int NT, int U>
+__device__ __forceinline__ void mma_batch(float (&acc)[NT][4], const WeightBatch<T, U>& wb,
+                                          const unsigned char* act, int s0, int cs, int mcols,
+                                          int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int s = s0 + u;
+    if (s >= cs) break;
+    const uint4 a = wb.w[u][0], b = wb.w[u][1];  // rows g, g + 8
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      if (j * 8 >= mcols) break;
+      uint4 x = make_uint4(0u, 0u, 0u, 0u);
+      if (j * 8 + g < mcols)
+        x = *reinterpret_cast<const uint4*>(act + (j * 8 + g) * linear_stage_stride<NT>() + s * 64 + t * 16);
+      mma16816<T>(acc[j], a.x, b.x, a.y, b.y, x.x, x.y);  // k + 8t + {0, 1 | 2, 3}
+      mma16816<T>(acc[j], a.z, b.z, a.w, b.w, x.z, x.w);  // k + 8t + {4, 5 | 6, 7}
+    }
+  }
+}
+
+// fp32: acc[m] += sum over the lane's 16 k of the slab, in k order, for tokens m < mcols.
+template <int NT, int U>
+__device__ __forceinline__ void fma_batch(float (&acc)[8 * NT], const WeightBatch<float, U>& wb,
+                                          const unsigned char* act, int s0, int cs, int mcols,
+                                          int lane) {
+  const int h = lane >> 4;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int s = s0 + u;
+    if (s >= cs) break;
+#pragma unroll
+    for (int m = 0; m < 8 * NT; ++m) {
+      if (m >= mcols) break;
+      const float4* xv =
+          reinterpret_cast<const float4*>(act + m * linear_stage_stride<NT>() + s * 128 + h * 64);
+      float a = acc[m];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float4 q = xv[i];
+        const uint4 w = wb.w[u][i];
+        a = __fmaf_rn(__uint_as_float(w.x), q.x, a);
+        a = __fmaf_rn(__uint_as_float(w.y), q.y, a);
+        a = __fmaf_rn(__uint_as_float(w.z), q.z, a);
+        a = __fmaf_rn(__uint_as_float(w.w), q.w, a);
+      }
+      acc[m] = a;
+    }
+  }
 }
 
 }  // namespace cuda

@@ -1,0 +1,118 @@
+"""Verify forwards against decode steps at the Qwen3-8B shape (bf16, random weights, CUDA graphs):
+what a speculative round costs the target, and where the dspark kernels stop paying.
+
+For each batch B and verify block of W = gamma + 1 rows per request (chains), both runner paths:
+``fused`` = the dspark kernels (fused_linear + decode_attention; batch_invariant=True, so also
+above FUSED_MAX_ROWS), ``cublas`` = cuBLAS GEMMs + SDPA + the separate norm / rotary / gate ops
+(fused=False). Each call is the runner's graph-replayed forward (input copies + replay, logits
+of every row), GPU ms per call, back to back after a warm-up. ``ratio`` = verify ms / the fused
+decode ms at the same batch (the issue's bars: W = 8 at B = 1 <= 1.15, 32 rows at B = 4 <= 1.3);
+``floor`` = the weights read once at the copy bandwidth measured in the same run (every
+parameter but the embedding table). The crossover (where ``cublas`` verify beats ``fused``) sets
+FUSED_MAX_ROWS in dspark/models/transformer.py.
+
+    python bench/bench_verify_forward.py [--layers 36] [--batches 1,2,4,8,16,32] [--rows 4,8,16]
+                                         [--position 112] [--out bench_verify_forward.json]
+"""
+import argparse
+import json
+import time
+
+import torch
+
+from bench_decode import qwen3_8b
+from bench_ops import copy_bandwidth
+from dspark.models import ModelRunner, Transformer
+from dspark.ops import chain_layout
+
+
+def time_ms(fn, budget_ms: float = 300.0) -> float:
+    """GPU ms per call of ``fn`` (graph replays), back to back after two warm-up calls."""
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    reps = int(max(5, min(50, budget_ms / max(start.elapsed_time(end), 1e-3))))
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--batches", default="1,2,4,8,16,32")
+    ap.add_argument("--rows", default="4,8,16")
+    ap.add_argument("--position", type=int, default=112)
+    ap.add_argument("--slots", type=int, default=1024)
+    ap.add_argument("--variants", default="fused,cublas")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"), torch.no_grad():
+        model = Transformer(qwen3_8b(a.layers)).eval().requires_grad_(False)
+        for p in model.parameters():
+            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    torch.set_default_dtype(torch.float32)
+    read_bytes = (sum(p.numel() for p in model.parameters()) - model.embed.weight.numel()
+                  + model.config.hidden_size) * 2
+    bw = copy_bandwidth()
+    floor_ms = read_bytes / bw * 1e3
+    print(f"device {torch.cuda.get_device_name()}, copy {bw / 1e9:.0f} GB/s, weights "
+          f"{read_bytes / 1e9:.2f} GB, floor {floor_ms:.3f} ms", flush=True)
+    rows, t0 = [], time.perf_counter()
+    for B in map(int, a.batches.split(",")):
+        decode = {}
+        for variant in a.variants.split(","):
+            fused = variant == "fused"
+            runner = ModelRunner(model, fused=fused, batch_invariant=fused)
+            runner.allocate(B, a.slots)
+            tok = torch.full((B,), 5, device="cuda")
+            start = torch.full((B,), a.position, device="cuda")
+            decode[variant] = time_ms(lambda: runner.decode(tok, start))
+            rec = dict(B=B, W=1, rows=B, variant=variant, ms=round(decode[variant], 3))
+            rows.append(rec)
+            print(json.dumps(rec), flush=True)
+            for W in map(int, a.rows.split(",")):
+                offsets, parents = chain_layout([W - 1] * B, device="cuda")
+                draft = torch.randint(0, model.config.vocab_size, (B * W,), device="cuda")
+                ms = time_ms(lambda: runner.forward_tree(draft, parents, offsets, start, W))
+                rec = dict(B=B, W=W, rows=B * W, variant=variant, ms=round(ms, 3))
+                rows.append(rec)
+                print(json.dumps(rec), flush=True)
+            del runner
+            torch.cuda.empty_cache()
+        base = decode.get("fused", next(iter(decode.values())))
+        for r in rows:
+            if r["B"] == B:
+                r["ratio_to_fused_decode"] = round(r["ms"] / base, 3)
+                r["ratio_to_floor"] = round(r["ms"] / floor_ms, 3)
+    print(f"\n{'B':>3} {'W':>3} {'rows':>5} | {'fused ms':>9} {'x dec':>6} {'x floor':>7} | "
+          f"{'cublas ms':>9} {'x dec':>6} | faster")
+    by = {(r["B"], r["W"], r["variant"]): r for r in rows}
+    for (B, W, v), r in sorted(by.items()):
+        if v != "fused":
+            continue
+        c = by.get((B, W, "cublas"))
+        cms = f"{c['ms']:>9.3f} {c['ratio_to_fused_decode']:>6.2f}" if c else f"{'-':>9} {'-':>6}"
+        faster = "" if not c else ("fused" if r["ms"] <= c["ms"] else "cublas")
+        print(f"{B:>3} {W:>3} {B * W:>5} | {r['ms']:>9.3f} {r['ratio_to_fused_decode']:>6.2f} "
+              f"{r['ratio_to_floor']:>7.2f} | {cms} | {faster}")
+    print(f"({time.perf_counter() - t0:.0f} s)")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), copy_GBps=round(bw / 1e9),
+                           floor_ms=round(floor_ms, 3), weight_read_GB=round(read_bytes / 1e9, 2),
+                           position=a.position, slots=a.slots, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# bench/check_multirow.sh: everything the multi-row fused kernels need on a GPU machine, in one
+# call: build, the CUDA tests of the changed ops and of batch invariance, compute-sanitizer
+# (memcheck + racecheck on bench/sanitize_layers.py), the benchmarks (verify forward vs decode
+# at the Qwen3-8B shape, decode, linear, attention) and the engine check (greedy speculative ==
+# autoregressive, fp32 and bf16). Results in $OUT (6 files): summary.md, run.log (all output),
+# bench_verify_forward.json, bench_decode.json, bench_linear.json, bench_attention.json.
+#
+#   bash bench/check_multirow.sh          (~8 minutes on an H200, build included)
+#
+# Each stage runs under a time limit; a stage that would start within 10 s of DEADLINE (seconds
+# after the start, default 560) is skipped and the summary says so. Stages run in order of
+# importance; a failing stage does not stop the others (except the build).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+LOG="$OUT/run.log"
+: > "$LOG"
+T0=$(date +%s)
+DEADLINE=${DEADLINE:-560}
+STAGES=()
+
+ONLY=${ONLY:-}  # space-separated stage names to run (build always runs); empty: all
+stage() {  # stage NAME LIMIT_S COMMAND: run with a time limit unless past the deadline
+  local name=$1 limit=$2 cmd=$3 now t rc
+  if [ -n "$ONLY" ] && [ "$name" != build ] && [[ " $ONLY " != *" $name "* ]]; then
+    return 0
+  fi
+  now=$(( $(date +%s) - T0 ))
+  if (( now + 10 > DEADLINE )); then
+    STAGES+=("| $name | skipped (deadline) | - |")
+    echo "== $name: skipped (deadline)" | tee -a "$LOG"
+    return 1
+  fi
+  (( limit > DEADLINE - now )) && limit=$(( DEADLINE - now ))
+  echo "== $(date +%T) [+${now}s] $name (limit ${limit}s)" | tee -a "$LOG"
+  t=$(date +%s)
+  timeout "$limit" bash -o pipefail -c "$cmd" >> "$LOG" 2>&1
+  rc=$?
+  STAGES+=("| $name | $([ $rc = 0 ] && echo ok || echo "FAILED rc=$rc") | $(( $(date +%s) - t )) s |")
+  return $rc
+}
+
+# NOTE(device): the image's default g++ links libstdc++ statically, which clashes with torch's;
+# build with the system compiler (as scripts/device_run.sh does).
+SYSCXX=""
+[ -x /usr/bin/g++ ] && SYSCXX="-C cmake.define.CMAKE_CXX_COMPILER=/usr/bin/g++ -C cmake.define.CMAKE_CUDA_HOST_COMPILER=/usr/bin/g++"
+stage build 300 "nvidia-smi --query-gpu=name,driver_version --format=csv; \
+  python3 -m pip install --no-build-isolation --no-deps $SYSCXX . 2>&1 | tail -30; \
+  cd /tmp && python3 -c 'import dspark, json; print(json.dumps(dspark.build_info()))'" \
+  || { tail -60 "$LOG"; exit 1; }
+
+stage tests 240 "cd tests && python3 -m pytest -q -p no:cacheprovider -rf -k cuda \
+  test_linear.py test_attention.py test_opcheck.py test_batch_invariance.py \
+  test_engine_graphs.py test_state_ops.py 2>&1 | tail -40"
+stage alltests 400 "cd tests && python3 -m pytest -q -p no:cacheprovider -rf -k cuda 2>&1 | tail -30"
+stage verify_forward 200 "cd bench && python3 bench_verify_forward.py ${VF_ARGS:-} --out $OUT/bench_verify_forward.json"
+stage decode 120 "cd bench && python3 bench_decode.py --variants graph --new 128 --profile --out $OUT/bench_decode.json"
+stage memcheck 120 "cd bench && compute-sanitizer --tool memcheck --leak-check no python3 sanitize_layers.py 2>&1 | tail -8"
+stage racecheck 120 "cd bench && compute-sanitizer --tool racecheck python3 sanitize_layers.py 2>&1 | tail -8"
+stage engine 150 "cd bench && python3 check_engine_cuda.py --no-compile"
+stage round 150 "cd bench && python3 bench_round.py --dataset ../.data/humaneval.jsonl --prompts 16 \
+  --new 128 --out $OUT/round_bf16.json 2>&1 | tail -4 && python3 bench_round.py --dataset \
+  ../.data/humaneval.jsonl --prompts 16 --new 128 --eager-stages --out $OUT/round_bf16_eager.json 2>&1 | tail -4"
+stage stateops 90 "cd bench && python3 bench_state_ops.py --out $OUT/bench_state_ops.json 2>&1 | tail -16"
+stage sanitize_state 150 "cd tests && compute-sanitizer --tool memcheck python3 -m pytest -q -p no:cacheprovider \
+  test_state_ops.py -k cuda 2>&1 | tail -6"
+stage linear 90 "cd bench && python3 bench_linear.py --M 1,8,32,64 --out $OUT/bench_linear.json"
+stage attention 60 "cd bench && python3 bench_attention.py --slots 1024,32768 --rows 1,8,16 --out $OUT/bench_attention.json"
+
+# ---- summary ----------------------------------------------------------------------------------
+{
+  echo "# check_multirow ($(date -u +%F' '%T) UTC, $(( $(date +%s) - T0 )) s)"
+  echo
+  echo "| stage | result | time |"
+  echo "|---|---|---|"
+  printf '%s\n' "${STAGES[@]}"
+  echo
+  echo "tests: $(grep -E '^[0-9]+ (passed|failed|skipped|error)|^(FAILED|ERROR) ' "$LOG" | tail -12 | tr '\n' ';')"
+  echo "memcheck / racecheck: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|hazard' "$LOG" | tr '\n' ';')"
+  echo "engine: $(grep -E 'check_engine_cuda:|identical=False|sync inside' "$LOG" | tr '\n' ';')"
+  python3 - "$OUT" <<'EOF'
+import json, os, sys
+out = sys.argv[1]
+def load(name):
+    p = os.path.join(out, name)
+    return json.load(open(p)) if os.path.exists(p) else None
+v = load("bench_verify_forward.json")
+if v:
+    print(f"\n## verify forward vs decode ({v['device']}, copy {v['copy_GBps']} GB/s, weight-read floor "
+          f"{v['floor_ms']} ms, position {v['position']})\n")
+    print("| B | W | rows | fused ms | x fused decode | x floor | cuBLAS ms | x fused decode | faster |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    by = {(r["B"], r["W"], r["variant"]): r for r in v["rows"]}
+    for (B, W, var), r in sorted(by.items()):
+        if var != "fused":
+            continue
+        c = by.get((B, W, "cublas"))
+        cc = f"{c['ms']} | {c['ratio_to_fused_decode']}" if c else "- | -"
+        fa = "" if not c else ("fused" if r["ms"] <= c["ms"] else "cuBLAS")
+        print(f"| {B} | {W} | {B * W} | {r['ms']} | {r['ratio_to_fused_decode']} | "
+              f"{r['ratio_to_floor']} | {cc} | {fa} |")
+d = load("bench_decode.json")
+if d:
+    for r in d:
+        print(f"\ndecode (bench_decode, {r['variant']}): runner {r['runner_decode_ms']} ms "
+              f"({r['runner_ratio_to_floor']}x floor {r['floor_ms']} ms), engine {r['decode_ms_per_token']} ms/token")
+l = load("bench_linear.json")
+if l:
+    print("\n## fused_linear vs cuBLAS (µs; % of the weight-read floor)\n")
+    print("| proj | M | floor | ours | % | cuBLAS | % | unfused |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in l["rows"]:
+        print(f"| {r['name']} | {r['M']} | {r['floor_us']} | {r['ours_us']} | {r['ours_pct_of_floor']} | "
+              f"{r['cublas_us']} | {r['cublas_pct_of_floor']} | {r['unfused_us']} |")
+for name in ("round_bf16.json", "round_bf16_eager.json"):
+    r = load(name)
+    if r:
+        print(f"\n## {name}: decode step {r['decode_step_ms']} ms ({r['device']}, stage graphs "
+              f"{r.get('stage_graphs')})")
+        for k, d in r["drafters"].items():
+            print(f"{k}: tau {d['tau']} round {d['round_ms']} ms = {d['round_over_decode']}x decode, "
+                  f"speedup {d['speedup']}x, identical {d['greedy_identical']}, {d['stages_ms']}")
+a = load("bench_attention.json")
+if a:
+    print("\n## decode_attention (µs, batch 1, Qwen3-8B heads)\n")
+    print("| slots | rows | ours | unfused | floor | max diff |")
+    print("|---|---|---|---|---|---|")
+    for r in a["rows"]:
+        print(f"| {r['slots']} | {r['rows']} | {r['ours_us']} | {r['unfused_us']} | {r['floor_us']} | "
+              f"{r['max_abs_diff']:.3g} |")
+EOF
+} > "$OUT/summary.md" 2>&1
+cat "$OUT/summary.md"
