@@ -19,9 +19,9 @@ import json
 import time
 
 import torch
-
 from bench_decode import qwen3_8b
 from bench_ops import copy_bandwidth
+
 from dspark.models import ModelRunner, Transformer
 from dspark.ops import chain_layout
 
@@ -88,7 +88,7 @@ def main():
                 rec = dict(B=B, W=W, rows=B * W, variant=variant, ms=round(ms, 3))
                 rows.append(rec)
                 print(json.dumps(rec), flush=True)
-            del runner
+            runner = None  # free the cache and graphs before the next variant
             torch.cuda.empty_cache()
         base = decode.get("fused", next(iter(decode.values())))
         for r in rows:

@@ -10,8 +10,8 @@ namespace dspark {
 namespace {
 
 void check_common_device(const at::Tensor& ref, const at::Tensor& t, const char* name) {
-  DSPARK_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), " like the logits, got ",
-              t.device());
+  DSPARK_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(),
+               " like the logits, got ", t.device());
   DSPARK_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
@@ -32,9 +32,9 @@ void check_request_params(const at::Tensor& ref, int64_t R, const at::Tensor& te
   check_common_device(ref, top_k, "top_k");
   check_common_device(ref, top_p, "top_p");
   DSPARK_CHECK_VALUE(seeds.has_value() == positions.has_value(),
-                    "seeds and positions must be given together (or neither, with uniforms)");
+                     "seeds and positions must be given together (or neither, with uniforms)");
   DSPARK_CHECK_VALUE(has_uniforms || seeds.has_value(),
-                    "randomness needed: pass seeds and positions (keyed randomness) or uniforms");
+                     "randomness needed: pass seeds and positions (keyed randomness) or uniforms");
   if (seeds.has_value()) {
     for (const auto& [t, name] : {std::pair{*seeds, "seeds"}, std::pair{*positions, "positions"}}) {
       DSPARK_CHECK_DIM(t, 1, name);
@@ -49,10 +49,10 @@ void check_logits(const at::Tensor& logits, const char* name) {
   DSPARK_CHECK_DIM(logits, 2, name);
   const auto dt = logits.scalar_type();
   DSPARK_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
-                   " must be float32, bfloat16 or float16, got ", dt);
+                    " must be float32, bfloat16 or float16, got ", dt);
   DSPARK_CHECK(logits.is_contiguous(), name, " must be contiguous");
   DSPARK_CHECK_VALUE(logits.size(1) >= 1 && logits.size(1) <= kMaxVocab, name,
-                    " vocabulary size must be in [1, ", kMaxVocab, "], got ", logits.size(1));
+                     " vocabulary size must be in [1, ", kMaxVocab, "], got ", logits.size(1));
 }
 
 }  // namespace
@@ -69,13 +69,14 @@ VerifyDims check_verify_args(const at::Tensor& target_logits, const at::Tensor& 
   DSPARK_CHECK_DIM(node_offsets, 1, "node_offsets");
   DSPARK_CHECK_DTYPE(node_offsets, at::kLong, "node_offsets");
   DSPARK_CHECK(node_offsets.size(0) >= 2, "node_offsets must hold R + 1 >= 2 entries, got ",
-              node_offsets.size(0));
+               node_offsets.size(0));
   const int64_t R = node_offsets.size(0) - 1;
   DSPARK_CHECK_VALUE(N >= R, "target_logits has ", N, " rows but ", R,
-                    " requests need at least one (root) row each");
+                     " requests need at least one (root) row each");
   DSPARK_CHECK_VALUE(max_nodes >= 1 && max_nodes <= 4096, "max_nodes must be in [1, 4096], got ",
-                    max_nodes);
-  for (const auto& [t, name] : {std::pair{draft_tokens, "draft_tokens"}, std::pair{parents, "parents"}}) {
+                     max_nodes);
+  for (const auto& [t, name] :
+       {std::pair{draft_tokens, "draft_tokens"}, std::pair{parents, "parents"}}) {
     DSPARK_CHECK_DIM(t, 1, name);
     DSPARK_CHECK_SIZE(t, 0, N, name);
     DSPARK_CHECK_DTYPE(t, at::kLong, name);
@@ -86,16 +87,16 @@ VerifyDims check_verify_args(const at::Tensor& target_logits, const at::Tensor& 
     const auto& q = *draft_probs;
     DSPARK_CHECK_DIM(q, 2, "draft_probs");
     DSPARK_CHECK(q.size(0) == N && q.size(1) == V, "draft_probs must have shape [", N, ", ", V,
-                "] like target_logits, got ", q.sizes());
+                 "] like target_logits, got ", q.sizes());
     DSPARK_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-                     "draft_probs must be float32 or float64, got ", q.scalar_type());
+                      "draft_probs must be float32 or float64, got ", q.scalar_type());
     check_common_device(target_logits, q, "draft_probs");
   }
   if (uniforms.has_value()) {
     const auto& u = *uniforms;
     DSPARK_CHECK_DIM(u, 2, "uniforms");
     DSPARK_CHECK(u.size(0) == N && u.size(1) == 2, "uniforms must have shape [", N,
-                ", 2] (accept coin, sampling coin per node), got ", u.sizes());
+                 ", 2] (accept coin, sampling coin per node), got ", u.sizes());
     DSPARK_CHECK_DTYPE(u, at::kDouble, "uniforms");
     check_common_device(target_logits, u, "uniforms");
   }
@@ -117,7 +118,8 @@ SampleDims check_sample_args(const at::Tensor& logits, const at::Tensor& tempera
     DSPARK_CHECK_DTYPE(*uniforms, at::kDouble, "uniforms");
     check_common_device(logits, *uniforms, "uniforms");
   }
-  check_request_params(logits, R, temperature, top_k, top_p, seeds, positions, uniforms.has_value());
+  check_request_params(logits, R, temperature, top_k, top_p, seeds, positions,
+                       uniforms.has_value());
   return {R, V, uniforms.has_value()};
 }
 
@@ -130,23 +132,27 @@ LinearDims check_fused_linear_args(const at::Tensor& x, const at::Tensor& weight
   DSPARK_CHECK_DIM(weight, 2, "weight");
   const auto dt = x.scalar_type();
   DSPARK_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-                   "x must be float32, bfloat16 or float16, got ", dt);
+                    "x must be float32, bfloat16 or float16, got ", dt);
   const int64_t M = x.size(0), N = weight.size(0), K = weight.size(1);
-  DSPARK_CHECK_VALUE(K >= 1, "weight must have at least one input feature, got shape ", weight.sizes());
+  DSPARK_CHECK_VALUE(K >= 1, "weight must have at least one input feature, got shape ",
+                     weight.sizes());
   DSPARK_CHECK_VALUE(x.size(1) == (silu_gate ? 2 * K : K), "x must have ", (silu_gate ? 2 * K : K),
-                    " features for a weight of shape ", weight.sizes(),
-                    (silu_gate ? " (silu_gate: gate and up halves)" : ""), ", got shape ", x.sizes());
+                     " features for a weight of shape ", weight.sizes(),
+                     (silu_gate ? " (silu_gate: gate and up halves)" : ""), ", got shape ",
+                     x.sizes());
   DSPARK_CHECK_VALUE(!(silu_gate && norm_weight.has_value()),
-                    "fused_linear takes one prologue: norm_weight or silu_gate, not both");
+                     "fused_linear takes one prologue: norm_weight or silu_gate, not both");
   DSPARK_CHECK_VALUE(M <= kLinearMaxRows, "x has ", M, " rows; at most ", kLinearMaxRows,
-                    " are supported");
-  DSPARK_CHECK_VALUE(K <= int64_t(1) << 30, "weight has ", K, " input features; at most 2^30 are supported");
-  DSPARK_CHECK_VALUE((N + 127) / 128 * ((M + 63) / 64) * 8 < (int64_t(1) << 31), "fused_linear of ", M,
-                    " rows and ", N, " outputs exceeds the CUDA grid (2^31 blocks)");
+                     " are supported");
+  DSPARK_CHECK_VALUE(K <= int64_t(1) << 30, "weight has ", K,
+                     " input features; at most 2^30 are supported");
+  DSPARK_CHECK_VALUE((N + 127) / 128 * ((M + 63) / 64) * 8 < (int64_t(1) << 31), "fused_linear of ",
+                     M, " rows and ", N, " outputs exceeds the CUDA grid (2^31 blocks)");
   auto same = [&](const at::Tensor& t, const char* name) {
     DSPARK_CHECK_TYPE(t.scalar_type() == dt, name, " must have the dtype of x (", dt, "), got ",
-                     t.scalar_type());
-    DSPARK_CHECK(t.device() == x.device(), name, " must be on ", x.device(), " like x, got ", t.device());
+                      t.scalar_type());
+    DSPARK_CHECK(t.device() == x.device(), name, " must be on ", x.device(), " like x, got ",
+                 t.device());
     DSPARK_CHECK(t.is_contiguous(), name, " must be contiguous");
   };
   same(x, "x");
@@ -159,7 +165,7 @@ LinearDims check_fused_linear_args(const at::Tensor& x, const at::Tensor& weight
   if (residual) {
     DSPARK_CHECK_DIM(*residual, 2, "residual");
     DSPARK_CHECK(residual->size(0) == M && residual->size(1) == N, "residual must have shape [", M,
-                ", ", N, "] like the output, got ", residual->sizes());
+                 ", ", N, "] like the output, got ", residual->sizes());
     same(*residual, "residual");
   }
   if (norm_weight) {
@@ -167,7 +173,7 @@ LinearDims check_fused_linear_args(const at::Tensor& x, const at::Tensor& weight
     DSPARK_CHECK_SIZE(*norm_weight, 0, K, "norm_weight");
     same(*norm_weight, "norm_weight");
     DSPARK_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, "eps must be finite and >= 0, got ",
-                      std::to_string(eps));
+                       std::to_string(eps));
   }
   return {M, N, K, silu_gate ? 2 : norm_weight ? 1 : 0};
 }
@@ -184,33 +190,38 @@ AttnDims check_decode_attention_args(const at::Tensor& qkv, const at::Tensor& k_
                qkv.sizes());
   const auto dt = qkv.scalar_type();
   DSPARK_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-                   "qkv must be float32, bfloat16 or float16, got ", dt);
-  DSPARK_CHECK(k_cache.dim() == 5, "k_cache must be [layers, batch, kv_heads, slots, head_dim], got shape ",
-              k_cache.sizes());
-  DSPARK_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ", k_cache.sizes(),
-              ", got ", v_cache.sizes());
+                    "qkv must be float32, bfloat16 or float16, got ", dt);
+  DSPARK_CHECK(k_cache.dim() == 5,
+               "k_cache must be [layers, batch, kv_heads, slots, head_dim], got shape ",
+               k_cache.sizes());
+  DSPARK_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ",
+               k_cache.sizes(), ", got ", v_cache.sizes());
   const bool three_d = qkv.dim() == 3;
-  const int64_t L = k_cache.size(0), B = k_cache.size(1), Hkv = k_cache.size(2), S = k_cache.size(3),
-                D = k_cache.size(4), H = num_heads, T = three_d ? qkv.size(1) : 1;
+  const int64_t L = k_cache.size(0), B = k_cache.size(1), Hkv = k_cache.size(2),
+                S = k_cache.size(3), D = k_cache.size(4), H = num_heads,
+                T = three_d ? qkv.size(1) : 1;
   DSPARK_CHECK_VALUE(layer >= 0 && layer < L, "layer must be in [0, ", L, "), got ", layer);
   DSPARK_CHECK_VALUE(H >= 1 && Hkv >= 1 && H % Hkv == 0 && H / Hkv <= 16, "num_heads (", H,
-                    ") must be a multiple of the cache's kv_heads (", Hkv, "), at most 16 per KV head");
-  DSPARK_CHECK_VALUE(D >= 2 && D <= 256 && D % 2 == 0, "head_dim must be even and in [2, 256], got ", D);
+                     ") must be a multiple of the cache's kv_heads (", Hkv,
+                     "), at most 16 per KV head");
+  DSPARK_CHECK_VALUE(D >= 2 && D <= 256 && D % 2 == 0,
+                     "head_dim must be even and in [2, 256], got ", D);
   DSPARK_CHECK_VALUE(S >= 1, "the cache must have at least one slot");
   DSPARK_CHECK_VALUE(T >= 1 && T <= 64, "qkv must have 1 to 64 rows per request (dim 1), got ", T);
   // CUDA grid limits (requests on grid y, 128-slot chunks on grid z); the same contract on CPU.
   DSPARK_CHECK_VALUE(B <= 65535, "at most 65535 requests per call, got ", B);
   DSPARK_CHECK_VALUE(S <= int64_t(65535) * 128, "at most ", int64_t(65535) * 128,
-                    " cache slots, got ", S);
+                     " cache slots, got ", S);
   const int64_t width = (H + 2 * Hkv) * D;
   DSPARK_CHECK(qkv.size(0) == B && qkv.size(-1) == width, "qkv must have shape [", B,
                three_d ? ", rows, " : ", ", width, "] ((num_heads + 2 kv_heads) * head_dim), got ",
                qkv.sizes());
   DSPARK_CHECK_VALUE(window >= 0, "window must be >= 0 (0 = no sliding window), got ", window);
   auto same = [&](const at::Tensor& t, const char* name, at::ScalarType want) {
-    DSPARK_CHECK_TYPE(t.scalar_type() == want, name, " must have dtype ", want, ", got ", t.scalar_type());
+    DSPARK_CHECK_TYPE(t.scalar_type() == want, name, " must have dtype ", want, ", got ",
+                      t.scalar_type());
     DSPARK_CHECK(t.device() == qkv.device(), name, " must be on ", qkv.device(), " like qkv, got ",
-                t.device());
+                 t.device());
     DSPARK_CHECK(t.is_contiguous(), name, " must be contiguous");
   };
   same(qkv, "qkv", dt);
@@ -221,21 +232,22 @@ AttnDims check_decode_attention_args(const at::Tensor& qkv, const at::Tensor& k_
   same(positions, "positions", at::kLong);
   if (parents) {
     DSPARK_CHECK(parents->dim() == 2 && parents->size(0) == B && parents->size(1) == T,
-                 "parents must have shape [", B, ", ", T, "] (a parent id per row, -1 at roots), got ",
-                 parents->sizes());
+                 "parents must have shape [", B, ", ", T,
+                 "] (a parent id per row, -1 at roots), got ", parents->sizes());
     same(*parents, "parents", at::kLong);
   }
   DSPARK_CHECK_DIM(inv_freq, 1, "inv_freq");
   DSPARK_CHECK_SIZE(inv_freq, 0, D / 2, "inv_freq");
   same(inv_freq, "inv_freq", at::kFloat);
-  for (const auto& [t, name] : {std::pair{q_norm_weight, "q_norm_weight"}, std::pair{k_norm_weight, "k_norm_weight"}}) {
+  for (const auto& [t, name] :
+       {std::pair{q_norm_weight, "q_norm_weight"}, std::pair{k_norm_weight, "k_norm_weight"}}) {
     if (!t) continue;
     DSPARK_CHECK_DIM(*t, 1, name);
     DSPARK_CHECK_SIZE(*t, 0, D, name);
     same(*t, name, dt);
   }
   DSPARK_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, "eps must be finite and >= 0, got ",
-                    std::to_string(eps));
+                     std::to_string(eps));
   return {B, T, H, Hkv, S, D, L, three_d};
 }
 
@@ -247,12 +259,16 @@ bool& cuda_sync_checks() {
 void raise_on_status(int32_t status, const char* op) {
   if (status == 0) return;
   std::string msg = std::string("dspark::") + op + ": bad input:";
-  if (status & kBadLogits) msg += " logits contain NaN or +inf (or logit/temperature overflows float32);";
+  if (status & kBadLogits)
+    msg += " logits contain NaN or +inf (or logit/temperature overflows float32);";
   if (status & kEmptyRow) msg += " a logits row has no finite entry (all -inf);";
-  if (status & kBadToken) msg += " draft_tokens has an id outside [0, V) (-1 padding is not a token);";
+  if (status & kBadToken)
+    msg += " draft_tokens has an id outside [0, V) (-1 padding is not a token);";
   if (status & kBadParent) msg += " parents must be -1 at each root and in [0, node) elsewhere;";
   if (status & kBadOffsets)
-    msg += " node_offsets must start at 0, end at N, increase strictly, and give <= max_nodes nodes per request;";
+    msg +=
+        " node_offsets must start at 0, end at N, increase strictly, and give <= max_nodes nodes "
+        "per request;";
   if (status & kBadTemperature) msg += " temperature must be finite and >= 0 (0 = greedy);";
   if (status & kBadTopK) msg += " top_k must be >= 0 (0 = off);";
   if (status & kBadTopP) msg += " top_p must be in (0, 1] (1 = off);";

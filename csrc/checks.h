@@ -1,10 +1,9 @@
 // csrc/checks.h: argument checks with named messages, shared by the CPU and CUDA entry points.
 #pragma once
-#include <torch/library.h>
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <optional>
-
 #include <string>
 #include <type_traits>
 
@@ -15,7 +14,9 @@ namespace dspark {
 inline void append(std::string& s, const char* x) { s += x; }
 inline void append(std::string& s, const std::string& x) { s += x; }
 template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
-inline void append(std::string& s, T x) { s += std::to_string(x); }
+inline void append(std::string& s, T x) {
+  s += std::to_string(x);
+}
 inline void append(std::string& s, c10::ScalarType t) { s += c10::toString(t); }
 inline void append(std::string& s, const c10::Device& d) { s += d.str(); }
 inline void append(std::string& s, c10::IntArrayRef x) {
@@ -36,16 +37,20 @@ std::string cat(const A&... a) {
 #define DSPARK_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, ::dspark::cat(__VA_ARGS__))
 #define DSPARK_CHECK_DIM(t, d, name) \
   DSPARK_CHECK((t).dim() == (d), name, " must be a ", d, "-D tensor, got shape ", (t).sizes())
-#define DSPARK_CHECK_DTYPE(t, dt, name) \
-  DSPARK_CHECK_TYPE((t).scalar_type() == (dt), name, " must have dtype ", dt, ", got ", (t).scalar_type())
-#define DSPARK_CHECK_SIZE(t, i, n, name)                                                 \
+#define DSPARK_CHECK_DTYPE(t, dt, name)                                                 \
+  DSPARK_CHECK_TYPE((t).scalar_type() == (dt), name, " must have dtype ", dt, ", got ", \
+                    (t).scalar_type())
+#define DSPARK_CHECK_SIZE(t, i, n, name)                                                           \
   DSPARK_CHECK((t).size(i) == (n), name, " must have size ", (n), " in dim ", (i), ", got shape ", \
                (t).sizes())
 
 namespace dspark {
 
 // Metadata-only checks (dtype, shape, device, contiguity); data checks happen in the kernels.
-struct VerifyDims { int64_t R, N, V, W; bool onehot_q, has_uniforms; };
+struct VerifyDims {
+  int64_t R, N, V, W;
+  bool onehot_q, has_uniforms;
+};
 VerifyDims check_verify_args(const at::Tensor& target_logits, const at::Tensor& node_offsets,
                              const at::Tensor& draft_tokens, const at::Tensor& parents,
                              const std::optional<at::Tensor>& draft_probs,
@@ -54,7 +59,10 @@ VerifyDims check_verify_args(const at::Tensor& target_logits, const at::Tensor& 
                              const std::optional<at::Tensor>& positions,
                              const std::optional<at::Tensor>& uniforms, int64_t max_nodes);
 
-struct SampleDims { int64_t R, V; bool has_uniforms; };
+struct SampleDims {
+  int64_t R, V;
+  bool has_uniforms;
+};
 SampleDims check_sample_args(const at::Tensor& logits, const at::Tensor& temperature,
                              const at::Tensor& top_k, const at::Tensor& top_p,
                              const std::optional<at::Tensor>& seeds,
@@ -63,7 +71,10 @@ SampleDims check_sample_args(const at::Tensor& logits, const at::Tensor& tempera
 
 // dspark::fused_linear. prologue: 0 plain, 1 RMSNorm (norm_weight), 2 SiLU gate (x is [M, 2K]).
 constexpr int64_t kLinearMaxRows = int64_t(1) << 24;  // rows per call (CUDA grid, int sizes)
-struct LinearDims { int64_t M, N, K; int prologue; };
+struct LinearDims {
+  int64_t M, N, K;
+  int prologue;
+};
 LinearDims check_fused_linear_args(const at::Tensor& x, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& bias,
                                    const std::optional<at::Tensor>& residual,
@@ -72,7 +83,10 @@ LinearDims check_fused_linear_args(const at::Tensor& x, const at::Tensor& weight
 
 // dspark::decode_attention. G = H / Hkv query heads per KV head; T rows per request (qkv
 // [B, (H + 2 Hkv) D] is T = 1 with a 2-D output).
-struct AttnDims { int64_t B, T, H, Hkv, S, D, L; bool three_d; };
+struct AttnDims {
+  int64_t B, T, H, Hkv, S, D, L;
+  bool three_d;
+};
 AttnDims check_decode_attention_args(const at::Tensor& qkv, const at::Tensor& k_cache,
                                      const at::Tensor& v_cache, int64_t layer,
                                      const at::Tensor& positions, const at::Tensor& inv_freq,

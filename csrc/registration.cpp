@@ -67,5 +67,7 @@ TORCH_LIBRARY_FRAGMENT(dspark, m) {
   // Prompt-lookup (n-gram) drafts, as NgramDrafter.propose (dspark/reference.py: ngram_propose).
   //   tokens [B, C] i64, n_tokens [B] i64 in [1, C]: committed tokens tokens[b, :n_tokens[b]]
   // -> drafts [B, gamma + 1] i64: the anchor tokens[b, n - 1], then gamma drafts
-  m.def("ngram_propose(Tensor tokens, Tensor n_tokens, int gamma, int max_ngram, int min_ngram) -> Tensor");
+  m.def(
+      "ngram_propose(Tensor tokens, Tensor n_tokens, int gamma, int max_ngram, int min_ngram) -> "
+      "Tensor");
 }

@@ -28,8 +28,10 @@ void check_per_request(const at::Tensor& tokens, const at::Tensor& t, at::Scalar
 void check_tokens(const at::Tensor& tokens) {
   DSPARK_CHECK_DIM(tokens, 2, "tokens");
   check_like_tokens(tokens, tokens, at::kLong, "tokens");
-  DSPARK_CHECK_VALUE(tokens.size(1) >= 1, "tokens must have at least one column (capacity C >= 1), "
-                     "got shape ", tokens.sizes());
+  DSPARK_CHECK_VALUE(tokens.size(1) >= 1,
+                     "tokens must have at least one column (capacity C >= 1), "
+                     "got shape ",
+                     tokens.sizes());
 }
 
 }  // namespace
@@ -53,20 +55,24 @@ CommitParams commit_tokens_params(const at::Tensor& tokens, const at::Tensor& n_
     DSPARK_CHECK_SIZE(t, 0, B, name);
     check_like_tokens(tokens, t, at::kLong, name);
   }
-  DSPARK_CHECK_VALUE(out_tokens.size(1) >= 1, "out_tokens must have at least one column "
-                     "(W >= 1: the bonus token), got shape ", out_tokens.sizes());
+  DSPARK_CHECK_VALUE(out_tokens.size(1) >= 1,
+                     "out_tokens must have at least one column "
+                     "(W >= 1: the bonus token), got shape ",
+                     out_tokens.sizes());
   for (const auto& [t, name, dtype] : {std::tuple{round_active, "round_active", at::kBool},
                                        std::tuple{round_accepts, "round_accepts", at::kLong}}) {
     DSPARK_CHECK_DIM(t, 2, name);
     DSPARK_CHECK_SIZE(t, 1, B, name);
     check_like_tokens(tokens, t, dtype, name);
   }
-  DSPARK_CHECK_VALUE(round_active.size(0) >= 1, "round_active must have at least one row "
-                     "(Rmax >= 1), got shape ", round_active.sizes());
+  DSPARK_CHECK_VALUE(round_active.size(0) >= 1,
+                     "round_active must have at least one row "
+                     "(Rmax >= 1), got shape ",
+                     round_active.sizes());
   DSPARK_CHECK(round_accepts.size(0) == round_active.size(0), "round_accepts must have shape [",
                round_active.size(0), ", ", B, "] like round_active, got ", round_accepts.sizes());
-  for (const auto& [t, name, dtype] : {std::tuple{rounds, "rounds", at::kLong},
-                                       std::tuple{any_active, "any_active", at::kBool}}) {
+  for (const auto& [t, name, dtype] :
+       {std::tuple{rounds, "rounds", at::kLong}, std::tuple{any_active, "any_active", at::kBool}}) {
     DSPARK_CHECK(t.dim() == 0, name, " must be a 0-D tensor, got shape ", t.sizes());
     check_like_tokens(tokens, t, dtype, name);
   }

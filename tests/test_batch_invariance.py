@@ -189,9 +189,9 @@ def test_cli_batch_invariant_bf16(tmp_path):
     import io
     import json
 
-    from helpers import make_checkpoint
-
     from dspark.cli import main
+
+    from helpers import make_checkpoint
     tgt, dft = str(tmp_path / "t"), str(tmp_path / "d")
     make_checkpoint(tgt, "qwen3", vocab=128, layers=2, init=0.3, seed=1)
     make_checkpoint(dft, "qwen3", vocab=128, layers=2, init=0.3, seed=1, perturb=0.05)

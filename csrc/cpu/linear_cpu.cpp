@@ -45,32 +45,34 @@ std::vector<float> prologue(const T* x, const T* g, int64_t M, int64_t K, int ki
 at::Tensor fused_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& residual,
-                            const std::optional<at::Tensor>& norm_weight, double eps, bool silu_gate) {
+                            const std::optional<at::Tensor>& norm_weight, double eps,
+                            bool silu_gate) {
   const auto d = check_fused_linear_args(x, weight, bias, residual, norm_weight, eps, silu_gate);
   at::Tensor out = at::empty({d.M, d.N}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_linear_cpu", [&] {
-    const std::vector<float> xhat = prologue<scalar_t>(
-        x.data_ptr<scalar_t>(), norm_weight ? norm_weight->data_ptr<scalar_t>() : nullptr, d.M, d.K,
-        d.prologue, static_cast<float>(eps));
-    const scalar_t* w = weight.data_ptr<scalar_t>();
-    const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
-    const scalar_t* res = residual ? residual->data_ptr<scalar_t>() : nullptr;
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, d.N, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        const scalar_t* wn = w + n * d.K;
-        for (int64_t m = 0; m < d.M; ++m) {
-          const float* xm = xhat.data() + m * d.K;
-          float acc = 0.0f;
-          for (int64_t k = 0; k < d.K; ++k) acc += static_cast<float>(wn[k]) * xm[k];
-          if (b) acc += static_cast<float>(b[n]);
-          float y = round_t<scalar_t>(acc);
-          if (res) y = static_cast<float>(res[m * d.N + n]) + y;
-          o[m * d.N + n] = static_cast<scalar_t>(y);
-        }
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, x.scalar_type(), "fused_linear_cpu", [&] {
+        const std::vector<float> xhat = prologue<scalar_t>(
+            x.data_ptr<scalar_t>(), norm_weight ? norm_weight->data_ptr<scalar_t>() : nullptr, d.M,
+            d.K, d.prologue, static_cast<float>(eps));
+        const scalar_t* w = weight.data_ptr<scalar_t>();
+        const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
+        const scalar_t* res = residual ? residual->data_ptr<scalar_t>() : nullptr;
+        scalar_t* o = out.data_ptr<scalar_t>();
+        at::parallel_for(0, d.N, 16, [&](int64_t begin, int64_t end) {
+          for (int64_t n = begin; n < end; ++n) {
+            const scalar_t* wn = w + n * d.K;
+            for (int64_t m = 0; m < d.M; ++m) {
+              const float* xm = xhat.data() + m * d.K;
+              float acc = 0.0f;
+              for (int64_t k = 0; k < d.K; ++k) acc += static_cast<float>(wn[k]) * xm[k];
+              if (b) acc += static_cast<float>(b[n]);
+              float y = round_t<scalar_t>(acc);
+              if (res) y = static_cast<float>(res[m * d.N + n]) + y;
+              o[m * d.N + n] = static_cast<scalar_t>(y);
+            }
+          }
+        });
+      });
   return out;
 }
 

@@ -15,9 +15,9 @@ void commit_tokens_cpu(at::Tensor& tokens, at::Tensor& n_tokens, at::Tensor& act
                        const at::Tensor& stop_tokens, const at::Tensor& prompt_lens,
                        const at::Tensor& max_new, at::Tensor& round_active,
                        at::Tensor& round_accepts, at::Tensor& rounds, at::Tensor& any_active) {
-  CommitParams p = commit_tokens_params(tokens, n_tokens, active, out_tokens, accept_count,
-                                        stop_tokens, prompt_lens, max_new, round_active,
-                                        round_accepts, rounds, any_active);
+  CommitParams p =
+      commit_tokens_params(tokens, n_tokens, active, out_tokens, accept_count, stop_tokens,
+                           prompt_lens, max_new, round_active, round_accepts, rounds, any_active);
   for (int64_t b = 0; b < p.B; ++b)
     if (p.n_tokens[b] < 0) raise_on_state_status(kNegativeNTokens, "commit_tokens");
   const int64_t row = commit_log_row(*p.rounds, p.R);

@@ -1,7 +1,8 @@
 // csrc/cuda/attention_cuda.cpp: CUDA entry point of dspark::decode_attention.
 // Positions (each request's first slot) and parents are checked on the device (status word,
-// read back outside CUDA-graph capture when sync checks are on, like verify/sample); a request whose block does not fit the cache writes
-// nothing and gets a zero output; a parent outside [-1, row) counts as -1 (a root).
+// read back outside CUDA-graph capture when sync checks are on, like verify/sample); a request
+// whose block does not fit the cache writes nothing and gets a zero output; a parent outside [-1,
+// row) counts as -1 (a root).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -23,9 +24,9 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at:
                                  const std::optional<at::Tensor>& k_norm_weight, double eps,
                                  int64_t num_heads, int64_t window,
                                  const std::optional<at::Tensor>& parents) {
-  const auto d = check_decode_attention_args(qkv, k_cache, v_cache, layer, positions, inv_freq,
-                                             q_norm_weight, k_norm_weight, eps, num_heads, window,
-                                             parents);
+  const auto d =
+      check_decode_attention_args(qkv, k_cache, v_cache, layer, positions, inv_freq, q_norm_weight,
+                                  k_norm_weight, eps, num_heads, window, parents);
   const c10::cuda::CUDAGuard guard(qkv.device());
   at::Tensor out = d.three_d ? at::empty({d.B, d.T, d.H * d.D}, qkv.options())
                              : at::empty({d.B, d.H * d.D}, qkv.options());
@@ -33,7 +34,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at:
   const int splits = attention_splits(d.S);
   const int rows = attention_rows_per_block(d.T, d.H / d.Hkv, splits);
   DSPARK_CHECK_VALUE(int64_t(splits) * ((d.T + rows - 1) / rows) <= 65535, "a cache of ", d.S,
-                     " slots with ", d.T, " rows per request exceeds the CUDA grid (65535 blocks in z)");
+                     " slots with ", d.T,
+                     " rows per request exceeds the CUDA grid (65535 blocks in z)");
   const auto f32 = qkv.options().dtype(at::kFloat);
   const int64_t parts = splits > 1 ? d.B * d.T * d.H * splits : 0;
   at::Tensor part_o = at::empty({parts * d.D}, f32);

@@ -8,10 +8,17 @@ namespace dspark {
 namespace {
 template <typename T>
 cudaError_t run(const LinearArgs& a, cudaStream_t stream) {
-  const cuda::LinearParams<T> p{static_cast<const T*>(a.x), static_cast<const T*>(a.weight),
-                                static_cast<const T*>(a.bias), static_cast<const T*>(a.residual),
-                                static_cast<const T*>(a.norm_weight), static_cast<T*>(a.out),
-                                a.M, a.N, a.K, a.eps, a.prologue};
+  const cuda::LinearParams<T> p{static_cast<const T*>(a.x),
+                                static_cast<const T*>(a.weight),
+                                static_cast<const T*>(a.bias),
+                                static_cast<const T*>(a.residual),
+                                static_cast<const T*>(a.norm_weight),
+                                static_cast<T*>(a.out),
+                                a.M,
+                                a.N,
+                                a.K,
+                                a.eps,
+                                a.prologue};
   return cuda::launch_fused_linear(p, stream);
 }
 }  // namespace

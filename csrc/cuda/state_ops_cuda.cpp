@@ -18,8 +18,8 @@ namespace dspark {
 namespace {
 
 void check_launch(cudaError_t err, const at::Tensor& status, const char* op) {
-  DSPARK_CHECK(err == cudaSuccess, "dspark::", op, " kernel launch failed: ",
-               cudaGetErrorString(err));
+  DSPARK_CHECK(err == cudaSuccess, "dspark::", op,
+               " kernel launch failed: ", cudaGetErrorString(err));
   if (cuda_sync_checks() &&
       c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None)
     raise_on_state_status(status.item<int32_t>(), op);
@@ -30,9 +30,9 @@ void commit_tokens_cuda(at::Tensor& tokens, at::Tensor& n_tokens, at::Tensor& ac
                         const at::Tensor& stop_tokens, const at::Tensor& prompt_lens,
                         const at::Tensor& max_new, at::Tensor& round_active,
                         at::Tensor& round_accepts, at::Tensor& rounds, at::Tensor& any_active) {
-  CommitParams p = commit_tokens_params(tokens, n_tokens, active, out_tokens, accept_count,
-                                        stop_tokens, prompt_lens, max_new, round_active,
-                                        round_accepts, rounds, any_active);
+  CommitParams p =
+      commit_tokens_params(tokens, n_tokens, active, out_tokens, accept_count, stop_tokens,
+                           prompt_lens, max_new, round_active, round_accepts, rounds, any_active);
   const c10::cuda::CUDAGuard guard(tokens.device());
   // Launched for B = 0 too: the round counter and any_active are still updated.
   at::Tensor status = at::empty({1}, tokens.options().dtype(at::kInt));  // written by the kernel

@@ -40,7 +40,7 @@
 #include "dspark/block_reduce.cuh"
 #include "dspark/common.h"
 #include "dspark/linear.cuh"  // Vec
-#include "dspark/numeric.h"  // to_f / from_f / round_t
+#include "dspark/numeric.h"   // to_f / from_f / round_t
 #include "dspark/pdl.cuh"
 
 namespace dspark {

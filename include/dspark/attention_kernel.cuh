@@ -18,20 +18,21 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
   extern __shared__ __align__(16) float sm[];
   const int NR = int(p.rows), G = int(p.H / p.Hkv);
   const int64_t D = p.D, Wq = (p.H + 2 * p.Hkv) * D;  // qkv row width
-  float* newk = sm;                               // [NR][D] the block's rows: normed, rotated k
-  float* newv = newk + NR * D;                    // [NR][D] and v
-  float* qs = newv + NR * D;                      // [MAXQ][D] the tile's query vectors
-  float* scores = qs + MAXQ * D;                  // [MAXQ][chunk] exp(score - chunk max)
-  float* warp_o = scores + MAXQ * kAttnChunk;     // [warps][4][D]
-  float* wmax = warp_o + kAttnWarps * 4 * D;      // [warps][MAXQ]
-  float* wsum = wmax + kAttnWarps * MAXQ;         // [warps][MAXQ]
-  float* fin = wsum + kAttnWarps * MAXQ;          // [MAXQ][2]: chunk max, chunk sum
+  float* newk = sm;                                   // [NR][D] the block's rows: normed, rotated k
+  float* newv = newk + NR * D;                        // [NR][D] and v
+  float* qs = newv + NR * D;                          // [MAXQ][D] the tile's query vectors
+  float* scores = qs + MAXQ * D;                      // [MAXQ][chunk] exp(score - chunk max)
+  float* warp_o = scores + MAXQ * kAttnChunk;         // [warps][4][D]
+  float* wmax = warp_o + kAttnWarps * 4 * D;          // [warps][MAXQ]
+  float* wsum = wmax + kAttnWarps * MAXQ;             // [warps][MAXQ]
+  float* fin = wsum + kAttnWarps * MAXQ;              // [MAXQ][2]: chunk max, chunk sum
   int* depth = reinterpret_cast<int*>(fin + 2 * MAXQ);          // [NR]
   int* par = depth + NR;                                        // [NR]
   signed char* anc = reinterpret_cast<signed char*>(par + NR);  // [NR][NR]: ancestor at depth
   const int64_t kvh = blockIdx.x, b = blockIdx.y;
   const int split = int(blockIdx.z % unsigned(p.splits)), rg = int(blockIdx.z / unsigned(p.splits));
-  const int j0 = rg * p.rows_per_block, j1 = j0 + p.rows_per_block < NR ? j0 + p.rows_per_block : NR;
+  const int j0 = rg * p.rows_per_block,
+            j1 = j0 + p.rows_per_block < NR ? j0 + p.rows_per_block : NR;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   pdl_trigger();
   pdl_wait();  // every input but the norm weights comes from earlier kernels (dspark/pdl.cuh)
@@ -73,14 +74,20 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
   // chunk, only an invalid request does: a zero output).
   bool any = false;
   for (int j = j0; j < j1; ++j) {
-    if (sees(j)) { any = true; continue; }
+    if (sees(j)) {
+      any = true;
+      continue;
+    }
     for (int64_t i = threadIdx.x; i < G * D; i += blockDim.x) {
       const int64_t h = kvh * G + i / D, d = i % D, bh = (b * NR + j) * p.H + h;
       if (p.splits == 1) {
         p.out[bh * D + d] = from_f<T>(0.0f);
       } else {
         const int64_t row = bh * p.splits + split;
-        if (d == 0) { p.part_ml[2 * row] = -INFINITY; p.part_ml[2 * row + 1] = 0.0f; }
+        if (d == 0) {
+          p.part_ml[2 * row] = -INFINITY;
+          p.part_ml[2 * row + 1] = 0.0f;
+        }
         p.part_o[row * D + d] = 0.0f;
       }
     }
@@ -98,8 +105,9 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
       newv[i] = to_f(src[a * Wq + (p.H + p.Hkv + kvh) * D + d]);
     }
     __syncthreads();
-    norm_rope_heads<T>(newk, NR, D, [&](int) { return p.k_norm; },
-                       [&](int a) { return float(st + depth[a]); }, p.eps, p.inv_freq);
+    norm_rope_heads<T>(
+        newk, NR, D, [&](int) { return p.k_norm; }, [&](int a) { return float(st + depth[a]); },
+        p.eps, p.inv_freq);
     if (writer) {
       for (int64_t i = threadIdx.x; i < NR * D; i += blockDim.x) {
         const int64_t slot = st + i / D, d = i % D;
@@ -125,8 +133,9 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
       qs[i] = to_f(src[(t0 + qi / G) * Wq + (kvh * G + qi % G) * D + i % D]);
     }
     __syncthreads();
-    norm_rope_heads<T>(qs, nq, D, [&](int) { return p.q_norm; },
-                       [&](int qi) { return float(pos_of(t0 + qi / G)); }, p.eps, p.inv_freq);
+    norm_rope_heads<T>(
+        qs, nq, D, [&](int) { return p.q_norm; },
+        [&](int qi) { return float(pos_of(t0 + qi / G)); }, p.eps, p.inv_freq);
 
     // Scores: thread t <-> virtual slot c0 + t; every score is an FMA chain over d in order.
     const int64_t v = c0 + threadIdx.x;
@@ -251,7 +260,8 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
           for (int e = 0; e < VEC; ++e) {
             const float other = __shfl_xor_sync(0xffffffffu, acc[g][i][e], 16);
             const int64_t d = int64_t(VEC) * (hl + 16 * i) + e;
-            if (half == 0 && g0 + g < G && d < D) warp_o[(warp * 4 + g) * D + d] = acc[g][i][e] + other;
+            if (half == 0 && g0 + g < G && d < D)
+              warp_o[(warp * 4 + g) * D + d] = acc[g][i][e] + other;
           }
       __syncthreads();
       const int ng = G - g0 < 4 ? G - g0 : 4;
@@ -265,7 +275,10 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
         } else {
           const int64_t row = bh * p.splits + split;
           p.part_o[row * D + d] = o;
-          if (d == 0) { p.part_ml[2 * row] = fin[2 * q]; p.part_ml[2 * row + 1] = fin[2 * q + 1]; }
+          if (d == 0) {
+            p.part_ml[2 * row] = fin[2 * q];
+            p.part_ml[2 * row + 1] = fin[2 * q + 1];
+          }
         }
       }
       __syncthreads();  // warp_o is reused by the next pass
@@ -287,7 +300,8 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_merge_kernel(At
   pdl_trigger();
   pdl_wait();
   float mx = -INFINITY;
-  for (int s = threadIdx.x; s < p.splits; s += blockDim.x) mx = fmaxf(mx, p.part_ml[2 * (base + s)]);
+  for (int s = threadIdx.x; s < p.splits; s += blockDim.x)
+    mx = fmaxf(mx, p.part_ml[2 * (base + s)]);
   mx = block_reduce(mx, MaxOp{}, -INFINITY);
   float total = 0.0f;
   for (int s = threadIdx.x; s < p.splits; s += blockDim.x) {
@@ -372,8 +386,8 @@ cudaError_t launch_decode_attention(const AttnParams<T>& p, cudaStream_t stream)
   const size_t merge_smem = sizeof(float) * size_t(p.splits);
   err = attn_smem_opt_in(merge, merge_smem);  // caches beyond 1.5 M slots
   if (err != cudaSuccess) return err;
-  return launch_ex(false, merge, dim3(unsigned(p.H), unsigned(p.rows), unsigned(p.B)), dim3(kAttnThreads),
-                   merge_smem, stream, p);
+  return launch_ex(false, merge, dim3(unsigned(p.H), unsigned(p.rows), unsigned(p.B)),
+                   dim3(kAttnThreads), merge_smem, stream, p);
 }
 
 }  // namespace cuda

@@ -51,13 +51,13 @@ struct LinearParams {
   int prologue;
 };
 
-constexpr int kLinearWarps = 8;                  // 256 threads per block
+constexpr int kLinearWarps = 8;  // 256 threads per block
 constexpr int kLinearThreads = 32 * kLinearWarps;
-constexpr int kLinearRows = 16 * kLinearWarps;   // output rows per block: a 16-row strip per warp
-constexpr int kLinearSlab = 32;                  // k per weight step of a warp (two k16 MMAs)
-constexpr int kLinearMaxSlices = 8;              // blocks per cluster (the portable maximum)
-constexpr int kLinearCols = 64;                  // tokens per block (8 MMA column tiles)
-constexpr int kLinearTargetBlocks = 256;         // slices double until the grid has this many
+constexpr int kLinearRows = 16 * kLinearWarps;  // output rows per block: a 16-row strip per warp
+constexpr int kLinearSlab = 32;                 // k per weight step of a warp (two k16 MMAs)
+constexpr int kLinearMaxSlices = 8;             // blocks per cluster (the portable maximum)
+constexpr int kLinearCols = 64;                 // tokens per block (8 MMA column tiles)
+constexpr int kLinearTargetBlocks = 256;        // slices double until the grid has this many
 // Bytes of one token's staged xhat chunk: 8 KB / column tiles, so the staging buffer stays
 // under 70 KB for any tile count and a decode or batch-1 verify stages a whole slice at once
 // (the LM head's 4096 bf16 inputs included). +64 B per token row: conflict-free B fragments.
@@ -95,9 +95,10 @@ struct Vec {
     if constexpr (VEC == 1) {
       return to_f(one);
     } else {
-      const unsigned word = (i * int(sizeof(T))) / 4 == 0 ? raw.x
+      const unsigned word = (i * int(sizeof(T))) / 4 == 0   ? raw.x
                             : (i * int(sizeof(T))) / 4 == 1 ? raw.y
-                            : (i * int(sizeof(T))) / 4 == 2 ? raw.z : raw.w;
+                            : (i * int(sizeof(T))) / 4 == 2 ? raw.z
+                                                            : raw.w;
       if constexpr (sizeof(T) == 4) return __uint_as_float(word);
       const unsigned bits = (i & 1) ? word >> 16 : word & 0xffffu;
       if constexpr (std::is_same_v<T, __nv_bfloat16>) return __uint_as_float(bits << 16);
@@ -105,7 +106,6 @@ struct Vec {
     }
   }
 };
-
 
 // ---- tile building blocks -------------------------------------------------------------------
 
@@ -146,7 +146,8 @@ __device__ __forceinline__ float elem(const uint4& v, int i) {
 template <typename T>
 __device__ __forceinline__ unsigned bits_of(float v) {
   if constexpr (sizeof(T) == 4) return __float_as_uint(v);
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
   else return __half_as_ushort(__float2half_rn(v));
 }
 
@@ -168,7 +169,8 @@ __device__ __forceinline__ uint4 xhat16(const LinearParams<T>& p, int64_t m, int
   } else {
     const uint4 x = load16(p.x + m * p.K, k, end, vec), g = load16(p.norm_weight, k, end, vec);
 #pragma unroll
-    for (int e = 0; e < E; ++e) r[e] = round_t<T>(elem<T>(g, e) * round_t<T>(elem<T>(x, e) * inv_rms));
+    for (int e = 0; e < E; ++e)
+      r[e] = round_t<T>(elem<T>(g, e) * round_t<T>(elem<T>(x, e) * inv_rms));
   }
   unsigned w[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
@@ -222,7 +224,8 @@ struct WeightBatch {
       const int64_t k = k_lo + int64_t(slab0 + u) * kLinearSlab;
       if constexpr (sizeof(T) == 4) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) w[u][i] = load16(rows[0], k + 16 * (lane >> 4) + 4 * i, ends[0], vec);
+        for (int i = 0; i < 4; ++i)
+          w[u][i] = load16(rows[0], k + 16 * (lane >> 4) + 4 * i, ends[0], vec);
       } else {
         w[u][0] = load16(rows[0], k + 8 * (lane & 3), ends[0], vec);
         w[u][1] = load16(rows[1], k + 8 * (lane & 3), ends[1], vec);
@@ -266,7 +269,8 @@ __device__ __forceinline__ void mma_batch(float (&acc)[NT][4], const WeightBatch
       if (j * 8 >= mcols) break;
       uint4 x = make_uint4(0u, 0u, 0u, 0u);
       if (j * 8 + g < mcols)
-        x = *reinterpret_cast<const uint4*>(act + (j * 8 + g) * linear_stage_stride<NT>() + s * 64 + t * 16);
+        x = *reinterpret_cast<const uint4*>(act + (j * 8 + g) * linear_stage_stride<NT>() + s * 64 +
+                                            t * 16);
       mma16816<T>(acc[j], a.x, b.x, a.y, b.y, x.x, x.y);  // k + 8t + {0, 1 | 2, 3}
       mma16816<T>(acc[j], a.z, b.z, a.w, b.w, x.z, x.w);  // k + 8t + {4, 5 | 6, 7}
     }

@@ -64,7 +64,8 @@ __device__ __forceinline__ F* cluster_peer(F* p, int rank) {
 // cluster's blocks: not aliased with anything), then `tokens` (<= 8 NT) staged token rows.
 template <int NT>
 constexpr size_t linear_smem_bytes(int tokens) {
-  return sizeof(float) * (size_t(kLinearMaxSlices + 1) * kLinearCols + size_t(kLinearRows) * (8 * NT + 4)) +
+  return sizeof(float) *
+             (size_t(kLinearMaxSlices + 1) * kLinearCols + size_t(kLinearRows) * (8 * NT + 4)) +
          size_t(tokens) * linear_stage_stride<NT>();
 }
 
@@ -73,17 +74,18 @@ constexpr size_t linear_smem_bytes(int tokens) {
 // of W and x (else element loads: the same values, so the same bits).
 template <typename T, int NT, int U, bool VEC>
 __global__ void __launch_bounds__(kLinearThreads, VEC && sizeof(T) == 2 && NT <= 2 ? 3 : 2)
-fused_linear_kernel(LinearParams<T> p, LinearSplit split) {
+    fused_linear_kernel(LinearParams<T> p, LinearSplit split) {
   constexpr bool wvec = VEC, xvec = VEC;
   extern __shared__ __align__(16) unsigned char smem[];
-  constexpr int E = 16 / int(sizeof(T));                 // elements per 16 bytes
+  constexpr int E = 16 / int(sizeof(T));                         // elements per 16 bytes
   constexpr int KC = linear_stage_bytes<NT>() / int(sizeof(T));  // k per staged chunk
   constexpr int kStride = linear_stage_stride<NT>();
-  constexpr int kPt = 8 * NT + 4;                             // slice-sum row stride (floats)
-  float* ss = reinterpret_cast<float*>(smem);       // [slices][64] RMS slice statistics
+  constexpr int kPt = 8 * NT + 4;                        // slice-sum row stride (floats)
+  float* ss = reinterpret_cast<float*>(smem);            // [slices][64] RMS slice statistics
   float* inv_rms = ss + kLinearMaxSlices * kLinearCols;  // [64]
-  float* recv = inv_rms + kLinearCols;               // [slices][128 / slices][kPt] slice sums
-  unsigned char* act = reinterpret_cast<unsigned char*>(recv + kLinearRows * kPt);  // [tokens][kStride]
+  float* recv = inv_rms + kLinearCols;                   // [slices][128 / slices][kPt] slice sums
+  unsigned char* act =
+      reinterpret_cast<unsigned char*>(recv + kLinearRows * kPt);  // [tokens][kStride]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int P = split.slices, rank = int(blockIdx.x % unsigned(P));
   const int64_t groups = (p.M + kLinearCols - 1) / kLinearCols, rest = blockIdx.x / unsigned(P);
@@ -145,7 +147,7 @@ fused_linear_kernel(LinearParams<T> p, LinearSplit split) {
     }
   }  // the chunk loop's first barrier publishes inv_rms
 
-  float acc16[sizeof(T) == 4 ? 1 : NT][4];  // C fragments (16-bit T)
+  float acc16[sizeof(T) == 4 ? 1 : NT][4];   // C fragments (16-bit T)
   float acc32[sizeof(T) == 4 ? 8 * NT : 1];  // FMA chains (fp32)
 #pragma unroll
   for (int j = 0; j < (sizeof(T) == 4 ? 1 : NT); ++j)
@@ -159,7 +161,7 @@ fused_linear_kernel(LinearParams<T> p, LinearSplit split) {
     const int64_t c1 = c0 + KC < k_hi ? c0 + KC : k_hi;
     const int cs = int((c1 - c0 + kLinearSlab - 1) / kLinearSlab);
     const int vecs = cs * (kLinearSlab / E);  // 16-byte groups read by the chunk's slabs
-    __syncthreads();  // the previous chunk's readers are done
+    __syncthreads();                          // the previous chunk's readers are done
     for (int i = threadIdx.x; i < mcols * vecs; i += kLinearThreads) {
       const int m = i / vecs, v = i % vecs;
       const int64_t k = c0 + int64_t(v) * E;
@@ -250,7 +252,8 @@ cudaError_t launch_fused_linear_grid(const LinearParams<T>& p, LinearSplit split
     cudaError_t err = cudaGetDevice(&dev);
     if (err != cudaSuccess) return err;
     if (dev >= 0 && dev < 64 && !done[dev]) {
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kMaxSmem));
+      err =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kMaxSmem));
       if (err != cudaSuccess) return err;
       done[dev] = true;
     }
