@@ -67,7 +67,8 @@ def main():
             pos = start[:, None] + torch.arange(T, device=dev)
             inv_freq = 1.0 / (1e6 ** (torch.arange(0, D, 2, device=dev, dtype=torch.float32) / D))
             qn, kn = torch.ones(D, device=dev, dtype=dt), torch.ones(D, device=dev, dtype=dt)
-            ours = lambda _: dspark.ops.decode_attention(qkv, k_cache, v_cache, 1, start, inv_freq, H, qn, kn)  # noqa: E731
+            ours = lambda _: dspark.ops.decode_attention(  # noqa: E731
+                qkv, k_cache, v_cache, 1, start, inv_freq, H, qn, kn)
             base = lambda _: unfused(qkv, k_cache, v_cache, pos, inv_freq, qn, kn, S)  # noqa: E731
             diff = (ours(None).float() - base(None).float()).abs().max().item()
             floor_us = 2 * HKV * S * D * 2 / bw * 1e6

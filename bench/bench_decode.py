@@ -9,9 +9,10 @@ at the device copy bandwidth measured in the same run (read + write counted).
 Variants: ``graph`` (eager kernels captured in a CUDA graph), ``compile`` (torch.compile'd
 forward captured in a CUDA graph) and ``compile:MODE`` (e.g. ``compile:max-autotune-no-cudagraphs``,
 inductor also benchmarks GEMM kernels); a ``-unfused`` suffix turns off the runner's
-dspark::fused_linear projections (cuBLAS + separate norm/gate/residual ops). ``--profile`` prints, per variant, the kernels of one
-graph-replayed decode step (count, summed GPU time, span, the largest): span minus the sum is
-the gaps between kernels, the sum above the floor is kernel inefficiency.
+dspark::fused_linear projections (cuBLAS + separate norm/gate/residual ops). ``--profile`` prints,
+per variant, the kernels of one graph-replayed decode step (count, summed GPU time, span, the
+largest): span minus the sum is the gaps between kernels, the sum above the floor is kernel
+inefficiency.
 
     python bench/bench_decode.py [--layers 36] [--new 256] [--variants graph,compile] [--profile]
 """
@@ -105,7 +106,8 @@ def main():
             p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     torch.set_default_dtype(torch.float32)
     embed = model.embed.weight.numel()
-    read_bytes = sum(p.numel() for p in model.parameters()) * 2 - embed * 2 + model.config.hidden_size * 2
+    read_bytes = (sum(p.numel() for p in model.parameters()) * 2 - embed * 2
+                  + model.config.hidden_size * 2)
     bw = copy_bandwidth()
     floor_ms = read_bytes / bw * 1e3
     rows = []

@@ -68,8 +68,8 @@ def bench_shape(name, N, K, kind, residual, M, reps, bw):
     got, want = ours(copies[0]).float(), unfused(copies[0]).float()
     max_err = (got - want).abs().max().item()
     floor_us = wbytes / bw * 1e6
-    row = dict(name=name, M=M, N=N, K=K, prologue=kind, residual=residual, floor_us=round(floor_us, 2),
-               max_abs_diff_vs_unfused=max_err)
+    row = dict(name=name, M=M, N=N, K=K, prologue=kind, residual=residual,
+               floor_us=round(floor_us, 2), max_abs_diff_vs_unfused=max_err)
     for label, fn in (("ours", ours), ("cublas", cublas), ("unfused", unfused)):
         us = time_graph(fn, copies, reps)
         row[f"{label}_us"] = round(us, 2)
@@ -94,8 +94,9 @@ def main():
             r = bench_shape(*shape, M, a.reps, bw)
             rows.append(r)
             print(f"{r['name']:8} {M:>2} {r['floor_us']:>7.1f} {r['ours_us']:>8.1f} "
-                  f"{r['ours_pct_of_floor']:>5.1f} {r['cublas_us']:>8.1f} {r['cublas_pct_of_floor']:>5.1f} "
-                  f"{r['unfused_us']:>8.1f} {r['max_abs_diff_vs_unfused']:>8.3g}", flush=True)
+                  f"{r['ours_pct_of_floor']:>5.1f} {r['cublas_us']:>8.1f} "
+                  f"{r['cublas_pct_of_floor']:>5.1f} {r['unfused_us']:>8.1f} "
+                  f"{r['max_abs_diff_vs_unfused']:>8.3g}", flush=True)
             mult = 1 if r["name"] == "lm_head" else 36  # one decode step of the 36-layer model
             for k in tot:
                 tot[k] += mult * r[f"{k}_us"]

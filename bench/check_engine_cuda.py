@@ -54,7 +54,8 @@ def main():
                       dict(fused=False), p))
     for p in (prompts4, prompts4[1:2]):
         for name, make in (("chain", chain), ("tree", tree), ("ngram", ngram)):
-            cases.append((f"bf16 {name} B={len(p)}", lambda: rq(bf16), lambda m=make: m(bf16), {}, p))
+            cases.append((f"bf16 {name} B={len(p)}", lambda: rq(bf16), lambda m=make: m(bf16),
+                          {}, p))
     for b in (4, 1):
         cases.append((f"bf16 dspark-demo B={b}", lambda: demo()[0], lambda: demo()[1], {},
                       demo_prompts[:b]))
@@ -63,7 +64,8 @@ def main():
     for name, target, make, kw, prompts in cases:
         eng = SpeculativeEngine(target(), make(), **kw)
         out = eng.generate(prompts, max_new_tokens=48, temperature=0.0, stop_tokens=[])
-        ref = eng.generate_autoregressive(prompts, max_new_tokens=48, temperature=0.0, stop_tokens=[])
+        ref = eng.generate_autoregressive(prompts, max_new_tokens=48, temperature=0.0,
+                                          stop_tokens=[])
         same = out.tokens == ref.tokens
         bad += not same
         # A third call with the same shapes, with sync debugging: the step stages replay the
@@ -82,7 +84,8 @@ def main():
         except RuntimeError as e:
             st_ok = False
             print("  sync inside step:", str(e).splitlines()[0])
-        print(f"{name}: identical={same} tau={out.metrics.tau:.2f} step_sync_free={st_ok}", flush=True)
+        print(f"{name}: identical={same} tau={out.metrics.tau:.2f} step_sync_free={st_ok}",
+              flush=True)
         bad += not st_ok
         total += 2
     print(f"check_engine_cuda: {total - bad} passed, {bad} failed")

@@ -38,7 +38,8 @@ class SamplingTensors(NamedTuple):
 
 
 def sampling_tensors(num_requests: int, temperature: Floats = 1.0, top_k: Ints = 0,
-                     top_p: Floats = 1.0, device: Union[str, torch.device] = "cpu") -> SamplingTensors:
+                     top_p: Floats = 1.0,
+                     device: Union[str, torch.device] = "cpu") -> SamplingTensors:
     """Per-request sampling parameters as the ops take them (scalars are broadcast to [R])."""
     def full(x, dtype):
         t = torch.as_tensor(x, dtype=dtype, device=device)
@@ -56,7 +57,8 @@ class VerifyResult(NamedTuple):
 def verify(target_logits: torch.Tensor, node_offsets: torch.Tensor, draft_tokens: torch.Tensor,
            parents: torch.Tensor, draft_probs: Optional[torch.Tensor], params: SamplingTensors,
            seeds: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None,
-           uniforms: Optional[torch.Tensor] = None, max_nodes: Optional[int] = None) -> VerifyResult:
+           uniforms: Optional[torch.Tensor] = None,
+           max_nodes: Optional[int] = None) -> VerifyResult:
     """Verify packed draft trees (a chain is a tree with parents [-1, 0, 1, ...]).
 
     Parameters
@@ -104,7 +106,8 @@ def sample(logits: torch.Tensor, params: SamplingTensors, seeds: Optional[torch.
     Examples
     --------
     >>> import torch, dspark
-    >>> tok, _ = dspark.ops.sample(torch.tensor([[1., 3., 2.]]), dspark.ops.sampling_tensors(1, 0.0),
+    >>> tok, _ = dspark.ops.sample(torch.tensor([[1., 3., 2.]]),
+    ...                            dspark.ops.sampling_tensors(1, 0.0),
     ...                            uniforms=torch.tensor([0.5], dtype=torch.float64))
     >>> tok.tolist()
     [1]
@@ -115,7 +118,8 @@ def sample(logits: torch.Tensor, params: SamplingTensors, seeds: Optional[torch.
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                 residual: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
+                 residual: Optional[torch.Tensor] = None,
+                 norm_weight: Optional[torch.Tensor] = None,
                  eps: float = 1e-6, silu_gate: bool = False) -> torch.Tensor:
     """``residual + linear(xhat, weight, bias)`` in one kernel, for the few-token calls (decode,
     verify) where a linear layer streams its weight.

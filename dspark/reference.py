@@ -91,7 +91,8 @@ class Row:
             self.e[int(torch.argmax(w))] = 1.0  # first maximal index
             self.total = 1.0
             return
-        inv_t = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(temperature, dtype=torch.float32)
+        inv_t = (torch.tensor(1.0, dtype=torch.float32)
+                 / torch.tensor(temperature, dtype=torch.float32))
         t = (w * inv_t) * LOG2E
         if (finite & ~torch.isfinite(t)).any():
             raise ValueError("logits / temperature overflows float32")
@@ -210,7 +211,8 @@ def target_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p
 
 # ---- fused_linear ---------------------------------------------------------------------------
 def fused_linear_input(x, weight, norm_weight=None, eps=1e-6, silu_gate=False):
-    """xhat of fused_linear: x, RMSNorm(x) * norm_weight, or silu(gate) * up (stored in x's dtype)."""
+    """xhat of fused_linear: x, RMSNorm(x) * norm_weight, or silu(gate) * up (stored in x's
+    dtype)."""
     dt = x.dtype
     if silu_gate:
         gate, up = x.float().split(weight.shape[1], -1)
@@ -243,10 +245,12 @@ def _norm_rope(x, weight, eps, cos, sin):
     dt = x.dtype
     if weight is not None:
         xf = x.float()
-        x = (weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dt).float()).to(dt)
+        x = (weight.float()
+             * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dt).float()).to(dt)
     x1, x2 = x.chunk(2, -1)
     rot = torch.cat((-x2, x1), -1)
-    return ((x.float() * cos.float()).to(dt).float() + (rot.float() * sin.float()).to(dt).float()).to(dt)
+    return ((x.float() * cos.float()).to(dt).float()
+            + (rot.float() * sin.float()).to(dt).float()).to(dt)
 
 
 def tree_paths(parents: list) -> list:
@@ -307,9 +311,10 @@ def commit_tokens(tokens, n_tokens, active, out_tokens, accept_count, stop_token
                   max_new, round_active, round_accepts, rounds, any_active):
     """What dspark::commit_tokens does, in place (``SpecState.commit``): append the accepted
     tokens and the bonus, update the finished flags, then log the round (active flags at its
-    start, accepted counts), as tensor ops (capturable in a CUDA graph, no host sync). Two clamps are the op's contract for input
-    the engine never passes and change nothing otherwise: ``add`` to [0, W] (accept_count
-    outside [0, W - 1]) and the log row to >= 0 (a negative round counter)."""
+    start, accepted counts), as tensor ops (capturable in a CUDA graph, no host sync). Two
+    clamps are the op's contract for input the engine never passes and change nothing
+    otherwise: ``add`` to [0, W] (accept_count outside [0, W - 1]) and the log row to >= 0 (a
+    negative round counter)."""
     C, W, R = tokens.shape[1], out_tokens.shape[1], round_active.shape[0]
     active_at_start = active.clone()
     # append

@@ -9,7 +9,7 @@ PY=${PYTHON:-python3.11}
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q torch==2.14.1
 "$VENV/bin/python" -m pip install -q "scikit-build-core>=0.10" "cmake>=3.26" ninja numpy \
-  safetensors tokenizers tqdm matplotlib pytest scipy transformers ruff
+  safetensors tokenizers tqdm matplotlib pytest scipy transformers ruff "clang-format==23.1.5"
 "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps .
 VENV_PY="$(cd "$VENV" && pwd)/bin/python"
 (cd /tmp && "$VENV_PY" -c "import dspark, json; print('dspark', json.dumps(dspark.build_info()))")

@@ -5,6 +5,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 VENV=${DSPARK_VENV:-.venv}
 if [ -x "$VENV/bin/python" ]; then PY="$(cd "$VENV" && pwd)/bin/python"; else PY=python3; fi
+if [ "$#" -eq 0 ]; then  # the whole suite (what CI runs): style first (scripts/lint.sh)
+  bash scripts/lint.sh || exit 1
+fi
 cd tests  # so that `import dspark` finds the installed package, not the source tree
 "$PY" -m pytest -q -p no:cacheprovider "$@"
 rc=$?

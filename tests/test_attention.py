@@ -18,10 +18,12 @@ def make(B, H, Hkv, S, D, dtype, gen, device, qk_norm=True, L=2, positions=None,
     def rnd(*shape):
         return torch.randn(*shape, generator=gen).to(dtype)
     rows = 1 if T is None else T
-    pos = positions if positions is not None else torch.randint(0, S - rows + 1, (B,), generator=gen)
+    pos = (positions if positions is not None
+           else torch.randint(0, S - rows + 1, (B,), generator=gen))
     width = (H + 2 * Hkv) * D
     return dict(qkv=rnd(B, width) if T is None else rnd(B, T, width), k_cache=rnd(L, B, Hkv, S, D),
-                v_cache=rnd(L, B, Hkv, S, D), layer=L - 1, positions=torch.as_tensor(pos, dtype=torch.int64),
+                v_cache=rnd(L, B, Hkv, S, D), layer=L - 1,
+                positions=torch.as_tensor(pos, dtype=torch.int64),
                 inv_freq=1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)),
                 q_norm_weight=(torch.rand(D, generator=gen) + 0.5).to(dtype) if qk_norm else None,
                 k_norm_weight=(torch.rand(D, generator=gen) + 0.5).to(dtype) if qk_norm else None,
@@ -58,7 +60,8 @@ def check(args, device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,H,Hkv,S,D", [(1, 1, 1, 1, 2), (2, 4, 2, 5, 16), (3, 8, 2, 130, 64),
-                                         (1, 32, 8, 300, 128), (2, 6, 3, 40, 12), (1, 16, 1, 20, 32)])
+                                         (1, 32, 8, 300, 128), (2, 6, 3, 40, 12),
+                                         (1, 16, 1, 20, 32)])
 def test_matches_reference(device, gen, dtype, B, H, Hkv, S, D):
     check(make(B, H, Hkv, S, D, dtype, gen, device), device)
 
@@ -123,7 +126,8 @@ def compacted_decode(args, out, kc, vc, j, S2):
         par = list(range(-1, T - 1)) if args["parents"] is None else args["parents"][b].tolist()
         path = ref.tree_paths(par)[j]
         for d, node in enumerate(path[:-1]):
-            k2[L, b, :, st + d], v2[L, b, :, st + d] = kc[L, b, :, st + node], vc[L, b, :, st + node]
+            k2[L, b, :, st + d], v2[L, b, :, st + d] = (kc[L, b, :, st + node],
+                                                        vc[L, b, :, st + node])
         pos.append(st + len(path) - 1)
     pos = torch.tensor(pos, device=kc.device)
     got = torch.ops.dspark.decode_attention(
@@ -231,28 +235,36 @@ def bad_cases():
         "layer": (dict(layer=2), "layer must be in"),
         "heads": (dict(num_heads=3), "multiple of the cache's kv_heads"),
         "positions_i32": (dict(positions=base["positions"].int()), "positions must have dtype"),
-        "positions_len": (dict(positions=torch.zeros(3, dtype=torch.long)), "positions must have size 2"),
+        "positions_len": (dict(positions=torch.zeros(3, dtype=torch.long)),
+                          "positions must have size 2"),
         "inv_freq_len": (dict(inv_freq=torch.ones(7)), "inv_freq must have size 8"),
         "norm_len": (dict(q_norm_weight=torch.ones(15)), "q_norm_weight must have size 16"),
         "window": (dict(window=-1), "window must be >= 0"),
         "eps": (dict(eps=float("inf")), "eps must be finite"),
-        "cache_strided": (dict(k_cache=base["k_cache"].transpose(3, 4).contiguous().transpose(3, 4)),
-                          "k_cache must be contiguous"),
-        "position_past_cache": (dict(positions=torch.tensor([1, 8])), r"positions must lie in \[0, S\)"),
-        "position_negative": (dict(positions=torch.tensor([-1, 0])), r"positions must lie in \[0, S\)"),
+        "cache_strided": (
+            dict(k_cache=base["k_cache"].transpose(3, 4).contiguous().transpose(3, 4)),
+            "k_cache must be contiguous"),
+        "position_past_cache": (dict(positions=torch.tensor([1, 8])),
+                                r"positions must lie in \[0, S\)"),
+        "position_negative": (dict(positions=torch.tensor([-1, 0])),
+                              r"positions must lie in \[0, S\)"),
         "block_past_cache": (dict(qkv=torch.ones(2, 3, 128), positions=torch.tensor([5, 6])),
                              r"positions \+ rows <= S"),
         "too_many_rows": (dict(qkv=torch.ones(2, 65, 128), k_cache=torch.ones(2, 2, 2, 80, 16),
                                v_cache=torch.ones(2, 2, 2, 80, 16)), "1 to 64 rows"),
         "parents_shape": (dict(qkv=torch.ones(2, 3, 128), parents=torch.tensor([[-1, 0], [-1, 0]])),
                           r"parents must have shape \[2, 3\]"),
-        "parents_dtype": (dict(qkv=torch.ones(2, 3, 128), parents=torch.full((2, 3), -1, dtype=torch.int32)),
+        "parents_dtype": (dict(qkv=torch.ones(2, 3, 128),
+                               parents=torch.full((2, 3), -1, dtype=torch.int32)),
                           "parents must have dtype"),
         "parents_forward": (dict(qkv=torch.ones(2, 3, 128), positions=torch.tensor([0, 1]),
-                                 parents=torch.tensor([[-1, 0, 0], [-1, 2, 0]])), "parents must be -1"),
+                                 parents=torch.tensor([[-1, 0, 0], [-1, 2, 0]])),
+                            "parents must be -1"),
         "parents_below_minus_one": (dict(qkv=torch.ones(2, 3, 128), positions=torch.tensor([0, 1]),
-                                         parents=torch.tensor([[-1, 0, -2], [-1, 0, 1]])), "parents must be -1"),
-        "too_many_requests": (dict(qkv=torch.ones(65536, 128), k_cache=torch.ones(1, 65536, 2, 1, 16),
+                                         parents=torch.tensor([[-1, 0, -2], [-1, 0, 1]])),
+                                    "parents must be -1"),
+        "too_many_requests": (dict(qkv=torch.ones(65536, 128),
+                                   k_cache=torch.ones(1, 65536, 2, 1, 16),
                                    v_cache=torch.ones(1, 65536, 2, 1, 16), layer=0,
                                    positions=torch.zeros(65536, dtype=torch.long)),
                               "at most 65535 requests"),

@@ -99,7 +99,8 @@ def test_decode_logits_equal_verify_rows(device, dtype, arch):
             for s in range(STEPS - 1):  # node s's logits predict token s + 1
                 got, want = logits[offs[r] + s], ar_logits[s, r]
                 assert torch.equal(got, want), (
-                    f"B={len(prompts)} request {r} step {s}: max diff {(got - want).abs().max():.3g}")
+                    f"B={len(prompts)} request {r} step {s}: "
+                    f"max diff {(got - want).abs().max():.3g}")
 
 
 def test_tree_commit_then_decode_equals_autoregressive(device):

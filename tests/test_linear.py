@@ -41,7 +41,8 @@ def check(args):
     bound = (2 * eps_dt * (y.abs() + res) + (1e-5 if dt == torch.float32 else eps_dt / 16) * abs_dot
              + 1e-30)
     err = (got.cpu().float() - want.float()).abs()
-    assert bool((err <= bound).all()), f"max err {err.max():.3g}, worst ratio {(err / bound).max():.3g}"
+    assert bool((err <= bound).all()), (
+        f"max err {err.max():.3g}, worst ratio {(err / bound).max():.3g}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -88,7 +89,8 @@ def test_row_bits_do_not_depend_on_other_rows(device, gen, dtype, kind, N, K):
     for idx in ([5], [69], [0, 1], perm[:9], perm[9:26], perm[26:59]):
         idx = torch.as_tensor(idx, device=device)
         got, want = call_rows(a, idx), full[idx]
-        assert torch.equal(got, want), f"rows {idx.tolist()}: max diff {(got.float() - want.float()).abs().max():.3g}"
+        assert torch.equal(got, want), (
+            f"rows {idx.tolist()}: max diff {(got.float() - want.float()).abs().max():.3g}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -119,7 +121,8 @@ def test_unaligned_weight(device, gen, dtype):
 def test_large_values_and_zero_rows(device, gen):
     """Zero rows normalise to zero (eps keeps rsqrt finite); big activations stay finite in fp32
     accumulation (bf16 range)."""
-    args = make(3, 50, 96, torch.bfloat16, "norm", bias=False, residual=False, gen=gen, device=device)
+    args = make(3, 50, 96, torch.bfloat16, "norm", bias=False, residual=False, gen=gen,
+                device=device)
     args["x"][0] = 0
     args["x"][1] *= 1e30
     check(args)
@@ -168,7 +171,8 @@ def test_compile_fullgraph_equals_eager(device, gen):
 def bad_cases():
     f32 = dict(dtype=torch.float32)
     x, w = torch.ones(2, 8), torch.ones(4, 8)
-    base = dict(x=x, weight=w, bias=None, residual=None, norm_weight=None, eps=1e-6, silu_gate=False)
+    base = dict(x=x, weight=w, bias=None, residual=None, norm_weight=None, eps=1e-6,
+                silu_gate=False)
     return {
         "x_1d": ({**base, "x": torch.ones(8)}, "x must be a 2-D"),
         "weight_3d": ({**base, "weight": torch.ones(1, 4, 8)}, "weight must be a 2-D"),
@@ -176,14 +180,19 @@ def bad_cases():
         "weight_dtype": ({**base, "weight": w.half()}, "weight must have the dtype of x"),
         "features": ({**base, "x": torch.ones(2, 7)}, "x must have 8 features"),
         "gate_features": ({**base, "silu_gate": True}, "x must have 16 features"),
-        "k_zero": ({**base, "x": torch.ones(2, 0), "weight": torch.ones(4, 0)}, "at least one input"),
+        "k_zero": ({**base, "x": torch.ones(2, 0), "weight": torch.ones(4, 0)},
+                   "at least one input"),
         "both_prologues": ({**base, "x": torch.ones(2, 16), "silu_gate": True,
                             "norm_weight": torch.ones(8)}, "not both"),
         "bias_shape": ({**base, "bias": torch.ones(5)}, "bias must have size 4"),
-        "residual_shape": ({**base, "residual": torch.ones(2, 5)}, r"residual must have shape \[2, 4\]"),
-        "residual_dtype": ({**base, "residual": torch.ones(2, 4, dtype=torch.half)}, "residual must have the dtype"),
-        "norm_shape": ({**base, "norm_weight": torch.ones(7, **f32)}, "norm_weight must have size 8"),
-        "eps_nan": ({**base, "norm_weight": torch.ones(8), "eps": float("nan")}, "eps must be finite"),
+        "residual_shape": ({**base, "residual": torch.ones(2, 5)},
+                           r"residual must have shape \[2, 4\]"),
+        "residual_dtype": ({**base, "residual": torch.ones(2, 4, dtype=torch.half)},
+                           "residual must have the dtype"),
+        "norm_shape": ({**base, "norm_weight": torch.ones(7, **f32)},
+                       "norm_weight must have size 8"),
+        "eps_nan": ({**base, "norm_weight": torch.ones(8), "eps": float("nan")},
+                    "eps must be finite"),
         "eps_negative": ({**base, "norm_weight": torch.ones(8), "eps": -1.0}, "eps must be finite"),
         "x_strided": ({**base, "x": torch.ones(8, 2).t()}, "x must be contiguous"),
         "weight_strided": ({**base, "weight": torch.ones(8, 4).t()}, "weight must be contiguous"),

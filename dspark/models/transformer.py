@@ -95,8 +95,8 @@ class Block(nn.Module):
         qkv = fused_linear(x, a.qkv.weight, a.qkv.bias, norm_weight=self.attn_norm.weight,
                            eps=self.attn_norm.eps)
         h = fused_linear(attend(qkv), a.o.weight, a.o.bias, residual=x)
-        gate_up = fused_linear(h, m.gate_up.weight, m.gate_up.bias, norm_weight=self.mlp_norm.weight,
-                               eps=self.mlp_norm.eps)
+        gate_up = fused_linear(h, m.gate_up.weight, m.gate_up.bias,
+                               norm_weight=self.mlp_norm.weight, eps=self.mlp_norm.eps)
         return fused_linear(gate_up, m.down.weight, m.down.bias, residual=h, silu_gate=True)
 
 
