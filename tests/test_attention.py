@@ -58,6 +58,7 @@ def check(args, device):
     assert torch.equal(dev["v_cache"].cpu()[untouched], args["v_cache"][untouched])
 
 
+# ---- reference equality --------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,H,Hkv,S,D", [(1, 1, 1, 1, 2), (2, 4, 2, 5, 16), (3, 8, 2, 130, 64),
                                          (1, 32, 8, 300, 128), (2, 6, 3, 40, 12),
@@ -183,6 +184,7 @@ def test_wrapper_and_layers(device, gen):
     assert torch.equal(args["k_cache"][0], before[0]) and torch.equal(args["k_cache"][2], before[2])
 
 
+# ---- opcheck, torch.compile, CUDA graphs ---------------------------------------------------------
 @pytest.mark.parametrize("layout", ["decode", "chain", "tree"])
 def test_opcheck(device, gen, layout):
     T = None if layout == "decode" else 9
@@ -220,6 +222,7 @@ def test_compile_fullgraph_equals_eager(device, gen):
     assert torch.equal(args["k_cache"], eager_k) and torch.equal(args["v_cache"], eager_v)
 
 
+# ---- bad input -----------------------------------------------------------------------------------
 def bad_cases():
     gen = torch.Generator().manual_seed(0)
     base = make(2, 4, 2, 8, 16, torch.float32, gen, "cpu")

@@ -45,6 +45,7 @@ def check(args):
         f"max err {err.max():.3g}, worst ratio {(err / bound).max():.3g}")
 
 
+# ---- reference equality --------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["plain", "norm", "gate"])
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 7, 3), (2, 33, 64), (3, 257, 13),
@@ -147,6 +148,7 @@ def test_wrapper_keeps_leading_dims(device, gen):
     torch.testing.assert_close(out.view(6, 10), torch.ops.dspark.fused_linear(*a.values()))
 
 
+# ---- opcheck, torch.compile, CUDA graphs ---------------------------------------------------------
 @pytest.mark.parametrize("kind", ["plain", "norm", "gate"])
 @pytest.mark.parametrize("dtype,M", [(torch.float32, 3), (torch.bfloat16, 70)])
 def test_opcheck(device, gen, kind, dtype, M):
@@ -168,6 +170,7 @@ def test_compile_fullgraph_equals_eager(device, gen):
                                mlp(x, w_up, w_down, g), atol=0, rtol=0)
 
 
+# ---- bad input -----------------------------------------------------------------------------------
 def bad_cases():
     f32 = dict(dtype=torch.float32)
     x, w = torch.ones(2, 8), torch.ones(4, 8)

@@ -62,6 +62,7 @@ def assert_same_state(got, want, what=""):
             f"{what} {k}:\nkernel    {got[k].tolist()}\nreference {want[k].tolist()}"
 
 
+# ---- commit_tokens: reference equality -----------------------------------------------------------
 @pytest.mark.parametrize("B,C,W,S,R", [(1, 1, 1, 1, 1), (1, 9, 4, 0, 2), (3, 8, 8, 2, 3),
                                        (7, 40, 5, 3, 4), (33, 64, 8, 4, 16), (130, 300, 6, 5, 9),
                                        (1100, 20, 3, 2, 5)])  # B > 1024: threads stride
@@ -128,7 +129,7 @@ def test_commit_empty_batch(device):
     assert not got["any_active"].item()
 
 
-# ---- ngram_propose ----------------------------------------------------------------------------
+# ---- ngram_propose: reference equality -----------------------------------------------------------
 def periodic_tokens(B, C, gen, V=6):
     """Rows that repeat a random pattern (period 1..7) with some noise: matches at many sizes."""
     period = randint(1, 8, (B, 1), gen)
@@ -201,7 +202,7 @@ def test_ngram_empty_batch(device):
     assert out.shape == (0, 4) and out.dtype == torch.long and out.device.type == device
 
 
-# ---- opcheck, compile, graphs -----------------------------------------------------------------
+# ---- opcheck, torch.compile, CUDA graphs ---------------------------------------------------------
 def test_opcheck_commit_tokens(device, gen):
     args = {k: v.to(device) for k, v in commit_args(5, 16, 4, 2, 3, gen).items()}
     torch.library.opcheck(torch.ops.dspark.commit_tokens.default, tuple(args[k] for k in COMMIT))
@@ -268,7 +269,7 @@ def test_cuda_graph_replay_equals_eager(device, gen):
         assert_same_state(static, eager)
 
 
-# ---- bad input --------------------------------------------------------------------------------
+# ---- bad input -----------------------------------------------------------------------------------
 def commit_bad_cases():
     base = commit_args(3, 10, 4, 2, 2, torch.Generator().manual_seed(0))
     b = dict(base)

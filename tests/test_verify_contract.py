@@ -1,11 +1,104 @@
-"""Every caller error raises RuntimeError/ValueError naming the argument; never a crash."""
+"""The contract of dspark::verify and dspark::sample (one binding family: sample is verify of a
+request with no drafts): torch.library.opcheck, torch.compile(fullgraph=True) == eager, CUDA-graph
+replay == eager, and bad input (every caller error raises RuntimeError/ValueError/TypeError
+naming the argument; never a crash). Their numerics: test_verify.py, test_sample.py."""
 import pytest
 import torch
 
 import dspark
 
-from helpers import make_batch
+from helpers import make_batch, sample_args
 
+
+# ---- opcheck, torch.compile, CUDA graphs ----------------------------------------------------
+def verify_cases():
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "chain_q_keyed": make_batch([3, 0, 2], 11, gen, q_dtype=torch.float32),
+        "tree_noq_uniforms": make_batch([4, 2], 9, gen, layout="tree", randomness="uniforms",
+                                        dtype=torch.bfloat16, temperature="mixed"),
+        "greedy_f16_q64_wide": make_batch([1, 5], 17, gen, temperature="greedy", top_k=3,
+                                          dtype=torch.float16, q_dtype=torch.float64, max_nodes=9),
+    }
+
+
+@pytest.mark.parametrize("case", ["chain_q_keyed", "tree_noq_uniforms", "greedy_f16_q64_wide"])
+def test_opcheck_verify(device, case):
+    b = verify_cases()[case].to(device)
+    torch.library.opcheck(torch.ops.dspark.verify.default, b.args())
+
+
+@pytest.mark.parametrize("randomness", ["keyed", "uniforms"])
+@pytest.mark.parametrize("return_probs", [False, True])
+def test_opcheck_sample(device, randomness, return_probs):
+    gen = torch.Generator().manual_seed(1)
+    args = sample_args(torch.randn(5, 13, generator=gen), gen, top_k=[0, 2, 0, 5, 1],
+                       top_p=[1.0, 1.0, 0.7, 0.9, 1.0], randomness=randomness)
+    args = tuple(None if a is None else a.to(device) for a in args)
+    torch.library.opcheck(torch.ops.dspark.sample.default, (*args, return_probs))
+
+
+def decode_step(logits, offsets, tokens, parents, q, temp, top_k, top_p, seeds, positions):
+    """What a decode loop does: verify, then sample the next block's first token from the rows
+    after the last accepted node (the ops plus a few torch ops around them)."""
+    out, count, nodes = torch.ops.dspark.verify(logits, offsets, tokens, parents, q, temp, top_k,
+                                                top_p, seeds, positions, None, 8)
+    last = nodes.gather(1, count.unsqueeze(1)).squeeze(1)
+    nxt, probs = torch.ops.dspark.sample(logits.index_select(0, last).contiguous(), temp, top_k,
+                                         top_p, seeds, positions + count + 1, None, True)
+    return out, count, nodes, nxt, probs
+
+
+def step_args(b):
+    return (b.target_logits, b.node_offsets, b.draft_tokens, b.parents, b.draft_probs,
+            b.temperature, b.top_k, b.top_p, b.seeds, b.positions)
+
+
+def test_compile_fullgraph_equals_eager(device):
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(2)
+    compiled = torch.compile(decode_step, fullgraph=True)
+    # Two batches with the same shapes (N = 19 nodes, 4 requests) and different contents.
+    for lengths in ([7, 0, 3, 5], [6, 2, 3, 4]):
+        b = make_batch(lengths, 50, gen, layout="tree", q_dtype=torch.float32,
+                       temperature="mixed", top_k="random", top_p="random", max_nodes=8)
+        args = step_args(b.to(device))
+        eager, got = decode_step(*args), compiled(*args)
+        for e, c in zip(eager, got):
+            assert e.dtype == c.dtype and e.device == c.device and torch.equal(e, c)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_equals_eager(device):
+    """The ops capture into a CUDA graph (no host sync inside) and replays with new inputs copied
+    into the captured buffers give exactly the eager results."""
+    if device != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    gen = torch.Generator().manual_seed(3)
+    batches = [make_batch(lengths, 300, gen, layout="tree", q_dtype=torch.float32,
+                          temperature="mixed", top_k="random", top_p="random", max_nodes=8)
+               for lengths in ([7, 0, 3, 5], [6, 2, 3, 4], [0, 7, 7, 1])]
+    static = [a.clone() if a is not None else None for a in step_args(batches[0].to("cuda"))]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        decode_step(*static)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = decode_step(*static)
+    for b in batches:
+        args = step_args(b.to("cuda"))
+        for dst, src in zip(static, args):
+            if dst is not None:
+                dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, want in zip(outs, decode_step(*args)):
+            assert torch.equal(got, want)
+
+
+# ---- bad input -----------------------------------------------------------------------------
 NAN, INF = float("nan"), float("inf")
 VERIFY = ["target_logits", "node_offsets", "draft_tokens", "parents", "draft_probs",
           "temperature", "top_k", "top_p", "seeds", "positions", "uniforms", "max_nodes"]
@@ -24,7 +117,7 @@ def verify_args(randomness="keyed"):
     return dict(zip(VERIFY, b.args()))
 
 
-def sample_args(randomness="keyed"):
+def sample_call_args(randomness="keyed"):
     R = 3
     params = dspark.ops.sampling_tensors(R, [1.0, 0.0, 0.5], [0, 2, 0], [1.0, 1.0, 0.8])
     keyed = randomness == "keyed"
@@ -189,7 +282,7 @@ CASES = [
 
 @pytest.mark.parametrize("case,op,randomness,mutate,match", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_raises(device, case, op, randomness, mutate, match):
-    args = verify_args(randomness) if op == "verify" else sample_args(randomness)
+    args = verify_args(randomness) if op == "verify" else sample_call_args(randomness)
     call(op, args, device)  # the unmodified call is valid
     mutate(args)
     # Wrong dtypes raise TypeError (TORCH_CHECK_TYPE), everything else RuntimeError/ValueError.
@@ -212,7 +305,7 @@ def test_wrong_device(device, op, name):
     if device == "cpu":
         pytest.skip("needs a second real device (runs in the cuda variant)")
     rnd = "uniforms" if name == "uniforms" else "keyed"
-    args = on(device, verify_args(rnd) if op == "verify" else sample_args(rnd))
+    args = on(device, verify_args(rnd) if op == "verify" else sample_call_args(rnd))
     args[name] = args[name].cpu()
     first = "target_logits" if op == "verify" else "logits"
     with pytest.raises(ERRORS, match="device|must be on" if name == first else name):
@@ -225,7 +318,7 @@ def test_meta_argument_mixed_with_real_tensors(device):
     for op, names in (("verify", VERIFY_TENSORS), ("sample", SAMPLE_TENSORS)):
         for name in names:
             rnd = "uniforms" if name == "uniforms" else "keyed"
-            args = on(device, verify_args(rnd) if op == "verify" else sample_args(rnd))
+            args = on(device, verify_args(rnd) if op == "verify" else sample_call_args(rnd))
             args[name] = args[name].to("meta")
             try:
                 call(op, args)
