@@ -188,3 +188,18 @@ def test_cli_profile_sps(tmp_path, capsys):
     assert "cached" in captured.err and json.loads(captured.out)["grid"] == [1, 4, 10]
     missing = ["profile-sps", "--target", str(tmp_path / "no"), "--device", "cpu", "--out", out]
     assert cli_main(missing) == 2
+
+
+@pytest.mark.cuda
+def test_profile_on_cuda(tmp_path):
+    """The GPU path: each size captured in its own CUDA graph and replayed; the runner keeps
+    no graph of its own and gets its setting back."""
+    if not dspark.cuda_available():
+        pytest.skip("needs a GPU")
+    r = ModelRunner(load_model(os.path.join(DEMO_MODELS, "target"), "cuda", torch.bfloat16))
+    table = scheduler.profile_sps(r, 40, gamma=7, context=64, grid=[1, 8, 9, 33], reps=5,
+                                  cache_dir=str(tmp_path))
+    assert table.grid == [1, 8, 9, 33, 40] and table.key["device"] == torch.cuda.get_device_name()
+    assert all(s > 0 for s in table.sps) and all(a >= b for a, b in zip(table.sps, table.sps[1:]))
+    assert r.use_cuda_graphs and not r._graphs
+    assert scheduler.load_sps(r, 40, cache_dir=str(tmp_path)) == table
