@@ -71,3 +71,23 @@ TORCH_LIBRARY_FRAGMENT(dspark, m) {
       "ngram_propose(Tensor tokens, Tensor n_tokens, int gamma, int max_ngram, int min_ngram) -> "
       "Tensor");
 }
+
+// The prefix scheduler (docs/method.md "Scheduling"; dspark/reference.py: schedule_prefix,
+// schedule_budget): per-request verify lengths, static shapes, no host sync.
+TORCH_LIBRARY_FRAGMENT(dspark, m) {
+  m.set_python_module("dspark._fake");
+  // Verify lengths from calibrated confidences and the steps-per-second table.
+  //   confidences [R, gamma] f32 in [0, 1]: c[r, j] = P(draft j accepted | drafts < j accepted)
+  //   draft_lengths [R] i64 in [0, gamma]; sps [Bmax] f32 > 0: steps/s of a verify forward of
+  //   B = index + 1 tokens (required in sync mode); mode: 'sync' (Algorithm 1, early stop),
+  //   'async' (the top `budget` candidates: budget [] i64), 'threshold' (leading c >= threshold),
+  //   'fixed' (every draft)
+  // -> lengths [R] i64 in [0, draft_lengths[r]]
+  m.def(
+      "schedule_prefix(Tensor confidences, Tensor draft_lengths, Tensor? sps, str mode, "
+      "float threshold=0., Tensor? budget=None) -> Tensor");
+  // The asynchronous variant's token budget: the first argmax over n of Theta_n on the whole
+  // greedy path (no early stop), from confidences two steps old.
+  //   confidences [R, gamma] f32, draft_lengths [R] i64, sps [Bmax] f32 -> budget [] i64
+  m.def("schedule_budget(Tensor confidences, Tensor draft_lengths, Tensor sps) -> Tensor");
+}

@@ -70,3 +70,19 @@ def _ngram_propose_fake(tokens, n_tokens, gamma, max_ngram, min_ngram):
     torch._check(tokens.dim() == 2, lambda: "tokens must be [B, C]")
     _same_device(tokens, n_tokens=n_tokens)
     return tokens.new_empty((tokens.shape[0], gamma + 1))
+
+
+@torch.library.register_fake("dspark::schedule_prefix")
+def _schedule_prefix_fake(confidences, draft_lengths, sps, mode, threshold=0.0, budget=None):
+    torch._check(confidences.dim() == 2, lambda: "confidences must be [R, gamma]")
+    torch._check(draft_lengths.dim() == 1 and draft_lengths.shape[0] == confidences.shape[0],
+                 lambda: "draft_lengths must be [R]")
+    _same_device(confidences, draft_lengths=draft_lengths, sps=sps, budget=budget)
+    return draft_lengths.new_empty((confidences.shape[0],))
+
+
+@torch.library.register_fake("dspark::schedule_budget")
+def _schedule_budget_fake(confidences, draft_lengths, sps):
+    torch._check(confidences.dim() == 2, lambda: "confidences must be [R, gamma]")
+    _same_device(confidences, draft_lengths=draft_lengths, sps=sps)
+    return draft_lengths.new_empty(())

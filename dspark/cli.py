@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 from .cli_bench import add_bench_parser
 from .cli_generate import add_generate_parser
+from .cli_profile import add_profile_parser
 from .cli_train import add_train_parsers
 from .demo import add_demo_parser
 
@@ -17,6 +18,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_demo_parser(sub)
     add_generate_parser(sub)
     add_bench_parser(sub)
+    add_profile_parser(sub)
     add_train_parsers(sub)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -223,3 +223,60 @@ def ngram_propose(tokens: torch.Tensor, n_tokens: torch.Tensor, gamma: int, max_
     [[6, 7, 5, 6]]
     """
     return torch.ops.dspark.ngram_propose(tokens, n_tokens, gamma, max_ngram, min_ngram)
+
+
+SCHEDULE_MODES = ("sync", "async", "threshold", "fixed")
+
+
+def schedule_prefix(confidences: torch.Tensor, draft_lengths: torch.Tensor,
+                    sps: Optional[torch.Tensor] = None, mode: str = "sync",
+                    threshold: float = 0.0, budget: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Verify lengths of a speculative step from calibrated confidences (the prefix scheduler,
+    docs/method.md "Scheduling"; spec: dspark.reference.schedule_prefix). One kernel, static
+    shapes, no host sync (capturable in a CUDA graph; see :func:`sync_checks`).
+
+    confidences : [R, gamma] float32 in [0, 1], gamma <= 32, R * gamma <= 16384.
+        c[r, j] = P(draft j accepted | drafts before j accepted); entries at j >= draft_lengths[r]
+        are never read. The prefix survival is a[r, j] = c[r, 0] * ... * c[r, j].
+    draft_lengths : [R] int64 in [0, gamma]: drafts request r proposed.
+    sps : [Bmax] float32 > 0 or None: steps per second of a verify forward of B = index + 1
+        tokens (:func:`dspark.scheduler.load_sps`); required for mode "sync".
+    mode : "sync" — Algorithm 1: every request sends its anchor (B = R, expected tokens
+        tau = R); draft positions are admitted in decreasing order of a (ties: smaller j, then
+        smaller r; a < 2^-44 never), each adding 1 to B and a to tau, while
+        Theta = tau * SPS(B) rises strictly; the first that does not (or whose B > Bmax) stops
+        the scan. That early stop keeps the output distribution exact.
+        "async" — the first ``budget`` ([] int64, clamped to [0, candidates]) positions of the
+        same ranking, no stop; the budget comes from :func:`schedule_budget` on confidences two
+        steps old. "threshold" — the leading drafts with c >= ``threshold`` (in [0, 1]).
+        "fixed" — every draft.
+    Returns lengths [R] int64, 0 <= lengths[r] <= draft_lengths[r]: verify the first lengths[r]
+    drafts of request r (its verify block is 1 + lengths[r] tokens, anchor included).
+
+    Examples
+    --------
+    >>> import torch, dspark
+    >>> c = torch.tensor([[0.9, 0.9, 0.5], [0.6, 0.5, 0.9]])
+    >>> sps = torch.tensor([100., 99., 98., 97., 96., 60., 50., 40.])  # slower from B = 6 on
+    >>> lengths = torch.tensor([3, 3])
+    >>> dspark.ops.schedule_prefix(c, lengths, sps).tolist()  # a = .9 .81 .6 admitted, .405 not
+    [2, 1]
+    >>> dspark.ops.schedule_budget(c, lengths, sps).item()
+    3
+    >>> dspark.ops.schedule_prefix(c, lengths, mode="threshold", threshold=0.55).tolist()
+    [2, 1]
+    """
+    return torch.ops.dspark.schedule_prefix(confidences, draft_lengths, sps, mode, threshold,
+                                            budget)
+
+
+def schedule_budget(confidences: torch.Tensor, draft_lengths: torch.Tensor,
+                    sps: torch.Tensor) -> torch.Tensor:
+    """The asynchronous scheduler's draft-token budget K ([] int64; spec:
+    dspark.reference.schedule_budget): the greedy path of :func:`schedule_prefix` (sync) run to
+    its end without the early stop, K = the first n maximising Theta_n = tau_n * SPS(R + n) over
+    n = 0..candidates with R + n <= Bmax. Pass confidences from two steps back (independent of
+    the current drafts, which is what lets it search past a non-improvement without biasing the
+    output); the current step then admits its top K with ``schedule_prefix(mode="async")``.
+    Shapes as in :func:`schedule_prefix`; one kernel, no host sync."""
+    return torch.ops.dspark.schedule_budget(confidences, draft_lengths, sps)

@@ -361,3 +361,81 @@ def ngram_propose(tokens, n_tokens, gamma, max_ngram, min_ngram):
     idx = cont[:, None] + torch.arange(gamma, device=dev) % period[:, None]
     anchor = toks.gather(1, (n - 1)[:, None])
     return torch.cat([anchor, toks.gather(1, idx)], 1)
+
+
+# ---- the prefix scheduler (dspark::schedule_prefix, dspark::schedule_budget) -------------------
+SCHEDULE_ONE = 1 << 44  # survivals in units of 2^-44 (include/dspark/schedule.h)
+
+
+def ranked_candidates(confidences, draft_lengths) -> list:
+    """Every draft position the scheduler may admit, as (q, j, r) in rank order: quantized
+    survival q = floor(a_{r,j} * 2^44) descending, then smaller j, then smaller r, where
+    a_{r,j} = c_{r,0} * ... * c_{r,j} multiplied left to right in float64. A candidate has
+    j < draft_lengths[r] and q >= 1 (so a request's candidates are a prefix of its drafts, and
+    so is every request's share of a prefix of the ranking)."""
+    c, lengths = confidences.double().tolist(), draft_lengths.tolist()
+    cands = []
+    for r, row in enumerate(c):
+        a = 1.0
+        for j in range(lengths[r]):
+            a *= row[j]
+            q = int(a * SCHEDULE_ONE)
+            if q < 1:
+                break
+            cands.append((q, j, r))
+    return sorted(cands, key=lambda t: (-t[0], t[1], t[2]))
+
+
+def schedule_theta(tau: int, sps: list, B: int) -> float:
+    """Predicted tokens/s of a B-token verify expected to commit tau * 2^-44 tokens (float64,
+    two roundings), or -1 where B is outside the table."""
+    return (float(tau) / SCHEDULE_ONE) * sps[B - 1] if 1 <= B <= len(sps) else -1.0
+
+
+def schedule_prefix(confidences, draft_lengths, sps, mode, threshold=0.0, budget=None):
+    """What dspark::schedule_prefix returns: verify lengths [R] int64 (valid inputs).
+    fixed: every draft; threshold: the leading drafts with c >= threshold; async: the first
+    `budget` ranked candidates (clamped to [0, M]); sync: Algorithm 1 — start from every anchor
+    (B = R, tau = R), admit ranked candidates one by one (B += 1, tau += a) while
+    Theta = tau * SPS(B) rises strictly; the first candidate that does not raise it, or whose B
+    is past the table, stops the scan and is not admitted."""
+    R, dev = confidences.shape[0], draft_lengths.device
+    if mode == "fixed":
+        return draft_lengths.clone()
+    if mode == "threshold":
+        out = []
+        for row, n in zip(confidences.double().tolist(), draft_lengths.tolist()):
+            ell = 0
+            while ell < n and row[ell] >= threshold:
+                ell += 1
+            out.append(ell)
+        return torch.tensor(out, dtype=torch.int64, device=dev)
+    cands = ranked_candidates(confidences, draft_lengths)
+    if mode == "async":
+        n = min(max(int(budget), 0), len(cands))
+    else:
+        table, n, tau = sps.double().tolist(), 0, R * SCHEDULE_ONE
+        for q, _, _ in cands:
+            B = R + n + 1
+            if B > len(table) or not schedule_theta(tau + q, table, B) > schedule_theta(
+                    tau, table, B - 1):
+                break
+            tau, n = tau + q, n + 1
+    out = [0] * R
+    for _, _, r in cands[:n]:
+        out[r] += 1
+    return torch.tensor(out, dtype=torch.int64, device=dev)
+
+
+def schedule_budget(confidences, draft_lengths, sps):
+    """What dspark::schedule_budget returns: [] int64, the first n maximising Theta_n over the
+    whole greedy path n = 0..M (no early stop; B = R + n within the table), 0 if none is."""
+    R, table = confidences.shape[0], sps.double().tolist()
+    tau = R * SCHEDULE_ONE
+    best, best_n = schedule_theta(tau, table, R), 0
+    for n, (q, _, _) in enumerate(ranked_candidates(confidences, draft_lengths), 1):
+        tau += q
+        theta = schedule_theta(tau, table, R + n)
+        if theta > best:
+            best, best_n = theta, n
+    return torch.tensor(best_n if best >= 0 else 0, dtype=torch.int64, device=draft_lengths.device)

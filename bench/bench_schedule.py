@@ -1,0 +1,120 @@
+"""Microbenchmark of the prefix scheduler on CUDA: dspark::schedule_prefix in each mode and
+dspark::schedule_budget at R requests x gamma drafts (issue 14's bar: < 15 us at R = 256,
+gamma = 7), every variant replayed from a CUDA graph.
+
+Timing as bench/bench_state_ops.py: one graph per variant, replays queued back to back with CUDA
+events around each, median over --reps; "launch floor" is a graph of one tiny kernel timed the
+same way (any graph of one kernel costs that much; an op's own cost is its time minus the
+floor). "async step" is what an asynchronous engine step graphs: the budget from stale
+confidences, then the current top-K (two kernels). Inputs: confidences c = 1 - 0.5 u^2 (long
+likely prefixes, as from a calibrated DSpark head), every request with gamma drafts, an SPS
+table of the usual shape (time 10 ms + 0.02 ms per token) over B = 1..R (gamma + 1). Each
+variant is checked against dspark.reference before it is timed.
+
+    python bench/bench_schedule.py --out bench/results/<date>/bench_schedule.json
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import dspark
+from dspark import reference
+
+
+def median_replay_us(fn, reps):
+    """Capture fn() once (after a warm-up on a side stream), replay it reps times back to back;
+    median us between events recorded around each replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(10):
+        graph.replay()
+    marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+             for _ in range(reps)]
+    for before, after in marks:
+        before.record()
+        graph.replay()
+        after.record()
+    torch.cuda.synchronize()
+    return statistics.median(before.elapsed_time(after) * 1e3 for before, after in marks)
+
+
+def inputs(R, gamma, seed):
+    gen = torch.Generator().manual_seed(seed)
+    c = (1 - 0.5 * torch.rand(R, gamma, generator=gen) ** 2).float()
+    lengths = torch.full((R,), gamma, dtype=torch.long)
+    B = torch.arange(1, R * (gamma + 1) + 1, dtype=torch.float64)
+    sps = (1e3 / (10 + 0.02 * B)).float()
+    return c, lengths, sps
+
+
+def bench(R, gamma, reps):
+    c, lengths, sps = inputs(R, gamma, R)
+    stale_c, _, _ = inputs(R, gamma, R + 1)
+    dc, dl, ds, dstale = c.cuda(), lengths.cuda(), sps.cuda(), stale_c.cuda()
+    K = reference.schedule_budget(stale_c, lengths, sps)
+    dK = K.cuda()
+    ops = dspark.ops
+    variants = {
+        "sync": (lambda: ops.schedule_prefix(dc, dl, ds, "sync"),
+                 reference.schedule_prefix(c, lengths, sps, "sync")),
+        "async": (lambda: ops.schedule_prefix(dc, dl, None, "async", budget=dK),
+                  reference.schedule_prefix(c, lengths, sps, "async", budget=K)),
+        "threshold": (lambda: ops.schedule_prefix(dc, dl, None, "threshold", 0.7),
+                      reference.schedule_prefix(c, lengths, sps, "threshold", 0.7)),
+        "fixed": (lambda: ops.schedule_prefix(dc, dl, None, "fixed"), lengths),
+        "budget": (lambda: ops.schedule_budget(dstale, dl, ds), K),
+        "async step": (lambda: ops.schedule_prefix(dc, dl, None, "async",
+                                                   budget=ops.schedule_budget(dstale, dl, ds)),
+                       reference.schedule_prefix(c, lengths, sps, "async", budget=K)),
+    }
+    rows = []
+    for name, (fn, want) in variants.items():
+        got = fn()
+        torch.cuda.synchronize()
+        assert torch.equal(got.cpu(), want), f"{name} at R = {R} != reference"
+        admitted = int(got.sum()) if got.dim() else int(got)
+        rows.append(dict(R=R, gamma=gamma, mode=name, us=round(median_replay_us(fn, reps), 2),
+                         admitted=admitted))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--R", default="1,16,64,256")
+    ap.add_argument("--gamma", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=1000)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    assert torch.cuda.is_available() and dspark.cuda_available(), "needs a GPU and a CUDA build"
+    tiny = torch.zeros(1, device="cuda")
+    floor = median_replay_us(lambda: tiny.add_(1), args.reps)
+    print(f"device {torch.cuda.get_device_name()}  launch floor (one graphed kernel) "
+          f"{floor:.2f} us", flush=True)
+    rows = []
+    with dspark.ops.sync_checks(False):
+        for R in map(int, args.R.split(",")):
+            rows += bench(R, args.gamma, args.reps)
+    sync256 = [r["us"] for r in rows if r["R"] == 256 and r["mode"] == "sync"]
+    if sync256:
+        print(f"sync at R = 256, gamma = {args.gamma}: {sync256[0]:.2f} us "
+              f"({'meets' if sync256[0] < 15 else 'misses'} the < 15 us bar)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           date=time.strftime("%Y-%m-%d"), launch_floor_us=round(floor, 2),
+                           rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

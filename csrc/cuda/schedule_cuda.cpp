@@ -1,0 +1,58 @@
+// csrc/cuda/schedule_cuda.cpp: CUDA entry points of dspark::schedule_prefix and
+// dspark::schedule_budget (tensors -> dspark/schedule.h parameters). Data checks run in the
+// kernel, which writes the status word itself (no memset); like the other ops it is read back
+// (a host sync) only with sync checks on and outside CUDA-graph capture. Without the read-back
+// the kernel stays in bounds and defined (dspark/schedule.cuh).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cuda/schedule_launch.h"
+#include "schedule_checks.h"
+
+namespace dspark {
+namespace {
+
+// Launches p (out set here) and, where allowed, raises on the kernel's status word.
+void run(ScheduleParams& p, const at::Tensor& out, const char* op) {
+  const c10::cuda::CUDAGuard guard(out.device());
+  at::Tensor status = at::empty({1}, out.options().dtype(at::kInt));  // written by the kernel
+  p.out = out.data_ptr<int64_t>();
+  p.status = status.data_ptr<int32_t>();
+  const cudaError_t err = launch_schedule(p, c10::cuda::getCurrentCUDAStream());
+  DSPARK_CHECK(err == cudaSuccess, "dspark::", op,
+               " kernel launch failed: ", cudaGetErrorString(err));
+  if (cuda_sync_checks() &&
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None)
+    raise_on_schedule_status(status.item<int32_t>(), op);
+}
+
+at::Tensor schedule_prefix_cuda(const at::Tensor& confidences, const at::Tensor& draft_lengths,
+                                const std::optional<at::Tensor>& sps, c10::string_view mode,
+                                double threshold, const std::optional<at::Tensor>& budget) {
+  ScheduleParams p =
+      schedule_prefix_params(confidences, draft_lengths, sps, mode, threshold, budget);
+  at::Tensor out = at::empty({p.R}, draft_lengths.options());
+  run(p, out, "schedule_prefix");
+  return out;
+}
+
+at::Tensor schedule_budget_cuda(const at::Tensor& confidences, const at::Tensor& draft_lengths,
+                                const at::Tensor& sps) {
+  ScheduleParams p = schedule_budget_params(confidences, draft_lengths, sps);
+  at::Tensor out = at::empty({}, draft_lengths.options());
+  run(p, out, "schedule_budget");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dspark, CUDA, m) {
+  m.impl("schedule_prefix", &schedule_prefix_cuda);
+  m.impl("schedule_budget", &schedule_budget_cuda);
+}
+
+}  // namespace dspark

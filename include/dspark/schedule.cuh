@@ -1,0 +1,201 @@
+// dspark/schedule.cuh: the prefix scheduler (dspark::schedule_prefix, dspark::schedule_budget)
+// as one kernel of one block: graph-capturable (static grid, no host sync), deterministic, and
+// cheap at serving sizes (R * gamma <= a few thousand candidates).
+//
+// The block holds every candidate key (dspark/schedule.h) in shared memory, padded to a power
+// of two n_pad >= 64 with kNoCandidate, and
+//   1. checks each request and writes its keys (one thread per request: gamma is small);
+//   2. sorts the keys with a bitonic network (log2(n_pad) * (log2(n_pad) + 1) / 2 passes; passes
+//      of stride <= 32 stay inside one warp's 64 keys and need only __syncwarp, so at
+//      n_pad = 2048 only 21 of 66 passes wait for the whole block);
+//   3. scans the ranked survivals in int64 (exact, so the order of the sum does not matter) and
+//      finds Algorithm 1's first non-improvement (sync) or the first argmax of Theta (budget)
+//      with block reductions;
+//   4. gives each request its length: its keys up to the last admitted one.
+// Threshold and fixed modes need no ranking: step 1 writes the lengths.
+//
+// Without the status read-back (sync checks off, graph capture) the kernel stays in bounds and
+// defined: an invalid request (bad length or confidence) has no candidates and length 0; a bad
+// SPS table makes the sync lengths and the budget 0.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "dspark/block_reduce.cuh"
+#include "dspark/schedule.h"
+
+namespace dspark {
+namespace cuda {
+
+constexpr int kScheduleMaxThreads = 1024;
+
+struct MinOp {
+  template <typename T> __device__ __forceinline__ T operator()(T a, T b) const {
+    return a < b ? a : b;
+  }
+};
+
+// Exclusive prefix sum of one int64 per thread, in thread order (integer adds: exact).
+__device__ inline int64_t block_exclusive_scan_i64(int64_t v) {
+  __shared__ int64_t warp_sums[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  int64_t incl = v;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int64_t up = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += up;
+  }
+  __syncthreads();  // earlier readers of warp_sums are done
+  if (lane == 31) warp_sums[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const int64_t s = lane < nwarps ? warp_sums[lane] : 0;
+    int64_t run = s;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int64_t up = __shfl_up_sync(0xffffffffu, run, o);
+      if (lane >= o) run += up;
+    }
+    if (lane < nwarps) warp_sums[lane] = run - s;
+  }
+  __syncthreads();
+  return warp_sums[warp] + incl - v;
+}
+
+// Ascending bitonic sort of s[0, n) (n a power of two >= 64, blockDim.x <= n / 2). For a pass
+// of stride j <= 32, pair p of warp-aligned group g touches only keys [64 g, 64 g + 64): a
+// thread's warp owns the same keys in consecutive such passes.
+__device__ inline void bitonic_sort(uint64_t* s, int n) {
+  __syncthreads();  // every key is written
+  const int half = n >> 1;
+  for (int k = 2; k <= n; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int p = threadIdx.x; p < half; p += blockDim.x) {
+        const int i = ((p & ~(j - 1)) << 1) | (p & (j - 1));  // the pair is (i, i + j)
+        const uint64_t x = s[i], y = s[i + j];
+        if ((x > y) == ((i & k) == 0)) s[i] = y, s[i + j] = x;
+      }
+      const int next = j > 1 ? j >> 1 : k;  // the next pass's stride
+      if (j > 32 || next > 32) {
+        __syncthreads();
+      } else {
+        __syncwarp();
+      }
+    }
+  }
+}
+
+// Grid (1), block min(1024, n_pad / 2) threads (sorting modes) or min(1024, R rounded up to a
+// warp) (threshold, fixed); dynamic shared memory n_pad keys. Shapes as in ScheduleParams.
+__global__ void __launch_bounds__(kScheduleMaxThreads)
+    schedule_kernel(ScheduleParams p, int n_pad) {
+  extern __shared__ uint64_t keys[];
+  __shared__ uint64_t last_key;
+  const int tid = threadIdx.x, T = blockDim.x;
+  const bool sorts = schedule_mode_sorts(p.mode);
+  int32_t bad = 0;
+  int64_t count = 0;  // this thread's candidates
+  for (int64_t r = tid; r < p.R; r += T) {
+    const int32_t st = schedule_request_status(p, r);
+    bad |= st;
+    if (!sorts) {
+      p.out[r] = st == 0 ? unranked_length(p, r) : 0;
+    } else if (st == 0) {
+      count += request_keys(p, r, keys + r * p.gamma);
+    } else {
+      for (int64_t j = 0; j < p.gamma; ++j) keys[r * p.gamma + j] = kNoCandidate;
+    }
+  }
+  if (sorts)
+    for (int64_t i = p.R * p.gamma + tid; i < n_pad; i += T) keys[i] = kNoCandidate;
+  int bad_sps = 0;
+  if (p.sps != nullptr)
+    for (int64_t b = tid; b < p.Bmax; b += T) bad_sps |= !sps_entry_valid(p.sps[b]);
+  // one barrier per bit, in a fixed order (each __syncthreads_or is a block-wide barrier)
+  int32_t status = __syncthreads_or(bad & kBadConfidence) ? kBadConfidence : 0;
+  if (__syncthreads_or(bad & kBadDraftLength)) status |= kBadDraftLength;
+  if (__syncthreads_or(bad_sps)) status |= kBadSps;
+  if (tid == 0) *p.status = status;
+  if (!sorts) return;
+
+  const int64_t M = block_reduce(count, SumOp{}, int64_t(0));  // ranked candidates
+  bitonic_sort(keys, n_pad);
+  int64_t n_star;  // admitted candidates: the first n_star ranked ones
+  if (p.mode == kScheduleAsync) {
+    const int64_t K = *p.budget;
+    n_star = K < 0 ? 0 : K > M ? M : K;
+  } else {
+    // This thread's ranked positions [lo, hi): the scan runs in thread order.
+    const int64_t per = n_pad / T, lo = tid * per, hi = lo + per < M ? lo + per : M;
+    int64_t sum = 0;
+    for (int64_t i = lo; i < hi; ++i) sum += key_survival(keys[i]);
+    int64_t tau = p.R * kScheduleOne + block_exclusive_scan_i64(sum);  // tau before lo
+    const bool sps_ok = (status & kBadSps) == 0;
+    if (p.mode == kScheduleSync) {
+      int64_t first = M;  // the first position whose admission does not improve Theta
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t q = key_survival(keys[i]);
+        tau += q;
+        if (sync_stops(p, i + 1, tau, q)) {
+          first = i;
+          break;
+        }
+      }
+      n_star = sps_ok ? block_reduce(first, MinOp{}, M) : 0;
+    } else {  // kScheduleBudget: the first n maximising Theta_n over n = 0..M
+      double best = tid == 0 ? budget_theta(p, 0, tau) : -1.0;
+      int64_t best_n = 0;
+      for (int64_t i = lo; i < hi; ++i) {
+        tau += key_survival(keys[i]);
+        const double theta = budget_theta(p, i + 1, tau);
+        if (theta > best) best = theta, best_n = i + 1;
+      }
+      const double top = block_reduce(best, MaxOp{}, -1.0);
+      const int64_t n = block_reduce(best == top ? best_n : M, MinOp{}, M);
+      if (tid == 0) *p.out = sps_ok && top >= 0.0 ? n : 0;
+      return;
+    }
+  }
+  if (tid == 0) last_key = n_star >= 1 ? keys[n_star - 1] : kNoCandidate;
+  __syncthreads();
+  const uint64_t last = last_key;
+  for (int64_t r = tid; r < p.R; r += T)
+    p.out[r] = n_star >= 1 && schedule_request_status(p, r) == 0 ? admitted_length(p, r, last) : 0;
+}
+
+// The sorting modes' padded key count: a power of two >= max(64, R * gamma).
+inline int schedule_pad(int64_t candidates) {
+  int n = 64;
+  while (n < candidates) n <<= 1;
+  return n;
+}
+
+// Host checks: R * gamma <= kScheduleMaxCandidates, sps given for sync / budget, budget for
+// async. Launched for R = 0 too (the status word and the budget are still written).
+inline cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream) {
+  int n_pad = 0, threads;
+  if (schedule_mode_sorts(p.mode)) {
+    n_pad = schedule_pad(p.R * p.gamma);
+    threads = n_pad / 2 < kScheduleMaxThreads ? n_pad / 2 : kScheduleMaxThreads;
+  } else {
+    const int64_t warps = (p.R + 31) / 32;
+    threads = warps < 1 ? 32 : warps > kScheduleMaxThreads / 32 ? kScheduleMaxThreads : warps * 32;
+  }
+  const size_t smem = size_t(n_pad) * sizeof(uint64_t);
+  if (smem > 48 * 1024) {  // opt in to the large-memory configuration once per device and size
+    static size_t done[64] = {};
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err != cudaSuccess) return err;
+    if (dev < 0 || dev >= 64 || done[dev] < smem) {
+      err = cudaFuncSetAttribute(schedule_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 int(smem));
+      if (err != cudaSuccess) return err;
+      if (dev >= 0 && dev < 64) done[dev] = smem;
+    }
+  }
+  schedule_kernel<<<1, unsigned(threads), smem, stream>>>(p, n_pad);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace dspark
