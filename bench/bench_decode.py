@@ -34,6 +34,21 @@ def qwen3_8b(layers: int) -> ModelConfig:
         max_position_embeddings=4096, rope_theta=1e6, eos_token_id=None))
 
 
+def random_qwen3_8b(layers: int):
+    """The Qwen3-8B-shaped model with random bf16 weights on the GPU, and the bytes a decode step
+    reads: every parameter except the embedding table, of which one row is read."""
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"), torch.no_grad():
+        model = Transformer(qwen3_8b(layers)).eval().requires_grad_(False)
+        for p in model.parameters():
+            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    torch.set_default_dtype(torch.float32)
+    read_bytes = (sum(p.numel() for p in model.parameters()) - model.embed.weight.numel()
+                  + model.config.hidden_size) * 2
+    return model, read_bytes
+
+
 def profile_step(runner: ModelRunner, top: int = 8) -> dict:
     """Kernels inside one graph-replayed decode step (CUPTI reports graph kernels): count,
     summed GPU µs and the ``top`` largest by name; ``span_us`` = first start to last end."""
@@ -98,16 +113,7 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"), torch.no_grad():
-        model = Transformer(qwen3_8b(a.layers)).eval().requires_grad_(False)
-        for p in model.parameters():
-            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-    torch.set_default_dtype(torch.float32)
-    embed = model.embed.weight.numel()
-    read_bytes = (sum(p.numel() for p in model.parameters()) * 2 - embed * 2
-                  + model.config.hidden_size * 2)
+    model, read_bytes = random_qwen3_8b(a.layers)
     bw = copy_bandwidth()
     floor_ms = read_bytes / bw * 1e3
     rows = []

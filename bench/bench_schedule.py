@@ -15,7 +15,6 @@ variant is checked against dspark.reference before it is timed.
 """
 import argparse
 import json
-import statistics
 import sys
 import time
 
@@ -23,29 +22,13 @@ import torch
 
 import dspark
 from dspark import reference
+from dspark.timing import graph_replay_seconds
 
 
-def median_replay_us(fn, reps):
-    """Capture fn() once (after a warm-up on a side stream), replay it reps times back to back;
-    median us between events recorded around each replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(10):
-        graph.replay()
-    marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-             for _ in range(reps)]
-    for before, after in marks:
-        before.record()
-        graph.replay()
-        after.record()
-    torch.cuda.synchronize()
-    return statistics.median(before.elapsed_time(after) * 1e3 for before, after in marks)
+def median_replay_us(fn, reps, reset=None):
+    """Median µs of one replay of a CUDA graph of fn(), replays queued back to back as inside
+    a decode step's graph (dspark.timing.graph_replay_seconds; ``reset`` untimed)."""
+    return graph_replay_seconds(fn, reps, reset=reset) * 1e6
 
 
 def inputs(R, gamma, seed):

@@ -15,7 +15,6 @@ n-gram size scans the whole context, the worst case).
 """
 import argparse
 import json
-import statistics
 import sys
 import time
 
@@ -23,33 +22,16 @@ import torch
 
 import dspark
 from dspark import reference
+from dspark.timing import graph_replay_seconds
 
 COMMIT = ["tokens", "n_tokens", "active", "out_tokens", "accept_count", "stop_tokens",
           "prompt_lens", "max_new", "round_active", "round_accepts", "rounds", "any_active"]
 
 
 def median_replay_us(fn, reps, reset=None):
-    """Capture fn() once (after a warm-up on a side stream) and replay it reps times, queued back
-    to back as inside a decode step's graph (no host sync between replays, so the host's launch
-    latency is hidden); median µs between events recorded around each replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-             for _ in range(reps)]
-    for before, after in marks:
-        if reset is not None:
-            reset()  # stream-ordered before `before`: not timed
-        before.record()
-        graph.replay()
-        after.record()
-    torch.cuda.synchronize()
-    return statistics.median(before.elapsed_time(after) * 1e3 for before, after in marks)
+    """Median µs of one replay of a CUDA graph of fn(), replays queued back to back as inside
+    a decode step's graph (dspark.timing.graph_replay_seconds; ``reset`` untimed)."""
+    return graph_replay_seconds(fn, reps, reset=reset) * 1e6
 
 
 def kernel_count(fn):

@@ -19,10 +19,10 @@ import json
 import time
 
 import torch
-from bench_decode import qwen3_8b
+from bench_decode import random_qwen3_8b
 from bench_ops import copy_bandwidth
 
-from dspark.models import ModelRunner, Transformer
+from dspark.models import ModelRunner
 from dspark.ops import chain_layout
 
 
@@ -55,15 +55,7 @@ def main():
     ap.add_argument("--variants", default="fused,cublas")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"), torch.no_grad():
-        model = Transformer(qwen3_8b(a.layers)).eval().requires_grad_(False)
-        for p in model.parameters():
-            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-    torch.set_default_dtype(torch.float32)
-    read_bytes = (sum(p.numel() for p in model.parameters()) - model.embed.weight.numel()
-                  + model.config.hidden_size) * 2
+    model, read_bytes = random_qwen3_8b(a.layers)
     bw = copy_bandwidth()
     floor_ms = read_bytes / bw * 1e3
     print(f"device {torch.cuda.get_device_name()}, copy {bw / 1e9:.0f} GB/s, weights "

@@ -21,6 +21,7 @@ import dspark
 from dspark.drafters import DraftModelDrafter, NgramDrafter, load_drafter
 from dspark.engine import SpeculativeEngine
 from dspark.models import ModelConfig, Transformer, load_model, load_tokenizer
+from dspark.models.random import random_transformer
 
 DEMO_MODELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_models")
 DEMO_PROMPTS = ["def read_config(path):\n", "class Stack:\n    \"\"\"", "The os module provides"]
@@ -31,18 +32,7 @@ def _random_qwen3(vocab: int, seed: int, noise: float = 0.0, device="cpu") -> Tr
         model_type="qwen3", vocab_size=vocab, hidden_size=128, intermediate_size=256,
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
         max_position_embeddings=512))
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.3 if p.dim() > 1 and "embed" not in name else 1.0)
-            if noise:
-                p.add_(torch.randn(p.shape, generator=gen) * noise * p.std())
-    return model.to(device).eval()
+    return random_transformer(cfg, seed, noise).to(device)
 
 
 def _ops_tour(device: str) -> None:

@@ -39,6 +39,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import ops
+from .timing import graph_replay_seconds
 
 SPS_FORMAT = 1
 
@@ -139,35 +140,17 @@ def verify_layout(B: int, gamma: int, requests: Optional[int] = None) -> list:
 
 
 def _median_seconds(fn, device: torch.device, reps: int, warmup: int) -> float:
-    if device.type != "cuda":
+    if device.type != "cuda":  # eager calls, timed on the host
         for _ in range(warmup):
             fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # warm-up outside the capture (lazy inits, autotuning)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(warmup):
-        graph.replay()
-    marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-             for _ in range(reps)]
-    for before, after in marks:
-        before.record()
-        graph.replay()
-        after.record()
-    torch.cuda.synchronize()
-    seconds = statistics.median(b.elapsed_time(a) for b, a in marks) / 1e3
-    del graph
-    return seconds
+        return statistics.median(_host_seconds(fn) for _ in range(reps))
+    return graph_replay_seconds(fn, reps, warmup)
+
+
+def _host_seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def measure_verify_seconds(runner, B: int, *, gamma: int = 7, context: int = 512,

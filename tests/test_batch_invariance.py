@@ -12,7 +12,8 @@ import dspark  # noqa: F401
 from dspark.demo import DEMO_MODELS
 from dspark.drafters import DraftModelDrafter, NgramDrafter, load_drafter
 from dspark.engine import SpeculativeEngine
-from dspark.models import ModelConfig, ModelRunner, Transformer, load_model
+from dspark.models import ModelConfig, ModelRunner, load_model
+from dspark.models.random import random_transformer
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -25,18 +26,7 @@ def random_model(dtype, device, arch="qwen3", seed=0, noise=0.0, vocab=301):
         model_type=arch, vocab_size=vocab, hidden_size=192, intermediate_size=320,
         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=48,
         max_position_embeddings=1024, **extra))
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.15 if p.dim() > 1 and "embed" not in name else 1.0)
-            if noise:
-                p.add_(torch.randn(p.shape, generator=gen) * noise * p.std())
-    return model.to(device=device, dtype=dtype).eval()
+    return random_transformer(cfg, seed, noise, weight_std=0.15).to(device=device, dtype=dtype)
 
 
 PROMPTS = [[3, 14, 15, 92, 65, 35, 89], [7, 9], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
