@@ -53,8 +53,8 @@ stage build 300 "nvidia-smi --query-gpu=name,driver_version --format=csv; \
   || { tail -60 "$LOG"; exit 1; }
 
 stage tests 240 "cd tests && python3 -m pytest -q -p no:cacheprovider -rf -k cuda \
-  test_linear.py test_attention.py test_verify_contract.py test_batch_invariance.py \
-  test_engine_graphs.py test_state_ops.py test_verify.py test_sample.py test_schedule.py 2>&1 | tail -40"
+  test_batch_invariance.py test_linear.py test_attention.py test_state_ops.py test_schedule.py \
+  test_verify_contract.py test_verify.py test_sample.py test_engine_graphs.py 2>&1 | tail -40"
 stage alltests 400 "cd tests && python3 -m pytest -q -p no:cacheprovider -rf -k cuda 2>&1 | tail -30"
 stage verify_forward 200 "cd bench && python3 bench_verify_forward.py ${VF_ARGS:-} --out $OUT/bench_verify_forward.json"
 stage decode 120 "cd bench && python3 bench_decode.py --variants graph --new 128 --profile --out $OUT/bench_decode.json"
