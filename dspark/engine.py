@@ -272,7 +272,12 @@ class SpeculativeEngine:
             raise ValueError(f"prompt of {longest} tokens + max_new_tokens {max(max_new)} + "
                              f"{need - longest - max(max_new)} draft slots exceeds the cache "
                              f"length {self.max_len}")
-        cap = min(-(-need // 64) * 64, self.max_len)  # round up: fewer graph re-captures
+        # capacity buckets of powers of two, and a cache that only grows for a batch size: calls
+        # with other prompt lengths reuse the cache, the state buffers and the captured graphs
+        cap = min(max(64, 1 << (need - 1).bit_length()), self.max_len)
+        c = self.target.cache
+        if c is not None and c.batch == B and cap <= c.max_len:
+            cap = c.max_len
         S = max(1, max(len(s) for s in stops))
         S = -(-S // 4) * 4  # stop-list width in steps of 4: fewer state shapes
         dev = self.target.device
