@@ -64,9 +64,14 @@ stage engine 150 "cd bench && python3 check_engine_cuda.py --no-compile"
 stage round 150 "cd bench && python3 bench_round.py --dataset ../.data/humaneval.jsonl --prompts 16 \
   --new 128 --out $OUT/round_bf16.json 2>&1 | tail -4 && python3 bench_round.py --dataset \
   ../.data/humaneval.jsonl --prompts 16 --new 128 --eager-stages --out $OUT/round_bf16_eager.json 2>&1 | tail -4"
+stage round_demo 150 "cd bench && python3 bench_round.py --prompts 16 --new 128 --out $OUT/round_demo_bf16.json 2>&1 | tail -6"
+stage ncu_linear 150 "cd bench && ncu --clock-control none --kernel-name regex:fused_linear --section SpeedOfLight \
+  --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
+  --section SchedulerStats python3 profile_linear.py --M 1,8,32 > $OUT/ncu_linear.txt 2>&1; \
+  grep -E 'fused_linear|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|No Eligible' $OUT/ncu_linear.txt | head -60"
 stage stateops 90 "cd bench && python3 bench_state_ops.py --out $OUT/bench_state_ops.json 2>&1 | tail -16"
 stage sanitize_state 150 "cd tests && compute-sanitizer --tool memcheck python3 -m pytest -q -p no:cacheprovider \
-  test_state_ops.py -k cuda 2>&1 | tail -6"
+  test_state_ops.py test_schedule.py -k cuda 2>&1 | tail -6"
 stage linear 90 "cd bench && python3 bench_linear.py --M 1,8,32,64 --out $OUT/bench_linear.json"
 stage attention 60 "cd bench && python3 bench_attention.py --slots 1024,32768 --rows 1,8,16 --out $OUT/bench_attention.json"
 
@@ -115,7 +120,7 @@ if l:
     for r in l["rows"]:
         print(f"| {r['name']} | {r['M']} | {r['floor_us']} | {r['ours_us']} | {r['ours_pct_of_floor']} | "
               f"{r['cublas_us']} | {r['cublas_pct_of_floor']} | {r['unfused_us']} |")
-for name in ("round_bf16.json", "round_bf16_eager.json"):
+for name in ("round_bf16.json", "round_bf16_eager.json", "round_demo_bf16.json"):
     r = load(name)
     if r:
         print(f"\n## {name}: decode step {r['decode_step_ms']} ms ({r['device']}, stage graphs "
