@@ -16,7 +16,7 @@ import time
 import torch
 
 from dspark.demo import DEMO_PROMPTS, load_demo_pair
-from dspark.drafters import NgramDrafter
+from dspark.drafters import NgramDrafter, ParallelDrafter
 from dspark.engine import SpeculativeEngine
 from dspark.models import ModelRunner
 from dspark.train.data import read_records
@@ -54,7 +54,7 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--drafters", default="dspark,ngram")
+    ap.add_argument("--drafters", default="dspark,ngram", help="of dspark, dspark-compiled, ngram")
     ap.add_argument("--repeats", type=int, default=2, help="timed passes (after one warm-up)")
     ap.add_argument("--eager-stages", action="store_true", help="run the engine's step stages "
                     "eagerly (only the target forward replays a graph): the cost before stage "
@@ -68,7 +68,10 @@ def main():
     dspark_drafter.model.attach_target(target)
     runner = ModelRunner(target)
     prompts = prompts_from(args.dataset, tok, args.prompts)
-    drafters = {"dspark": dspark_drafter, "ngram": NgramDrafter(gamma=4, max_ngram=3)}
+    compiled = ParallelDrafter(dspark_drafter.model, dspark_drafter.gamma)
+    compiled.compile()  # the same drafter with its backbone and context write under inductor
+    drafters = {"dspark": dspark_drafter, "dspark-compiled": compiled,
+                "ngram": NgramDrafter(gamma=4, max_ngram=3)}
     rows = {}
     ar_engine = SpeculativeEngine(runner)
     cases = [("autoregressive", ar_engine, "generate_autoregressive")]

@@ -48,6 +48,10 @@ class Drafter:
     def is_chain(self) -> bool:
         return True
 
+    def compile(self, mode: Optional[str] = None) -> None:
+        """torch.compile the drafter's hot bodies (fewer, fused kernels per step: a drafter's
+        step is many small PyTorch ops). Default: nothing to compile."""
+
     def setup(self, batch: int, capacity: int) -> None:
         """Allocate per-batch state (called once per generate() before ``start``)."""
 

@@ -304,6 +304,13 @@ class ParallelDrafter(TrainedDrafter):
         self._active = state.active.clone()
         return chain_proposal(state.anchor(), torch.stack(toks, 1), torch.stack(probs, 1))
 
+    def compile(self, mode: Optional[str] = None) -> None:
+        """The backbone pass and the context K/V write under torch.compile (inductor fuses their
+        norms, rotary and elementwise ops; static shapes: one compile per batch size). The
+        engine captures the compiled code in its stage graphs, so no cudagraph mode here."""
+        for name in ("draft_hidden", "_write_context"):
+            setattr(self, name, torch.compile(getattr(self, name), dynamic=False, mode=mode))
+
     @property
     def graphable(self) -> bool:
         return self.recorder is None  # recording copies each round's data to the host
