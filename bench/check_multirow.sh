@@ -64,7 +64,7 @@ stage engine 150 "cd bench && python3 check_engine_cuda.py --no-compile"
 stage round 150 "cd bench && python3 bench_round.py --dataset ../.data/humaneval.jsonl --prompts 16 \
   --new 128 --out $OUT/round_bf16.json 2>&1 | tail -4 && python3 bench_round.py --dataset \
   ../.data/humaneval.jsonl --prompts 16 --new 128 --eager-stages --out $OUT/round_bf16_eager.json 2>&1 | tail -4"
-stage round_demo 150 "cd bench && python3 bench_round.py --prompts 16 --new 128 --out $OUT/round_demo_bf16.json 2>&1 | tail -6"
+stage round_demo 200 "cd bench && python3 bench_round.py --prompts 16 --new 128 --drafters dspark,dspark-compiled,ngram --out $OUT/round_demo_bf16.json 2>&1 | tail -6"
 stage ncu_linear 150 "cd bench && ncu --clock-control none --kernel-name regex:fused_linear --section SpeedOfLight \
   --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
   --section SchedulerStats python3 profile_linear.py --M 1,8,32 > $OUT/ncu_linear.txt 2>&1; \
