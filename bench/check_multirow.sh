@@ -56,7 +56,12 @@ stage tests 240 "cd tests && python3 -m pytest -q -p no:cacheprovider -rf -k cud
   test_batch_invariance.py test_linear.py test_attention.py test_state_ops.py test_schedule.py \
   test_verify_contract.py test_verify.py test_sample.py test_engine_graphs.py 2>&1 | tail -40"
 stage alltests 400 "cd tests && python3 -m pytest -q -p no:cacheprovider -rf -k cuda 2>&1 | tail -30"
+stage round_demo 200 "cd bench && python3 bench_round.py --prompts 16 --new 128 --drafters dspark,dspark-compiled,ngram --out $OUT/round_demo_bf16.json 2>&1 | tail -6"
 stage verify_forward 200 "cd bench && python3 bench_verify_forward.py ${VF_ARGS:-} --out $OUT/bench_verify_forward.json"
+stage ncu_linear 150 "cd bench && ncu --clock-control none --kernel-name regex:fused_linear --section SpeedOfLight \
+  --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
+  --section SchedulerStats python3 profile_linear.py --M 1,8,32 > $OUT/ncu_linear.txt 2>&1; \
+  grep -E 'fused_linear|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|No Eligible' $OUT/ncu_linear.txt | head -60"
 stage decode 120 "cd bench && python3 bench_decode.py --variants graph --new 128 --profile --out $OUT/bench_decode.json"
 stage memcheck 120 "cd bench && compute-sanitizer --tool memcheck --leak-check no python3 sanitize_layers.py 2>&1 | tail -8"
 stage racecheck 120 "cd bench && compute-sanitizer --tool racecheck python3 sanitize_layers.py 2>&1 | tail -8"
@@ -64,11 +69,6 @@ stage engine 150 "cd bench && python3 check_engine_cuda.py --no-compile"
 stage round 150 "cd bench && python3 bench_round.py --dataset ../.data/humaneval.jsonl --prompts 16 \
   --new 128 --out $OUT/round_bf16.json 2>&1 | tail -4 && python3 bench_round.py --dataset \
   ../.data/humaneval.jsonl --prompts 16 --new 128 --eager-stages --out $OUT/round_bf16_eager.json 2>&1 | tail -4"
-stage round_demo 200 "cd bench && python3 bench_round.py --prompts 16 --new 128 --drafters dspark,dspark-compiled,ngram --out $OUT/round_demo_bf16.json 2>&1 | tail -6"
-stage ncu_linear 150 "cd bench && ncu --clock-control none --kernel-name regex:fused_linear --section SpeedOfLight \
-  --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
-  --section SchedulerStats python3 profile_linear.py --M 1,8,32 > $OUT/ncu_linear.txt 2>&1; \
-  grep -E 'fused_linear|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|No Eligible' $OUT/ncu_linear.txt | head -60"
 stage stateops 90 "cd bench && python3 bench_state_ops.py --out $OUT/bench_state_ops.json 2>&1 | tail -16"
 stage sanitize_state 150 "cd tests && compute-sanitizer --tool memcheck python3 -m pytest -q -p no:cacheprovider \
   test_state_ops.py test_schedule.py -k cuda 2>&1 | tail -6"
