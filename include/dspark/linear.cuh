@@ -164,8 +164,8 @@ __device__ __forceinline__ XhatIn xhat_load(const LinearParams<T>& p, int64_t m,
     const T* row = p.x + m * 2 * p.K;
     return {load16(row, k, end, vec), load16(row + p.K, k, end, vec)};
   }
-  const uint4 b =
-      p.prologue == kRmsNorm ? load16(p.norm_weight, k, end, vec) : make_uint4(0u, 0u, 0u, 0u);
+  const uint4 b = p.prologue == kRmsNorm ? load16(p.norm_weight, k, end, vec)
+                                         : make_uint4(0u, 0u, 0u, 0u);
   return {load16(p.x + m * p.K, k, end, vec), b};
 }
 

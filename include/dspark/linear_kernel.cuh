@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kLinearThreads, VEC && sizeof(T) == 2 && NT <=
   constexpr int E = 16 / int(sizeof(T));                         // elements per 16 bytes
   constexpr int KC = linear_stage_bytes<NT>() / int(sizeof(T));  // k per staged chunk
   constexpr int kStride = linear_stage_stride<NT>();
-  constexpr int kPt = 8 * NT + 4;  // slice-sum row stride (floats)
+  constexpr int kPt = 8 * NT + 4;                        // slice-sum row stride (floats)
   constexpr int kStageBatch = stage_batch<T, NT>();
   float* ss = reinterpret_cast<float*>(smem);            // [slices][64] RMS slice statistics
   float* inv_rms = ss + kLinearMaxSlices * kLinearCols;  // [64]
