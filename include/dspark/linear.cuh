@@ -151,41 +151,26 @@ __device__ __forceinline__ unsigned bits_of(float v) {
   else return __half_as_ushort(__float2half_rn(v));
 }
 
-// The raw inputs of 16 bytes of xhat[m, k ..]: x (kPlain, kRmsNorm) or the gate half (kSiluGate)
-// in `a`; the norm weight (kRmsNorm) or the up half (kSiluGate) in `b`. Loaded apart from the
-// math so that a thread issues the loads of several groups before it waits for any of them.
-struct XhatIn {
-  uint4 a, b;
-};
+// 16 bytes of xhat[m, k ..] (the prologue), as T bits, zeros at and past `end`.
 template <typename T>
-__device__ __forceinline__ XhatIn xhat_load(const LinearParams<T>& p, int64_t m, int64_t k,
-                                            int64_t end, bool vec) {
-  if (p.prologue == kSiluGate) {
-    const T* row = p.x + m * 2 * p.K;
-    return {load16(row, k, end, vec), load16(row + p.K, k, end, vec)};
-  }
-  const uint4 b = p.prologue == kRmsNorm ? load16(p.norm_weight, k, end, vec)
-                                         : make_uint4(0u, 0u, 0u, 0u);
-  return {load16(p.x + m * p.K, k, end, vec), b};
-}
-
-// 16 bytes of xhat (the prologue) from their raw inputs, as T bits, zeros at and past `end`.
-template <typename T>
-__device__ __forceinline__ uint4 xhat_math(const LinearParams<T>& p, const XhatIn& in, int64_t k,
-                                           int64_t end, float inv_rms) {
+__device__ __forceinline__ uint4 xhat16(const LinearParams<T>& p, int64_t m, int64_t k, int64_t end,
+                                        float inv_rms, bool vec) {
   constexpr int E = 16 / int(sizeof(T));
-  if (p.prologue == kPlain) return in.a;  // the bits as they are
+  if (p.prologue == kPlain) return load16(p.x + m * p.K, k, end, vec);  // the bits as they are
   float r[E];
   if (p.prologue == kSiluGate) {
+    const uint4 a = load16(p.x + m * 2 * p.K, k, end, vec);
+    const uint4 u = load16(p.x + m * 2 * p.K + p.K, k, end, vec);
 #pragma unroll
     for (int e = 0; e < E; ++e) {
-      const float av = elem<T>(in.a, e);
-      r[e] = round_t<T>(round_t<T>(av / (1.0f + expf(-av))) * elem<T>(in.b, e));
+      const float av = elem<T>(a, e);
+      r[e] = round_t<T>(round_t<T>(av / (1.0f + expf(-av))) * elem<T>(u, e));
     }
   } else {
+    const uint4 x = load16(p.x + m * p.K, k, end, vec), g = load16(p.norm_weight, k, end, vec);
 #pragma unroll
     for (int e = 0; e < E; ++e)
-      r[e] = round_t<T>(elem<T>(in.b, e) * round_t<T>(elem<T>(in.a, e) * inv_rms));
+      r[e] = round_t<T>(elem<T>(g, e) * round_t<T>(elem<T>(x, e) * inv_rms));
   }
   unsigned w[4] = {0u, 0u, 0u, 0u};
 #pragma unroll

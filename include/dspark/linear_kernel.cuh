@@ -62,15 +62,6 @@ __device__ __forceinline__ F* cluster_peer(F* p, int rank) {
 // Shared memory (floats, then bytes): RMS slice statistics [slices][64] and 1 / rms [64], the
 // slice sums received for this block's rows [slices][128 / slices][8 NT + 4] (written by the
 // cluster's blocks: not aliased with anything), then `tokens` (<= 8 NT) staged token rows.
-// Staged 16-byte groups per thread whose loads are in flight together, per column-tile count:
-// where the registers allow it without spilling (ptxas -v, sm_90): 1 and 2 tiles run 3 blocks
-// per SM (<= 80 registers, no room), 16-bit 4 tiles have ~20 registers spare, 8 tiles ~8; fp32
-// keeps its FMA chains in the registers.
-template <typename T, int NT>
-constexpr int stage_batch() {
-  return sizeof(T) == 4 ? 1 : NT == 4 ? 4 : NT == 8 ? 2 : 1;
-}
-
 template <int NT>
 constexpr size_t linear_smem_bytes(int tokens) {
   return sizeof(float) *
@@ -90,7 +81,6 @@ __global__ void __launch_bounds__(kLinearThreads, VEC && sizeof(T) == 2 && NT <=
   constexpr int KC = linear_stage_bytes<NT>() / int(sizeof(T));  // k per staged chunk
   constexpr int kStride = linear_stage_stride<NT>();
   constexpr int kPt = 8 * NT + 4;                        // slice-sum row stride (floats)
-  constexpr int kStageBatch = stage_batch<T, NT>();
   float* ss = reinterpret_cast<float*>(smem);            // [slices][64] RMS slice statistics
   float* inv_rms = ss + kLinearMaxSlices * kLinearCols;  // [64]
   float* recv = inv_rms + kLinearCols;                   // [slices][128 / slices][kPt] slice sums
@@ -172,28 +162,11 @@ __global__ void __launch_bounds__(kLinearThreads, VEC && sizeof(T) == 2 && NT <=
     const int cs = int((c1 - c0 + kLinearSlab - 1) / kLinearSlab);
     const int vecs = cs * (kLinearSlab / E);  // 16-byte groups read by the chunk's slabs
     __syncthreads();                          // the previous chunk's readers are done
-    // kStageBatch groups per thread: all their loads (L2 round trips, while only the two weight
-    // batches issued before are in flight) are issued before the first is used, so staging
-    // costs ceil(groups / (threads * kStageBatch)) round trips instead of one per group.
-    const int items = mcols * vecs;
-    for (int i0 = threadIdx.x; i0 < items; i0 += kStageBatch * kLinearThreads) {
-      XhatIn in[kStageBatch];
-#pragma unroll
-      for (int u = 0; u < kStageBatch; ++u) {
-        const int i = i0 + u * kLinearThreads;
-        in[u] = i < items ? xhat_load(p, m0 + i / vecs, c0 + int64_t(i % vecs) * E, c1, xvec)
-                          : XhatIn{};
-      }
-#pragma unroll
-      for (int u = 0; u < kStageBatch; ++u) {
-        const int i = i0 + u * kLinearThreads;
-        if (i < items) {
-          const int m = i / vecs, v = i % vecs;
-          const float inv = p.prologue == kRmsNorm ? inv_rms[m] : 1.0f;
-          *reinterpret_cast<uint4*>(act + m * kStride + v * 16) =
-              xhat_math(p, in[u], c0 + int64_t(v) * E, c1, inv);
-        }
-      }
+    for (int i = threadIdx.x; i < mcols * vecs; i += kLinearThreads) {
+      const int m = i / vecs, v = i % vecs;
+      const int64_t k = c0 + int64_t(v) * E;
+      const float inv = p.prologue == kRmsNorm ? inv_rms[m] : 1.0f;
+      *reinterpret_cast<uint4*>(act + m * kStride + v * 16) = xhat16(p, m0 + m, k, c1, inv, xvec);
     }
     __syncthreads();
     for (int s = 0; s < cs; s += U) {
