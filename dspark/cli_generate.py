@@ -35,9 +35,9 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
-                   help="torch.compile the target's decode/verify forwards (fewer, fused "
-                   "kernels; tens of seconds per shape to compile); MODE: default or "
-                   "max-autotune-no-cudagraphs")
+                   help="torch.compile the target's decode/verify forwards and the drafter's "
+                   "step (fewer, fused kernels; tens of seconds per shape to compile); MODE: "
+                   "default or max-autotune-no-cudagraphs")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="run decode / verify calls of up to 64 token rows on dspark::fused_linear "
                    "+ decode_attention (default: on CUDA)")

@@ -68,7 +68,8 @@ class SpeculativeEngine:
         # fused: the runner's dspark::fused_linear / decode_attention path for calls of up to
         # FUSED_MAX_ROWS rows (None: on for CUDA); batch_invariant: that path for every decode /
         # verify call (greedy speculative == greedy autoregressive at any batch size, bf16
-        # included); compile: torch.compile the graphed bodies (see ModelRunner);
+        # included); compile: torch.compile the graphed bodies of the target (see ModelRunner)
+        # and of the drafter (Drafter.compile);
         # use_cuda_graphs: the runner's forwards and the engine's step stages (None: on CUDA);
         # nvtx: an NVTX range around every stage (for Nsight Systems)
         if not isinstance(target, ModelRunner):
@@ -76,6 +77,8 @@ class SpeculativeEngine:
                                  batch_invariant=batch_invariant)
         self.target = target
         self.drafter = drafter
+        if compile and drafter is not None:  # the drafter's hot bodies too (Drafter.compile)
+            drafter.compile(None if compile is True or compile == "default" else compile)
         if gamma is not None and drafter is not None:
             drafter.gamma = gamma
         vocab = self.target.vocab_size

@@ -308,8 +308,11 @@ class ParallelDrafter(TrainedDrafter):
         """The backbone pass and the context K/V write under torch.compile (inductor fuses their
         norms, rotary and elementwise ops; static shapes: one compile per batch size). The
         engine captures the compiled code in its stage graphs, so no cudagraph mode here."""
+        if getattr(self, "_compiled", False):
+            return
         for name in ("draft_hidden", "_write_context"):
             setattr(self, name, torch.compile(getattr(self, name), dynamic=False, mode=mode))
+        self._compiled = True
 
     @property
     def graphable(self) -> bool:
