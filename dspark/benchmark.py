@@ -20,7 +20,7 @@ import torch
 
 from .metrics import Metrics
 
-STAGE_FIELDS = ("draft_s", "target_forward_s", "accept_s", "commit_s", "other_s")
+STAGE_FIELDS = ("draft_s", "target_forward_s", "accept_s", "commit_s", "step_s", "other_s")
 
 
 def load_prompts(path: str, tokenizer, limit: Optional[int], max_tokens: int) -> list:
@@ -71,12 +71,16 @@ def _generate(engine, fn: str, prompts: list, batch: int, kw: dict, bar) -> tupl
 
 
 def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), batches=(1,),
-              max_new_tokens: int = 128, seed: int = 0, progress: bool = False) -> dict:
+              max_new_tokens: int = 128, seed: int = 0, progress: bool = False,
+              stage_times: Optional[bool] = None) -> dict:
     """target: a ModelRunner; drafters: name -> Drafter; datasets: name -> token prompts.
-    Returns {"runs": [...]} with one entry per (dataset, temperature, batch, method)."""
+    Returns {"runs": [...]} with one entry per (dataset, temperature, batch, method).
+    stage_times: split each round's time into draft / target forward / accept / commit (on GPU
+    one graph per stage: slower rounds); default off on GPU (one graph per step: "step")."""
     from .engine import SpeculativeEngine
     engines = {"autoregressive": SpeculativeEngine(target)}
-    engines.update({n: SpeculativeEngine(target, d) for n, d in drafters.items()})
+    engines.update({n: SpeculativeEngine(target, d, stage_times=stage_times)
+                    for n, d in drafters.items()})
     total = len(datasets) * len(temperatures) * len(batches) * len(engines)
     bar = None
     if progress:
@@ -116,8 +120,9 @@ def format_table(report: dict) -> str:
     runs = report["runs"]
     for dname in dict.fromkeys(r["dataset"] for r in runs):
         lines.append(f"== {dname}")
-        lines.append(f"{'T':>4} {'batch':>5} {'method':<16} {'tau':>5} {'tok/s':>8} {'speedup':>7} "
-                     f"{'identical':>9}  ms/round: draft fwd accept commit other  | per-position")
+        lines.append(f"{'T':>4} {'batch':>5} {'method':<16} {'tau':>5} {'tok/s':>8} "
+                     f"{'speedup':>7} {'identical':>9}  ms/round: draft fwd accept commit step "
+                     f"other | per-position")
         for r in (r for r in runs if r["dataset"] == dname):
             rm = r["round_ms"]
             pos = " ".join(f"{p:.2f}" for p in r.get("position_acceptance", []))
@@ -127,7 +132,7 @@ def format_table(report: dict) -> str:
                 f"{r.get('tau', 1.0):>5.2f} {r['tokens_per_s']:>8.1f} "
                 f"{r.get('speedup', 1.0):>6.2f}x {'' if ident is None else f'{ident:.0%}':>9}  "
                 f"{rm['draft']:.3f} {rm['target_forward']:.3f} {rm['accept']:.3f} "
-                f"{rm['commit']:.3f} {rm['other']:.3f}  | {pos}")
+                f"{rm['commit']:.3f} {rm['step']:.3f} {rm['other']:.3f}  | {pos}")
     return "\n".join(lines)
 
 
@@ -162,7 +167,7 @@ def write_plots(report: dict, out_dir: str) -> list:
 
     fig, ax = plt.subplots(figsize=(max(7.0, 0.35 * len(runs)), 4.5))
     bottom = [0.0] * len(runs)
-    for stage in ("draft", "target_forward", "accept", "commit", "other"):
+    for stage in ("draft", "target_forward", "accept", "commit", "step", "other"):
         vals = [r["round_ms"][stage] for r in runs]
         ax.bar(range(len(runs)), vals, bottom=bottom, label=stage.replace("_", " "))
         bottom = [b + v for b, v in zip(bottom, vals)]

@@ -34,6 +34,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="the runner's fused decode kernels (default: on CUDA)")
     p.add_argument("--nvtx", action="store_true", help="NVTX ranges around every step stage")
+    p.add_argument("--stage-times", action=argparse.BooleanOptionalAction, default=None,
+                   help="time draft / target forward / accept / commit apart (GPU: one CUDA "
+                   "graph per stage, slower rounds; default: on CPU only)")
     p.add_argument("--out", default=None, help="dir for results.json and the PNG plots")
     p.add_argument("--json", action="store_true", help="print the JSON report, not tables")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
@@ -73,7 +76,7 @@ def run_bench_cli(args) -> int:
         progress = sys.stderr.isatty() if args.progress is None else args.progress
         report = run_bench(runner, drafters, datasets, temperatures=args.temperature,
                            batches=args.batch, max_new_tokens=args.max_new_tokens,
-                           seed=args.seed, progress=progress)
+                           seed=args.seed, progress=progress, stage_times=args.stage_times)
         report["config"] = {k: v for k, v in vars(args).items() if k != "func"}
         report["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     except (ValueError, FileNotFoundError) as exc:

@@ -64,14 +64,16 @@ class SpeculativeEngine:
                  *, gamma: Optional[int] = None, tokenizer=None, max_len: Optional[int] = None,
                  use_cuda_graphs: Optional[bool] = None, compile: Union[bool, str] = False,
                  fused: Optional[bool] = None, batch_invariant: bool = False,
-                 nvtx: bool = False):
+                 nvtx: bool = False, stage_times: Optional[bool] = None):
         # fused: the runner's dspark::fused_linear / decode_attention path for calls of up to
         # FUSED_MAX_ROWS rows (None: on for CUDA); batch_invariant: that path for every decode /
         # verify call (greedy speculative == greedy autoregressive at any batch size, bf16
         # included); compile: torch.compile the graphed bodies of the target (see ModelRunner)
         # and of the drafter (Drafter.compile);
         # use_cuda_graphs: the runner's forwards and the engine's step stages (None: on CUDA);
-        # nvtx: an NVTX range around every stage (for Nsight Systems)
+        # nvtx: an NVTX range around every stage (for Nsight Systems); stage_times: time (and
+        # on GPU graph) the draft / target forward / accept / commit stages apart (None: on CPU,
+        # where it is free; off on GPU, where a step is one graph replay: fewer launches)
         if not isinstance(target, ModelRunner):
             target = ModelRunner(target, use_cuda_graphs, compile=compile, fused=fused,
                                  batch_invariant=batch_invariant)
@@ -88,6 +90,8 @@ class SpeculativeEngine:
         self.state: Optional[SpecState] = None  # the last generate() call's final state
         self.max_len = max_len or self.target.config.max_position_embeddings
         self.nvtx = nvtx
+        self.stage_times = (self.target.device.type != "cuda" or nvtx) if stage_times is None \
+            else stage_times
         self.graphs = StageGraphs(self.target.use_cuda_graphs)
         self._states: dict = {}  # (batch, capacity, stop width) -> persistent SpecState
         self._flags = None  # pinned host flags + events of the one-step-ahead loop
@@ -112,22 +116,32 @@ class SpeculativeEngine:
 
     # ---- the speculative step ----------------------------------------------------------------
     def _step(self, st: SpecState, timer: StageTimer) -> VerifyResult:
-        """One speculative step for all requests; no host sync inside. Each stage replays a CUDA
-        graph on GPU (keyed by the buffers it reads); every value crossing stages is a graph
-        output, so it is static."""
+        """One speculative step for all requests; no host sync inside. On GPU the step replays
+        one CUDA graph, or one per stage with ``stage_times`` (keyed by the buffers they read);
+        every value crossing stages is a graph output, so it is static."""
         d, W, g = self.drafter, self.drafter.max_nodes, self._graph_key(st)
-        with timer("draft"):  # packed trees: [N] tokens/parents, [N, V] probs | None, [B+1]
-            root, prop = self.graphs(("draft", g), lambda: (st.anchor_pos(), d.propose(st)))
-        with timer("target forward"):  # logits [N, V], taps [n, N, hidden]
-            fwd = self.graphs(("target forward", g), lambda: self.target.forward_tree(
+        split = self.stage_times
+        stage = (lambda name, fn: self._stage(timer, name, g, fn)) if split else \
+            (lambda name, fn: fn())
+
+        def body():
+            # packed trees: [N] tokens/parents, [N, V] probs | None, [B+1] offsets
+            root, prop = stage("draft", lambda: (st.anchor_pos(), d.propose(st)))
+            fwd = stage("target forward", lambda: self.target.forward_tree(  # logits [N, V]
                 prop.draft_tokens, prop.parents, prop.node_offsets, root, W, d.target_taps))
-        with timer("accept"):  # out_tokens [B, W], accept_count [B], accept_nodes [B, W]
-            res = self.graphs(("accept", g), lambda: ops.verify(
+            res = stage("accept", lambda: ops.verify(  # out_tokens / accept_nodes [B, W], [B]
                 fwd.logits, prop.node_offsets, prop.draft_tokens, prop.parents, prop.draft_probs,
                 st.params, seeds=st.seeds, positions=root, max_nodes=W))
-        with timer("commit"):
-            self.graphs(("commit", g), lambda: self._commit(st, root, prop, fwd, res))
-        return res
+            stage("commit", lambda: self._commit(st, root, prop, fwd, res))
+            return res
+        if split:
+            return body()
+        with timer("step"):
+            return self.graphs(("step", g), body)
+
+    def _stage(self, timer: StageTimer, name: str, key: tuple, fn):
+        with timer(name):
+            return self.graphs((name, key), fn)
 
     def _commit(self, st, root, prop, fwd, res) -> None:
         if not self.drafter.is_chain:  # tree: the accepted path's K/V into slots root + depth

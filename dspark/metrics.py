@@ -63,6 +63,7 @@ class Metrics:
     target_forward_s: float = 0.0
     accept_s: float = 0.0
     commit_s: float = 0.0
+    step_s: float = 0.0  # whole steps, when the stages are not timed apart (stage_times off)
     other_s: float = 0.0  # the host loop and anything outside the timed stages
     total_s: float = 0.0
     tokens_per_s: float = 0.0  # new_tokens / total_s (prefill included)
@@ -86,16 +87,24 @@ class Metrics:
         n = int(a.numel())
         prefill = times.get("prefill", 0.0)
         stage = {name: times.get(name, 0.0) for name in STAGES}
+        step = times.get("step", 0.0)
         return cls(gamma=gamma, rounds=int(accept.shape[0]), request_rounds=n,
                    new_tokens=new_tokens, tau=float(a.float().mean() + 1) if n else 1.0,
                    acceptance_rate=float(a.float().mean() / gamma) if n and gamma else 0.0,
                    position_acceptance=pos, accept_hist=hist.tolist(), prefill_s=prefill,
                    draft_s=stage["draft"], target_forward_s=stage["target forward"],
-                   accept_s=stage["accept"], commit_s=stage["commit"],
-                   other_s=max(total_s - prefill - sum(stage.values()), 0.0), total_s=total_s,
+                   accept_s=stage["accept"], commit_s=stage["commit"], step_s=step,
+                   other_s=max(total_s - prefill - sum(stage.values()) - step, 0.0),
+                   total_s=total_s,
                    tokens_per_s=new_tokens / total_s if total_s > 0 else 0.0,
                    decode_tokens_per_s=(new_tokens / (total_s - prefill)
                                         if total_s > prefill else 0.0))
+
+    def _stages(self) -> str:
+        if self.step_s and not (self.draft_s or self.target_forward_s):
+            return f"steps {self.step_s:.3f}s (one graph; stage_times=True splits them)"
+        return (f"draft {self.draft_s:.3f}s target forward {self.target_forward_s:.3f}s accept "
+                f"{self.accept_s:.3f}s commit {self.commit_s:.3f}s")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,9 +116,8 @@ class Metrics:
             pos = " ".join(f"{p:.2f}" for p in self.position_acceptance)
             return (f"{head} | rounds {self.rounds} | tau {self.tau:.2f} | accept "
                     f"{self.acceptance_rate:.2%} | per-position [{pos}] | hist "
-                    f"{self.accept_hist} | time prefill {self.prefill_s:.3f}s draft "
-                    f"{self.draft_s:.3f}s target forward {self.target_forward_s:.3f}s accept "
-                    f"{self.accept_s:.3f}s commit {self.commit_s:.3f}s other {self.other_s:.3f}s")
+                    f"{self.accept_hist} | time prefill {self.prefill_s:.3f}s {self._stages()} "
+                    f"other {self.other_s:.3f}s")
         return (f"{head} | autoregressive: {self.rounds} decode steps | time prefill "
                 f"{self.prefill_s:.3f}s target forward {self.target_forward_s:.3f}s other "
                 f"{self.other_s:.3f}s")

@@ -46,21 +46,25 @@ DRAFTERS = {
 }
 
 
+@pytest.mark.parametrize("stage_times", [False, True])
 @pytest.mark.parametrize("kind", list(DRAFTERS))
 @pytest.mark.parametrize("batch", [1, 4])
-def test_graph_replay_equals_eager(target, kind, batch):
+def test_graph_replay_equals_eager(target, kind, batch, stage_times):
     prompts = PROMPTS[:batch]
     kw = dict(max_new_tokens=40, temperature=1.0, seed=list(range(batch)))
     eager = SpeculativeEngine(ModelRunner(target, use_cuda_graphs=False),
                               DRAFTERS[kind](target))
-    graphed = SpeculativeEngine(target, DRAFTERS[kind](target))
+    graphed = SpeculativeEngine(target, DRAFTERS[kind](target), stage_times=stage_times)
     assert graphed.graphs.enabled and not eager.graphs.enabled
     want = eager.generate(prompts, **kw)
     for _ in range(3):  # call 1 captures at its second step, calls 2-3 replay the same graphs
         got = graphed.generate(prompts, **kw)
         assert got.tokens == want.tokens
         assert got.metrics.accept_hist == want.metrics.accept_hist
-    assert len(graphed.graphs) == 4  # draft, target forward, accept, commit
+    # one graph per step, or draft, target forward, accept, commit
+    assert len(graphed.graphs) == (4 if stage_times else 1)
+    m = got.metrics
+    assert (m.draft_s > 0 and m.commit_s > 0) if stage_times else (m.step_s > 0 and m.draft_s == 0)
     greedy = graphed.generate(prompts, max_new_tokens=40)
     assert greedy.tokens == graphed.generate_autoregressive(prompts, max_new_tokens=40).tokens
     # new shapes: buffers are reallocated and the graphs recaptured
