@@ -1,10 +1,11 @@
 """Cost of a speculative round against a decode step, on the shipped demo pair (GPU).
 
 Per prompt (batch 1 unless --batch), greedy: the engine's autoregressive baseline and speculative
-decoding with each drafter, all on one runner (CUDA graphs for every step stage). Reported per
-drafter: tau, the wall time per round and per decode step (decode time = total minus prefill,
-over rounds), their ratio, the per-stage split (CUDA events), tokens/s and the speedup, and
-whether the greedy outputs are identical.
+decoding with each drafter, all on one runner. Each drafter runs twice: as the engine runs on GPU
+(a step = one CUDA graph) and as ``<name>/stages`` (a graph per stage, timed apart by CUDA
+events: the per-stage split, at the cost of the extra launches). Reported per run: tau, the wall
+time per round and per decode step (decode time = total minus prefill, over rounds), their
+ratio, the stage times, tokens/s and the speedup, and whether the greedy outputs are identical.
 
     python bench/bench_round.py [--dataset humaneval.jsonl] [--prompts 16] [--new 128]
                                 [--dtype bfloat16] [--batch 1] [--drafters dspark,ngram]
@@ -59,6 +60,8 @@ def main():
     ap.add_argument("--eager-stages", action="store_true", help="run the engine's step stages "
                     "eagerly (only the target forward replays a graph): the cost before stage "
                     "graphs")
+    ap.add_argument("--no-split", action="store_true", help="skip the per-stage runs (a "
+                    "graph per stage, timed apart) after each one-graph-per-step run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -75,8 +78,11 @@ def main():
     rows = {}
     ar_engine = SpeculativeEngine(runner)
     cases = [("autoregressive", ar_engine, "generate_autoregressive")]
-    cases += [(n, SpeculativeEngine(runner, drafters[n]), "generate")
-              for n in args.drafters.split(",")]
+    for n in args.drafters.split(","):  # one graph per step (speed), then per stage (the split)
+        cases.append((n, SpeculativeEngine(runner, drafters[n], stage_times=False), "generate"))
+        if not args.no_split:
+            cases.append((f"{n}/stages", SpeculativeEngine(runner, drafters[n], stage_times=True),
+                          "generate"))
     for name, eng, fn in cases:
         eng.graphs.enabled = not args.eager_stages
         run(eng, fn, prompts[:args.batch], args.batch, args.new)  # warm-up: capture graphs
