@@ -12,8 +12,8 @@ def _same_device(ref, **tensors):
 @torch.library.register_fake("dspark::verify")
 def _verify_fake(target_logits, node_offsets, draft_tokens, parents, draft_probs, temperature,
                  top_k, top_p, seeds, positions, uniforms, max_nodes):
-    torch._check(node_offsets.dim() == 1 and node_offsets.shape[0] >= 2,
-                 lambda: "node_offsets must be [R + 1] with R >= 1")
+    torch._check(node_offsets.dim() == 1 and node_offsets.shape[0] >= 1,
+                 lambda: "node_offsets must be [R + 1] with R >= 0")
     torch._check(target_logits.dim() == 2, lambda: "target_logits must be [N, V]")
     _same_device(target_logits, node_offsets=node_offsets, draft_tokens=draft_tokens,
                  parents=parents, draft_probs=draft_probs, temperature=temperature, top_k=top_k,
