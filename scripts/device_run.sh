@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched session on the GPU machine: build, CUDA checks, sanitizers, benchmarks.
-# Usage: bash scripts/device_run.sh [build] [check] [tests] [sanitize] [linear] [engine] [decode] [bench]
+# Usage: bash scripts/device_run.sh [build] [check] [tests] [sanitize] [linear] [engine] [decode] [bench] [sm80]
 # (decode: DECODE_VARIANTS=graph,compile,...); results in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -57,6 +57,8 @@ for stage in "$@"; do
         echo "choose: reverting to .alt/include"; rm -rf include && cp -r .alt/include include && touch .reverted
         python3 -m pip install --no-build-isolation --no-deps . > "$OUT/build2.log" 2>&1 || exit 1
       fi ;;
+    sm80)  # the pre-Hopper code paths, JIT-compiled from compute_80 PTX (then the normal build)
+      log sm80; bash bench/check_sm80.sh ;;
     bench)
       log bench; (cd bench && python3 bench_ops.py --out "$OUT/bench_ops.json") 2>&1 | tail -30 ;;
   esac
