@@ -68,6 +68,7 @@ def _commit_tokens_fake(tokens, n_tokens, active, out_tokens, accept_count, stop
 @torch.library.register_fake("dspark::ngram_propose")
 def _ngram_propose_fake(tokens, n_tokens, gamma, max_ngram, min_ngram):
     torch._check(tokens.dim() == 2, lambda: "tokens must be [B, C]")
+    torch._check(1 <= gamma <= 4095, lambda: f"gamma must be in [1, 4095], got {gamma}")
     _same_device(tokens, n_tokens=n_tokens)
     return tokens.new_empty((tokens.shape[0], gamma + 1))
 

@@ -235,6 +235,7 @@ def ngram_propose(tokens: torch.Tensor, n_tokens: torch.Tensor, gamma: int, max_
 
     tokens : [B, C] int64, n_tokens : [B] int64 in [1, C]; request b's context is
         ``tokens[b, :n_tokens[b]]`` (entries beyond it are never read).
+    gamma : drafts per request, in [1, 4095] (verify takes chains of up to 4096 nodes).
     For the largest size in max_ngram..min_ngram (sizes >= C skipped) whose last ``size`` tokens
     occur earlier in the context, the drafts continue after the most recent occurrence (repeated
     periodically where they reach the end of the context); without any match the anchor repeats.
