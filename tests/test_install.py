@@ -120,3 +120,48 @@ def test_device_properties_on_gpu():
     assert d["sm90_paths"] == (d["capability"][0] >= 9 and d["kernel_ptx_arch"] >= 90)
     with pytest.raises(ValueError, match="device index"):
         _C.device_properties(torch.cuda.device_count())
+
+
+# ---- the build backend (build_backend/dspark_build.py) -----------------------------------------
+def load_backend(monkeypatch, tmp_path, torch_visible: bool, torch_in_site: bool):
+    """The backend module as pip would import it, in an environment where `import torch` works
+    or not (pip's isolated build hides site-packages) and the site dir holds torch or not."""
+    import importlib.util
+    import sysconfig
+    path = os.path.join(os.path.dirname(__file__), "..", "build_backend", "dspark_build.py")
+    spec = importlib.util.spec_from_file_location("dspark_build_under_test", path)
+    backend = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(backend)
+    site = tmp_path / "site-packages"
+    (site / ("torch" if torch_in_site else "other")).mkdir(parents=True)
+    if torch_in_site:
+        (site / "torch" / "__init__.py").write_text("")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        find_spec(name, *a) if name != "torch" or torch_visible else None))
+    monkeypatch.setattr(sysconfig, "get_path", lambda key, *a: str(site))
+    monkeypatch.setenv("DSPARK_TORCH_SITE", "")  # unset for the backend, restored afterwards
+    return backend, str(site)
+
+
+def test_backend_builds_against_the_torch_it_finds(monkeypatch, tmp_path):
+    backend, _ = load_backend(monkeypatch, tmp_path, torch_visible=True, torch_in_site=False)
+    backend._prepare()  # `import torch` works (no isolation): CMake asks that interpreter
+    assert not os.environ["DSPARK_TORCH_SITE"]
+    backend, site = load_backend(monkeypatch, tmp_path / "iso", torch_visible=False,
+                                 torch_in_site=True)
+    backend._prepare()  # isolated build: torch found in the hidden site-packages
+    assert os.environ["DSPARK_TORCH_SITE"] == site
+
+
+@pytest.mark.parametrize("case", ["no torch", "no scikit-build-core"])
+def test_backend_says_what_to_install_in_one_line(monkeypatch, tmp_path, case):
+    backend, _ = load_backend(monkeypatch, tmp_path, torch_visible=False, torch_in_site=False)
+    if case == "no scikit-build-core":
+        monkeypatch.setattr(backend, "_backend", None)
+    with pytest.raises(SystemExit) as err:
+        backend._prepare()
+    msg = str(err.value)
+    assert msg.startswith("dspark build: ") and len(msg.splitlines()) == 1, msg
+    assert ("install torch first" if case == "no torch" else "pip install 'scikit-build-core") \
+        in msg, msg
