@@ -88,6 +88,10 @@ def test_empty_batch_every_op(device):
                                                                  device=device),
                              torch.zeros(2, 0, **i64), rounds, any_active)
     assert int(rounds) == 1 and not bool(any_active)
+    conf, lengths = torch.zeros(0, 3, device=device), torch.zeros(0, **i64)
+    sps = torch.ones(4, device=device)
+    assert dspark.ops.schedule_prefix(conf, lengths, sps).shape == (0,)
+    assert int(dspark.ops.schedule_budget(conf, lengths, sps)) == 0
 
 
 def test_empty_batch_needs_empty_rows():
