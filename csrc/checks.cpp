@@ -32,9 +32,9 @@ void check_request_params(const at::Tensor& ref, int64_t R, const at::Tensor& te
   check_common_device(ref, top_k, "top_k");
   check_common_device(ref, top_p, "top_p");
   DSPARK_CHECK_VALUE(seeds.has_value() == positions.has_value(),
-                     "seeds and positions must be given together (or neither, with uniforms)");
-  DSPARK_CHECK_VALUE(has_uniforms || seeds.has_value(),
-                     "randomness needed: pass seeds and positions (keyed randomness) or uniforms");
+                     "seeds and positions must be given together (or neither)");
+  // Neither seeds nor uniforms is fine for greedy requests; a sampled one raises kNoRandomness
+  // (a data check: the temperatures live on the device).
   if (seeds.has_value()) {
     for (const auto& [t, name] : {std::pair{*seeds, "seeds"}, std::pair{*positions, "positions"}}) {
       DSPARK_CHECK_DIM(t, 1, name);
@@ -68,11 +68,13 @@ VerifyDims check_verify_args(const at::Tensor& target_logits, const at::Tensor& 
   const int64_t N = target_logits.size(0), V = target_logits.size(1);
   DSPARK_CHECK_DIM(node_offsets, 1, "node_offsets");
   DSPARK_CHECK_DTYPE(node_offsets, at::kLong, "node_offsets");
-  DSPARK_CHECK(node_offsets.size(0) >= 2, "node_offsets must hold R + 1 >= 2 entries, got ",
+  DSPARK_CHECK(node_offsets.size(0) >= 1, "node_offsets must hold R + 1 >= 1 entries, got ",
                node_offsets.size(0));
   const int64_t R = node_offsets.size(0) - 1;
-  DSPARK_CHECK_VALUE(N >= R, "target_logits has ", N, " rows but ", R,
-                     " requests need at least one (root) row each");
+  DSPARK_CHECK_VALUE(N >= R, "node_offsets gives ", R, " requests but target_logits has ", N,
+                     " rows (each request needs at least its root row)");
+  DSPARK_CHECK_VALUE(R > 0 || N == 0, "target_logits has ", N,
+                     " rows but node_offsets gives no request (an empty batch has 0 rows)");
   DSPARK_CHECK_VALUE(max_nodes >= 1 && max_nodes <= 4096, "max_nodes must be in [1, 4096], got ",
                      max_nodes);
   for (const auto& [t, name] :
@@ -258,6 +260,9 @@ bool& cuda_sync_checks() {
 
 void raise_on_status(int32_t status, const char* op) {
   if (status == 0) return;
+  // A NaN or +inf logit also spoils its row's maximum, so the CUDA statistics may flag that row
+  // as having no finite entry too: report what the input has (the CPU stops at the bad logit).
+  if (status & kBadLogits) status &= ~kEmptyRow;
   std::string msg = std::string("dspark::") + op + ": bad input:";
   if (status & kBadLogits)
     msg += " logits contain NaN or +inf (or logit/temperature overflows float32);";
@@ -270,6 +275,10 @@ void raise_on_status(int32_t status, const char* op) {
         " node_offsets must start at 0, end at N, increase strictly, and give <= max_nodes nodes "
         "per request;";
   if (status & kBadTemperature) msg += " temperature must be finite and >= 0 (0 = greedy);";
+  if (status & kNoRandomness)
+    msg +=
+        " a sampled request (temperature > 0) needs randomness: pass seeds and positions, or "
+        "uniforms (greedy requests need neither);";
   if (status & kBadTopK) msg += " top_k must be >= 0 (0 = off);";
   if (status & kBadTopP) msg += " top_p must be in (0, 1] (1 = off);";
   if (status & kBadDraftProbs) msg += " draft_probs must be finite and >= 0;";

@@ -101,7 +101,9 @@ NgramParams ngram_propose_params(const at::Tensor& tokens, const at::Tensor& n_t
                                  int64_t gamma, int64_t max_ngram, int64_t min_ngram) {
   check_tokens(tokens);
   check_per_request(tokens, n_tokens, at::kLong, "n_tokens");
-  DSPARK_CHECK_VALUE(gamma >= 1, "gamma must be >= 1 (drafts per request), got ", gamma);
+  DSPARK_CHECK_VALUE(gamma >= 1 && gamma <= kNgramMaxGamma, "gamma must be in [1, ", kNgramMaxGamma,
+                     "] (drafts per request; verify takes chains of at most ", kNgramMaxGamma + 1,
+                     " nodes), got ", gamma);
   DSPARK_CHECK_VALUE(min_ngram >= 1 && min_ngram <= max_ngram,
                      "need 1 <= min_ngram <= max_ngram, got min_ngram ", min_ngram, ", max_ngram ",
                      max_ngram);

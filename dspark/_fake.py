@@ -12,8 +12,8 @@ def _same_device(ref, **tensors):
 @torch.library.register_fake("dspark::verify")
 def _verify_fake(target_logits, node_offsets, draft_tokens, parents, draft_probs, temperature,
                  top_k, top_p, seeds, positions, uniforms, max_nodes):
-    torch._check(node_offsets.dim() == 1 and node_offsets.shape[0] >= 2,
-                 lambda: "node_offsets must be [R + 1] with R >= 1")
+    torch._check(node_offsets.dim() == 1 and node_offsets.shape[0] >= 1,
+                 lambda: "node_offsets must be [R + 1] with R >= 0")
     torch._check(target_logits.dim() == 2, lambda: "target_logits must be [N, V]")
     _same_device(target_logits, node_offsets=node_offsets, draft_tokens=draft_tokens,
                  parents=parents, draft_probs=draft_probs, temperature=temperature, top_k=top_k,
@@ -68,6 +68,7 @@ def _commit_tokens_fake(tokens, n_tokens, active, out_tokens, accept_count, stop
 @torch.library.register_fake("dspark::ngram_propose")
 def _ngram_propose_fake(tokens, n_tokens, gamma, max_ngram, min_ngram):
     torch._check(tokens.dim() == 2, lambda: "tokens must be [B, C]")
+    torch._check(1 <= gamma <= 4095, lambda: f"gamma must be in [1, 4095], got {gamma}")
     _same_device(tokens, n_tokens=n_tokens)
     return tokens.new_empty((tokens.shape[0], gamma + 1))
 

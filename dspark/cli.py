@@ -21,7 +21,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_profile_parser(sub)
     add_train_parsers(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except OSError as exc:  # a file the subcommand did not expect to fail: still one line
+        print(f"dspark {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -48,11 +48,12 @@ def run_bench_cli(args) -> int:
     import torch
 
     from .benchmark import format_table, load_prompts, run_bench, save_report
+    from .cli_common import resolve_device
     from .drafters import NgramDrafter, load_drafter
     from .models import ModelRunner, load_model, load_tokenizer
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        device = resolve_device(args.device)
         if min(args.batch) < 1 or args.prompts < 1 or args.max_new_tokens < 1:
             raise ValueError("need --batch, --prompts and --max-new-tokens >= 1")
         model = load_model(args.target, device, args.dtype)

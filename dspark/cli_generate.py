@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -20,7 +21,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--draft", dest="drafter", help=argparse.SUPPRESS)  # the old name
     d.add_argument("--ngram", type=int, metavar="N", help="prompt-lookup drafter, n-grams up to N")
     p.add_argument("--prompt", action="append", required=True,
-                   help="prompt text (repeat for several; '@file' reads one prompt per line)")
+                   help="prompt text (repeat for several); '@FILE' reads a prompt file: *.jsonl "
+                   "one prompt per record (its first turn), any other file one per line")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -56,23 +58,25 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _prompts(items: list) -> list:
+    from .train.data import read_prompt_texts
     out = []
     for item in items:
         if item.startswith("@"):
-            with open(item[1:]) as f:
-                out.extend(line.rstrip("\n") for line in f if line.strip())
+            if not os.path.isfile(item[1:]):
+                raise ValueError(f"--prompt {item}: no such file {item[1:]!r}")
+            out.extend(read_prompt_texts([item[1:]]))
         else:
             out.append(item)
     return out
 
 
 def run_generate(args) -> int:
-    import torch
 
+    from .cli_common import resolve_device
     from .engine import SpeculativeEngine
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        device = resolve_device(args.device)
         engine = SpeculativeEngine.from_pretrained(
             args.target, drafter=args.drafter, ngram=args.ngram, gamma=args.gamma,
             tree_topk=args.tree_topk, device=device, dtype=args.dtype,

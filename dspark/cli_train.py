@@ -14,10 +14,10 @@ import sys
 def _load_target(args):
     """The --target checkpoint on --device (default: cuda if available) in --dtype (auto: bf16
     on CUDA, else fp32)."""
-    import torch
 
+    from .cli_common import resolve_device
     from .models import load_model
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(args.device)
     dtype = args.dtype if args.dtype and args.dtype != "auto" else \
         ("bfloat16" if str(dev).startswith("cuda") else "float32")
     return load_model(args.target, dev, dtype)
@@ -112,7 +112,8 @@ def add_train_parsers(subparsers) -> None:
     p.add_argument("--target", required=True)
     p.add_argument("--drafter", required=True)
     p.add_argument("--data", nargs="+", required=True, help="held-out prompts: a dspark data "
-                   "file (OUT/data/heldout.safetensors) or jsonl/text")
+                   "file (OUT/data/heldout.safetensors) or prompt files (*.jsonl: one per "
+                   "record, its first turn; any other file: one per line)")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -129,7 +130,9 @@ def add_train_parsers(subparsers) -> None:
         "acceptance, tokens/s, speedup; at temperature 0 also checks identical outputs.")
     p.add_argument("--target", required=True)
     p.add_argument("--drafter", nargs="+", required=True, help="drafter dirs")
-    p.add_argument("--data", nargs="+", required=True, help="prompts (jsonl / text / data file)")
+    p.add_argument("--data", nargs="+", required=True, help="prompts: a dspark data file "
+                   "(OUT/data/heldout.safetensors) or prompt files (*.jsonl: one per record, "
+                   "its first turn; any other file: one per line)")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -351,6 +354,8 @@ def run_train_target(args) -> int:
                        warmup_steps=args.warmup_steps, seed=args.seed,
                        max_minutes=args.max_minutes, save_dtype=args.save_dtype)
     try:
+        from .cli_common import resolve_device
+        resolve_device(args.device)
         if cfg.num_heads % cfg.num_kv_heads:
             raise ValueError("--heads must be a multiple of --kv-heads")
         if cfg.seq_len > cfg.max_position_embeddings:

@@ -20,8 +20,9 @@ import torch
 from . import ops
 from .drafters import Drafter, NgramDrafter, load_drafter
 from .graphs import StageGraphs
-from .metrics import Metrics, StageTimer
+from .metrics import Metrics, StageTimer, clip_rounds
 from .models import ModelRunner, Transformer, load_model, load_tokenizer
+from .models.transformer import FUSED_MAX_BLOCK
 from .ops import VerifyResult, sampling_tensors
 from .state import SpecState, cache_len
 
@@ -83,6 +84,12 @@ class SpeculativeEngine:
             drafter.compile(None if compile is True or compile == "default" else compile)
         if gamma is not None and drafter is not None:
             drafter.gamma = gamma
+        if drafter is not None and drafter.max_nodes > FUSED_MAX_BLOCK:
+            # a verify block is one decode_attention call per layer: its row limit bounds gamma
+            # (a deeper block would also mostly be rejected work)
+            raise ValueError(f"gamma {drafter.gamma} gives verify blocks of {drafter.max_nodes} "
+                             f"tokens; at most {FUSED_MAX_BLOCK} are supported (gamma <= "
+                             f"{FUSED_MAX_BLOCK - 1} for a chain)")
         vocab = self.target.vocab_size
         if drafter is not None and drafter.vocab_size not in (None, vocab):
             raise ValueError(f"draft vocab size {drafter.vocab_size} != target vocab size {vocab}")
@@ -329,6 +336,9 @@ class SpeculativeEngine:
         rounds = min(int(st.rounds), st.round_active.shape[0])
         act = st.round_active[:rounds].cpu()
         acc = st.round_accepts[:rounds].cpu()
+        # tokens past max_new_tokens or a stop token were discarded: count only what each request
+        # returned (its first token came from the prefill, not from a round)
+        acc, act = clip_rounds(acc, act, [max(len(g) - 1, 0) for g in out])
         keep = act.any(1)  # drop the one step run after every request finished
         metrics = Metrics.from_rounds(gamma, acc[keep], act[keep], sum(map(len, out)), times,
                                       total)

@@ -48,6 +48,22 @@ class StageTimer:
 STAGES = ("draft", "target forward", "accept", "commit")
 
 
+def clip_rounds(accept: torch.Tensor, active: torch.Tensor,
+                emitted: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The round log [rounds, B] cut to the tokens each request kept: a round commits
+    accept + 1 tokens, but a request returns only ``emitted[b]`` of all its rounds' tokens (the
+    rest lay past max_new_tokens or a stop token). A cut round counts the tokens it kept
+    (accepted drafts = kept - 1); a round that kept none is not a round of that request."""
+    accept, active = accept.clone(), active.clone()
+    for b, left in enumerate(emitted):
+        for i in torch.nonzero(active[:, b]).flatten().tolist():
+            kept = min(int(accept[i, b]) + 1, left)
+            left -= kept
+            accept[i, b] = max(kept - 1, 0)
+            active[i, b] = kept > 0
+    return accept, active
+
+
 @dataclass
 class Metrics:
     gamma: int = 0  # 0: autoregressive decoding (no drafts: no acceptance statistics)

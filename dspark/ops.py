@@ -3,11 +3,13 @@ W = max_nodes (static output width, usually gamma + 1).
 
 Randomness is either keyed (``seeds`` + ``positions``: uniform = hash(seed, position, node,
 purpose), so a request's draws never depend on its place in the batch) or caller-supplied
-(``uniforms``). Greedy requests (temperature < 1e-5) use no randomness.
+(``uniforms``). Greedy requests (temperature < 1e-5) use no randomness: a call whose requests are
+all greedy may pass neither. Every op takes an empty batch (R = 0) and returns empty results.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -65,14 +67,19 @@ def verify(target_logits: torch.Tensor, node_offsets: torch.Tensor, draft_tokens
     ----------
     target_logits : [N, V] float32/bfloat16/float16. Row i holds the target's logits after node i
         of its request (node 0 of each request is the root: the anchor token).
-    node_offsets : [R + 1] int64, strictly increasing, node_offsets[0] = 0, node_offsets[R] = N.
+    node_offsets : [R + 1] int64, strictly increasing, node_offsets[0] = 0, node_offsets[R] = N
+        (an empty batch: R = 0, N = 0, node_offsets = [0]).
     draft_tokens, parents : [N] int64. parents[i] is the parent's index *within the request*
-        (-1 at the root; otherwise smaller than the node's own index).
+        (-1 at the root; otherwise smaller than the node's own index). The root's token is
+        never read (it is the anchor, already committed): any value, -1 included; every other
+        node's token must lie in [0, V).
     draft_probs : [N, V] float32/float64 or None. Row i is the distribution node i was drawn
-        from. None means deterministic drafts (target-only verification).
+        from. None means deterministic drafts (target-only verification). The root rows are
+        never read (nothing drew the anchor): zeros, or anything.
     params : per-request temperature / top_k / top_p (see :func:`sampling_tensors`).
     seeds, positions : [R] int64 (keyed randomness; positions = absolute position of the root),
-        or ``uniforms`` : [N, 2] float64 in [0, 1) (accept coin, sampling coin per node).
+        or ``uniforms`` : [N, 2] float64 in [0, 1) (accept coin, sampling coin per node), or
+        neither when every request is greedy.
     max_nodes : static output width W (>= nodes of every request); defaults to the widest
         request (which reads node_offsets, i.e. syncs on CUDA; pass it in a decode loop).
 
@@ -87,11 +94,22 @@ def verify(target_logits: torch.Tensor, node_offsets: torch.Tensor, draft_tokens
     ([[1, 2]], [1])
     """
     if max_nodes is None:
-        max_nodes = int((node_offsets[1:] - node_offsets[:-1]).max())
+        max_nodes = _widest_request(node_offsets)
     out = torch.ops.dspark.verify(target_logits, node_offsets, draft_tokens, parents, draft_probs,
                                   params.temperature, params.top_k, params.top_p, seeds,
                                   positions, uniforms, max_nodes)
     return VerifyResult(*out)
+
+
+def _widest_request(node_offsets) -> int:
+    """The most nodes of a request. Only a well-formed offsets tensor is read; anything else
+    goes to the op with a width of 1, whose checks name the problem (so no max() over a 0-dim
+    or empty tensor, and no difference of a stride-0 view of 10^12 entries)."""
+    off = node_offsets
+    if not (isinstance(off, torch.Tensor) and off.dim() == 1 and off.dtype == torch.int64
+            and off.is_contiguous() and off.numel() >= 2):
+        return 1
+    return max(1, int((off[1:] - off[:-1]).max()))
 
 
 def sample(logits: torch.Tensor, params: SamplingTensors, seeds: Optional[torch.Tensor] = None,
@@ -134,11 +152,18 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     verify block get the same bits). The CUDA kernel reads the weight once per 64 rows
     (tensor cores for bf16/fp16).
     """
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    res2 = None if residual is None else residual.reshape(-1, residual.shape[-1])
-    out = torch.ops.dspark.fused_linear(x2, weight, bias, res2, norm_weight, eps, silu_gate)
-    return out.view(*lead, weight.shape[0])
+    def rows(t):  # [..., F] -> [M, F]; a 0-dim or non-tensor argument goes to the op's checks
+        if not isinstance(t, torch.Tensor) or t.dim() in (0, 2):
+            return t
+        return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+    lead = x.shape[:-1] if isinstance(x, torch.Tensor) and x.dim() else None
+    if residual is not None and lead is not None and isinstance(residual, torch.Tensor) \
+            and residual.shape[:-1] != lead:
+        raise ValueError(f"residual must have x's leading dims {list(lead)} and N outputs, got "
+                         f"shape {list(residual.shape)}")
+    out = torch.ops.dspark.fused_linear(rows(x), weight, bias, rows(residual), norm_weight, eps,
+                                        silu_gate)
+    return out.view(*lead, out.shape[-1])
 
 
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int,
@@ -210,6 +235,7 @@ def ngram_propose(tokens: torch.Tensor, n_tokens: torch.Tensor, gamma: int, max_
 
     tokens : [B, C] int64, n_tokens : [B] int64 in [1, C]; request b's context is
         ``tokens[b, :n_tokens[b]]`` (entries beyond it are never read).
+    gamma : drafts per request, in [1, 4095] (verify takes chains of up to 4096 nodes).
     For the largest size in max_ngram..min_ngram (sizes >= C skipped) whose last ``size`` tokens
     occur earlier in the context, the drafts continue after the most recent occurrence (repeated
     periodically where they reach the end of the context); without any match the anchor repeats.

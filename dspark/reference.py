@@ -135,6 +135,20 @@ def _draw(r: torch.Tensor, u: float, row: Row) -> int:
     return int(torch.nonzero(r > 0)[-1])
 
 
+def _coin(uniforms, seeds, positions, r: int, row: int, node: int, purpose: int,
+          temperature: float) -> float:
+    """Caller uniforms [N, 2], else keyed by (seed, position); with neither only a greedy
+    request may run, and its decisions do not depend on the coin (0)."""
+    if uniforms is not None:
+        return float(uniforms[row, purpose])
+    if seeds is not None:
+        return keyed_uniform(int(seeds[r]), int(positions[r]), node, purpose)
+    if not temperature < GREEDY_T:
+        raise ValueError("a sampled request (temperature > 0) needs randomness: pass seeds and "
+                         "positions, or uniforms")
+    return 0.0
+
+
 # ---- ops ------------------------------------------------------------------------------------
 def verify(target_logits, node_offsets, draft_tokens, parents, draft_probs, temperature, top_k,
            top_p, seeds=None, positions=None, uniforms=None, max_nodes: Optional[int] = None):
@@ -152,9 +166,7 @@ def verify(target_logits, node_offsets, draft_tokens, parents, draft_probs, temp
         params = (float(temperature[r]), int(top_k[r]), float(top_p[r]))
 
         def coin(node, purpose):
-            if uniforms is not None:
-                return float(uniforms[o + node, purpose])
-            return keyed_uniform(int(seeds[r]), int(positions[r]), node, purpose)
+            return _coin(uniforms, seeds, positions, r, o + node, node, purpose, params[0])
 
         cur, accepted = 0, 0
         out_nodes[r, 0] = o
@@ -195,8 +207,8 @@ def sample(logits, temperature, top_k, top_p, seeds=None, positions=None, unifor
     probs = torch.zeros((R if return_probs else 0, V), dtype=torch.float64)
     for r in range(R):
         row = Row(logits[r], float(temperature[r]), int(top_k[r]), float(top_p[r]))
-        u = float(uniforms[r]) if uniforms is not None else keyed_uniform(
-            int(seeds[r]), int(positions[r]), 0, 1)
+        u = float(uniforms[r]) if uniforms is not None else _coin(
+            None, seeds, positions, r, r, 0, 1, float(temperature[r]))
         tokens[r] = _draw(row.e, u, row)
         if return_probs:
             probs[r] = row.e / row.total

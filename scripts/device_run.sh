@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched session on the GPU machine: build, CUDA checks, sanitizers, benchmarks.
-# Usage: bash scripts/device_run.sh [build] [check] [tests] [sanitize] [linear] [engine] [decode] [bench]
+# Usage: bash scripts/device_run.sh [build] [check] [tests] [sanitize] [fuzz] [churn] [linear] [engine] [decode] [bench] [sm80]
 # (decode: DECODE_VARIANTS=graph,compile,...); results in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -29,6 +29,12 @@ for stage in "$@"; do
       (cd bench && compute-sanitizer --tool memcheck --leak-check no python3 check_cuda.py --cases 12 --small) 2>&1 | tail -6
       log racecheck
       (cd bench && compute-sanitizer --tool racecheck python3 check_cuda.py --cases 6 --small) 2>&1 | tail -6 ;;
+    fuzz)  # tests/test_fuzz.py's CUDA variant under memcheck (out-of-bounds accesses that do not fault)
+      log fuzz-memcheck
+      (cd tests && timeout 590 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \
+        python3 -m pytest -q -p no:cacheprovider test_fuzz.py -k cuda 2>&1 | tail -15) ;;
+    churn)  # 300 generate calls: flat CUDA memory allocated / reserved (tests/test_churn.py)
+      log churn; (cd tests && timeout 300 python3 -m pytest -q -p no:cacheprovider test_churn.py -k cuda 2>&1 | tail -8) ;;
     linear)
       log layer-op-tests; (cd tests && timeout 300 python3 -m pytest -q -p no:cacheprovider test_linear.py test_attention.py -k cuda 2>&1 | tail -4)
       log bench_linear; (cd bench && python3 bench_linear.py --M 1,2,4 --out "$OUT/bench_linear.json") 2>&1 | tail -18
@@ -57,6 +63,8 @@ for stage in "$@"; do
         echo "choose: reverting to .alt/include"; rm -rf include && cp -r .alt/include include && touch .reverted
         python3 -m pip install --no-build-isolation --no-deps . > "$OUT/build2.log" 2>&1 || exit 1
       fi ;;
+    sm80)  # the pre-Hopper code paths, JIT-compiled from compute_80 PTX (then the normal build)
+      log sm80; bash bench/check_sm80.sh ;;
     bench)
       log bench; (cd bench && python3 bench_ops.py --out "$OUT/bench_ops.json") 2>&1 | tail -30 ;;
   esac

@@ -31,3 +31,14 @@ def seed(request) -> int:
 @pytest.fixture
 def gen(seed) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of many tiny ops (small models, hundreds of calls): more
+    threads only contend, and on a busy 2-core machine OpenMP's waiting threads made such tests
+    20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

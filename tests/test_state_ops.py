@@ -325,7 +325,8 @@ def ngram_bad_cases():
         "tokens_strided": (dict(tokens=torch.zeros(8, 3, **I64).t()), "tokens must be contiguous"),
         "n_tokens_i32": (dict(n_tokens=n.int()), "n_tokens must have dtype"),
         "n_tokens_len": (dict(n_tokens=n[:2]), "n_tokens must have size 3"),
-        "gamma": (dict(gamma=0), "gamma must be >= 1"),
+        "gamma": (dict(gamma=0), r"gamma must be in \[1, 4095\]"),
+        "gamma_huge": (dict(gamma=2**40), r"gamma must be in \[1, 4095\]"),  # not a huge output
         "min_ngram": (dict(min_ngram=0), "min_ngram"),
         "min_above_max": (dict(min_ngram=4), "min_ngram <= max_ngram"),
         "n_tokens_zero": (dict(n_tokens=torch.tensor([1, 0, 4])), r"n_tokens must lie in \[1, C\]"),

@@ -193,9 +193,9 @@ std::vector<RowInfo> all_row_stats(const at::Tensor& logits, const int64_t* row_
 }
 
 int32_t check_params_and_uniforms(int64_t R, const float* temp, const int64_t* top_k,
-                                  const float* top_p, const double* u, int64_t n_u) {
+                                  const float* top_p, const double* u, int64_t n_u, bool random) {
   int32_t s = 0;
-  for (int64_t r = 0; r < R; ++r) s |= param_status(temp[r], top_k[r], top_p[r]);
+  for (int64_t r = 0; r < R; ++r) s |= param_status(temp[r], top_k[r], top_p[r], random);
   for (int64_t i = 0; u && i < n_u; ++i) s |= uniform_status(u[i]);
   return s;
 }
@@ -229,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cpu(
   const int64_t* k = top_k.data_ptr<int64_t>();
   const float* p = top_p.data_ptr<float>();
   const double* u = uniforms ? uniforms->data_ptr<double>() : nullptr;
-  st |= check_params_and_uniforms(d.R, temp, k, p, u, d.N * 2);
+  st |= check_params_and_uniforms(d.R, temp, k, p, u, d.N * 2, seeds || uniforms);
   raise_on_status(st, "verify");
 
   auto opts = draft_tokens.options();
@@ -268,7 +268,9 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits,
   const int64_t* k = top_k.data_ptr<int64_t>();
   const float* p = top_p.data_ptr<float>();
   const double* u = uniforms ? uniforms->data_ptr<double>() : nullptr;
-  raise_on_status(check_params_and_uniforms(d.R, temp, k, p, u, d.R), "sample");
+  raise_on_status(check_params_and_uniforms(d.R, temp, k, p, u, d.R, seeds || uniforms), "sample");
+  const int64_t* seed = seeds ? seeds->data_ptr<int64_t>() : nullptr;
+  const int64_t* pos = positions ? positions->data_ptr<int64_t>() : nullptr;
   at::Tensor tokens = at::empty({d.R}, logits.options().dtype(at::kLong));
   at::Tensor probs = at::zeros({return_probs ? d.R : 0, d.V}, logits.options().dtype(at::kDouble));
   std::vector<int64_t> row_request(d.R);
@@ -285,9 +287,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits,
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* w = base + r * d.V;
         // Node 0, sampling coin: the same draw verify makes for a request with no drafts.
-        const double coin = u ? u[r]
-                              : keyed_uniform(seeds->data_ptr<int64_t>()[r],
-                                              positions->data_ptr<int64_t>()[r], 0, kSampleCoin);
+        const double coin = u ? u[r] : node_coin(nullptr, seed, pos, r, 0, 0, kSampleCoin);
         out[r] = draw(w, d.V, rows[r], coin, [](int64_t, double e) { return e; });
         for (int64_t v = 0; return_probs && v < d.V; ++v)
           pr[r * d.V + v] = row_e(rows[r], v, static_cast<float>(w[v])) / rows[r].total;

@@ -44,6 +44,9 @@ struct LinearArgs {
   int prologue;  // 0 plain, 1 RMSNorm, 2 SiLU gate
 };
 cudaError_t launch_linear(const LinearArgs& args, cudaStream_t stream);
+// The fused linear kernel as loaded for the current device: the architecture it was compiled for
+// (PTX) and the one it runs as (binary); 80 and 90 for a compute_80 build JIT-compiled on Hopper.
+cudaError_t linear_kernel_arch(int* ptx, int* binary);
 
 // dspark::decode_attention (include/dspark/attention.cuh); qkv/caches/norms/out of type `dtype`.
 struct AttentionArgs {

@@ -23,6 +23,10 @@ cudaError_t run(const LinearArgs& a, cudaStream_t stream) {
 }
 }  // namespace
 
+cudaError_t linear_kernel_arch(int* ptx, int* binary) {
+  return cuda::linear_kernel_arch(ptx, binary);
+}
+
 cudaError_t launch_linear(const LinearArgs& a, cudaStream_t stream) {
   return with_element_type(a.dtype, [&](auto t) { return run<decltype(t)>(a, stream); });
 }

@@ -14,6 +14,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..models.config import read_json
 from .dspark_drafter import ParallelDraftModel
 from .eagle3 import Eagle3Model
 from .registry import get_method
@@ -56,8 +57,12 @@ def load_spec(path: str) -> DrafterSpec:
     file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(file):
         raise ValueError(f"{path!r} is not a dspark drafter dir (no {CONFIG_NAME})")
-    with open(file) as f:
-        return DrafterSpec.from_json(json.load(f))
+    try:
+        spec = DrafterSpec.from_json(read_json(file))
+        spec.target_config()  # validated before anything is built from it
+        return spec
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # name the file to fix
+        raise ValueError(f"{file}: {exc}") from None
 
 
 def check_target(spec: DrafterSpec, target_config) -> None:
@@ -76,7 +81,7 @@ def check_target(spec: DrafterSpec, target_config) -> None:
 def load_draft_model(path: str, target, dtype: Optional[torch.dtype] = None) -> DraftModel:
     """Load a draft model for ``target`` (a dspark Transformer); ValueError if it was trained
     for a target with a different hidden size, vocabulary or depth."""
-    from safetensors.torch import load_file
+    from ..models.loader import check_shapes, read_safetensors
     spec = load_spec(path)
     check_target(spec, target.config)
     with torch.device("meta"):
@@ -84,7 +89,7 @@ def load_draft_model(path: str, target, dtype: Optional[torch.dtype] = None) -> 
     file = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(file):
         raise ValueError(f"{path!r} has no {WEIGHTS_NAME}")
-    sd = load_file(file, device=str(target.device))
+    sd = read_safetensors(file, target.device)
     dtype = dtype or target.dtype
     sd = {k: v.to(dtype) for k, v in sd.items()}
     missing = set(model.state_dict()) - set(sd)
@@ -92,6 +97,7 @@ def load_draft_model(path: str, target, dtype: Optional[torch.dtype] = None) -> 
     if missing or extra:
         raise ValueError(f"drafter weights in {path!r} do not match its config: missing "
                          f"{sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
+    check_shapes(model.state_dict(), sd, file)
     model.load_state_dict(sd, assign=True, strict=True)
     model.inv_freq = spec.draft_config().inv_freq().to(target.device)
     model.attach_target(target)

@@ -89,6 +89,11 @@ class DrafterSpec:
     def __post_init__(self):
         from .registry import get_method
         method = get_method(self.method)
+        for name, hi in (("gamma", 1024), ("num_draft_layers", 1024), ("markov_rank", 1 << 16)):
+            v = getattr(self, name)  # sane bounds: refused before anything is sized by them
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
+                raise ValueError(f"drafter config field {name} must be an integer in [0, {hi}], "
+                                 f"got {v!r}")
         if self.gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {self.gamma}")
         if self.head_type not in ("markov", "rnn", "none"):
@@ -121,13 +126,13 @@ class DrafterSpec:
     def target_config(self) -> ModelConfig:
         d = dict(self.target)
         d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
-        return ModelConfig(**d)
+        return ModelConfig(**d).check()
 
     def draft_config(self) -> ModelConfig:
         """The target's shapes with ``num_draft_layers`` layers, all full attention."""
         c = self.target_config()
         return dataclasses.replace(c, num_layers=self.num_draft_layers,
-                                   sliding_window=[None] * self.num_draft_layers)
+                                   sliding_window=[None] * self.num_draft_layers).check()
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)

@@ -113,6 +113,35 @@ def read_records(paths: Sequence[str], max_bytes: Optional[int] = None,
     return out
 
 
+def read_prompt_texts(paths: Sequence[str]) -> list[str]:
+    """Prompts, one rule for every command that takes a prompt file (``generate --prompt @F``,
+    ``eval-draft`` / ``calibrate-draft --data``): a ``*.jsonl`` file gives one prompt per record
+    (the first turn of ``{"turns": [...]}`` / ``conversations`` / ``messages``, or its ``prompt``
+    / ``text``); any other file one prompt per non-empty line. (Training data, ``train-draft
+    --data``, is a corpus instead: plain text is cut into windows, see :func:`read_records`.)"""
+    out = []
+    for f in _expand(paths):
+        try:
+            with open(f, encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"{f}: not UTF-8 text") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            if not f.endswith(".jsonl"):
+                out.append(line)
+                continue
+            try:
+                rec = _turns(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{f}:{n}: not JSON ({exc})") from None
+            if rec is None or not (rec.get("turns") or rec.get("text")):
+                raise ValueError(f"{f}:{n}: expected a 'turns' list, 'prompt' or 'text'")
+            out.append(rec["turns"][0] if "turns" in rec else rec["text"])
+    return out
+
+
 def _windows(ids: list, size: int) -> Iterable[list]:
     for i in range(0, len(ids), size):
         w = ids[i:i + size]

@@ -11,10 +11,11 @@ import torch
 def prompts_from(paths: Sequence[str], tokenizer, limit: Optional[int] = None,
                  prompt_tokens: int = 256, seed: int = 0) -> list:
     """Token prompts from a dspark data file (*.safetensors: each sample's prompt part) or
-    jsonl/text inputs (first user turn / first ``prompt_tokens`` tokens of each window)."""
+    prompt files (:func:`dspark.train.data.read_prompt_texts`: jsonl records, else one prompt
+    per line), each cut to its last ``prompt_tokens`` tokens."""
     import random
 
-    from .data import load_samples, prompts_and_texts, read_records
+    from .data import load_samples, read_prompt_texts
     prompts = []
     rest = []
     for p in paths:
@@ -25,8 +26,8 @@ def prompts_from(paths: Sequence[str], tokenizer, limit: Optional[int] = None,
     if rest:
         if tokenizer is None:
             raise ValueError("text prompts need the target's tokenizer.json")
-        pairs = prompts_and_texts(read_records(rest), tokenizer, 4 * prompt_tokens, prompt_tokens)
-        prompts += [pr for pr, _ in pairs if pr]
+        enc = tokenizer.encode_batch(read_prompt_texts(rest))
+        prompts += [e.ids[-prompt_tokens:] for e in enc if e.ids]
     if limit is not None and len(prompts) > limit:
         rng = random.Random(seed)
         prompts = rng.sample(prompts, limit)

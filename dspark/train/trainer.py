@@ -9,8 +9,10 @@ training-time-test unroll over every position. Default loss weights are the regi
   eagle3: soft CE to the target distribution, step weight 0.8^j
 AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0), linear warmup over 4% of the steps then cosine
 to 0, global grad-norm clip 1.0, fp32 master weights with bf16 autocast on CUDA. Resumable:
-``<out>/checkpoint/trainer.pt`` holds weights, optimizer and step; micro-batch order and anchor
-draws are functions of (seed, step), so a resumed run continues the same stream.
+``<out>/checkpoint/trainer.pt`` holds weights, optimizer and step as plain tensors and containers
+only, and is read with ``torch.load(weights_only=True)`` (a checkpoint from someone else runs no
+code); micro-batch order and anchor draws are functions of (seed, step), so a resumed run
+continues the same stream (no RNG state to save).
 """
 from __future__ import annotations
 
@@ -123,6 +125,22 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="train-draft", dynamic_ncols=True)
 
 
+def _load_checkpoint(path: str, device) -> dict:
+    """trainer.pt without unpickling objects: anything but tensors and plain containers (what
+    save_checkpoint writes) is refused, with one line naming the file."""
+    import pickle
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: not a dspark trainer checkpoint of plain tensors ({first})") \
+            from None
+    keys = {"model", "optim", "step", "total", "spec"}
+    if not isinstance(state, dict) or not keys <= set(state):
+        raise ValueError(f"{path}: not a dspark trainer checkpoint (needs {sorted(keys)})")
+    return state
+
+
 def train_drafter(target, spec: DrafterSpec, samples: Sequence[Sample], cfg: TrainConfig,
                   out_dir: Optional[str] = None, model=None, resume: bool = False,
                   log: Callable[[str], None] = print):
@@ -145,7 +163,7 @@ def train_drafter(target, spec: DrafterSpec, samples: Sequence[Sample], cfg: Tra
     if resume:
         if not ckpt_path or not os.path.isfile(ckpt_path):
             raise ValueError(f"nothing to resume: no {ckpt_path}")
-        state = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        state = _load_checkpoint(ckpt_path, dev)
         spec = DrafterSpec.from_json(state["spec"])
         total = state["total"]
     if model is None:

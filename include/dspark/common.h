@@ -33,6 +33,7 @@ enum StatusBit : int32_t {
   kBadDraftProbs = 1 << 8,   // a draft probability that is negative, NaN or inf
   kBadUniform = 1 << 9,      // caller-supplied uniform outside [0, 1)
   kBadPosition = 1 << 10,    // decode_attention: a position outside the cache's slots [0, S)
+  kNoRandomness = 1 << 11,   // a sampled request (T >= kGreedyTemperature) but no seeds/uniforms
 };
 
 DSPARK_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -219,9 +219,26 @@ __global__ void __launch_bounds__(kLinearThreads, VEC && sizeof(T) == 2 && NT <=
   }
 }
 
+// The kernel's code as loaded for the current device: the architecture it was compiled for
+// (cudaFuncAttributes::ptxVersion, e.g. 80 or 90) and the one it runs as (binaryVersion). All
+// kernels of a build share the architectures, so one instance answers for all.
+inline cudaError_t linear_kernel_arch(int* ptx, int* binary) {
+  cudaFuncAttributes a{};
+  const cudaError_t err = cudaFuncGetAttributes(&a, fused_linear_kernel<float, 1, 2, false>);
+  if (err != cudaSuccess) return err;
+  *ptx = a.ptxVersion;
+  *binary = a.binaryVersion;
+  return cudaSuccess;
+}
+
 // Per-device launch facts (function attributes and SM architectures are per device).
 struct LinearDevice {
-  int clusters = -1;  // 1: Hopper+ (slices run as clusters), 0: one slice per row block
+  // 1: the sm_90 paths (K slices as thread-block clusters, programmatic dependent launch);
+  // 0: one slice per row block, stream-ordered launches. The sm_90 paths need a Hopper+ device
+  // *and* code compiled for sm_90: a compute_80 build JIT-compiled on Hopper has no cluster
+  // barriers and no griddepcontrol.wait (pdl.cuh, cluster_wait above compile them out), so
+  // clusters or an early launch would race there.
+  int clusters = -1;
 };
 inline cudaError_t linear_device(LinearDevice*& out) {
   constexpr int kMaxDevices = 64;
@@ -231,10 +248,12 @@ inline cudaError_t linear_device(LinearDevice*& out) {
   if (err != cudaSuccess) return err;
   if (dev < 0 || dev >= kMaxDevices) return cudaErrorInvalidDevice;
   if (devs[dev].clusters < 0) {
-    int major = 0;
+    int major = 0, ptx = 0, binary = 0;
     err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
     if (err != cudaSuccess) return err;
-    devs[dev].clusters = major >= 9;
+    err = linear_kernel_arch(&ptx, &binary);
+    if (err != cudaSuccess) return err;
+    devs[dev].clusters = major >= 9 && ptx >= 90;
   }
   out = &devs[dev];
   return cudaSuccess;
@@ -261,7 +280,7 @@ cudaError_t launch_fused_linear_grid(const LinearParams<T>& p, LinearSplit split
   const int64_t row_blocks = (p.N + kLinearRows - 1) / kLinearRows;
   const int64_t groups = (p.M + kLinearCols - 1) / kLinearCols;
   const dim3 grid(unsigned(row_blocks * groups * split.slices));
-  return launch_pdl_cluster(kernel, grid, dim3(kLinearThreads), smem, stream,
+  return launch_pdl_cluster(kernel, grid, dim3(kLinearThreads), smem, stream, clusters,
                             clusters ? unsigned(split.slices) : 0u, p, split);
 }
 

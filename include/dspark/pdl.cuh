@@ -1,4 +1,5 @@
-// dspark/pdl.cuh: programmatic dependent launch (Hopper+) for the decode kernels.
+// dspark/pdl.cuh: programmatic dependent launch (Hopper+ code on a Hopper+ GPU) for the decode
+// kernels; elsewhere the same kernels launch in plain stream order.
 //
 // A decode step is a chain of short kernels (4 fused linears + attention per layer); between two
 // of them the GPU otherwise idles for the launch and the ramp-up of the next grid. Launched with
@@ -28,52 +29,43 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...), with programmatic stream serialization
-// allowed when `programmatic` (launch_pdl) or as an ordinary stream-ordered launch: then the
-// kernel's pdl_wait() returns at once (its predecessor is complete before it starts), while
-// its pdl_trigger() still lets a programmatic successor launch early.
-template <typename... KArgs, typename... Args>
-cudaError_t launch_ex(bool programmatic, void (*kernel)(KArgs...), dim3 grid, dim3 block,
-                      size_t smem, cudaStream_t stream, Args... args) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = programmatic ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, args...);
-}
-
-template <typename... KArgs, typename... Args>
-cudaError_t launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
-                       cudaStream_t stream, Args... args) {
-  return launch_ex(true, kernel, grid, block, smem, stream, args...);
-}
-
-// launch_pdl in thread-block clusters of `cluster_x` blocks along x (Hopper+; grid.x must be a
-// multiple of it). cluster_x == 0: no cluster attribute (devices before Hopper).
+// kernel<<<grid, block, smem, stream>>>(args...) in thread-block clusters of `cluster_x` blocks
+// along x (Hopper+; grid.x must be a multiple of it; 0: no cluster attribute), with
+// programmatic stream serialization allowed when `programmatic`, else an ordinary stream-ordered
+// launch: then the kernel's pdl_wait() returns at once (its predecessor is complete before it
+// starts), while its pdl_trigger() still lets a programmatic successor launch early.
+// `programmatic` only where the kernel's code was compiled for sm_90 (its pdl_wait() is real):
+// a compute_80 build JIT-compiled on Hopper has none (linear_kernel.cuh: LinearDevice).
 template <typename... KArgs, typename... Args>
 cudaError_t launch_pdl_cluster(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
-                               cudaStream_t stream, unsigned cluster_x, Args... args) {
+                               cudaStream_t stream, bool programmatic, unsigned cluster_x,
+                               Args... args) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  attr[1].id = cudaLaunchAttributeClusterDimension;
-  attr[1].val.clusterDim.x = cluster_x;
-  attr[1].val.clusterDim.y = 1;
-  attr[1].val.clusterDim.z = 1;
+  unsigned n = 0;
+  if (programmatic) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster_x) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = cluster_x;
+    attr[n].val.clusterDim.y = 1;
+    attr[n++].val.clusterDim.z = 1;
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = cluster_x ? 2 : 1;
+  cfg.numAttrs = n;
   return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+template <typename... KArgs, typename... Args>
+cudaError_t launch_ex(bool programmatic, void (*kernel)(KArgs...), dim3 grid, dim3 block,
+                      size_t smem, cudaStream_t stream, Args... args) {
+  return launch_pdl_cluster(kernel, grid, block, smem, stream, programmatic, 0u, args...);
 }
 
 }  // namespace cuda

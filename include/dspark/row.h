@@ -19,16 +19,19 @@ struct RowInfo {
   int32_t greedy;  // 1 when T < kGreedyTemperature
 };
 
-// Status bits for one request's sampling parameters.
-DSPARK_HD int32_t param_status(float temperature, int64_t top_k, float top_p) {
+DSPARK_HD bool is_greedy(float temperature) { return temperature < kGreedyTemperature; }
+
+// Status bits for one request's sampling parameters. `random`: the call passed seeds and
+// positions or uniforms; greedy requests draw nothing, so an all-greedy call needs neither.
+DSPARK_HD int32_t param_status(float temperature, int64_t top_k, float top_p, bool random) {
   int32_t s = 0;
-  if (!(temperature >= 0.0f && temperature < INFINITY)) s |= kBadTemperature;  // NaN too
+  const bool temperature_ok = temperature >= 0.0f && temperature < INFINITY;  // NaN fails
+  if (!temperature_ok) s |= kBadTemperature;
+  else if (!random && !is_greedy(temperature)) s |= kNoRandomness;
   if (top_k < 0) s |= kBadTopK;
   if (!(top_p > 0.0f && top_p <= 1.0f)) s |= kBadTopP;
   return s;
 }
-
-DSPARK_HD bool is_greedy(float temperature) { return temperature < kGreedyTemperature; }
 DSPARK_HD float inverse_temperature(float temperature) { return 1.0f / temperature; }
 
 // Unnormalized target probability of token v given its logit w (p(v) = e / info.total).

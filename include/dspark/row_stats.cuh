@@ -94,7 +94,7 @@ __global__ void RowOwnerKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   if (row >= p.N) return;
   int32_t r = find_request(p, row);
   if (!(p.offsets[r] <= row && row < p.offsets[r + 1])) r = -1;
-  else if (param_status(p.temperature[r], p.top_k[r], p.top_p[r])) r = -1;
+  else if (param_status(p.temperature[r], p.top_k[r], p.top_p[r], p.seeds || p.uniforms)) r = -1;
   ws.row_owner[row] = r;
 }
 

@@ -75,6 +75,9 @@ DSPARK_HD bool commit_request(const CommitParams& p, int64_t b) {
 }
 
 // dspark::ngram_propose. B requests, capacity C; drafts [B, gamma + 1].
+// gamma's bound: a chain of gamma + 1 nodes is the most dspark::verify takes (max_nodes <= 4096);
+// it also keeps a mistyped gamma from sizing a [B, gamma + 1] output of terabytes.
+constexpr int64_t kNgramMaxGamma = 4095;
 struct NgramParams {
   const int64_t* tokens;    // [B, C]: request b's committed tokens are tokens[b, :n_tokens[b]]
   const int64_t* n_tokens;  // [B], valid in [1, C]

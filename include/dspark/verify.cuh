@@ -63,7 +63,8 @@ __global__ void WalkKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   const int32_t offsets_bad = offsets_status(r, p.R, o, o + n, p.N, p.W);
   const bool offsets_ok = offsets_bad == 0;
   if (threadIdx.x == 0)
-    s_bad = offsets_bad | param_status(p.temperature[r], p.top_k[r], p.top_p[r]);
+    s_bad =
+        offsets_bad | param_status(p.temperature[r], p.top_k[r], p.top_p[r], p.seeds || p.uniforms);
   __syncthreads();
   if (offsets_ok) {
     int32_t mine = 0;
@@ -362,6 +363,8 @@ cudaError_t launch_verify(VerifyParams<S, Q> p, void* workspace, cudaStream_t st
   const VerifyWorkspace ws = verify_workspace_layout(p.N, p.R, p.W, p.V, workspace).ws;
   const cudaError_t err = cudaMemsetAsync(p.status, 0, sizeof(int32_t), stream);
   if (err != cudaSuccess) return err;
+  // An empty batch (then N == 0) launches nothing: a grid of zero blocks is a launch error.
+  if (p.R == 0) return cudaSuccess;
   const int warps = 8;  // 256-thread blocks
   RowOwnerKernel<<<ceil_div(p.N, 256), 256, 0, stream>>>(p, ws);
   // Requests/rows go in grid x (up to 2^31 - 1); chunks in y (at most 1024 for kMaxVocab).

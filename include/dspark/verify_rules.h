@@ -44,10 +44,12 @@ DSPARK_HD int32_t draft_prob_status(double q) {
 
 // The uniform of local node `node` of request r (rows from o) for `purpose`: caller-supplied
 // uniforms [N, 2] (accept coin, sampling coin per flat row), else keyed by (seed, position).
+// With neither, only greedy requests run (param_status flags the others), and their decisions
+// do not depend on the coin (one-hot p: accept iff the token is the argmax, draw = argmax): 0.
 DSPARK_HD double node_coin(const double* uniforms, const int64_t* seeds, const int64_t* positions,
                            int64_t r, int64_t o, int64_t node, uint64_t purpose) {
-  return uniforms ? uniforms[(o + node) * 2 + purpose]
-                  : keyed_uniform(seeds[r], positions[r], node, purpose);
+  if (uniforms) return uniforms[(o + node) * 2 + purpose];
+  return seeds ? keyed_uniform(seeds[r], positions[r], node, purpose) : 0.0;
 }
 
 // ---- Recursive rejection sampling -----------------------------------------------------------
