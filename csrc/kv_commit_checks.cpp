@@ -21,13 +21,14 @@ void check_index(const at::Tensor& t, const at::Tensor& cache, int64_t dims, int
 // Contiguous past the layer dim (the layer stride may be anything that keeps layers apart: a
 // view of one layer-major buffer holding K and V, say).
 void check_cache_strides(const at::Tensor& t, const char* name) {
+  if (t.numel() == 0) return;  // nothing is addressed
   int64_t expect = 1;
   for (int64_t i = t.dim() - 1; i >= 1; --i) {
     DSPARK_CHECK(t.size(i) <= 1 || t.stride(i) == expect, name,
                  " must be contiguous past its layer dim (dim 0), got strides ", t.strides());
     expect *= t.size(i);
   }
-  DSPARK_CHECK(t.size(0) <= 1 || expect == 0 || t.stride(0) >= expect, name,
+  DSPARK_CHECK(t.size(0) <= 1 || t.stride(0) >= expect, name,
                "'s layer stride must be >= one layer's elements (", expect, "), got ", t.stride(0));
 }
 
