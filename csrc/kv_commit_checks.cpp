@@ -94,6 +94,9 @@ KvCommitParams kv_commit_params(const at::Tensor& k_cache, const at::Tensor& v_c
     p.groups = 1;
     p.row_bytes = k_cache.size(3) * k_cache.size(4) * elt;
     p.page_size = page_size;
+    p.page_shift = -1;
+    for (int shift = 0; shift < 62; ++shift)
+      if (int64_t(1) << shift == page_size) p.page_shift = shift;
     p.table_width = bt.size(1);
     p.num_pages = k_cache.size(1);
     p.F = ceil_div(p.W - 1, page_size);
@@ -106,6 +109,7 @@ KvCommitParams kv_commit_params(const at::Tensor& k_cache, const at::Tensor& v_c
     p.row_bytes = k_cache.size(4) * elt;
     p.slots = k_cache.size(3);
     p.F = 0;
+    p.page_shift = -1;
   }
   DSPARK_CHECK_VALUE(L * p.groups * p.row_bytes <= kKvMaxLayerBytes,
                      "k_cache's rows are too large: L * H * D * element size must be <= ",

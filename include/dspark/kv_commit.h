@@ -44,7 +44,7 @@ enum KvStatusBit : int32_t {
 // Limits of the CUDA launch (checked on the host for both backends): requests are grid.y, and a
 // request's (layer, group, 16-byte column) threads are counted in int32.
 constexpr int64_t kKvMaxRequests = 65535;
-constexpr int64_t kKvMaxLayerBytes = (int64_t(1) << 31) - 1;  // L * groups * row_bytes
+constexpr int64_t kKvMaxLayerBytes = int64_t(1) << 30;  // L * groups * row_bytes, int32 room
 
 // dspark::kv_commit. B requests, W = accept_nodes' width, L layers. Arrays contiguous.
 struct KvCommitParams {
@@ -65,6 +65,7 @@ struct KvCommitParams {
   int64_t row_bytes;  // bytes per slot and task: D * elt (contiguous) or H * D * elt (paged)
   int64_t slots;      // contiguous: S, the slots of a (request, head) plane
   int64_t page_size, table_width, num_pages;  // paged only
+  int page_shift;  // log2(page_size) for a power of two, else -1 (64-bit division is slow on GPUs)
 };
 
 DSPARK_HD bool kv_paged(const KvCommitParams& p) { return p.block_table != nullptr; }
@@ -76,25 +77,39 @@ DSPARK_HD int64_t kv_table(const KvCommitParams& p, int64_t b, int64_t i) {
                    : static_cast<const int32_t*>(p.block_table)[at];
 }
 
+// Logical page of slot s >= 0, and its row within the page.
+DSPARK_HD int64_t kv_page_index(const KvCommitParams& p, int64_t s) {
+  return p.page_shift >= 0 ? s >> p.page_shift : s / p.page_size;
+}
+DSPARK_HD int64_t kv_page_row(const KvCommitParams& p, int64_t s) {
+  return p.page_shift >= 0 ? s & (p.page_size - 1) : s % p.page_size;
+}
+
 // Slots request b may use: the plane's S, or what its block-table row covers.
 DSPARK_HD int64_t kv_capacity(const KvCommitParams& p) {
   return kv_paged(p) ? p.table_width * p.page_size : p.slots;
 }
 
 // Checks request b (0 = fine) and sets *first to the first depth whose row moves (c + 1: none).
-// An inactive request (c = -1) is fine and moves nothing; its other inputs are never read.
-// Flags accumulate without early exits, so the loops' loads are independent (issued together).
+// An inactive request (c = -1) is fine and moves nothing; its other inputs are not used.
+// Latency, not arithmetic, is what this costs a moving thread: so the scalars are loaded in one
+// batch of independent loads (in bounds for any b < B, used or not), and the loops accumulate
+// flags without early exits, unrolled on the GPU, so their loads are issued together too.
 DSPARK_HD int32_t kv_check_request(const KvCommitParams& p, int64_t b, int64_t* first) {
-  const int64_t c = p.count[b];
+  const int64_t* path = p.nodes + b * p.W;
+  const int64_t c = p.count[b], off = p.offsets[b], end = p.offsets[b + 1], s = p.start[b];
+  const int64_t root = path[0];
   *first = c + 1;
   if (c == -1) return 0;
   if (c < -1) return kKvBadCount;
-  const int64_t off = p.offsets[b], n = p.offsets[b + 1] - off;
+  const int64_t n = end - off;
   if (off < 0 || n < 1 || n > p.W) return kKvBadOffsets;
   if (c >= n) return kKvBadCount;
-  const int64_t* path = p.nodes + b * p.W;
-  bool bad = path[0] != off;
+  bool bad = root != off;
   int64_t prev = 0, moved = c + 1;
+#ifdef __CUDA_ARCH__
+#pragma unroll 4
+#endif
   for (int64_t d = 1; d <= c; ++d) {
     const int64_t u = path[d] - off;
     bad |= u <= prev || u >= n;
@@ -102,12 +117,14 @@ DSPARK_HD int32_t kv_check_request(const KvCommitParams& p, int64_t b, int64_t* 
     prev = u;
   }
   if (bad) return kKvBadPath;
-  const int64_t s = p.start[b];
   if (s < 0) return kKvBadStart;
   if (s > kv_capacity(p) - n) return kv_paged(p) ? kKvShortBlockTable : kKvBadStart;
   if (kv_paged(p)) {
     bool out = false;
-    for (int64_t i = s / p.page_size; i <= (s + n - 1) / p.page_size; ++i) {
+#ifdef __CUDA_ARCH__
+#pragma unroll 4
+#endif
+    for (int64_t i = kv_page_index(p, s); i <= kv_page_index(p, s + n - 1); ++i) {
       const int64_t page = kv_table(p, b, i);
       out |= page < 0 || page >= p.num_pages;
     }
@@ -125,8 +142,8 @@ DSPARK_HD int64_t kv_task_offset(const KvCommitParams& p, int64_t b, int64_t g) 
 // Byte offset of request b's slot s within its task (slot checked by kv_check_request).
 DSPARK_HD int64_t kv_slot_offset(const KvCommitParams& p, int64_t b, int64_t s) {
   if (!kv_paged(p)) return s * p.row_bytes;
-  const int64_t page = kv_table(p, b, s / p.page_size);
-  return (page * p.page_size + s % p.page_size) * p.row_bytes;
+  const int64_t page = kv_table(p, b, kv_page_index(p, s));
+  return (page * p.page_size + kv_page_row(p, s)) * p.row_bytes;
 }
 
 // Writes request b's outputs given its check result: lengths[b], and (paged) freed[b, :] = the
