@@ -91,3 +91,21 @@ TORCH_LIBRARY_FRAGMENT(dspark, m) {
   //   confidences [R, gamma] f32, draft_lengths [R] i64, sps [Bmax] f32 -> budget [] i64
   m.def("schedule_budget(Tensor confidences, Tensor draft_lengths, Tensor sps) -> Tensor");
 }
+
+// KV-cache compaction after verify (dspark/reference.py: kv_commit): the accepted path's K/V
+// moved to the slots right after the committed prefix, every layer, K and V in one launch.
+TORCH_LIBRARY_FRAGMENT(dspark, m) {
+  m.set_python_module("dspark._fake");
+  //   k_cache, v_cache (updated): [L, B, H, S, D] (contiguous; the layer stride may be any), or
+  //     [L, P, page_size, H, D] (paged: P pages of page_size token rows) with block_table
+  //   start [B] i64: slot of each request's root (node j of its verified tree sits at start + j)
+  //   accept_nodes [B, W] i64, accept_count [B] i64, node_offsets [B + 1] i64: verify's outputs
+  //     (flat node ids, root first) and node layout; accept_count -1 = inactive (nothing moved)
+  //   block_table [B, pages_per_request] i32|i64 or None: physical page of each logical page
+  // -> lengths [B] i64 (start + accept_count + 1: the cache length after the commit),
+  //    freed [B, F] (block_table's dtype, F = ceil((W - 1) / page_size); [B, 0] i64 when
+  //    contiguous): pages the verified block used past the new length, -1 padded
+  m.def(
+      "kv_commit(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor start, Tensor accept_nodes, "
+      "Tensor accept_count, Tensor node_offsets, Tensor? block_table=None) -> (Tensor, Tensor)");
+}

@@ -87,3 +87,18 @@ def _schedule_budget_fake(confidences, draft_lengths, sps):
     torch._check(confidences.dim() == 2, lambda: "confidences must be [R, gamma]")
     _same_device(confidences, draft_lengths=draft_lengths, sps=sps)
     return draft_lengths.new_empty(())
+
+
+@torch.library.register_fake("dspark::kv_commit")
+def _kv_commit_fake(k_cache, v_cache, start, accept_nodes, accept_count, node_offsets,
+                    block_table=None):
+    torch._check(k_cache.dim() == 5 and accept_nodes.dim() == 2,
+                 lambda: "k_cache must be 5-D and accept_nodes [B, W]")
+    _same_device(k_cache, v_cache=v_cache, start=start, accept_nodes=accept_nodes,
+                 accept_count=accept_count, node_offsets=node_offsets, block_table=block_table)
+    B, W = accept_nodes.shape
+    lengths = start.new_empty((B,))
+    if block_table is None:
+        return lengths, start.new_empty((B, 0))
+    page_size = k_cache.shape[2]
+    return lengths, block_table.new_empty((B, (W - 1 + page_size - 1) // page_size))

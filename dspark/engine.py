@@ -152,8 +152,7 @@ class SpeculativeEngine:
 
     def _commit(self, st, root, prop, fwd, res) -> None:
         if not self.drafter.is_chain:  # tree: the accepted path's K/V into slots root + depth
-            self.target.commit(root, res.accept_nodes - prop.node_offsets[:-1, None],
-                               res.accept_count)
+            self.target.commit(root, res.accept_nodes, res.accept_count, prop.node_offsets)
         st.commit(res.out_tokens, res.accept_count)  # chain rollback = lengths only
         self.drafter.commit(st, prop, res, root, fwd.hidden)
 

@@ -251,6 +251,55 @@ def ngram_propose(tokens: torch.Tensor, n_tokens: torch.Tensor, gamma: int, max_
     return torch.ops.dspark.ngram_propose(tokens, n_tokens, gamma, max_ngram, min_ngram)
 
 
+class KvCommitResult(NamedTuple):
+    lengths: torch.Tensor  # [B] i64: cache length after the commit (start + accept_count + 1)
+    freed_pages: torch.Tensor  # [B, F]: pages that became free (paged), -1 padded
+
+
+def kv_commit(k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor,
+              accept_nodes: torch.Tensor, accept_count: torch.Tensor, node_offsets: torch.Tensor,
+              block_table: Optional[torch.Tensor] = None) -> KvCommitResult:
+    """After :func:`verify`: compact the KV cache in place, every layer, K and V in one launch
+    (spec: dspark.reference.kv_commit).
+
+    k_cache, v_cache : [L, B, H, S, D] (contiguous: request b's slots in its own planes), or
+        [L, P, page_size, H, D] with ``block_table`` (paged, as vLLM / SGLang caches: P pages of
+        page_size token rows; SGLang's token pool is page_size 1). Any dtype (a byte copy);
+        contiguous past the layer dim, whose stride may be anything (e.g. K and V as views of
+        one [L, 2, ...] buffer).
+    start : [B] int64, slot of each request's root: node j of its verified tree was written at
+        slot start + j (what ``ModelRunner.forward_tree`` does).
+    accept_nodes, accept_count, node_offsets : verify's outputs ([B, W] flat node ids: root, then
+        the accepted path, -1 padded; [B]) and the [B + 1] node layout it verified.
+        accept_count = -1 marks an inactive request: nothing is read or moved for it.
+    block_table : [B, pages_per_request] int32/int64, logical page -> physical page; pages
+        holding a request's slots >= start must not be shared with another request.
+
+    Slot start + d then holds the K/V of the path's node at depth d (d = 0..accept_count).
+    Rows already in place are not moved: a chain moves nothing (its rollback is the shorter
+    length alone; a caller that tracks lengths itself need not call this for chains at all).
+    Returns ``lengths`` [B] int64 = start + accept_count + 1 and ``freed_pages`` [B, F]
+    (block_table's dtype, F = ceil((W - 1) / page_size); [B, 0] int64 when contiguous): the
+    block-table entries of the pages the verified block used (slots < start + its nodes) beyond
+    those the new length keeps, -1 padded. Bad data (a path that is not root-first increasing
+    ids of its request, counts out of range, start or the block beyond the cache, short block
+    tables, page ids outside [0, P)) raises ValueError; on CUDA without the read-back
+    (:func:`sync_checks`) such a request is left untouched with length -1.
+
+    Examples
+    --------
+    >>> import torch, dspark
+    >>> k = torch.arange(8.).view(1, 1, 1, 8, 1); v = -k.clone()    # L = B = H = D = 1, S = 8
+    >>> offsets = torch.tensor([0, 5])                               # one tree of 5 nodes ...
+    >>> nodes, count = torch.tensor([[0, 2, 4, -1, -1]]), torch.tensor([2])  # path 0 -> 2 -> 4
+    >>> res = dspark.ops.kv_commit(k, v, torch.tensor([3]), nodes, count, offsets)  # ... at 3..7
+    >>> k.flatten().tolist(), res.lengths.tolist()
+    ([0.0, 1.0, 2.0, 3.0, 5.0, 7.0, 6.0, 7.0], [6])
+    """
+    return KvCommitResult(*torch.ops.dspark.kv_commit(k_cache, v_cache, start, accept_nodes,
+                                                      accept_count, node_offsets, block_table))
+
+
 SCHEDULE_MODES = ("sync", "async", "threshold", "fixed")
 
 

@@ -451,3 +451,41 @@ def schedule_budget(confidences, draft_lengths, sps):
         if theta > best:
             best, best_n = theta, n
     return torch.tensor(best_n if best >= 0 else 0, dtype=torch.int64, device=draft_lengths.device)
+
+
+# ---- KV-cache compaction after verify (dspark::kv_commit) --------------------------------------
+def kv_commit(k_cache, v_cache, start, accept_nodes, accept_count, node_offsets, block_table=None):
+    """What dspark::kv_commit does (in place) and returns, for valid input. Request b's verified
+    tree put node j's K/V at slot start[b] + j; the path accept_nodes[b, :c + 1] (flat ids, root
+    first; c = accept_count[b]) moves to slots start[b] + 0..c, all rows gathered before any is
+    written (equal to moving them in increasing depth: a path's local ids are >= its depths).
+    accept_count -1 marks an inactive request (nothing moved, length = start). Contiguous caches
+    are [L, B, H, S, D]; paged ones [L, P, page_size, H, D], slot s of request b at page
+    block_table[b, s // page_size], row s % page_size. Returns lengths = start + c + 1 and the
+    pages that became free: block-table entries of the pages the block used (slots below
+    start + n_b, n_b = the request's nodes) past those the new length keeps, -1 padded to
+    F = ceil((W - 1) / page_size) columns ([B, 0] int64 when contiguous)."""
+    B, W = accept_nodes.shape
+    dev = start.device
+    rows = (torch.arange(W, device=dev)[None, :] <= accept_count[:, None]).nonzero()
+    b, d = rows[:, 0], rows[:, 1]  # every (request, depth) of every active path
+    src = start[b] + accept_nodes[b, d] - node_offsets[b]
+    dst = start[b] + d
+    for cache in (k_cache, v_cache):
+        if block_table is None:  # [L, B, H, S, D]: each request its own planes
+            cache[:, b, :, dst] = cache[:, b, :, src]  # the right side is gathered first
+        else:
+            ps = cache.shape[2]
+            cache[:, block_table[b, dst // ps], dst % ps] = \
+                cache[:, block_table[b, src // ps], src % ps]
+    lengths = start + accept_count + 1
+    if block_table is None:
+        return lengths, torch.zeros(B, 0, dtype=torch.int64, device=dev)
+    ps, width = k_cache.shape[2], block_table.shape[1]
+    n = node_offsets[1:] - node_offsets[:-1]
+    keep = torch.div(lengths + ps - 1, ps, rounding_mode="floor")
+    used = torch.div(start + n + ps - 1, ps, rounding_mode="floor")
+    j = keep[:, None] + torch.arange(-(-(W - 1) // ps), device=dev)
+    pages = block_table.gather(1, j.clamp(0, max(width - 1, 0))) if width else j
+    freed = (j < used[:, None]) & (accept_count >= 0)[:, None]
+    return lengths, torch.where(freed, pages, -1).to(block_table.dtype)

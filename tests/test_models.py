@@ -157,10 +157,11 @@ def test_commit_tree_equals_fresh_prefill(pair):
     runner = ModelRunner(model)
     runner.allocate(len(PROMPTS), 32)
     runner.prefill(PROMPTS)
-    _, _, start = verify_block(runner)
+    _, offs, start = verify_block(runner)
     nodes = torch.tensor([[0, 1, 2, 3, -1], [0, 2, 5, -1, -1], [0, -1, -1, -1, -1]])
     count = torch.tensor([3, 2, 0])
-    runner.commit(start, nodes, count)
+    flat = torch.nn.functional.pad(nodes + offs[:-1, None], (0, 3), value=-1)  # verify's [R, 8]
+    runner.commit(start, flat, count, offs)
     fresh = ModelRunner(model)
     fresh.allocate(1, 32)
     for r, (toks, _) in enumerate(TREES):

@@ -2,13 +2,16 @@
 
 Layout: ``k``, ``v`` are [layers, batch, kv_heads, max_len, head_dim]; slot s holds position s of
 the committed sequence. Lengths live with the caller (the engine's committed-token counts): a
-chain rollback is "don't advance the length" (stale slots past it are overwritten later).
+chain rollback is "don't advance the length" (stale slots past it are overwritten later). A tree
+commit is one ``dspark::kv_commit`` launch (every layer, K and V).
 """
 from __future__ import annotations
 
 import itertools
 
 import torch
+
+from .. import ops
 
 _serials = itertools.count(1)
 
@@ -31,21 +34,19 @@ class KVCache:
 
 
     def commit(self, start: torch.Tensor, accept_nodes: torch.Tensor,
-               accept_count: torch.Tensor) -> None:
-        """Move the accepted tree path's K/V into contiguous slots (in place, no host sync).
+               accept_count: torch.Tensor, node_offsets: torch.Tensor | None = None) -> None:
+        """Move the accepted tree path's K/V into contiguous slots (in place, no host sync inside
+        dspark.ops.sync_checks(False) or a CUDA graph): one ``dspark::kv_commit``.
 
         start: [B] i64, cache slot of each request's root (node j of the verified block sits in
-        slot start + j). accept_nodes: [B, W] i64 *local* node ids (root first, then the accepted
-        nodes in depth order; entries past ``accept_count`` are ignored). accept_count: [B]
-        accepted drafts. After the call slot start + d holds the accepted node at depth d, for
-        d = 0..accept_count. For a chain accept_nodes[b, d] == d and nothing changes.
+        slot start + j). accept_nodes: [B, W] i64 node ids, root first, then the accepted nodes
+        in depth order (entries past ``accept_count`` are ignored): verify's flat ids with its
+        ``node_offsets`` [B + 1], or *local* ids (root = 0) when node_offsets is None.
+        accept_count: [B] accepted drafts. After the call slot start + d holds the accepted
+        node at depth d, for d = 0..accept_count. For a chain nothing moves.
         """
-        B, W = accept_nodes.shape
-        depth = torch.arange(W, device=start.device)[None, :]
-        valid = depth <= accept_count[:, None]
-        dst = start[:, None] + depth  # [B, W]
-        src = torch.where(valid, start[:, None] + accept_nodes.clamp(min=0), dst)
-        bidx = torch.arange(B, device=start.device)[:, None]
-        for buf in (self.k, self.v):
-            moved = buf[:, bidx, :, src]  # [B, W, L, H, D] (advanced indices first)
-            buf[:, bidx, :, dst] = moved
+        if node_offsets is None:  # local ids: request b's nodes as flat ids b * W + j
+            B, W = accept_nodes.shape
+            node_offsets = torch.arange(B + 1, device=start.device) * W
+            accept_nodes = accept_nodes + node_offsets[:-1, None]
+        ops.kv_commit(self.k, self.v, start, accept_nodes, accept_count, node_offsets)

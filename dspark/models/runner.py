@@ -159,14 +159,16 @@ class ModelRunner:
                          draft_tokens, parents, node_offsets, start)
 
     def commit(self, root: torch.Tensor, accepted_nodes: torch.Tensor,
-               accept_count: torch.Tensor) -> None:
+               accept_count: torch.Tensor, node_offsets: Optional[torch.Tensor] = None) -> None:
         """After ``dspark.ops.verify`` of a tree: move the accepted path's K/V to the slots right
-        after the committed prefix. root: [B] root slots; accepted_nodes: [B, W] *local* node ids
-        (root first, entries past accept_count ignored); accept_count: [B]. Chains need no call:
-        their accepted nodes already sit in slots root + depth (rollback = shorter lengths)."""
+        after the committed prefix (one ``dspark::kv_commit``). root: [B] root slots;
+        accepted_nodes: [B, W] verify's flat node ids with its node_offsets [B + 1], or *local*
+        ids when node_offsets is None (root first, entries past accept_count ignored);
+        accept_count: [B]. Chains need no call: their accepted nodes already sit in slots
+        root + depth (rollback = shorter lengths)."""
         if self.cache is None:
             raise ValueError("commit() before allocate(): there is no KV cache")
-        self.cache.commit(root, accepted_nodes, accept_count)
+        self.cache.commit(root, accepted_nodes, accept_count, node_offsets)
 
     # ---- traced bodies -----------------------------------------------------------------------
     def _extend(self, tokens, start, last, taps):
