@@ -220,13 +220,15 @@ def _mac(acc, a, w, wdt):
 
 def markov_logits(base_logits, prev, w1, w2):
     """z = U + round_W(sum_j W1[prev, j] * W2[j]) fp32, j in order: base_logits [..., V] and the
-    previous tokens prev [...] -> [..., V] (markov_draft's corrected draft logits)."""
-    wdt, W2 = w1.dtype, w2.detach().cpu().float()
-    e = w1.detach().cpu()[prev.cpu()].float()
-    acc = torch.zeros(*prev.shape, W2.shape[1])
+    previous tokens prev [...] -> [..., V] (markov_draft's corrected draft logits), computed on
+    base_logits' device with elementwise ops only (no host sync: capturable)."""
+    wdt, dev = w1.dtype, base_logits.device
+    W2 = w2.detach().to(dev).float()
+    e = w1.detach().to(dev)[prev.to(dev)].float()
+    acc = torch.zeros(*prev.shape, W2.shape[1], device=dev)
     for j in range(W2.shape[0]):
         acc = _mac(acc, e[..., j:j + 1], W2[j], wdt)
-    return base_logits.detach().cpu().float() + acc.to(wdt).float()
+    return base_logits.detach().float() + acc.to(wdt).float()
 
 
 def markov_conf(hidden, e, conf_weight, conf_bias):
@@ -253,7 +255,7 @@ def markov_draft(base_logits, anchors, w1, w2, hidden, conf_weight, conf_bias, t
     probs = torch.zeros(R if return_probs else 0, G, V, dtype=torch.float64)
     prev, seeds, positions = anchors.cpu().clone(), seeds.cpu(), positions.cpu()
     for k in range(G):
-        z = markov_logits(base_logits[:, k], prev, w1, w2)
+        z = markov_logits(base_logits[:, k].cpu(), prev, w1, w2)
         if conf_weight is not None:
             e = w1.detach().cpu()[prev].float()
             conf[:, k] = markov_conf(hidden[:, k], e, conf_weight, conf_bias)
