@@ -325,14 +325,14 @@ def test_drafter_op_equals_python_loop(device, target, params, monkeypatch):
                         lambda *a, **kw: calls.append(1) or op(*a, **kw))
     spec = DrafterSpec.for_target(target.config, "dspark", gamma=4, mask_token_id=47,
                                   num_draft_layers=1, markov_rank=8, head_type="markov")
+    target_dev = target.to(device)  # (the module fixture moves: the drafter shares its weights)
     torch.manual_seed(3)
-    model = build_draft_model(spec, target)
+    model = build_draft_model(spec, target_dev)
     with torch.no_grad():  # an opinionated drafter: the bias and the confidences matter
         for name, w in model.named_parameters():
             if "norm" not in name:
                 w.mul_(3.0)
-    model = model.eval().requires_grad_(False).to(device)
-    target_dev = target.to(device)
+    model = model.eval().requires_grad_(False)
     runs = []
     for fused in (True, False):
         drafter = make_drafter(model)

@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kMarkovThreads)
   }
   __syncthreads();
   // The bias GEMM: j in order (the one summation order), loads of kUnroll rows of W2 in flight.
-  constexpr int kUnroll = RB <= 4 ? 16 : 8;  // few rows: more bytes in flight per thread
+  constexpr int kUnroll = RB <= 8 ? 16 : 8;  // few rows: more W2 bytes in flight per thread
   const int64_t v0 = c * kChunk + threadIdx.x * kMarkovCols;
   float acc[RB][kMarkovCols];
 #pragma unroll
