@@ -15,6 +15,20 @@ void check_common_device(const at::Tensor& ref, const at::Tensor& t, const char*
   DSPARK_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+void check_logits(const at::Tensor& logits, const char* name) {
+  DSPARK_CHECK_DIM(logits, 2, name);
+  const auto dt = logits.scalar_type();
+  DSPARK_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
+                    " must be float32, bfloat16 or float16, got ", dt);
+  DSPARK_CHECK(logits.is_contiguous(), name, " must be contiguous");
+  DSPARK_CHECK_VALUE(logits.size(1) >= 1 && logits.size(1) <= kMaxVocab, name,
+                     " vocabulary size must be in [1, ", kMaxVocab, "], got ", logits.size(1));
+}
+
+}  // namespace
+
+// Shared by every op that samples (verify, sample, markov_draft): per-request parameters [R]
+// and the randomness (keyed seeds + positions, or the caller's uniforms).
 void check_request_params(const at::Tensor& ref, int64_t R, const at::Tensor& temperature,
                           const at::Tensor& top_k, const at::Tensor& top_p,
                           const std::optional<at::Tensor>& seeds,
@@ -44,18 +58,6 @@ void check_request_params(const at::Tensor& ref, int64_t R, const at::Tensor& te
     }
   }
 }
-
-void check_logits(const at::Tensor& logits, const char* name) {
-  DSPARK_CHECK_DIM(logits, 2, name);
-  const auto dt = logits.scalar_type();
-  DSPARK_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
-                    " must be float32, bfloat16 or float16, got ", dt);
-  DSPARK_CHECK(logits.is_contiguous(), name, " must be contiguous");
-  DSPARK_CHECK_VALUE(logits.size(1) >= 1 && logits.size(1) <= kMaxVocab, name,
-                     " vocabulary size must be in [1, ", kMaxVocab, "], got ", logits.size(1));
-}
-
-}  // namespace
 
 VerifyDims check_verify_args(const at::Tensor& target_logits, const at::Tensor& node_offsets,
                              const at::Tensor& draft_tokens, const at::Tensor& parents,

@@ -69,6 +69,13 @@ SampleDims check_sample_args(const at::Tensor& logits, const at::Tensor& tempera
                              const std::optional<at::Tensor>& positions,
                              const std::optional<at::Tensor>& uniforms);
 
+// Per-request sampling parameters temperature / top_k / top_p [R] and the randomness: seeds and
+// positions [R] together, or (has_uniforms) neither. `ref`: the tensor whose device they share.
+void check_request_params(const at::Tensor& ref, int64_t R, const at::Tensor& temperature,
+                          const at::Tensor& top_k, const at::Tensor& top_p,
+                          const std::optional<at::Tensor>& seeds,
+                          const std::optional<at::Tensor>& positions, bool has_uniforms);
+
 // dspark::fused_linear. prologue: 0 plain, 1 RMSNorm (norm_weight), 2 SiLU gate (x is [M, 2K]).
 constexpr int64_t kLinearMaxRows = int64_t(1) << 24;  // rows per call (CUDA grid, int sizes)
 struct LinearDims {

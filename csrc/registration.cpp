@@ -109,3 +109,22 @@ TORCH_LIBRARY_FRAGMENT(dspark, m) {
       "kv_commit(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor start, Tensor accept_nodes, "
       "Tensor accept_count, Tensor node_offsets, Tensor? block_table=None) -> (Tensor, Tensor)");
 }
+
+// DSpark's sequential draft stage (docs/method.md "Drafter"; dspark/reference.py: markov_draft):
+// for k = 1..gamma, z_k = U_k + W1[x_{k-1}] W2 (bias rounded to the weights' dtype), x_k drawn
+// from z_k exactly as sample draws (keyed by seed, positions + k - 1), conf_k = w.[h_k;
+// W1[x_{k-1}]] + b. Static shapes, no host sync inside (capturable).
+//   base_logits [R, gamma, V] f32 or the weights' dtype; anchors [R] i64 (x_0)
+//   w1 [V, rank], w2 [rank, V] f32|bf16|f16 (one dtype); hidden [R, gamma, d], conf_weight
+//   [d + rank], conf_bias [1] (the weights' dtype; all three or none); temperature, top_p [R] f32,
+//   top_k [R] i64; seeds, positions [R] i64 (positions: the anchor's)
+// -> tokens [R, gamma] i64, conf_logits [R, gamma] f32 ([0, gamma] without the head),
+//    probs [R, gamma, V] f64: the distribution each token was drawn from ([0, gamma, V] if not
+//    asked)
+TORCH_LIBRARY_FRAGMENT(dspark, m) {
+  m.set_python_module("dspark._fake");
+  m.def(
+      "markov_draft(Tensor base_logits, Tensor anchors, Tensor w1, Tensor w2, Tensor? hidden, "
+      "Tensor? conf_weight, Tensor? conf_bias, Tensor temperature, Tensor top_k, Tensor top_p, "
+      "Tensor seeds, Tensor positions, bool return_probs) -> (Tensor, Tensor, Tensor)");
+}

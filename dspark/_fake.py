@@ -102,3 +102,18 @@ def _kv_commit_fake(k_cache, v_cache, start, accept_nodes, accept_count, node_of
         return lengths, start.new_empty((B, 0))
     page_size = k_cache.shape[2]
     return lengths, block_table.new_empty((B, (W - 1 + page_size - 1) // page_size))
+
+
+@torch.library.register_fake("dspark::markov_draft")
+def _markov_draft_fake(base_logits, anchors, w1, w2, hidden, conf_weight, conf_bias, temperature,
+                       top_k, top_p, seeds, positions, return_probs):
+    torch._check(base_logits.dim() == 3, lambda: "base_logits must be [R, gamma, V]")
+    torch._check(w1.dim() == 2 and w2.dim() == 2, lambda: "w1 and w2 must be 2-D")
+    _same_device(base_logits, anchors=anchors, w1=w1, w2=w2, hidden=hidden,
+                 conf_weight=conf_weight, conf_bias=conf_bias, temperature=temperature,
+                 top_k=top_k, top_p=top_p, seeds=seeds, positions=positions)
+    r, g, v = base_logits.shape
+    tokens = base_logits.new_empty((r, g), dtype=torch.long)
+    conf = base_logits.new_empty((r if conf_weight is not None else 0, g), dtype=torch.float32)
+    probs = base_logits.new_empty((r if return_probs else 0, g, v), dtype=torch.float64)
+    return tokens, conf, probs

@@ -135,6 +135,54 @@ def sample(logits: torch.Tensor, params: SamplingTensors, seeds: Optional[torch.
     return tokens, (probs if return_probs else None)
 
 
+class MarkovDraft(NamedTuple):
+    tokens: torch.Tensor  # [R, gamma] i64: x_1..x_gamma (-1 only for invalid requests on CUDA)
+    conf_logits: Optional[torch.Tensor]  # [R, gamma] f32 raw confidence logits z_k, or None
+    probs: Optional[torch.Tensor]  # [R, gamma, V] f64: the distribution each x_k came from
+
+
+def markov_draft(base_logits: torch.Tensor, anchors: torch.Tensor, w1: torch.Tensor,
+                 w2: torch.Tensor, params: SamplingTensors, seeds: torch.Tensor,
+                 positions: torch.Tensor, hidden: Optional[torch.Tensor] = None,
+                 conf_weight: Optional[torch.Tensor] = None,
+                 conf_bias: Optional[torch.Tensor] = None,
+                 return_probs: bool = False) -> MarkovDraft:
+    """DSpark's sequential draft stage in one op (spec: dspark.reference.markov_draft): for
+    k = 1..gamma, ``z_k = U_k + round_W(W1[x_{k-1}] @ W2)`` and ``x_k`` drawn from z_k exactly as
+    :func:`sample` draws (keyed by ``seeds`` and ``positions + k - 1``), ``x_0 = anchors``.
+
+    base_logits : [R, gamma, V] U, float32 or the weights' dtype (the LM head's output as is).
+    w1 : [V, rank], w2 : [rank, V] the Markov factors (``MarkovHead.w1.weight`` and
+        ``MarkovHead.w2.weight.t().contiguous()``), one dtype float32/bfloat16/float16; the bias is
+        summed in fp32 (rank in order) and rounded to that dtype, as nn.Linear stores it.
+    params : per-request temperature / top-k / top-p, as the target's; seeds, positions : [R]
+        int64 (positions: the anchor's position; step k draws with position + k - 1).
+    hidden, conf_weight, conf_bias : the confidence head (all or none): H_d [R, gamma, d],
+        weight [d + rank], bias [1] in the weights' dtype; ``conf_logits[:, k-1]`` is
+        ``round_W(w . [H_d[k]; W1[x_{k-1}]] + b)`` (calibrate, then sigmoid, as the drafter does).
+    return_probs : also return q [R, gamma, V] float64, the rows verify takes as draft_probs
+        (8 bytes per entry written; the tokens alone read U once and W2 once per step).
+
+    CPU and CUDA compute the same logits bit for bit and return the same tokens.
+
+    Examples
+    --------
+    >>> import torch, dspark
+    >>> U = torch.tensor([[[0., 0., 9.], [9., 0., 0.]]])  # one request, gamma = 2, V = 3
+    >>> w1, w2 = torch.zeros(3, 1), torch.zeros(1, 3)
+    >>> out = dspark.ops.markov_draft(U, torch.tensor([1]), w1, w2,
+    ...                               dspark.ops.sampling_tensors(1, 0.0), torch.tensor([7]),
+    ...                               torch.tensor([0]))
+    >>> out.tokens.tolist()
+    [[2, 0]]
+    """
+    tokens, conf, probs = torch.ops.dspark.markov_draft(
+        base_logits, anchors, w1, w2, hidden, conf_weight, conf_bias, params.temperature,
+        params.top_k, params.top_p, seeds, positions, return_probs)
+    return MarkovDraft(tokens, conf if conf_weight is not None else None,
+                       probs if return_probs else None)
+
+
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  residual: Optional[torch.Tensor] = None,
                  norm_weight: Optional[torch.Tensor] = None,

@@ -221,6 +221,65 @@ def target_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p
     return row.e / row.total
 
 
+# ---- markov_draft (DSpark's sequential stage; include/dspark/markov_draft.h) ------------------
+def _mac(acc, a, w, wdt):
+    """acc + a * w rounded once to fp32 (16-bit weights: the product is exact, an FMA; the double
+    sum rounds like it) or product then sum, each rounded (fp32 weights)."""
+    if wdt in (torch.bfloat16, torch.float16):
+        return (acc.double() + a.double() * w.double()).float()
+    return acc + a * w
+
+
+def markov_logits(base_logits, prev, w1, w2):
+    """z = U + round_W(sum_j W1[prev, j] * W2[j]) fp32, j in order: base_logits [..., V] and the
+    previous tokens prev [...] -> [..., V] (markov_draft's corrected draft logits), computed on
+    base_logits' device with elementwise ops only (no host sync: capturable)."""
+    wdt, dev = w1.dtype, base_logits.device
+    W2 = w2.detach().to(dev).float()
+    e = w1.detach().to(dev)[prev.to(dev)].float()
+    acc = torch.zeros(*prev.shape, W2.shape[1], device=dev)
+    for j in range(W2.shape[0]):
+        acc = _mac(acc, e[..., j:j + 1], W2[j], wdt)
+    return base_logits.detach().float() + acc.to(wdt).float()
+
+
+def markov_conf(hidden, e, conf_weight, conf_bias):
+    """round_W(w . [h; e] + b): entry i summed into partial i % 32, then the partials combined
+    as a warp's shuffle-down tree (16, 8, 4, 2, 1). hidden [..., d], e [..., rank] fp32."""
+    wdt, w = conf_weight.dtype, conf_weight.detach().cpu().float()
+    x = torch.cat([hidden.detach().cpu().float(), e], -1)
+    part = torch.zeros(*x.shape[:-1], 32)
+    for i in range(0, x.shape[-1], 32):
+        n = min(32, x.shape[-1] - i)
+        part[..., :n] = _mac(part[..., :n], w[i:i + n], x[..., i:i + n], wdt)
+    for s in (16, 8, 4, 2, 1):
+        part[..., :s] = part[..., :s] + part[..., s:2 * s]
+    return (part[..., 0] + conf_bias.detach().cpu().float().reshape(())).to(wdt).float()
+
+
+def markov_draft(base_logits, anchors, w1, w2, hidden, conf_weight, conf_bias, temperature,
+                 top_k, top_p, seeds, positions, return_probs: bool = False):
+    """Reference of ``torch.ops.dspark.markov_draft``: the Python loop it fuses, each x_k drawn
+    by :func:`sample` from the corrected logits with (seed, positions + k - 1)."""
+    R, G, V = base_logits.shape
+    tokens = torch.empty(R, G, dtype=torch.int64)
+    conf = torch.zeros(R if conf_weight is not None else 0, G)
+    probs = torch.zeros(R if return_probs else 0, G, V, dtype=torch.float64)
+    prev, seeds, positions = anchors.cpu().clone(), seeds.cpu(), positions.cpu()
+    for k in range(G):
+        z = markov_logits(base_logits[:, k].cpu(), prev, w1, w2)
+        if conf_weight is not None:
+            e = w1.detach().cpu()[prev].float()
+            conf[:, k] = markov_conf(hidden[:, k], e, conf_weight, conf_bias)
+        tokens[:, k], q = sample(z, temperature, top_k, top_p, seeds, positions + k, None,
+                                 return_probs)
+        if return_probs:
+            probs[:, k] = q
+        prev = tokens[:, k].clone()
+    dev = base_logits.device
+    return tokens.to(dev), conf.to(dev), probs.to(dev)
+
+
 # ---- fused_linear ---------------------------------------------------------------------------
 def fused_linear_input(x, weight, norm_weight=None, eps=1e-6, silu_gate=False):
     """xhat of fused_linear: x, RMSNorm(x) * norm_weight, or silu(gate) * up (stored in x's

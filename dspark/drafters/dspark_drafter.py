@@ -18,7 +18,9 @@ Sequential stage (DSpark): ``Z_k = U_k + B(x_{k-1})``; x_k is drawn by ``dspark.
 the request's temperature / top-k / top-p (the same as the target's) keyed by the request's draft
 seed and position p + k - 1, and the exact distribution it was drawn from is what verification
 uses. DFlash samples every slot independently from ``U_k``. Confidence ``z_k = w.[H_d[k];
-W1[x_{k-1}]] + b`` uses the previous token only.
+W1[x_{k-1}]] + b`` uses the previous token only. With the Markov head the whole stage (bias,
+draws, confidences) is one op, ``dspark.ops.markov_draft`` (``markov_op``, on by default); the
+Python loop stays for the RNN head and as the reference (``markov_op = False``).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import ops, reference
 from ..models.config import ModelConfig
 from ..models.layers import MLP, RMSNorm, rope
 from ..state import Proposal, SpecState, cache_len, chain_proposal
@@ -97,8 +99,12 @@ class FrozenTargetParts:
 
     def base_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Frozen LM head, fp32 logits."""
+        return self.head_logits(h).float()
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Frozen LM head, logits in its dtype (fp32 conversion of them is exact)."""
         self._need_target()
-        return F.linear(h.to(self.head_weight.dtype), self.head_weight).float()
+        return F.linear(h.to(self.head_weight.dtype), self.head_weight)
 
 
 class ParallelDraftModel(FrozenTargetParts, nn.Module):
@@ -220,6 +226,10 @@ class ParallelDrafter(TrainedDrafter):
         self.recorder: Optional[list] = None  # set to [] to record (conf logits, L, accepted)
         self.last_conf_logits: Optional[torch.Tensor] = None  # [B, gamma] raw z_k
         self.k = self.v = None
+        # markov_op: the Markov head's sequential stage as one dspark.ops.markov_draft call (not
+        # gamma x (bias GEMV + sample) launches); False keeps the Python loop
+        self.markov_op = True
+        self._w2t = None  # (weight key, W2 [rank, V] contiguous): the layout the op streams
 
     # ---- cache -------------------------------------------------------------------------------
     def setup(self, batch: int, capacity: int) -> None:
@@ -233,6 +243,8 @@ class ParallelDrafter(TrainedDrafter):
             self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
             self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
             self._buffers_changed()
+        if self._markov_fused():
+            self._markov_w2()  # made here, outside the stage graphs
 
     def _write_context(self, feats: torch.Tensor, start: torch.Tensor) -> None:
         """feats [B, T, m*d] of positions start[b] + t -> cache slots (same numbers)."""
@@ -277,9 +289,48 @@ class ParallelDrafter(TrainedDrafter):
         kv = [(self.k[i], self.v[i]) for i in range(len(m.layers))]
         return m.backbone(tokens, positions, kv, mask)[:, off:off + g]
 
+    def _markov_fused(self) -> bool:
+        return self.markov_op and type(self.model.head) is MarkovHead
+
+    def _markov_w2(self) -> torch.Tensor:
+        """W2 [rank, V] contiguous (the head's nn.Linear weight is [V, rank]): a transposed copy,
+        made once and remade (new graph key) when the weight changes."""
+        w = self.model.head.w2.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if self._w2t is None or self._w2t[0] != key:
+            self._w2t = (key, w.detach().t().contiguous())
+            self._buffers_changed()
+        return self._w2t[1]
+
+    def _propose_fused(self, state: SpecState, H: torch.Tensor) -> Proposal:
+        """The sequential stage in one dspark.ops.markov_draft call (Markov head)."""
+        m = self.model
+        w1, w2 = m.head.w1.weight, self._markov_w2()
+        U = m.head_logits(H)  # read as is by the op: bf16 logits are half the bytes of fp32
+        if U.dtype not in (torch.float32, w1.dtype):
+            U = U.float()
+        conf = {}
+        if m.confidence is not None:
+            proj = m.confidence.proj
+            conf = dict(hidden=H.to(w1.dtype).contiguous(),
+                        conf_weight=proj.weight.reshape(-1).to(w1.dtype),
+                        conf_bias=proj.bias.to(w1.dtype))
+        anchor = state.anchor()
+        out = ops.markov_draft(U.contiguous(), anchor, w1, w2, state.params, state.draft_seeds(),
+                               state.anchor_pos(), return_probs=True, **conf)
+        self.last_logits = None
+        if self.keep_logits:  # the op's corrected logits, recomputed with its arithmetic
+            prev = torch.cat([anchor[:, None], out.tokens[:, :-1]], 1)
+            self.last_logits = reference.markov_logits(U, prev, w1, w2)
+        self.last_conf_logits = out.conf_logits
+        self._active = state.active.clone()
+        return chain_proposal(anchor, out.tokens, out.probs)
+
     def propose(self, state: SpecState) -> Proposal:
         m = self.model
         H = self.draft_hidden(state)
+        if self._markov_fused():
+            return self._propose_fused(state, H)
         U = m.base_logits(H)  # [B, g, V] fp32
         p = state.anchor_pos()
         seeds = state.draft_seeds()

@@ -1,0 +1,103 @@
+// dspark/markov_draft.cuh: CUDA dspark::markov_draft, two kernels per draft step k:
+//   MarkovLogitsKernel grid C * ceil(R / RB), 128 threads: one block per (512-entry chunk, RB
+//                      rows): stages the RB rows' W1[x_{k-1}] in shared memory, streams the
+//                      chunk's W2 columns ONCE for all RB rows (each thread: 4 columns x RB rows
+//                      of fp32 accumulators, j in order), adds U, writes z_k to the workspace and
+//                      the chunk's statistics (greedy: max + first argmax; sampled: local base +
+//                      sum of e) in row_stats.cuh's layout, so finalize_row reads them unchanged
+//   MarkovDrawKernel   grid R, 256 threads: top-k/top-p rows run filtered_row over z_k (block),
+//                      warp 0 finalizes the row (finalize_row), warp 1 computes the confidence
+//                      logit; then the block draws x_k by inverse CDF in index order, exactly as
+//                      sample's DrawKernel does for a request without drafts (keyed coin)
+//   MarkovProbsKernel  grid (R, C) (return_probs only): q_k(v) = e(v) / S into probs[:, k]
+// Step k + 1 reads x_k from the tokens output: stream order is the only dependency, so the 2-3
+// launches per step capture into a CUDA graph as they are.
+// Why RB <= 16 rows per block: 64 fp32 accumulators per thread; R = 64 runs 4 row blocks per
+// chunk back to back (adjacent block ids), which share the chunk's W2 bytes through L2.
+#pragma once
+#include <type_traits>
+
+#include "dspark/markov_draw.cuh"
+
+namespace dspark {
+namespace cuda {
+
+// The workspace: z_k [R, V] fp32, then the row statistics (RowInfo [R], chunk partials [R, C]),
+// each piece 16-byte aligned. base == nullptr: only the size.
+inline size_t markov_workspace(int64_t R, int64_t V, void* base, float** logits,
+                               VerifyWorkspace* ws) {
+  const int64_t C = ceil_div(V, kChunk);
+  size_t bytes = 0;
+  auto place = [&](auto** piece, int64_t count) {
+    using T = std::remove_pointer_t<std::remove_reference_t<decltype(*piece)>>;
+    if (base) *piece = reinterpret_cast<T*>(static_cast<char*>(base) + bytes);
+    bytes += static_cast<size_t>(ceil_div(count * static_cast<int64_t>(sizeof(T)), 16) * 16);
+  };
+  float* l = nullptr;
+  VerifyWorkspace w{};
+  place(&l, R * V);
+  place(&w.info, R);
+  place(&w.chunk_base, R * C);
+  place(&w.chunk_wmax, R * C);
+  place(&w.chunk_sum, R * C);
+  place(&w.chunk_widx, R * C);
+  if (logits) *logits = l;
+  if (ws) *ws = w;
+  return bytes;
+}
+
+// Rows per logits block: the batch rounded up to a power of two, at most kMarkovMaxRows, with
+// the staged W1 rows within kMarkovSmemFloats.
+inline int markov_block_rows(int64_t R, int64_t rank) {
+  int rows = 1;
+  while (rows < kMarkovMaxRows && rows < R && 2 * rows * rank <= kMarkovSmemFloats) rows *= 2;
+  return rows;
+}
+
+template <typename U, typename W, int RB>
+void launch_markov_logits(const MarkovParams<U, W>& p, int64_t k, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>(p.C * ceil_div(p.R, RB));
+  const size_t smem = static_cast<size_t>(RB * p.rank) * sizeof(float);
+  MarkovLogitsKernel<U, W, RB><<<grid, kMarkovThreads, smem, stream>>>(p, k);
+}
+
+// Host checks: R >= 1, G >= 1, 1 <= V <= kMaxVocab, 1 <= rank <= kMarkovMaxRank, dtypes.
+template <typename U, typename W>
+cudaError_t launch_markov_draft(const MarkovArgs& a, cudaStream_t stream) {
+  MarkovParams<U, W> p{};
+  p.base = static_cast<const U*>(a.base_logits);
+  p.w1 = static_cast<const W*>(a.w1);
+  p.w2 = static_cast<const W*>(a.w2);
+  p.hidden = static_cast<const W*>(a.hidden);
+  p.conf_w = static_cast<const W*>(a.conf_weight);
+  p.conf_b = static_cast<const W*>(a.conf_bias);
+  p.anchors = a.anchors, p.temperature = a.temperature, p.top_k = a.top_k, p.top_p = a.top_p;
+  p.seeds = a.seeds, p.positions = a.positions;
+  p.tokens = a.tokens, p.conf = a.conf_logits, p.probs = a.probs, p.status = a.status;
+  p.R = a.R, p.G = a.G, p.V = a.V, p.rank = a.rank, p.d = a.d;
+  p.C = ceil_div(a.V, kChunk);
+  markov_workspace(a.R, a.V, a.workspace, &p.logits, &p.ws);
+  auto aligned = [](const void* x) { return reinterpret_cast<uintptr_t>(x) % 16 == 0; };
+  p.vec = a.V % 4 == 0 && aligned(p.base) && aligned(p.w2) && aligned(p.logits);
+  cudaError_t err = cudaMemsetAsync(p.status, 0, sizeof(int32_t), stream);
+  if (err != cudaSuccess) return err;
+  const int rows = markov_block_rows(p.R, p.rank);
+  for (int64_t k = 0; k < p.G; ++k) {
+    switch (rows) {
+      case 1: launch_markov_logits<U, W, 1>(p, k, stream); break;
+      case 2: launch_markov_logits<U, W, 2>(p, k, stream); break;
+      case 4: launch_markov_logits<U, W, 4>(p, k, stream); break;
+      case 8: launch_markov_logits<U, W, 8>(p, k, stream); break;
+      default: launch_markov_logits<U, W, 16>(p, k, stream); break;
+    }
+    MarkovDrawKernel<U, W><<<static_cast<unsigned>(p.R), kMarkovDrawThreads, 0, stream>>>(p, k);
+    if (p.probs)
+      MarkovProbsKernel<U, W>
+          <<<dim3(static_cast<unsigned>(p.R), static_cast<unsigned>(p.C)), 256, 0, stream>>>(p, k);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace cuda
+}  // namespace dspark

@@ -1,0 +1,148 @@
+// dspark/markov_draw.cuh: the per-request kernels of dspark::markov_draft (overview:
+// dspark/markov_draft.cuh): finalize the step's row statistics, draw x_k as sample does, the
+// confidence logit, and the optional q rows.
+#pragma once
+
+#include "dspark/block_reduce.cuh"
+#include "dspark/markov_logits.cuh"
+
+namespace dspark {
+namespace cuda {
+
+// The row helpers of verify/sample (filtered_row, finalize_row) read their parameters from a
+// VerifyParams: a view of the step's logits workspace as R root-only requests.
+template <typename U, typename W>
+__device__ __forceinline__ VerifyParams<float, float> row_view(const MarkovParams<U, W>& p) {
+  VerifyParams<float, float> v{};
+  v.logits = p.logits;
+  v.N = p.R, v.V = p.V, v.R = p.R, v.W = 1, v.C = p.C;
+  v.temperature = p.temperature, v.top_k = p.top_k, v.top_p = p.top_p;
+  v.status = p.status;
+  return v;
+}
+
+// One warp: the confidence logit of row r at step k (markov_draft.h: lanes, then the tree).
+template <typename U, typename W>
+__device__ void markov_confidence(const MarkovParams<U, W>& p, int64_t r, int64_t k, int64_t prev) {
+  const int lane = threadIdx.x & 31;
+  const W* h = p.hidden + (r * p.G + k) * p.d;
+  const W* e = p.w1 + prev * p.rank;
+  float part = 0.0f;
+  for (int64_t i = lane; i < p.d + p.rank; i += kConfLanes)
+    part = markov_mac<W>(part, to_f(p.conf_w[i]), to_f(i < p.d ? h[i] : e[i - p.d]));
+  for (int s = kConfLanes / 2; s > 0; s >>= 1)
+    part = add_rn(part, __shfl_down_sync(0xffffffffu, part, s));
+  if (lane == 0) p.conf[r * p.G + k] = round_t<W>(add_rn(part, to_f(p.conf_b[0])));
+}
+
+// Inverse-CDF draw of a sampled row from its finalized chunk masses and z_k, as sample's
+// DrawKernel draws for a request with no drafts: target = u * (block sum of the chunk masses),
+// the first chunk whose running total passes it, then the first entry in that chunk. -1 if the
+// row has no mass (finalize_row flagged it). Called by the whole block.
+template <typename U, typename W>
+__device__ int64_t markov_draw(const MarkovParams<U, W>& p, int64_t r, int64_t k,
+                               const RowInfo& info) {
+  constexpr int kPer = kChunk / kMarkovDrawThreads;
+  __shared__ double sm_sums[kMaxVocab / kChunk + 1];
+  __shared__ double s_before;
+  __shared__ int32_t s_cand, s_last_chunk, s_hit, s_last;
+  const double* sums = p.ws.chunk_sum + r * p.C;
+  const int64_t per = ceil_div(p.C, blockDim.x), b0 = threadIdx.x * per, b1 = min(p.C, b0 + per);
+  double mine = 0.0;
+  for (int64_t b = b0; b < b1; ++b) {
+    sm_sums[b] = sums[b];
+    mine += sm_sums[b];
+  }
+  const double z = block_reduce(mine, SumOp(), 0.0);
+  if (!(z > 0.0)) return -1;  // z is the same in every thread: the block leaves together
+  const double target = keyed_uniform(p.seeds[r], p.positions[r] + k, 0, kSampleCoin) * z;
+  double before = block_exclusive_scan(mine);
+  if (threadIdx.x == 0) s_cand = INT32_MAX, s_last_chunk = -1, s_hit = INT32_MAX, s_last = -1;
+  __syncthreads();
+  int32_t cand = INT32_MAX, last = -1;
+  for (int64_t b = b0; b < b1; ++b) {
+    if (sm_sums[b] > 0.0) {
+      last = static_cast<int32_t>(b);
+      if (cand == INT32_MAX && before + sm_sums[b] > target) cand = static_cast<int32_t>(b);
+    }
+    if (cand == INT32_MAX) before += sm_sums[b];
+  }
+  if (cand != INT32_MAX) atomicMin(&s_cand, cand);
+  if (last >= 0) atomicMax(&s_last_chunk, last);
+  __syncthreads();
+  if (cand != INT32_MAX && cand == s_cand) s_before = before;  // the owner of the chosen chunk
+  if (threadIdx.x == 0 && s_cand == INT32_MAX) s_before = 0.0;
+  __syncthreads();
+  // No chunk reached the target (rounding): the last entry with mass, as the CPU does.
+  const int64_t chunk = s_cand != INT32_MAX ? s_cand : s_last_chunk;
+  const double goal = s_cand != INT32_MAX ? target : INFINITY;
+  const float* w = p.logits + r * p.V;
+  const int64_t first = chunk * kChunk + threadIdx.x * kPer;
+  double mass[kPer];
+  mine = 0.0;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    mass[i] = first + i < p.V ? row_e(info, first + i, w[first + i]) : 0.0;
+    mine += mass[i];
+  }
+  double cum = s_before + block_exclusive_scan(mine);
+  int32_t hit = INT32_MAX;
+  last = -1;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    if (mass[i] > 0.0) {
+      last = static_cast<int32_t>(first + i);
+      cum += mass[i];
+      if (cum > goal && hit == INT32_MAX) hit = last;
+    }
+  }
+  if (hit != INT32_MAX) atomicMin(&s_hit, hit);
+  if (last >= 0) atomicMax(&s_last, last);
+  __syncthreads();
+  return s_hit != INT32_MAX ? s_hit : s_last;
+}
+
+template <typename U, typename W>
+__global__ void __launch_bounds__(kMarkovDrawThreads)
+    MarkovDrawKernel(MarkovParams<U, W> p, int64_t k) {
+  const int64_t r = blockIdx.x;
+  const int64_t prev = markov_row_prev(p, r, k);
+  if (prev < 0) {  // block-uniform
+    if (threadIdx.x == 0) {
+      p.tokens[r * p.G + k] = -1;
+      if (p.conf) p.conf[r * p.G + k] = 0.0f;
+      int32_t bad = param_status(p.temperature[r], p.top_k[r], p.top_p[r]);
+      if (k == 0 && !(p.anchors[r] >= 0 && p.anchors[r] < p.V)) bad |= kBadToken;
+      if (bad) atomicOr(p.status, bad);  // a row that failed at an earlier step was flagged then
+    }
+    return;
+  }
+  const VerifyParams<float, float> view = row_view(p);
+  const int32_t owner = static_cast<int32_t>(r);
+  if (is_filtered(p.temperature[r], p.top_k[r], p.top_p[r])) {
+    filtered_row(view, p.ws, r, owner);
+    __syncthreads();
+  }
+  const int warp = threadIdx.x >> 5;
+  if (warp == 0) finalize_row(view, p.ws, r, owner);
+  else if (warp == 1 && p.conf) markov_confidence(p, r, k, prev);
+  __syncthreads();
+  const RowInfo info = p.ws.info[r];
+  const int64_t x = info.greedy ? info.argmax : markov_draw(p, r, k, info);
+  if (threadIdx.x == 0) p.tokens[r * p.G + k] = x;
+}
+
+// return_probs: q_k(v) = e(v) / S, the distribution x_k was drawn from (0 for failed rows).
+template <typename U, typename W>
+__global__ void MarkovProbsKernel(MarkovParams<U, W> p, int64_t k) {
+  const int64_t r = blockIdx.x, b = blockIdx.y;
+  double* out = p.probs + (r * p.G + k) * p.V;
+  const bool ok = p.tokens[r * p.G + k] >= 0;
+  const RowInfo info = p.ws.info[r];
+  const float* w = p.logits + r * p.V;
+  for (int64_t v = b * kChunk + threadIdx.x; v < min(p.V, (b + 1) * kChunk); v += blockDim.x)
+    out[v] = ok ? row_e(info, v, w[v]) / info.total : 0.0;
+}
+
+}  // namespace cuda
+}  // namespace dspark
