@@ -96,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> markov_draft_cpu(
   int32_t st = 0;
   for (int64_t r = 0; r < d.R; ++r) {
     if (x0[r] < 0 || x0[r] >= d.V) st |= kBadToken;
-    st |= param_status(temp[r], top_k.data_ptr<int64_t>()[r], top_p.data_ptr<float>()[r]);
+    st |= param_status(temp[r], top_k.data_ptr<int64_t>()[r], top_p.data_ptr<float>()[r], true);
   }
   raise_on_markov_status(st);
   static const auto sample =

@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(kMarkovDrawThreads)
     if (threadIdx.x == 0) {
       p.tokens[r * p.G + k] = -1;
       if (p.conf) p.conf[r * p.G + k] = 0.0f;
-      int32_t bad = param_status(p.temperature[r], p.top_k[r], p.top_p[r]);
+      int32_t bad = param_status(p.temperature[r], p.top_k[r], p.top_p[r], true);
       if (k == 0 && !(p.anchors[r] >= 0 && p.anchors[r] < p.V)) bad |= kBadToken;
       if (bad) atomicOr(p.status, bad);  // a row that failed at an earlier step was flagged then
     }

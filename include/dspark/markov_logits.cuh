@@ -43,7 +43,8 @@ template <typename U, typename W>
 __device__ __forceinline__ int64_t markov_row_prev(const MarkovParams<U, W>& p, int64_t r,
                                                    int64_t k) {
   const int64_t prev = markov_prev(p.anchors, p.tokens, p.G, r, k);
-  if (prev < 0 || prev >= p.V || param_status(p.temperature[r], p.top_k[r], p.top_p[r])) return -1;
+  if (prev < 0 || prev >= p.V || param_status(p.temperature[r], p.top_k[r], p.top_p[r], true))
+    return -1;
   return prev;
 }
 
