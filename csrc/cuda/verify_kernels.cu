@@ -25,7 +25,7 @@ int device_sms() {
 
 VerifyImpl verify_impl_for(VerifyImpl wanted, int64_t R, int64_t W, int64_t V, bool has_q) {
   if (wanted != VerifyImpl::kFused) return wanted;
-  const cuda::FusedPlan pl = cuda::fused_plan(V, R, W, has_q, 1);
+  const cuda::FusedPlan pl = cuda::fused_plan(V, R, W, has_q, device_sms());
   return cuda::fused_grid(pl, R) <= INT32_MAX ? VerifyImpl::kFused : VerifyImpl::kStaged;
 }
 

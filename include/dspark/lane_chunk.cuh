@@ -91,6 +91,18 @@ __device__ __forceinline__ void load_lane_chunk(const S* w, int64_t V, bool vec,
   }
 }
 
+// Asks L2 for the lines load_lane_chunk(w, V, true, start, .) will read (vector layout only):
+// the next item's logits stream in while the current item is computed, in no registers.
+template <typename S>
+__device__ __forceinline__ void prefetch_lane_chunk(const S* w, int64_t V, int64_t start) {
+  constexpr int kVec = 16 / sizeof(S);
+#pragma unroll
+  for (int l = 0; l < kLaneEntries / kVec; ++l) {
+    const int64_t v0 = lane_entry<S>(true, start, l * kVec);
+    if (v0 < V) asm volatile("prefetch.global.L2 [%0];" ::"l"(w + v0));
+  }
+}
+
 __device__ __forceinline__ float max_nan(float a, float b) {
   float d;
   asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));

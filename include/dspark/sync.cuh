@@ -1,13 +1,14 @@
 // dspark/sync.cuh: how blocks of one grid hand results to each other (the fused verify kernel,
 // include/dspark/verify_fused.cuh), in the PTX memory model's terms:
-//   publish, then count: every writing thread fences (fence.sc.gpu) before the block's barrier, and
-//     one thread then counts the block's arrival; the block that completes the count is the last,
-//     fences again and may read everything the counted blocks wrote;
-//   flags: st.release.gpu / ld.acquire.gpu on a 32-bit word.
+//   publish, then count: the block's barrier orders every thread's earlier writes before thread
+//     0's fence (fence.sc.gpu, cumulative) and its arrival at a counter; the block that completes
+//     the count is the last, fences again, and after its barrier every thread may read what the
+//     counted blocks wrote (the pattern of cooperative groups' grid sync);
+//   flags: the same fence, then st.release.gpu; the reader's ld.acquire.gpu, then its barrier.
 // A reader of data another block wrote during the same launch loads it with ld.global.cg (L2):
-// the SM's L1 is not coherent and may still hold an older copy of the line (for instance one
-// fetched for a neighbouring request's entries). Counters and flags start at zero: the launcher
-// clears them with the status word before every launch (one memset node in a CUDA graph).
+// cheap insurance against an L1 line fetched earlier for a neighbouring request's entries.
+// Counters and flags start at zero: the launcher clears them with the status word before every
+// launch (one memset node in a CUDA graph).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -30,15 +31,28 @@ __device__ __forceinline__ void store_release(uint32_t* p, uint32_t v) {
 // every thread) for the block whose arrival is the `expected`-th. Call from all threads.
 __device__ __forceinline__ bool arrive_last(uint32_t* counter, uint32_t expected) {
   __shared__ int s_last;
-  __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
+    __threadfence();
     const bool last = atomicAdd(counter, 1u) == expected - 1;
     if (last) __threadfence();  // order the reads below after every counted block's writes
     s_last = last;
   }
   __syncthreads();
   return s_last != 0;
+}
+
+// All threads: publish this block's global writes, then set *flag = value.
+__device__ __forceinline__ void publish(uint32_t* flag, uint32_t value) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    store_release(flag, value);
+  }
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
 // Thread 0 waits until *flag != 0 and returns it (to thread 0 only; broadcast it yourself).

@@ -1,12 +1,13 @@
 // dspark/verify_draw.cuh: the final draw of the fused verify kernel (verify_fused.cuh), done by
-// one block: an inverse-CDF draw in index order over a row's chunk masses (which chunk the
-// target falls in), then over the exact masses of that chunk's entries (which entry). Same rule
-// as the CPU's draw (verify_cpu.cpp) and the staged DrawKernel: the first entry whose running
-// total passes u * Z; if rounding leaves the target past every running total, the last entry
-// with mass.
+// one block (block_draw; draw_at_row for the finishing block's own draws): an inverse-CDF draw in
+// index order over a row's chunk masses (which chunk the target falls in), then over the exact
+// masses of that chunk's entries (which entry). Same rule as the CPU's draw (verify_cpu.cpp) and
+// the staged DrawKernel: the first entry whose running total passes u * Z; if rounding leaves the
+// target past every running total, the last entry with mass.
 #pragma once
 #include "dspark/block_reduce.cuh"
-#include "dspark/lane_chunk.cuh"  // kWarpChunk
+#include "dspark/lane_chunk.cuh"   // kWarpChunk
+#include "dspark/verify_walk.cuh"  // residual_at
 
 namespace dspark {
 namespace cuda {
@@ -92,6 +93,49 @@ __device__ inline double chunk_total(const double* sums, int64_t C) {
   double part = 0.0;
   for (int64_t b = threadIdx.x; b < C; b += blockDim.x) part += sums[b];
   return block_reduce(part, SumOp(), 0.0);
+}
+
+__device__ __forceinline__ double* shared_chunk_sums() {
+  __shared__ double sums[kMaxChunks];
+  return sums;
+}
+
+// The finishing block's draw at `row` when no full-q residual is needed: the target row itself,
+// or with one-hot drafts rejected there, the row without them (only the chunks holding them are
+// re-summed; the others keep the statistics pass's sums). All threads; returns the token.
+template <typename S, typename Q>
+__device__ int64_t draw_at_row(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
+                               int64_t o, int64_t row, const RowInfo& info, int32_t nrej,
+                               double u) {
+  double* sums = shared_chunk_sums();
+  const double* row_sums = ws.chunk_sum + row * p.C;  // rescaled by this block's finalize_row
+  const S* w = p.logits + row * p.V;
+  for (int64_t b = threadIdx.x; b < p.C; b += blockDim.x) sums[b] = row_sums[b];
+  __syncthreads();
+  for (int32_t i = 0; i < nrej; ++i) {
+    auto chunk_of = [&](int32_t k) { return p.tokens[o + ws.rej_node[r * p.W + k]] / kWarpChunk; };
+    const int64_t c = chunk_of(i);
+    bool seen = false;
+    for (int32_t k = 0; k < i; ++k) seen |= chunk_of(k) == c;
+    if (seen) continue;  // uniform across the block
+    double part = 0.0;
+    for (int64_t v = c * kWarpChunk + threadIdx.x; v < min(p.V, (c + 1) * kWarpChunk);
+         v += blockDim.x)
+      part += residual_at(p, ws, r, o, info, w, nrej, v);
+    part = block_reduce(part, SumOp(), 0.0);
+    if (threadIdx.x == 0) sums[c] = part;
+    __syncthreads();
+  }
+  double z = chunk_total(sums, p.C);
+  int32_t steps = nrej;
+  if (nrej > 0 && z == 0.0) {  // the residual vanished: the target row itself
+    for (int64_t b = threadIdx.x; b < p.C; b += blockDim.x) sums[b] = row_sums[b];
+    __syncthreads();
+    z = info.total;
+    steps = 0;
+  }
+  return block_draw(sums, p.C, p.V, u * z,
+                    [&](int64_t v) { return residual_at(p, ws, r, o, info, w, steps, v); });
 }
 
 }  // namespace cuda

@@ -71,56 +71,6 @@ __device__ __forceinline__ bool decode_ticket(int64_t t, const FusedPlan& pl, in
   return true;
 }
 
-// All threads: publish this block's global writes, then set the request's job state.
-__device__ __forceinline__ void publish_job(uint32_t* state, uint32_t value) {
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) store_release(state, value);
-}
-
-__device__ __forceinline__ double* shared_chunk_sums() {
-  __shared__ double sums[kMaxChunks];
-  return sums;
-}
-
-// The finishing block's draw at `row` when no full-q residual is needed: the target row itself,
-// or with one-hot drafts rejected there, the row without them (only the chunks holding them are
-// re-summed; the others keep the statistics pass's sums). All threads; returns the token.
-template <typename S, typename Q>
-__device__ int64_t draw_at_row(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
-                               int64_t o, int64_t row, const RowInfo& info, int32_t nrej,
-                               double u) {
-  double* sums = shared_chunk_sums();
-  const double* row_sums = ws.chunk_sum + row * p.C;  // rescaled by this block's finalize_row
-  const S* w = p.logits + row * p.V;
-  for (int64_t b = threadIdx.x; b < p.C; b += blockDim.x) sums[b] = row_sums[b];
-  __syncthreads();
-  for (int32_t i = 0; i < nrej; ++i) {
-    auto chunk_of = [&](int32_t k) { return p.tokens[o + ws.rej_node[r * p.W + k]] / kWarpChunk; };
-    const int64_t c = chunk_of(i);
-    bool seen = false;
-    for (int32_t k = 0; k < i; ++k) seen |= chunk_of(k) == c;
-    if (seen) continue;  // uniform across the block
-    double part = 0.0;
-    for (int64_t v = c * kWarpChunk + threadIdx.x; v < min(p.V, (c + 1) * kWarpChunk);
-         v += blockDim.x)
-      part += residual_at(p, ws, r, o, info, w, nrej, v);
-    part = block_reduce(part, SumOp(), 0.0);
-    if (threadIdx.x == 0) sums[c] = part;
-    __syncthreads();
-  }
-  double z = chunk_total(sums, p.C);
-  int32_t steps = nrej;
-  if (nrej > 0 && z == 0.0) {  // the residual vanished: the target row itself
-    for (int64_t b = threadIdx.x; b < p.C; b += blockDim.x) sums[b] = row_sums[b];
-    __syncthreads();
-    z = info.total;
-    steps = 0;
-  }
-  return block_draw(sums, p.C, p.V, u * z,
-                    [&](int64_t v) { return residual_at(p, ws, r, o, info, w, steps, v); });
-}
-
 // The block that completed request r's statistics count: all threads.
 template <typename S, typename Q>
 __device__ __noinline__ void finish_request(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws,
@@ -128,9 +78,12 @@ __device__ __noinline__ void finish_request(const VerifyParams<S, Q>& p, const V
   int64_t o, n;
   request_rows(p, r, o, n);
   if (open_request(p, ws, r, o, n)) {
-    publish_job(ctl.job_state + r, kJobDone);
+    publish(ctl.job_state + r, kJobDone);
     return;
   }
+  if (p.q != nullptr)  // the walk reads q(x) of every node: fetch while the rows are finalized
+    for (int64_t j = 1 + threadIdx.x; j < n; j += blockDim.x)
+      prefetch_l2(p.q + (o + j) * p.V + p.tokens[o + j]);
   for (int64_t j = threadIdx.x / 32; j < n; j += kBlockWarps)
     finalize_row(p, ws, o + j, static_cast<int32_t>(r), kWarpChunk);
   __syncthreads();
@@ -146,7 +99,7 @@ __device__ __noinline__ void finish_request(const VerifyParams<S, Q>& p, const V
   const int64_t row = ws.final_row[r];
   const int32_t nrej = ws.n_rej[r], acc = ws.accepted[r];
   if (p.q != nullptr && nrej > 0) {  // residual over a full q row: the residual blocks' job
-    publish_job(ctl.job_state + r, kJobResidual);
+    publish(ctl.job_state + r, kJobResidual);
     return;
   }
   const RowInfo info = ws.info[row];
@@ -158,7 +111,7 @@ __device__ __noinline__ void finish_request(const VerifyParams<S, Q>& p, const V
     p.out_tokens[r * p.W + acc] = token;
     if (p.out_count) p.out_count[r] = acc;
   }
-  publish_job(ctl.job_state + r, kJobDone);
+  publish(ctl.job_state + r, kJobDone);
 }
 
 // Residual mass of warp chunk c of request r's final row (all lanes get it). One rejected
@@ -254,6 +207,27 @@ __device__ __noinline__ void filtered_row_block(const VerifyParams<S, Q>& p,
   filtered_row(p, ws, row, r, kWarpChunk);
 }
 
+// Warm L2 with the inputs request r's finishing block reads and no statistics block touches
+// (node data, coins): its latency is a chain of such reads. Request r's first statistics block
+// issues these before its own loads (prefetches hold no registers).
+template <typename S, typename Q>
+__device__ __forceinline__ void prefetch_request(const VerifyParams<S, Q>& p, int64_t r, int64_t o,
+                                                 int64_t n) {
+  if (threadIdx.x == 0 && p.seeds) {
+    prefetch_l2(p.seeds + r);
+    prefetch_l2(p.positions + r);
+  }
+  if (p.offsets == nullptr) {  // sample
+    if (threadIdx.x == 0 && p.uniforms) prefetch_l2(p.uniforms + r);
+    return;
+  }
+  for (int64_t j = threadIdx.x; j < n && j < kBlockThreads; j += blockDim.x) {
+    prefetch_l2(p.parents + o + j);
+    prefetch_l2(p.tokens + o + j);
+    if (p.uniforms) prefetch_l2(p.uniforms + 2 * (o + j));
+  }
+}
+
 template <typename S, typename Q>
 __device__ void stats_block(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws,
                             const FusedControl& ctl, const FusedPlan& pl, int64_t r, int64_t k) {
@@ -265,48 +239,58 @@ __device__ void stats_block(const VerifyParams<S, Q>& p, const VerifyWorkspace& 
   // A malformed request is left alone here (no row of it is read); its finisher reports it.
   if (offsets_status(r, p.R, o, o + n, p.N, p.W) == 0 &&
       param_status(temperature, top_k, top_p) == 0) {
-    const bool greedy = is_greedy(temperature), filtered = is_filtered(temperature, top_k, top_p);
-    const float inv_t = inverse_temperature(temperature);
-    for (int64_t item = k; item < n * pl.S; item += pl.B) {  // uniform across the block
-      const int64_t row = o + item / pl.S, slice = item % pl.S;
-      if (filtered) {
-        if (slice == 0) filtered_row_block(p, ws, row, static_cast<int32_t>(r));
-        continue;
-      }
-      const int64_t c = slice * kBlockWarps + threadIdx.x / 32;
-      if (c >= p.C) continue;
-      LaneChunk<S> lc;
-      load_lane_chunk(p.logits + row * p.V, p.V, p.vec_loads, c * kWarpChunk, lc);
-      int32_t bad = 0;
-      const int64_t slot = row * p.C + c;
-      if (greedy) {
-        float top;
-        int32_t idx;
-        greedy_chunk(lc, p.vec_loads, c * kWarpChunk, top, idx, bad);
-        if ((threadIdx.x & 31) == 0) {
-          ws.chunk_wmax[slot] = top;
-          ws.chunk_widx[slot] = idx;
+    if (k == 0) prefetch_request(p, r, o, n);
+    if (is_filtered(temperature, top_k, top_p)) {  // a block per row, the whole row
+      for (int64_t j = k; j < n; j += pl.B)
+        filtered_row_block(p, ws, o + j, static_cast<int32_t>(r));
+    } else {
+      const bool greedy = is_greedy(temperature);
+      const float inv_t = inverse_temperature(temperature);
+      for (int64_t item = k; item < n * pl.S; item += pl.B) {
+        const int64_t next = item + pl.B, cn = (next % pl.S) * kBlockWarps + threadIdx.x / 32;
+        if (p.vec_loads && next < n * pl.S && cn < p.C)
+          prefetch_lane_chunk(p.logits + (o + next / pl.S) * p.V, p.V, cn * kWarpChunk);
+        const int64_t row = o + item / pl.S;
+        const int64_t c = (item % pl.S) * kBlockWarps + threadIdx.x / 32;
+        if (c >= p.C) continue;  // warp-uniform
+        LaneChunk<S> lc;
+        load_lane_chunk(p.logits + row * p.V, p.V, p.vec_loads, c * kWarpChunk, lc);
+        int32_t bad = 0;
+        const int64_t slot = row * p.C + c;
+        if (greedy) {
+          float top;
+          int32_t idx;
+          greedy_chunk(lc, p.vec_loads, c * kWarpChunk, top, idx, bad);
+          if ((threadIdx.x & 31) == 0) {
+            ws.chunk_wmax[slot] = top;
+            ws.chunk_widx[slot] = idx;
+          }
+        } else {
+          float base;
+          double sum;
+          sampled_chunk(lc, inv_t, base, sum, bad);
+          if ((threadIdx.x & 31) == 0) {
+            ws.chunk_base[slot] = base;
+            ws.chunk_sum[slot] = sum;
+          }
         }
-      } else {
-        float base;
-        double sum;
-        sampled_chunk(lc, inv_t, base, sum, bad);
-        if ((threadIdx.x & 31) == 0) {
-          ws.chunk_base[slot] = base;
-          ws.chunk_sum[slot] = sum;
-        }
+        if (bad) atomicOr(p.status, bad);
       }
-      if (bad) atomicOr(p.status, bad);
     }
   }
   if (arrive_last(ctl.stats_done + r, static_cast<uint32_t>(pl.B))) finish_request(p, ws, ctl, r);
 }
 
 // Registers are capped at 64 (4 blocks of 256 threads per SM): the statistics pass is bound by
-// bytes in flight, 16 KB of bf16 logits per block.
+// bytes in flight, 16 KB of bf16 logits per block. The parameters are __grid_constant__: the cold
+// paths (noinline) take them by reference, which would otherwise copy them to local memory in
+// every thread of every block.
 template <typename S, typename Q>
 __global__ void __launch_bounds__(kBlockThreads, 4)
-    FusedVerifyKernel(VerifyParams<S, Q> p, VerifyWorkspace ws, FusedControl ctl, FusedPlan pl) {
+    FusedVerifyKernel(const __grid_constant__ VerifyParams<S, Q> p,
+                      const __grid_constant__ VerifyWorkspace ws,
+                      const __grid_constant__ FusedControl ctl,
+                      const __grid_constant__ FusedPlan pl) {
   int64_t r, k;
   bool residual = false;
   if (pl.X == 0) {  // nobody waits: the block index is the role
@@ -340,7 +324,11 @@ constexpr int64_t kMaxStatsBlocks = 512;  // per request; more rows: blocks loop
 inline FusedPlan fused_plan(int64_t V, int64_t R, int64_t W, bool has_q, int num_sms) {
   FusedPlan pl{};
   pl.S = ceil_div(ceil_div(V, kWarpChunk), kBlockWarps);
-  pl.B = std::min(W * pl.S, kMaxStatsBlocks);
+  // One slice per block while the grid is a few waves (latency: small batches); beyond about
+  // 16 slices per SM, up to 4 per block, so that a block's fixed costs (the offsets read before
+  // its loads, the fence and count after) are paid less often (bandwidth: large batches).
+  const int64_t per_block = std::clamp<int64_t>(R * W * pl.S / (16 * int64_t(num_sms)), 1, 4);
+  pl.B = std::min(ceil_div(W * pl.S, per_block), kMaxStatsBlocks);
   pl.X = has_q ? pl.S : 0;
   // Lag: about one wave of resident blocks (4 per SM) between a request's statistics tickets
   // and its residual ones.
