@@ -2,6 +2,9 @@
 // draft_probs) dtype pair: the fused kernel (include/dspark/verify_fused.cuh) and the staged
 // pipeline it replaces (include/dspark/verify.cuh), chosen per call by VerifyArgs::impl. They
 // serve dspark::verify and dspark::sample alike: sample is verify of requests with no drafts.
+#include <algorithm>
+#include <cstdlib>
+
 #include "cuda/dispatch.cuh"
 #include "cuda/launch.h"
 #include "dspark/verify.cuh"
@@ -20,6 +23,15 @@ int device_sms() {
     return 132;
   if (dev < 64) cached[dev] = sms;
   return sms;
+}
+
+// DSPARK_FUSED_LAG=<requests>: the residual tickets' lag (A/B knob; unset: the plan's default).
+int64_t fused_lag() {
+  static const int64_t lag = [] {
+    const char* env = std::getenv("DSPARK_FUSED_LAG");
+    return env ? std::max<int64_t>(0, std::atoll(env)) : int64_t(0);
+  }();
+  return lag;
 }
 }  // namespace
 
@@ -63,7 +75,7 @@ cudaError_t run(const VerifyArgs& a, cudaStream_t stream) {
   p.probs = a.probs;
   p.status = a.status;
   if (a.impl == VerifyImpl::kFused)
-    return cuda::launch_verify_fused(p, a.workspace, a.status, device_sms(), stream);
+    return cuda::launch_verify_fused(p, a.workspace, a.status, device_sms(), fused_lag(), stream);
   return cuda::launch_verify(p, a.workspace, stream);
 }
 

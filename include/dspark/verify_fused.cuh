@@ -320,8 +320,10 @@ __global__ void FusedProbsKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
 
 constexpr int64_t kMaxStatsBlocks = 512;  // per request; more rows: blocks loop over slices
 
-// Grid geometry for vocabulary V, R requests of at most W rows; num_sms: the device's SM count.
-inline FusedPlan fused_plan(int64_t V, int64_t R, int64_t W, bool has_q, int num_sms) {
+// Grid geometry for vocabulary V, R requests of at most W rows; num_sms: the device's SM count;
+// lag > 0 overrides the residual tickets' lag (an A/B knob, DSPARK_FUSED_LAG).
+inline FusedPlan fused_plan(int64_t V, int64_t R, int64_t W, bool has_q, int num_sms,
+                            int64_t lag = 0) {
   FusedPlan pl{};
   pl.S = ceil_div(ceil_div(V, kWarpChunk), kBlockWarps);
   // One slice per block while the grid is a few waves (latency: small batches); beyond about
@@ -330,9 +332,11 @@ inline FusedPlan fused_plan(int64_t V, int64_t R, int64_t W, bool has_q, int num
   const int64_t per_block = std::clamp<int64_t>(R * W * pl.S / (16 * int64_t(num_sms)), 1, 4);
   pl.B = std::min(ceil_div(W * pl.S, per_block), kMaxStatsBlocks);
   pl.X = has_q ? pl.S : 0;
-  // Lag: about one wave of resident blocks (4 per SM) between a request's statistics tickets
-  // and its residual ones.
-  pl.D = pl.X ? std::min(R, ceil_div(4 * int64_t(num_sms), pl.B + pl.X) + 1) : 0;
+  // Lag: about two waves of resident blocks (4 per SM) between a request's statistics tickets
+  // and its residual ones, so that its walk is usually done when they start (a residual block
+  // that starts early holds its slot while it waits). Measured on an H100 (R = 64, gamma = 7):
+  // one wave left too many waiting.
+  if (pl.X) pl.D = std::min(R, lag > 0 ? lag : ceil_div(8 * int64_t(num_sms), pl.B + pl.X) + 1);
   return pl;
 }
 inline int64_t fused_grid(const FusedPlan& pl, int64_t R) { return R * (pl.B + pl.X); }
@@ -344,7 +348,7 @@ inline int64_t fused_grid(const FusedPlan& pl, int64_t R) { return R * (pl.B + p
 // kBlockThreads (cudaErrorInvalidConfiguration past 2^31 - 1: the caller checks first).
 template <typename S, typename Q>
 cudaError_t launch_verify_fused(VerifyParams<S, Q> p, void* workspace, int32_t* control,
-                                int num_sms, cudaStream_t stream) {
+                                int num_sms, int64_t lag, cudaStream_t stream) {
   p.C = ceil_div(p.V, kWarpChunk);
   p.vec_loads = (p.V * sizeof(S)) % 16 == 0 && reinterpret_cast<uintptr_t>(p.logits) % 16 == 0;
   p.q_vec_loads = p.q != nullptr && reinterpret_cast<uintptr_t>(p.q) % 16 == 0;
@@ -352,7 +356,7 @@ cudaError_t launch_verify_fused(VerifyParams<S, Q> p, void* workspace, int32_t* 
   const VerifyWorkspace ws = verify_workspace_layout(p.N, p.R, p.W, p.V, workspace, kWarpChunk).ws;
   uint32_t* words = reinterpret_cast<uint32_t*>(control);
   const FusedControl ctl{words + 1, words + 2, words + 2 + p.R, words + 2 + 2 * p.R};
-  const FusedPlan pl = fused_plan(p.V, p.R, p.W, p.q != nullptr, num_sms);
+  const FusedPlan pl = fused_plan(p.V, p.R, p.W, p.q != nullptr, num_sms, lag);
   const int64_t grid = fused_grid(pl, p.R);
   if (grid > INT32_MAX) return cudaErrorInvalidConfiguration;
   cudaError_t err = cudaMemsetAsync(control, 0, fused_control_words(p.R) * sizeof(int32_t), stream);
