@@ -11,9 +11,9 @@ import sys
 import torch
 
 
-def random_case(rng, small):
+def random_case(rng, small, vocab=None):
     R = rng.choice([1, 3, 8] if small else [1, 3, 17, 64])
-    V = rng.choice([1, 7, 100] if small else [1, 7, 1000, 4097, 32003])
+    V = vocab or rng.choice([1, 7, 100] if small else [1, 7, 1000, 4097, 32003])
     dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
     tree = rng.random() < 0.4
     counts, parents = [], []
@@ -63,11 +63,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", type=int, default=200)
     ap.add_argument("--small", action="store_true")
+    ap.add_argument("--vocab", type=int, default=None, help="every case at this V")
     a = ap.parse_args()
     rng = random.Random(0)
     bad = 0
     for i in range(a.cases):
-        args = random_case(rng, a.small)
+        args = random_case(rng, a.small, a.vocab)
         cpu = torch.ops.dspark.verify(*args)
         gpu = torch.ops.dspark.verify(*to(args, "cuda"))
         same = all(torch.equal(x, y.cpu()) for x, y in zip(cpu, gpu))

@@ -2,6 +2,7 @@
 #include "checks.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <string>
 
 #include "dspark/common.h"
@@ -258,6 +259,14 @@ AttnDims check_decode_attention_args(const at::Tensor& qkv, const at::Tensor& k_
 bool& cuda_sync_checks() {
   static bool enabled = true;
   return enabled;
+}
+
+int& cuda_verify_impl() {
+  static int impl = [] {
+    const char* env = std::getenv("DSPARK_VERIFY_IMPL");
+    return env != nullptr && std::string(env) == "staged" ? 1 : 0;
+  }();
+  return impl;
 }
 
 void raise_on_status(int32_t status, const char* op) {

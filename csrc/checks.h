@@ -107,6 +107,11 @@ AttnDims check_decode_attention_args(const at::Tensor& qkv, const at::Tensor& k_
 // decode step never syncs (dspark.ops.sync_checks). CUDA-graph capture never reads it back.
 bool& cuda_sync_checks();
 
+// Which CUDA implementation of verify / sample runs (csrc/cuda/launch.h: VerifyImpl): 0 the
+// fused kernel (default), 1 the staged pipeline. An internal switch for A/B measurements:
+// dspark._C.set_verify_impl, or DSPARK_VERIFY_IMPL=staged|fused in the environment at import.
+int& cuda_verify_impl();
+
 // Turns a kernel status word (StatusBit flags) into a ValueError naming the bad argument.
 void raise_on_status(int32_t status, const char* op);
 

@@ -16,7 +16,8 @@ namespace py = pybind11;
 
 namespace dspark {
 bool& cuda_sync_checks();  // csrc/checks.cpp
-}
+int& cuda_verify_impl();   // csrc/checks.cpp
+}  // namespace dspark
 
 namespace {
 
@@ -97,6 +98,19 @@ PYBIND11_MODULE(_C, m) {
       py::arg("enabled"),
       "Enable/disable reading CUDA data-check results back after each op (returns the old "
       "value).");
+  m.def(
+      "set_verify_impl",
+      [](const std::string& name) {
+        // Internal A/B switch of the CUDA verify / sample implementation: "fused" (default) or
+        // "staged" (the kernels the fused one replaces). Returns the previous name.
+        if (name != "fused" && name != "staged")
+          throw py::value_error("verify impl must be 'fused' or 'staged'");
+        const int before = dspark::cuda_verify_impl();
+        dspark::cuda_verify_impl() = name == "staged" ? 1 : 0;
+        return std::string(before == 1 ? "staged" : "fused");
+      },
+      py::arg("name"),
+      "Internal: CUDA verify/sample implementation, 'fused' or 'staged' (returns the old one).");
   m.def("build_facts", &build_facts, "What the binary was compiled with.");
   m.def("device_properties", &device_properties, py::arg("index") = 0,
         "A visible GPU's properties and the architecture the kernels run as on it.");

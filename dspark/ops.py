@@ -33,6 +33,19 @@ def sync_checks(enabled: bool):
         _C.set_sync_checks(before)
 
 
+@contextlib.contextmanager
+def _verify_impl(name: str):
+    """Internal A/B switch: within the block, CUDA ``verify`` / ``sample`` calls run the "fused"
+    kernel (the default) or the "staged" pipeline it replaces. A call captured in a CUDA graph
+    keeps the implementation it was captured with. ``DSPARK_VERIFY_IMPL=staged`` in the
+    environment at import picks the staged one for the whole process."""
+    before = _C.set_verify_impl(name)
+    try:
+        yield
+    finally:
+        _C.set_verify_impl(before)
+
+
 class SamplingTensors(NamedTuple):
     temperature: torch.Tensor  # [R] f32, 0 = greedy
     top_k: torch.Tensor  # [R] i64, 0 = off

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One batched session on the GPU machine: build, CUDA checks, sanitizers, benchmarks.
-# Usage: bash scripts/device_run.sh [build] [check] [tests] [sanitize] [fuzz] [churn] [linear] [engine] [decode] [bench] [sm80]
+# Usage: bash scripts/device_run.sh [build] [check] [tests] [sanitize] [fuzz] [churn] [linear] [engine]
+#        [decode] [bench] [sm80] [verifytests] [verifysanitize]
 # (decode: DECODE_VARIANTS=graph,compile,...); results in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -65,8 +66,22 @@ for stage in "$@"; do
       fi ;;
     sm80)  # the pre-Hopper code paths, JIT-compiled from compute_80 PTX (then the normal build)
       log sm80; bash bench/check_sm80.sh ;;
-    bench)
-      log bench; (cd bench && python3 bench_ops.py --out "$OUT/bench_ops.json") 2>&1 | tail -30 ;;
+    bench)  # fused and staged verify/sample side by side (A/B), bf16 and fp32 logits
+      log bench; (cd bench && python3 bench_ops.py --out "$OUT/bench_ops.json") 2>&1 | tail -42 ;;
+    verifytests)  # the verify / sample tests on the GPU (fused kernel; the staged one in A/B tests)
+      log verify-tests
+      (cd tests && timeout 500 python3 -m pytest -q -p no:cacheprovider -k cuda test_verify_fused.py \
+        test_verify.py test_sample.py test_verify_contract.py test_distribution.py 2>&1 | tail -15)
+      log verify-tests-staged
+      (cd tests && DSPARK_VERIFY_IMPL=staged timeout 300 python3 -m pytest -q -p no:cacheprovider \
+        -k cuda test_verify.py test_sample.py test_verify_contract.py 2>&1 | tail -4) ;;
+    verifysanitize)  # memcheck + racecheck over random verify/sample batches, multi-slice rows too
+      log memcheck
+      (cd bench && compute-sanitizer --tool memcheck --leak-check no python3 check_cuda.py --cases 12 --small) 2>&1 | tail -4
+      (cd bench && compute-sanitizer --tool memcheck --leak-check no python3 check_cuda.py --cases 4 --small --vocab 20000) 2>&1 | tail -4
+      log racecheck
+      (cd bench && compute-sanitizer --tool racecheck python3 check_cuda.py --cases 6 --small) 2>&1 | tail -4
+      (cd bench && compute-sanitizer --tool racecheck python3 check_cuda.py --cases 2 --small --vocab 20000) 2>&1 | tail -4 ;;
   esac
 done
 log done

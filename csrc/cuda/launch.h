@@ -13,25 +13,35 @@ namespace dspark {
 
 enum class DraftType : int { kNone, kFloat32, kFloat64 };
 
+// Which CUDA implementation serves dspark::verify / dspark::sample (an internal switch, for A/B
+// runs: dspark._C.set_verify_impl, or DSPARK_VERIFY_IMPL=staged in the environment).
+//   kFused   one kernel (include/dspark/verify_fused.cuh); sample passes root-only requests
+//   kStaged  the five-kernel pipeline it replaces (include/dspark/verify.cuh)
+enum class VerifyImpl : int { kFused = 0, kStaged = 1 };
+
 struct VerifyArgs {
   const void* logits;  // [N, V]
   ElementType logits_type;
   const void* draft_probs;  // [N, V] or nullptr
   DraftType draft_type;
   int64_t N, V, R, W;
-  const int64_t *offsets, *tokens, *parents;
+  const int64_t *offsets, *tokens, *parents;  // fused sample: all nullptr (root-only requests)
   const float* temperature;
   const int64_t* top_k;
   const float* top_p;
   const int64_t *seeds, *positions;
-  const double* uniforms;                       // [N, 2] or nullptr
+  const double* uniforms;                       // [N, 2] (fused sample: [R]) or nullptr
   int64_t *out_tokens, *out_count, *out_nodes;  // count/nodes may be nullptr (sample)
   double* probs;                                // [R, V] or nullptr
-  int32_t* status;
-  void* workspace;
+  int32_t* status;  // staged: [1]; fused: [verify_control_words(impl, R)], status word first
+  void* workspace;  // [verify_workspace_bytes(...)]
+  VerifyImpl impl;
 };
 
-size_t verify_workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V);
+// kFused when its grid fits (R requests of at most W rows), else kStaged.
+VerifyImpl verify_impl_for(VerifyImpl wanted, int64_t R, int64_t W, int64_t V, bool has_q);
+size_t verify_workspace_bytes(VerifyImpl impl, int64_t N, int64_t R, int64_t W, int64_t V);
+int64_t verify_control_words(VerifyImpl impl, int64_t R);  // int32 words cleared per launch
 cudaError_t launch_verify(const VerifyArgs& args, cudaStream_t stream);
 
 // dspark::fused_linear (include/dspark/linear.cuh); every tensor has element type `dtype`.

@@ -29,14 +29,19 @@ DSPARK_HD float add_rn(float a, float b) { return a + b; }
 
 // 2^f on [0, 1): least-squares fit on Chebyshev nodes with c0 pinned to 1 (max rel. error
 // 8.2e-8), Horner in fp32. dspark/reference.py holds the same coefficients (EXP2_POLY).
-DSPARK_HD float exp2_frac(float f) {
+// exp2_poly is the bare Horner sum: for f >= 0 every step adds a positive coefficient to a
+// non-negative product, so the result is >= 1 (the last step is round(y + 1) with y >= 0).
+DSPARK_HD float exp2_poly(float f) {
   float g = 0.000218775051f;
   g = add_rn(mul_rn(g, f), 0.00123878219f);
   g = add_rn(mul_rn(g, f), 0.00968458038f);
   g = add_rn(mul_rn(g, f), 0.0554804280f);
   g = add_rn(mul_rn(g, f), 0.240230501f);
   g = add_rn(mul_rn(g, f), 0.693146944f);
-  g = add_rn(mul_rn(g, f), 1.0f);
+  return add_rn(mul_rn(g, f), 1.0f);
+}
+DSPARK_HD float exp2_frac(float f) {
+  float g = exp2_poly(f);
   // Keep g in [1, 2) so masses are monotone in n and fit the fixed-point format.
   g = g < 1.0f ? 1.0f : g;
   return g >= 2.0f ? 1.99999988f : g;

@@ -24,16 +24,17 @@ struct VerifyParams {
   const scalar_t* logits;  // [N, V]
   const q_t* q;            // [N, V] draft probabilities, or nullptr (one-hot drafts)
   int64_t N, V, R, W, C;   // rows, vocab, requests, output width, chunks per row
-  const int64_t *offsets, *tokens, *parents;    // [R+1], [N], [N]
+  const int64_t *offsets, *tokens, *parents;    // [R+1], [N], [N]; fused sample: nullptr
   const float* temperature;                     // [R]
   const int64_t* top_k;                         // [R]
   const float* top_p;                           // [R]
   const int64_t *seeds, *positions;             // [R] or nullptr
-  const double* uniforms;                       // [N, 2] or nullptr
+  const double* uniforms;                       // [N, 2] (fused sample: [R]) or nullptr
   int64_t *out_tokens, *out_count, *out_nodes;  // [R, W], [R], [R, W]
   double* probs;                                // [R, V] (sample only) or nullptr
   int32_t* status;                              // [1] StatusBit flags
   bool vec_loads;                               // rows 16-byte aligned: vector loads
+  bool q_vec_loads;                             // q 16-byte aligned (fused kernel)
 };
 
 // Scratch of one verify launch, carved from one device buffer by launch_verify (verify.cuh).
@@ -187,7 +188,7 @@ __device__ void chunk_stats(const VerifyParams<S, Q>& p, const VerifyWorkspace& 
 
 template <typename S, typename Q>
 __device__ void filtered_row(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t row,
-                             int32_t r);
+                             int32_t r, int64_t chunk);
 
 // blockDim.x == 256 (8 warps). Block y == 0 handles the row if it is top-k/top-p filtered;
 // blocks y >= 1 give each warp kChunksPerWarp consecutive chunks of an unfiltered row. The
@@ -199,7 +200,7 @@ __global__ void RowStatsKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   if (blockIdx.y == 0) {
     const int32_t r = ws.row_owner[row];
     if (r >= 0 && is_filtered(p.temperature[r], p.top_k[r], p.top_p[r]))
-      filtered_row(p, ws, row, r);
+      filtered_row(p, ws, row, r, kChunk);
     return;
   }
   const int64_t c0 = ((blockIdx.y - 1) * (blockDim.x / 32) + threadIdx.x / 32) * kChunksPerWarp;
@@ -220,10 +221,11 @@ __global__ void RowStatsKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
 }
 
 // One block per top-k/top-p row: max pass, radix select on ordered keys of t for the k-th
-// largest (counts) and the top-p cut (exact int64 fixed-point masses), then chunk sums.
+// largest (counts) and the top-p cut (exact int64 fixed-point masses), then the sums of the
+// row's p.C chunks of `chunk` entries (kChunk here; the fused kernel's are longer).
 template <typename S, typename Q>
 __device__ void filtered_row(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t row,
-                             int32_t r) {
+                             int32_t r, int64_t chunk) {
   const S* w = p.logits + row * p.V;
   const float inv_t = inverse_temperature(p.temperature[r]);
   auto t_at = [&](int64_t v) { return log2_scaled(to_f(w[v]), inv_t); };
@@ -305,7 +307,7 @@ __device__ void filtered_row(const VerifyParams<S, Q>& p, const VerifyWorkspace&
   }
   for (int64_t b = threadIdx.x / 32; b < p.C; b += blockDim.x / 32) {
     double sum = 0.0;
-    for (int64_t v = b * kChunk + (threadIdx.x & 31); v < min(p.V, (b + 1) * kChunk); v += 32) {
+    for (int64_t v = b * chunk + (threadIdx.x & 31); v < min(p.V, (b + 1) * chunk); v += 32) {
       const float t = t_at(v);
       if (t >= keep) sum += scaled_exp(t, base);
     }
@@ -318,23 +320,26 @@ __device__ void filtered_row(const VerifyParams<S, Q>& p, const VerifyWorkspace&
   if (threadIdx.x == 0) ws.info[row].t_keep = keep;
 }
 
-// One warp per row (called by WalkKernel): RowInfo from the chunk partials, chunk sums rescaled to
-// the row base in place (exact: powers of two). Lanes own chunks lane, lane+32, ...
+// One warp per row (called by WalkKernel, and by the fused kernel's finishing block): RowInfo
+// from the partials of the row's p.C chunks of `chunk` entries, chunk sums rescaled to the row
+// base in place (exact: powers of two). Lanes own chunks lane, lane+32, ... Partials are read
+// through L2 (ld.cg): in the fused kernel other blocks wrote them during the same launch.
 template <typename S, typename Q>
 __device__ void finalize_row(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t row,
-                             int32_t r) {
+                             int32_t r, int64_t chunk = kChunk) {
   const int lane = threadIdx.x & 31;
   RowInfo info{-1, 0.0, 0.0f, 0.0f, -INFINITY, 0};
   const float temperature = p.temperature[r];
-  float* base = ws.chunk_base + row * p.C;
+  const float* base = ws.chunk_base + row * p.C;
   double* sums = ws.chunk_sum + row * p.C;
   if (is_greedy(temperature)) {
     float best = -INFINITY;
     int32_t idx = -1;
     for (int64_t b = lane; b < p.C; b += 32) {
-      const int32_t i = ws.chunk_widx[row * p.C + b];
-      if (i >= 0 && ws.chunk_wmax[row * p.C + b] > best) {
-        best = ws.chunk_wmax[row * p.C + b];
+      const int32_t i = __ldcg(ws.chunk_widx + row * p.C + b);
+      const float m = __ldcg(ws.chunk_wmax + row * p.C + b);
+      if (i >= 0 && m > best) {
+        best = m;
         idx = i;
       }
     }
@@ -344,26 +349,26 @@ __device__ void finalize_row(const VerifyParams<S, Q>& p, const VerifyWorkspace&
     info.greedy = 1;
     info.total = 1.0;
     for (int64_t b = lane; b < p.C; b += 32)
-      sums[b] = (info.argmax >= 0 && b == info.argmax / kChunk) ? 1.0 : 0.0;
+      sums[b] = (info.argmax >= 0 && b == info.argmax / chunk) ? 1.0 : 0.0;
     if (lane == 0 && info.argmax < 0) atomicOr(p.status, kEmptyRow);
   } else {
     float top = -INFINITY;
-    for (int64_t b = lane; b < p.C; b += 32) top = fmaxf(top, base[b]);
+    for (int64_t b = lane; b < p.C; b += 32) top = fmaxf(top, __ldcg(base + b));
     top = warp_max(top);
     info.inv_t = inverse_temperature(temperature);
     info.nbase = top;
     double part = 0.0;
     for (int64_t b = lane; b < p.C; b += 32) {
-      const float drop = top - base[b];
-      const double s = (base[b] > -INFINITY && drop <= 1000.0f)
-                           ? sums[b] * pow2_neg(static_cast<int>(drop))
+      const float bb = __ldcg(base + b), drop = top - bb;
+      const double s = (bb > -INFINITY && drop <= 1000.0f)
+                           ? __ldcg(sums + b) * pow2_neg(static_cast<int>(drop))
                            : 0.0;
       sums[b] = s;
       part += s;
     }
     info.total = warp_sum(part);
     if (lane == 0 && is_filtered(temperature, p.top_k[r], p.top_p[r]))
-      info.t_keep = ws.info[row].t_keep;
+      info.t_keep = __ldcg(&ws.info[row].t_keep);
     if (lane == 0 && !(top > -INFINITY)) atomicOr(p.status, kEmptyRow);
   }
   if (lane == 0) ws.info[row] = info;

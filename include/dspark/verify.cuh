@@ -12,187 +12,23 @@
 
 #include "dspark/row_stats.cuh"
 #include "dspark/verify_rules.h"
+#include "dspark/verify_walk.cuh"
 
 namespace dspark {
 namespace cuda {
 
-template <typename S, typename Q>
-__device__ __forceinline__ double draft_prob(const VerifyParams<S, Q>& p, int64_t row, int64_t v) {
-  if (p.q == nullptr) return 1.0;
-  const double x = static_cast<double>(p.q[row * p.V + v]);
-  if (const int32_t bad = draft_prob_status(x)) atomicOr(p.status, bad);
-  return x;
-}
-
-// Residual mass of token v at request r's final row: e(v), then each rejected sibling in order.
-template <typename S, typename Q>
-__device__ double residual_at(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
-                              int64_t o, const RowInfo& info, const S* w, int32_t nrej, int64_t v) {
-  double e = row_e(info, v, to_f(w[v]));
-  for (int32_t i = 0; i < nrej; ++i) {
-    const int64_t j = o + ws.rej_node[r * p.W + i];
-    e = residual_step(e, p.q == nullptr, v, p.tokens[j], draft_prob(p, j, v),
-                      ws.rej_z[r * p.W + i]);
-  }
-  return e;
-}
-
-template <typename S, typename Q>
-__device__ __forceinline__ double coin(const VerifyParams<S, Q>& p, int64_t r, int64_t o,
-                                       int64_t node, uint64_t purpose) {
-  return node_coin(p.uniforms, p.seeds, p.positions, r, o, node, purpose);
-}
-
-// One block per request. First every thread gathers, in parallel, the facts each node's accept
-// test needs (parent, token, e(token) under the parent's row, q(token), accept coin), into shared
-// memory (or the workspace for requests wider than kWalkSmem); then thread 0 walks the tree,
-// which is a short sequential loop. The block works together only to re-total a full-q residual
-// when another sibling is still to be tried.
-constexpr int kWalkSmem = 256;
-
+// One block per request: open it (outputs, data checks), finalize its rows' statistics (one
+// warp per row), walk its tree (verify_walk.cuh).
 template <typename S, typename Q>
 __global__ void WalkKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   const int64_t r = blockIdx.x;
-  for (int64_t k = threadIdx.x; k < p.W; k += blockDim.x) {
-    p.out_tokens[r * p.W + k] = -1;
-    if (p.out_nodes) p.out_nodes[r * p.W + k] = -1;
-  }
-  // Validate this request (offsets, parameters, parents, tokens, uniforms).
-  __shared__ int32_t s_bad;
-  const int64_t o = p.offsets[r], n = p.offsets[r + 1] - o;
-  const int32_t offsets_bad = offsets_status(r, p.R, o, o + n, p.N, p.W);
-  const bool offsets_ok = offsets_bad == 0;
-  if (threadIdx.x == 0)
-    s_bad =
-        offsets_bad | param_status(p.temperature[r], p.top_k[r], p.top_p[r], p.seeds || p.uniforms);
-  __syncthreads();
-  if (offsets_ok) {
-    int32_t mine = 0;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-      const int64_t i = o + j;
-      mine |= node_status(j, p.parents[i], p.tokens[i], p.V);
-      for (int c = 0; p.uniforms && c < 2; ++c) mine |= uniform_status(p.uniforms[i * 2 + c]);
-    }
-    if (mine) atomicOr(&s_bad, mine);
-  }
-  __syncthreads();
-  if (s_bad) {
-    if (threadIdx.x == 0) {
-      atomicOr(p.status, s_bad);
-      ws.final_row[r] = -1;
-      if (p.out_count) p.out_count[r] = 0;
-    }
-    return;
-  }
-  // Finalize this request's rows (one warp per row).
+  int64_t o, n;
+  request_rows(p, r, o, n);
+  if (open_request(p, ws, r, o, n)) return;
   for (int64_t j = threadIdx.x / 32; j < n; j += blockDim.x / 32)
     finalize_row(p, ws, o + j, static_cast<int32_t>(r));
   __syncthreads();
-  __shared__ int32_t sm_parent[kWalkSmem], sm_token[kWalkSmem];
-  __shared__ double sm_e[kWalkSmem], sm_q[kWalkSmem], sm_u[kWalkSmem];
-  const bool in_smem = n <= kWalkSmem;
-  int32_t* par = in_smem ? sm_parent : ws.f_parent + o;
-  int32_t* tok = in_smem ? sm_token : ws.f_token + o;
-  double* fe = in_smem ? sm_e : ws.f_e + o;
-  double* fq = in_smem ? sm_q : ws.f_q + o;
-  double* fu = in_smem ? sm_u : ws.f_u + o;
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const int64_t parent = p.parents[o + j], x = p.tokens[o + j];
-    par[j] = static_cast<int32_t>(parent);
-    tok[j] = static_cast<int32_t>(x);
-    if (j == 0) continue;
-    const int64_t prow = o + parent;
-    fe[j] = row_e(ws.info[prow], x, to_f(p.logits[prow * p.V + x]));
-    fq[j] = draft_prob(p, o + j, x);
-    fu[j] = coin(p, r, o, j, kAcceptCoin);
-  }
-  enum { kAccept, kReject, kNeedSum, kFinal };
-  __shared__ int32_t s_cur, s_accepted, s_next, s_nrej, s_action;
-  __shared__ double s_z;
-  if (threadIdx.x == 0) {
-    s_cur = 0;
-    s_accepted = 0;
-    if (p.out_nodes) p.out_nodes[r * p.W] = o;
-  }
-  __syncthreads();
-  while (true) {
-    const int64_t row = o + s_cur;
-    const RowInfo info = ws.info[row];
-    const S* w = p.logits + row * p.V;
-    if (threadIdx.x == 0) {
-      s_z = info.total;
-      s_nrej = 0;
-      s_next = s_cur + 1;
-    }
-    __syncthreads();
-    while (true) {
-      if (threadIdx.x == 0) {
-        const int32_t cur = s_cur;
-        int32_t j = s_next;
-        while (j < n && par[j] != cur) ++j;
-        if (j >= n) {
-          s_action = kFinal;
-        } else {
-          const int32_t x = tok[j];
-          // rx: the residual at x after the siblings rejected so far.
-          double rx = fe[j];
-          if (s_nrej > 0 && p.q == nullptr) {  // one-hot: cheap, from the facts in shared memory
-            for (int32_t i = 0; i < s_nrej; ++i)
-              rx = residual_step(rx, true, x, tok[ws.rej_node[r * p.W + i]], 1.0, 0.0);
-          } else if (s_nrej > 0) {
-            rx = residual_at(p, ws, r, o, info, w, s_nrej, x);
-          }
-          if (accepts(fu[j], fq[j], s_z, rx)) {
-            s_action = kAccept;
-          } else {
-            ws.rej_node[r * p.W + s_nrej] = j;
-            ws.rej_z[r * p.W + s_nrej] = s_z;
-            ++s_nrej;
-            if (p.q == nullptr) {
-              s_z = onehot_rejected_total(s_z, rx);
-              s_action = kReject;
-            } else {  // re-total the residual only if another sibling will be tested
-              int32_t k = j + 1;
-              while (k < n && par[k] != cur) ++k;
-              s_action = k < n ? kNeedSum : kFinal;
-            }
-          }
-          s_next = j;
-        }
-      }
-      __syncthreads();
-      const int32_t action = s_action;
-      if (action == kNeedSum) {
-        double part = 0.0;
-        for (int64_t v = threadIdx.x; v < p.V; v += blockDim.x)
-          part += residual_at(p, ws, r, o, info, w, s_nrej, v);
-        part = block_reduce(part, SumOp(), 0.0);
-        if (threadIdx.x == 0) s_z = part;
-      }
-      if (action == kReject || action == kNeedSum) {
-        if (threadIdx.x == 0) ++s_next;
-        __syncthreads();
-        continue;
-      }
-      break;
-    }
-    if (s_action == kFinal) break;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      const int32_t j = s_next;
-      p.out_tokens[r * p.W + s_accepted] = tok[j];
-      ++s_accepted;
-      if (p.out_nodes) p.out_nodes[r * p.W + s_accepted] = o + j;
-      s_cur = j;
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    ws.final_row[r] = o + s_cur;
-    ws.n_rej[r] = s_nrej;
-    ws.accepted[r] = s_accepted;
-    ws.job_u[r] = coin(p, r, o, s_cur, kSampleCoin);
-  }
+  walk_tree(p, ws, r, o, n);
 }
 
 // blockDim.x == 256: one warp per chunk.
@@ -328,10 +164,11 @@ struct VerifyWorkspaceLayout {
   size_t bytes;        // total size
 };
 
-// N rows, R requests, output width W, vocabulary V; base: the buffer, or nullptr to size only.
+// N rows, R requests, output width W, vocabulary V in chunks of `chunk` entries (the staged
+// kernels' kChunk, the fused kernel's kWarpChunk); base: the buffer, or nullptr to size only.
 inline VerifyWorkspaceLayout verify_workspace_layout(int64_t N, int64_t R, int64_t W, int64_t V,
-                                                     void* base) {
-  const int64_t C = ceil_div(V, kChunk);
+                                                     void* base, int64_t chunk = kChunk) {
+  const int64_t C = ceil_div(V, chunk);
   VerifyWorkspaceLayout l{};
   auto place = [&](auto*& piece, int64_t count) {
     using T = std::remove_pointer_t<std::remove_reference_t<decltype(piece)>>;

@@ -1,0 +1,80 @@
+// dspark/sync.cuh: how blocks of one grid hand results to each other (the fused verify kernel,
+// include/dspark/verify_fused.cuh), in the PTX memory model's terms:
+//   publish, then count: the block's barrier orders every thread's earlier writes before thread
+//     0's fence (fence.sc.gpu, cumulative) and its arrival at a counter; the block that completes
+//     the count is the last, fences again, and after its barrier every thread may read what the
+//     counted blocks wrote (the pattern of cooperative groups' grid sync);
+//   flags: the same fence, then st.release.gpu; the reader's ld.acquire.gpu, then its barrier.
+// A reader of data another block wrote during the same launch loads it with ld.global.cg (L2):
+// cheap insurance against an L1 line fetched earlier for a neighbouring request's entries.
+// Counters and flags start at zero: the launcher clears them with the status word before every
+// launch (one memset node in a CUDA graph).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace dspark {
+namespace cuda {
+
+__device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void store_release(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// Counts this block's arrival at `counter` after every thread's earlier global writes; true (in
+// every thread) for the block whose arrival is the `expected`-th. Call from all threads.
+__device__ __forceinline__ bool arrive_last(uint32_t* counter, uint32_t expected) {
+  __shared__ int s_last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const bool last = atomicAdd(counter, 1u) == expected - 1;
+    if (last) __threadfence();  // order the reads below after every counted block's writes
+    s_last = last;
+  }
+  __syncthreads();
+  return s_last != 0;
+}
+
+// All threads: publish this block's global writes, then set *flag = value.
+__device__ __forceinline__ void publish(uint32_t* flag, uint32_t value) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    store_release(flag, value);
+  }
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// Thread 0 waits until *flag != 0 and returns it (to thread 0 only; broadcast it yourself).
+// Only called where the flag's writer is already running (see verify_fused.cuh: tickets).
+__device__ __forceinline__ uint32_t wait_nonzero(const uint32_t* flag) {
+  uint32_t v;
+  while ((v = load_acquire(flag)) == 0) __nanosleep(256);
+  return v;
+}
+
+// Plain-old-data copy through L2 (ld.global.cg), for structs written by another block.
+template <typename T>
+__device__ __forceinline__ T load_cg(const T* p) {
+  static_assert(sizeof(T) % 8 == 0 && alignof(T) >= 8, "load_cg moves 8-byte words");
+  unsigned long long words[sizeof(T) / 8];
+  const unsigned long long* src = reinterpret_cast<const unsigned long long*>(p);
+#pragma unroll
+  for (int i = 0; i < int(sizeof(T) / 8); ++i) words[i] = __ldcg(src + i);
+  T out;
+  __builtin_memcpy(&out, words, sizeof(T));
+  return out;
+}
+
+}  // namespace cuda
+}  // namespace dspark

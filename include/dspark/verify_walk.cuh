@@ -1,0 +1,223 @@
+// dspark/verify_walk.cuh: the per-request part of CUDA verify, shared by the staged kernels
+// (verify.cuh: WalkKernel) and the fused kernel (verify_fused.cuh: the block that finishes a
+// request). Once every row of a request has its RowInfo:
+//   open_request  all threads: -1 outputs, then the request's data checks (offsets, sampling
+//                 parameters, parents, tokens, uniforms); an invalid request is closed here
+//   walk_tree     all threads gather each node's accept facts, thread 0 walks the tree
+//                 (recursive rejection sampling in index order) and records the job of the
+//                 final draw: its row, the rejected siblings there, the sampling coin
+// Sample launches the same code with root-only requests (p.offsets == nullptr: request r is row
+// r, no drafts, uniforms [R] holding the sampling coins).
+#pragma once
+#include "dspark/block_reduce.cuh"
+#include "dspark/row_stats.cuh"  // VerifyParams, VerifyWorkspace
+#include "dspark/verify_rules.h"
+
+namespace dspark {
+namespace cuda {
+
+// Request r owns flat rows [o, o + n).
+template <typename S, typename Q>
+__device__ __forceinline__ void request_rows(const VerifyParams<S, Q>& p, int64_t r, int64_t& o,
+                                             int64_t& n) {
+  if (p.offsets == nullptr) {  // sample: one root row per request
+    o = r;
+    n = 1;
+  } else {
+    o = p.offsets[r];
+    n = p.offsets[r + 1] - o;
+  }
+}
+
+template <typename S, typename Q>
+__device__ __forceinline__ double draft_prob(const VerifyParams<S, Q>& p, int64_t row, int64_t v) {
+  if (p.q == nullptr) return 1.0;
+  const double x = static_cast<double>(p.q[row * p.V + v]);
+  if (const int32_t bad = draft_prob_status(x)) atomicOr(p.status, bad);
+  return x;
+}
+
+template <typename S, typename Q>
+__device__ __forceinline__ double coin(const VerifyParams<S, Q>& p, int64_t r, int64_t o,
+                                       int64_t node, uint64_t purpose) {
+  if (p.offsets == nullptr)  // sample: only the root's sampling coin is ever drawn
+    return p.uniforms ? p.uniforms[r] : keyed_uniform(p.seeds[r], p.positions[r], 0, kSampleCoin);
+  return node_coin(p.uniforms, p.seeds, p.positions, r, o, node, purpose);
+}
+
+// Residual mass of token v at request r's final row: e(v), then each rejected sibling in order.
+// rej_node / rej_z are read through L2: the fused kernel's residual blocks read what another
+// block wrote during the same launch.
+template <typename S, typename Q>
+__device__ double residual_at(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
+                              int64_t o, const RowInfo& info, const S* w, int32_t nrej, int64_t v) {
+  double e = row_e(info, v, to_f(w[v]));
+  for (int32_t i = 0; i < nrej; ++i) {
+    const int64_t j = o + __ldcg(ws.rej_node + r * p.W + i);
+    e = residual_step(e, p.q == nullptr, v, p.tokens[j], draft_prob(p, j, v),
+                      __ldcg(ws.rej_z + r * p.W + i));
+  }
+  return e;
+}
+
+// All threads of the block. -1 outputs, then the data checks of request r; returns its status
+// bits. An invalid request is closed here: bits raised, final row -1, count 0.
+template <typename S, typename Q>
+__device__ int32_t open_request(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
+                                int64_t o, int64_t n) {
+  for (int64_t k = threadIdx.x; k < p.W; k += blockDim.x) {
+    p.out_tokens[r * p.W + k] = -1;
+    if (p.out_nodes) p.out_nodes[r * p.W + k] = -1;
+  }
+  __shared__ int32_t s_bad;
+  const int32_t offsets_bad = offsets_status(r, p.R, o, o + n, p.N, p.W);
+  __syncthreads();  // s_bad may still be read by an earlier caller's threads
+  if (threadIdx.x == 0)
+    s_bad =
+        offsets_bad | param_status(p.temperature[r], p.top_k[r], p.top_p[r], p.seeds || p.uniforms);
+  __syncthreads();
+  if (offsets_bad == 0) {
+    int32_t mine = 0;
+    if (p.offsets == nullptr) {
+      if (threadIdx.x == 0 && p.uniforms) mine |= uniform_status(p.uniforms[r]);
+    } else {
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+        const int64_t i = o + j;
+        mine |= node_status(j, p.parents[i], p.tokens[i], p.V);
+        for (int c = 0; p.uniforms && c < 2; ++c) mine |= uniform_status(p.uniforms[i * 2 + c]);
+      }
+    }
+    if (mine) atomicOr(&s_bad, mine);
+  }
+  __syncthreads();
+  const int32_t bad = s_bad;
+  if (bad && threadIdx.x == 0) {
+    atomicOr(p.status, bad);
+    ws.final_row[r] = -1;
+    if (p.out_count) p.out_count[r] = 0;
+  }
+  return bad;
+}
+
+// All threads of the block, after open_request passed and every row of the request has its
+// RowInfo in ws.info. First every thread gathers, in parallel, the facts each node's accept test
+// needs (parent, token, e(token) under the parent's row, q(token), accept coin), into shared
+// memory (or the workspace for requests wider than kWalkSmem); then thread 0 walks the tree,
+// which is a short sequential loop. The block works together only to re-total a full-q residual
+// when another sibling is still to be tried. Ends with ws.final_row / n_rej / accepted / job_u of
+// request r written by thread 0 (not yet visible to other threads: sync before reading).
+constexpr int kWalkSmem = 256;
+
+template <typename S, typename Q>
+__device__ void walk_tree(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
+                          int64_t o, int64_t n) {
+  __shared__ int32_t sm_parent[kWalkSmem], sm_token[kWalkSmem];
+  __shared__ double sm_e[kWalkSmem], sm_q[kWalkSmem], sm_u[kWalkSmem];
+  const bool in_smem = n <= kWalkSmem;
+  int32_t* par = in_smem ? sm_parent : ws.f_parent + o;
+  int32_t* tok = in_smem ? sm_token : ws.f_token + o;
+  double* fe = in_smem ? sm_e : ws.f_e + o;
+  double* fq = in_smem ? sm_q : ws.f_q + o;
+  double* fu = in_smem ? sm_u : ws.f_u + o;
+  __syncthreads();  // the shared arrays may still be read by an earlier caller's threads
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const int64_t parent = p.parents[o + j], x = p.tokens[o + j];
+    par[j] = static_cast<int32_t>(parent);
+    tok[j] = static_cast<int32_t>(x);
+    if (j == 0) continue;
+    const int64_t prow = o + parent;
+    fe[j] = row_e(ws.info[prow], x, to_f(p.logits[prow * p.V + x]));
+    fq[j] = draft_prob(p, o + j, x);
+    fu[j] = coin(p, r, o, j, kAcceptCoin);
+  }
+  enum { kAccept, kReject, kNeedSum, kFinal };
+  __shared__ int32_t s_cur, s_accepted, s_next, s_nrej, s_action;
+  __shared__ double s_z;
+  if (threadIdx.x == 0) {
+    s_cur = 0;
+    s_accepted = 0;
+    if (p.out_nodes) p.out_nodes[r * p.W] = o;
+  }
+  __syncthreads();
+  while (true) {
+    const int64_t row = o + s_cur;
+    const RowInfo info = ws.info[row];
+    const S* w = p.logits + row * p.V;
+    if (threadIdx.x == 0) {
+      s_z = info.total;
+      s_nrej = 0;
+      s_next = s_cur + 1;
+    }
+    __syncthreads();
+    while (true) {
+      if (threadIdx.x == 0) {
+        const int32_t cur = s_cur;
+        int32_t j = s_next;
+        while (j < n && par[j] != cur) ++j;
+        if (j >= n) {
+          s_action = kFinal;
+        } else {
+          const int32_t x = tok[j];
+          // rx: the residual at x after the siblings rejected so far.
+          double rx = fe[j];
+          if (s_nrej > 0 && p.q == nullptr) {  // one-hot: cheap, from the facts in shared memory
+            for (int32_t i = 0; i < s_nrej; ++i)
+              rx = residual_step(rx, true, x, tok[ws.rej_node[r * p.W + i]], 1.0, 0.0);
+          } else if (s_nrej > 0) {
+            rx = residual_at(p, ws, r, o, info, w, s_nrej, x);
+          }
+          if (accepts(fu[j], fq[j], s_z, rx)) {
+            s_action = kAccept;
+          } else {
+            ws.rej_node[r * p.W + s_nrej] = j;
+            ws.rej_z[r * p.W + s_nrej] = s_z;
+            ++s_nrej;
+            if (p.q == nullptr) {
+              s_z = onehot_rejected_total(s_z, rx);
+              s_action = kReject;
+            } else {  // re-total the residual only if another sibling will be tested
+              int32_t k = j + 1;
+              while (k < n && par[k] != cur) ++k;
+              s_action = k < n ? kNeedSum : kFinal;
+            }
+          }
+          s_next = j;
+        }
+      }
+      __syncthreads();
+      const int32_t action = s_action;
+      if (action == kNeedSum) {
+        double part = 0.0;
+        for (int64_t v = threadIdx.x; v < p.V; v += blockDim.x)
+          part += residual_at(p, ws, r, o, info, w, s_nrej, v);
+        part = block_reduce(part, SumOp(), 0.0);
+        if (threadIdx.x == 0) s_z = part;
+      }
+      if (action == kReject || action == kNeedSum) {
+        if (threadIdx.x == 0) ++s_next;
+        __syncthreads();
+        continue;
+      }
+      break;
+    }
+    if (s_action == kFinal) break;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const int32_t j = s_next;
+      p.out_tokens[r * p.W + s_accepted] = tok[j];
+      ++s_accepted;
+      if (p.out_nodes) p.out_nodes[r * p.W + s_accepted] = o + j;
+      s_cur = j;
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    ws.final_row[r] = o + s_cur;
+    ws.n_rej[r] = s_nrej;
+    ws.accepted[r] = s_accepted;
+    ws.job_u[r] = coin(p, r, o, s_cur, kSampleCoin);
+  }
+}
+
+}  // namespace cuda
+}  // namespace dspark
