@@ -19,8 +19,9 @@ the request's temperature / top-k / top-p (the same as the target's) keyed by th
 seed and position p + k - 1, and the exact distribution it was drawn from is what verification
 uses. DFlash samples every slot independently from ``U_k``. Confidence ``z_k = w.[H_d[k];
 W1[x_{k-1}]] + b`` uses the previous token only. With the Markov head the whole stage (bias,
-draws, confidences) is one op, ``dspark.ops.markov_draft`` (``markov_op``, on by default); the
-Python loop stays for the RNN head and as the reference (``markov_op = False``).
+draws, confidences) is one op, ``dspark.ops.markov_draft`` (``markov_op``; default on CPU; on CUDA
+opt-in until its kernels have run on a GPU); the Python loop stays for the RNN head and as the
+reference (``markov_op = False``).
 """
 from __future__ import annotations
 
@@ -227,8 +228,9 @@ class ParallelDrafter(TrainedDrafter):
         self.last_conf_logits: Optional[torch.Tensor] = None  # [B, gamma] raw z_k
         self.k = self.v = None
         # markov_op: the Markov head's sequential stage as one dspark.ops.markov_draft call (not
-        # gamma x (bias GEMV + sample) launches); False keeps the Python loop
-        self.markov_op = True
+        # gamma x (bias GEMV + sample) launches); False keeps the Python loop. None: on CPU; on
+        # CUDA not yet, because its CUDA kernels have not run on a GPU (bench/RESULTS.md)
+        self.markov_op: Optional[bool] = None
         self._w2t = None  # (weight key, W2 [rank, V] contiguous): the layout the op streams
 
     # ---- cache -------------------------------------------------------------------------------
@@ -290,7 +292,10 @@ class ParallelDrafter(TrainedDrafter):
         return m.backbone(tokens, positions, kv, mask)[:, off:off + g]
 
     def _markov_fused(self) -> bool:
-        return self.markov_op and type(self.model.head) is MarkovHead
+        on = self.markov_op
+        if on is None:
+            on = self.model.head is not None and self.model.head.w1.weight.device.type == "cpu"
+        return bool(on) and type(self.model.head) is MarkovHead
 
     def _markov_w2(self) -> torch.Tensor:
         """W2 [rank, V] contiguous (the head's nn.Linear weight is [V, rank]): a transposed copy,
