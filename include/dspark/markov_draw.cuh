@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kMarkovDrawThreads)
   const VerifyParams<float, float> view = row_view(p);
   const int32_t owner = static_cast<int32_t>(r);
   if (is_filtered(p.temperature[r], p.top_k[r], p.top_p[r])) {
-    filtered_row(view, p.ws, r, owner);
+    filtered_row(view, p.ws, r, owner, kChunk);
     __syncthreads();
   }
   const int warp = threadIdx.x >> 5;
