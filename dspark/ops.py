@@ -36,9 +36,10 @@ def sync_checks(enabled: bool):
 @contextlib.contextmanager
 def _verify_impl(name: str):
     """Internal A/B switch: within the block, CUDA ``verify`` / ``sample`` calls run the "fused"
-    kernel (the default) or the "staged" pipeline it replaces. A call captured in a CUDA graph
-    keeps the implementation it was captured with. ``DSPARK_VERIFY_IMPL=staged`` in the
-    environment at import picks the staged one for the whole process."""
+    kernel or the "staged" pipeline (the default until the fused kernel's CUDA tests have passed
+    on a GPU). A call captured in a CUDA graph keeps the implementation it was captured with.
+    ``DSPARK_VERIFY_IMPL=fused`` in the environment at import picks the fused one for the whole
+    process."""
     before = _C.set_verify_impl(name)
     try:
         yield

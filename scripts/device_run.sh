@@ -68,12 +68,12 @@ for stage in "$@"; do
       log sm80; bash bench/check_sm80.sh ;;
     bench)  # fused and staged verify/sample side by side (A/B), bf16 and fp32 logits
       log bench; (cd bench && python3 bench_ops.py --out "$OUT/bench_ops.json") 2>&1 | tail -42 ;;
-    verifytests)  # the verify / sample tests on the GPU (fused kernel; the staged one in A/B tests)
-      log verify-tests
-      (cd tests && timeout 500 python3 -m pytest -q -p no:cacheprovider -k cuda test_verify_fused.py \
+    verifytests)  # the verify / sample tests on the GPU: the fused kernel, then the staged default
+      log verify-tests-fused
+      (cd tests && DSPARK_VERIFY_IMPL=fused timeout 500 python3 -m pytest -q -p no:cacheprovider -k cuda test_verify_fused.py \
         test_verify.py test_sample.py test_verify_contract.py test_distribution.py 2>&1 | tail -15)
       log verify-tests-staged
-      (cd tests && DSPARK_VERIFY_IMPL=staged timeout 300 python3 -m pytest -q -p no:cacheprovider \
+      (cd tests && timeout 300 python3 -m pytest -q -p no:cacheprovider \
         -k cuda test_verify.py test_sample.py test_verify_contract.py 2>&1 | tail -4) ;;
     verifysanitize)  # memcheck + racecheck over random verify/sample batches, multi-slice rows too
       log memcheck
