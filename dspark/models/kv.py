@@ -3,7 +3,8 @@
 Layout: ``k``, ``v`` are [layers, batch, kv_heads, max_len, head_dim]; slot s holds position s of
 the committed sequence. Lengths live with the caller (the engine's committed-token counts): a
 chain rollback is "don't advance the length" (stale slots past it are overwritten later). A tree
-commit is one ``dspark::kv_commit`` launch (every layer, K and V).
+commit is one ``dspark::kv_commit`` (every layer, K and V; on CUDA a PyTorch gather/scatter until
+that kernel has run its tests on a GPU).
 """
 from __future__ import annotations
 
@@ -45,8 +46,19 @@ class KVCache:
         accept_count: [B] accepted drafts. After the call slot start + d holds the accepted
         node at depth d, for d = 0..accept_count. For a chain nothing moves.
         """
+        B, W = accept_nodes.shape
         if node_offsets is None:  # local ids: request b's nodes as flat ids b * W + j
-            B, W = accept_nodes.shape
             node_offsets = torch.arange(B + 1, device=start.device) * W
             accept_nodes = accept_nodes + node_offsets[:-1, None]
-        ops.kv_commit(self.k, self.v, start, accept_nodes, accept_count, node_offsets)
+        if self.k.device.type == "cpu":
+            ops.kv_commit(self.k, self.v, start, accept_nodes, accept_count, node_offsets)
+            return
+        # CUDA: the former gather/scatter until kv_commit's CUDA kernel has passed its tests on a
+        # GPU (bench/RESULTS.md); same result (the reference moves gather before they write)
+        local = (accept_nodes - node_offsets[:-1, None]).clamp(min=0)
+        depth = torch.arange(W, device=start.device)[None, :]
+        dst = start[:, None] + depth  # [B, W]
+        src = torch.where(depth <= accept_count[:, None], start[:, None] + local, dst)
+        bidx = torch.arange(B, device=start.device)[:, None]
+        for buf in (self.k, self.v):
+            buf[:, bidx, :, dst] = buf[:, bidx, :, src]  # [B, W, L, H, D] gathered, then written
