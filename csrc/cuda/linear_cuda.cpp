@@ -13,7 +13,8 @@ namespace {
 at::Tensor fused_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& residual,
-                             const std::optional<at::Tensor>& norm_weight, double eps, bool silu_gate) {
+                             const std::optional<at::Tensor>& norm_weight, double eps,
+                             bool silu_gate) {
   const auto d = check_fused_linear_args(x, weight, bias, residual, norm_weight, eps, silu_gate);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({d.M, d.N}, x.options());
@@ -26,11 +27,14 @@ at::Tensor fused_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   a.residual = ptr_or_null(residual);
   a.norm_weight = ptr_or_null(norm_weight);
   a.out = out.data_ptr();
-  a.M = d.M; a.N = d.N; a.K = d.K;
+  a.M = d.M;
+  a.N = d.N;
+  a.K = d.K;
   a.eps = static_cast<float>(eps);
   a.prologue = d.prologue;
   const cudaError_t err = launch_linear(a, c10::cuda::getCurrentCUDAStream());
-  DSPARK_CHECK(err == cudaSuccess, "dspark::fused_linear kernel launch failed: ", cudaGetErrorString(err));
+  DSPARK_CHECK(err == cudaSuccess,
+               "dspark::fused_linear kernel launch failed: ", cudaGetErrorString(err));
   return out;
 }
 

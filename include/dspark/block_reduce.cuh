@@ -7,7 +7,9 @@ namespace dspark {
 namespace cuda {
 
 struct MaxOp {
-  template <typename T> __device__ __forceinline__ T operator()(T a, T b) const { return a > b ? a : b; }
+  template <typename T> __device__ __forceinline__ T operator()(T a, T b) const {
+    return a > b ? a : b;
+  }
 };
 struct SumOp {
   template <typename T> __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
@@ -47,7 +49,11 @@ __device__ inline double block_exclusive_scan(double v) {
   __syncthreads();
   if (threadIdx.x == 0) {
     double run = 0.0;
-    for (int w = 0; w < nwarps; ++w) { const double s = warp_sums[w]; warp_sums[w] = run; run += s; }
+    for (int w = 0; w < nwarps; ++w) {
+      const double s = warp_sums[w];
+      warp_sums[w] = run;
+      run += s;
+    }
   }
   __syncthreads();
   return warp_sums[warp] + excl;
