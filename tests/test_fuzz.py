@@ -5,7 +5,7 @@ and a one-slot cache among them), then changes at most one argument: its dtype, 
 an empty, non-contiguous, stride-0 or other-device version, None, out-of-range or non-finite
 entries, a bad int / float / str scalar. The op must either raise an exception whose message
 names one of its arguments, or return results of the documented shapes and ranges; a call left
-unchanged must succeed. A crash or a hang fails the run.
+unchanged must succeed. A crash aborts the run and a hang stalls it: both are failures.
 
 The examples are derandomized (the same ones on every run, so CI is reproducible);
 DSPARK_FUZZ_EXAMPLES=N draws N fresh random examples per op instead. On a GPU the cuda variant
