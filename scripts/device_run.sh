@@ -30,10 +30,14 @@ for stage in "$@"; do
       (cd bench && compute-sanitizer --tool memcheck --leak-check no python3 check_cuda.py --cases 12 --small) 2>&1 | tail -6
       log racecheck
       (cd bench && compute-sanitizer --tool racecheck python3 check_cuda.py --cases 6 --small) 2>&1 | tail -6 ;;
-    fuzz)  # tests/test_fuzz.py's CUDA variant under memcheck (out-of-bounds accesses that do not fault)
-      log fuzz-memcheck
-      (cd tests && timeout 590 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \
-        python3 -m pytest -q -p no:cacheprovider test_fuzz.py -k cuda 2>&1 | tail -15) ;;
+    fuzz)  # tests/test_fuzz.py's CUDA variant under memcheck (out-of-bounds accesses that do not
+      # fault), verify/sample through the staged kernels (the default) and the fused one
+      for impl in staged fused; do
+        log "fuzz-memcheck ($impl verify)"
+        (cd tests && DSPARK_VERIFY_IMPL=$impl timeout 290 compute-sanitizer --tool memcheck \
+          --leak-check no --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider test_fuzz.py \
+          -k cuda 2>&1 | tail -15)
+      done ;;
     churn)  # 300 generate calls: flat CUDA memory allocated / reserved (tests/test_churn.py)
       log churn; (cd tests && timeout 300 python3 -m pytest -q -p no:cacheprovider test_churn.py -k cuda 2>&1 | tail -8) ;;
     linear)

@@ -1,5 +1,7 @@
 """examples/: other engines calling dspark's ops, run as tests. hf_transformers_loop.py drives a
-Hugging Face model: greedy output equals model.generate, sampled first tokens fit the model."""
+Hugging Face model: greedy output equals model.generate, sampled first tokens fit the model.
+paged_kv_loop.py keeps a paged KV cache: greedy output equals plain decoding, and kv_commit's
+freed pages leave each request exactly the pages it needs."""
 import importlib.util
 import os
 
@@ -58,3 +60,28 @@ def test_hf_loop_sampled_first_token_fits_the_model(hf, one_thread):
     # the drafts are deterministic (draft_probs=None): a rejected draft has no residual mass, so
     # the first token is the draft exactly when verify accepted it
     assert 0 < counts[draft] < n
+
+
+# ---- paged_kv_loop.py: a paged KV cache, tree drafts, verify + kv_commit -----------------------
+PAGED_PROMPTS = [[1, 2, 3, 1, 2], [5, 6, 7, 8, 5, 6], [9, 9, 4], [7, 3]]
+
+
+@pytest.mark.parametrize("gamma,page_size", [(1, 1), (3, 4), (4, 3)])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_paged_loop(temperature, gamma, page_size):
+    """Greedy output is the toy model's plain greedy decoding; in every run each request ends
+    holding exactly the pages its cached tokens need (kv_commit named every page only rejected
+    nodes used), no page twice, the rest back in the pool."""
+    example = load_example("paged_kv_loop")
+    model = example.ToyLM()
+    out, cache, moved = example.generate(model, PAGED_PROMPTS, 30, gamma, page_size,
+                                         temperature, seed=5)
+    if temperature == 0.0:
+        assert out == [model.greedy(p, 30) for p in PAGED_PROMPTS]
+        assert moved > 0  # some accepted paths ran through the second chain: rows were moved
+    assert all(len(o) == 30 for o in out)
+    held = [cache.table[b][cache.table[b] >= 0].tolist() for b in range(len(PAGED_PROMPTS))]
+    for b, pages in enumerate(held):
+        assert len(pages) == -(-cache.length[b] // page_size), (b, pages, cache.length[b])
+    everything = sum(held, []) + cache.free
+    assert sorted(everything) == list(range(cache.k.shape[1]))

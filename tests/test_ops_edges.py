@@ -92,6 +92,16 @@ def test_empty_batch_every_op(device):
     sps = torch.ones(4, device=device)
     assert dspark.ops.schedule_prefix(conf, lengths, sps).shape == (0,)
     assert int(dspark.ops.schedule_budget(conf, lengths, sps)) == 0
+    kv = torch.zeros(1, 0, 1, 4, 8, device=device)
+    res = dspark.ops.kv_commit(kv, kv.clone(), torch.zeros(0, **i64), torch.zeros(0, 3, **i64),
+                               torch.zeros(0, **i64), torch.zeros(1, **i64))
+    assert res.lengths.shape == (0,) and res.freed_pages.shape[0] == 0
+    draft = dspark.ops.markov_draft(torch.zeros(0, 3, V, device=device), torch.zeros(0, **i64),
+                                    torch.zeros(V, 2, device=device),
+                                    torch.zeros(2, V, device=device), empty_params,
+                                    torch.zeros(0, **i64), torch.zeros(0, **i64),
+                                    return_probs=True)
+    assert draft.tokens.shape == (0, 3) and draft.probs.shape == (0, 3, V)
 
 
 def test_empty_batch_needs_empty_rows():
