@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 from typing import Callable, Optional, TypeVar
 
 import torch
@@ -183,29 +182,3 @@ def shutdown(barrier: bool = True) -> None:
 def who(tp: Optional[TensorParallel]) -> str:
     """' (rank r of w)' for messages every rank prints; '' in a single process."""
     return "" if tp is None else f" (rank {tp.rank} of {tp.world})"
-
-
-def launch(prog: str, device: Optional[str], body: Callable[..., int],
-           errors: tuple = (ValueError,)) -> int:
-    """A CLI command under ``torchrun`` or in a plain process: ``body(tp, device)`` -> exit code,
-    with ``tp`` from :func:`init_from_env` (None in a plain process) and ``device`` this rank's.
-    ``errors`` (and :class:`DistributedError`) become one line on stderr, ``prog: error (rank r
-    of w): ...``, and exit code 2; the process group is torn down in every case."""
-    try:
-        tp = init_from_env(device)
-    except ValueError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    ok = False
-    try:
-        rc = body(tp, local_device(device))
-        ok = True
-        return rc
-    except errors + (DistributedError,) as exc:
-        print(f"{prog}: error{who(tp)}: {exc}", file=sys.stderr)
-        # a DistributedError is raised on every rank, so they all reach the barrier; after a
-        # failure on one rank only the others may never come
-        ok = isinstance(exc, DistributedError)
-        return 2
-    finally:
-        shutdown(barrier=ok)
