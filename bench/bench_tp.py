@@ -125,6 +125,8 @@ def check(tp: TensorParallel, dev: str) -> dict:
 
     target = shard_model(full.to(torch.bfloat16), tp)
     draft = random_transformer(c, seed=0, noise=0.05).to(dev, torch.bfloat16)
+    for m in (target, draft):  # rotary frequencies stay fp32 (Module.to converted them)
+        m.inv_freq = c.inv_freq().to(dev)
     prompts = [[1, 5, 7, 9, 5, 7], [3, 4, 3, 4, 3], [10, 11, 12, 13, 10, 11]]
     kw = dict(max_new_tokens=24, stop_tokens=[])
     ar = SpeculativeEngine(target, batch_invariant=True).generate_autoregressive(prompts, **kw)
