@@ -87,6 +87,9 @@ class BroadcastDrafter(Drafter):
     def graph_key(self) -> tuple:
         return self.inner.graph_key()
 
+    def compile(self, mode=None) -> None:
+        self.inner.compile(mode)  # (only rank 0 calls the compiled bodies)
+
     def setup(self, batch: int, capacity: int) -> None:
         # on every rank: the inner drafter's graph keys must change on every rank together (a
         # stage captured on one rank and run eagerly on another would mismatch the broadcasts)
