@@ -20,7 +20,8 @@ reduce mode and batch size:
   floor (this rank's weight bytes, one embedding row, at the copy bandwidth measured here);
 - ``dspark:<mode>``: rounds with a random-weight DSpark drafter (the target's layer shape,
   Markov head) replicated on every rank or run on rank 0 and broadcast: random drafts are
-  rejected, but every stage costs what a trained drafter's does; round time and its split;
+  rejected, but every stage costs what a trained drafter's does; round time (a step = one CUDA
+  graph) and with ``--stage-times`` its split (``dspark:<mode>/stages``);
 - ``comm``: the runner's decode (B rows) and verify (B (gamma + 1) rows) forwards replayed
   from CUDA graphs as they are and with every collective replaced by a local copy of the same
   size: their difference is the communication's share of the step.
@@ -260,9 +261,10 @@ def timed(engine, fn: str, prompts, new: int) -> tuple:
     step = 1e3 * (m.total_s - m.prefill_s) / m.rounds
     row = dict(step_ms=round(step, 3), rounds=m.rounds, tokens_per_s=round(m.decode_tokens_per_s))
     if m.speculative:
-        row.update(tau=round(m.tau, 3), stages_ms={
-            k: round(1e3 * getattr(m, k + "_s") / m.rounds, 3)
-            for k in ("draft", "target_forward", "accept", "commit", "other")})
+        row["tau"] = round(m.tau, 3)
+    if m.draft_s:  # stage_times: a graph per stage, timed apart
+        row["stages_ms"] = {k: round(1e3 * getattr(m, k + "_s") / m.rounds, 3)
+                            for k in ("draft", "target_forward", "accept", "commit", "other")}
     return row, g.tokens
 
 
@@ -298,12 +300,17 @@ def speed(tp: TensorParallel, dev: str, a) -> dict:
                 row["decode"]["ratio_to_floor"] = round(row["decode"]["step_ms"] / out["floor_ms"],
                                                         3)
             for mode in a.drafter_modes.split(","):
-                eng = SpeculativeEngine(runner, place_drafter(drafter, tp, mode))
-                row[f"dspark:{mode}"], spec = timed(eng, "generate", prompts, a.new)
-                row[f"dspark:{mode}"]["round_over_decode"] = round(
-                    row[f"dspark:{mode}"]["step_ms"] / row["decode"]["step_ms"], 3)
-                row[f"dspark:{mode}"]["greedy_identical"] = spec == ar
-                del eng
+                # a step = one CUDA graph (how the engine runs); then, with --stage-times, a
+                # graph per stage timed apart (the split, at the cost of the extra launches)
+                for split in (False, True) if a.stage_times else (False,):
+                    name = f"dspark:{mode}" + ("/stages" if split else "")
+                    eng = SpeculativeEngine(runner, place_drafter(drafter, tp, mode),
+                                            stage_times=split)
+                    row[name], spec = timed(eng, "generate", prompts, a.new)
+                    row[name]["round_over_decode"] = round(
+                        row[name]["step_ms"] / row["decode"]["step_ms"], 3)
+                    row[name]["greedy_identical"] = spec == ar
+                    del eng
             row["tokens_identical_across_ranks"] = same_on_every_rank(tp, ar)
             row["comm"] = comm_share(model, B, a.gamma, a.prompt_len, dev)
             del runner
@@ -325,6 +332,8 @@ def main() -> int:
     ap.add_argument("--draft-layers", type=int, default=5)
     ap.add_argument("--reduce", default="gather,allreduce")
     ap.add_argument("--drafter-modes", default=",".join(DRAFTER_MODES))
+    ap.add_argument("--stage-times", action="store_true", help="also each DSpark run with its "
+                    "stages graphed and timed apart (draft / target forward / accept / commit)")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--out", default=None)
