@@ -32,6 +32,13 @@ def resolve_device(name: Optional[str]) -> str:
     return name
 
 
+def _error_line(line: str) -> None:
+    # one write per line: the ranks share torchrun's stderr, and print() writes the text and the
+    # newline apart when Python runs unbuffered, so two ranks' lines could interleave
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def launch(prog: str, device: Optional[str], body: Callable[..., int],
            errors: tuple = (ValueError,)) -> int:
     """A subcommand under ``torchrun`` or in a plain process: ``body(tp, device)`` -> exit code,
@@ -45,7 +52,7 @@ def launch(prog: str, device: Optional[str], body: Callable[..., int],
         device = local_device(resolve_device(device))
         tp = init_from_env(device)
     except ValueError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        _error_line(f"{prog}: error: {exc}")
         return 2
     ok = False
     try:
@@ -53,7 +60,7 @@ def launch(prog: str, device: Optional[str], body: Callable[..., int],
         ok = True
         return rc
     except errors + (DistributedError,) as exc:
-        print(f"{prog}: error{who(tp)}: {exc}", file=sys.stderr)
+        _error_line(f"{prog}: error{who(tp)}: {exc}")
         # a DistributedError is raised on every rank, so they all reach the barrier; after a
         # failure on one rank only the others may never come
         ok = isinstance(exc, DistributedError)
