@@ -33,6 +33,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="the runner's fused decode kernels (default: on CUDA)")
+    p.add_argument("--tp-drafter", choices=("replicated", "broadcast"), default="replicated",
+                   help="under torchrun (tensor-parallel target): every rank runs the drafters, "
+                   "or rank 0 runs them and broadcasts their proposals")
     p.add_argument("--nvtx", action="store_true", help="NVTX ranges around every step stage")
     p.add_argument("--stage-times", action=argparse.BooleanOptionalAction, default=None,
                    help="time draft / target forward / accept / commit apart (GPU: one CUDA "
@@ -45,44 +48,60 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_bench_cli(args) -> int:
+    from .cli_common import launch
+
+    # under torchrun: one process per rank, the target tensor-parallel over all of them
+    return launch("dspark bench", args.device, lambda tp, dev: _bench(args, tp, dev),
+                  errors=(ValueError, FileNotFoundError))
+
+
+def _bench(args, tp, device: str) -> int:
     import torch
 
     from .benchmark import format_table, load_prompts, run_bench, save_report
-    from .cli_common import resolve_device
     from .drafters import NgramDrafter, load_drafter
     from .models import ModelRunner, load_model, load_tokenizer
 
-    try:
-        device = resolve_device(args.device)
-        if min(args.batch) < 1 or args.prompts < 1 or args.max_new_tokens < 1:
-            raise ValueError("need --batch, --prompts and --max-new-tokens >= 1")
+    main = tp is None or tp.is_main  # only rank 0 prints and writes
+    if min(args.batch) < 1 or args.prompts < 1 or args.max_new_tokens < 1:
+        raise ValueError("need --batch, --prompts and --max-new-tokens >= 1")
+    if tp is None:
         model = load_model(args.target, device, args.dtype)
-        tok = load_tokenizer(args.target)
-        if tok is None:
-            raise ValueError(f"{args.target!r} has no tokenizer.json")
-        drafters = {}
-        for path in args.drafter:
-            d = load_drafter(path, model, args.gamma)
-            name = getattr(getattr(d, "spec", None), "method", "draft-lm")
-            if name in drafters:
-                name = f"{name}:{os.path.basename(os.path.normpath(path))}"
-            drafters[name] = d
-        if args.ngram:
-            drafters["ngram"] = NgramDrafter(args.gamma or 4, max_ngram=args.ngram)
-        if not drafters:
-            raise ValueError("nothing to compare: give --drafter DIR and/or --ngram N")
-        datasets = {os.path.splitext(os.path.basename(f))[0]:
-                    load_prompts(f, tok, args.prompts, args.prompt_tokens) for f in args.dataset}
-        runner = ModelRunner(model, fused=args.fused)
-        progress = sys.stderr.isatty() if args.progress is None else args.progress
-        report = run_bench(runner, drafters, datasets, temperatures=args.temperature,
-                           batches=args.batch, max_new_tokens=args.max_new_tokens,
-                           seed=args.seed, progress=progress, stage_times=args.stage_times)
-        report["config"] = {k: v for k, v in vars(args).items() if k != "func"}
-        report["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"dspark bench: error: {exc}", file=sys.stderr)
-        return 2
+    else:
+        from .drafters.tp import load_drafter_tp, place_drafter
+        from .models.tp_loader import load_model_tp
+        model = load_model_tp(args.target, tp, device, args.dtype)
+    tok = load_tokenizer(args.target)
+    if tok is None:
+        raise ValueError(f"{args.target!r} has no tokenizer.json")
+    drafters = {}
+    for path in args.drafter:
+        d = (load_drafter(path, model, args.gamma) if tp is None else
+             load_drafter_tp(path, model, tp, args.gamma, mode=args.tp_drafter))
+        inner = getattr(d, "inner", d)
+        name = getattr(getattr(inner, "spec", None), "method", "draft-lm")
+        if name in drafters:
+            name = f"{name}:{os.path.basename(os.path.normpath(path))}"
+        drafters[name] = d
+    if args.ngram:
+        d = NgramDrafter(args.gamma or 4, max_ngram=args.ngram)
+        drafters["ngram"] = d if tp is None else place_drafter(d, tp, args.tp_drafter)
+    if not drafters:
+        raise ValueError("nothing to compare: give --drafter DIR and/or --ngram N")
+    datasets = {os.path.splitext(os.path.basename(f))[0]:
+                load_prompts(f, tok, args.prompts, args.prompt_tokens) for f in args.dataset}
+    runner = ModelRunner(model, fused=args.fused)
+    progress = main and (sys.stderr.isatty() if args.progress is None else args.progress)
+    report = run_bench(runner, drafters, datasets, temperatures=args.temperature,
+                       batches=args.batch, max_new_tokens=args.max_new_tokens,
+                       seed=args.seed, progress=progress, stage_times=args.stage_times)
+    report["config"] = {k: v for k, v in vars(args).items() if k != "func"}
+    report["device"] = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    if tp is not None:
+        report["tensor_parallel"] = {"world": tp.world, "reduce": tp.reduce_mode,
+                                     "drafter": args.tp_drafter}
+    if not main:
+        return 0
     if args.out:
         for path in save_report(report, args.out):
             print(f"wrote {path}", file=sys.stderr)

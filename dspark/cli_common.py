@@ -1,7 +1,8 @@
 """Helpers every `dspark` subcommand shares."""
 from __future__ import annotations
 
-from typing import Optional
+import sys
+from typing import Callable, Optional
 
 
 def resolve_device(name: Optional[str]) -> str:
@@ -29,3 +30,40 @@ def resolve_device(name: Optional[str]) -> str:
         raise ValueError(f"--device {name}: this dspark build has no CUDA kernels "
                          "(dspark.build_info()); rebuild it with nvcc on PATH (README: Install)")
     return name
+
+
+def _error_line(line: str) -> None:
+    # one write per line: the ranks share torchrun's stderr, and print() writes the text and the
+    # newline apart when Python runs unbuffered, so two ranks' lines could interleave
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def launch(prog: str, device: Optional[str], body: Callable[..., int],
+           errors: tuple = (ValueError,)) -> int:
+    """A subcommand under ``torchrun`` or in a plain process: ``body(tp, device)`` -> exit code,
+    with ``tp`` from :func:`dspark.distributed.init_from_env` (None in a plain process) and
+    ``device`` this rank's (``--device`` checked by :func:`resolve_device`). ``errors`` (and
+    :class:`~dspark.distributed.DistributedError`) become one line on stderr, ``prog: error
+    (rank r of w): ...``, and exit code 2; the process group is torn down in every case."""
+    from .distributed import DistributedError, init_from_env, local_device, shutdown, who
+
+    try:
+        device = local_device(resolve_device(device))
+        tp = init_from_env(device)
+    except ValueError as exc:
+        _error_line(f"{prog}: error: {exc}")
+        return 2
+    ok = False
+    try:
+        rc = body(tp, device)
+        ok = True
+        return rc
+    except errors + (DistributedError,) as exc:
+        _error_line(f"{prog}: error{who(tp)}: {exc}")
+        # a DistributedError is raised on every rank, so they all reach the barrier; after a
+        # failure on one rank only the others may never come
+        ok = isinstance(exc, DistributedError)
+        return 2
+    finally:
+        shutdown(barrier=ok)

@@ -50,6 +50,9 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--autoregressive", action="store_true", help="baseline: no drafting")
     p.add_argument("--compare", action="store_true", help="also run the autoregressive baseline "
                    "and report the speedup and whether greedy outputs match")
+    p.add_argument("--tp-drafter", choices=("replicated", "broadcast"), default="replicated",
+                   help="under torchrun (tensor-parallel target): every rank runs the drafter, "
+                   "or rank 0 runs it and broadcasts its proposal")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="token progress bar on stderr (default: when stderr is a terminal)")
@@ -71,44 +74,51 @@ def _prompts(items: list) -> list:
 
 
 def run_generate(args) -> int:
+    from .cli_common import launch
 
-    from .cli_common import resolve_device
+    # under torchrun: one process per rank, the target tensor-parallel over all of them
+    return launch("dspark generate", args.device, lambda tp, dev: _generate(args, tp, dev))
+
+
+def _generate(args, tp, device: str) -> int:
     from .engine import SpeculativeEngine
 
-    try:
-        device = resolve_device(args.device)
-        engine = SpeculativeEngine.from_pretrained(
-            args.target, drafter=args.drafter, ngram=args.ngram, gamma=args.gamma,
-            tree_topk=args.tree_topk, device=device, dtype=args.dtype,
-            compile=args.compile or False, fused=args.fused, batch_invariant=args.batch_invariant)
-        if engine.tokenizer is None:
-            raise ValueError(f"{args.target!r} has no tokenizer.json")
-        prompts = _prompts(args.prompt)
-        if args.batch < 1 or not prompts:
-            raise ValueError("need --batch >= 1 and at least one prompt")
-        n = max(len(prompts), args.batch)
-        prompts = [prompts[i % len(prompts)] for i in range(-(-n // args.batch) * args.batch)]
-        spec = engine.drafter is not None and not args.autoregressive
-        runs = [("speculative" if spec else "autoregressive", spec)]
-        if args.compare and spec:
-            runs.append(("autoregressive", False))
-        report = {}
-        for name, use_spec in runs:
-            texts, metrics = [], []
-            for i in range(0, len(prompts), args.batch):
-                chunk = prompts[i:i + args.batch]
-                kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p,
-                          seed=[args.seed + i + j for j in range(len(chunk))],
-                          progress=sys.stderr.isatty() if args.progress is None else args.progress)
-                gen = (engine.generate if use_spec else engine.generate_autoregressive)(chunk, **kw)
-                texts += gen.text
-                metrics.append(gen.metrics)
-            report[name] = {"text": texts, "metrics": [m.to_dict() for m in metrics],
-                            "summary": [m.summary() for m in metrics]}
-    except ValueError as exc:
-        print(f"dspark generate: error: {exc}", file=sys.stderr)
-        return 2
+    main = tp is None or tp.is_main  # only rank 0 prints
+    if args.compile and tp is not None:
+        raise ValueError("--compile is not supported with a tensor-parallel target")
+    engine = SpeculativeEngine.from_pretrained(
+        args.target, drafter=args.drafter, ngram=args.ngram, gamma=args.gamma,
+        tree_topk=args.tree_topk, device=device, dtype=args.dtype, tp=tp,
+        drafter_mode=args.tp_drafter, compile=args.compile or False, fused=args.fused,
+        batch_invariant=args.batch_invariant)
+    if engine.tokenizer is None:
+        raise ValueError(f"{args.target!r} has no tokenizer.json")
+    prompts = _prompts(args.prompt)
+    if args.batch < 1 or not prompts:
+        raise ValueError("need --batch >= 1 and at least one prompt")
+    n = max(len(prompts), args.batch)
+    prompts = [prompts[i % len(prompts)] for i in range(-(-n // args.batch) * args.batch)]
+    spec = engine.drafter is not None and not args.autoregressive
+    runs = [("speculative" if spec else "autoregressive", spec)]
+    if args.compare and spec:
+        runs.append(("autoregressive", False))
+    report = {}
+    for name, use_spec in runs:
+        texts, metrics = [], []
+        for i in range(0, len(prompts), args.batch):
+            chunk = prompts[i:i + args.batch]
+            kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p,
+                      seed=[args.seed + i + j for j in range(len(chunk))],
+                      progress=main and (sys.stderr.isatty() if args.progress is None
+                                         else args.progress))
+            gen = (engine.generate if use_spec else engine.generate_autoregressive)(chunk, **kw)
+            texts += gen.text
+            metrics.append(gen.metrics)
+        report[name] = {"text": texts, "metrics": [m.to_dict() for m in metrics],
+                        "summary": [m.summary() for m in metrics]}
+    if not main:
+        return 0
     if len(report) == 2:
         tps = [sum(m["new_tokens"] for m in r["metrics"]) / sum(m["total_s"] for m in r["metrics"])
                for r in report.values()]

@@ -106,19 +106,33 @@ class SpeculativeEngine:
     @classmethod
     def from_pretrained(cls, target: str, drafter: Optional[str] = None,
                         ngram: Optional[int] = None, gamma: Optional[int] = None,
-                        tree_topk: int = 1, device="cpu", dtype=None, **kw):
+                        tree_topk: int = 1, device="cpu", dtype=None, tp=None,
+                        drafter_mode: str = "replicated", **kw):
         """Target from an HF checkpoint dir; ``drafter`` a dir of any kind
         (:func:`dspark.drafters.load_drafter`: a trained DSpark / DFlash / EAGLE-3 drafter, or an
         HF causal LM as draft model) or ``ngram`` = max n of prompt lookup. ``gamma`` defaults to
-        a trained drafter's block size, else 4."""
+        a trained drafter's block size, else 4. ``tp``: a :class:`dspark.distributed.
+        TensorParallel` (every rank calls this): the target is loaded shard by shard
+        (``dspark.models.tp``), the drafter ``replicated`` on every rank or run on rank 0 and
+        its proposal ``broadcast`` (``drafter_mode``; see ``dspark.drafters.tp``)."""
         if drafter is not None and ngram is not None:
             raise ValueError("give a drafter dir or ngram, not both")
-        model = load_model(target, device, dtype)
         d = None
-        if drafter is not None:
-            d = load_drafter(drafter, model, gamma, tree_topk=tree_topk)
-        elif ngram is not None:
+        if tp is None:
+            model = load_model(target, device, dtype)
+            if drafter is not None:
+                d = load_drafter(drafter, model, gamma, tree_topk=tree_topk)
+        else:
+            from .drafters.tp import load_drafter_tp
+            from .models.tp_loader import load_model_tp
+            model = load_model_tp(target, tp, device, dtype)
+            if drafter is not None:
+                d = load_drafter_tp(drafter, model, tp, gamma, tree_topk, drafter_mode)
+        if ngram is not None:
             d = NgramDrafter(4 if gamma is None else gamma, max_ngram=ngram)
+            if tp is not None:
+                from .drafters.tp import place_drafter
+                d = place_drafter(d, tp, drafter_mode)
         return cls(model, d, tokenizer=load_tokenizer(target), **kw)
 
     # ---- the speculative step ----------------------------------------------------------------

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched session on the GPU machine: build, CUDA checks, sanitizers, benchmarks.
 # Usage: bash scripts/device_run.sh [build] [check] [tests] [sanitize] [fuzz] [churn] [linear] [engine]
-#        [decode] [bench] [sm80] [verifytests] [verifysanitize]
+#        [decode] [bench] [sm80] [verifytests] [verifysanitize] [tp]
 # (decode: DECODE_VARIANTS=graph,compile,...); results in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -86,6 +86,13 @@ for stage in "$@"; do
       log racecheck
       (cd bench && compute-sanitizer --tool racecheck python3 check_cuda.py --cases 6 --small) 2>&1 | tail -4
       (cd bench && compute-sanitizer --tool racecheck python3 check_cuda.py --cases 2 --small --vocab 20000) 2>&1 | tail -4 ;;
+    tp)  # tensor parallelism over the host's GPUs (NCCL, multicast off): checks, then speed;
+      # one GPU runs a world of one rank (TP_ARGS="--layers 32" fits the 32B shape on an H100)
+      N=${TP_NPROC:-$(nvidia-smi -L | wc -l)}
+      log "gloo tests"; (cd tests && timeout 300 python3 -m pytest -q -p no:cacheprovider test_tensor_parallel.py 2>&1 | tail -4)
+      log "bench_tp over $N GPUs"
+      python3 -m torch.distributed.run --nproc-per-node "$N" bench/bench_tp.py ${TP_ARGS:-} \
+        --out "$OUT/bench_tp_$N.json" 2>&1 | grep -v Warning | tail -40 ;;
   esac
 done
 log done

@@ -55,16 +55,25 @@ def _weight_files(path: str) -> list[str]:
     return files
 
 
-def read_safetensors(file: str, device="cpu", rename=lambda k: k) -> dict:
+class CheckpointError(ValueError):
+    """A checkpoint problem whose message already names the file."""
+
+
+def read_safetensors(file: str, device="cpu", rename=lambda k: k, take=None) -> dict:
     """Tensors of a safetensors file (names mapped by ``rename``; None drops one); ValueError
-    naming the file when it is truncated or not safetensors."""
+    naming the file when it is truncated or not safetensors. ``take(name, slice, file)``, if
+    given, reads part of each tensor from its safetensors slice instead of the whole (and may
+    raise :class:`CheckpointError`)."""
     out = {}
     try:
         with safe_open(file, framework="pt", device=str(device)) as f:
             for key in f.keys():
                 new = rename(key)
                 if new is not None:
-                    out[new] = f.get_tensor(key)
+                    out[new] = f.get_tensor(key) if take is None else \
+                        take(new, f.get_slice(key), file)
+    except CheckpointError:
+        raise  # take's own, naming the file
     except Exception as exc:  # safetensors raises its own SafetensorError (and OSError)
         if isinstance(exc, (KeyboardInterrupt, MemoryError)):
             raise
@@ -104,6 +113,13 @@ def load_state_dict(path: str, dtype: torch.dtype, device, origin: Optional[dict
         part = read_safetensors(file, "cpu", _rename)
         origin.update(dict.fromkeys(part, file))
         raw.update(part)
+    sd = fuse_projections(raw, path, origin)
+    return {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+
+
+def fuse_projections(raw: dict, path: str, origin: dict) -> dict:
+    """Renamed tensors -> ours: q/k/v into ``attn.qkv``, gate/up into ``mlp.gate_up`` (rows
+    concatenated in that order; a tensor-parallel shard concatenates its own slices)."""
     sd = {}
     for key in list(raw):
         for a, b, c, fused in (("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.qkv"),
@@ -120,7 +136,7 @@ def load_state_dict(path: str, dtype: torch.dtype, device, origin: Optional[dict
                 origin[key.replace(a, fused)] = origin[key]
                 sd[key.replace(a, fused)] = torch.cat([raw.pop(p) for p in parts], 0)
     sd.update(raw)
-    return {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    return sd
 
 
 def load_model(path: str, device: Union[str, torch.device] = "cpu",
@@ -130,13 +146,21 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu",
     dtype = resolve_dtype(dtype, path)
     origin = {}
     sd = load_state_dict(path, dtype, device, origin)
+    with torch.device("meta"):
+        model = Transformer(config)
+    return assign_weights(model, sd, path, device, origin)
+
+
+def assign_weights(model: Transformer, sd: dict, path: str, device, origin: dict) -> Transformer:
+    """Put ``sd`` (ours, fused) into a meta-device ``model``; clear errors for missing,
+    unexpected or wrongly shaped weights (``origin``: name -> file; a tied LM head is the
+    embedding)."""
+    config = model.config
     if "lm_head.weight" not in sd:
         if not config.tie_word_embeddings:
             raise ValueError(f"checkpoint {path!r} has no lm_head.weight and does not tie "
                              "embeddings")
         sd["lm_head.weight"] = sd["embed.weight"]
-    with torch.device("meta"):
-        model = Transformer(config)
     expected = set(model.state_dict())
     missing, extra = expected - set(sd), set(sd) - expected
     if missing:

@@ -63,6 +63,9 @@ class ModelRunner:
         if isinstance(compile, str) and compile not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES} (the runner captures "
                              f"its own CUDA graphs), got {compile!r}")
+        if compile and getattr(model, "tp", None) is not None:
+            raise ValueError("compile is not supported with a tensor-parallel model (its "
+                             "collectives are not traced)")
         self.model = model
         self.compile = compile
         self.config = model.config
@@ -102,8 +105,8 @@ class ModelRunner:
             self._pool = None  # a fresh pool: the old one's graphs (and its memory) are gone
             self.cache = None
             cfg = self.config
-            self.cache = KVCache(cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim,
-                                 self.model.dtype, self.device)
+            self.cache = KVCache(cfg.num_layers, batch, self.model.cache_kv_heads, max_len,
+                                 cfg.head_dim, self.model.dtype, self.device)
         return self.cache
 
     # ---- eager entry points ------------------------------------------------------------------

@@ -105,12 +105,20 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = c = config
         self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+        self.layers = nn.ModuleList(self._block(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         for layer, window in zip(self.layers, c.sliding_window):
             layer.attn.window = window or 0
         self.register_buffer("inv_freq", c.inv_freq(), persistent=False)
+
+    def _block(self, c: ModelConfig) -> Block:
+        return Block(c)  # (a tensor-parallel model builds its shards' blocks: models/tp.py)
+
+    @property
+    def cache_kv_heads(self) -> int:
+        """KV heads this model's cache holds (a tensor-parallel shard holds its own heads)."""
+        return self.config.num_kv_heads
 
     @property
     def device(self) -> torch.device:
