@@ -132,6 +132,9 @@ def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), ba
                     t0 = time.perf_counter()
                     tokens, metrics = _generate(eng, fn, prompts, batch, kw, bar)
                     wall = time.perf_counter() - t0
+                    eng.graphs.clear()  # many engines, one GPU: only the running one's graphs
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
                     r = {"dataset": dname, "temperature": temp, "batch": batch, "method": name,
                          "prompts": len(prompts), "wall_s": wall, **_pool(metrics)}
                     if base is None:

@@ -169,15 +169,16 @@ class SpeculativeEngine:
                 positions=vb.positions, max_nodes=vb.max_nodes))
             stage("commit", key, lambda: self._commit(st, root, prop,
                                                       *vb.restore(prop, res, fwd.hidden)))
-        whole = (lambda key, fn: fn()) if split else (lambda key, fn: self.graphs(key, fn))
+        whole = (lambda key, fn, shared=False: fn()) if split else self.graphs
         with contextlib.nullcontext() if split else timer("step"):
             if s is None:  # fixed gamma: the step is one graph (or one per stage)
                 return whole(("step", g), lambda: verify(*draft(), g))
-            # scheduled: the host picks the verify's row bucket between drafting and verifying
+            # scheduled: the host picks the verify's row bucket between drafting and verifying;
+            # the buckets' verify graphs share one memory pool (they return nothing)
             root, prop, lengths = whole(("draft step", g), draft)
             rows = s.rows(st, d, lengths[1])
             key = (*g, *rows)
-            whole(("verify step", key), lambda: verify(root, prop, lengths, key, rows))
+            whole(("verify step", key), lambda: verify(root, prop, lengths, key, rows), True)
 
     def _stage(self, timer: StageTimer, name: str, key: tuple, fn):
         with timer(name):
