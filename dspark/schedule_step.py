@@ -13,15 +13,16 @@ with the host's choice of bucket between them.
 **The row count.** A forward replayed from a CUDA graph has a static shape, so the host must
 know the rows N = sum(l_r + 1) before it queues the forward. It pads N + 1 up to a *bucket*
 (:func:`bucket_rows`: 8..64 in powers of two, then four per octave, so at most ~20 % of the rows
-are padding; one set of graphs per bucket). The rows past N belong to one *scratch request*
-appended to the verify batch (a star of nodes under a root, greedy): the runner writes them to a
-scratch row (no cache slot, no real output) and the verify result of the scratch request is
-dropped, so N itself never has to be known on the device.
+are padding; one verify graph per bucket, all in one shared memory pool). The rows past N
+belong to one *scratch request* appended to the verify batch (a star of nodes under a root,
+greedy): the runner writes them to a scratch row (no cache slot, no real output) and the verify
+result of the scratch request is dropped, so N itself never has to be known on the device.
 
 - ``async``: the budget K of step t is :func:`dspark.ops.schedule_budget` on the confidences of
-  step t - 2 (the first two steps verify every draft), so N <= R + K is known on the host before
-  step t is drafted: the engine runs one step ahead of the GPU and has already waited for step
-  t - 2's end, so reading K from the pinned host copy made at step t - 2 never stalls.
+  step t - 2 (the first two steps: ``first_budget``, default every draft), so N <= R + K is
+  known on the host before step t is drafted: the engine runs one step ahead of the GPU and has
+  already waited for step t - 2's end, so reading K from the pinned host copy made at step
+  t - 2 never stalls.
 - ``sync`` / ``threshold``: l depends on this step's drafts, so the host reads N after the
   scheduling kernel: **one host sync per step**, the cost of these modes. It lets the GPU drain
   (the host queues the forward only after reading N: one launch latency of the next stages,
