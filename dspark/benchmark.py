@@ -6,8 +6,10 @@ temperature and batch size, the autoregressive baseline and each drafter generat
 prompts. Reported per run: tau, per-position conditional acceptance, tokens/s, speedup over the
 baseline, the fraction of requests whose greedy output is identical to the baseline's, and the
 time per round split into draft / target forward / accept (the verify op) / commit / other.
-Results are a JSON file and PNG plots (acceptance by position, speedup by dataset and batch,
-stacked time split) in ``--out``.
+Scheduled verification (``--schedule``) adds runs named ``drafter[mode]`` with their verified
+drafts per request-round and wasted (rejected) share; every run reports per-user tokens/s
+beside the aggregate. Results are a JSON file and PNG plots (acceptance by position, speedup by
+dataset and batch, stacked time split, throughput against per-user speed) in ``--out``.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import torch
 
 from .metrics import Metrics
 
-STAGE_FIELDS = ("draft_s", "target_forward_s", "accept_s", "commit_s", "step_s", "other_s")
+STAGE_FIELDS = ("draft_s", "schedule_s", "target_forward_s", "accept_s", "commit_s", "step_s",
+                "other_s")
 
 
 def load_prompts(path: str, tokenizer, limit: Optional[int], max_tokens: int) -> list:
@@ -45,6 +48,20 @@ def _pool(metrics: Sequence[Metrics]) -> dict:
             hist = h if hist is None else hist + h
     out["rounds"] = rounds
     out["tokens_per_s"] = out["new_tokens"] / out["total_s"] if out["total_s"] else 0.0
+    out["user_tokens_per_s"] = sum(m.user_tokens_per_s for m in metrics) / len(metrics)
+    spec = [m for m in metrics if m.speculative]
+    if spec:  # verify budgets: drafts verified per request-round, rejected ones, forward rows
+        req = sum(m.request_rounds for m in spec)
+        out["schedule"] = spec[0].schedule
+        out["verified_per_request"] = sum(m.verified_per_request * m.request_rounds
+                                          for m in spec) / max(1, req)
+        out["wasted_tokens"] = sum(m.wasted_tokens for m in spec)
+        out["wasted_fraction"] = out["wasted_tokens"] / max(1, sum(
+            round(m.verified_per_request * m.request_rounds) for m in spec))
+        out["forward_rows"] = sum(m.forward_rows for m in spec)
+        for k in ("theta_predicted", "theta_achieved"):
+            if all(getattr(m, k) is not None for m in spec):
+                out[k] = sum(getattr(m, k) * m.rounds for m in spec) / max(1, rounds)
     if hist is not None and hist.sum() > 0:
         k = torch.arange(len(hist), dtype=torch.float64)
         reached = hist.flip(0).cumsum(0).flip(0)
@@ -72,15 +89,28 @@ def _generate(engine, fn: str, prompts: list, batch: int, kw: dict, bar) -> tupl
 
 def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), batches=(1,),
               max_new_tokens: int = 128, seed: int = 0, progress: bool = False,
-              stage_times: Optional[bool] = None) -> dict:
+              stage_times: Optional[bool] = None, schedules: Sequence[str] = ("fixed",),
+              sps=None) -> dict:
     """target: a ModelRunner; drafters: name -> Drafter; datasets: name -> token prompts.
-    Returns {"runs": [...]} with one entry per (dataset, temperature, batch, method).
-    stage_times: split each round's time into draft / target forward / accept / commit (on GPU
-    one graph per stage: slower rounds); default off on GPU (one graph per step: "step")."""
+    Returns {"runs": [...], "skipped": [...]} with one run per (dataset, temperature, batch,
+    method). stage_times: split each round's time into draft / schedule / target forward /
+    accept / commit (on GPU one graph per stage: slower rounds); default off on GPU (one graph
+    per step: "step"). schedules: verify budgets run for every drafter ("fixed", "sync",
+    "async", "threshold:X"; a scheduled method is named "drafter[mode]"; a drafter a mode cannot
+    schedule is skipped and listed in ``skipped``); sps: their table."""
     from .engine import SpeculativeEngine
-    engines = {"autoregressive": SpeculativeEngine(target)}
-    engines.update({n: SpeculativeEngine(target, d, stage_times=stage_times)
-                    for n, d in drafters.items()})
+    from .scheduler import parse_schedule
+    for spec in schedules:
+        parse_schedule(spec)  # bad specs are errors, not skips
+    engines, skipped = {"autoregressive": SpeculativeEngine(target)}, []
+    for n, d in drafters.items():
+        for spec in schedules:
+            name = n if spec == "fixed" else f"{n}[{spec}]"
+            try:
+                engines[name] = SpeculativeEngine(target, d, stage_times=stage_times,
+                                                  schedule=spec, sps=sps)
+            except ValueError as exc:  # e.g. a drafter without a confidence head
+                skipped.append({"method": name, "reason": str(exc)})
     total = len(datasets) * len(temperatures) * len(batches) * len(engines)
     bar = None
     if progress:
@@ -88,9 +118,12 @@ def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), ba
         bar = tqdm(total=total * max(len(p) for p in datasets.values()), unit="prompt",
                    desc="bench")
     runs = []
-    for dname, prompts in datasets.items():
+    for dname, prompt_set in datasets.items():
         for temp in temperatures:
             for batch in batches:
+                # a batch larger than the prompt set cycles it (concurrency sweeps)
+                prompts = (prompt_set * -(-batch // len(prompt_set)))[:max(batch,
+                                                                         len(prompt_set))]
                 kw = dict(max_new_tokens=max_new_tokens, temperature=temp, seed=seed)
                 base = None
                 for name, eng in engines.items():
@@ -99,6 +132,9 @@ def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), ba
                     t0 = time.perf_counter()
                     tokens, metrics = _generate(eng, fn, prompts, batch, kw, bar)
                     wall = time.perf_counter() - t0
+                    eng.graphs.clear()  # many engines, one GPU: only the running one's graphs
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
                     r = {"dataset": dname, "temperature": temp, "batch": batch, "method": name,
                          "prompts": len(prompts), "wall_s": wall, **_pool(metrics)}
                     if base is None:
@@ -111,7 +147,7 @@ def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), ba
                     runs.append(r)
     if bar is not None:
         bar.close()
-    return {"runs": runs}
+    return {"runs": runs, "skipped": skipped}
 
 
 def format_table(report: dict) -> str:
@@ -120,24 +156,31 @@ def format_table(report: dict) -> str:
     runs = report["runs"]
     for dname in dict.fromkeys(r["dataset"] for r in runs):
         lines.append(f"== {dname}")
-        lines.append(f"{'T':>4} {'batch':>5} {'method':<16} {'tau':>5} {'tok/s':>8} "
-                     f"{'speedup':>7} {'identical':>9}  ms/round: draft fwd accept commit step "
-                     f"other | per-position")
+        lines.append(f"{'T':>4} {'batch':>5} {'method':<22} {'tau':>5} {'tok/s':>8} "
+                     f"{'user':>7} {'speedup':>7} {'identical':>9} {'verify':>6} {'waste':>5}  "
+                     f"ms/round: draft sched fwd accept commit step other | per-position")
         for r in (r for r in runs if r["dataset"] == dname):
             rm = r["round_ms"]
             pos = " ".join(f"{p:.2f}" for p in r.get("position_acceptance", []))
             ident = r.get("greedy_identical_fraction")
+            ver = f"{r['verified_per_request']:.2f}" if "verified_per_request" in r else ""
+            waste = f"{r['wasted_fraction']:.0%}" if "wasted_fraction" in r else ""
             lines.append(
-                f"{r['temperature']:>4g} {r['batch']:>5} {r['method']:<16} "
+                f"{r['temperature']:>4g} {r['batch']:>5} {r['method']:<22} "
                 f"{r.get('tau', 1.0):>5.2f} {r['tokens_per_s']:>8.1f} "
-                f"{r.get('speedup', 1.0):>6.2f}x {'' if ident is None else f'{ident:.0%}':>9}  "
-                f"{rm['draft']:.3f} {rm['target_forward']:.3f} {rm['accept']:.3f} "
-                f"{rm['commit']:.3f} {rm['step']:.3f} {rm['other']:.3f}  | {pos}")
+                f"{r['user_tokens_per_s']:>7.1f} {r.get('speedup', 1.0):>6.2f}x "
+                f"{'' if ident is None else f'{ident:.0%}':>9} {ver:>6} {waste:>5}  "
+                f"{rm['draft']:.3f} {rm['schedule']:.3f} {rm['target_forward']:.3f} "
+                f"{rm['accept']:.3f} {rm['commit']:.3f} {rm['step']:.3f} {rm['other']:.3f}  "
+                f"| {pos}")
+    for s in report.get("skipped", []):
+        lines.append(f"skipped {s['method']}: {s['reason']}")
     return "\n".join(lines)
 
 
 def write_plots(report: dict, out_dir: str) -> list:
-    """acceptance_by_position.png, speedup.png, time_split.png in ``out_dir``; returns paths."""
+    """acceptance_by_position.png, speedup.png, time_split.png, throughput_vs_user.png in
+    ``out_dir``; returns paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -167,7 +210,7 @@ def write_plots(report: dict, out_dir: str) -> list:
 
     fig, ax = plt.subplots(figsize=(max(7.0, 0.35 * len(runs)), 4.5))
     bottom = [0.0] * len(runs)
-    for stage in ("draft", "target_forward", "accept", "commit", "step", "other"):
+    for stage in ("draft", "schedule", "target_forward", "accept", "commit", "step", "other"):
         vals = [r["round_ms"][stage] for r in runs]
         ax.bar(range(len(runs)), vals, bottom=bottom, label=stage.replace("_", " "))
         bottom = [b + v for b, v in zip(bottom, vals)]
@@ -176,6 +219,20 @@ def write_plots(report: dict, out_dir: str) -> list:
     ax.set(ylabel="ms per round (decode step)", title="Time split per round")
     ax.legend(fontsize=7)
     paths.append(_save(fig, out_dir, "time_split.png"))
+
+    # aggregate throughput against per-user speed across batch sizes (the paper's Fig. 7)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in dict.fromkeys((r["method"], r["dataset"], r["temperature"]) for r in runs):
+        pts = sorted((r["batch"], r["user_tokens_per_s"], r["tokens_per_s"]) for r in runs
+                     if (r["method"], r["dataset"], r["temperature"]) == key)
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o",
+                label=f"{key[0]} {key[1]} T={key[2]:g}")
+        for b, x, y in pts:
+            ax.annotate(str(b), (x, y), fontsize=5)
+    ax.set(xlabel="per-user tokens/s", ylabel="aggregate tokens/s",
+           title="Throughput vs per-user speed (points: batch size)")
+    ax.legend(fontsize=6)
+    paths.append(_save(fig, out_dir, "throughput_vs_user.png"))
     return paths
 
 

@@ -26,8 +26,13 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, nargs="+", default=[0.0])
     p.add_argument("--batch", type=int, nargs="+", default=[1])
-    p.add_argument("--gamma", type=int, default=None, help="draft depth (default: a trained "
-                   "drafter's block size, else 4)")
+    p.add_argument("--gamma", type=int, nargs="+", default=[None], help="draft depths, each "
+                   "a run of every drafter (default: a trained drafter's block size, else 4)")
+    p.add_argument("--schedule", nargs="+", default=["fixed"], metavar="MODE",
+                   help="verify budgets, each a run of every drafter: fixed | sync | async | "
+                   "threshold:X (scheduled modes need a DSpark drafter; others are skipped)")
+    p.add_argument("--sps", default=None, metavar="JSON", help="steps-per-second table for the "
+                   "scheduled runs (default: the target's cached table, measured if missing)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
@@ -75,17 +80,19 @@ def _bench(args, tp, device: str) -> int:
     if tok is None:
         raise ValueError(f"{args.target!r} has no tokenizer.json")
     drafters = {}
-    for path in args.drafter:
-        d = (load_drafter(path, model, args.gamma) if tp is None else
-             load_drafter_tp(path, model, tp, args.gamma, mode=args.tp_drafter))
-        inner = getattr(d, "inner", d)
-        name = getattr(getattr(inner, "spec", None), "method", "draft-lm")
-        if name in drafters:
-            name = f"{name}:{os.path.basename(os.path.normpath(path))}"
-        drafters[name] = d
-    if args.ngram:
-        d = NgramDrafter(args.gamma or 4, max_ngram=args.ngram)
-        drafters["ngram"] = d if tp is None else place_drafter(d, tp, args.tp_drafter)
+    for gamma in args.gamma:  # one drafter per depth (the engine sets a drafter's gamma)
+        tag = f" g{gamma}" if len(args.gamma) > 1 else ""
+        for path in args.drafter:
+            d = (load_drafter(path, model, gamma) if tp is None else
+                 load_drafter_tp(path, model, tp, gamma, mode=args.tp_drafter))
+            inner = getattr(d, "inner", d)
+            name = getattr(getattr(inner, "spec", None), "method", "draft-lm")
+            if name + tag in drafters:
+                name = f"{name}:{os.path.basename(os.path.normpath(path))}"
+            drafters[name + tag] = d
+        if args.ngram:
+            d = NgramDrafter(gamma or 4, max_ngram=args.ngram)
+            drafters["ngram" + tag] = d if tp is None else place_drafter(d, tp, args.tp_drafter)
     if not drafters:
         raise ValueError("nothing to compare: give --drafter DIR and/or --ngram N")
     datasets = {os.path.splitext(os.path.basename(f))[0]:
@@ -94,7 +101,8 @@ def _bench(args, tp, device: str) -> int:
     progress = main and (sys.stderr.isatty() if args.progress is None else args.progress)
     report = run_bench(runner, drafters, datasets, temperatures=args.temperature,
                        batches=args.batch, max_new_tokens=args.max_new_tokens,
-                       seed=args.seed, progress=progress, stage_times=args.stage_times)
+                       seed=args.seed, progress=progress, stage_times=args.stage_times,
+                       schedules=args.schedule, sps=args.sps)
     report["config"] = {k: v for k, v in vars(args).items() if k != "func"}
     report["device"] = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     if tp is not None:

@@ -47,6 +47,13 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
                    help="run every decode / verify call on the dspark kernels, whatever the rows: "
                    "greedy speculative == greedy autoregressive at any batch size (slower than "
                    "cuBLAS above 64 rows)")
+    p.add_argument("--schedule", default="fixed", metavar="MODE",
+                   help="verify budgets: fixed (every draft, default) | sync | async | "
+                   "threshold:X (DSpark drafters: verify each request's prefix by calibrated "
+                   "confidence and the target's steps-per-second table)")
+    p.add_argument("--sps", default=None, metavar="JSON", help="steps-per-second table for "
+                   "--schedule sync/async (default: the target's cached table from `dspark "
+                   "profile-sps`, measured now if there is none)")
     p.add_argument("--autoregressive", action="store_true", help="baseline: no drafting")
     p.add_argument("--compare", action="store_true", help="also run the autoregressive baseline "
                    "and report the speedup and whether greedy outputs match")
@@ -90,7 +97,8 @@ def _generate(args, tp, device: str) -> int:
         args.target, drafter=args.drafter, ngram=args.ngram, gamma=args.gamma,
         tree_topk=args.tree_topk, device=device, dtype=args.dtype, tp=tp,
         drafter_mode=args.tp_drafter, compile=args.compile or False, fused=args.fused,
-        batch_invariant=args.batch_invariant)
+        batch_invariant=args.batch_invariant,
+        schedule=args.schedule, sps=args.sps)
     if engine.tokenizer is None:
         raise ValueError(f"{args.target!r} has no tokenizer.json")
     prompts = _prompts(args.prompt)

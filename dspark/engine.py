@@ -23,7 +23,9 @@ from .graphs import StageGraphs
 from .metrics import Metrics, StageTimer, clip_rounds
 from .models import ModelRunner, Transformer, load_model, load_tokenizer
 from .models.transformer import FUSED_MAX_BLOCK
-from .ops import VerifyResult, sampling_tensors
+from .ops import sampling_tensors
+from .schedule_step import SPSSource, VerifyBatch, VerifyScheduler
+from .scheduler import parse_schedule
 from .state import SpecState, cache_len
 
 Prompt = Union[str, Sequence[int]]
@@ -65,7 +67,9 @@ class SpeculativeEngine:
                  *, gamma: Optional[int] = None, tokenizer=None, max_len: Optional[int] = None,
                  use_cuda_graphs: Optional[bool] = None, compile: Union[bool, str] = False,
                  fused: Optional[bool] = None, batch_invariant: bool = False,
-                 nvtx: bool = False, stage_times: Optional[bool] = None):
+                 nvtx: bool = False, stage_times: Optional[bool] = None,
+                 schedule: Union[None, str, VerifyScheduler] = None, sps: SPSSource = None,
+                 bucket_rows: Optional[bool] = None):
         # fused: the runner's dspark::fused_linear / decode_attention path for calls of up to
         # FUSED_MAX_ROWS rows (None: on for CUDA); batch_invariant: that path for every decode /
         # verify call (greedy speculative == greedy autoregressive at any batch size, bf16
@@ -74,7 +78,12 @@ class SpeculativeEngine:
         # use_cuda_graphs: the runner's forwards and the engine's step stages (None: on CUDA);
         # nvtx: an NVTX range around every stage (for Nsight Systems); stage_times: time (and
         # on GPU graph) the draft / target forward / accept / commit stages apart (None: on CPU,
-        # where it is free; off on GPU, where a step is one graph replay: fewer launches)
+        # where it is free; off on GPU, where a step is one graph replay: fewer launches);
+        # schedule: "fixed" (None: every draft verified) | "sync" | "async" | "threshold:X", or
+        # a VerifyScheduler (dspark/schedule_step.py); sps: its steps-per-second table (None: the
+        # runner's cached table, profiled on first use; a JSON path; an SPSTable; or the values
+        # SPS(1), ...); bucket_rows: pad scheduled verifies to graph buckets (None: when graphs
+        # are on)
         if not isinstance(target, ModelRunner):
             target = ModelRunner(target, use_cuda_graphs, compile=compile, fused=fused,
                                  batch_invariant=batch_invariant)
@@ -100,6 +109,21 @@ class SpeculativeEngine:
         self.stage_times = (self.target.device.type != "cuda" or nvtx) if stage_times is None \
             else stage_times
         self.graphs = StageGraphs(self.target.use_cuda_graphs)
+        self.scheduler: Optional[VerifyScheduler] = None
+        if isinstance(schedule, VerifyScheduler):
+            self.scheduler = schedule
+        elif schedule is not None and parse_schedule(schedule)[0] != "fixed":
+            self.scheduler = VerifyScheduler(schedule, sps, bucket_rows)
+        if self.scheduler is not None:
+            if getattr(self.target.model, "tp", None) is not None:
+                # each rank would profile its own SPS table and could pick another row bucket
+                # than its peers: their collectives would then wait on each other forever
+                raise ValueError(f"schedule {self.scheduler.spec!r} is not supported with a "
+                                 f"tensor-parallel target yet: use schedule 'fixed'")
+            if self.scheduler.buckets is None:
+                self.scheduler.buckets = self.target.use_cuda_graphs
+            if drafter is not None:
+                self.scheduler.check(drafter)
         self._states: dict = {}  # (batch, capacity, stop width) -> persistent SpecState
         self._flags = None  # pinned host flags + events of the one-step-ahead loop
 
@@ -136,39 +160,55 @@ class SpeculativeEngine:
         return cls(model, d, tokenizer=load_tokenizer(target), **kw)
 
     # ---- the speculative step ----------------------------------------------------------------
-    def _step(self, st: SpecState, timer: StageTimer) -> VerifyResult:
-        """One speculative step for all requests; no host sync inside. On GPU the step replays
-        one CUDA graph, or one per stage with ``stage_times`` (keyed by the buffers they read);
-        every value crossing stages is a graph output, so it is static."""
-        d, W, g = self.drafter, self.drafter.max_nodes, self._graph_key(st)
+    def _step(self, st: SpecState, timer: StageTimer) -> None:
+        """One speculative step for all requests; no host sync inside (but the row count of a
+        sync / threshold scheduled step: dspark/schedule_step.py). On GPU the step replays one
+        CUDA graph, or one per stage with ``stage_times`` (keyed by the buffers they read; a
+        scheduled step: the draft and its verify lengths, then the verify of the row bucket the
+        host picked); every value crossing stages is a graph output, so it is static."""
+        d, W, g, s = self.drafter, self.drafter.max_nodes, self._graph_key(st), self.scheduler
         split = self.stage_times
-        stage = (lambda name, fn: self._stage(timer, name, g, fn)) if split else \
-            (lambda name, fn: fn())
+        stage = (lambda name, key, fn: self._stage(timer, name, key, fn)) if split else \
+            (lambda name, key, fn: fn())
 
-        def body():
-            # packed trees: [N] tokens/parents, [N, V] probs | None, [B+1] offsets
-            root, prop = stage("draft", lambda: (st.anchor_pos(), d.propose(st)))
-            fwd = stage("target forward", lambda: self.target.forward_tree(  # logits [N, V]
-                prop.draft_tokens, prop.parents, prop.node_offsets, root, W, d.target_taps))
-            res = stage("accept", lambda: ops.verify(  # out_tokens / accept_nodes [B, W], [B]
-                fwd.logits, prop.node_offsets, prop.draft_tokens, prop.parents, prop.draft_probs,
-                st.params, seeds=st.seeds, positions=root, max_nodes=W))
-            stage("commit", lambda: self._commit(st, root, prop, fwd, res))
-            return res
-        if split:
-            return body()
-        with timer("step"):
-            return self.graphs(("step", g), body)
+        def draft():  # packed trees: [N] tokens/parents, [N, V] probs | None, [B+1] offsets
+            root, prop = stage("draft", g, lambda: (st.anchor_pos(), d.propose(st)))
+            lengths = None if s is None else stage("schedule", g, lambda: s.lengths(st, d))
+            return root, prop, lengths  # scheduled: l [B] and sum(l)
+
+        def verify(root, prop, lengths, key, rows=None):  # rows: (count, scratch width)
+            vb = VerifyBatch.full(prop, st, root, W) if s is None else stage(
+                "schedule", key, lambda: s.pack(st, prop, root, lengths[0], *rows))
+            fwd = stage("target forward", key, lambda: self.target.forward_tree(  # [N, V]
+                vb.proposal.draft_tokens, vb.proposal.parents, vb.forward_offsets(), root, W,
+                d.target_taps, vb.padded))
+            res = stage("accept", key, lambda: ops.verify(  # out_tokens / accept_nodes [B', W']
+                fwd.logits, vb.proposal.node_offsets, vb.proposal.draft_tokens,
+                vb.proposal.parents, vb.proposal.draft_probs, vb.params, seeds=vb.seeds,
+                positions=vb.positions, max_nodes=vb.max_nodes))
+            stage("commit", key, lambda: self._commit(st, root, prop,
+                                                      *vb.restore(prop, res, fwd.hidden)))
+        whole = (lambda key, fn, shared=False: fn()) if split else self.graphs
+        with contextlib.nullcontext() if split else timer("step"):
+            if s is None:  # fixed gamma: the step is one graph (or one per stage)
+                return whole(("step", g), lambda: verify(*draft(), g))
+            # scheduled: the host picks the verify's row bucket between drafting and verifying;
+            # the buckets' verify graphs share one memory pool (they return nothing)
+            root, prop, lengths = whole(("draft step", g), draft)
+            rows = s.rows(st, d, lengths[1])
+            key = (*g, *rows)
+            whole(("verify step", key), lambda: verify(root, prop, lengths, key, rows), True)
 
     def _stage(self, timer: StageTimer, name: str, key: tuple, fn):
         with timer(name):
             return self.graphs((name, key), fn)
 
-    def _commit(self, st, root, prop, fwd, res) -> None:
+    def _commit(self, st, root, prop, res, hidden) -> None:
+        """res: [B, W] in ``prop``'s numbering; hidden: taps [n, N, hidden] of prop's rows."""
         if not self.drafter.is_chain:  # tree: the accepted path's K/V into slots root + depth
             self.target.commit(root, res.accept_nodes, res.accept_count, prop.node_offsets)
         st.commit(res.out_tokens, res.accept_count)  # chain rollback = lengths only
-        self.drafter.commit(st, prop, res, root, fwd.hidden)
+        self.drafter.commit(st, prop, res, root, hidden)
 
     def _decode_step(self, st: SpecState, timer: StageTimer) -> None:
         """One autoregressive step (the baseline): decode, sample, commit, as one graph."""
@@ -181,10 +221,12 @@ class SpeculativeEngine:
             self.graphs(("decode", self._graph_key(st)), step)
 
     def _graph_key(self, st: SpecState) -> tuple:
-        """What the stage graphs read: the state buffers, the target's KV cache, the drafter."""
-        d = self.drafter
+        """What the stage graphs read: the state buffers, the target's KV cache, the drafter (and
+        the scheduler's buffers)."""
+        d, s = self.drafter, self.scheduler
         drafter = () if d is None else (id(d), d.max_nodes, d.graph_key())
-        return (st.serial, self.target.cache_serial, drafter)
+        key = (st.serial, self.target.cache_serial, drafter)
+        return key if s is None else (*key, s.graph_key())
 
     def _run(self, st: SpecState, step, bar: bool) -> None:
         """Run ``step`` until no request is active. On CUDA the host stays one step ahead: it
@@ -222,13 +264,18 @@ class SpeculativeEngine:
         stop_tokens (ids for all requests or one list per request; default: the target's EOS)."""
         if self.drafter is None:
             raise ValueError("this engine has no drafter: use generate_autoregressive()")
-        t0 = time.perf_counter()
         d = self.drafter
+        if self.scheduler is not None:  # an SPS table (profiled now if none is cached: untimed)
+            self.scheduler.check(d)
+            self.scheduler.prepare(self.target, len(self._tokenize(prompts)), d.max_nodes)
+        t0 = time.perf_counter()
         bar = kw.pop("progress", False)
         st, timer, hidden = self._start(prompts, d.target_taps, kw, speculative=True)
         with timer("prefill"):
             d.setup(st.batch, st.capacity)
             d.start(st, hidden)
+            if self.scheduler is not None:
+                self.scheduler.start(st, d)
         if not d.graphable:
             self.graphs.clear()
         with self._graphs_enabled(d.graphable):
@@ -353,8 +400,15 @@ class SpeculativeEngine:
         # returned (its first token came from the prefill, not from a round)
         acc, act = clip_rounds(acc, act, [max(len(g) - 1, 0) for g in out])
         keep = act.any(1)  # drop the one step run after every request finished
+        sched = {}
+        s = self.scheduler if gamma else None
+        if s is not None:  # what the scheduler verified and expected, per round
+            sched = dict(verified=st.round_verified[:rounds].cpu()[keep],
+                         expected=st.round_expected[:rounds].cpu()[keep], sps=s.table,
+                         rows=[r for r, k in zip(s.rows_log, keep.tolist()) if k],
+                         schedule=s.spec)
         metrics = Metrics.from_rounds(gamma, acc[keep], act[keep], sum(map(len, out)), times,
-                                      total)
+                                      total, user_tokens=[len(g) for g in out], **sched)
         text = None
         if self.tokenizer is not None:
             text = [self.tokenizer.decode(g, skip_special_tokens=True) for g in out]

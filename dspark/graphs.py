@@ -12,6 +12,11 @@ twice) and replays the capture for that step and every later one. ``fn``'s outpu
 static tensors, overwritten by each replay. Everything ``fn`` reads must be a tensor that stays
 at the same address while the key is in use: the key names the buffers' shapes, and whoever owns
 the buffers clears the graphs when they are reallocated.
+
+``shared=True`` captures into one memory pool shared by all such graphs: for graphs that are
+never in flight together and return nothing (every tensor they allocate is dead once they end;
+what they produce lands in persistent buffers), such as the verify of each row bucket of a
+scheduled step, memory then grows with the largest of them rather than with their sum.
 """
 from __future__ import annotations
 
@@ -25,15 +30,17 @@ class StageGraphs:
         self.enabled = enabled
         self._graphs: dict = {}  # key -> (graph, outputs)
         self._seen: set = set()
+        self._pool = None  # the shared graphs' memory pool
 
     def clear(self) -> None:
         self._graphs.clear()
         self._seen.clear()
+        self._pool = None
 
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def __call__(self, key: Hashable, fn: Callable):
+    def __call__(self, key: Hashable, fn: Callable, shared: bool = False):
         if not self.enabled or torch.cuda.is_current_stream_capturing():
             return fn()
         entry = self._graphs.get(key)
@@ -42,8 +49,12 @@ class StageGraphs:
                 self._seen.add(key)
                 return fn()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # records the kernels; nothing runs yet
-                out = fn()
+            if shared and self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool if shared else None):
+                out = fn()  # records the kernels; nothing runs yet
+            if shared and out is not None:
+                raise ValueError(f"a shared-pool graph must return nothing ({key!r})")
             entry = self._graphs[key] = (graph, out)
         graph, out = entry
         graph.replay()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import torch
 
@@ -42,10 +43,11 @@ class StageTimer:
         return {k: sum(b - a for a, b in v) for k, v in self._spans.items()}
 
 
-# Stages a step is timed in (StageTimer names): the drafter's proposal, the target's forward over
-# the proposed tokens (autoregressive decoding: the whole decode step), the acceptance op
+# Stages a step is timed in (StageTimer names): the drafter's proposal, the verify lengths of a
+# scheduled step (dspark/schedule_step.py: the scheduling op and the packing), the target's forward
+# over the verified tokens (autoregressive decoding: the whole decode step), the acceptance op
 # (dspark.ops.verify) and the commit (KV compaction, state and drafter updates).
-STAGES = ("draft", "target forward", "accept", "commit")
+STAGES = ("draft", "schedule", "target forward", "accept", "commit")
 
 
 def clip_rounds(accept: torch.Tensor, active: torch.Tensor,
@@ -76,14 +78,29 @@ class Metrics:
     accept_hist: list = field(default_factory=list)  # request-rounds with k accepted, k = 0..gamma
     prefill_s: float = 0.0
     draft_s: float = 0.0
+    schedule_s: float = 0.0
     target_forward_s: float = 0.0
     accept_s: float = 0.0
     commit_s: float = 0.0
     step_s: float = 0.0  # whole steps, when the stages are not timed apart (stage_times off)
     other_s: float = 0.0  # the host loop and anything outside the timed stages
     total_s: float = 0.0
-    tokens_per_s: float = 0.0  # new_tokens / total_s (prefill included)
+    tokens_per_s: float = 0.0  # new_tokens / total_s (prefill included): aggregate throughput
     decode_tokens_per_s: float = 0.0  # new_tokens / (total_s - prefill_s)
+    user_tokens_per_s: float = 0.0  # mean over requests of tokens / (its rounds x time/round)
+    # verify budgets: "fixed" (every draft verified) or the scheduler's mode
+    schedule: str = "fixed"
+    verified_per_request: float = 0.0  # drafts verified per request-round
+    verified_hist: list = field(default_factory=list)  # request-rounds verifying l, l = 0..gamma
+    wasted_tokens: int = 0  # verified drafts that were rejected
+    wasted_fraction: float = 0.0  # of the verified drafts
+    forward_rows: int = 0  # rows of the target forwards (finished requests and padding included)
+    # mean per round of tokens x SPS(B) at the round's B verify rows (where a table is known):
+    theta_predicted: Optional[float] = None  # the scheduler's objective: expected tokens
+    theta_achieved: Optional[float] = None  # the tokens the round committed
+    # the same per round (lists): verified (mean drafts per active request), wasted,
+    # theta_predicted / theta_achieved (where a table is known), rows (scheduled runs)
+    per_round: dict = field(default_factory=dict)
 
     @property
     def speculative(self) -> bool:
@@ -91,9 +108,15 @@ class Metrics:
 
     @classmethod
     def from_rounds(cls, gamma: int, accept: torch.Tensor, active: torch.Tensor, new_tokens: int,
-                    times: dict, total_s: float) -> "Metrics":
+                    times: dict, total_s: float, *, verified: Optional[torch.Tensor] = None,
+                    expected: Optional[torch.Tensor] = None, sps: Optional[list] = None,
+                    rows: Optional[list] = None, user_tokens: Optional[list] = None,
+                    schedule: str = "fixed") -> "Metrics":
         """accept, active: [rounds, B] accepted drafts and active flags per request-round;
-        times: seconds per stage ("prefill" and STAGES)."""
+        times: seconds per stage ("prefill", STAGES, "step"). Scheduled runs also give verified
+        [rounds, B] (drafts verified; default gamma), expected [rounds] (tokens the scheduler
+        expected the round to commit), sps (SPS(B) for B = 1..), rows (forward rows per round,
+        padding included); user_tokens: tokens returned per request."""
         a = accept[active].long()
         hist = torch.bincount(a, minlength=gamma + 1)[:gamma + 1] if a.numel() else \
             torch.zeros(gamma + 1, dtype=torch.long)
@@ -104,35 +127,78 @@ class Metrics:
         prefill = times.get("prefill", 0.0)
         stage = {name: times.get(name, 0.0) for name in STAGES}
         step = times.get("step", 0.0)
-        return cls(gamma=gamma, rounds=int(accept.shape[0]), request_rounds=n,
+        rounds, batch = accept.shape
+        if verified is None:
+            verified = torch.full_like(accept, gamma)
+        v = verified[active].long()
+        vhist = torch.bincount(v, minlength=gamma + 1)[:gamma + 1] if v.numel() else \
+            torch.zeros(gamma + 1, dtype=torch.long)
+        wasted = int((v - a).sum())
+        series = {}  # one entry per round, over its active requests
+        if gamma:
+            n_act = active.sum(1).clamp(min=1)
+            series = dict(verified=((verified * active).sum(1) / n_act).tolist(),
+                          wasted=((verified - accept) * active).sum(1).tolist())
+        theta = (None, None)
+        if sps is not None and expected is not None and rounds:
+            rate = torch.tensor([0.0] + list(sps), dtype=torch.float64)
+            at = rate[(batch + verified.sum(1)).clamp(max=len(sps))]  # SPS(B) of each round
+            pred, got = expected.double() * at, ((accept + 1) * active).sum(1).double() * at
+            theta = (float(pred.mean()), float(got.mean()))
+            series.update(theta_predicted=pred.tolist(), theta_achieved=got.tolist())
+        if rows is not None and gamma:
+            series["rows"] = list(rows)
+        decode_s = total_s - prefill
+        user = 0.0
+        if user_tokens and rounds and decode_s > 0:
+            step_time = decode_s / rounds
+            own = active.sum(0).clamp(min=1).tolist()  # rounds each request was active in
+            user = sum(t / (r * step_time) for t, r in zip(user_tokens, own)) / len(user_tokens)
+        return cls(gamma=gamma, rounds=rounds, request_rounds=n,
                    new_tokens=new_tokens, tau=float(a.float().mean() + 1) if n else 1.0,
                    acceptance_rate=float(a.float().mean() / gamma) if n and gamma else 0.0,
                    position_acceptance=pos, accept_hist=hist.tolist(), prefill_s=prefill,
-                   draft_s=stage["draft"], target_forward_s=stage["target forward"],
+                   draft_s=stage["draft"], schedule_s=stage["schedule"],
+                   target_forward_s=stage["target forward"],
                    accept_s=stage["accept"], commit_s=stage["commit"], step_s=step,
                    other_s=max(total_s - prefill - sum(stage.values()) - step, 0.0),
                    total_s=total_s,
                    tokens_per_s=new_tokens / total_s if total_s > 0 else 0.0,
-                   decode_tokens_per_s=(new_tokens / (total_s - prefill)
-                                        if total_s > prefill else 0.0))
+                   decode_tokens_per_s=new_tokens / decode_s if decode_s > 0 else 0.0,
+                   user_tokens_per_s=user, schedule=schedule if gamma else "",
+                   verified_per_request=float(v.float().mean()) if n and gamma else 0.0,
+                   verified_hist=vhist.tolist() if gamma else [], wasted_tokens=wasted,
+                   wasted_fraction=wasted / max(1, int(v.sum())),
+                   forward_rows=sum(rows) if rows is not None else rounds * batch * (gamma + 1),
+                   theta_predicted=theta[0], theta_achieved=theta[1], per_round=series)
 
     def _stages(self) -> str:
         if self.step_s and not (self.draft_s or self.target_forward_s):
             return f"steps {self.step_s:.3f}s (one graph; stage_times=True splits them)"
-        return (f"draft {self.draft_s:.3f}s target forward {self.target_forward_s:.3f}s accept "
-                f"{self.accept_s:.3f}s commit {self.commit_s:.3f}s")
+        return (f"draft {self.draft_s:.3f}s schedule {self.schedule_s:.3f}s target forward "
+                f"{self.target_forward_s:.3f}s accept {self.accept_s:.3f}s commit "
+                f"{self.commit_s:.3f}s")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
         head = (f"tokens {self.new_tokens} in {self.total_s:.3f}s ({self.tokens_per_s:.1f} tok/s, "
-                f"decode {self.decode_tokens_per_s:.1f} tok/s)")
+                f"decode {self.decode_tokens_per_s:.1f} tok/s, per user "
+                f"{self.user_tokens_per_s:.1f} tok/s)")
         if self.speculative:
             pos = " ".join(f"{p:.2f}" for p in self.position_acceptance)
+            theta = ""
+            if self.theta_predicted is not None:
+                theta = (f" | theta predicted {self.theta_predicted:.1f} achieved "
+                         f"{self.theta_achieved:.1f} tok/s (SPS table)")
             return (f"{head} | rounds {self.rounds} | tau {self.tau:.2f} | accept "
                     f"{self.acceptance_rate:.2%} | per-position [{pos}] | hist "
-                    f"{self.accept_hist} | time prefill {self.prefill_s:.3f}s {self._stages()} "
+                    f"{self.accept_hist} | schedule {self.schedule}: verified "
+                    f"{self.verified_per_request:.2f} drafts/request-round, hist "
+                    f"{self.verified_hist}, wasted {self.wasted_tokens} "
+                    f"({self.wasted_fraction:.0%}), forward rows {self.forward_rows}{theta} | "
+                    f"time prefill {self.prefill_s:.3f}s {self._stages()} "
                     f"other {self.other_s:.3f}s")
         return (f"{head} | autoregressive: {self.rounds} decode steps | time prefill "
                 f"{self.prefill_s:.3f}s target forward {self.target_forward_s:.3f}s other "

@@ -64,6 +64,10 @@ class SpecState:
     prompts: list  # host copy of the prompts (list of lists of ints)
     round_active: Optional[torch.Tensor] = None  # [C, B] bool: active at the start of round i
     round_accepts: Optional[torch.Tensor] = None  # [C, B] i64: drafts accepted in round i
+    # scheduled verification (dspark/schedule_step.py) also logs, per round, the drafts each
+    # request verified and the tokens the scheduler expected the active requests to commit
+    round_verified: Optional[torch.Tensor] = None  # [C, B] i64
+    round_expected: Optional[torch.Tensor] = None  # [C] f64
     rounds: Optional[torch.Tensor] = None  # [] i64: rounds logged
     any_active: Optional[torch.Tensor] = None  # [] bool: some request still active
     serial: int = 0
@@ -80,7 +84,8 @@ class SpecState:
         return cls(tokens=z(B, C), n_tokens=z(B), prompt_lens=z(B), max_new=z(B),
                    stop_tokens=z(B, stop_width), params=params, seeds=z(B),
                    active=z(B, dtype=torch.bool), prompts=[],
-                   round_active=z(C, B, dtype=torch.bool), round_accepts=z(C, B), rounds=z(),
+                   round_active=z(C, B, dtype=torch.bool), round_accepts=z(C, B),
+                   round_verified=z(C, B), round_expected=z(C, dtype=torch.float64), rounds=z(),
                    any_active=z(dtype=torch.bool), serial=next(_serials))
 
     def reset(self, prompts: list, max_new: list, stop_tokens: list, params: SamplingTensors,
@@ -105,6 +110,8 @@ class SpecState:
         self.active.fill_(True)
         self.round_active.zero_()
         self.round_accepts.zero_()
+        self.round_verified.zero_()
+        self.round_expected.zero_()
         self.rounds.zero_()
         self.any_active.fill_(True)
         self.prompts = [list(p) for p in prompts]

@@ -369,23 +369,30 @@ def histogram(tokens) -> torch.Tensor:
     return counts.view(SV, SV)
 
 
-def assert_first_three_tokens_fit(target, drafter, seed0: int, n: int = 6000) -> None:
+def assert_first_three_tokens_fit(target, drafter, seed0: int, n: int = 6000,
+                                  batch: Optional[int] = None, **engine_kw) -> list:
     """The joint of the first three tokens (T = 1) generated with ``drafter`` fits the target's
-    exact joint (chi-square), and depth >= 2 drafts were accepted in some rounds."""
+    exact joint (chi-square), and depth >= 2 drafts were accepted in some rounds. The n requests
+    run in batches of ``batch`` (default all at once) on a SpeculativeEngine made with
+    ``engine_kw``; returns each batch's Metrics."""
     r = ModelRunner(target)
     r.allocate(SV * SV, 8)
     t12 = torch.cartesian_prod(torch.arange(SV), torch.arange(SV))  # [SV^2, 2]
     logits = r.prefill([PROMPT + t.tolist() for t in t12]).logits
     p3 = torch.stack([reference.target_probs(row, 1.0) for row in logits])  # [SV^2, SV]
     exact = joint_first_two(target, (1.0, 0, 1.0)).flatten()[:, None] * p3
-    engine = SpeculativeEngine(target, drafter)
-    out = engine.generate([PROMPT] * n, seed=list(range(seed0, seed0 + n)), max_new_tokens=3,
-                          temperature=1.0, stop_tokens=[])
-    counts = torch.zeros(SV ** 3, dtype=torch.long)
-    for t in out.tokens:
-        counts[(t[0] * SV + t[1]) * SV + t[2]] += 1
+    engine, batch = SpeculativeEngine(target, drafter, **engine_kw), batch or n
+    counts, metrics, deep = torch.zeros(SV ** 3, dtype=torch.long), [], False
+    for i in range(seed0, seed0 + n, batch):
+        out = engine.generate([PROMPT] * batch, seed=list(range(i, i + batch)), max_new_tokens=3,
+                              temperature=1.0, stop_tokens=[])
+        for t in out.tokens:
+            counts[(t[0] * SV + t[1]) * SV + t[2]] += 1
+        metrics.append(out.metrics)
+        deep |= bool((round_accepts(engine) >= 2).any())
     assert chi2_pvalue(counts, exact) > 1e-3
-    assert (round_accepts(engine) >= 2).any()  # depth >= 2 was accepted in some rounds
+    assert deep  # depth >= 2 was accepted in some rounds
+    return metrics
 
 
 def round_accepts(engine) -> torch.Tensor:

@@ -25,8 +25,8 @@ def test_bench_writes_report_and_plots(tmp_path, capsys):
     assert len(runs) == 6  # 1 dataset x 1 temperature x 2 batch sizes x (AR + 2 drafters)
     for r in runs:
         assert r["new_tokens"] == 16 and r["rounds"] > 0
-        assert set(r["round_ms"]) == {"draft", "target_forward", "accept", "commit", "step",
-                                   "other"}
+        assert set(r["round_ms"]) == {"draft", "schedule", "target_forward", "accept", "commit",
+                                      "step", "other"}
         if r["method"] != "autoregressive":
             assert r["greedy_identical_fraction"] == 1.0 and r["tau"] >= 1.0
             assert len(r["position_acceptance"]) == 4 and r["speedup"] > 0

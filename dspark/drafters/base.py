@@ -52,6 +52,17 @@ class Drafter:
         """torch.compile the drafter's hot bodies (fewer, fused kernels per step: a drafter's
         step is many small PyTorch ops). Default: nothing to compile."""
 
+    @property
+    def has_confidences(self) -> bool:
+        """Whether :meth:`confidences` gives calibrated acceptance probabilities of the last
+        proposal's drafts (what confidence-scheduled verification ranks; DSpark's head)."""
+        return False
+
+    def confidences(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """c [B, gamma]: P(draft k accepted | drafts before it accepted), and the prefix
+        survival a = cumprod(c), of the last proposal (device tensors, no host sync)."""
+        raise ValueError(f"{type(self).__name__} has no confidence head")
+
     def setup(self, batch: int, capacity: int) -> None:
         """Allocate per-batch state (called once per generate() before ``start``)."""
 

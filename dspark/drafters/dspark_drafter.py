@@ -44,6 +44,7 @@ from .layers import (
     attend,
     init_weights,
     sts_scale,
+    sts_tensor,
 )
 from .spec import DrafterSpec
 
@@ -226,6 +227,7 @@ class ParallelDrafter(TrainedDrafter):
         super().__init__(model, gamma)
         self.recorder: Optional[list] = None  # set to [] to record (conf logits, L, accepted)
         self.last_conf_logits: Optional[torch.Tensor] = None  # [B, gamma] raw z_k
+        self._sts = None  # (key, [gamma] STS temperatures on the logits' device) of confidences()
         self.k = self.v = None
         # markov_op: the Markov head's sequential stage as one dspark.ops.markov_draft call (not
         # gamma x (bias GEMV + sample) launches); False keeps the Python loop. None: on CPU; on
@@ -374,12 +376,21 @@ class ParallelDrafter(TrainedDrafter):
     def graphable(self) -> bool:
         return self.recorder is None  # recording copies each round's data to the host
 
+    @property
+    def has_confidences(self) -> bool:
+        return self.model.confidence is not None
+
     def confidences(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Of the last proposal: STS-calibrated c_k = sigmoid(z_k / T_k) [B, gamma] and the prefix
         survival a_k = prod_{i<=k} c_i (what a confidence scheduler ranks)."""
-        if self.last_conf_logits is None:
+        z = self.last_conf_logits
+        if z is None:
             raise ValueError("this drafter has no confidence head (or has not proposed yet)")
-        c = torch.sigmoid(sts_scale(self.last_conf_logits, self.spec.sts_temperatures))
+        temps = self.spec.sts_temperatures
+        key = (tuple(temps or ()), z.shape[-1], z.dtype, z.device)
+        if self._sts is None or self._sts[0] != key:  # made once: a captured step copies nothing
+            self._sts = (key, sts_tensor(temps, z.shape[-1], z.dtype, z.device) if temps else None)
+        c = torch.sigmoid(sts_scale(z, self._sts[1]))
         return c, c.cumprod(-1)
 
     def _record(self, state, proposal, result) -> None:

@@ -14,7 +14,7 @@ from ..models.config import ModelConfig
 from ..models.layers import RMSNorm, apply_rope
 
 __all__ = ["Projections", "attend", "init_weights", "MarkovHead", "RNNHead", "ConfidenceHead",
-           "sts_scale"]
+           "sts_scale", "sts_tensor"]
 
 
 class Projections(nn.Module):
@@ -141,11 +141,19 @@ class ConfidenceHead(nn.Module):
         return self.proj(x)[..., 0].float()
 
 
-def sts_scale(logits: torch.Tensor, temps: Optional[list]) -> torch.Tensor:
-    """Per-position temperatures T_k applied to confidence logits [..., G] (1 past the list)."""
-    if not temps:
+def sts_scale(logits: torch.Tensor, temps) -> torch.Tensor:
+    """Per-position temperatures T_k applied to confidence logits [..., G] (1 past the list).
+    ``temps``: a list, or the tensor :func:`sts_tensor` made of it (no host-to-device copy: what
+    a step replayed from a CUDA graph needs)."""
+    if temps is None or (not isinstance(temps, torch.Tensor) and not temps):
         return logits
-    G = logits.shape[-1]
+    if not isinstance(temps, torch.Tensor):
+        temps = sts_tensor(temps, logits.shape[-1], logits.dtype, logits.device)
+    return logits / temps
+
+
+def sts_tensor(temps: list, G: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """[G] the temperatures T_1..T_G (1 past the list)."""
     t = [float(temps[k]) if k < len(temps) else 1.0 for k in range(G)]
-    return logits / torch.tensor(t, dtype=logits.dtype, device=logits.device)
+    return torch.tensor(t, dtype=dtype, device=device)
 

@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 
 from .kv import KVCache
-from .transformer import Transformer
+from .transformer import PackedLayout, Transformer
 
 # torch.compile modes without CUDA graphs of their own (the runner captures the compiled call)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
@@ -152,13 +152,19 @@ class ModelRunner:
 
     def forward_tree(self, draft_tokens: torch.Tensor, parents: torch.Tensor,
                      node_offsets: torch.Tensor, start: torch.Tensor, max_nodes: int,
-                     taps: Sequence[int] = ()) -> Forward:
+                     taps: Sequence[int] = (), padded: bool = False) -> Forward:
         """The target forward of a speculative step over packed ragged token trees: request r's
         nodes are draft_tokens[off[r]:off[r+1]] (node 0 = root = anchor at position start[r]);
         parents are local ids (-1 at the root). Node j is written to slot start[r] + j at
         position start[r] + depth(j) and attends to the cache, its ancestors and itself. Returns
-        logits [N, V] and taps [n, N, hidden] (packed rows)."""
-        return self._run("forward_tree", self._forward_tree, (max_nodes, tuple(taps)),
+        logits [N, V] and taps [n, N, hidden] (packed rows).
+
+        Unless every request has ``max_nodes`` nodes, the projections and the MLP run on the N
+        packed rows only and attention on the padded [R, max_nodes] layout
+        (:class:`~dspark.models.transformer.PackedLayout`): a verify of shorter proposals costs
+        fewer rows. ``padded``: rows from off[R] to N are padding (a row count rounded up to a
+        captured graph size): they touch no cache slot and their outputs are unspecified."""
+        return self._run("forward_tree", self._forward_tree, (max_nodes, tuple(taps), padded),
                          draft_tokens, parents, node_offsets, start)
 
     def commit(self, root: torch.Tensor, accepted_nodes: torch.Tensor,
@@ -191,35 +197,31 @@ class ModelRunner:
         return Forward(logits, torch.stack(tapped) if tapped else None)
 
     def _forward_tree(self, draft_tokens, parents, node_offsets, start, static):
-        max_nodes, taps = static
+        max_nodes, taps, padded = static
         N, R, W = draft_tokens.shape[0], start.shape[0], max_nodes
-        dev = draft_tokens.device
-        if N == R * W:  # every request has max_nodes nodes (no request may have more): no padding
+        fused = self._fuse(N, W)
+        if N == R * W and not padded:  # every request has max_nodes nodes: no packing
             tokens, par = draft_tokens.view(R, W), parents.view(R, W)
-            row = col = None
-        else:
-            node = torch.arange(N, device=dev)
-            # request of each node: how many request ends lie at or before it (a comparison-sum
-            # rather than searchsorted, whose inductor lowering tripped a device-side assert)
-            row = (node[:, None] >= node_offsets[None, 1:]).sum(1)
-            col = node - node_offsets[row]
-            tokens = torch.zeros(R, W, dtype=torch.int64, device=dev)
-            tokens[row, col] = draft_tokens
-            par = torch.full((R, W), -1, dtype=torch.int64, device=dev)
-            par[row, col] = parents
+            h, tapped = self._tree_body(tokens, par, start, taps, fused)
+            flat = lambda t: t.reshape(N, *t.shape[2:])  # noqa: E731
+        else:  # ragged: the projections on the N packed rows, attention on [R, W]
+            layout = PackedLayout.from_offsets(node_offsets, N, W)
+            par = layout.pad_ids(parents, -1)  # block positions no row fills: lone roots
+            h, tapped = self._tree_body(draft_tokens, par, start, taps, fused, layout)
+            flat = lambda t: t  # noqa: E731
+        hidden = torch.stack([flat(t) for t in tapped]) if tapped else None
+        return Forward(self.model.logits(flat(h), fused), hidden)
 
-        def packed(t):  # [R, W, ...] -> the nodes' rows [N, ...]
-            return t.reshape(N, *t.shape[2:]) if row is None else t[row, col]
+    def _tree_body(self, tokens, par, start, taps, fused, layout=None):
+        """The model over a block of trees given by par [R, W] (local parent ids, -1 at roots);
+        tokens [R, W], or the packed rows [N] of ``layout``."""
         c = self.cache
-        fused = self._fuse(R * W, W)
         if fused:  # the kernels take the tree as parents (row j at position start + depth(j))
-            h, tapped = self.model(tokens, None, start, None, c.k, c.v, c.max_len, taps, True, par)
-        else:
-            anc, depth = tree_masks(par)
-            positions = start[:, None] + depth
-            h, tapped = self.model(tokens, positions, start, anc, c.k, c.v, c.max_len, taps)
-        hidden = torch.stack([packed(t) for t in tapped]) if tapped else None
-        return Forward(self.model.logits(packed(h), fused), hidden)
+            return self.model(tokens, None, start, None, c.k, c.v, c.max_len, taps, True, par,
+                              layout)
+        anc, depth = tree_masks(par)
+        return self.model(tokens, start[:, None] + depth, start, anc, c.k, c.v, c.max_len, taps,
+                          layout=layout)
 
     def _fuse(self, rows: int, block: int) -> bool:
         """Whether a call over ``rows`` token rows, ``block`` per request, runs on the dspark

@@ -7,7 +7,7 @@ prefill/chains, ancestors-and-self for trees). Positions are passed explicitly (
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,53 @@ FUSED_MAX_ROWS = 64
 FUSED_MAX_BLOCK = 64
 
 
+class PackedLayout(NamedTuple):
+    """Where the N packed token rows of a ragged verify sit in the padded [R, W] block layout.
+
+    The projections and the MLP run on the packed rows only (their cost is what a scheduled
+    verify saves); attention, rotary and the cache write run on the padded layout around them
+    (:meth:`pad` before the attention core, :meth:`pack` after it). Block positions that no row
+    fills hold zeros: they write their (unused) K/V into block slots past the request's nodes,
+    never into the committed cache, and their outputs are dropped. Rows with ``dest == R * W``
+    are padding of a bucketed row count: they are written to a scratch row, so they touch no
+    block position, no cache slot and no other row's output."""
+    dest: torch.Tensor  # [N] i64: flat padded index r * W + j of each packed row; R * W: padding
+    src: torch.Tensor  # [N] i64: the same with padding rows read from index 0 (any real index)
+    requests: int  # R
+    width: int  # W
+
+    @classmethod
+    def from_offsets(cls, node_offsets: torch.Tensor, rows: int, width: int) -> "PackedLayout":
+        """node_offsets [R + 1]: request r owns packed rows off[r]:off[r + 1]; rows from off[R]
+        to ``rows`` are padding."""
+        R, W = node_offsets.shape[0] - 1, width
+        node = torch.arange(rows, device=node_offsets.device)
+        # request of each row: how many request ends lie at or before it (a comparison-sum rather
+        # than searchsorted, whose inductor lowering tripped a device-side assert); R = padding
+        req = (node[:, None] >= node_offsets[None, 1:]).sum(1)
+        flat = req * W + node - node_offsets.gather(0, req)
+        dest = torch.where(req < R, flat, R * W)
+        return cls(dest, torch.where(req < R, flat, 0), R, W)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, F] packed rows -> [R, W, F], zeros where no row sits."""
+        R, W = self.requests, self.width
+        out = x.new_zeros(R * W + 1, x.shape[-1])
+        out[self.dest] = x  # padding rows all land on the scratch row R * W (dropped)
+        return out[:R * W].view(R, W, -1)
+
+    def pad_ids(self, ids: torch.Tensor, fill: int) -> torch.Tensor:
+        """[N] per-row ids -> [R, W], ``fill`` where no row sits."""
+        R, W = self.requests, self.width
+        out = ids.new_full((R * W + 1,), fill)
+        out[self.dest] = ids
+        return out[:R * W].view(R, W)
+
+    def pack(self, y: torch.Tensor) -> torch.Tensor:
+        """[R, W, F] -> the packed rows [N, F] (padding rows get an arbitrary real row)."""
+        return y.reshape(self.requests * self.width, -1)[self.src]
+
+
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -40,8 +87,12 @@ class Attention(nn.Module):
         self.eps = c.rms_norm_eps
         self.window = 0  # sliding window of this layer (0 = none); set by Transformer
 
-    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit):
-        return self.o(self.core(self.qkv(x), cos, sin, k_cache, v_cache, slots, mask, kv_limit))
+    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit, layout=None):
+        qkv = self.qkv(x)
+        if layout is None:
+            return self.o(self.core(qkv, cos, sin, k_cache, v_cache, slots, mask, kv_limit))
+        out = self.core(layout.pad(qkv), cos, sin, k_cache, v_cache, slots, mask, kv_limit)
+        return self.o(layout.pack(out))
 
     def core(self, qkv, cos, sin, k_cache, v_cache, slots, mask, kv_limit):
         """Everything between the QKV and output projections (QK-norm, rotary, cache write,
@@ -71,21 +122,28 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP.from_config(c)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit):
-        x = x + self.attn(self.attn_norm(x), cos, sin, k_cache, v_cache, slots, mask, kv_limit)
+    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit, layout=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, k_cache, v_cache, slots, mask, kv_limit,
+                          layout)
         return x + self.mlp(self.mlp_norm(x))
 
-    def decode(self, x, k_cache, v_cache, layer, start, inv_freq, parents=None):
+    def decode(self, x, k_cache, v_cache, layer, start, inv_freq, parents=None, layout=None):
         """A block of T tokens per request on dspark kernels only: 4 fused_linear +
-        decode_attention. x: [B, T, hidden]; k_cache/v_cache: [L, B, Hkv, S, D] (slots
-        start[b] + t of ``layer`` are written); start: [B]; parents: [B, T] local ids (-1 at
-        roots) or None (a causal chain); inv_freq: [D/2] f32."""
+        decode_attention. x: [B, T, hidden], or the packed rows [N, hidden] of ``layout``;
+        k_cache/v_cache: [L, B, Hkv, S, D] (slots start[b] + t of ``layer`` are written);
+        start: [B]; parents: [B, T] local ids (-1 at roots) or None (a causal chain); inv_freq:
+        [D/2] f32."""
         a = self.attn
         q_norm = a.q_norm.weight if a.q_norm is not None else None
         k_norm = a.k_norm.weight if a.k_norm is not None else None
-        return self._fused(x, lambda qkv: decode_attention(qkv, k_cache, v_cache, layer, start,
-                                                           inv_freq, a.h, q_norm, k_norm, a.eps,
-                                                           a.window, parents))
+
+        def attend(qkv):
+            if layout is not None:
+                qkv = layout.pad(qkv)
+            out = decode_attention(qkv, k_cache, v_cache, layer, start, inv_freq, a.h, q_norm,
+                                   k_norm, a.eps, a.window, parents)
+            return out if layout is None else layout.pack(out)
+        return self._fused(x, attend)
 
     def _fused(self, x, attend):
         """The block on four dspark::fused_linear calls (RMSNorm folded into the QKV and gate/up
@@ -146,7 +204,8 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor], start: torch.Tensor,
                 block_mask: Optional[torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Tensor,
                 kv_limit: int, taps: Sequence[int] = (), fused: bool = False,
-                parents: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list]:
+                parents: Optional[torch.Tensor] = None,
+                layout: Optional[PackedLayout] = None) -> tuple[torch.Tensor, list]:
         """tokens, positions: [B, T] i64; start: [B] i64 (first cache slot of the block);
         block_mask: [B, T, T] bool (query t may see block slot j); k_cache/v_cache:
         [L, B, Hkv, S, D]. Returns the final residual stream [B, T, hidden] (pre-norm) and the
@@ -154,14 +213,17 @@ class Transformer(nn.Module):
         ``fused``: every block on the dspark kernels (see :meth:`can_fuse`); the block's tree is
         then given by ``parents`` [B, T] (local ids, -1 at roots; None = a causal chain), row t
         sitting at position start + depth(t): positions and block_mask are not used (may be
-        None), and no masks or rotary tables are built."""
-        B, T = tokens.shape
+        None), and no masks or rotary tables are built.
+        ``layout``: tokens are the packed rows [N] of a ragged block (:class:`PackedLayout`);
+        positions, block_mask and parents keep the padded [B, T] layout; the residual streams
+        returned are packed [N, hidden]."""
+        B, T = tokens.shape if layout is None else (layout.requests, layout.width)
         x = self.embed(tokens)
         if fused:
             inv_freq = self.inv_freq.float()
             tapped = {-1: x} if -1 in taps else {}
             for i, layer in enumerate(self.layers):
-                x = layer.decode(x, k_cache, v_cache, i, start, inv_freq, parents)
+                x = layer.decode(x, k_cache, v_cache, i, start, inv_freq, parents, layout)
                 if i in taps:
                     tapped[i] = x
             return x, [tapped[t] for t in taps]
@@ -171,7 +233,7 @@ class Transformer(nn.Module):
         tapped = {-1: x} if -1 in taps else {}
         for i, layer in enumerate(self.layers):
             mask = masks[self.config.sliding_window[i]]
-            x = layer(x, cos, sin, k_cache[i], v_cache[i], slots, mask, kv_limit)
+            x = layer(x, cos, sin, k_cache[i], v_cache[i], slots, mask, kv_limit, layout)
             if i in taps:
                 tapped[i] = x
         return x, [tapped[t] for t in taps]
