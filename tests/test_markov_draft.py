@@ -350,3 +350,22 @@ def test_drafter_op_equals_python_loop(device, target, params, monkeypatch):
     for (za, la, aa), (zb, lb, ab) in zip(rec_a, rec_b):
         torch.testing.assert_close(za, zb, rtol=1e-5, atol=1e-5)
         assert torch.equal(la, lb) and torch.equal(aa, ab)
+
+
+def test_drafter_built_under_inference_mode(device, target):
+    """Weights made under torch.inference_mode keep no version counter: the op path keys its
+    transposed W2 copy without one and drafts the same tokens as the Python loop."""
+    spec = DrafterSpec.for_target(target.config, "dspark", gamma=3, mask_token_id=47,
+                                  num_draft_layers=1, markov_rank=8, head_type="markov")
+    target_dev = target.to(device)
+    outs = []
+    for fused in (True, False):
+        torch.manual_seed(5)
+        with torch.inference_mode():
+            model = build_draft_model(spec, target_dev).eval()
+            assert model.head.w2.weight.is_inference()
+            drafter = make_drafter(model)
+            drafter.markov_op = fused
+            outs.append(SpeculativeEngine(target_dev, drafter).generate(
+                [[1, 5, 7, 9], [3, 4]], max_new_tokens=8, temperature=0.0, stop_tokens=[]))
+    assert outs[0].tokens == outs[1].tokens
