@@ -155,6 +155,8 @@ def add_train_parsers(subparsers) -> None:
                    "site-packages)")
     p.add_argument("--max-mb", type=float, default=64.0, help="corpus bytes to read (MB)")
     p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--tokenizer", default=None, metavar="DIR", help="reuse this checkpoint's "
+                   "tokenizer (a draft LM sharing a target's vocabulary; --vocab-size ignored)")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=8)
@@ -361,7 +363,7 @@ def run_train_target(args) -> int:
         if cfg.seq_len > cfg.max_position_embeddings:
             raise ValueError("--seq-len exceeds --max-positions")
         train_target(args.out, cfg, args.corpus, int(args.max_mb * (1 << 20)), args.device,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, tokenizer=args.tokenizer)
     except (ValueError, FileNotFoundError) as exc:
         return _err("train-target", exc)
     return 0

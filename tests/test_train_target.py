@@ -86,3 +86,36 @@ def test_train_target_bad_input(tmp_path):
         assert main(["train-target", "--out", str(tmp_path / "t"), "--heads", "3",
                      "--kv-heads", "2", "--device", "cpu"]) == 2
     assert "does not exist" in err.getvalue() and "multiple" in err.getvalue()
+
+
+def test_train_target_reuses_a_tokenizer(tmp_path):
+    """--tokenizer DIR: a draft LM trained with the target's tokenizer has its vocabulary and
+    embedding rows, so it can draft for that target (`dspark generate --drafter`)."""
+    _corpus(tmp_path / "corpus")
+    common = ["--corpus", str(tmp_path / "corpus"), "--hidden", "32", "--heads", "2",
+              "--kv-heads", "1", "--head-dim", "16", "--intermediate", "64", "--max-positions",
+              "128", "--seq-len", "32", "--batch-size", "4", "--steps", "10", "--warmup-steps",
+              "2", "--device", "cpu", "--no-progress"]
+    target, draft = str(tmp_path / "target"), str(tmp_path / "draft")
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        assert main(["train-target", "--out", target, "--vocab-size", "300", "--layers", "2",
+                     *common]) == 0, err.getvalue()
+        assert main(["train-target", "--out", draft, "--tokenizer", target, "--layers", "1",
+                     "--seed", "1", *common]) == 0, err.getvalue()
+        assert main(["train-target", "--out", str(tmp_path / "x"), "--tokenizer",
+                     str(tmp_path / "corpus"), *common]) == 2
+    assert "no tokenizer.json" in err.getvalue()
+    with open(os.path.join(target, "tokenizer.json")) as a, \
+            open(os.path.join(draft, "tokenizer.json")) as b:
+        assert a.read() == b.read()
+    cfg_t = json.load(open(os.path.join(target, "config.json")))
+    cfg_d = json.load(open(os.path.join(draft, "config.json")))
+    assert cfg_t["vocab_size"] == cfg_d["vocab_size"] and cfg_d["num_hidden_layers"] == 1
+    summary = json.load(open(os.path.join(draft, "train_target.json")))
+    assert summary["tokenizer_from"] == target and summary["config"]["vocab_size"] == 300
+    engine = SpeculativeEngine.from_pretrained(target, drafter=draft, gamma=3,
+                                               dtype=torch.float32)
+    spec = engine.generate(["def wrap(text"], max_new_tokens=10, stop_tokens=[])
+    plain = engine.generate_autoregressive(["def wrap(text"], max_new_tokens=10, stop_tokens=[])
+    assert spec.tokens == plain.tokens  # greedy: the draft LM changes nothing but the speed

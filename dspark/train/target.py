@@ -20,7 +20,7 @@ import os
 import random
 import sysconfig
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -238,10 +238,26 @@ def save_target(model: TinyQwen3, tokenizer, path: str, dtype: str, eos_id: int,
             json.dump(extra, f, indent=1)
 
 
+def load_shared_tokenizer(path: str):
+    """The tokenizer.json of checkpoint dir ``path`` (or that file), for a model that must share
+    another's vocabulary: a draft LM for a target."""
+    from tokenizers import Tokenizer
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no tokenizer.json at {path!r}")
+    tok = Tokenizer.from_file(file)
+    if tok.token_to_id(EOS) is None:
+        raise ValueError(f"{file!r} has no {EOS} token: not a `dspark train-target` tokenizer")
+    return tok
+
+
 def train_target(out: str, cfg: TargetConfig, corpus: Optional[Sequence[str]] = None,
                  max_bytes: int = 64 << 20, device: Optional[str] = None,
-                 log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Corpus -> tokenizer -> model -> ``out`` (HF checkpoint dir). Returns the run summary."""
+                 log: Callable[[str], None] = print, progress: bool = True,
+                 tokenizer: Optional[str] = None) -> dict:
+    """Corpus -> tokenizer -> model -> ``out`` (HF checkpoint dir). Returns the run summary.
+    ``tokenizer``: a checkpoint dir whose tokenizer is reused instead of training one (same
+    vocabulary and embedding rows: a draft LM for that target)."""
     t_start = time.time()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
@@ -250,8 +266,10 @@ def train_target(out: str, cfg: TargetConfig, corpus: Optional[Sequence[str]] = 
         f"{stats['prose_files']} prose files ({stats['prose_bytes'] / 1e6:.1f} MB)")
     n_val = max(1, len(docs) // 100) if len(docs) > 1 else 0
     val_docs, train_docs = docs[:n_val], docs[n_val:] or docs
-    tok = train_tokenizer(train_docs, cfg.vocab_size)
+    tok = train_tokenizer(train_docs, cfg.vocab_size) if tokenizer is None else \
+        load_shared_tokenizer(tokenizer)
     n_tok = tok.get_vocab_size(with_added_tokens=True)
+    cfg = replace(cfg, vocab_size=n_tok)  # as trained, or as reused
     eos_id = tok.token_to_id(EOS)
     padded = (n_tok + 1 + 63) // 64 * 64  # >= 1 padding row: the drafters' mask token
     log(f"tokenizer: {n_tok} tokens (embedding {padded} rows; mask token {n_tok})")
@@ -332,6 +350,7 @@ def train_target(out: str, cfg: TargetConfig, corpus: Optional[Sequence[str]] = 
             vl.append(float(F.cross_entropy(lg.float().view(-1, lg.shape[-1]), y.reshape(-1))))
     dtype = cfg.save_dtype or ("bfloat16" if dev.type == "cuda" else "float32")
     summary = {"config": asdict(cfg), "corpus": stats, "tokenizer_vocab": n_tok,
+               "tokenizer_from": tokenizer,
                "padded_vocab": padded, "mask_token_id": n_tok, "eos_token_id": eos_id,
                "parameters": n_params, "steps": step + 1,
                "train_loss_last": sum(losses[-20:]) / len(losses[-20:]),

@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# The benchmark pair: a deep Qwen3-architecture target, its DSpark / DFlash / EAGLE-3 drafters
+# trained side by side with equal budgets, a draft LM sharing its tokenizer, and `dspark bench`
+# over the eval prompt sets. Everything from fixed seeds with the installed dspark.
+#
+# Usage: bash scripts/bench_pair.sh [STAGE ...]   (default: target data drafters bench)
+#   target    dspark train-target: TARGET_LAYERS x TARGET_HIDDEN, TARGET_MINUTES at most
+#   data      target-written responses to stdlib prompts, cached once for every drafter
+#   drafters  dspark, dflash, eagle3 (DRAFT_MINUTES each, side by side on the one GPU) and the
+#             draft LM (train-target --tokenizer: same vocabulary), in parallel
+#   bench     dspark bench: every drafter + n-gram, T = 0 and 1, batch 1, per eval set
+#   pack      the pair as tar parts of <= 15 MiB in $OUT (to reuse it in a later call, carried
+#             as .data/pair; see bench/RESULTS.md for its size at the default scale)
+# On the GPU machine (after `bash scripts/device_run.sh build`) each stage fits one 10-minute
+# call; run them in consecutive calls while the machine is warm (out/ is kept) or all in one
+# call with shorter TARGET_MINUTES / DRAFT_MINUTES. PAIR_SCALE=smoke: a minute on a CPU, the
+# same commands at toy sizes (tests/test_bench_pair.py runs it).
+# Env: OUT (logs, JSON, PNG; default /tmp/out), PAIR_DIR (default out/pair), EVAL_DIR (jsonl
+# prompt sets; default shared/data/eval, then .data), PY, DEVICE, and the sizes below.
+# Each stage's wall time goes to $OUT/pair_times.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+PAIR=${PAIR_DIR:-out/pair}; mkdir -p "$PAIR"; PAIR=$(cd "$PAIR" && pwd)
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
+DEV=(); [ -n "${DEVICE:-}" ] && DEV=(--device "$DEVICE")
+STDLIB=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+
+if [ "${PAIR_SCALE:-full}" = smoke ]; then  # toy sizes: the commands, not the numbers
+  : "${TARGET_LAYERS:=3}" "${TARGET_HIDDEN:=64}" "${TARGET_HEADS:=2}" "${TARGET_KV:=1}"
+  : "${TARGET_INTER:=128}" "${TARGET_VOCAB:=512}" "${TARGET_STEPS:=40}" "${TARGET_SEQ:=64}"
+  : "${TARGET_BATCH:=4}" "${CORPUS_MB:=0.3}" "${TARGET_MINUTES:=1}"
+  : "${DRAFT_SAMPLES:=24}" "${DRAFT_STEPS:=6}" "${DRAFT_MINUTES:=1}" "${DRAFT_LAYERS:=1}"
+  : "${DRAFT_RANK:=16}" "${GEN_TOKENS:=24}" "${DRAFT_LEN:=64}" "${GAMMA:=3}"
+  : "${LM_LAYERS:=1}" "${LM_HIDDEN:=32}" "${LM_INTER:=64}" "${LM_STEPS:=10}"
+  : "${BENCH_PROMPTS:=2}" "${BENCH_TOKENS:=12}" "${BENCH_PROMPT_TOKENS:=32}"
+  : "${CALIB_PROMPTS:=4}" "${EVAL_PROMPTS:=2}"
+fi
+# the default scale: 24 layers deep and narrow, so that a batch-1 decode step is many small
+# per-layer weight reads and kernel launches like an 8B model's, and a 1-2 layer drafter is a
+# small fraction of it; tied embeddings (bf16: about 44 MB)
+: "${TARGET_LAYERS:=24}" "${TARGET_HIDDEN:=256}" "${TARGET_HEADS:=4}" "${TARGET_KV:=2}"
+: "${TARGET_INTER:=768}" "${TARGET_VOCAB:=8192}" "${TARGET_STEPS:=6000}" "${TARGET_SEQ:=512}"
+: "${TARGET_BATCH:=32}" "${CORPUS_MB:=48}" "${TARGET_MINUTES:=8}"
+: "${DRAFT_SAMPLES:=4000}" "${DRAFT_STEPS:=}" "${DRAFT_MINUTES:=8}" "${DRAFT_LAYERS:=2}"
+: "${DRAFT_RANK:=256}" "${GEN_TOKENS:=256}" "${DRAFT_LEN:=320}" "${GAMMA:=7}"
+: "${LM_LAYERS:=2}" "${LM_HIDDEN:=256}" "${LM_INTER:=768}" "${LM_STEPS:=3000}"
+: "${BENCH_PROMPTS:=16}" "${BENCH_TOKENS:=128}" "${BENCH_PROMPT_TOKENS:=256}"
+: "${CALIB_PROMPTS:=64}" "${EVAL_PROMPTS:=16}" "${CE_TARGET:=soft}"
+
+# run from out/ so that `import dspark` is the installed package, not the source tree
+mkdir -p out
+dspark() { (cd "$ROOT/out" && "$PY" -m dspark.cli "$@"); }
+log() { echo "== $(date +%T) $*"; }
+timed() {  # timed NAME CMD...: run, append "NAME seconds rc" to pair_times.txt
+  local name=$1 t0=$SECONDS rc=0; shift
+  "$@" || rc=$?
+  echo "$name $((SECONDS - t0)) $rc" >> "$OUT/pair_times.txt"
+  log "$name: $((SECONDS - t0)) s (rc $rc)"
+  return $rc
+}
+# the same data (target-written responses to stdlib prompts) and budget for every method
+DRAFT=(--target "$PAIR/target" --data "$STDLIB" --data-cache "$PAIR/data" --max-mb 32
+       --max-samples "$DRAFT_SAMPLES" --prompt-tokens 64 --gen-tokens "$GEN_TOKENS"
+       --max-length "$DRAFT_LEN" --gen-batch 256 --gamma "$GAMMA" --batch-size 16
+       --num-anchors 256 --max-minutes "$DRAFT_MINUTES" --save-every 200 --seed 0
+       --calib-prompts "$CALIB_PROMPTS" --calib-new-tokens 128 --eval-prompts "$EVAL_PROMPTS"
+       --eval-new-tokens 128 --no-progress "${DEV[@]}")
+[ -n "$DRAFT_STEPS" ] && DRAFT+=(--steps "$DRAFT_STEPS") || DRAFT+=(--epochs 2)
+
+train_drafter() {  # METHOD: trained into $PAIR/METHOD, log + results to $OUT
+  local m=$1 extra=()
+  case "$m" in
+    dspark) extra=(--layers "$DRAFT_LAYERS" --rank "$DRAFT_RANK" --ce-target "$CE_TARGET") ;;
+    dflash) extra=(--layers "$DRAFT_LAYERS" --ce-target "$CE_TARGET") ;;
+    eagle3) extra=(--layers 1 --ce-target "$CE_TARGET") ;;
+  esac
+  dspark train-draft --method "$m" --out "$PAIR/$m" "${DRAFT[@]}" "${extra[@]}" \
+    > "$OUT/train_$m.log" 2>&1
+}
+train_draft_lm() {
+  dspark train-target --out "$PAIR/draftlm" --tokenizer "$PAIR/target" --layers "$LM_LAYERS" \
+    --hidden "$LM_HIDDEN" --heads "$TARGET_HEADS" --kv-heads "$TARGET_KV" \
+    --intermediate "$LM_INTER" --seq-len "$TARGET_SEQ" --batch-size "$TARGET_BATCH" \
+    --steps "$LM_STEPS" --max-mb "$CORPUS_MB" --max-minutes "$DRAFT_MINUTES" --seed 1 \
+    --no-progress "${DEV[@]}" > "$OUT/train_draftlm.log" 2>&1
+}
+
+stage_target() {
+  dspark train-target --out "$PAIR/target" --layers "$TARGET_LAYERS" --hidden "$TARGET_HIDDEN" \
+    --heads "$TARGET_HEADS" --kv-heads "$TARGET_KV" --head-dim 64 --intermediate "$TARGET_INTER" \
+    --vocab-size "$TARGET_VOCAB" --seq-len "$TARGET_SEQ" --batch-size "$TARGET_BATCH" \
+    --steps "$TARGET_STEPS" --max-mb "$CORPUS_MB" --max-minutes "$TARGET_MINUTES" --seed 0 \
+    --no-progress "${DEV[@]}" > "$OUT/train_target.log" 2>&1 || { tail -20 "$OUT/train_target.log"; return 1; }
+  grep -v "^step " "$OUT/train_target.log" | tail -8
+  cp "$PAIR/target/train_target.json" "$OUT/"
+}
+stage_data() {
+  dspark train-draft --method dspark --out "$PAIR/dspark" --data-only "${DRAFT[@]}" \
+    > "$OUT/draft_data.log" 2>&1 || { tail -20 "$OUT/draft_data.log"; return 1; }
+  tail -3 "$OUT/draft_data.log"
+}
+stage_drafters() {
+  local pids=() m rc=0
+  for m in dspark dflash eagle3; do train_drafter "$m" & pids+=($!); done
+  train_draft_lm & pids+=($!)
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  for m in dspark dflash eagle3 draftlm; do
+    echo "-- $m"; grep -v "^step " "$OUT/train_$m.log" | tail -6 || true; done
+  return $rc
+}
+stage_bench() {
+  local dir=${EVAL_DIR:-} sets=() n
+  [ -n "$dir" ] || { [ -d ../shared/data/eval ] && dir=../shared/data/eval || dir=.data; }
+  for n in humaneval mbpp mt-bench gsm8k; do [ -f "$dir/$n.jsonl" ] && sets+=("$ROOT/$dir/$n.jsonl"); done
+  [ ${#sets[@]} -gt 0 ] || { echo "bench_pair: no eval sets in $dir (EVAL_DIR)" >&2; return 2; }
+  local drafters=()
+  for m in dspark dflash eagle3 draftlm; do [ -d "$PAIR/$m" ] && drafters+=("$PAIR/$m"); done
+  dspark bench --target "$PAIR/target" --drafter "${drafters[@]}" --ngram 3 \
+    --dataset "${sets[@]}" --temperature 0 1 --batch 1 --prompts "$BENCH_PROMPTS" \
+    --max-new-tokens "$BENCH_TOKENS" --prompt-tokens "$BENCH_PROMPT_TOKENS" --no-progress \
+    --out "$OUT/bench" "${DEV[@]}" > "$OUT/bench.txt" 2>&1 || { tail -20 "$OUT/bench.txt"; return 1; }
+  cat "$OUT/bench.txt"
+}
+stage_pack() {  # <= 15 MiB parts: what the device tool brings back
+  tar -C "$(dirname "$PAIR")" -cf - --exclude=data --exclude=checkpoint "$(basename "$PAIR")" |
+    split -b 15m -d - "$OUT/pair.tar.part-"
+  ls -l "$OUT"/pair.tar.part-*
+}
+
+[ $# -gt 0 ] || set -- target data drafters bench
+for stage in "$@"; do
+  log "stage $stage"
+  case "$stage" in
+    target) timed target stage_target ;;
+    data) timed data stage_data ;;
+    drafters) timed drafters stage_drafters ;;
+    bench) timed bench stage_bench ;;
+    pack) timed pack stage_pack ;;
+    *) echo "bench_pair: unknown stage $stage" >&2; exit 2 ;;
+  esac
+done
