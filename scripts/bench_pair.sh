@@ -114,7 +114,8 @@ stage_drafters() {
 stage_bench() {
   local dir=${EVAL_DIR:-} sets=() n
   [ -n "$dir" ] || { [ -d ../shared/data/eval ] && dir=../shared/data/eval || dir=.data; }
-  for n in humaneval mbpp mt-bench gsm8k; do [ -f "$dir/$n.jsonl" ] && sets+=("$ROOT/$dir/$n.jsonl"); done
+  [ -d "$dir" ] && dir=$(cd "$dir" && pwd)
+  for n in humaneval mbpp mt-bench gsm8k; do [ -f "$dir/$n.jsonl" ] && sets+=("$dir/$n.jsonl"); done
   [ ${#sets[@]} -gt 0 ] || { echo "bench_pair: no eval sets in $dir (EVAL_DIR)" >&2; return 2; }
   local drafters=()
   for m in dspark dflash eagle3 draftlm; do [ -d "$PAIR/$m" ] && drafters+=("$PAIR/$m"); done

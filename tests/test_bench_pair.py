@@ -1,0 +1,50 @@
+"""scripts/bench_pair.sh at toy scale (PAIR_SCALE=smoke, CPU): the benchmark pair's exact
+commands run end to end — target, shared draft data, the three drafters and the draft LM side by
+side, `dspark bench` with its JSON and plots, the tar parts — so the GPU run of the same script
+fails on nothing but the GPU."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_pair.sh")
+
+
+@pytest.mark.skipif(not os.path.isfile(SCRIPT), reason="needs the source tree's scripts/")
+def test_bench_pair_smoke(tmp_path):
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    for name, turns in (("humaneval", ["def add(a, b):\n    return", "def is_even(n):"]),
+                        ("mt-bench", ["Write a short note about tests.", "Name three colors."])):
+        with open(evals / f"{name}.jsonl", "w") as f:
+            for t in turns:
+                f.write(json.dumps({"turns": [t]}) + "\n")
+    out, pair = tmp_path / "out", tmp_path / "pair"
+    env = dict(os.environ, PAIR_SCALE="smoke", OUT=str(out), PAIR_DIR=str(pair),
+               EVAL_DIR=str(evals), PY=sys.executable, DEVICE="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", SCRIPT, "target", "data", "drafters", "bench", "pack"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    times = [line.split() for line in open(out / "pair_times.txt")]
+    assert [t[0] for t in times] == ["target", "data", "drafters", "bench", "pack"]
+    assert all(t[2] == "0" for t in times)
+    target_cfg = json.load(open(pair / "target" / "config.json"))
+    lm_cfg = json.load(open(pair / "draftlm" / "config.json"))
+    assert lm_cfg["vocab_size"] == target_cfg["vocab_size"]  # the draft LM shares the tokenizer
+    assert "val_loss" in json.load(open(out / "train_target.json"))
+    report = json.load(open(out / "bench" / "results.json"))
+    methods = {"autoregressive", "dspark", "dflash", "eagle3", "draft-lm", "ngram"}
+    for ds in ("humaneval", "mt-bench"):
+        for temp in (0.0, 1.0):
+            runs = [r for r in report["runs"] if r["dataset"] == ds and r["temperature"] == temp]
+            assert {r["method"] for r in runs} == methods, (ds, temp)
+            for r in runs:
+                assert r["new_tokens"] > 0 and r["tokens_per_s"] > 0
+                if temp == 0.0 and r["method"] != "autoregressive":
+                    assert r["greedy_identical_fraction"] == 1.0, (ds, r["method"])
+    for png in ("acceptance_by_position", "speedup", "time_split"):
+        assert (out / "bench" / f"{png}.png").stat().st_size > 0
+    parts = sorted(p for p in os.listdir(out) if p.startswith("pair.tar.part-"))
+    assert parts and all((out / p).stat().st_size <= 15 << 20 for p in parts)
