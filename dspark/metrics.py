@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -12,15 +12,23 @@ import torch
 class StageTimer:
     """Accumulates wall time per named stage without syncing inside a step: CUDA events on GPU
     (read by ``totals()`` after the caller's sync), perf_counter on CPU. With ``nvtx`` every
-    stage is also an NVTX range (what Nsight Systems shows per stage); off, it costs nothing."""
+    stage is also an NVTX range (what Nsight Systems shows per stage) and a torch.profiler
+    ``record_function`` range (what dspark.profiling reads, any device); off, it costs nothing."""
 
     def __init__(self, device: torch.device, nvtx: bool = False):
         self.cuda = torch.device(device).type == "cuda"
+        self.annotate = nvtx
         self.nvtx = nvtx and self.cuda
         self._spans: dict[str, list] = {}
 
     @contextmanager
     def __call__(self, name: str):
+        with torch.profiler.record_function(name) if self.annotate else nullcontext():
+            with self._timed(name):
+                yield
+
+    @contextmanager
+    def _timed(self, name: str):
         if self.nvtx:
             torch.cuda.nvtx.range_push(name)
         if self.cuda:
