@@ -9,6 +9,10 @@
 #   drafters  dspark, dflash, eagle3 (DRAFT_MINUTES each, side by side on the one GPU) and the
 #             draft LM (train-target --tokenizer: same vocabulary), in parallel
 #   bench     dspark bench: every drafter + n-gram, T = 0 and 1, batch 1, per eval set
+#   ablate    the DSpark recipe at this scale, side by side with equal budgets: CE against the
+#             label vs the target's distribution, 1 / 2 / 3 draft layers, half the data; then
+#             eval-draft (tau, per-position acceptance) of each at T = 0 and 1 on held-out data
+#             -> $OUT/ablate_T0.json, ablate_T1.json
 #   pack      the pair as tar parts of <= 15 MiB in $OUT (to reuse it in a later call, carried
 #             as .data/pair; see bench/RESULTS.md for its size at the default scale)
 # On the GPU machine (after `bash scripts/device_run.sh build`) each stage fits one 10-minute
@@ -36,7 +40,7 @@ if [ "${PAIR_SCALE:-full}" = smoke ]; then  # toy sizes: the commands, not the n
   : "${DRAFT_RANK:=16}" "${GEN_TOKENS:=24}" "${DRAFT_LEN:=64}" "${GAMMA:=3}"
   : "${LM_LAYERS:=1}" "${LM_HIDDEN:=32}" "${LM_INTER:=64}" "${LM_STEPS:=10}"
   : "${BENCH_PROMPTS:=2}" "${BENCH_TOKENS:=12}" "${BENCH_PROMPT_TOKENS:=32}"
-  : "${CALIB_PROMPTS:=4}" "${EVAL_PROMPTS:=2}"
+  : "${CALIB_PROMPTS:=4}" "${EVAL_PROMPTS:=2}" "${ABLATE_PROMPTS:=4}"
 fi
 # the default scale: 24 layers deep and narrow, so that a batch-1 decode step is many small
 # per-layer weight reads and kernel launches like an 8B model's, and a 1-2 layer drafter is a
@@ -111,6 +115,36 @@ stage_drafters() {
     echo "-- $m"; grep -v "^step " "$OUT/train_$m.log" | tail -6 || true; done
   return $rc
 }
+stage_ablate() {  # NAME:ARGS variants of the dspark drafter, trained concurrently ("base": as is)
+  local variants=("base:" "label:--ce-target label" "layers1:--layers 1" "layers3:--layers 3"
+                  "halfdata:--max-samples $((DRAFT_SAMPLES / 2)) --data-cache $PAIR/data_half")
+  local pids=() v name rc=0
+  mkdir -p "$PAIR/ablate"
+  for v in "${variants[@]}"; do
+    name=${v%%:*}
+    # shellcheck disable=SC2086  # the variant's flags override the shared ones (last wins)
+    dspark train-draft --method dspark --out "$PAIR/ablate/$name" "${DRAFT[@]}" \
+      --layers "$DRAFT_LAYERS" --rank "$DRAFT_RANK" --ce-target "$CE_TARGET" ${v#*:} \
+      > "$OUT/ablate_$name.log" 2>&1 & pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  [ $rc -eq 0 ] || { tail -5 "$OUT"/ablate_*.log; return 1; }
+  local dirs=() t
+  for v in "${variants[@]}"; do dirs+=("$PAIR/ablate/${v%%:*}"); done
+  for t in 0 1; do
+    dspark eval-draft --target "$PAIR/target" --drafter "${dirs[@]}" \
+      --data "$PAIR/data/heldout.safetensors" --num-prompts "${ABLATE_PROMPTS:-64}" \
+      --max-new-tokens "$BENCH_TOKENS" --temperature "$t" --json "${DEV[@]}" \
+      > "$OUT/ablate_T$t.json" 2> "$OUT/ablate_T$t.err" || { tail -5 "$OUT/ablate_T$t.err"; return 1; }
+    "$PY" - "$OUT/ablate_T$t.json" "$t" <<'PYEOF'
+import json, os, sys
+for path, r in json.load(open(sys.argv[1])).items():
+    s = r["speculative"]
+    print(f"T={sys.argv[2]} {os.path.basename(path):9s} tau {s['tau']:.3f} per-position "
+          + " ".join(f"{p:.2f}" for p in s["position_acceptance"]))
+PYEOF
+  done
+}
 stage_bench() {
   local dir=${EVAL_DIR:-} sets=() n
   [ -n "$dir" ] || { [ -d ../shared/data/eval ] && dir=../shared/data/eval || dir=.data; }
@@ -139,6 +173,7 @@ for stage in "$@"; do
     data) timed data stage_data ;;
     drafters) timed drafters stage_drafters ;;
     bench) timed bench stage_bench ;;
+    ablate) timed ablate stage_ablate ;;
     pack) timed pack stage_pack ;;
     *) echo "bench_pair: unknown stage $stage" >&2; exit 2 ;;
   esac

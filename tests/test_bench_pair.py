@@ -24,11 +24,12 @@ def test_bench_pair_smoke(tmp_path):
     out, pair = tmp_path / "out", tmp_path / "pair"
     env = dict(os.environ, PAIR_SCALE="smoke", OUT=str(out), PAIR_DIR=str(pair),
                EVAL_DIR=str(evals), PY=sys.executable, DEVICE="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.run(["bash", SCRIPT, "target", "data", "drafters", "bench", "pack"],
+    stages = ["target", "data", "drafters", "bench", "ablate", "pack"]
+    proc = subprocess.run(["bash", SCRIPT, *stages],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     times = [line.split() for line in open(out / "pair_times.txt")]
-    assert [t[0] for t in times] == ["target", "data", "drafters", "bench", "pack"]
+    assert [t[0] for t in times] == stages
     assert all(t[2] == "0" for t in times)
     target_cfg = json.load(open(pair / "target" / "config.json"))
     lm_cfg = json.load(open(pair / "draftlm" / "config.json"))
@@ -46,5 +47,10 @@ def test_bench_pair_smoke(tmp_path):
                     assert r["greedy_identical_fraction"] == 1.0, (ds, r["method"])
     for png in ("acceptance_by_position", "speedup", "time_split"):
         assert (out / "bench" / f"{png}.png").stat().st_size > 0
+    for temp in (0, 1):  # the recipe ablation: every variant evaluated at T = 0 and 1
+        ablate = json.load(open(out / f"ablate_T{temp}.json"))
+        assert sorted(os.path.basename(p) for p in ablate) == \
+            ["base", "halfdata", "label", "layers1", "layers3"]
+        assert all(r["speculative"]["tau"] >= 1.0 for r in ablate.values())
     parts = sorted(p for p in os.listdir(out) if p.startswith("pair.tar.part-"))
     assert parts and all((out / p).stat().st_size <= 15 << 20 for p in parts)
