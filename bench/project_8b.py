@@ -14,7 +14,7 @@ or the paper's reported tau) is
 
 It is a projection from measured step costs, not a measured speedup: labelled so in the output.
 
-    python bench/project_8b.py --batches 1,8 --tau pair=4.1 paper-code=6.17 \
+    python bench/project_8b.py --batches 1,8 --tau pair=4.1 paper-humaneval=5.52 \
         [--tau-json $OUT/bench/results.json] --out project_8b.json
 """
 import argparse

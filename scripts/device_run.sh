@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One batched session on the GPU machine: build, CUDA checks, sanitizers, benchmarks.
 # Usage: bash scripts/device_run.sh [build] [check] [tests] [sanitize] [fuzz] [churn] [linear] [engine]
-#        [decode] [bench] [sm80] [verifytests] [verifysanitize] [tp]
+#        [decode] [bench] [sm80] [verifytests] [verifysanitize] [newkernels] [pair] [profile]
+#        [project] [tp]
 # (decode: DECODE_VARIANTS=graph,compile,...); results in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -86,6 +87,28 @@ for stage in "$@"; do
       log racecheck
       (cd bench && compute-sanitizer --tool racecheck python3 check_cuda.py --cases 6 --small) 2>&1 | tail -4
       (cd bench && compute-sanitizer --tool racecheck python3 check_cuda.py --cases 2 --small --vocab 20000) 2>&1 | tail -4 ;;
+    newkernels)  # the kernels merged CPU-tested (kv_commit, markov_draft, fused verify/sample):
+      # their CUDA tests, the verify/sample suites through the fused kernel, memcheck + racecheck
+      log new-kernel-tests
+      (cd tests && timeout 240 python3 -m pytest -q -p no:cacheprovider test_kv_commit.py \
+        test_markov_draft.py test_verify_fused.py test_engine_graphs.py -k cuda 2>&1 | tail -6)
+      log "verify/sample suites, fused impl"
+      (cd tests && DSPARK_VERIFY_IMPL=fused timeout 200 python3 -m pytest -q -p no:cacheprovider \
+        test_verify.py test_sample.py test_verify_contract.py -k cuda 2>&1 | tail -4)
+      for tool in memcheck racecheck; do
+        log "$tool: kv_commit, markov_draft, fused verify"
+        (cd tests && timeout 200 compute-sanitizer --tool $tool --error-exitcode 3 python3 -m pytest -q \
+          -p no:cacheprovider test_kv_commit.py test_markov_draft.py test_verify_fused.py -k "cuda and not compile" \
+          -x 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" | tail -3)
+      done ;;
+    pair)  # the benchmark pair, stage by stage (PAIR_STAGES; scripts/bench_pair.sh)
+      bash scripts/bench_pair.sh ${PAIR_STAGES:-target data drafters bench} ;;
+    profile)  # where a step's time goes (bench/profile.sh) on the benchmark pair
+      bash bench/profile.sh out/pair/target out/pair/dspark .data/humaneval.jsonl "$OUT/profile" 2>&1 | tail -40 ;;
+    project)  # the 8B-shape projection (tau of the pair's bench when it ran in this machine)
+      TJ=(); [ -f "$OUT/bench/results.json" ] && TJ=(--tau-json "$OUT/bench/results.json")
+      (cd bench && python3 project_8b.py --batches 1,8 "${TJ[@]}" --tau ${PROJECT_TAUS:-paper-humaneval=5.52 paper-mbpp=5.16 paper-mt-bench=3.72 paper-gsm8k=6.17} \
+        --out "$OUT/project_8b.json") 2>&1 | tail -20 ;;
     tp)  # tensor parallelism over the host's GPUs (NCCL, multicast off): checks, then speed;
       # one GPU runs a world of one rank (TP_ARGS="--layers 32" fits the 32B shape on an H100)
       N=${TP_NPROC:-$(nvidia-smi -L | wc -l)}
