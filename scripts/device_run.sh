@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched session on the GPU machine: build, CUDA checks, sanitizers, benchmarks.
 # Usage: bash scripts/device_run.sh [build] [check] [tests] [sanitize] [fuzz] [churn] [linear] [engine]
-#        [decode] [bench] [sm80] [verifytests] [verifysanitize] [newkernels] [pair] [profile]
+#        [decode] [bench] [sm80] [verifytests] [verifysanitize] [newkernels] [pair] [sweep] [profile]
 #        [project] [tp]
 # (decode: DECODE_VARIANTS=graph,compile,...); results in $OUT.
 set -uo pipefail
@@ -103,6 +103,19 @@ for stage in "$@"; do
       done ;;
     pair)  # the benchmark pair, stage by stage (PAIR_STAGES; scripts/bench_pair.sh)
       bash scripts/bench_pair.sh ${PAIR_STAGES:-target data drafters bench} ;;
+    sweep)  # concurrency sweep of the scheduled DSpark drafter on the benchmark pair (issue:
+      # confidence-scheduled verification): SPS table first, then every mode at every batch;
+      # run from out/ (the installed dspark, not the source tree)
+      log profile-sps
+      (cd out && GRID=$(python3 -c "from dspark.schedule_step import bucket_grid as g; print(','.join(map(str, g(1024))))") &&
+        python3 -m dspark.cli profile-sps --target pair/target --max-tokens 1024 --grid "$GRID" \
+          --interpolate step --out "$OUT/sps" --no-progress ${SWEEP_DEVICE:-} 2>&1 | tail -3)
+      log "bench sweep"
+      (cd out && python3 -m dspark.cli bench --target pair/target --drafter pair/dspark \
+        --dataset ../.data/humaneval.jsonl ../.data/mt-bench.jsonl --prompts ${SWEEP_PROMPTS:-32} \
+        --max-new-tokens ${SWEEP_TOKENS:-128} --batch ${SWEEP_BATCHES:-1 4 16 32 64 128} \
+        --gamma ${SWEEP_GAMMAS:-3 5 7} --schedule fixed threshold:0.5 sync async \
+        --sps "$OUT/sps/"*.json --no-progress ${SWEEP_DEVICE:-} --out "$OUT/sweep" 2>&1 | tail -60) ;;
     profile)  # where a step's time goes (bench/profile.sh) on the benchmark pair
       bash bench/profile.sh out/pair/target out/pair/dspark .data/humaneval.jsonl "$OUT/profile" 2>&1 | tail -40 ;;
     project)  # the 8B-shape projection (tau of the pair's bench when it ran in this machine)
