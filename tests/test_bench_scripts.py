@@ -1,0 +1,28 @@
+"""bench/project_8b.py's measurement on a CPU at toy size (the demo target, a random DSpark
+drafter built the way the script builds one at the 8B shape): the script's code path runs, its
+numbers are per-round times of real engine runs, and the projection is tau x decode / round."""
+import os
+
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
+
+
+@pytest.mark.skipif(not os.path.isdir(BENCH), reason="needs the source tree's bench/")
+def test_project_8b_measures_rounds_on_cpu(monkeypatch):
+    monkeypatch.syspath_prepend(BENCH)
+    project_8b = pytest.importorskip("project_8b")
+    from dspark.demo import DEMO_MODELS
+    from dspark.models import ModelRunner, load_model
+
+    target = load_model(os.path.join(DEMO_MODELS, "target"), "cpu", torch.float32)
+    drafter = project_8b.random_dspark_drafter(target, gamma=3, layers=1, rank=8,
+                                               taps=[0, 1, 2],
+                                               mask_token_id=target.config.vocab_size - 1)
+    assert drafter.model.head.w1.weight.dtype == torch.float32
+    m = project_8b.measure(ModelRunner(target), drafter, B=2, prompt_len=12, new_tokens=6)
+    assert m["decode"]["rounds"] >= 5 and m["decode"]["ms"] > 0 and m["round"]["ms"] > 0
+    assert m["round"]["tau"] >= 1.0
+    split = m["split"]
+    assert all(split[s] > 0 for s in ("draft", "target_forward", "accept", "commit"))
