@@ -50,7 +50,7 @@ def test_bench_pair_smoke(tmp_path):
     for temp in (0, 1):  # the recipe ablation: every variant evaluated at T = 0 and 1
         ablate = json.load(open(out / f"ablate_T{temp}.json"))
         assert sorted(os.path.basename(p) for p in ablate) == \
-            ["base", "halfdata", "label", "layers1", "layers3"]
+            ["base", "halfdata", "layers1", "layers3", "method", "softtv"]
         assert all(r["speculative"]["tau"] >= 1.0 for r in ablate.values())
     parts = sorted(p for p in os.listdir(out) if p.startswith("pair.tar.part-"))
     assert parts and all((out / p).stat().st_size <= 15 << 20 for p in parts)
