@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 from .cli_bench import add_bench_parser
 from .cli_generate import add_generate_parser
 from .cli_profile import add_profile_parser
+from .cli_profile_step import add_profile_step_parser
 from .cli_train import add_train_parsers
 from .demo import add_demo_parser
 
@@ -19,6 +20,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_generate_parser(sub)
     add_bench_parser(sub)
     add_profile_parser(sub)
+    add_profile_step_parser(sub)
     add_train_parsers(sub)
     args = parser.parse_args(argv)
     try:

@@ -100,3 +100,31 @@ def test_profile_generate_on_cpu(tmp_path, drafter):
         assert stages["target forward"]["calls"] >= 7
     with pytest.raises(ValueError, match="nvtx=True"):
         profile_generate(SpeculativeEngine(target), prompts, str(tmp_path / "t.json"))
+
+
+def test_profile_cli(tmp_path, capsys):
+    import json
+    import os
+
+    from dspark.cli import main
+    from dspark.demo import DEMO_MODELS
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"turns": [p]}) + "\n" for p in DEMO_PROMPTS[:2]))
+    out = tmp_path / "prof"
+    target = os.path.join(DEMO_MODELS, "target")
+    rc = main(["profile", "--target", target, "--drafter", os.path.join(DEMO_MODELS, "dspark"),
+               "--dataset", str(data), "--prompts", "2", "--max-new-tokens", "8",
+               "--device", "cpu", "--dtype", "float32", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "target forward" in printed and "commit" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] >= 1 and summary["stages"]["draft"]["calls"] == summary["rounds"]
+    assert (out / "trace.json.gz").stat().st_size > 0
+    rc = main(["profile", "--target", target, "--ngram", "3", "--whole-step", "--dataset",
+               str(data), "--device", "cpu", "--max-new-tokens", "8", "--json"])
+    assert rc == 0 and "step" in json.loads(capsys.readouterr().out)["stages"]
+    rc = main(["profile", "--target", target, "--dataset", str(tmp_path / "missing.jsonl"),
+               "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("dspark profile: error:") and len(err.splitlines()) == 1

@@ -75,7 +75,13 @@ def ranks(request, paths, tmp_path_factory):
     world = request.param
     out = str(tmp_path_factory.mktemp(f"tp{world}"))
     demo = world == 2  # the shipped pair has 2 KV heads: it splits over 2 ranks only
-    mp.spawn(tp_worker.run, args=(world, free_port(), paths, out, demo), nprocs=world, join=True)
+    try:
+        mp.spawn(tp_worker.run, args=(world, free_port(), paths, out, demo), nprocs=world,
+                 join=True)
+    except mp.ProcessExitedException as exc:
+        saved = sorted(f for f in os.listdir(out) if f.startswith("rank"))
+        raise AssertionError(f"{exc}; results saved by {saved or 'no rank'} of {world} ranks "
+                             f"(done_but_died: every rank saved, a rank died after)") from exc
     return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 
 import torch
@@ -198,3 +199,10 @@ def run(rank: int, world: int, port: int, paths: dict, out_dir: str, demo: bool)
     res["failures"] = failing_loads(paths, tp)
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     shutdown()
+    # Done and saved: leave without interpreter finalization. Once in several full-suite runs
+    # (never in 37 runs of this fixture alone, loaded or not) a gloo rank died at that point
+    # with "terminate called without an active exception" after every result was written;
+    # the fixture says so when it happens again (done_but_died).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
