@@ -272,17 +272,15 @@ int& cuda_verify_impl() {
   return impl;
 }
 
-void raise_on_status(int32_t status, const char* op) {
+void raise_on_status(int32_t status, const char* op, const StatusWording& wording) {
   if (status == 0) return;
   // A NaN or +inf logit also spoils its row's maximum, so the CUDA statistics may flag that row
   // as having no finite entry too: report what the input has (the CPU stops at the bad logit).
   if (status & kBadLogits) status &= ~kEmptyRow;
   std::string msg = std::string("dspark::") + op + ": bad input:";
-  if (status & kBadLogits)
-    msg += " logits contain NaN or +inf (or logit/temperature overflows float32);";
-  if (status & kEmptyRow) msg += " a logits row has no finite entry (all -inf);";
-  if (status & kBadToken)
-    msg += " draft_tokens has an id outside [0, V) (-1 padding is not a token);";
+  if (status & kBadLogits) msg += wording.logits;
+  if (status & kEmptyRow) msg += wording.empty_row;
+  if (status & kBadToken) msg += wording.token;
   if (status & kBadParent) msg += " parents must be -1 at each root and in [0, node) elsewhere;";
   if (status & kBadOffsets)
     msg +=

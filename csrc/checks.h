@@ -108,11 +108,20 @@ AttnDims check_decode_attention_args(const at::Tensor& qkv, const at::Tensor& k_
 bool& cuda_sync_checks();
 
 // Which CUDA implementation of verify / sample runs (csrc/cuda/launch.h: VerifyImpl): 0 the
-// fused kernel (default), 1 the staged pipeline. An internal switch for A/B measurements:
+// fused kernel, 1 the staged pipeline (the default until the fused kernel has passed its tests on
+// a GPU). An internal switch for A/B measurements:
 // dspark._C.set_verify_impl, or DSPARK_VERIFY_IMPL=staged|fused in the environment at import.
 int& cuda_verify_impl();
 
+// The clauses of raise_on_status that name an op's own arguments (the rest are the same for
+// every op): bad logits, an empty row, a bad token id.
+struct StatusWording {
+  const char* logits = " logits contain NaN or +inf (or logit/temperature overflows float32);";
+  const char* empty_row = " a logits row has no finite entry (all -inf);";
+  const char* token = " draft_tokens has an id outside [0, V) (-1 padding is not a token);";
+};
+
 // Turns a kernel status word (StatusBit flags) into a ValueError naming the bad argument.
-void raise_on_status(int32_t status, const char* op);
+void raise_on_status(int32_t status, const char* op, const StatusWording& wording = {});
 
 }  // namespace dspark

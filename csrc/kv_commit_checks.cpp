@@ -53,8 +53,8 @@ KvCommitParams kv_commit_params(const at::Tensor& k_cache, const at::Tensor& v_c
   check_cache_strides(v_cache, "v_cache");
   DSPARK_CHECK(k_cache.numel() == 0 || k_cache.data_ptr() != v_cache.data_ptr(),
                "k_cache and v_cache must be different tensors");
-  const int64_t B = start.dim() == 1 ? start.size(0) : -1;
   DSPARK_CHECK_DIM(start, 1, "start");
+  const int64_t B = start.size(0);
   for (const auto& [t, name] :
        {std::pair{start, "start"}, std::pair{accept_nodes, "accept_nodes"},
         std::pair{accept_count, "accept_count"}, std::pair{node_offsets, "node_offsets"}})

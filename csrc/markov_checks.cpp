@@ -87,19 +87,12 @@ MarkovDims check_markov_draft_args(const at::Tensor& base_logits, const at::Tens
 }
 
 void raise_on_markov_status(int32_t status) {
-  if (status == 0) return;
-  std::string msg = "dspark::markov_draft: bad input:";
-  if (status & kBadToken) msg += " anchors must be token ids in [0, V);";
-  if (status & kBadLogits)
-    msg +=
-        " base_logits + the Markov bias contain NaN or +inf (or logit/temperature overflows "
-        "float32);";
-  if (status & kEmptyRow) msg += " a draft logits row has no finite entry (all -inf);";
-  if (status & kBadTemperature) msg += " temperature must be finite and >= 0 (0 = greedy);";
-  if (status & kBadTopK) msg += " top_k must be >= 0 (0 = off);";
-  if (status & kBadTopP) msg += " top_p must be in (0, 1] (1 = off);";
-  msg.pop_back();
-  TORCH_CHECK_VALUE(false, msg);  // a single std::string: no stream formatting
+  static const StatusWording wording{
+      " base_logits + the Markov bias contain NaN or +inf (or logit/temperature overflows "
+      "float32);",
+      " a draft logits row has no finite entry (all -inf);",
+      " anchors must be token ids in [0, V);"};
+  raise_on_status(status, "markov_draft", wording);
 }
 
 }  // namespace dspark

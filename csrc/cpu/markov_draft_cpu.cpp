@@ -102,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> markov_draft_cpu(
   static const auto sample =
       c10::Dispatcher::singleton().findSchemaOrThrow("dspark::sample", "").typed<SampleSig>();
   at::Tensor z = at::empty({d.R, d.V}, base_logits.options().dtype(at::kFloat));
-  at::Tensor prev = anchors.clone();
+  at::Tensor prev = anchors;  // reassigned to each step's tokens, never written
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w1.scalar_type(), "markov_w", [&] {
     using W = scalar_t;
     const W* pw1 = w1.data_ptr<W>();

@@ -4,7 +4,6 @@
 // whose block does not fit the cache writes nothing and gets a zero output; a parent outside [-1,
 // row) counts as -1 (a root).
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -12,6 +11,7 @@
 
 #include "checks.h"
 #include "cuda/launch.h"
+#include "cuda/launch_status.h"
 #include "cuda/tensor_args.h"
 
 namespace dspark {
@@ -67,12 +67,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at:
   a.scale = 1.0f / std::sqrt(static_cast<float>(d.D));
   a.splits = splits;
   a.rows_per_block = rows;
-  const cudaError_t err = launch_attention(a, c10::cuda::getCurrentCUDAStream());
-  DSPARK_CHECK(err == cudaSuccess,
-               "dspark::decode_attention kernel launch failed: ", cudaGetErrorString(err));
-  if (cuda_sync_checks() &&
-      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None)
-    raise_on_status(status.item<int32_t>(), "decode_attention");
+  check_launch(launch_attention(a, c10::cuda::getCurrentCUDAStream()), status, "decode_attention",
+               [](int32_t s) { raise_on_status(s, "decode_attention"); });
   return out;
 }
 

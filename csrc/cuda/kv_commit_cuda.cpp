@@ -4,13 +4,13 @@
 // and outside CUDA-graph capture. Without the read-back the kernel stays in bounds: an invalid
 // request is not touched and gets length -1 and no freed pages.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "checks.h"
 #include "cuda/kv_commit_launch.h"
+#include "cuda/launch_status.h"
 #include "kv_commit_checks.h"
 
 namespace dspark {
@@ -30,12 +30,8 @@ std::tuple<at::Tensor, at::Tensor> kv_commit_cuda(at::Tensor& k_cache, at::Tenso
   if (p.B == 0) return outputs;  // no block would write the status word
   at::Tensor status = at::empty({1}, k_cache.options().dtype(at::kInt));  // written by the kernel
   p.status = status.data_ptr<int32_t>();
-  const cudaError_t err = launch_kv_commit(p, c10::cuda::getCurrentCUDAStream());
-  DSPARK_CHECK(err == cudaSuccess,
-               "dspark::kv_commit kernel launch failed: ", cudaGetErrorString(err));
-  if (cuda_sync_checks() &&
-      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None)
-    raise_on_kv_status(status.item<int32_t>());
+  check_launch(launch_kv_commit(p, c10::cuda::getCurrentCUDAStream()), status, "kv_commit",
+               raise_on_kv_status);
   return outputs;
 }
 

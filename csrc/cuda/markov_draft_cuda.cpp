@@ -4,12 +4,12 @@
 // into a ValueError. Without the read-back the kernels stay in bounds: a request with a bad
 // anchor, bad parameters or an empty logits row gets -1 tokens from there on.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cuda/launch_status.h"
 #include "cuda/markov_draft_launch.h"
 #include "cuda/tensor_args.h"
 #include "markov_checks.h"
@@ -56,12 +56,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> markov_draft_cuda(
   a.R = d.R, a.G = d.G, a.V = d.V, a.rank = d.rank, a.d = d.d;
   a.logits_type = element_type(base_logits);
   a.weight_type = element_type(w1);
-  const cudaError_t err = launch_markov_draft(a, c10::cuda::getCurrentCUDAStream());
-  DSPARK_CHECK(err == cudaSuccess,
-               "dspark::markov_draft kernel launch failed: ", cudaGetErrorString(err));
-  if (cuda_sync_checks() &&
-      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None)
-    raise_on_markov_status(status.item<int32_t>());
+  check_launch(launch_markov_draft(a, c10::cuda::getCurrentCUDAStream()), status, "markov_draft",
+               raise_on_markov_status);
   return {tokens, conf, probs};
 }
 

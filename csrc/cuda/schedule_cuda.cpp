@@ -4,12 +4,12 @@
 // (a host sync) only with sync checks on and outside CUDA-graph capture. Without the read-back
 // the kernel stays in bounds and defined (dspark/schedule.cuh).
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cuda/launch_status.h"
 #include "cuda/schedule_launch.h"
 #include "schedule_checks.h"
 
@@ -22,12 +22,8 @@ void run(ScheduleParams& p, const at::Tensor& out, const char* op) {
   at::Tensor status = at::empty({1}, out.options().dtype(at::kInt));  // written by the kernel
   p.out = out.data_ptr<int64_t>();
   p.status = status.data_ptr<int32_t>();
-  const cudaError_t err = launch_schedule(p, c10::cuda::getCurrentCUDAStream());
-  DSPARK_CHECK(err == cudaSuccess, "dspark::", op,
-               " kernel launch failed: ", cudaGetErrorString(err));
-  if (cuda_sync_checks() &&
-      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None)
-    raise_on_schedule_status(status.item<int32_t>(), op);
+  check_launch(launch_schedule(p, c10::cuda::getCurrentCUDAStream()), status, op,
+               [op](int32_t s) { raise_on_schedule_status(s, op); });
 }
 
 at::Tensor schedule_prefix_cuda(const at::Tensor& confidences, const at::Tensor& draft_lengths,

@@ -5,24 +5,21 @@
 // the read-back the kernels stay in bounds: a commit skips a request with n_tokens < 0, and
 // ngram_propose returns a row of -1 for n_tokens outside [1, C].
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cuda/launch_status.h"
 #include "cuda/state_ops_launch.h"
 #include "state_ops_checks.h"
 
 namespace dspark {
 namespace {
 
-void check_launch(cudaError_t err, const at::Tensor& status, const char* op) {
-  DSPARK_CHECK(err == cudaSuccess, "dspark::", op,
-               " kernel launch failed: ", cudaGetErrorString(err));
-  if (cuda_sync_checks() &&
-      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None)
-    raise_on_state_status(status.item<int32_t>(), op);
+// The launch error, then (sync checks on, no capture) the status word: dspark::check_launch.
+void check_state_launch(cudaError_t err, const at::Tensor& status, const char* op) {
+  check_launch(err, status, op, [op](int32_t s) { raise_on_state_status(s, op); });
 }
 
 void commit_tokens_cuda(at::Tensor& tokens, at::Tensor& n_tokens, at::Tensor& active,
@@ -37,7 +34,8 @@ void commit_tokens_cuda(at::Tensor& tokens, at::Tensor& n_tokens, at::Tensor& ac
   // Launched for B = 0 too: the round counter and any_active are still updated.
   at::Tensor status = at::empty({1}, tokens.options().dtype(at::kInt));  // written by the kernel
   p.status = status.data_ptr<int32_t>();
-  check_launch(launch_commit_tokens(p, c10::cuda::getCurrentCUDAStream()), status, "commit_tokens");
+  check_state_launch(launch_commit_tokens(p, c10::cuda::getCurrentCUDAStream()), status,
+                     "commit_tokens");
 }
 
 at::Tensor ngram_propose_cuda(const at::Tensor& tokens, const at::Tensor& n_tokens, int64_t gamma,
@@ -49,7 +47,8 @@ at::Tensor ngram_propose_cuda(const at::Tensor& tokens, const at::Tensor& n_toke
   at::Tensor status = at::empty({1}, tokens.options().dtype(at::kInt));  // written by the kernel
   p.drafts = drafts.data_ptr<int64_t>();
   p.status = status.data_ptr<int32_t>();
-  check_launch(launch_ngram_propose(p, c10::cuda::getCurrentCUDAStream()), status, "ngram_propose");
+  check_state_launch(launch_ngram_propose(p, c10::cuda::getCurrentCUDAStream()), status,
+                     "ngram_propose");
   return drafts;
 }
 

@@ -1,16 +1,16 @@
 // csrc/cuda/verify_cuda.cpp: CUDA entry points of dspark::verify and dspark::sample (sample is
-// verify of root-only requests: one launch path serves both; by default the fused kernel,
-// include/dspark/verify_fused.cuh, else the staged one, include/dspark/verify.cuh).
+// verify of root-only requests: one launch path serves both; by default the staged kernels,
+// include/dspark/verify.cuh, or the fused one, include/dspark/verify_fused.cuh).
 // Tensors -> raw pointers; the kernels (include/dspark/verify.cuh) validate data on device and
 // raise a status word; outside CUDA-graph capture it is read back and turned into a ValueError.
 // During capture no host sync happens: bad data then yields -1 tokens, never an invalid access.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "checks.h"
 #include "cuda/launch.h"
+#include "cuda/launch_status.h"
 #include "cuda/tensor_args.h"
 
 namespace dspark {
@@ -34,12 +34,9 @@ void run_and_check(VerifyArgs& a, const at::Tensor& like, const char* op) {
   uint8_t* base = buffer.data_ptr<uint8_t>();
   a.status = reinterpret_cast<int32_t*>(base);
   a.workspace = base + control;
-  const cudaError_t err = launch_verify(a, c10::cuda::getCurrentCUDAStream());
-  DSPARK_CHECK(err == cudaSuccess, "dspark::", op,
-               " kernel launch failed: ", cudaGetErrorString(err));
-  if (cuda_sync_checks() &&
-      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None)
-    raise_on_status(buffer.slice(0, 0, 4).view(at::kInt).item<int32_t>(), op);
+  check_launch(launch_verify(a, c10::cuda::getCurrentCUDAStream()),
+               buffer.slice(0, 0, 4).view(at::kInt), op,
+               [op](int32_t s) { raise_on_status(s, op); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(

@@ -21,16 +21,8 @@ namespace cuda {
 constexpr int kWarpChunk = 1024;               // entries per warp chunk (a contiguous range)
 constexpr int kLaneEntries = kWarpChunk / 32;  // 32 per lane: 64 B of bf16 in flight per lane
 
-// Vocabulary index of lane entry e of the warp chunk starting at `start`: 16-byte vector loads
-// (vec) give each lane runs of 16 / sizeof(S) consecutive entries, 32 lanes apart; scalar loads
-// give lane `lane` entries start + 32 e + lane. Entry order is index order within a lane.
-template <typename S>
-__device__ __forceinline__ int64_t lane_entry(bool vec, int64_t start, int e) {
-  constexpr int kVec = 16 / sizeof(S);
-  const int lane = threadIdx.x & 31;
-  return vec ? start + int64_t((e / kVec) * 32 + lane) * kVec + e % kVec
-             : start + int64_t(e) * 32 + lane;
-}
+// Lane entry e of the warp chunk starting at `start` is vocabulary index chunk_entry<S>(vec,
+// start, e) (row_stats.cuh): index order within a lane.
 
 // One lane's kLaneEntries logits as loaded; entries past V read as -inf.
 template <typename S>
@@ -63,7 +55,7 @@ __device__ __forceinline__ void load_lane_chunk(const S* w, int64_t V, bool vec,
   if (vec) {  // V is a multiple of kVec: a 16-byte group is wholly inside the row or past it
 #pragma unroll
     for (int l = 0; l < kLaneEntries / kVec; ++l) {
-      const int64_t v0 = lane_entry<S>(true, start, l * kVec);
+      const int64_t v0 = chunk_entry<S>(true, start, l * kVec);
       uint4 raw;
       if (v0 < V) {
         raw = __ldg(reinterpret_cast<const uint4*>(w + v0));
@@ -79,7 +71,7 @@ __device__ __forceinline__ void load_lane_chunk(const S* w, int64_t V, bool vec,
   } else {
 #pragma unroll
     for (int e = 0; e < kLaneEntries; ++e) {
-      const int64_t v = lane_entry<S>(false, start, e);
+      const int64_t v = chunk_entry<S>(false, start, e);
       uint32_t bits = neg_inf_bits<S>();
       if (v < V) {
         if constexpr (sizeof(S) == 4) bits = __float_as_uint(__ldg(w + v));
@@ -98,7 +90,7 @@ __device__ __forceinline__ void prefetch_lane_chunk(const S* w, int64_t V, int64
   constexpr int kVec = 16 / sizeof(S);
 #pragma unroll
   for (int l = 0; l < kLaneEntries / kVec; ++l) {
-    const int64_t v0 = lane_entry<S>(true, start, l * kVec);
+    const int64_t v0 = chunk_entry<S>(true, start, l * kVec);
     if (v0 < V) asm volatile("prefetch.global.L2 [%0];" ::"l"(w + v0));
   }
 }
@@ -134,14 +126,14 @@ __device__ __forceinline__ void lane_range(const LaneChunk<S>& c, float& mx, flo
 }
 
 // The q values of the lane's group g (the entries g * kVec .. g * kVec + kVec - 1 of
-// lane_entry): 16-byte loads when the logits are vector-loaded and q rows are 16-byte aligned;
+// chunk_entry): 16-byte loads when the logits are vector-loaded and q rows are 16-byte aligned;
 // 0 past the row.
 template <typename S, typename Q>
 __device__ __forceinline__ void load_q_group(const Q* qrow, int64_t V, bool vec, bool qvec,
                                              int64_t start, int g, Q (&out)[16 / sizeof(S)]) {
   constexpr int kVec = 16 / sizeof(S);
   if (vec) {
-    const int64_t v0 = lane_entry<S>(true, start, g * kVec);
+    const int64_t v0 = chunk_entry<S>(true, start, g * kVec);
     if (v0 >= V) {
 #pragma unroll
       for (int i = 0; i < kVec; ++i) out[i] = Q(0);
@@ -158,7 +150,7 @@ __device__ __forceinline__ void load_q_group(const Q* qrow, int64_t V, bool vec,
   } else {
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
-      const int64_t v = lane_entry<S>(false, start, g * kVec + i);
+      const int64_t v = chunk_entry<S>(false, start, g * kVec + i);
       out[i] = v < V ? __ldg(qrow + v) : Q(0);
     }
   }
@@ -225,7 +217,7 @@ __device__ void greedy_chunk(const LaneChunk<S>& c, bool vec, int64_t start, flo
 #pragma unroll
     for (int e = 0; e < kLaneEntries; ++e) {
       if (mine == INT32_MAX && c.at(e) == top)
-        mine = static_cast<int32_t>(lane_entry<S>(vec, start, e));
+        mine = static_cast<int32_t>(chunk_entry<S>(vec, start, e));
     }
   }
   idx = warp_min(mine);

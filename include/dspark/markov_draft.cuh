@@ -90,7 +90,7 @@ cudaError_t launch_markov_draft(const MarkovArgs& a, cudaStream_t stream) {
       case 8: launch_markov_logits<U, W, 8>(p, k, stream); break;
       default: launch_markov_logits<U, W, 16>(p, k, stream); break;
     }
-    MarkovDrawKernel<U, W><<<static_cast<unsigned>(p.R), kMarkovDrawThreads, 0, stream>>>(p, k);
+    MarkovDrawKernel<U, W><<<static_cast<unsigned>(p.R), kDrawThreads, 0, stream>>>(p, k);
     if (p.probs)
       MarkovProbsKernel<U, W>
           <<<dim3(static_cast<unsigned>(p.R), static_cast<unsigned>(p.C)), 256, 0, stream>>>(p, k);

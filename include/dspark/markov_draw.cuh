@@ -3,6 +3,7 @@
 // confidence logit, and the optional q rows.
 #pragma once
 
+#include "dspark/block_draw.cuh"
 #include "dspark/block_reduce.cuh"
 #include "dspark/markov_logits.cuh"
 
@@ -35,17 +36,13 @@ __device__ void markov_confidence(const MarkovParams<U, W>& p, int64_t r, int64_
   if (lane == 0) p.conf[r * p.G + k] = round_t<W>(add_rn(part, to_f(p.conf_b[0])));
 }
 
-// Inverse-CDF draw of a sampled row from its finalized chunk masses and z_k, as sample's
-// DrawKernel draws for a request with no drafts: target = u * (block sum of the chunk masses),
-// the first chunk whose running total passes it, then the first entry in that chunk. -1 if the
-// row has no mass (finalize_row flagged it). Called by the whole block.
+// Inverse-CDF draw of a sampled row from its finalized chunk masses, as sample's DrawKernel draws
+// for a request with no drafts (block_draw.cuh): target = u * (block sum of the chunk masses).
+// -1 if the row has no mass (finalize_row flagged it). Called by the whole block.
 template <typename U, typename W>
 __device__ int64_t markov_draw(const MarkovParams<U, W>& p, int64_t r, int64_t k,
                                const RowInfo& info) {
-  constexpr int kPer = kChunk / kMarkovDrawThreads;
   __shared__ double sm_sums[kMaxVocab / kChunk + 1];
-  __shared__ double s_before;
-  __shared__ int32_t s_cand, s_last_chunk, s_hit, s_last;
   const double* sums = p.ws.chunk_sum + r * p.C;
   const int64_t per = ceil_div(p.C, blockDim.x), b0 = threadIdx.x * per, b1 = min(p.C, b0 + per);
   double mine = 0.0;
@@ -55,56 +52,14 @@ __device__ int64_t markov_draw(const MarkovParams<U, W>& p, int64_t r, int64_t k
   }
   const double z = block_reduce(mine, SumOp(), 0.0);
   if (!(z > 0.0)) return -1;  // z is the same in every thread: the block leaves together
-  const double target = keyed_uniform(p.seeds[r], p.positions[r] + k, 0, kSampleCoin) * z;
-  double before = block_exclusive_scan(mine);
-  if (threadIdx.x == 0) s_cand = INT32_MAX, s_last_chunk = -1, s_hit = INT32_MAX, s_last = -1;
-  __syncthreads();
-  int32_t cand = INT32_MAX, last = -1;
-  for (int64_t b = b0; b < b1; ++b) {
-    if (sm_sums[b] > 0.0) {
-      last = static_cast<int32_t>(b);
-      if (cand == INT32_MAX && before + sm_sums[b] > target) cand = static_cast<int32_t>(b);
-    }
-    if (cand == INT32_MAX) before += sm_sums[b];
-  }
-  if (cand != INT32_MAX) atomicMin(&s_cand, cand);
-  if (last >= 0) atomicMax(&s_last_chunk, last);
-  __syncthreads();
-  if (cand != INT32_MAX && cand == s_cand) s_before = before;  // the owner of the chosen chunk
-  if (threadIdx.x == 0 && s_cand == INT32_MAX) s_before = 0.0;
-  __syncthreads();
-  // No chunk reached the target (rounding): the last entry with mass, as the CPU does.
-  const int64_t chunk = s_cand != INT32_MAX ? s_cand : s_last_chunk;
-  const double goal = s_cand != INT32_MAX ? target : INFINITY;
+  const double u = keyed_uniform(p.seeds[r], p.positions[r] + k, 0, kSampleCoin);
   const float* w = p.logits + r * p.V;
-  const int64_t first = chunk * kChunk + threadIdx.x * kPer;
-  double mass[kPer];
-  mine = 0.0;
-#pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    mass[i] = first + i < p.V ? row_e(info, first + i, w[first + i]) : 0.0;
-    mine += mass[i];
-  }
-  double cum = s_before + block_exclusive_scan(mine);
-  int32_t hit = INT32_MAX;
-  last = -1;
-#pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    if (mass[i] > 0.0) {
-      last = static_cast<int32_t>(first + i);
-      cum += mass[i];
-      if (cum > goal && hit == INT32_MAX) hit = last;
-    }
-  }
-  if (hit != INT32_MAX) atomicMin(&s_hit, hit);
-  if (last >= 0) atomicMax(&s_last, last);
-  __syncthreads();
-  return s_hit != INT32_MAX ? s_hit : s_last;
+  return block_draw<kChunk>(sm_sums, p.C, p.V, u * z,
+                            [&](int64_t v) { return row_e(info, v, w[v]); });
 }
 
 template <typename U, typename W>
-__global__ void __launch_bounds__(kMarkovDrawThreads)
-    MarkovDrawKernel(MarkovParams<U, W> p, int64_t k) {
+__global__ void __launch_bounds__(kDrawThreads) MarkovDrawKernel(MarkovParams<U, W> p, int64_t k) {
   const int64_t r = blockIdx.x;
   const int64_t prev = markov_row_prev(p, r, k);
   if (prev < 0) {  // block-uniform

@@ -15,7 +15,6 @@ constexpr int kMarkovCols = kChunk / kMarkovThreads;  // columns per thread (4)
 constexpr int kMarkovMaxRows = 16;
 constexpr int kMarkovSmemFloats = 11264;  // staged W1 rows per block: RB * rank <= this (44 KB)
 static_assert(kMarkovMaxRank <= kMarkovSmemFloats, "one row of the largest rank fits");
-constexpr int kMarkovDrawThreads = 256;
 static_assert(kMarkovCols == 4, "a thread loads its columns as one 4-entry vector");
 
 template <typename U, typename W>

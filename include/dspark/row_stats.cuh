@@ -108,7 +108,8 @@ template <typename S>
 __device__ __forceinline__ int64_t chunk_entry(bool vec, int64_t start, int k) {
   constexpr int kVec = 16 / sizeof(S);
   const int lane = threadIdx.x & 31;
-  return vec ? start + ((k / kVec) * 32 + lane) * kVec + k % kVec : start + k * 32 + lane;
+  return vec ? start + int64_t((k / kVec) * 32 + lane) * kVec + k % kVec
+             : start + int64_t(k) * 32 + lane;
 }
 template <typename S>
 __device__ __forceinline__ void load_chunk(const S* w, int64_t V, bool vec, int64_t start,

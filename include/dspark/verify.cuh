@@ -10,6 +10,7 @@
 #pragma once
 #include <type_traits>
 
+#include "dspark/block_draw.cuh"
 #include "dspark/row_stats.cuh"
 #include "dspark/verify_rules.h"
 #include "dspark/verify_walk.cuh"
@@ -47,13 +48,9 @@ __global__ void ResidualChunkKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   if ((threadIdx.x & 31) == 0) ws.resid_chunk[r * p.C + b] = part;
 }
 
-// blockDim.x == kDrawThreads; each thread owns kChunk / kDrawThreads consecutive entries of the
-// chosen chunk.
-constexpr int kDrawThreads = 256;
-static_assert(kChunk % kDrawThreads == 0, "a draw thread owns whole entries");
+// blockDim.x == kDrawThreads (block_draw.cuh).
 template <typename S, typename Q>
 __global__ void DrawKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
-  constexpr int kPer = kChunk / kDrawThreads;
   const int64_t r = blockIdx.x;
   const int64_t row = ws.final_row[r];
   if (row < 0) return;
@@ -61,9 +58,6 @@ __global__ void DrawKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   const RowInfo info = ws.info[row];
   const S* w = p.logits + row * p.V;
   const int32_t nrej_all = ws.n_rej[r];
-  __shared__ int64_t s_chunk;
-  __shared__ double s_before, s_target;
-  __shared__ int32_t s_nrej, s_hit, s_last, s_cand, s_last_chunk;
   __shared__ double sm_sums[kMaxVocab / kChunk + 1];
   // Chunk masses into shared memory; each thread owns a contiguous run of chunks.
   const int64_t per = ceil_div(p.C, blockDim.x), b0 = threadIdx.x * per, b1 = min(p.C, b0 + per);
@@ -82,66 +76,13 @@ __global__ void DrawKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
     fallback = true;  // the residual vanished: draw from the target row itself
   }
   if (fallback) z = info.total;
-  const double target = ws.job_u[r] * z;
-  double mine = 0.0;
-  for (int64_t b = b0; b < b1; ++b) mine += sm_sums[b];
-  double before = block_exclusive_scan(mine);
-  if (threadIdx.x == 0) {
-    s_cand = INT32_MAX;
-    s_last_chunk = -1;
-  }
-  __syncthreads();
-  int32_t cand = INT32_MAX, last = -1;
-  for (int64_t b = b0; b < b1; ++b) {
-    if (sm_sums[b] > 0.0) {
-      last = static_cast<int32_t>(b);
-      if (cand == INT32_MAX && before + sm_sums[b] > target) cand = static_cast<int32_t>(b);
-    }
-    if (cand == INT32_MAX) before += sm_sums[b];
-  }
-  if (cand != INT32_MAX) atomicMin(&s_cand, cand);
-  if (last >= 0) atomicMax(&s_last_chunk, last);
-  __syncthreads();
-  if (cand != INT32_MAX && cand == s_cand) s_before = before;  // the owner of the chosen chunk
-  if (threadIdx.x == 0) {
-    s_nrej = fallback ? 0 : nrej_all;
-    // No chunk reached the target (rounding): take the last entry with mass, as the CPU does.
-    s_chunk = s_cand != INT32_MAX ? s_cand : s_last_chunk;
-    if (s_cand == INT32_MAX) s_before = 0.0;
-    s_target = s_cand != INT32_MAX ? target : INFINITY;
-    s_hit = INT32_MAX;
-    s_last = -1;
-  }
-  __syncthreads();
-  const int32_t nrej = s_nrej;
-  const int64_t chunk = s_chunk;
-  if (chunk >= 0) {
-    const int64_t first = chunk * kChunk + threadIdx.x * kPer;
-    double mass[kPer];
-    double mine = 0.0;
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const int64_t v = first + k;
-      mass[k] = v < p.V ? residual_at(p, ws, r, o, info, w, nrej, v) : 0.0;
-      mine += mass[k];
-    }
-    double cum = s_before + block_exclusive_scan(mine);
-    int32_t hit = INT32_MAX, last = -1;
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      if (mass[k] > 0.0) {
-        last = static_cast<int32_t>(first + k);
-        cum += mass[k];
-        if (cum > s_target && hit == INT32_MAX) hit = last;
-      }
-    }
-    if (hit != INT32_MAX) atomicMin(&s_hit, hit);
-    if (last >= 0) atomicMax(&s_last, last);
-  }
-  __syncthreads();
+  const int32_t nrej = fallback ? 0 : nrej_all;  // fallback is the same in every thread
+  const int64_t token = block_draw<kChunk>(sm_sums, p.C, p.V, ws.job_u[r] * z, [&](int64_t v) {
+    return residual_at(p, ws, r, o, info, w, nrej, v);
+  });
   if (threadIdx.x == 0) {
     const int32_t acc = ws.accepted[r];
-    p.out_tokens[r * p.W + acc] = s_hit != INT32_MAX ? s_hit : s_last;
+    p.out_tokens[r * p.W + acc] = token;
     if (p.out_count) p.out_count[r] = acc;
   }
 }
@@ -157,8 +98,8 @@ __global__ void ProbsKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
 }
 
 // The workspace layout, written once: every piece of VerifyWorkspace in order, each 8-byte
-// aligned and sized by its element type times its count. verify_workspace_bytes sizes the buffer
-// with it, launch_verify carves the buffer with it, so the two cannot disagree.
+// aligned and sized by its element type times its count. The entry point sizes the buffer with
+// it (csrc/cuda/verify_kernels.cu) and launch_verify carves it, so the two cannot disagree.
 struct VerifyWorkspaceLayout {
   VerifyWorkspace ws;  // the pieces (all nullptr when only sizing)
   size_t bytes;        // total size
@@ -187,10 +128,6 @@ inline VerifyWorkspaceLayout verify_workspace_layout(int64_t N, int64_t R, int64
   static_assert(sizeof(VerifyWorkspace) == 18 * sizeof(void*),
                 "every VerifyWorkspace piece needs its place in a take() above");
   return l;
-}
-
-inline size_t verify_workspace_bytes(int64_t N, int64_t R, int64_t W, int64_t V) {
-  return verify_workspace_layout(N, R, W, V, nullptr).bytes;
 }
 
 template <typename S, typename Q>

@@ -145,13 +145,13 @@ __device__ double residual_chunk(const VerifyParams<S, Q>& p, const VerifyWorksp
         const double qd = static_cast<double>(qv[i]);
         bad |= draft_prob_status(qd);
         const double ev = exp_rel(log2_scaled(lc.at(e), info.inv_t), eb);
-        s += residual_step(ev, false, lane_entry<S>(p.vec_loads, start, e), x, qd, z);
+        s += residual_step(ev, false, chunk_entry<S>(p.vec_loads, start, e), x, qd, z);
       }
     }
     if (bad) atomicOr(p.status, bad);
   } else {
     for (int e = 0; e < kLaneEntries; ++e) {
-      const int64_t v = lane_entry<S>(p.vec_loads, start, e);
+      const int64_t v = chunk_entry<S>(p.vec_loads, start, e);
       if (v < p.V) s += residual_at(p, ws, r, o, info, w, nrej, v);
     }
   }
@@ -190,9 +190,9 @@ __device__ __noinline__ void residual_block(const VerifyParams<S, Q>& p, const V
     steps = 0;
   }
   const S* w = p.logits + row * p.V;
-  const int64_t token = block_draw(sums, p.C, p.V, __ldcg(ws.job_u + r) * z, [&](int64_t v) {
-    return residual_at(p, ws, r, o, info, w, steps, v);
-  });
+  const int64_t token = block_draw<kWarpChunk>(
+      sums, p.C, p.V, __ldcg(ws.job_u + r) * z,
+      [&](int64_t v) { return residual_at(p, ws, r, o, info, w, steps, v); });
   if (threadIdx.x == 0) {
     const int32_t acc = __ldcg(ws.accepted + r);
     p.out_tokens[r * p.W + acc] = token;

@@ -40,8 +40,9 @@ __device__ __forceinline__ double draft_prob(const VerifyParams<S, Q>& p, int64_
 template <typename S, typename Q>
 __device__ __forceinline__ double coin(const VerifyParams<S, Q>& p, int64_t r, int64_t o,
                                        int64_t node, uint64_t purpose) {
-  if (p.offsets == nullptr)  // sample: only the root's sampling coin is ever drawn
-    return p.uniforms ? p.uniforms[r] : keyed_uniform(p.seeds[r], p.positions[r], 0, kSampleCoin);
+  if (p.offsets == nullptr)  // sample: only the root's sampling coin is ever drawn (uniforms [R])
+    return p.uniforms ? p.uniforms[r]
+                      : node_coin(nullptr, p.seeds, p.positions, r, 0, 0, kSampleCoin);
   return node_coin(p.uniforms, p.seeds, p.positions, r, o, node, purpose);
 }
 
