@@ -91,8 +91,6 @@ def _generate(args, tp, device: str) -> int:
     from .engine import SpeculativeEngine
 
     main = tp is None or tp.is_main  # only rank 0 prints
-    if args.compile and tp is not None:
-        raise ValueError("--compile is not supported with a tensor-parallel target")
     engine = SpeculativeEngine.from_pretrained(
         args.target, drafter=args.drafter, ngram=args.ngram, gamma=args.gamma,
         tree_topk=args.tree_topk, device=device, dtype=args.dtype, tp=tp,

@@ -115,7 +115,7 @@ class SpeculativeEngine:
         elif schedule is not None and parse_schedule(schedule)[0] != "fixed":
             self.scheduler = VerifyScheduler(schedule, sps, bucket_rows)
         if self.scheduler is not None:
-            if getattr(self.target.model, "tp", None) is not None:
+            if self.target.tensor_parallel:
                 # each rank would profile its own SPS table and could pick another row bucket
                 # than its peers: their collectives would then wait on each other forever
                 raise ValueError(f"schedule {self.scheduler.spec!r} is not supported with a "
@@ -265,9 +265,10 @@ class SpeculativeEngine:
         if self.drafter is None:
             raise ValueError("this engine has no drafter: use generate_autoregressive()")
         d = self.drafter
+        prompts = self._tokenize(prompts)
         if self.scheduler is not None:  # an SPS table (profiled now if none is cached: untimed)
             self.scheduler.check(d)
-            self.scheduler.prepare(self.target, len(self._tokenize(prompts)), d.max_nodes)
+            self.scheduler.prepare(self.target, len(prompts), d.max_nodes)
         t0 = time.perf_counter()
         bar = kw.pop("progress", False)
         st, timer, hidden = self._start(prompts, d.target_taps, kw, speculative=True)
@@ -287,7 +288,7 @@ class SpeculativeEngine:
         """Plain decoding on the same runner (the baseline); same arguments as :meth:`generate`."""
         t0 = time.perf_counter()
         bar = kw.pop("progress", False)
-        st, timer, _ = self._start(prompts, (), kw, speculative=False)
+        st, timer, _ = self._start(self._tokenize(prompts), (), kw, speculative=False)
         self._run(st, lambda: self._decode_step(st, timer), bar)
         return self._finish(st, timer, t0, 0)
 
@@ -322,12 +323,12 @@ class SpeculativeEngine:
             out.append(p)
         return out
 
-    def _start(self, prompts, taps, kw, speculative: bool):
+    def _start(self, prompts: list, taps, kw, speculative: bool):
+        """prompts: token lists (_tokenize'd by the caller)."""
         unknown = set(kw) - {"max_new_tokens", "temperature", "top_k", "top_p", "seed",
                              "stop_tokens"}
         if unknown:
             raise TypeError(f"unknown generate() arguments {sorted(unknown)}")
-        prompts = self._tokenize(prompts)
         B = len(prompts)
         max_new = _per_request(kw.get("max_new_tokens", 128), B, "max_new_tokens")
         temp = _per_request(kw.get("temperature", 0.0), B, "temperature")

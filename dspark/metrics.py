@@ -64,14 +64,11 @@ def clip_rounds(accept: torch.Tensor, active: torch.Tensor,
     accept + 1 tokens, but a request returns only ``emitted[b]`` of all its rounds' tokens (the
     rest lay past max_new_tokens or a stop token). A cut round counts the tokens it kept
     (accepted drafts = kept - 1); a round that kept none is not a round of that request."""
-    accept, active = accept.clone(), active.clone()
-    for b, left in enumerate(emitted):
-        for i in torch.nonzero(active[:, b]).flatten().tolist():
-            kept = min(int(accept[i, b]) + 1, left)
-            left -= kept
-            accept[i, b] = max(kept - 1, 0)
-            active[i, b] = kept > 0
-    return accept, active
+    committed = (accept + 1) * active  # [rounds, B] tokens each round committed
+    before = committed.cumsum(0) - committed  # tokens of the request's earlier rounds
+    left = torch.as_tensor(emitted, dtype=committed.dtype, device=committed.device)
+    kept = (left[None] - before).clamp(min=0).minimum(committed)
+    return torch.where(active.bool(), (kept - 1).clamp(min=0), accept), kept > 0
 
 
 @dataclass

@@ -19,7 +19,9 @@ from collections import defaultdict
 from statistics import median
 from typing import Optional
 
-STAGE_NAMES = ("prefill", "step", "draft", "schedule", "target forward", "accept", "commit")
+from .metrics import STAGES
+
+STAGE_NAMES = ("prefill", "step", *STAGES)  # the engine's StageTimer names
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
 

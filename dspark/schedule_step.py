@@ -218,8 +218,15 @@ class VerifyScheduler:
             cuda = dev.type == "cuda"
             self._host = [torch.zeros((), dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
             self._events = [torch.cuda.Event() for _ in range(2)] if cuda else None
-            one = lambda dtype, v: torch.full((1,), v, dtype=dtype, device=dev)  # noqa: E731
-            self._scratch = (one(torch.float32, 0.0), one(torch.int64, 0), one(torch.float32, 1.0))
+            # the packed verify's per-request inputs, R requests + the scratch request (greedy,
+            # seed 0, root 0): persistent, so a step only copies this round's roots in
+            self._params = SamplingTensors(torch.zeros(R + 1, dtype=torch.float32, device=dev),
+                                           torch.zeros(R + 1, dtype=torch.int64, device=dev),
+                                           torch.ones(R + 1, dtype=torch.float32, device=dev))
+            self._seeds = torch.zeros(R + 1, dtype=torch.int64, device=dev)
+            self._roots = torch.zeros(R + 1, dtype=torch.int64, device=dev)
+        for mine, theirs in zip((*self._params, self._seeds), (*st.params, st.seeds)):
+            mine[:R].copy_(theirs)  # fixed for the whole generate() call
         self._first = R * G if self.first_budget is None else min(self.first_budget, R * G)
         self.budget.fill_(self._first)
         self.step, self.rows_log = 0, []
@@ -229,7 +236,8 @@ class VerifyScheduler:
     def lengths(self, st: SpecState, d) -> tuple[torch.Tensor, torch.Tensor]:
         """l [R] from this step's confidences, logged with the tokens they are expected to
         commit; returns l and sum(l) (static shapes, no host sync: part of a captured step)."""
-        c = d.confidences()[0].float()  # [R, gamma]
+        c, a = d.confidences()  # [R, gamma]: calibrated c_k and prefix survival a_k
+        c = c.float()
         lengths = st.active.long() * d.gamma  # finished requests propose nothing
         if self.mode == "async":
             ell = ops.schedule_prefix(c, lengths, None, "async", budget=self.budget[0])
@@ -240,7 +248,7 @@ class VerifyScheduler:
         row = st.rounds.clamp(max=st.round_verified.shape[0] - 1)[None]  # this round's log row
         st.round_verified.index_copy_(0, row, ell[None])
         admitted = torch.arange(d.gamma, device=c.device) < ell[:, None]
-        expected = 1 + (c.double().cumprod(-1) * admitted).sum(1)  # 1 + sum of admitted a
+        expected = 1 + (a.double() * admitted).sum(1)  # 1 + sum of admitted a
         st.round_expected.index_copy_(0, row, (expected * st.active).sum()[None])
         return ell, ell.sum()
 
@@ -299,9 +307,6 @@ class VerifyScheduler:
         tokens = torch.where(real, prop.draft_tokens[src], 0)
         parents = torch.where(real, col - 1, torch.where(col == 0, -1, 0))
         probs = None if prop.draft_probs is None else prop.draft_probs[src]
-        t, k, p = self._scratch
-        params = SamplingTensors(torch.cat([st.params.temperature, t]),
-                                 torch.cat([st.params.top_k, k]), torch.cat([st.params.top_p, p]))
-        return VerifyBatch(Proposal(tokens, parents, probs, off), R, W, params,
-                           torch.cat([st.seeds, k]), torch.cat([root, k]), width,
-                           torch.where(real, src, R * W))
+        self._roots[:R].copy_(root)
+        return VerifyBatch(Proposal(tokens, parents, probs, off), R, W, self._params,
+                           self._seeds, self._roots, width, torch.where(real, src, R * W))

@@ -296,7 +296,8 @@ class ParallelDrafter(TrainedDrafter):
     def _markov_fused(self) -> bool:
         on = self.markov_op
         if on is None:
-            on = self.model.head is not None and self.model.head.w1.weight.device.type == "cpu"
+            on = self.model.head is not None and ops.op_in_use("markov_draft",
+                                                               self.model.head.w1.weight.device)
         return bool(on) and type(self.model.head) is MarkovHead
 
     def _markov_w2(self) -> torch.Tensor:
@@ -331,7 +332,8 @@ class ParallelDrafter(TrainedDrafter):
             prev = torch.cat([anchor[:, None], out.tokens[:, :-1]], 1)
             self.last_logits = reference.markov_logits(U, prev, w1, w2)
         self.last_conf_logits = out.conf_logits
-        self._active = state.active.clone()
+        if self.recorder is not None:  # calibration data (graphs are off while recording)
+            self._active = state.active.clone()
         return chain_proposal(anchor, out.tokens, out.probs)
 
     def propose(self, state: SpecState) -> Proposal:
@@ -360,7 +362,8 @@ class ParallelDrafter(TrainedDrafter):
             prev = tok
         self.last_logits = torch.stack(logits, 1) if self.keep_logits else None
         self.last_conf_logits = torch.stack(conf, 1) if conf else None
-        self._active = state.active.clone()
+        if self.recorder is not None:  # calibration data (graphs are off while recording)
+            self._active = state.active.clone()
         return chain_proposal(state.anchor(), torch.stack(toks, 1), torch.stack(probs, 1))
 
     def compile(self, mode: Optional[str] = None) -> None:

@@ -141,15 +141,11 @@ class ConfidenceHead(nn.Module):
         return self.proj(x)[..., 0].float()
 
 
-def sts_scale(logits: torch.Tensor, temps) -> torch.Tensor:
-    """Per-position temperatures T_k applied to confidence logits [..., G] (1 past the list).
-    ``temps``: a list, or the tensor :func:`sts_tensor` made of it (no host-to-device copy: what
-    a step replayed from a CUDA graph needs)."""
-    if temps is None or (not isinstance(temps, torch.Tensor) and not temps):
-        return logits
-    if not isinstance(temps, torch.Tensor):
-        temps = sts_tensor(temps, logits.shape[-1], logits.dtype, logits.device)
-    return logits / temps
+def sts_scale(logits: torch.Tensor, temps: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-position temperatures T_k applied to confidence logits [..., G]: ``temps`` the tensor
+    :func:`sts_tensor` made once (no host-to-device copy in a step replayed from a CUDA graph),
+    None for uncalibrated confidences."""
+    return logits if temps is None else logits / temps
 
 
 def sts_tensor(temps: list, G: int, dtype: torch.dtype, device) -> torch.Tensor:

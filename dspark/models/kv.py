@@ -50,11 +50,11 @@ class KVCache:
         if node_offsets is None:  # local ids: request b's nodes as flat ids b * W + j
             node_offsets = torch.arange(B + 1, device=start.device) * W
             accept_nodes = accept_nodes + node_offsets[:-1, None]
-        if self.k.device.type == "cpu":
+        if ops.op_in_use("kv_commit", self.k.device):
             ops.kv_commit(self.k, self.v, start, accept_nodes, accept_count, node_offsets)
             return
-        # CUDA: the former gather/scatter until kv_commit's CUDA kernel has passed its tests on a
-        # GPU (bench/RESULTS.md); same result (the reference moves gather before they write)
+        # the former gather/scatter until kv_commit's CUDA kernel has passed its tests on a GPU
+        # (ops.CUDA_KERNEL_TESTED); same result (the reference moves gather before they write)
         local = (accept_nodes - node_offsets[:-1, None]).clamp(min=0)
         depth = torch.arange(W, device=start.device)[None, :]
         dst = start[:, None] + depth  # [B, W]

@@ -75,7 +75,7 @@ def read_safetensors(file: str, device="cpu", rename=lambda k: k, take=None) -> 
     except CheckpointError:
         raise  # take's own, naming the file
     except Exception as exc:  # safetensors raises its own SafetensorError (and OSError)
-        if isinstance(exc, (KeyboardInterrupt, MemoryError)):
+        if isinstance(exc, MemoryError):
             raise
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"{file}: not a readable safetensors file ({msg})") from None

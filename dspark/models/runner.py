@@ -167,6 +167,11 @@ class ModelRunner:
         return self._run("forward_tree", self._forward_tree, (max_nodes, tuple(taps), padded),
                          draft_tokens, parents, node_offsets, start)
 
+    @property
+    def tensor_parallel(self) -> bool:
+        """Whether the model is one rank's shard of a tensor-parallel target (dspark.models.tp)."""
+        return getattr(self.model, "tp", None) is not None
+
     def commit(self, root: torch.Tensor, accepted_nodes: torch.Tensor,
                accept_count: torch.Tensor, node_offsets: Optional[torch.Tensor] = None) -> None:
         """After ``dspark.ops.verify`` of a tree: move the accepted path's K/V to the slots right

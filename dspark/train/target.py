@@ -239,15 +239,15 @@ def save_target(model: TinyQwen3, tokenizer, path: str, dtype: str, eos_id: int,
 
 
 def load_shared_tokenizer(path: str):
-    """The tokenizer.json of checkpoint dir ``path`` (or that file), for a model that must share
-    another's vocabulary: a draft LM for a target."""
-    from tokenizers import Tokenizer
-    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no tokenizer.json at {path!r}")
-    tok = Tokenizer.from_file(file)
+    """The tokenizer of checkpoint dir ``path``, for a model that must share another's
+    vocabulary: a draft LM for a target."""
+    from ..models.loader import load_tokenizer
+    tok = load_tokenizer(path)
+    if tok is None:
+        raise FileNotFoundError(f"no tokenizer.json in {path!r}")
     if tok.token_to_id(EOS) is None:
-        raise ValueError(f"{file!r} has no {EOS} token: not a `dspark train-target` tokenizer")
+        raise ValueError(f"{path!r}: its tokenizer has no {EOS} token (not one of `dspark "
+                         f"train-target`)")
     return tok
 
 
