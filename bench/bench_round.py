@@ -40,7 +40,8 @@ def run(engine, fn_name, prompts, batch, new):
         rounds += m.rounds
         decode_s += m.total_s - m.prefill_s
         tokens += m.new_tokens
-        for k in ("draft_s", "target_forward_s", "accept_s", "commit_s", "other_s"):
+        for k in ("draft_s", "schedule_s", "target_forward_s", "accept_s", "commit_s", "step_s",
+                  "other_s"):  # step_s: a whole-step graph's time (stage_times off)
             stages[k] = stages.get(k, 0.0) + getattr(m, k)
         if m.speculative:
             stages.setdefault("hist", [0] * len(m.accept_hist))

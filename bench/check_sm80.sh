@@ -44,7 +44,7 @@ summary "build_info: kernel_ptx_arch 80, sm90_paths off: $([ $rc -eq 0 ] && echo
 
 t1=$(date +%s)
 # every CUDA test (the JIT compiles each kernel on first use: the first tests are slower)
-(cd tests && timeout "${TEST_LIMIT:-420}" python3 -m pytest -q -p no:cacheprovider -k cuda 2>&1) \
+(cd tests && timeout "${TEST_LIMIT:-300}" python3 -m pytest -q -p no:cacheprovider -k cuda 2>&1) \
   > "$OUT/sm80_tests.log"
 rc=$?
 summary "CUDA tests on the sm_80 paths (rc $rc, $(($(date +%s) - t1)) s): $(tail -1 "$OUT/sm80_tests.log")"

@@ -21,7 +21,7 @@
 # call with shorter TARGET_MINUTES / DRAFT_MINUTES. PAIR_SCALE=smoke: a minute on a CPU, the
 # same commands at toy sizes (tests/test_bench_pair.py runs it).
 # Env: OUT (logs, JSON, PNG; default /tmp/out), PAIR_DIR (default out/pair), EVAL_DIR (jsonl
-# prompt sets; default shared/data/eval, then .data), PY, DEVICE, and the sizes below.
+# prompt sets; default ../shared/data/eval, then .data), PY, DEVICE, and the sizes below.
 # Each stage's wall time goes to $OUT/pair_times.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -163,10 +163,12 @@ stage_bench() {
     --dataset "${sets[@]}" --temperature 0 1 --batch 1 --prompts "$BENCH_PROMPTS" \
     --max-new-tokens "$BENCH_TOKENS" --prompt-tokens "$BENCH_PROMPT_TOKENS" --no-progress \
     --out "$OUT/bench" "${DEV[@]}" > "$OUT/bench.txt" 2>&1 || { tail -20 "$OUT/bench.txt"; return 1; }
+  cp "$OUT/bench/results.json" "$PAIR/bench_results.json"  # kept with the pair (its tau)
   cat "$OUT/bench.txt"
 }
 stage_pack() {  # <= 15 MiB parts: what the device tool brings back
-  tar -C "$(dirname "$PAIR")" -cf - --exclude=data --exclude=checkpoint "$(basename "$PAIR")" |
+  tar -C "$(dirname "$PAIR")" -cf - --exclude=data --exclude=data_half --exclude=ablate \
+    --exclude=checkpoint "$(basename "$PAIR")" |
     split -b 15m -d - "$OUT/pair.tar.part-"
   ls -l "$OUT"/pair.tar.part-*
 }

@@ -70,15 +70,17 @@ for stage in "$@"; do
         python3 -m pip install --no-build-isolation --no-deps . > "$OUT/build2.log" 2>&1 || exit 1
       fi ;;
     sm80)  # the pre-Hopper code paths, JIT-compiled from compute_80 PTX (then the normal build)
+      # (build + tests + rebuild fit one call with TEST_LIMIT <= 300 s; if a call is killed
+      # before the rebuild, run `build` next: the machine would keep the compute_80 build)
       log sm80; bash bench/check_sm80.sh ;;
     bench)  # fused and staged verify/sample side by side (A/B), bf16 and fp32 logits
       log bench; (cd bench && python3 bench_ops.py --out "$OUT/bench_ops.json") 2>&1 | tail -42 ;;
     verifytests)  # the verify / sample tests on the GPU: the fused kernel, then the staged default
       log verify-tests-fused
-      (cd tests && DSPARK_VERIFY_IMPL=fused timeout 500 python3 -m pytest -q -p no:cacheprovider -k cuda test_verify_fused.py \
+      (cd tests && DSPARK_VERIFY_IMPL=fused timeout 330 python3 -m pytest -q -p no:cacheprovider -k cuda test_verify_fused.py \
         test_verify.py test_sample.py test_verify_contract.py test_distribution.py 2>&1 | tail -15)
       log verify-tests-staged
-      (cd tests && timeout 300 python3 -m pytest -q -p no:cacheprovider \
+      (cd tests && timeout 240 python3 -m pytest -q -p no:cacheprovider \
         -k cuda test_verify.py test_sample.py test_verify_contract.py 2>&1 | tail -4) ;;
     verifysanitize)  # memcheck + racecheck over random verify/sample batches, multi-slice rows too
       log memcheck
@@ -88,21 +90,20 @@ for stage in "$@"; do
       (cd bench && compute-sanitizer --tool racecheck python3 check_cuda.py --cases 6 --small) 2>&1 | tail -4
       (cd bench && compute-sanitizer --tool racecheck python3 check_cuda.py --cases 2 --small --vocab 20000) 2>&1 | tail -4 ;;
     newkernels)  # the kernels merged CPU-tested (kv_commit, markov_draft, fused verify/sample):
-      # their CUDA tests, the verify/sample suites through the fused kernel, memcheck + racecheck
+      # their CUDA tests (test_verify_fused.py runs the fused kernel itself), memcheck +
+      # racecheck; the verify/sample suites through the fused kernel: `verifytests`
       log new-kernel-tests
       (cd tests && timeout 240 python3 -m pytest -q -p no:cacheprovider test_kv_commit.py \
         test_markov_draft.py test_verify_fused.py test_engine_graphs.py -k cuda 2>&1 | tail -6)
-      log "verify/sample suites, fused impl"
-      (cd tests && DSPARK_VERIFY_IMPL=fused timeout 200 python3 -m pytest -q -p no:cacheprovider \
-        test_verify.py test_sample.py test_verify_contract.py -k cuda 2>&1 | tail -4)
       for tool in memcheck racecheck; do
         log "$tool: kv_commit, markov_draft, fused verify"
-        (cd tests && timeout 200 compute-sanitizer --tool $tool --error-exitcode 3 python3 -m pytest -q \
+        (cd tests && timeout 170 compute-sanitizer --tool $tool --error-exitcode 3 python3 -m pytest -q \
           -p no:cacheprovider test_kv_commit.py test_markov_draft.py test_verify_fused.py -k "cuda and not compile" \
           -x 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" | tail -3)
       done ;;
-    pair)  # the benchmark pair, stage by stage (PAIR_STAGES; scripts/bench_pair.sh)
-      bash scripts/bench_pair.sh ${PAIR_STAGES:-target data drafters bench} ;;
+    pair)  # the benchmark pair, one call per stage or two (PAIR_STAGES, default target;
+      # scripts/bench_pair.sh: target data | drafters | bench | ablate)
+      bash scripts/bench_pair.sh ${PAIR_STAGES:-target} ;;
     sweep)  # concurrency sweep of the scheduled DSpark drafter on the benchmark pair (issue:
       # confidence-scheduled verification): SPS table first, then every mode at every batch;
       # run from out/ (the installed dspark, not the source tree)
@@ -111,15 +112,17 @@ for stage in "$@"; do
         python3 -m dspark.cli profile-sps --target pair/target --max-tokens 1024 --grid "$GRID" \
           --interpolate step --out "$OUT/sps" --no-progress ${SWEEP_DEVICE:-} 2>&1 | tail -3)
       log "bench sweep"
+      # default: code prompts, gamma 7, every mode (30 runs); the rest in further calls, e.g.
+      # SWEEP_SET=mt-bench, or SWEEP_GAMMAS="3 5" SWEEP_SCHEDULES=fixed
       (cd out && python3 -m dspark.cli bench --target pair/target --drafter pair/dspark \
-        --dataset ../.data/humaneval.jsonl ../.data/mt-bench.jsonl --prompts ${SWEEP_PROMPTS:-32} \
+        --dataset ../.data/${SWEEP_SET:-humaneval}.jsonl --prompts ${SWEEP_PROMPTS:-32} \
         --max-new-tokens ${SWEEP_TOKENS:-128} --batch ${SWEEP_BATCHES:-1 4 16 32 64 128} \
-        --gamma ${SWEEP_GAMMAS:-3 5 7} --schedule fixed threshold:0.5 sync async \
+        --gamma ${SWEEP_GAMMAS:-7} --schedule ${SWEEP_SCHEDULES:-fixed threshold:0.5 sync async} \
         --sps "$OUT/sps/"*.json --no-progress ${SWEEP_DEVICE:-} --out "$OUT/sweep" 2>&1 | tail -60) ;;
     profile)  # where a step's time goes (bench/profile.sh) on the benchmark pair
       bash bench/profile.sh out/pair/target out/pair/dspark .data/humaneval.jsonl "$OUT/profile" 2>&1 | tail -40 ;;
-    project)  # the 8B-shape projection (tau of the pair's bench when it ran in this machine)
-      TJ=(); [ -f "$OUT/bench/results.json" ] && TJ=(--tau-json "$OUT/bench/results.json")
+    project)  # the 8B-shape projection (with the pair's tau when its bench ran on this machine)
+      TJ=(); [ -f out/pair/bench_results.json ] && TJ=(--tau-json "$PWD/out/pair/bench_results.json")
       (cd bench && python3 project_8b.py --batches 1,8 "${TJ[@]}" --tau ${PROJECT_TAUS:-paper-humaneval=5.52 paper-mbpp=5.16 paper-mt-bench=3.72 paper-gsm8k=6.17} \
         --out "$OUT/project_8b.json") 2>&1 | tail -20 ;;
     tp)  # tensor parallelism over the host's GPUs (NCCL, multicast off): checks, then speed;
@@ -129,6 +132,7 @@ for stage in "$@"; do
       log "bench_tp over $N GPUs"
       python3 -m torch.distributed.run --nproc-per-node "$N" bench/bench_tp.py ${TP_ARGS:-} \
         --out "$OUT/bench_tp_$N.json" 2>&1 | grep -v Warning | tail -40 ;;
+    *) echo "device_run: unknown stage $stage" >&2; exit 2 ;;
   esac
 done
 log done

@@ -80,8 +80,9 @@ def ranks(request, paths, tmp_path_factory):
                  join=True)
     except mp.ProcessExitedException as exc:
         saved = sorted(f for f in os.listdir(out) if f.startswith("rank"))
+        done_but_died = len(saved) == world  # the run finished; a rank died while exiting
         raise AssertionError(f"{exc}; results saved by {saved or 'no rank'} of {world} ranks "
-                             f"(done_but_died: every rank saved, a rank died after)") from exc
+                             f"(done_but_died={done_but_died})") from exc
     return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
 
 

@@ -27,6 +27,15 @@ NEG = -float("inf")
 QWEN_V = 151936
 
 
+@pytest.fixture(autouse=True)
+def fused_impl():
+    """Every CUDA verify / sample call here runs the fused kernel: the staged pipeline is the
+    default, and this file is the fused kernel's suite (test_fused_equals_staged switches back
+    explicitly for its comparison)."""
+    with dspark.ops._verify_impl("fused"):
+        yield
+
+
 def cuda_only(device):
     if device != "cuda":
         pytest.skip("a CUDA-kernel shape (the CPU kernel does not split rows)")

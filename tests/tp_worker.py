@@ -202,7 +202,7 @@ def run(rank: int, world: int, port: int, paths: dict, out_dir: str, demo: bool)
     # Done and saved: leave without interpreter finalization. Once in several full-suite runs
     # (never in 37 runs of this fixture alone, loaded or not) a gloo rank died at that point
     # with "terminate called without an active exception" after every result was written;
-    # the fixture says so when it happens again (done_but_died).
+    # the fixture says so when it happens again (done_but_died=True).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
