@@ -26,6 +26,7 @@ import torch
 from torch_baseline import chain_verify_torch
 
 import dspark
+from dspark.timing import capture_graph
 
 L2_BYTES = 60 << 20
 FLUSH_BYTES = 256 << 20
@@ -65,15 +66,7 @@ def copy_bandwidth(nbytes=1 << 30, reps=20):
 
 def capture(make_fn, inputs):
     """One CUDA graph of make_fn(inputs), captured after a warm-up call on a side stream."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        make_fn(inputs)
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        make_fn(inputs)
-    return g
+    return capture_graph(lambda: make_fn(inputs))[0]
 
 
 def time_graph(make_fn, copies, reps, flush=None, label=None):

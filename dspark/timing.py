@@ -9,20 +9,28 @@ from typing import Callable, Optional
 import torch
 
 
+def capture_graph(fn: Callable[[], object], warmup: Optional[Callable[[], object]] = None):
+    """(graph, what ``fn()`` returned during the capture: the buffers a replay rewrites). First
+    ``warmup()`` (default ``fn``; another function for work that mutates its inputs) runs once
+    on a side stream, so lazy initialisation and autotuning stay out of the graph. CUDA only."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        (warmup or fn)()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def graph_replay_seconds(fn: Callable[[], object], reps: int, warmup: int = 10,
                          reset: Optional[Callable[[], object]] = None) -> float:
     """Median seconds of one replay of a CUDA graph of ``fn()`` (captured after one warm-up call
     on a side stream: lazy initialisation and autotuning stay out of the graph). ``reset`` runs
     before each timed replay, stream-ordered but outside the timed region (for work that
     mutates its inputs). CUDA only."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture_graph(fn)
     for _ in range(warmup):
         graph.replay()
     marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))

@@ -10,6 +10,7 @@ import torch
 
 import dspark
 from dspark import reference as ref
+from dspark.timing import capture_graph
 
 I64 = dict(dtype=torch.long)
 ARGS = ["start", "accept_nodes", "accept_count", "node_offsets", "block_table"]
@@ -219,14 +220,7 @@ def test_cuda_graph_replay_equals_eager(device, seed, layout):
     static.setdefault("block_table", None)
     call = lambda: torch.ops.dspark.kv_commit(  # noqa: E731
         static["k_cache"], static["v_cache"], *[static[k] for k in ARGS])
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        lengths, freed = call()
+    graph, (lengths, freed) = capture_graph(call)
     for c in cases:
         for k, v in c.items():
             if v is not None:

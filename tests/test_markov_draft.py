@@ -11,6 +11,7 @@ from dspark import reference
 from dspark.drafters import DrafterSpec, build_draft_model, make_drafter
 from dspark.engine import SpeculativeEngine
 from dspark.models import load_model
+from dspark.timing import capture_graph
 
 from helpers import chi2_pvalue, make_checkpoint, random_logits
 
@@ -210,14 +211,7 @@ def test_cuda_graph_replay_equals_eager(device, gen):
         pytest.skip("CUDA graphs need a GPU")
     inputs = [make_args(6, 5, 1000, 16, 12, gen, dtypes="bf16", filtered=True) for _ in range(3)]
     static = [inputs[0][k].cuda().clone() for k in ARGS]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        draft_step(*static)  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = draft_step(*static)
+    graph, outs = capture_graph(lambda: draft_step(*static))
     for a in inputs:
         for dst, k in zip(static, ARGS):
             dst.copy_(a[k])

@@ -8,6 +8,7 @@ import torch
 
 import dspark
 from dspark import reference as ref
+from dspark.timing import capture_graph
 
 MODES = ("sync", "async", "threshold", "fixed")
 
@@ -268,14 +269,7 @@ def test_cuda_graph_replay_equals_eager(device, gen):
         pytest.skip("CUDA graphs need a GPU")
     inputs = plan_inputs(gen, 4, R=256)
     static = [t.clone().cuda() for t in inputs[0]]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        plan(*static)  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        lengths, K = plan(*static)
+    graph, (lengths, K) = capture_graph(lambda: plan(*static))
     for inp in inputs:
         for dst, src in zip(static, inp):
             dst.copy_(src)

@@ -7,6 +7,7 @@ import torch
 
 import dspark
 from dspark import reference as ref
+from dspark.timing import capture_graph
 
 COMMIT = ["tokens", "n_tokens", "active", "out_tokens", "accept_count", "stop_tokens",
           "prompt_lens", "max_new", "round_active", "round_accepts", "rounds", "any_active"]
@@ -250,14 +251,8 @@ def test_cuda_graph_replay_equals_eager(device, gen):
         pytest.skip("CUDA graphs need a GPU")
     inputs = step_inputs(gen, 4)
     static = {k: v.clone().cuda() for k, v in inputs[0].items()}
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step({k: v.clone() for k, v in static.items()})  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        drafts = step(static)
+    graph, drafts = capture_graph(lambda: step(static),  # warm-up on copies: step mutates
+                                  lambda: step({k: v.clone() for k, v in static.items()}))
     for a in inputs:
         for k, v in a.items():
             static[k].copy_(v)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dspark
+from dspark.timing import capture_graph
 
 from helpers import make_batch, sample_args
 
@@ -79,14 +80,7 @@ def test_cuda_graph_replay_equals_eager(device):
                           temperature="mixed", top_k="random", top_p="random", max_nodes=8)
                for lengths in ([7, 0, 3, 5], [6, 2, 3, 4], [0, 7, 7, 1])]
     static = [a.clone() if a is not None else None for a in step_args(batches[0].to("cuda"))]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        decode_step(*static)  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = decode_step(*static)
+    graph, outs = capture_graph(lambda: decode_step(*static))
     for b in batches:
         args = step_args(b.to("cuda"))
         for dst, src in zip(static, args):

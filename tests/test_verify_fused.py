@@ -10,6 +10,7 @@ import torch
 
 import dspark
 from dspark import reference
+from dspark.timing import capture_graph
 
 from helpers import (
     assert_equal_outputs,
@@ -239,14 +240,7 @@ def test_repeated_launches_and_replays(device, gen, qd):
     for impl in ("fused", "staged"):
         with dspark.ops._verify_impl(impl):
             static = [a.clone() if isinstance(a, torch.Tensor) else a for a in cuda[0].args()]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                torch.ops.dspark.verify(*static)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outs = torch.ops.dspark.verify(*static)
+            graph, outs = capture_graph(lambda: torch.ops.dspark.verify(*static))
             for rep in range(6):
                 src = cuda[rep % len(cuda)]
                 for dst, a in zip(static, src.args()):
@@ -265,14 +259,7 @@ def test_sample_graph_replays(device, gen):
     args = [a.cuda() if isinstance(a, torch.Tensor) else a
             for a in sample_args(logits[0].cpu(), gen, randomness="keyed")]
     static = [logits[0].clone(), *args[1:]]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        torch.ops.dspark.sample(*static, True)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        tok, probs = torch.ops.dspark.sample(*static, True)
+    graph, (tok, probs) = capture_graph(lambda: torch.ops.dspark.sample(*static, True))
     for rep in range(5):
         static[0].copy_(logits[rep % 3])
         graph.replay()
