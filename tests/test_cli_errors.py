@@ -25,8 +25,8 @@ def ckpt(tmp_path_factory):
     return path
 
 
-def broken_copy(ckpt, tmp_path, name="broken"):
-    out = str(tmp_path / name)
+def broken_copy(ckpt, tmp_path):
+    out = str(tmp_path / "broken")
     shutil.copytree(ckpt, out)
     return out
 
@@ -46,24 +46,18 @@ def assert_one_line_error(rc, captured, *needles):
         assert needle in err, (needle, err)
 
 
-def test_wrong_shaped_tensor_names_the_file(ckpt, tmp_path, capsys):
+@pytest.mark.parametrize("suffix, extra_cols, needles", [
+    ("mlp.down_proj.weight", 3, ("shape",)),  # a wrong-shaped tensor
+    ("self_attn.k_proj.weight", 1, ()),  # q/k/v parts that cannot be fused
+])
+def test_wrong_shaped_tensor_names_the_file(ckpt, tmp_path, capsys, suffix, extra_cols, needles):
     bad = broken_copy(ckpt, tmp_path)
     file = os.path.join(bad, "model.safetensors")
     sd = load_file(file)
-    name = next(k for k in sd if k.endswith("mlp.down_proj.weight"))
-    sd[name] = torch.zeros(sd[name].shape[0], sd[name].shape[1] + 3)
+    name = next(k for k in sd if k.endswith(suffix))
+    sd[name] = torch.zeros(sd[name].shape[0], sd[name].shape[1] + extra_cols)
     save_file(sd, file)
-    assert_one_line_error(*generate(capsys, bad, "--device", "cpu"), file, "shape")
-
-
-def test_mismatched_fused_parts_name_the_file(ckpt, tmp_path, capsys):
-    bad = broken_copy(ckpt, tmp_path)
-    file = os.path.join(bad, "model.safetensors")
-    sd = load_file(file)
-    name = next(k for k in sd if k.endswith("self_attn.k_proj.weight"))
-    sd[name] = torch.zeros(sd[name].shape[0], sd[name].shape[1] + 1)
-    save_file(sd, file)
-    assert_one_line_error(*generate(capsys, bad, "--device", "cpu"), file)
+    assert_one_line_error(*generate(capsys, bad, "--device", "cpu"), file, *needles)
 
 
 def test_truncated_safetensors_names_the_file(ckpt, tmp_path, capsys):
@@ -120,6 +114,10 @@ def test_train_commands_name_bad_devices_and_files(ckpt, tmp_path, capsys):
     rc = main(["bench", "--target", ckpt, "--ngram", "2", "--dataset", "x.jsonl", "--device",
                "nope"])
     assert_one_line_error(rc, capsys.readouterr(), "--device")
+    missing = str(tmp_path / "none.jsonl")  # a good device: the missing file is named
+    rc = main(["bench", "--target", ckpt, "--ngram", "2", "--dataset", missing, "--device",
+               "cpu", "--no-progress"])
+    assert_one_line_error(rc, capsys.readouterr(), missing)
 
 
 # ---- one rule for prompt files -----------------------------------------------------------------
@@ -157,5 +155,7 @@ def test_generate_and_eval_draft_read_the_same_prompts(ckpt, tmp_path, capsys):
 
 
 def test_source_tree_is_not_imported():
-    """The tests run against the installed package (scripts/test.sh runs from tests/)."""
-    assert os.path.isfile(os.path.join(os.path.dirname(dspark.__file__), "_build_info.py"))
+    """The tests run against the installed package (scripts/test.sh runs from tests/), not the
+    source tree (which an in-place build can also leave a _build_info.py in)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(dspark.__file__)))
+    assert not os.path.isfile(os.path.join(root, "CMakeLists.txt")), root
