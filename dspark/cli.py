@@ -6,6 +6,7 @@ import sys
 from typing import Optional, Sequence
 
 from .cli_bench import add_bench_parser
+from .cli_common import cli_error
 from .cli_generate import add_generate_parser
 from .cli_profile import add_profile_parser
 from .cli_profile_step import add_profile_step_parser
@@ -26,8 +27,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except OSError as exc:  # a file the subcommand did not expect to fail: still one line
-        print(f"dspark {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return cli_error(args.command, exc)
 
 
 if __name__ == "__main__":

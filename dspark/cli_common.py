@@ -39,6 +39,12 @@ def _error_line(line: str) -> None:
     sys.stderr.flush()
 
 
+def cli_error(command: str, exc) -> int:
+    """Every subcommand's failure: one line ``dspark COMMAND: error: ...`` on stderr, exit 2."""
+    _error_line(f"dspark {command}: error: {exc}")
+    return 2
+
+
 def launch(prog: str, device: Optional[str], body: Callable[..., int],
            errors: tuple = (ValueError,)) -> int:
     """A subcommand under ``torchrun`` or in a plain process: ``body(tp, device)`` -> exit code,

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from .cli_common import cli_error
+
 
 def add_profile_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -73,8 +75,7 @@ def run_profile_cli(args) -> int:
                                 interpolate=args.interpolate, monotone=args.monotone,
                                 cache_dir=args.out, progress=progress)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"dspark profile-sps: error: {exc}", file=sys.stderr)
-        return 2
+        return cli_error("profile-sps", exc)
     path = sps_cache_path(table.key, args.out)
     png = plot_sps(table, os.path.splitext(path)[0] + ".png")
     print(f"wrote {path}\nwrote {png}", file=sys.stderr)

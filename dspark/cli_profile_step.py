@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from .cli_common import cli_error
+
 
 def add_profile_step_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -75,8 +77,7 @@ def run_profile_step_cli(args) -> int:
                 with open(os.path.join(out, "summary.json"), "w") as f:
                     json.dump(summary, f, indent=1)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"dspark profile: error: {exc}", file=sys.stderr)
-        return 2
+        return cli_error("profile", exc)
     print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
     if args.out:
         print(f"wrote {os.path.join(args.out, 'trace.json.gz')} and summary.json",

@@ -10,6 +10,8 @@ import json
 import os
 import sys
 
+from .cli_common import cli_error
+
 
 def _load_target(args):
     """The --target checkpoint on --device (default: cuda if available) in --dtype (auto: bf16
@@ -178,11 +180,6 @@ def add_train_parsers(subparsers) -> None:
     p.set_defaults(func=run_train_target)
 
 
-def _err(cmd: str, exc: Exception) -> int:
-    print(f"dspark {cmd}: error: {exc}", file=sys.stderr)
-    return 2
-
-
 # ---- train-draft -------------------------------------------------------------------------------
 def _build_data(args, target, tok, data_dir: str):
     from .engine import SpeculativeEngine
@@ -286,7 +283,7 @@ def run_train_draft(args) -> int:
             json.dump(results, f, indent=1)
         print(f"drafter saved to {args.out}")
     except (ValueError, FileNotFoundError) as exc:
-        return _err("train-draft", exc)
+        return cli_error("train-draft", exc)
     return 0
 
 
@@ -309,7 +306,7 @@ def run_calibrate(args) -> int:
         save_drafter(model.float(), args.drafter)
         print(format_report(rep))
     except (ValueError, FileNotFoundError) as exc:
-        return _err("calibrate-draft", exc)
+        return cli_error("calibrate-draft", exc)
     return 0
 
 
@@ -336,7 +333,7 @@ def run_eval(args) -> int:
                 r["autoregressive"] = ar
                 r["speedup"] = r["speculative"]["tokens_per_s"] / ar["tokens_per_s"]
     except (ValueError, FileNotFoundError) as exc:
-        return _err("eval-draft", exc)
+        return cli_error("eval-draft", exc)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -365,7 +362,7 @@ def run_train_target(args) -> int:
         train_target(args.out, cfg, args.corpus, int(args.max_mb * (1 << 20)), args.device,
                      progress=not args.no_progress, tokenizer=args.tokenizer)
     except (ValueError, FileNotFoundError) as exc:
-        return _err("train-target", exc)
+        return cli_error("train-target", exc)
     return 0
 
 

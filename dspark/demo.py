@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
@@ -93,12 +92,11 @@ def _trained_pair_tour(device: str, max_new_tokens: int) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli_common import resolve_device
+    from .cli_common import cli_error, resolve_device
     try:
         device = resolve_device(args.device)
     except ValueError as exc:
-        print(f"dspark demo: error: {exc}", file=sys.stderr)
-        return 2
+        return cli_error("demo", exc)
     print("dspark", json.dumps(dspark.build_info()), f"-> running on {device}")
     _ops_tour(device)
     ok = _trained_pair_tour(device, args.max_new_tokens)
