@@ -8,7 +8,7 @@
 #
 #   bash bench/check_sm80.sh        (on the GPU machine, repo root or anywhere; ~5-9 minutes)
 #
-# REBUILD=1 (default) rebuilds the normal build (the visible GPU's arch) at the end, so later
+# REBUILD=1 (default; not with SM80_SITE) rebuilds the normal build (the visible GPU's arch) at the end, so later
 # stages measure the sm_90 kernels again.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,9 +20,13 @@ export PYTHONUNBUFFERED=1
 SYSCXX=()
 [ -x /usr/bin/g++ ] && SYSCXX=(-C cmake.define.CMAKE_CXX_COMPILER=/usr/bin/g++
   -C cmake.define.CMAKE_CUDA_HOST_COMPILER=/usr/bin/g++)
+# SM80_SITE=DIR: install the compute_80 build into DIR (pip --target) and run the tests with it
+# first on the path, leaving the normal install alone (no rebuild): other jobs keep using it
+SITE=(); if [ -n "${SM80_SITE:-}" ]; then SITE=(--target "$SM80_SITE" --upgrade); REBUILD=0
+  export PYTHONPATH="$SM80_SITE${PYTHONPATH:+:$PYTHONPATH}"; fi
 build() {  # build ARCHS LOG
   DSPARK_CUDA_ARCHS="$1" python3 -m pip install --no-build-isolation --no-deps -v \
-    "${SYSCXX[@]}" . > "$2" 2>&1 || { tail -40 "$2"; return 1; }
+    "${SYSCXX[@]}" "${SITE[@]}" . > "$2" 2>&1 || { tail -40 "$2"; return 1; }
 }
 summary() { echo "$*" | tee -a "$OUT/sm80_summary.txt"; }
 : > "$OUT/sm80_summary.txt"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -37,6 +38,13 @@ def sync_checks(enabled: bool):
 # (KVCache.commit: a gather/scatter; the DSpark drafter: the Python Markov loop) take the op on
 # the CPU only until then: flipping one entry here moves every such caller.
 CUDA_KERNEL_TESTED = {"kv_commit": False, "markov_draft": False}
+# DSPARK_CUDA_KERNELS=kv_commit,markov_draft (read at import) turns entries on for one process:
+# the GPU session script sets it after those kernels' tests and sanitizers passed on that machine.
+for _name in filter(None, os.environ.get("DSPARK_CUDA_KERNELS", "").split(",")):
+    if _name not in CUDA_KERNEL_TESTED:
+        raise ValueError(f"DSPARK_CUDA_KERNELS: unknown op {_name!r}; "
+                         f"known: {', '.join(CUDA_KERNEL_TESTED)}")
+    CUDA_KERNEL_TESTED[_name] = True
 
 
 def op_in_use(name: str, device: Union[str, torch.device]) -> bool:

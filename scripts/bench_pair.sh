@@ -13,7 +13,9 @@
 #             (DSPARK_RECIPE), the method's own loss (0.1 CE(label) + 0.9 TV), soft CE with TV,
 #             1 / 2 / 3 draft layers, half the data; then
 #             eval-draft (tau, per-position acceptance) of each at T = 0 and 1 on held-out data
-#             -> $OUT/ablate_T0.json, ablate_T1.json
+#             -> $OUT/ablate_T0.json, ablate_T1.json (ABLATE_ONLY="method layers1": those
+#             variants; ABLATE_CONCURRENT=1: `drafters` trains them alongside its four, and
+#             `ablate-eval` evaluates them, "base" being the dspark drafter when not trained)
 #   pack      the pair as tar parts of <= 15 MiB in $OUT (to reuse it in a later call, carried
 #             as .data/pair; see bench/RESULTS.md for its size at the default scale)
 # On the GPU machine (after `bash scripts/device_run.sh build`) each stage fits one 10-minute
@@ -111,32 +113,50 @@ stage_data() {
     > "$OUT/draft_data.log" 2>&1 || { tail -20 "$OUT/draft_data.log"; return 1; }
   tail -3 "$OUT/draft_data.log"
 }
-stage_drafters() {
+# the DSpark recipe ablation: NAME:ARGS variants of the dspark drafter ("base": as is); the
+# variant's flags override the shared ones (last wins)
+ABLATE_VARIANTS=("base:" "method:--ce-target label --loss-weights 0.1 0.9 1.0"
+                 "softtv:--ce-target soft --loss-weights 0.1 0.9 1.0" "layers1:--layers 1"
+                 "layers3:--layers 3" "halfdata:--max-samples $((DRAFT_SAMPLES / 2)) --data-cache $PAIR/data_half")
+[ -n "${ABLATE_ONLY:-}" ] && read -r -a ABLATE_KEEP <<< "$ABLATE_ONLY" || ABLATE_KEEP=()
+ablate_variants() {  # the variants to train (ABLATE_ONLY="method layers1 ...": those only)
+  local v
+  for v in "${ABLATE_VARIANTS[@]}"; do
+    if [ ${#ABLATE_KEEP[@]} -eq 0 ] || [[ " ${ABLATE_KEEP[*]} " == *" ${v%%:*} "* ]]; then
+      echo "$v"; fi
+  done
+}
+ablate_train() {  # every variant concurrently, into $PAIR/ablate/NAME
+  local pids=() v rc=0
+  mkdir -p "$PAIR/ablate"
+  while IFS= read -r v; do
+    # shellcheck disable=SC2086  # the flags are word lists
+    dspark train-draft --method dspark --out "$PAIR/ablate/${v%%:*}" "${DRAFT[@]}" \
+      --layers "$DRAFT_LAYERS" --rank "$DRAFT_RANK" $DSPARK_RECIPE ${v#*:} \
+      > "$OUT/ablate_${v%%:*}.log" 2>&1 & pids+=($!)
+  done < <(ablate_variants)
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  [ $rc -eq 0 ] || tail -5 "$OUT"/ablate_*.log
+  return $rc
+}
+stage_drafters() {  # ABLATE_CONCURRENT=1: the ablation's variants train alongside
   local pids=() m rc=0
   for m in dspark dflash eagle3; do train_drafter "$m" & pids+=($!); done
   train_draft_lm & pids+=($!)
+  [ "${ABLATE_CONCURRENT:-0}" = 1 ] && { ablate_train & pids+=($!); }
   for p in "${pids[@]}"; do wait "$p" || rc=1; done
   for m in dspark dflash eagle3 draftlm; do
     echo "-- $m"; grep -v "^step " "$OUT/train_$m.log" | tail -6 || true; done
   return $rc
 }
-stage_ablate() {  # NAME:ARGS variants of the dspark drafter, trained concurrently ("base": as is)
-  local variants=("base:" "method:--ce-target label --loss-weights 0.1 0.9 1.0"
-                  "softtv:--ce-target soft --loss-weights 0.1 0.9 1.0" "layers1:--layers 1" "layers3:--layers 3"
-                  "halfdata:--max-samples $((DRAFT_SAMPLES / 2)) --data-cache $PAIR/data_half")
-  local pids=() v name rc=0
-  mkdir -p "$PAIR/ablate"
-  for v in "${variants[@]}"; do
+stage_ablate_eval() {  # eval-draft (tau, per-position acceptance) of each variant at T = 0, 1
+  local dirs=() t v name
+  while IFS= read -r v; do
     name=${v%%:*}
-    # shellcheck disable=SC2086  # the variant's flags override the shared ones (last wins)
-    dspark train-draft --method dspark --out "$PAIR/ablate/$name" "${DRAFT[@]}" \
-      --layers "$DRAFT_LAYERS" --rank "$DRAFT_RANK" $DSPARK_RECIPE ${v#*:} \
-      > "$OUT/ablate_$name.log" 2>&1 & pids+=($!)
-  done
-  for p in "${pids[@]}"; do wait "$p" || rc=1; done
-  [ $rc -eq 0 ] || { tail -5 "$OUT"/ablate_*.log; return 1; }
-  local dirs=() t
-  for v in "${variants[@]}"; do dirs+=("$PAIR/ablate/${v%%:*}"); done
+    if [ -d "$PAIR/ablate/$name" ]; then dirs+=("$PAIR/ablate/$name")
+    elif [ "$name" = base ] && [ -d "$PAIR/dspark" ]; then dirs+=("$PAIR/dspark"); fi  # the same recipe
+  done < <(ablate_variants)
+  [ ${#dirs[@]} -gt 0 ] || { echo "bench_pair: no ablation drafters in $PAIR/ablate" >&2; return 2; }
   for t in 0 1; do
     dspark eval-draft --target "$PAIR/target" --drafter "${dirs[@]}" \
       --data "$PAIR/data/heldout.safetensors" --num-prompts "${ABLATE_PROMPTS:-64}" \
@@ -151,6 +171,7 @@ for path, r in json.load(open(sys.argv[1])).items():
 PYEOF
   done
 }
+stage_ablate() { ablate_train && stage_ablate_eval; }
 stage_bench() {
   local dir=${EVAL_DIR:-} sets=() n
   [ -n "$dir" ] || { [ -d ../shared/data/eval ] && dir=../shared/data/eval || dir=.data; }
@@ -182,6 +203,7 @@ for stage in "$@"; do
     drafters) timed drafters stage_drafters ;;
     bench) timed bench stage_bench ;;
     ablate) timed ablate stage_ablate ;;
+    ablate-eval) timed ablate-eval stage_ablate_eval ;;
     pack) timed pack stage_pack ;;
     *) echo "bench_pair: unknown stage $stage" >&2; exit 2 ;;
   esac

@@ -107,14 +107,16 @@ for stage in "$@"; do
     sweep)  # concurrency sweep of the scheduled DSpark drafter on the benchmark pair (issue:
       # confidence-scheduled verification): SPS table first, then every mode at every batch;
       # run from out/ (the installed dspark, not the source tree)
+      # SWEEP_PAIR: the pair's directory (default out/pair)
+      SP=${SWEEP_PAIR:-$PWD/out/pair}; mkdir -p out
       log profile-sps
       (cd out && GRID=$(python3 -c "from dspark.schedule_step import bucket_grid as g; print(','.join(map(str, g(1024))))") &&
-        python3 -m dspark.cli profile-sps --target pair/target --max-tokens 1024 --grid "$GRID" \
+        python3 -m dspark.cli profile-sps --target "$SP/target" --max-tokens 1024 --grid "$GRID" \
           --interpolate step --out "$OUT/sps" --no-progress ${SWEEP_DEVICE:-} 2>&1 | tail -3)
       log "bench sweep"
       # default: code prompts, gamma 7, every mode (30 runs); the rest in further calls, e.g.
       # SWEEP_SET=mt-bench, or SWEEP_GAMMAS="3 5" SWEEP_SCHEDULES=fixed
-      (cd out && python3 -m dspark.cli bench --target pair/target --drafter pair/dspark \
+      (cd out && python3 -m dspark.cli bench --target "$SP/target" --drafter "$SP/dspark" \
         --dataset ../.data/${SWEEP_SET:-humaneval}.jsonl --prompts ${SWEEP_PROMPTS:-32} \
         --max-new-tokens ${SWEEP_TOKENS:-128} --batch ${SWEEP_BATCHES:-1 4 16 32 64 128} \
         --gamma ${SWEEP_GAMMAS:-7} --schedule ${SWEEP_SCHEDULES:-fixed threshold:0.5 sync async} \
@@ -122,7 +124,8 @@ for stage in "$@"; do
     profile)  # where a step's time goes (bench/profile.sh) on the benchmark pair
       bash bench/profile.sh out/pair/target out/pair/dspark .data/humaneval.jsonl "$OUT/profile" 2>&1 | tail -40 ;;
     project)  # the 8B-shape projection (with the pair's tau when its bench ran on this machine)
-      TJ=(); [ -f out/pair/bench_results.json ] && TJ=(--tau-json "$PWD/out/pair/bench_results.json")
+      PBJ=${PAIR_BENCH_JSON:-$PWD/out/pair/bench_results.json}
+      TJ=(); [ -f "$PBJ" ] && TJ=(--tau-json "$PBJ")
       (cd bench && python3 project_8b.py --batches 1,8 "${TJ[@]}" --tau ${PROJECT_TAUS:-paper-humaneval=5.52 paper-mbpp=5.16 paper-mt-bench=3.72 paper-gsm8k=6.17} \
         --out "$OUT/project_8b.json") 2>&1 | tail -20 ;;
     tp)  # tensor parallelism over the host's GPUs (NCCL, multicast off): checks, then speed;

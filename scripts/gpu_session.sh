@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# One whole GPU session for a 30-minute device budget, run as a background job that outlives
+# the device tool's 10-minute calls (the machine must stay warm: one call after another).
+#
+#   bash scripts/gpu_session.sh start     build, then launch the job (setsid) and return
+#   bash scripts/gpu_session.sh collect S wait up to S seconds (or until the job ends), then pack
+#                                         what is done into $OUT/results.tgz + $OUT/progress.txt
+#
+# The job: the benchmark pair trains (scripts/bench_pair.sh target data drafters, the DSpark
+# recipe ablation alongside) while the correctness work shares the GPU (every CUDA test, the
+# sanitizers over the kernels merged CPU-tested, the verify suites through the fused kernel, the
+# sm_80 code paths from a second install); then, the GPU to itself, the timed runs in order of
+# importance: dspark bench on the pair, the concurrency sweep, the ablation's eval, the op
+# benchmarks, profile, the 8B projection. Each stage's output: $RES/<stage>.txt (+ JSON / PNG).
+# Env: TARGET_MINUTES (default 5), DRAFT_MINUTES (4; bench_pair.sh), RES (default /tmp/res).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+RES=${RES:-/tmp/res}
+PAIR=/tmp/pair
+export PYTHONUNBUFFERED=1
+mkdir -p "$RES"
+log() { echo "$(date +%T) [+$((SECONDS))s] $*" >> "$RES/progress.txt"; }
+
+stage() {  # stage NAME LIMIT_S CMD...: run under a time limit, output in $RES/NAME.txt
+  local name=$1 limit=$2 t0=$SECONDS rc; shift 2
+  log "start $name"
+  timeout "$limit" "$@" > "$RES/$name.txt" 2>&1; rc=$?
+  log "end $name rc=$rc $((SECONDS - t0))s"
+  return $rc
+}
+
+correctness() {  # shares the GPU with the training
+  local k=1
+  stage cudatests 420 bash -c 'cd tests && python3 -m pytest -q -p no:cacheprovider -k cuda' \
+    || k=0
+  grep -qE "[0-9]+ failed|error" <(tail -1 "$RES/cudatests.txt") && k=0
+  for tool in memcheck racecheck; do
+    stage "sanitize_$tool" 300 bash -c "cd tests && compute-sanitizer --tool $tool --error-exitcode 3 \
+      python3 -m pytest -q -p no:cacheprovider test_kv_commit.py test_markov_draft.py \
+      test_verify_fused.py -k 'cuda and not compile'" || k=0
+  done
+  # the gate: kv_commit and markov_draft run in the timed stages only if all of the above passed
+  [ $k = 1 ] && echo kv_commit,markov_draft > "$RES/kernels_ok" && log "new kernels: tests passed"
+  stage verify_fused 400 bash -c 'cd tests && DSPARK_VERIFY_IMPL=fused python3 -m pytest -q \
+    -p no:cacheprovider -k cuda test_verify.py test_sample.py test_verify_contract.py \
+    test_distribution.py test_fuzz.py'
+  # the pre-Hopper paths (compute_80 PTX only, installed beside the normal build): here while
+  # the pair still trains, else after the timed runs
+  [ -f "$RES/pair_trained" ] || sm80
+}
+sm80() { stage sm80 600 bash -c "SM80_SITE=/tmp/sm80site OUT=$RES bash bench/check_sm80.sh"; }
+
+timed_runs() {  # the GPU to itself
+  local kern="" data=$ROOT/.data
+  [ -f "$RES/kernels_ok" ] && kern=$(cat "$RES/kernels_ok")
+  export DSPARK_CUDA_KERNELS=$kern
+  log "timed runs (DSPARK_CUDA_KERNELS=$kern)"
+  stage pair_bench 420 env OUT="$RES/pair" PAIR_DIR=$PAIR EVAL_DIR="$data" \
+    bash scripts/bench_pair.sh bench
+  stage sweep 480 env OUT="$RES/sweep" SWEEP_PAIR=$PAIR SWEEP_BATCHES="1 32 64 128" bash scripts/device_run.sh sweep
+  stage ablate_eval 240 env OUT="$RES/pair" PAIR_DIR=$PAIR ABLATE_PROMPTS=32 \
+    ABLATE_ONLY="base method layers1 layers3 halfdata" bash scripts/bench_pair.sh ablate-eval
+  stage markov_bench 150 bash -c "cd bench && python3 bench_markov_draft.py --out $RES/markov_draft.json"
+  stage kv_commit_bench 120 bash -c "cd bench && python3 bench_kv_commit.py --out $RES/kv_commit.json"
+  stage ops_bench 240 bash -c "cd bench && python3 bench_ops.py --R 1,8,64 --gamma 1,7 --out $RES/bench_ops.json"
+  stage profile 240 bash bench/profile.sh $PAIR/target $PAIR/dspark "$data/humaneval.jsonl" "$RES/profile"
+  stage project 240 env OUT="$RES" PAIR_BENCH_JSON=$PAIR/bench_results.json bash scripts/device_run.sh project
+}
+
+job() {
+  log "job start"
+  # the pair (and the ablation's variants beside its drafters) in the background of this job
+  # ("base" is the dspark drafter itself: not trained twice)
+  ( env OUT="$RES/pair" PAIR_DIR=$PAIR ABLATE_CONCURRENT=1 TARGET_MINUTES=${TARGET_MINUTES:-5} \
+      DRAFT_MINUTES=${DRAFT_MINUTES:-4} ABLATE_ONLY="method layers1 layers3 halfdata" \
+      bash scripts/bench_pair.sh target data drafters > "$RES/pair_train.txt" 2>&1
+    log "pair trained rc=$?"; touch "$RES/pair_trained" ) &
+  local pair_pid=$!
+  correctness
+  wait $pair_pid
+  timed_runs
+  [ -f "$RES/sm80.txt" ] || sm80
+  log "job done"; touch "$RES/done"
+}
+
+case "${1:-}" in
+  start)
+    OUT=$RES bash scripts/device_run.sh build > "$RES/build.txt" 2>&1 || { tail -30 "$RES/build.txt"; exit 1; }
+    tail -2 "$RES/build.txt"
+    setsid nohup bash "$0" job > "$RES/job.txt" 2>&1 < /dev/null &
+    echo "job started" ;;
+  job) job ;;
+  collect)
+    end=$((SECONDS + ${2:-540}))
+    while [ $SECONDS -lt $end ] && [ ! -f "$RES/done" ]; do sleep 5; done
+    OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+    tar -C "$(dirname "$RES")" -czf "$OUT/results.tgz" --exclude='*.safetensors' \
+      --exclude='*.pt' --exclude='trace.json.gz' "$(basename "$RES")"
+    cp "$RES/progress.txt" "$OUT/" 2>/dev/null
+    tail -40 "$RES/progress.txt"; ls -l "$OUT" ;;
+  *) echo "usage: gpu_session.sh start | collect SECONDS" >&2; exit 2 ;;
+esac
