@@ -55,7 +55,9 @@ def make_batch(R, nodes, accept, S, layout, rnd, dev="cuda"):
     """Caches, block table and verify outputs: R trees of `nodes` nodes, paths of depth `accept`."""
     paths = [[0] + sorted(rnd.sample(range(1, nodes), accept)) for _ in range(R)]
     offsets = torch.arange(R + 1, device=dev) * nodes
-    flat = torch.tensor([[u + r * nodes for u in p] for r, p in enumerate(paths)], device=dev)
+    # accept_nodes is [R, W] with W >= a request's nodes (verify's width): -1 padded past the path
+    flat = torch.tensor([[u + r * nodes for u in p] + [-1] * (nodes - len(p))
+                         for r, p in enumerate(paths)], device=dev)
     count = torch.full((R,), accept, device=dev)
     table = None
     if layout == "contiguous":
@@ -71,12 +73,14 @@ def make_batch(R, nodes, accept, S, layout, rnd, dev="cuda"):
 
 
 def check(R, nodes, accept, layout, rnd):
-    """The op equals the reference on a small cache of the same layout and path shapes."""
+    """The op equals the reference on a small cache of the same layout and path shapes (with the
+    data checks read back: an input the op would reject raises here instead of being skipped)."""
     b, _ = make_batch(R, nodes, accept, 64, layout, rnd)
     start = torch.randint(0, 64 - nodes + 1, (R,), device="cuda")
     want = [t.clone() for t in (b["k"], b["v"])]
-    got = dspark.ops.kv_commit(b["k"], b["v"], start, b["nodes"], b["count"], b["offsets"],
-                               b["table"])
+    with dspark.ops.sync_checks(True):
+        got = dspark.ops.kv_commit(b["k"], b["v"], start, b["nodes"], b["count"], b["offsets"],
+                                   b["table"])
     exp = reference.kv_commit(*want, start, b["nodes"], b["count"], b["offsets"], b["table"])
     assert torch.equal(b["k"], want[0]) and torch.equal(b["v"], want[1]), "kv_commit != reference"
     assert all(torch.equal(g, w) for g, w in zip(got, exp)), "kv_commit outputs != reference"

@@ -108,8 +108,7 @@ AttnDims check_decode_attention_args(const at::Tensor& qkv, const at::Tensor& k_
 bool& cuda_sync_checks();
 
 // Which CUDA implementation of verify / sample runs (csrc/cuda/launch.h: VerifyImpl): 0 the
-// fused kernel, 1 the staged pipeline (the default until the fused kernel has passed its tests on
-// a GPU). An internal switch for A/B measurements:
+// fused kernel (the default), 1 the staged pipeline. An internal switch for A/B measurements:
 // dspark._C.set_verify_impl, or DSPARK_VERIFY_IMPL=staged|fused in the environment at import.
 int& cuda_verify_impl();
 

@@ -101,8 +101,8 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "set_verify_impl",
       [](const std::string& name) {
-        // Internal A/B switch of the CUDA verify / sample implementation: "staged" (default) or
-        // "fused" (the one kernel meant to replace them). Returns the previous name.
+        // Internal A/B switch of the CUDA verify / sample implementation: "fused" (default: one
+        // kernel) or "staged" (the five-kernel pipeline it replaced). Returns the previous name.
         if (name != "fused" && name != "staged")
           throw py::value_error("verify impl must be 'fused' or 'staged'");
         const int before = dspark::cuda_verify_impl();

@@ -296,9 +296,12 @@ class VerifyScheduler:
         rest. Everything the scratch request reads is valid (token 0, row 0's q)."""
         R, dev = st.batch, ell.device
         W = prop.draft_tokens.shape[0] // R  # a chain proposal: W nodes per request
-        off = torch.zeros(R + 2, dtype=torch.int64, device=dev)
-        off[1:R + 1] = (ell + 1).cumsum(0)
-        off[R + 1] = rows
+        # fill_ / out= only: `off[i] = python_int` copies a CPU scalar tensor, which a CUDA-graph
+        # capture refuses (torch 2.11)
+        off = torch.empty(R + 2, dtype=torch.int64, device=dev)
+        off[:1].zero_()
+        torch.cumsum(ell + 1, 0, out=off[1:R + 1])
+        off[R + 1:].fill_(rows)
         node = torch.arange(rows, device=dev)
         req = (node[:, None] >= off[None, 1:R + 1]).sum(1)  # R: the scratch request
         col = node - off.gather(0, req)

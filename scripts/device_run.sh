@@ -32,7 +32,7 @@ for stage in "$@"; do
       log racecheck
       (cd bench && compute-sanitizer --tool racecheck python3 check_cuda.py --cases 6 --small) 2>&1 | tail -6 ;;
     fuzz)  # tests/test_fuzz.py's CUDA variant under memcheck (out-of-bounds accesses that do not
-      # fault), verify/sample through the staged kernels (the default) and the fused one
+      # fault), verify/sample through the fused kernel (the default) and the staged one
       for impl in staged fused; do
         log "fuzz-memcheck ($impl verify)"
         (cd tests && DSPARK_VERIFY_IMPL=$impl timeout 290 compute-sanitizer --tool memcheck \
@@ -75,12 +75,12 @@ for stage in "$@"; do
       log sm80; bash bench/check_sm80.sh ;;
     bench)  # fused and staged verify/sample side by side (A/B), bf16 and fp32 logits
       log bench; (cd bench && python3 bench_ops.py --out "$OUT/bench_ops.json") 2>&1 | tail -42 ;;
-    verifytests)  # the verify / sample tests on the GPU: the fused kernel, then the staged default
+    verifytests)  # the verify / sample tests on the GPU: the fused kernel, then the staged one
       log verify-tests-fused
       (cd tests && DSPARK_VERIFY_IMPL=fused timeout 330 python3 -m pytest -q -p no:cacheprovider -k cuda test_verify_fused.py \
         test_verify.py test_sample.py test_verify_contract.py test_distribution.py 2>&1 | tail -15)
       log verify-tests-staged
-      (cd tests && timeout 240 python3 -m pytest -q -p no:cacheprovider \
+      (cd tests && DSPARK_VERIFY_IMPL=staged timeout 240 python3 -m pytest -q -p no:cacheprovider \
         -k cuda test_verify.py test_sample.py test_verify_contract.py 2>&1 | tail -4) ;;
     verifysanitize)  # memcheck + racecheck over random verify/sample batches, multi-slice rows too
       log memcheck

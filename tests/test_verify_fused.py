@@ -30,9 +30,9 @@ QWEN_V = 151936
 
 @pytest.fixture(autouse=True)
 def fused_impl():
-    """Every CUDA verify / sample call here runs the fused kernel: the staged pipeline is the
-    default, and this file is the fused kernel's suite (test_fused_equals_staged switches back
-    explicitly for its comparison)."""
+    """Every CUDA verify / sample call here runs the fused kernel (the default, pinned here so
+    that DSPARK_VERIFY_IMPL=staged in the environment cannot turn this suite into the staged
+    one; test_fused_equals_staged switches explicitly for its comparison)."""
     with dspark.ops._verify_impl("fused"):
         yield
 

@@ -15,7 +15,7 @@ enum class DraftType : int { kNone, kFloat32, kFloat64 };
 
 // Which CUDA implementation serves dspark::verify / dspark::sample (an internal switch, for A/B
 // runs: dspark._C.set_verify_impl, or DSPARK_VERIFY_IMPL=fused|staged in the environment; the
-// staged pipeline is the default until the fused kernel has passed its tests on a GPU).
+// fused kernel is the default since its tests passed on a GPU, bench/RESULTS.md).
 //   kFused   one kernel (include/dspark/verify_fused.cuh); sample passes root-only requests
 //   kStaged  the five-kernel pipeline it replaces (include/dspark/verify.cuh)
 enum class VerifyImpl : int { kFused = 0, kStaged = 1 };

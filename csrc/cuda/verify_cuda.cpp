@@ -1,6 +1,6 @@
 // csrc/cuda/verify_cuda.cpp: CUDA entry points of dspark::verify and dspark::sample (sample is
-// verify of root-only requests: one launch path serves both; by default the staged kernels,
-// include/dspark/verify.cuh, or the fused one, include/dspark/verify_fused.cuh).
+// verify of root-only requests: one launch path serves both; by default the fused kernel,
+// include/dspark/verify_fused.cuh, or the staged ones, include/dspark/verify.cuh).
 // Tensors -> raw pointers; the kernels (include/dspark/verify.cuh) validate data on device and
 // raise a status word; outside CUDA-graph capture it is read back and turned into a ValueError.
 // During capture no host sync happens: bad data then yields -1 tokens, never an invalid access.

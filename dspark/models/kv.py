@@ -53,8 +53,8 @@ class KVCache:
         if ops.op_in_use("kv_commit", self.k.device):
             ops.kv_commit(self.k, self.v, start, accept_nodes, accept_count, node_offsets)
             return
-        # the former gather/scatter until kv_commit's CUDA kernel has passed its tests on a GPU
-        # (ops.CUDA_KERNEL_TESTED); same result (the reference moves gather before they write)
+        # the former gather/scatter, where ops.CUDA_KERNEL_TESTED turns the op off; same result
+        # (the reference moves gather before they write)
         local = (accept_nodes - node_offsets[:-1, None]).clamp(min=0)
         depth = torch.arange(W, device=start.device)[None, :]
         dst = start[:, None] + depth  # [B, W]
