@@ -49,3 +49,25 @@ def test_bench_bad_input(tmp_path, capsys):
     assert "no usable records" in capsys.readouterr().err
     assert main(["bench", "--target", target, "--dataset", str(empty), "--device", "cpu"]) == 2
     assert "nothing to compare" in capsys.readouterr().err
+
+
+def test_bench_warms_every_prefill_shape_before_timing(monkeypatch):
+    """Before an engine's timed run: the longest prompts (the largest cache bucket), then every
+    prompt with 2 new tokens (every prefill shape); only then the timed run over all prompts."""
+    from dspark import benchmark
+    calls = []
+    real = benchmark._generate
+
+    def spy(engine, fn, prompts, batch, kw, bar):
+        calls.append((fn, [len(p) for p in prompts], kw["max_new_tokens"]))
+        return real(engine, fn, prompts, batch, kw, bar)
+
+    monkeypatch.setattr(benchmark, "_generate", spy)
+    target, tok, _ = load_demo_pair("cpu")
+    prompts = [tok.encode(p).ids for p in DEMO_PROMPTS[:3]]
+    lengths = [len(p) for p in prompts]
+    assert len(set(lengths)) > 1  # the check below needs different lengths
+    benchmark.run_bench(target, {}, {"demo": prompts}, max_new_tokens=4)
+    assert calls == [("generate_autoregressive", [max(lengths)], 4),
+                     ("generate_autoregressive", lengths, 2),
+                     ("generate_autoregressive", lengths, 4)]
