@@ -27,3 +27,29 @@ def test_project_8b_measures_rounds_on_cpu(monkeypatch):
     assert m["round"]["tau"] >= 1.0
     split = m["split"]
     assert all(split[s] > 0 for s in ("draft", "target_forward", "accept", "commit"))
+
+
+SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
+
+
+@pytest.mark.skipif(not os.path.isdir(SCRIPTS), reason="needs the source tree's scripts/")
+def test_gpu_session_stages_exist_and_bad_mode_fails(tmp_path):
+    """scripts/gpu_session.sh: valid bash, every device_run.sh / bench_pair.sh stage it names
+    exists there, and an unknown mode is a usage error (exit 2) before anything runs."""
+    import re
+    import subprocess
+    session = os.path.join(SCRIPTS, "gpu_session.sh")
+    assert subprocess.run(["bash", "-n", session]).returncode == 0
+    text = open(session).read()
+    device_run = open(os.path.join(SCRIPTS, "device_run.sh")).read()
+    pair = open(os.path.join(SCRIPTS, "bench_pair.sh")).read()
+    stages = set(re.findall(r"device_run\.sh (\w+)", text))
+    assert stages >= {"build", "sweep", "project", "fuzz"}
+    for s in stages:
+        assert re.search(rf"^\s+{s}\)", device_run, re.M), f"device_run.sh has no stage {s}"
+    for s in set(re.findall(r"bench_pair\.sh ([\w -]+)", text)):
+        for name in s.split():
+            assert re.search(rf"^\s+{name}\) timed", pair, re.M), f"bench_pair.sh: no {name}"
+    r = subprocess.run(["bash", session, "nonsense"], capture_output=True, text=True,
+                       env={**os.environ, "RES": str(tmp_path)})
+    assert r.returncode == 2 and "usage" in r.stderr
