@@ -1,10 +1,15 @@
-"""dspark::decode_attention (Qwen3-8B heads: 32 q / 8 KV heads of 128, bf16, batch 1) against
-the unfused PyTorch ops it replaces (QK-norm, rotary, cache write, SDPA over the masked cache),
-median µs per call, CUDA-graph replay; decode (one row) and verify blocks of T rows (a chain
-ending at the last slot). Roofline: the K/V bytes of the visible slots at the copy bandwidth
-(small caches are latency-bound: the floor is then far below a kernel launch).
+"""dspark::decode_attention (default: Qwen3-8B heads, 32 q / 8 KV heads of 128, bf16, batch 1)
+against the unfused PyTorch ops it replaces (QK-norm, rotary, cache write, SDPA over the masked
+cache), median µs per call, CUDA-graph replay; decode (one row) and verify blocks of T rows (a
+chain ending at the last slot). Roofline: the K/V bytes of the visible slots at the copy
+bandwidth (small caches are latency-bound: the floor is then far below a kernel launch).
 
     python bench/bench_attention.py [--slots 256,1024,4096,32768] [--rows 1,8,16] [--out f.json]
+                                    [--heads 32,8,128] [--batch 1]
+    # the benchmark pair's layer (4 / 2 heads of 64), and one eager call per shape for ncu:
+    ncu --clock-control none --kernel-name regex:decode_attention --section SpeedOfLight \
+        --section Occupancy --section WarpStateStats --section LaunchStats \
+        python bench/bench_attention.py --heads 4,2,64 --batch 4 --slots 256 --rows 1,8 --ncu
 """
 import argparse
 import json
@@ -50,29 +55,42 @@ def main():
     ap.add_argument("--slots", default="256,1024,4096,32768")
     ap.add_argument("--rows", default="1,8,16")
     ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--ncu", action="store_true",
+                    help="one eager call per shape in an NVTX range, nothing timed (for ncu)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    global H, HKV, D
+    H, HKV, D = (int(x) for x in a.heads.split(","))
+    B = a.batch
     bw = copy_bandwidth()
     dt, dev = torch.bfloat16, "cuda"
-    print(f"copy bandwidth {bw / 1e9:.0f} GB/s; Qwen3-8B heads, bf16, batch 1, block ending at "
-          f"slot S-1; µs median")
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s; heads {H} / {HKV} of {D}, bf16, batch {B}, "
+          f"block ending at slot S-1; µs median")
     rows = []
     for S in (int(s) for s in a.slots.split(",")):
         for T in (int(t) for t in a.rows.split(",")):
             gen = torch.Generator(device=dev).manual_seed(0)
-            k_cache = torch.randn(LAYERS, 1, HKV, S, D, device=dev, generator=gen).to(dt)
-            v_cache = torch.randn(LAYERS, 1, HKV, S, D, device=dev, generator=gen).to(dt)
-            qkv = torch.randn(1, T, (H + 2 * HKV) * D, device=dev, generator=gen).to(dt)
-            start = torch.tensor([S - T], device=dev)
+            k_cache = torch.randn(LAYERS, B, HKV, S, D, device=dev, generator=gen).to(dt)
+            v_cache = torch.randn(LAYERS, B, HKV, S, D, device=dev, generator=gen).to(dt)
+            qkv = torch.randn(B, T, (H + 2 * HKV) * D, device=dev, generator=gen).to(dt)
+            start = torch.full((B,), S - T, device=dev)
             pos = start[:, None] + torch.arange(T, device=dev)
             inv_freq = 1.0 / (1e6 ** (torch.arange(0, D, 2, device=dev, dtype=torch.float32) / D))
             qn, kn = torch.ones(D, device=dev, dtype=dt), torch.ones(D, device=dev, dtype=dt)
             ours = lambda _: dspark.ops.decode_attention(  # noqa: E731
                 qkv, k_cache, v_cache, 1, start, inv_freq, H, qn, kn)
             base = lambda _: unfused(qkv, k_cache, v_cache, pos, inv_freq, qn, kn, S)  # noqa: E731
+            if a.ncu:
+                torch.cuda.nvtx.range_push(f"decode_attention S={S} T={T}")
+                ours(None)
+                torch.cuda.nvtx.range_pop()
+                continue
             diff = (ours(None).float() - base(None).float()).abs().max().item()
-            floor_us = 2 * HKV * S * D * 2 / bw * 1e6
-            row = dict(slots=S, rows=T, floor_us=round(floor_us, 2), max_abs_diff=diff,
+            floor_us = B * 2 * HKV * S * D * 2 / bw * 1e6
+            row = dict(slots=S, rows=T, batch=B, heads=[H, HKV, D], floor_us=round(floor_us, 2),
+                       max_abs_diff=diff,
                        ours_us=round(time_graph(ours, [None], a.reps), 2),
                        unfused_us=round(time_graph(base, [None], a.reps), 2))
             rows.append(row)

@@ -63,6 +63,17 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
     ABLATE_ONLY="base method layers1 layers3 halfdata" bash scripts/bench_pair.sh ablate-eval
   stage profile 240 bash bench/profile.sh $PAIR/target $PAIR/dspark "$data/humaneval.jsonl" "$RES/profile"
   stage project 240 env OUT="$RES" PAIR_BENCH_JSON=$PAIR/bench_results.json bash scripts/device_run.sh project
+  # why the kernels miss their bars (issue 13 asks for ncu's reading, not estimates): the
+  # multi-row attention at the pair's shape (the largest cost of its verify forward), the fused
+  # verify at R = 1, markov_draft's logits kernel
+  local NCU=(ncu --clock-control none --section SpeedOfLight --section Occupancy
+             --section WarpStateStats --section LaunchStats --section SchedulerStats)
+  stage ncu_attention 150 bash -c "cd bench && ${NCU[*]} --kernel-name regex:decode_attention_kernel \
+    python3 bench_attention.py --heads 4,2,64 --batch 4 --slots 256 --rows 1,8 --ncu"
+  stage ncu_verify 150 bash -c "cd bench && ${NCU[*]} --kernel-name regex:Fused --launch-count 4 \
+    python3 bench_ops.py --R 1,64 --gamma 7 --dtypes bf16 --impls fused --reps 2"
+  stage ncu_markov 150 bash -c "cd bench && ${NCU[*]} --kernel-name regex:MarkovLogits \
+    --launch-count 3 python3 bench_markov_draft.py --R 1 --variants op --base-logits bfloat16 --reps 2"
   # the kernels (each measured on 2026-12-06; rerun when they change): OPS_BENCH=1
   if [ "${OPS_BENCH:-0}" = 1 ]; then
     stage markov_bench 150 bash -c "cd bench && python3 bench_markov_draft.py --out $RES/markov_draft.json"
