@@ -30,6 +30,7 @@ def test_bench_writes_report_and_plots(tmp_path, capsys):
         if r["method"] != "autoregressive":
             assert r["greedy_identical_fraction"] == 1.0 and r["tau"] >= 1.0
             assert len(r["position_acceptance"]) == 4 and r["speedup"] > 0
+            assert r["user_speedup"] > 0
     for name in ("acceptance_by_position.png", "speedup.png", "time_split.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     # the bench's tau is the engine's: one batch of 2 through SpeculativeEngine directly
