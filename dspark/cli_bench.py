@@ -13,8 +13,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         description="In one process and on one runner: the autoregressive baseline and each "
         "drafter on the same prompts, per dataset, temperature and batch size. Prints a table "
         "per dataset (tau, per-position acceptance, tokens/s, speedup, per-user decode speedup "
-        "(u-spd: prefill excluded), greedy-identical fraction, time per round: draft / target forward / accept / commit / other); --out "
-        "writes results.json and PNG plots.")
+        "(u-spd: prefill excluded), greedy-identical fraction, time per round: draft / "
+        "target forward / accept / commit / other); --out writes results.json and PNG plots.")
     p.add_argument("--target", required=True, help="target checkpoint dir (HF format)")
     p.add_argument("--drafter", nargs="+", default=[], metavar="DIR", help="drafter dirs "
                    "(trained by `dspark train-draft`, or an HF causal LM used as draft model)")
