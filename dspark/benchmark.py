@@ -167,7 +167,8 @@ def format_table(report: dict) -> str:
     for dname in dict.fromkeys(r["dataset"] for r in runs):
         lines.append(f"== {dname}")
         lines.append(f"{'T':>4} {'batch':>5} {'method':<22} {'tau':>5} {'tok/s':>8} "
-                     f"{'user':>7} {'speedup':>7} {'u-spd':>6} {'identical':>9} {'verify':>6} {'waste':>5}  "
+                     f"{'user':>7} {'speedup':>7} {'u-spd':>6} {'identical':>9} {'verify':>6} "
+                     f"{'waste':>5}  "
                      f"ms/round: draft sched fwd accept commit step other | per-position")
         for r in (r for r in runs if r["dataset"] == dname):
             rm = r["round_ms"]
