@@ -13,7 +13,8 @@
 # scheduler microbenchmark, the demo pair's round cost, the 8B-shape verify forward, the
 # ablation's eval, profile, the 8B projection (OPS_BENCH=1: the op benchmarks too). Each stage's
 # output: $RES/<stage>.txt (+ JSON / PNG); the job's timeline: $RES/progress.txt.
-# Env: TARGET_MINUTES (default 5), DRAFT_MINUTES (4; bench_pair.sh), RES (default /tmp/res).
+# Env: TARGET_MINUTES (default 5), DRAFT_MINUTES (4; bench_pair.sh), RES (default /tmp/res),
+# SKIP="stage ..." (stages not to run, e.g. those a session already measured).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -25,6 +26,7 @@ log() { echo "$(date +%T) [+$((SECONDS))s] $*" >> "$RES/progress.txt"; }
 
 stage() {  # stage NAME LIMIT_S CMD...: run under a time limit, output in $RES/NAME.txt
   local name=$1 limit=$2 t0=$SECONDS rc; shift 2
+  if [[ " ${SKIP:-} " == *" $name "* ]]; then log "skip $name (SKIP)"; return 0; fi
   log "start $name"
   timeout "$limit" "$@" > "$RES/$name.txt" 2>&1; rc=$?
   log "end $name rc=$rc $((SECONDS - t0))s"
