@@ -8,7 +8,9 @@
 #   data      target-written responses to stdlib prompts, cached once for every drafter
 #   drafters  dspark, dflash, eagle3 (DRAFT_MINUTES each, side by side on the one GPU) and the
 #             draft LM (train-target --tokenizer: same vocabulary), in parallel
-#   bench     dspark bench: every drafter + n-gram, T = 0 and 1, batch 1, per eval set
+#   bench     dspark bench: every drafter + n-gram, T = 0 and 1, batch 1, per eval set; DSpark
+#             also with its confidence scheduler (BENCH_SCHEDULES, default "fixed sync": the
+#             verify length per round from the calibrated confidences and the SPS table)
 #   ablate    the DSpark recipe at this scale, side by side with equal budgets: the recipe
 #             (DSPARK_RECIPE), the method's own loss (0.1 CE(label) + 0.9 TV), soft CE with TV,
 #             1 / 2 / 3 draft layers, half the data; then
@@ -185,6 +187,7 @@ stage_bench() {
   for m in dspark dflash eagle3 draftlm; do [ -d "$PAIR/$m" ] && drafters+=("$PAIR/$m"); done
   dspark bench --target "$PAIR/target" --drafter "${drafters[@]}" --ngram 3 \
     --dataset "${sets[@]}" --temperature 0 1 --batch 1 --prompts "$BENCH_PROMPTS" \
+    --schedule ${BENCH_SCHEDULES:-fixed sync} \
     --max-new-tokens "$BENCH_TOKENS" --prompt-tokens "$BENCH_PROMPT_TOKENS" --no-progress \
     --out "$OUT/bench" "${DEV[@]}" > "$OUT/bench.txt" 2>&1 || { tail -20 "$OUT/bench.txt"; return 1; }
   cp "$OUT/bench/results.json" "$PAIR/bench_results.json"  # kept with the pair (its tau)
