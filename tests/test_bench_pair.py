@@ -36,7 +36,12 @@ def test_bench_pair_smoke(tmp_path):
     assert lm_cfg["vocab_size"] == target_cfg["vocab_size"]  # the draft LM shares the tokenizer
     assert "val_loss" in json.load(open(out / "train_target.json"))
     report = json.load(open(out / "bench" / "results.json"))
-    methods = {"autoregressive", "dspark", "dflash", "eagle3", "draft-lm", "ngram"}
+    # DSpark also under its confidence scheduler; the drafters without a confidence head are
+    # listed as skipped for that mode, not run
+    methods = {"autoregressive", "dspark", "dspark[sync]", "dflash", "eagle3", "draft-lm",
+               "ngram"}
+    assert {s["method"] for s in report["skipped"]} == {
+        "dflash[sync]", "eagle3[sync]", "draft-lm[sync]", "ngram[sync]"}
     for ds in ("humaneval", "mt-bench"):
         for temp in (0.0, 1.0):
             runs = [r for r in report["runs"] if r["dataset"] == ds and r["temperature"] == temp]
