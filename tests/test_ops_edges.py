@@ -1,6 +1,8 @@
 """The ops' contract at its edges (issue 15): greedy calls need no randomness, empty batches,
 what verify ignores (the root's token and draft_probs row), wrapper errors that name the
 argument, and data-check messages that list only what the input has."""
+import os
+
 import pytest
 import torch
 
@@ -176,3 +178,20 @@ def test_fused_linear_wrapper_keeps_leading_dims():
     assert dspark.ops.fused_linear(x, w).shape == (2, 3, 4)
     assert dspark.ops.fused_linear(x[0, 0], w).shape == (4,)
     assert dspark.ops.fused_linear(torch.zeros(0, 3, 8), w).shape == (0, 3, 4)
+
+
+def test_cuda_kernel_switch_from_environment():
+    """DSPARK_CUDA_KERNELS=name,... turns callers' use of those CUDA kernels on for a process;
+    an unknown name is a clear error at import, not a silent no-op."""
+    import subprocess
+    import sys
+    code = "import dspark.ops as o; print(sorted(k for k, v in o.CUDA_KERNEL_TESTED.items() if v))"
+    env = {k: v for k, v in os.environ.items() if k != "DSPARK_CUDA_KERNELS"}
+    base = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        env={**env, "DSPARK_CUDA_KERNELS": "markov_draft"})
+    assert base.returncode == 0 and "markov_draft" not in base.stdout
+    assert on.returncode == 0 and "markov_draft" in on.stdout and "kv_commit" in on.stdout
+    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env, "DSPARK_CUDA_KERNELS": "kv_comit"})
+    assert bad.returncode != 0 and "DSPARK_CUDA_KERNELS: unknown op 'kv_comit'" in bad.stderr
