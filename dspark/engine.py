@@ -181,7 +181,7 @@ class SpeculativeEngine:
                 "schedule", key, lambda: s.pack(st, prop, root, lengths[0], *rows))
             fwd = stage("target forward", key, lambda: self.target.forward_tree(  # [N, V]
                 vb.proposal.draft_tokens, vb.proposal.parents, vb.forward_offsets(), root, W,
-                d.target_taps, vb.padded))
+                d.target_taps, layout=vb.layout))
             res = stage("accept", key, lambda: ops.verify(  # out_tokens / accept_nodes [B', W']
                 fwd.logits, vb.proposal.node_offsets, vb.proposal.draft_tokens,
                 vb.proposal.parents, vb.proposal.draft_probs, vb.params, seeds=vb.seeds,

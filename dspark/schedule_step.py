@@ -46,6 +46,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 
 from . import ops
+from .models.transformer import PackedLayout
 from .ops import SamplingTensors, VerifyResult
 from .scheduler import SPSTable, load_sps, parse_schedule
 from .state import Proposal, SpecState
@@ -85,7 +86,7 @@ def _bucket_floor(b: int) -> int:
 class VerifyBatch(NamedTuple):
     """What the target forward and ``dspark.ops.verify`` of one step see: ``proposal`` holds the
     packed rows [N] and node_offsets [R' + 1] over R' = ``requests`` real requests, plus one
-    scratch request owning the padding rows when the batch is scheduled (``source`` set)."""
+    scratch request owning the padding rows when the batch is scheduled (``layout`` set)."""
     proposal: Proposal
     requests: int  # R
     width: int  # the drafter's max_nodes W
@@ -93,16 +94,14 @@ class VerifyBatch(NamedTuple):
     seeds: torch.Tensor  # [R']
     positions: torch.Tensor  # [R'] root positions
     max_nodes: int  # verify's output width
-    source: Optional[torch.Tensor]  # [N] row of the drafter's proposal (R * W: padding), or None
+    # scheduled: where the packed rows sit in the drafter's [R, W] proposal (dest: R * W for
+    # padding); the target forward's packed layout too, so it is built once per step
+    layout: Optional[PackedLayout]
 
     @classmethod
     def full(cls, prop: Proposal, st: SpecState, root: torch.Tensor, width: int) -> "VerifyBatch":
         """The drafter's proposal as it is (fixed gamma)."""
         return cls(prop, st.batch, width, st.params, st.seeds, root, width, None)
-
-    @property
-    def padded(self) -> bool:
-        return self.source is not None
 
     def forward_offsets(self) -> torch.Tensor:
         """node_offsets [R + 1] of the real requests (the rows past them are padding)."""
@@ -112,7 +111,7 @@ class VerifyBatch(NamedTuple):
         """The verify result [R, W] with accept_nodes numbered in ``full`` (the drafter's
         proposal) and the tapped rows [n, R * W, hidden] in its layout (rows that were not
         verified hold zeros: they sit past the new anchor, where drafters never look)."""
-        if self.source is None:
+        if self.layout is None:
             return res, hidden
         R, W = self.requests, self.width
         shift = (full.node_offsets[:R] - self.proposal.node_offsets[:R])[:, None]
@@ -121,7 +120,7 @@ class VerifyBatch(NamedTuple):
                            torch.where(nodes >= 0, nodes + shift, -1))
         if hidden is not None:
             out = hidden.new_zeros(hidden.shape[0], R * W + 1, hidden.shape[2])
-            out[:, self.source] = hidden
+            out[:, self.layout.dest] = hidden
             hidden = out[:, :R * W]
         return res, hidden
 
@@ -311,5 +310,7 @@ class VerifyScheduler:
         parents = torch.where(real, col - 1, torch.where(col == 0, -1, 0))
         probs = None if prop.draft_probs is None else prop.draft_probs[src]
         self._roots[:R].copy_(root)
+        # the proposal's rows are r * W + j: src is also the forward's padded index of each row
+        layout = PackedLayout(torch.where(real, src, R * W), src, R, W)
         return VerifyBatch(Proposal(tokens, parents, probs, off), R, W, self._params,
-                           self._seeds, self._roots, width, torch.where(real, src, R * W))
+                           self._seeds, self._roots, width, layout)

@@ -201,6 +201,27 @@ def test_packed_forward_equals_padded(tmp_path, fused):
     assert same(pcache.k, cache.k) and same(pcache.v, cache.v)
 
 
+@pytest.mark.parametrize("buckets", [False, True])
+def test_pack_builds_the_forward_layout(demo, buckets, monkeypatch):
+    """The packed verify's layout, built once while packing, is the one the runner would derive
+    from the forward's node_offsets (rows past them: padding)."""
+    from dspark.models.transformer import PackedLayout
+    target, drafter, prompts = demo
+    eng = SpeculativeEngine(target, drafter, schedule="sync", sps=affine_sps(0.05),
+                            bucket_rows=buckets)
+    real, seen = eng.target.forward_tree, []
+
+    def spy(tokens, parents, offsets, start, max_nodes, taps=(), padded=False, layout=None):
+        want = PackedLayout.from_offsets(offsets, tokens.shape[0], max_nodes)
+        seen.append(layout is not None and torch.equal(layout.dest, want.dest)
+                    and torch.equal(layout.src, want.src))
+        return real(tokens, parents, offsets, start, max_nodes, taps, padded, layout)
+
+    monkeypatch.setattr(eng.target, "forward_tree", spy)
+    eng.generate(prompts, max_new_tokens=NEW, stop_tokens=[])
+    assert seen and all(seen)
+
+
 def test_bucket_rows():
     assert [bucket_rows(n, 10**6) for n in (1, 8, 9, 33, 64, 65, 81, 129, 1000)] == \
         [8, 8, 16, 64, 64, 80, 96, 160, 1024]

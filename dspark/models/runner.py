@@ -152,7 +152,8 @@ class ModelRunner:
 
     def forward_tree(self, draft_tokens: torch.Tensor, parents: torch.Tensor,
                      node_offsets: torch.Tensor, start: torch.Tensor, max_nodes: int,
-                     taps: Sequence[int] = (), padded: bool = False) -> Forward:
+                     taps: Sequence[int] = (), padded: bool = False,
+                     layout: Optional[PackedLayout] = None) -> Forward:
         """The target forward of a speculative step over packed ragged token trees: request r's
         nodes are draft_tokens[off[r]:off[r+1]] (node 0 = root = anchor at position start[r]);
         parents are local ids (-1 at the root). Node j is written to slot start[r] + j at
@@ -163,9 +164,13 @@ class ModelRunner:
         packed rows only and attention on the padded [R, max_nodes] layout
         (:class:`~dspark.models.transformer.PackedLayout`): a verify of shorter proposals costs
         fewer rows. ``padded``: rows from off[R] to N are padding (a row count rounded up to a
-        captured graph size): they touch no cache slot and their outputs are unspecified."""
-        return self._run("forward_tree", self._forward_tree, (max_nodes, tuple(taps), padded),
-                         draft_tokens, parents, node_offsets, start)
+        captured graph size): they touch no cache slot and their outputs are unspecified.
+        ``layout``: that packed layout when the caller already has it (implies ``padded``; the
+        scheduled engine builds it while packing), instead of deriving it from node_offsets."""
+        given = () if layout is None else (layout.dest, layout.src)
+        return self._run("forward_tree", self._forward_tree,
+                         (max_nodes, tuple(taps), padded or layout is not None),
+                         draft_tokens, parents, node_offsets, start, *given)
 
     @property
     def tensor_parallel(self) -> bool:
@@ -201,8 +206,8 @@ class ModelRunner:
         logits = self.model.logits(h[torch.arange(B, device=dev), last])
         return Forward(logits, torch.stack(tapped) if tapped else None)
 
-    def _forward_tree(self, draft_tokens, parents, node_offsets, start, static):
-        max_nodes, taps, padded = static
+    def _forward_tree(self, draft_tokens, parents, node_offsets, start, *given_static):
+        *given, (max_nodes, taps, padded) = given_static  # given: a PackedLayout's dest, src
         N, R, W = draft_tokens.shape[0], start.shape[0], max_nodes
         fused = self._fuse(N, W)
         if N == R * W and not padded:  # every request has max_nodes nodes: no packing
@@ -210,7 +215,8 @@ class ModelRunner:
             h, tapped = self._tree_body(tokens, par, start, taps, fused)
             flat = lambda t: t.reshape(N, *t.shape[2:])  # noqa: E731
         else:  # ragged: the projections on the N packed rows, attention on [R, W]
-            layout = PackedLayout.from_offsets(node_offsets, N, W)
+            layout = PackedLayout(*given, R, W) if given else \
+                PackedLayout.from_offsets(node_offsets, N, W)
             par = layout.pad_ids(parents, -1)  # block positions no row fills: lone roots
             h, tapped = self._tree_body(draft_tokens, par, start, taps, fused, layout)
             flat = lambda t: t  # noqa: E731
