@@ -132,12 +132,7 @@ def profile_generate(engine, prompts, trace_path: str, **generate_kw) -> dict:
         fn(prompts, **generate_kw)
         if engine.target.device.type == "cuda":
             torch.cuda.synchronize()
-    raw = trace_path[:-3] if trace_path.endswith(".gz") else trace_path
-    prof.export_chrome_trace(raw)
-    if raw != trace_path:
-        with open(raw, "rb") as src, gzip.open(trace_path, "wb") as dst:
-            dst.write(src.read())
-        os.remove(raw)
+    prof.export_chrome_trace(trace_path)  # gzip-compressed by torch for a .gz path
     return summarize_trace(trace_path)
 
 
