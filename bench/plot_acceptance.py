@@ -1,10 +1,11 @@
-"""Position-wise conditional acceptance per drafter, from the printed eval summary of
+"""Position-wise conditional acceptance per drafter, from a recorded eval summary of the former
 ``scripts/drafters_device.sh eval`` (lines ``== ... eval SET T=t`` then
 ``METHOD tau X accept Y% per-pos p1 .. pg | ...``).
 
     python bench/plot_acceptance.py bench/results/2026-11-29/drafters_eval.txt out.png
 
-(needs matplotlib, which the test setup does not install: `pip install matplotlib`)
+(needs matplotlib, which the test setup does not install: `pip install matplotlib`). New runs:
+`dspark bench --out DIR` draws acceptance_by_position.png itself.
 """
 import re
 import sys
