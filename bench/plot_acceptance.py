@@ -4,8 +4,7 @@
 
     python bench/plot_acceptance.py bench/results/2026-11-29/drafters_eval.txt out.png
 
-(needs matplotlib, which the test setup does not install: `pip install matplotlib`). New runs:
-`dspark bench --out DIR` draws acceptance_by_position.png itself.
+New runs: `dspark bench --out DIR` draws acceptance_by_position.png itself.
 """
 import re
 import sys
