@@ -304,7 +304,8 @@ class ParallelDrafter(TrainedDrafter):
         """W2 [rank, V] contiguous (the head's nn.Linear weight is [V, rank]): a transposed copy,
         made once and remade (new graph key) when the weight changes."""
         w = self.model.head.w2.weight
-        # inference tensors (made under torch.inference_mode) keep no version counter
+        # inference tensors (made under torch.inference_mode) keep no version counter: for them
+        # only a new tensor (data_ptr) is seen, not an in-place copy into the same one
         key = (w.data_ptr(), None if w.is_inference() else w._version, w.dtype, w.device)
         if self._w2t is None or self._w2t[0] != key:
             self._w2t = (key, w.detach().t().contiguous())
