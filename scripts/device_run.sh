@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched session on the GPU machine: build, CUDA checks, sanitizers, benchmarks.
 # Usage: bash scripts/device_run.sh [build] [check] [tests] [sanitize] [fuzz] [churn] [linear] [engine]
-#        [decode] [bench] [sm80] [verifytests] [verifysanitize] [newkernels] [pair] [sweep] [profile]
+#        [decode] [bench] [sm80] [verifytests] [verifysanitize] [pair] [sweep] [profile]
 #        [project] [tp]
 # (decode: DECODE_VARIANTS=graph,compile,...); results in $OUT.
 set -uo pipefail
@@ -89,18 +89,6 @@ for stage in "$@"; do
       log racecheck
       (cd bench && compute-sanitizer --tool racecheck python3 check_cuda.py --cases 6 --small) 2>&1 | tail -4
       (cd bench && compute-sanitizer --tool racecheck python3 check_cuda.py --cases 2 --small --vocab 20000) 2>&1 | tail -4 ;;
-    newkernels)  # the kernels merged CPU-tested (kv_commit, markov_draft, fused verify/sample):
-      # their CUDA tests (test_verify_fused.py runs the fused kernel itself), memcheck +
-      # racecheck; the verify/sample suites through the fused kernel: `verifytests`
-      log new-kernel-tests
-      (cd tests && timeout 240 python3 -m pytest -q -p no:cacheprovider test_kv_commit.py \
-        test_markov_draft.py test_verify_fused.py test_engine_graphs.py -k cuda 2>&1 | tail -6)
-      for tool in memcheck racecheck; do
-        log "$tool: kv_commit, markov_draft, fused verify"
-        (cd tests && timeout 170 compute-sanitizer --tool $tool --error-exitcode 3 python3 -m pytest -q \
-          -p no:cacheprovider test_kv_commit.py test_markov_draft.py test_verify_fused.py -k "cuda and not compile" \
-          -x 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" | tail -3)
-      done ;;
     pair)  # the benchmark pair, one call per stage or two (PAIR_STAGES, default target;
       # scripts/bench_pair.sh: target data | drafters | bench | ablate)
       bash scripts/bench_pair.sh ${PAIR_STAGES:-target} ;;
