@@ -5,7 +5,7 @@ chain ending at the last slot). Roofline: the K/V bytes of the visible slots at 
 bandwidth (small caches are latency-bound: the floor is then far below a kernel launch).
 
     python bench/bench_attention.py [--slots 256,1024,4096,32768] [--rows 1,8,16] [--out f.json]
-                                    [--heads 32,8,128] [--batch 1]
+                                    [--heads 32,8,128] [--batch 1] [--rows-per-block auto,1,2]
     # the benchmark pair's layer (4 / 2 heads of 64), and one eager call per shape for ncu:
     ncu --clock-control none --kernel-name regex:decode_attention --section SpeedOfLight \
         --section Occupancy --section WarpStateStats --section LaunchStats \
@@ -13,6 +13,7 @@ bandwidth (small caches are latency-bound: the floor is then far below a kernel 
 """
 import argparse
 import json
+import os
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,9 @@ def main():
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rows-per-block", default="auto",
+                    help="kernel 1's rows per thread block to time (auto: the launcher's choice; "
+                    "N: DSPARK_ATTN_ROWS_PER_BLOCK=N), comma-separated, for an A/B of the split")
     ap.add_argument("--ncu", action="store_true",
                     help="one eager call per shape in an NVTX range, nothing timed (for ncu)")
     ap.add_argument("--out", default=None)
@@ -87,14 +91,18 @@ def main():
                 ours(None)
                 torch.cuda.nvtx.range_pop()
                 continue
-            diff = (ours(None).float() - base(None).float()).abs().max().item()
             floor_us = B * 2 * HKV * S * D * 2 / bw * 1e6
-            row = dict(slots=S, rows=T, batch=B, heads=[H, HKV, D], floor_us=round(floor_us, 2),
-                       max_abs_diff=diff,
-                       ours_us=round(time_graph(ours, [None], a.reps), 2),
-                       unfused_us=round(time_graph(base, [None], a.reps), 2))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            unfused_us = round(time_graph(base, [None], a.reps), 2)
+            for rpb in a.rows_per_block.split(","):
+                os.environ["DSPARK_ATTN_ROWS_PER_BLOCK"] = "" if rpb == "auto" else rpb
+                diff = (ours(None).float() - base(None).float()).abs().max().item()
+                row = dict(slots=S, rows=T, batch=B, heads=[H, HKV, D], rows_per_block=rpb,
+                           floor_us=round(floor_us, 2), max_abs_diff=diff,
+                           ours_us=round(time_graph(ours, [None], a.reps), 2),
+                           unfused_us=unfused_us)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            os.environ.pop("DSPARK_ATTN_ROWS_PER_BLOCK", None)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(copy_GBps=round(bw / 1e9), rows=rows), f, indent=1)

@@ -46,21 +46,37 @@ sm80() { stage sm80 600 bash -c "SM80_SITE=/tmp/sm80site OUT=$RES bash bench/che
 
 timed_runs() {  # the GPU to itself, in order of what the open issues need most
   local data=$ROOT/.data
+  # decode_attention's work split (rows per block: the launcher's choice against fixed values) at
+  # the pair's layer (batch 1 and 4) and the 8B layer: the multi-row attention was the largest
+  # cost of the pair's verify forward (~50 µs a layer at 8 blocks)
+  stage attention_split 120 bash -c "cd bench && for b in 1 4; do python3 bench_attention.py \
+    --heads 4,2,64 --batch \$b --slots 256,1024 --rows 1,8 --rows-per-block auto,1,2,4,8 --reps 100 \
+    --out $RES/attention_pair_b\$b.json; done; python3 bench_attention.py --slots 1024,4096 \
+    --rows 8 --rows-per-block auto,1,2,8 --reps 100 --out $RES/attention_8b.json"
   stage pair_bench 420 env OUT="$RES/pair" PAIR_DIR=$PAIR EVAL_DIR="$data" \
     bash scripts/bench_pair.sh bench
+  # DSpark's sequential stage as the one markov_draft op instead of the graphed loop (off on CUDA:
+  # slower at the 8B vocabulary; the pair's vocabulary is 8192), same prompts, and the demo pair
+  stage pair_markov 240 bash -c "cd /tmp && DSPARK_CUDA_KERNELS=kv_commit,markov_draft dspark bench \
+    --target $PAIR/target --drafter $PAIR/dspark --dataset $data/humaneval.jsonl --temperature 0 1 \
+    --batch 1 --prompts 16 --max-new-tokens 128 --prompt-tokens 256 --no-progress \
+    --out $RES/pair_markov"
+  stage round_demo_markov 180 bash -c "cd bench && DSPARK_CUDA_KERNELS=kv_commit,markov_draft \
+    python3 bench_round.py --dataset $data/humaneval.jsonl --drafters dspark \
+    --out $RES/round_demo_markov.json"
   # confidence-scheduled verification: every mode at gamma 7 on code (then fixed gamma 3 / 5 and
   # chat prompts, below)
   stage sweep 480 env OUT="$RES/sweep" SWEEP_PAIR=$PAIR bash scripts/device_run.sh sweep
-  stage schedule_bench 60 bash -c "cd bench && python3 bench_schedule.py --out $RES/schedule.json"
   # the round-cost issue: the demo pair's round vs decode step, verify forward at the 8B shape
   stage round_demo 240 bash -c "cd bench && python3 bench_round.py --dataset $data/humaneval.jsonl \
     --drafters dspark,ngram --out $RES/round_demo.json"
   stage verify_forward 240 bash -c "cd bench && python3 bench_verify_forward.py --batches 1,4,8 \
     --rows 8 --out $RES/verify_forward.json"
-  stage sweep_gammas 300 env OUT="$RES/sweep_g" SWEEP_PAIR=$PAIR SWEEP_GAMMAS="3 5" SWEEP_BATCHES="1 32 64 128" \
-    SWEEP_SCHEDULES=fixed bash scripts/device_run.sh sweep
+  stage schedule_bench 60 bash -c "cd bench && python3 bench_schedule.py --out $RES/schedule.json"
   stage sweep_chat 420 env OUT="$RES/sweep_chat" SWEEP_PAIR=$PAIR SWEEP_SET=mt-bench SWEEP_BATCHES="1 32 64 128" \
     bash scripts/device_run.sh sweep
+  stage sweep_gammas 300 env OUT="$RES/sweep_g" SWEEP_PAIR=$PAIR SWEEP_GAMMAS="3 5" SWEEP_BATCHES="1 32 64 128" \
+    SWEEP_SCHEDULES=fixed bash scripts/device_run.sh sweep
   stage ablate_eval 240 env OUT="$RES/pair" PAIR_DIR=$PAIR ABLATE_PROMPTS=32 \
     ABLATE_ONLY="base method layers1 layers3 halfdata" bash scripts/bench_pair.sh ablate-eval
   stage profile 240 bash bench/profile.sh $PAIR/target $PAIR/dspark "$data/humaneval.jsonl" "$RES/profile"

@@ -172,6 +172,30 @@ def test_rows_do_not_depend_on_block_length(device, gen, dtype):
     assert torch.equal(short, long[:, :4])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["chain", "tree"])
+def test_rows_per_block_changes_no_bit(device, gen, dtype, layout, monkeypatch):
+    """The CUDA kernel's work split (rows of a verify block per thread block: chosen by grid size,
+    or DSPARK_ATTN_ROWS_PER_BLOCK) changes no output bit and no cache write."""
+    if device != "cuda":
+        pytest.skip("the CPU kernel has no thread blocks")
+    parents = None if layout == "chain" else [TREE, [-1, 0, 1, 1, 3, 0, 5, 6, 6]]
+    base = to(make(2, 4, 2, 300, 64, dtype, gen, "cpu", positions=[126, 3], T=9,
+                   parents=parents), device)
+    results = []
+    for r in ("", "1", "2", "3", "4", "9", "64"):
+        monkeypatch.setenv("DSPARK_ATTN_ROWS_PER_BLOCK", r)
+        args = dict(base, k_cache=base["k_cache"].clone(), v_cache=base["v_cache"].clone())
+        out = torch.ops.dspark.decode_attention(*args.values())
+        results.append((r, out, args["k_cache"], args["v_cache"]))
+    for r, out, kc, vc in results[1:]:
+        assert torch.equal(out, results[0][1]), f"rows per block {r}"
+        assert torch.equal(kc, results[0][2]) and torch.equal(vc, results[0][3])
+    monkeypatch.setenv("DSPARK_ATTN_ROWS_PER_BLOCK", "0")
+    with pytest.raises(ValueError, match="DSPARK_ATTN_ROWS_PER_BLOCK"):
+        torch.ops.dspark.decode_attention(*base.values())
+
+
 def test_wrapper_and_layers(device, gen):
     """dspark.ops.decode_attention == the op; only the chosen layer's slot is written."""
     args = to(make(2, 4, 2, 16, 16, torch.float32, gen, device, L=3), device)

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cmath>
+#include <cstdlib>
 
 #include "checks.h"
 #include "cuda/launch.h"
@@ -16,6 +17,20 @@
 
 namespace dspark {
 namespace {
+
+// Rows per block of kernel 1: attention_rows_per_block's choice for this GPU, or
+// DSPARK_ATTN_ROWS_PER_BLOCK (>= 1, at most T; read per call) for A/B measurements
+// (bench/bench_attention.py --rows-per-block). The outputs are the same bits for any value.
+int rows_per_block(const AttnDims& d, int splits) {
+  if (const char* env = std::getenv("DSPARK_ATTN_ROWS_PER_BLOCK"); env && *env) {
+    char* end = nullptr;
+    const long r = std::strtol(env, &end, 10);
+    DSPARK_CHECK_VALUE(*end == '\0' && r >= 1,
+                       "DSPARK_ATTN_ROWS_PER_BLOCK must be an integer >= 1, got '", env, "'");
+    return int(r < d.T ? r : d.T);
+  }
+  return attention_rows_per_block(d.T, d.H / d.Hkv, splits, d.Hkv * d.B * splits, device_sms());
+}
 
 at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache,
                                  int64_t layer, const at::Tensor& positions,
@@ -32,7 +47,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at:
                              : at::empty({d.B, d.H * d.D}, qkv.options());
   if (d.B == 0) return out;
   const int splits = attention_splits(d.S);
-  const int rows = attention_rows_per_block(d.T, d.H / d.Hkv, splits);
+  const int rows = rows_per_block(d, splits);
   DSPARK_CHECK_VALUE(int64_t(splits) * ((d.T + rows - 1) / rows) <= 65535, "a cache of ", d.S,
                      " slots with ", d.T,
                      " rows per request exceeds the CUDA grid (65535 blocks in z)");

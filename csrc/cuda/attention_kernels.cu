@@ -6,8 +6,8 @@
 namespace dspark {
 
 int attention_splits(int64_t S) { return cuda::attn_splits(S); }
-int attention_rows_per_block(int64_t T, int64_t G, int splits) {
-  return cuda::attn_rows_per_block(T, G, splits);
+int attention_rows_per_block(int64_t T, int64_t G, int splits, int64_t blocks_per_group, int sms) {
+  return cuda::attn_rows_per_block(T, G, splits, blocks_per_group, sms);
 }
 
 namespace {

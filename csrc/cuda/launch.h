@@ -76,7 +76,11 @@ struct AttentionArgs {
   int splits, rows_per_block;
 };
 int attention_splits(int64_t S);  // chunks of the cache's slots (one block each per KV head)
-int attention_rows_per_block(int64_t T, int64_t G, int splits);  // rows of one block
+// The current device's multiprocessor count, looked up once per device (132 if unknown).
+int device_sms();
+
+// rows of one block (Hkv * B * splits blocks per group of rows, `sms` multiprocessors)
+int attention_rows_per_block(int64_t T, int64_t G, int splits, int64_t blocks_per_group, int sms);
 cudaError_t launch_attention(const AttentionArgs& args, cudaStream_t stream);
 
 }  // namespace dspark

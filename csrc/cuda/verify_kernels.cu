@@ -12,8 +12,6 @@
 
 namespace dspark {
 
-namespace {
-// The current device's SM count (sizes the fused kernel's ticket lag), looked up once per device.
 int device_sms() {
   static int cached[64] = {};
   int dev = 0, sms = 0;
@@ -25,6 +23,7 @@ int device_sms() {
   return sms;
 }
 
+namespace {
 // DSPARK_FUSED_LAG=<requests>: the residual tickets' lag (A/B knob; unset: the plan's default).
 int64_t fused_lag() {
   static const int64_t lag = [] {

@@ -368,7 +368,7 @@ cudaError_t launch_attention_maxq(const AttnParams<T>& p, bool vec, cudaStream_t
 }
 
 // Shapes as in AttnParams; host checks: D even, D <= 256, H % Hkv == 0, G <= 16, 1 <= T <= 64,
-// splits == attn_splits(S), rows_per_block == attn_rows_per_block(T, G, splits), part_* sized for
+// splits == attn_splits(S), 1 <= rows_per_block <= T (attn_rows_per_block), part_* sized for
 // splits > 1, splits * ceil(T / rows_per_block) <= 65535.
 template <typename T>
 cudaError_t launch_decode_attention(const AttnParams<T>& p, cudaStream_t stream) {
