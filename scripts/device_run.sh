@@ -35,9 +35,14 @@ for stage in "$@"; do
       # fault), verify/sample through the fused kernel (the default) and the staged one
       for impl in staged fused; do
         log "fuzz-memcheck ($impl verify)"
+        # the whole log is kept (a tail hides which API call or access memcheck reported)
         (cd tests && DSPARK_VERIFY_IMPL=$impl timeout 290 compute-sanitizer --tool memcheck \
           --leak-check no --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider test_fuzz.py \
-          -k cuda 2>&1 | tail -15)
+          -k cuda > "$OUT/fuzz_memcheck_$impl.log" 2>&1)
+        tail -3 "$OUT/fuzz_memcheck_$impl.log"
+        echo "memcheck reports (count, first line of each):"
+        grep -E "^========= [A-Z]" "$OUT/fuzz_memcheck_$impl.log" | grep -v "ERROR SUMMARY" |
+          sed -E 's/0x[0-9a-f]+/0x../g' | sort | uniq -c | sort -rn | head -20
       done ;;
     churn)  # 300 generate calls: flat CUDA memory allocated / reserved (tests/test_churn.py)
       log churn; (cd tests && timeout 300 python3 -m pytest -q -p no:cacheprovider test_churn.py -k cuda 2>&1 | tail -8) ;;

@@ -6,14 +6,16 @@
 #   bash scripts/gpu_session.sh collect S wait up to S seconds (or until the job ends), then pack
 #                                         what is done into $OUT/results.tgz + $OUT/progress.txt
 #
-# The job: the benchmark pair trains (scripts/bench_pair.sh target data drafters, the DSpark
-# recipe ablation alongside) while the correctness work shares the GPU (every CUDA test, the fuzz
-# tests under memcheck, the sm_80 code paths from a second install); then, the GPU to itself, the
-# timed runs in order of importance: dspark bench on the pair, the concurrency sweeps, the
-# scheduler microbenchmark, the demo pair's round cost, the 8B-shape verify forward, the
-# ablation's eval, profile, the 8B projection (OPS_BENCH=1: the op benchmarks too). Each stage's
+# The job: the benchmark pair trains (scripts/bench_pair.sh target data drafters) while the
+# correctness work shares the GPU (every CUDA test, the fuzz tests under memcheck); then, the GPU
+# to itself, the timed runs in order of importance: decode_attention's work split, dspark bench on
+# the pair, the markov_draft A/B, the concurrency sweeps, the demo pair's round cost, the
+# 8B-shape verify forward, the scheduler microbenchmark, profile, the 8B projection, ncu (the
+# ablation's eval with PAIR_ABLATE=1; OPS_BENCH=1: the op benchmarks); last the sm_80 code paths
+# from a second install (compute_80 PTX through the JIT). Each stage's
 # output: $RES/<stage>.txt (+ JSON / PNG); the job's timeline: $RES/progress.txt.
-# Env: TARGET_MINUTES (default 5), DRAFT_MINUTES (4; bench_pair.sh), RES (default /tmp/res),
+# Env: TARGET_MINUTES (default 5), DRAFT_MINUTES (4; bench_pair.sh), PAIR_ABLATE (0; 1: the recipe
+# ablation's variants train beside the drafters and are evaluated), RES (default /tmp/res),
 # SKIP="stage ..." (stages not to run, e.g. those a session already measured).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,9 +40,8 @@ correctness() {  # shares the GPU with the training
   # the fuzz tests' CUDA variant under memcheck (out-of-bounds accesses that do not fault),
   # verify / sample through the fused kernel (the default) and the staged one
   stage fuzz_memcheck 600 env OUT="$RES" bash scripts/device_run.sh fuzz
-  # the pre-Hopper paths (compute_80 PTX only, installed beside the normal build): here while
-  # the pair still trains, else after the timed runs
-  [ -f "$RES/pair_trained" ] || sm80
+  # (the pre-Hopper paths run after the timed runs: beside the training, the JIT-compiled
+  # compute_80 suite reached 5 % in 300 s on 2026-12-06, against 211 s for all of it alone)
 }
 sm80() { stage sm80 600 bash -c "SM80_SITE=/tmp/sm80site OUT=$RES bash bench/check_sm80.sh"; }
 
@@ -77,7 +78,7 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
     bash scripts/device_run.sh sweep
   stage sweep_gammas 300 env OUT="$RES/sweep_g" SWEEP_PAIR=$PAIR SWEEP_GAMMAS="3 5" SWEEP_BATCHES="1 32 64 128" \
     SWEEP_SCHEDULES=fixed bash scripts/device_run.sh sweep
-  stage ablate_eval 240 env OUT="$RES/pair" PAIR_DIR=$PAIR ABLATE_PROMPTS=32 \
+  [ "${PAIR_ABLATE:-0}" = 1 ] && stage ablate_eval 240 env OUT="$RES/pair" PAIR_DIR=$PAIR ABLATE_PROMPTS=32 \
     ABLATE_ONLY="base method layers1 layers3 halfdata" bash scripts/bench_pair.sh ablate-eval
   stage profile 240 bash bench/profile.sh $PAIR/target $PAIR/dspark "$data/humaneval.jsonl" "$RES/profile"
   stage project 240 env OUT="$RES" PAIR_BENCH_JSON=$PAIR/bench_results.json bash scripts/device_run.sh project
@@ -104,8 +105,12 @@ job() {
   log "job start"
   # the pair (and the ablation's variants beside its drafters) in the background of this job
   # ("base" is the dspark drafter itself: not trained twice)
-  ( env OUT="$RES/pair" PAIR_DIR=$PAIR ABLATE_CONCURRENT=1 TARGET_MINUTES=${TARGET_MINUTES:-5} \
-      DRAFT_MINUTES=${DRAFT_MINUTES:-4} ABLATE_ONLY="method layers1 layers3 halfdata" \
+  # PAIR_ABLATE=1: the recipe ablation's four variants train beside the drafters (measured on
+  # 2026-12-06 twice; off by default: eight processes on one GPU left each drafter ~750 steps in
+  # its 4 minutes, and a variant that trained alone at the end reached 2476 steps and tau 4.0 vs 2.7)
+  local abl=(); [ "${PAIR_ABLATE:-0}" = 1 ] && abl=(ABLATE_CONCURRENT=1 ABLATE_ONLY="method layers1 layers3 halfdata")
+  ( env OUT="$RES/pair" PAIR_DIR=$PAIR "${abl[@]}" TARGET_MINUTES=${TARGET_MINUTES:-5} \
+      DRAFT_MINUTES=${DRAFT_MINUTES:-4} \
       bash scripts/bench_pair.sh target data drafters > "$RES/pair_train.txt" 2>&1
     log "pair trained rc=$?"; touch "$RES/pair_trained" ) &
   local pair_pid=$!

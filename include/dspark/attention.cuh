@@ -78,18 +78,21 @@ inline int attn_splits(int64_t S) { return int((S + kAttnChunk - 1) / kAttnChunk
 
 // Rows per block. A block scores one chunk of kAttnChunk slots for its rows: more rows per block
 // read each K/V row once for more rows; fewer rows spread the work over more SMs and shorten each
-// block's serial per-row passes (weighted V, outputs). Long caches (>= 16 chunks) keep all rows
-// in a block (the grid is wide already). Otherwise start at a tile of about 8 query vectors
-// (8 / G rows) and halve while the grid, `blocks_per_group` = Hkv * B * splits blocks per group
-// of rows, stays under two waves of `sms` multiprocessors: a short verify block at batch 1 (the
-// benchmark pair: 2 KV heads, 2 chunks, 8 rows) had 8 blocks on 132 SMs and took ~50 µs a layer.
-// Only the work split changes, not any row's arithmetic.
+// block's serial per-row passes (weighted V, outputs), which dominate short caches. Long caches
+// (>= 16 chunks) whose grid fills two waves with every row in one block keep all rows (K/V read
+// once). Otherwise start at a tile of about 8 query vectors (8 / G rows) and halve while the grid
+// (`blocks_per_group` = Hkv * B * splits blocks per group of rows) is under one wave of `sms`.
+// Measured on an H100 (bench/bench_attention.py --rows-per-block, bench/RESULTS.md, ninth
+// session): this picks the fastest split at all six measured shapes, e.g. the benchmark pair's
+// 8-row verify at batch 1, 50.3 -> 24.7 µs a layer, and the 8B layer's at 4096 slots, 187.6 ->
+// 146.9 µs. Only the work split changes, not any row's arithmetic.
 inline int attn_rows_per_block(int64_t T, int64_t G, int splits, int64_t blocks_per_group = 0,
                                int sms = 0) {
-  if (T <= 1 || splits >= 16) return int(T);
+  if (T <= 1) return int(T);
+  if (splits >= 16 && blocks_per_group >= 2 * int64_t(sms)) return int(T);
   int64_t r = 8 / G > 1 ? 8 / G : 1;
   r = r < T ? r : T;
-  while (r > 1 && blocks_per_group * ((T + r - 1) / r) < 2 * int64_t(sms)) r = (r + 1) / 2;
+  while (r > 1 && blocks_per_group * ((T + r - 1) / r) < int64_t(sms)) r = (r + 1) / 2;
   return int(r);
 }
 
