@@ -43,6 +43,10 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="run decode / verify calls of up to 64 token rows on dspark::fused_linear "
                    "+ decode_attention (default: on CUDA)")
+    p.add_argument("--fused-max-rows", type=int, default=None, metavar="N",
+                   help="the largest decode / verify call (token rows) on the fused kernels "
+                   "(default 64); above it cuBLAS + SDPA. Measured on an H100: 8 at the "
+                   "Qwen3-8B shape (cuBLAS wins from 16 rows), 64 for small latency-bound models")
     p.add_argument("--batch-invariant", action="store_true",
                    help="run every decode / verify call on the dspark kernels, whatever the rows: "
                    "greedy speculative == greedy autoregressive at any batch size (slower than "
@@ -95,7 +99,7 @@ def _generate(args, tp, device: str) -> int:
         args.target, drafter=args.drafter, ngram=args.ngram, gamma=args.gamma,
         tree_topk=args.tree_topk, device=device, dtype=args.dtype, tp=tp,
         drafter_mode=args.tp_drafter, compile=args.compile or False, fused=args.fused,
-        batch_invariant=args.batch_invariant,
+        batch_invariant=args.batch_invariant, fused_max_rows=args.fused_max_rows,
         schedule=args.schedule, sps=args.sps)
     if engine.tokenizer is None:
         raise ValueError(f"{args.target!r} has no tokenizer.json")

@@ -38,6 +38,10 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="the runner's fused decode/verify kernels (default: on CUDA)")
+    p.add_argument("--fused-max-rows", type=int, default=None, metavar="N",
+                   help="the largest decode / verify call (token rows) on the fused kernels "
+                   "(default 64); above it cuBLAS + SDPA. Measured on an H100: 8 at the "
+                   "Qwen3-8B shape (cuBLAS wins from 16 rows), 64 for small latency-bound models")
     p.add_argument("--batch-invariant", action="store_true",
                    help="every verify on the dspark kernels (as `dspark generate` with it)")
     p.add_argument("--out", default=None, help="dir for the table and the plot (default: the "
@@ -63,7 +67,8 @@ def run_profile_cli(args) -> int:
             raise ValueError("need --gamma and --max-tokens >= 1")
         grid = [int(b) for b in args.grid.split(",")] if args.grid else None
         model = load_model(args.target, device, args.dtype)
-        runner = ModelRunner(model, fused=args.fused, batch_invariant=args.batch_invariant)
+        runner = ModelRunner(model, fused=args.fused, batch_invariant=args.batch_invariant,
+                             fused_max_rows=args.fused_max_rows)
         table = None if args.force else load_sps(runner, max_tokens, cache_dir=args.out)
         if table is not None:
             print(f"cached: {sps_cache_path(sps_key(runner), args.out)} (--force to measure "

@@ -69,10 +69,10 @@ class SpeculativeEngine:
                  fused: Optional[bool] = None, batch_invariant: bool = False,
                  nvtx: bool = False, stage_times: Optional[bool] = None,
                  schedule: Union[None, str, VerifyScheduler] = None, sps: SPSSource = None,
-                 bucket_rows: Optional[bool] = None):
+                 bucket_rows: Optional[bool] = None, fused_max_rows: Optional[int] = None):
         # fused: the runner's dspark::fused_linear / decode_attention path for calls of up to
-        # FUSED_MAX_ROWS rows (None: on for CUDA); batch_invariant: that path for every decode /
-        # verify call (greedy speculative == greedy autoregressive at any batch size, bf16
+        # fused_max_rows rows (None: FUSED_MAX_ROWS; fused None: on for CUDA); batch_invariant:
+        # that path for every decode / verify call (greedy speculative == greedy autoregressive at any batch size, bf16
         # included); compile: torch.compile the graphed bodies of the target (see ModelRunner)
         # and of the drafter (Drafter.compile);
         # use_cuda_graphs: the runner's forwards and the engine's step stages (None: on CUDA);
@@ -86,7 +86,7 @@ class SpeculativeEngine:
         # are on)
         if not isinstance(target, ModelRunner):
             target = ModelRunner(target, use_cuda_graphs, compile=compile, fused=fused,
-                                 batch_invariant=batch_invariant)
+                                 batch_invariant=batch_invariant, fused_max_rows=fused_max_rows)
         self.target = target
         self.drafter = drafter
         if compile and drafter is not None:  # the drafter's hot bodies too (Drafter.compile)

@@ -39,6 +39,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import ops
+from .models.transformer import FUSED_MAX_ROWS
 from .timing import graph_replay_seconds
 
 SPS_FORMAT = 1
@@ -95,6 +96,8 @@ def sps_key(runner) -> dict:
     cfg = dataclasses.asdict(runner.config)
     digest = hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
     variant = "fused" if runner.fused else "unfused"
+    if runner.fused and not runner.batch_invariant and runner.fused_max_rows != FUSED_MAX_ROWS:
+        variant += f"-max{runner.fused_max_rows}"
     if runner.batch_invariant:
         variant += "-batch-invariant"
     if runner.compile:

@@ -76,6 +76,10 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
   stage schedule_bench 60 bash -c "cd bench && python3 bench_schedule.py --out $RES/schedule.json"
   stage sweep_chat 420 env OUT="$RES/sweep_chat" SWEEP_PAIR=$PAIR SWEEP_SET=mt-bench SWEEP_BATCHES="1 32 64 128" \
     bash scripts/device_run.sh sweep
+  # the fused kernels for every verify of the pair (its SPS table: 63 rows fused 2.08 ms, 79 rows
+  # on cuBLAS 3.93 ms): faster rounds at batch >= 16 and greedy identity there (was 72-95 %)
+  stage sweep_fused_all 300 env OUT="$RES/sweep_fused" SWEEP_PAIR=$PAIR SWEEP_BATCHES="16 64 128" \
+    SWEEP_SCHEDULES="fixed async" SWEEP_DEVICE="--fused-max-rows 1024" bash scripts/device_run.sh sweep
   stage sweep_gammas 300 env OUT="$RES/sweep_g" SWEEP_PAIR=$PAIR SWEEP_GAMMAS="3 5" SWEEP_BATCHES="1 32 64 128" \
     SWEEP_SCHEDULES=fixed bash scripts/device_run.sh sweep
   [ "${PAIR_ABLATE:-0}" = 1 ] && stage ablate_eval 240 env OUT="$RES/pair" PAIR_DIR=$PAIR ABLATE_PROMPTS=32 \

@@ -137,6 +137,34 @@ def test_batch_invariant_option():
         ModelRunner(gelu, batch_invariant=True)
 
 
+def test_fused_max_rows_option():
+    """fused_max_rows moves the fused / cuBLAS crossover per model; the SPS table key names it;
+    bad values are refused by name."""
+    from dspark.scheduler import sps_key
+    model = random_model(torch.float32, "cpu")
+    default = ModelRunner(model, fused=True)
+    assert default._fuse(64, 8) and not default._fuse(65, 8)
+    eight = ModelRunner(model, fused=True, fused_max_rows=8)
+    assert eight._fuse(8, 8) and not eight._fuse(9, 8) and not eight._fuse(16, 8)
+    assert ModelRunner(model, fused=True, batch_invariant=True, fused_max_rows=8)._fuse(64, 8)
+    assert sps_key(eight)["variant"] == "fused-max8"
+    assert sps_key(default)["variant"] == "fused"
+    for bad in (0, -3, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="fused_max_rows"):
+            ModelRunner(model, fused=True, fused_max_rows=bad)
+
+
+def test_fused_max_rows_greedy_fp32():
+    """A verify above fused_max_rows leaves the fused kernels (cuBLAS / SDPA path): fp32 greedy
+    speculative output is still the autoregressive text."""
+    target = random_model(torch.float32, "cpu", seed=1, vocab=128)
+    eng = SpeculativeEngine(target, NgramDrafter(4), fused=True, fused_max_rows=2)
+    assert eng.target.fused_max_rows == 2
+    spec = eng.generate(ENGINE_PROMPTS, max_new_tokens=16, stop_tokens=[])
+    ar = eng.generate_autoregressive(ENGINE_PROMPTS, max_new_tokens=16, stop_tokens=[])
+    assert spec.tokens == ar.tokens
+
+
 ENGINE_PROMPTS = [[1, 5, 7, 9, 5, 7], [3, 4], [10, 11, 12, 13, 14, 10, 11, 12], [42, 42, 42]]
 
 

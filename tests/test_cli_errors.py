@@ -102,6 +102,12 @@ def test_gamma_upper_bound(ckpt, capsys, gamma):
                           f"gamma {gamma}", "at most 64")
 
 
+@pytest.mark.parametrize("rows", ["0", "-1"])
+def test_fused_max_rows_bound(ckpt, capsys, rows):
+    assert_one_line_error(*generate(capsys, ckpt, "--device", "cpu", "--fused-max-rows", rows),
+                          "fused_max_rows", f"got {rows}")
+
+
 def test_gamma_63_runs(ckpt, capsys):
     rc, captured = generate(capsys, ckpt, "--device", "cpu", "--gamma", "63")
     assert rc == 0, captured.err

@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 
 from .kv import KVCache
-from .transformer import PackedLayout, Transformer
+from .transformer import FUSED_MAX_ROWS, PackedLayout, Transformer
 
 # torch.compile modes without CUDA graphs of their own (the runner captures the compiled call)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
@@ -59,7 +59,7 @@ def tree_masks(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class ModelRunner:
     def __init__(self, model: Transformer, use_cuda_graphs: Optional[bool] = None,
                  compile: Union[bool, str] = False, fused: Optional[bool] = None,
-                 batch_invariant: bool = False):
+                 batch_invariant: bool = False, fused_max_rows: Optional[int] = None):
         if isinstance(compile, str) and compile not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES} (the runner captures "
                              f"its own CUDA graphs), got {compile!r}")
@@ -75,6 +75,14 @@ class ModelRunner:
         self.use_cuda_graphs = use_cuda_graphs
         self.fused = model.device.type == "cuda" if fused is None else fused
         self.batch_invariant = batch_invariant
+        # fused_max_rows: the largest decode / verify call (token rows) on the fused kernels
+        # (None: FUSED_MAX_ROWS); above it cuBLAS + SDPA, unless batch_invariant
+        if fused_max_rows is None:
+            fused_max_rows = FUSED_MAX_ROWS
+        if isinstance(fused_max_rows, bool) or not isinstance(fused_max_rows, int) \
+                or fused_max_rows < 1:
+            raise ValueError(f"fused_max_rows must be an integer >= 1, got {fused_max_rows!r}")
+        self.fused_max_rows = fused_max_rows
         if batch_invariant:
             if fused is False or not model.fusable():
                 raise ValueError("batch_invariant needs the fused dspark kernels (fused=True and "
@@ -242,7 +250,7 @@ class ModelRunner:
                 raise ValueError(f"batch_invariant: blocks of {block} tokens exceed the fused "
                                  f"kernels' limit")
             return True
-        return self.fused and self.model.can_fuse(rows, block)
+        return self.fused and self.model.can_fuse(rows, block, self.fused_max_rows)
 
     def _body(self, name, fn):
         if not self.compile:

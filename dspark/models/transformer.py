@@ -22,8 +22,11 @@ from .layers import MLP, RMSNorm, apply_rope, rope
 # and one summation order for every row count, so a token's logits are bit-identical in decode
 # and verify (greedy speculative == greedy autoregressive in bf16). Above it cuBLAS + SDPA take
 # over (faster for many rows, but their sums depend on the row count) unless the runner is
-# batch_invariant. 64 = the rows one kernel pass covers (expected crossover with cuBLAS; set from
-# the H200 measurement: bench/bench_verify_forward.py).
+# batch_invariant. 64 = the rows one kernel pass covers. Where cuBLAS takes over faster depends on
+# the model (H100, bench/RESULTS.md, ninth session): the Qwen3-8B shape's verify forward is faster
+# on cuBLAS from 16 rows (32 rows: 12.1 vs 18.3 ms), the 24 x 256 benchmark pair's is faster on
+# the fused kernels at every row count (63 rows 2.08 ms, 79 rows on cuBLAS 3.93 ms): the runner's
+# ``fused_max_rows`` sets it per model (greedy identity holds up to it).
 FUSED_MAX_ROWS = 64
 # Tokens per request of a fused forward (dspark::decode_attention's limit).
 FUSED_MAX_BLOCK = 64
@@ -238,11 +241,11 @@ class Transformer(nn.Module):
                 tapped[i] = x
         return x, [tapped[t] for t in taps]
 
-    def can_fuse(self, rows: int, block: int = 1) -> bool:
+    def can_fuse(self, rows: int, block: int = 1, max_rows: int = FUSED_MAX_ROWS) -> bool:
         """Whether a forward over ``rows`` token rows in blocks of ``block`` tokens per request
-        runs on the dspark kernels by default (few rows, a short block, and the SiLU-gated MLP
-        the down-projection kernel folds in)."""
-        return self.fusable(block) and rows <= FUSED_MAX_ROWS
+        runs on the dspark kernels (at most ``max_rows`` rows, a short block, and the SiLU-gated
+        MLP the down-projection kernel folds in)."""
+        return self.fusable(block) and rows <= max_rows
 
     def fusable(self, block: int = 1) -> bool:
         """Whether the dspark kernels can run this model's forward at all (any row count)."""
