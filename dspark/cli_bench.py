@@ -42,6 +42,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="the largest decode / verify call (token rows) on the fused kernels "
                    "(default 64); above it cuBLAS + SDPA. Measured on an H100: 8 at the "
                    "Qwen3-8B shape (cuBLAS wins from 16 rows), 64 for small latency-bound models")
+    p.add_argument("--compile-drafter", action="store_true",
+                   help="torch.compile each drafter's per-round bodies (Drafter.compile: DSpark / "
+                   "DFlash backbone pass and context write; one compile per batch size)")
     p.add_argument("--tp-drafter", choices=("replicated", "broadcast"), default="replicated",
                    help="under torchrun (tensor-parallel target): every rank runs the drafters, "
                    "or rank 0 runs them and broadcasts their proposals")
@@ -93,6 +96,8 @@ def _bench(args, tp, device: str) -> int:
             name = getattr(getattr(inner, "spec", None), "method", "draft-lm")
             if name + tag in drafters:
                 name = f"{name}:{os.path.basename(os.path.normpath(path))}"
+            if args.compile_drafter:
+                d.compile()
             drafters[name + tag] = d
         if args.ngram:
             d = NgramDrafter(gamma or 4, max_ngram=args.ngram)

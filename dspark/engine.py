@@ -72,9 +72,9 @@ class SpeculativeEngine:
                  bucket_rows: Optional[bool] = None, fused_max_rows: Optional[int] = None):
         # fused: the runner's dspark::fused_linear / decode_attention path for calls of up to
         # fused_max_rows rows (None: FUSED_MAX_ROWS; fused None: on for CUDA); batch_invariant:
-        # that path for every decode / verify call (greedy speculative == greedy autoregressive at any batch size, bf16
-        # included); compile: torch.compile the graphed bodies of the target (see ModelRunner)
-        # and of the drafter (Drafter.compile);
+        # that path for every decode / verify call (greedy speculative == greedy autoregressive
+        # at any batch size, bf16 included); compile: torch.compile the graphed bodies of the
+        # target (see ModelRunner) and of the drafter (Drafter.compile);
         # use_cuda_graphs: the runner's forwards and the engine's step stages (None: on CUDA);
         # nvtx: an NVTX range around every stage (for Nsight Systems); stage_times: time (and
         # on GPU graph) the draft / target forward / accept / commit stages apart (None: on CPU,

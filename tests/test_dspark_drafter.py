@@ -261,6 +261,12 @@ def test_compiled_drafter_proposes_the_same_tokens(target, ar_reference):
                                                      stop_tokens=[])
     assert b.tokens == a.tokens == ar_reference[:2]
     assert b.metrics.accept_hist == a.metrics.accept_hist
+    # new prompt lengths at the same batch size compile nothing new (the prompt's context write
+    # stays eager; the per-round bodies have the same shapes)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    longer = [p + [7, 8, 9] for p in PROMPTS[:2]]
+    SpeculativeEngine(target, compiled).generate(longer, max_new_tokens=NEW, stop_tokens=[])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 def test_draft_probs_are_the_sampled_distribution(target):

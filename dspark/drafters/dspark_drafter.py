@@ -234,6 +234,7 @@ class ParallelDrafter(TrainedDrafter):
         # CUDA not yet, because its CUDA kernels have not run on a GPU (bench/RESULTS.md)
         self.markov_op: Optional[bool] = None
         self._w2t = None  # (weight key, W2 [rank, V] contiguous): the layout the op streams
+        self._commit_write = None  # compile(): the per-round context write under torch.compile
 
     # ---- cache -------------------------------------------------------------------------------
     def setup(self, batch: int, capacity: int) -> None:
@@ -273,7 +274,7 @@ class ParallelDrafter(TrainedDrafter):
         if self.recorder is not None:
             self._record(state, proposal, result)
         feats = target_hidden.view(m, B, W, d).permute(1, 2, 0, 3).reshape(B, W, m * d)
-        self._write_context(feats, root_pos)
+        (self._commit_write or self._write_context)(feats, root_pos)
 
     # ---- drafting ----------------------------------------------------------------------------
     def draft_hidden(self, state: SpecState) -> torch.Tensor:
@@ -368,13 +369,15 @@ class ParallelDrafter(TrainedDrafter):
         return chain_proposal(state.anchor(), torch.stack(toks, 1), torch.stack(probs, 1))
 
     def compile(self, mode: Optional[str] = None) -> None:
-        """The backbone pass and the context K/V write under torch.compile (inductor fuses their
-        norms, rotary and elementwise ops; static shapes: one compile per batch size). The
+        """The backbone pass and the per-round context K/V write under torch.compile (inductor
+        fuses their norms, rotary and elementwise ops; static shapes: one compile per batch
+        size). The prompt's context write in :meth:`start` stays eager: its length is the
+        prompt's, and a compile per prompt length would recompile for every new prompt. The
         engine captures the compiled code in its stage graphs, so no cudagraph mode here."""
         if getattr(self, "_compiled", False):
             return
-        for name in ("draft_hidden", "_write_context"):
-            setattr(self, name, torch.compile(getattr(self, name), dynamic=False, mode=mode))
+        self.draft_hidden = torch.compile(self.draft_hidden, dynamic=False, mode=mode)
+        self._commit_write = torch.compile(self._write_context, dynamic=False, mode=mode)
         self._compiled = True
 
     @property
