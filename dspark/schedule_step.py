@@ -311,6 +311,6 @@ class VerifyScheduler:
         probs = None if prop.draft_probs is None else prop.draft_probs[src]
         self._roots[:R].copy_(root)
         # the proposal's rows are r * W + j: src is also the forward's padded index of each row
-        layout = PackedLayout(torch.where(real, src, R * W), src, R, W)
+        layout = PackedLayout.of(torch.where(real, src, R * W), src, R, W)
         return VerifyBatch(Proposal(tokens, parents, probs, off), R, W, self._params,
                            self._seeds, self._roots, width, layout)

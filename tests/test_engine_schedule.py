@@ -214,12 +214,28 @@ def test_pack_builds_the_forward_layout(demo, buckets, monkeypatch):
     def spy(tokens, parents, offsets, start, max_nodes, taps=(), padded=False, layout=None):
         want = PackedLayout.from_offsets(offsets, tokens.shape[0], max_nodes)
         seen.append(layout is not None and torch.equal(layout.dest, want.dest)
-                    and torch.equal(layout.src, want.src))
+                    and torch.equal(layout.src, want.src) and torch.equal(layout.fill, want.fill))
         return real(tokens, parents, offsets, start, max_nodes, taps, padded, layout)
 
     monkeypatch.setattr(eng.target, "forward_tree", spy)
     eng.generate(prompts, max_new_tokens=NEW, stop_tokens=[])
     assert seen and all(seen)
+
+
+def test_packed_layout_pad_is_one_gather():
+    """pad: each packed row at its block position, a real row's copy where none sits (never a
+    bucket-padding row), pack inverts it."""
+    from dspark.models.transformer import PackedLayout
+    offsets = torch.tensor([0, 2, 2, 5])  # request 1 verifies nothing; rows 5, 6: padding
+    layout = PackedLayout.from_offsets(offsets, 7, 4)
+    assert layout.dest.tolist() == [0, 1, 8, 9, 10, 12, 12]
+    assert layout.fill.tolist() == [0, 1, 0, 0, 0, 0, 0, 0, 2, 3, 4, 0]
+    x = torch.arange(7, dtype=torch.float32)[:, None].expand(7, 3) + 1
+    padded = layout.pad(x)
+    assert padded.shape == (3, 4, 3)
+    assert padded[0, :2, 0].tolist() == [1, 2] and padded[2, :3, 0].tolist() == [3, 4, 5]
+    assert set(padded[..., 0].flatten().tolist()) <= {1, 2, 3, 4, 5}  # never rows 6, 7
+    assert torch.equal(layout.pack(padded)[:5], x[:5])
 
 
 def test_bucket_rows():

@@ -175,7 +175,7 @@ class ModelRunner:
         captured graph size): they touch no cache slot and their outputs are unspecified.
         ``layout``: that packed layout when the caller already has it (implies ``padded``; the
         scheduled engine builds it while packing), instead of deriving it from node_offsets."""
-        given = () if layout is None else (layout.dest, layout.src)
+        given = () if layout is None else (layout.dest, layout.src, layout.fill)
         return self._run("forward_tree", self._forward_tree,
                          (max_nodes, tuple(taps), padded or layout is not None),
                          draft_tokens, parents, node_offsets, start, *given)
@@ -215,7 +215,7 @@ class ModelRunner:
         return Forward(logits, torch.stack(tapped) if tapped else None)
 
     def _forward_tree(self, draft_tokens, parents, node_offsets, start, *given_static):
-        *given, (max_nodes, taps, padded) = given_static  # given: a PackedLayout's dest, src
+        *given, (max_nodes, taps, padded) = given_static  # given: a PackedLayout's dest, src, fill
         N, R, W = draft_tokens.shape[0], start.shape[0], max_nodes
         fused = self._fuse(N, W)
         if N == R * W and not padded:  # every request has max_nodes nodes: no packing

@@ -38,14 +38,24 @@ class PackedLayout(NamedTuple):
     The projections and the MLP run on the packed rows only (their cost is what a scheduled
     verify saves); attention, rotary and the cache write run on the padded layout around them
     (:meth:`pad` before the attention core, :meth:`pack` after it). Block positions that no row
-    fills hold zeros: they write their (unused) K/V into block slots past the request's nodes,
-    never into the committed cache, and their outputs are dropped. Rows with ``dest == R * W``
-    are padding of a bucketed row count: they are written to a scratch row, so they touch no
-    block position, no cache slot and no other row's output."""
+    fills hold a copy of packed row 0 (one gather per layer, no zero fill: their values are never
+    read): they write their K/V into block slots past the request's nodes, never into the
+    committed cache, no real row attends to them (they are no row's ancestor), and their outputs
+    are dropped. Rows with ``dest == R * W`` are padding of a bucketed row count: no block
+    position reads them, so they touch no cache slot and no other row's output."""
     dest: torch.Tensor  # [N] i64: flat padded index r * W + j of each packed row; R * W: padding
     src: torch.Tensor  # [N] i64: the same with padding rows read from index 0 (any real index)
+    fill: torch.Tensor  # [R * W] i64: the packed row at each block position (0 where none)
     requests: int  # R
     width: int  # W
+
+    @classmethod
+    def of(cls, dest: torch.Tensor, src: torch.Tensor, requests: int,
+           width: int) -> "PackedLayout":
+        """The layout of packed rows placed at ``dest`` (R * W: a padding row)."""
+        fill = torch.zeros(requests * width + 1, dtype=torch.int64, device=dest.device)
+        fill[dest] = torch.arange(dest.shape[0], device=dest.device)  # padding rows: index R * W
+        return cls(dest, src, fill[:requests * width], requests, width)
 
     @classmethod
     def from_offsets(cls, node_offsets: torch.Tensor, rows: int, width: int) -> "PackedLayout":
@@ -57,15 +67,11 @@ class PackedLayout(NamedTuple):
         # than searchsorted, whose inductor lowering tripped a device-side assert); R = padding
         req = (node[:, None] >= node_offsets[None, 1:]).sum(1)
         flat = req * W + node - node_offsets.gather(0, req)
-        dest = torch.where(req < R, flat, R * W)
-        return cls(dest, torch.where(req < R, flat, 0), R, W)
+        return cls.of(torch.where(req < R, flat, R * W), torch.where(req < R, flat, 0), R, W)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, F] packed rows -> [R, W, F], zeros where no row sits."""
-        R, W = self.requests, self.width
-        out = x.new_zeros(R * W + 1, x.shape[-1])
-        out[self.dest] = x  # padding rows all land on the scratch row R * W (dropped)
-        return out[:R * W].view(R, W, -1)
+        """[N, F] packed rows -> [R, W, F] (a copy of row 0 where no row sits)."""
+        return x[self.fill].view(self.requests, self.width, -1)
 
     def pad_ids(self, ids: torch.Tensor, fill: int) -> torch.Tensor:
         """[N] per-row ids -> [R, W], ``fill`` where no row sits."""
