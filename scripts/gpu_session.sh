@@ -56,6 +56,12 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
     --rows 8 --rows-per-block auto,1,2,8 --reps 100 --out $RES/attention_8b.json"
   stage pair_bench 420 env OUT="$RES/pair" PAIR_DIR=$PAIR EVAL_DIR="$data" \
     bash scripts/bench_pair.sh bench
+  # the round-cost issue's identity bar: greedy speculative == autoregressive in bf16 on every
+  # shipped eval set, 256 tokens, DSpark and n-gram, batch 1 and 4
+  stage identity_256 420 bash -c "cd /tmp && dspark bench --target $PAIR/target --drafter $PAIR/dspark \
+    --ngram 3 --dataset $data/humaneval.jsonl $data/mbpp.jsonl $data/mt-bench.jsonl $data/gsm8k.jsonl \
+    --temperature 0 --batch 1 4 --prompts 16 --max-new-tokens 256 --prompt-tokens 256 --no-progress \
+    --out $RES/identity_256"
   # DSpark's sequential stage as the one markov_draft op instead of the graphed loop (off on CUDA:
   # slower at the 8B vocabulary; the pair's vocabulary is 8192), same prompts, and the demo pair
   stage pair_markov 240 bash -c "cd /tmp && DSPARK_CUDA_KERNELS=kv_commit,markov_draft dspark bench \
