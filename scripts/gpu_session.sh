@@ -9,7 +9,7 @@
 # The job: the benchmark pair trains (scripts/bench_pair.sh target data drafters) while the
 # correctness work shares the GPU (every CUDA test, the fuzz tests under memcheck); then, the GPU
 # to itself, the timed runs in order of importance: decode_attention's work split, dspark bench on
-# the pair, the markov_draft A/B, the concurrency sweeps, the demo pair's round cost, the
+# the pair, greedy identity at 256 tokens, the compiled drafters, the concurrency sweeps, the demo pair's round cost, the
 # 8B-shape verify forward, the scheduler microbenchmark, profile, the 8B projection, ncu (the
 # ablation's eval with PAIR_ABLATE=1; OPS_BENCH=1: the op benchmarks); last the sm_80 code paths
 # from a second install (compute_80 PTX through the JIT). Each stage's
@@ -62,27 +62,18 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
     --ngram 3 --dataset $data/humaneval.jsonl $data/mbpp.jsonl $data/mt-bench.jsonl $data/gsm8k.jsonl \
     --temperature 0 --batch 1 4 --prompts 16 --max-new-tokens 256 --prompt-tokens 256 --no-progress \
     --out $RES/identity_256"
-  # DSpark's sequential stage as the one markov_draft op instead of the graphed loop (off on CUDA:
-  # slower at the 8B vocabulary; the pair's vocabulary is 8192), same prompts, and the demo pair
-  stage pair_markov 240 bash -c "cd /tmp && DSPARK_CUDA_KERNELS=kv_commit,markov_draft dspark bench \
-    --target $PAIR/target --drafter $PAIR/dspark --dataset $data/humaneval.jsonl --temperature 0 1 \
-    --batch 1 --prompts 16 --max-new-tokens 128 --prompt-tokens 256 --no-progress \
-    --out $RES/pair_markov"
   # the drafters' per-round bodies under torch.compile (s6 on the demo pair: draft 0.49 -> 0.28
   # ms, commit 0.12 -> 0.04 ms), same prompts as pair_bench
   stage pair_compiled 300 bash -c "cd /tmp && dspark bench --compile-drafter --target $PAIR/target \
     --drafter $PAIR/dspark $PAIR/dflash --dataset $data/humaneval.jsonl $data/mt-bench.jsonl \
     --temperature 0 1 --batch 1 --prompts 16 --max-new-tokens 128 --prompt-tokens 256 \
     --no-progress --out $RES/pair_compiled"
-  stage round_demo_markov 180 bash -c "cd bench && DSPARK_CUDA_KERNELS=kv_commit,markov_draft \
-    python3 bench_round.py --dataset $data/humaneval.jsonl --drafters dspark \
-    --out $RES/round_demo_markov.json"
   # confidence-scheduled verification: every mode at gamma 7 on code (then fixed gamma 3 / 5 and
   # chat prompts, below)
   stage sweep 480 env OUT="$RES/sweep" SWEEP_PAIR=$PAIR bash scripts/device_run.sh sweep
   # the round-cost issue: the demo pair's round vs decode step, verify forward at the 8B shape
   stage round_demo 240 bash -c "cd bench && python3 bench_round.py --dataset $data/humaneval.jsonl \
-    --drafters dspark,ngram --out $RES/round_demo.json"
+    --drafters dspark,dspark-compiled,ngram --out $RES/round_demo.json"
   stage verify_forward 240 bash -c "cd bench && python3 bench_verify_forward.py --batches 1,4,8 \
     --rows 8 --out $RES/verify_forward.json"
   stage schedule_bench 60 bash -c "cd bench && python3 bench_schedule.py --out $RES/schedule.json"
