@@ -9,10 +9,10 @@
 # The job: the benchmark pair trains (scripts/bench_pair.sh target data drafters) while the
 # correctness work shares the GPU (every CUDA test, the fuzz tests under memcheck); then, the GPU
 # to itself, the timed runs in order of importance: decode_attention's work split, dspark bench on
-# the pair, greedy identity at 256 tokens, the compiled drafters, the concurrency sweeps, the demo pair's round cost, the
-# 8B-shape verify forward, the scheduler microbenchmark, profile, the 8B projection, ncu (the
-# ablation's eval with PAIR_ABLATE=1; OPS_BENCH=1: the op benchmarks); last the sm_80 code paths
-# from a second install (compute_80 PTX through the JIT). Each stage's
+# the pair, greedy identity at 256 tokens, the compiled drafters, the concurrency sweeps, the demo
+# pair's round cost, the 8B-shape verify forward, the scheduler microbenchmark, profile, the 8B
+# projection, ncu (the ablation's eval with PAIR_ABLATE=1; OPS_BENCH=1: the op benchmarks); last
+# the sm_80 code paths from a second install (compute_80 PTX through the JIT). Each stage's
 # output: $RES/<stage>.txt (+ JSON / PNG); the job's timeline: $RES/progress.txt.
 # Env: TARGET_MINUTES (default 5), DRAFT_MINUTES (4; bench_pair.sh), PAIR_ABLATE (0; 1: the recipe
 # ablation's variants train beside the drafters and are evaluated), RES (default /tmp/res),
@@ -77,14 +77,16 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
   stage verify_forward 240 bash -c "cd bench && python3 bench_verify_forward.py --batches 1,4,8 \
     --rows 8 --out $RES/verify_forward.json"
   stage schedule_bench 60 bash -c "cd bench && python3 bench_schedule.py --out $RES/schedule.json"
-  stage sweep_chat 420 env OUT="$RES/sweep_chat" SWEEP_PAIR=$PAIR SWEEP_SET=mt-bench SWEEP_BATCHES="1 32 64 128" \
+  stage sweep_chat 420 env OUT="$RES/sweep_chat" SWEEP_PAIR=$PAIR SWEEP_SET=mt-bench \
     bash scripts/device_run.sh sweep
   # the fused kernels for every verify of the pair (its SPS table: 63 rows fused 2.08 ms, 79 rows
   # on cuBLAS 3.93 ms): faster rounds at batch >= 16 and greedy identity there (was 72-95 %)
   stage sweep_fused_all 300 env OUT="$RES/sweep_fused" SWEEP_PAIR=$PAIR SWEEP_BATCHES="16 64 128" \
     SWEEP_SCHEDULES="fixed async" SWEEP_DEVICE="--fused-max-rows 1024" bash scripts/device_run.sh sweep
-  stage sweep_gammas 300 env OUT="$RES/sweep_g" SWEEP_PAIR=$PAIR SWEEP_GAMMAS="3 5" SWEEP_BATCHES="1 32 64 128" \
+  stage sweep_gammas 300 env OUT="$RES/sweep_g" SWEEP_PAIR=$PAIR SWEEP_GAMMAS="3 5" \
     SWEEP_SCHEDULES=fixed bash scripts/device_run.sh sweep
+  stage sweep_gammas_chat 300 env OUT="$RES/sweep_gc" SWEEP_PAIR=$PAIR SWEEP_SET=mt-bench \
+    SWEEP_GAMMAS="3 5" SWEEP_SCHEDULES=fixed bash scripts/device_run.sh sweep
   [ "${PAIR_ABLATE:-0}" = 1 ] && stage ablate_eval 240 env OUT="$RES/pair" PAIR_DIR=$PAIR ABLATE_PROMPTS=32 \
     ABLATE_ONLY="base method layers1 layers3 halfdata" bash scripts/bench_pair.sh ablate-eval
   stage profile 240 bash bench/profile.sh $PAIR/target $PAIR/dspark "$data/humaneval.jsonl" "$RES/profile"
