@@ -11,8 +11,9 @@
 # to itself, the timed runs in order of importance: decode_attention's work split, dspark bench on
 # the pair, greedy identity at 256 tokens, the compiled drafters, the concurrency sweeps, the demo
 # pair's round cost, the 8B-shape verify forward, the scheduler microbenchmark, profile, the 8B
-# projection, ncu (the ablation's eval with PAIR_ABLATE=1; OPS_BENCH=1: the op benchmarks); last
-# the sm_80 code paths from a second install (compute_80 PTX through the JIT). Each stage's
+# projection, ncu (the ablation's eval with PAIR_ABLATE=1; OPS_BENCH=1: the op benchmarks); after
+# the first sweep the sm_80 code paths from a second install (compute_80 PTX through the JIT).
+# SKIP trims what a budget cannot hold (the stages run in this order). Each stage's
 # output: $RES/<stage>.txt (+ JSON / PNG); the job's timeline: $RES/progress.txt.
 # Env: TARGET_MINUTES (default 5), DRAFT_MINUTES (4; bench_pair.sh), PAIR_ABLATE (0; 1: the recipe
 # ablation's variants train beside the drafters and are evaluated), RES (default /tmp/res),
@@ -40,7 +41,7 @@ correctness() {  # shares the GPU with the training
   # the fuzz tests' CUDA variant under memcheck (out-of-bounds accesses that do not fault),
   # verify / sample through the fused kernel (the default) and the staged one
   stage fuzz_memcheck 600 env OUT="$RES" bash scripts/device_run.sh fuzz
-  # (the pre-Hopper paths run after the timed runs: beside the training, the JIT-compiled
+  # (the pre-Hopper paths run among the timed runs: beside the training, the JIT-compiled
   # compute_80 suite reached 5 % in 300 s on 2026-12-06, against 211 s for all of it alone)
 }
 sm80() { stage sm80 600 bash -c "SM80_SITE=/tmp/sm80site OUT=$RES bash bench/check_sm80.sh"; }
@@ -71,6 +72,8 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
   # confidence-scheduled verification: every mode at gamma 7 on code (then fixed gamma 3 / 5 and
   # chat prompts, below)
   stage sweep 480 env OUT="$RES/sweep" SWEEP_PAIR=$PAIR bash scripts/device_run.sh sweep
+  # the pre-Hopper paths, alone on the machine (their JIT starved beside the training)
+  sm80
   # the round-cost issue: the demo pair's round vs decode step, verify forward at the 8B shape
   stage round_demo 240 bash -c "cd bench && python3 bench_round.py --dataset $data/humaneval.jsonl \
     --drafters dspark,dspark-compiled,ngram --out $RES/round_demo.json"
