@@ -90,25 +90,30 @@ def _generate(engine, fn: str, prompts: list, batch: int, kw: dict, bar) -> tupl
 def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), batches=(1,),
               max_new_tokens: int = 128, seed: int = 0, progress: bool = False,
               stage_times: Optional[bool] = None, schedules: Sequence[str] = ("fixed",),
-              sps=None) -> dict:
+              sps=None, step_overhead: float = 0.0) -> dict:
     """target: a ModelRunner; drafters: name -> Drafter; datasets: name -> token prompts.
     Returns {"runs": [...], "skipped": [...]} with one run per (dataset, temperature, batch,
     method). stage_times: split each round's time into draft / schedule / target forward /
     accept / commit (on GPU one graph per stage: slower rounds); default off on GPU (one graph
     per step: "step"). schedules: verify budgets run for every drafter ("fixed", "sync",
     "async", "threshold:X"; a scheduled method is named "drafter[mode]"; a drafter a mode cannot
-    schedule is skipped and listed in ``skipped``); sps: their table."""
+    schedule is skipped and listed in ``skipped``); sps: their table; step_overhead: the seconds
+    a step costs besides the verify forward, for their ranking (VerifyScheduler)."""
     from .engine import SpeculativeEngine
     from .scheduler import parse_schedule
     for spec in schedules:
         parse_schedule(spec)  # bad specs are errors, not skips
+    if isinstance(step_overhead, bool) or not 0.0 <= step_overhead < float("inf"):
+        raise ValueError(f"step overhead must be a finite number of seconds >= 0, got "
+                         f"{step_overhead!r}")
     engines, skipped = {"autoregressive": SpeculativeEngine(target)}, []
     for n, d in drafters.items():
         for spec in schedules:
             name = n if spec == "fixed" else f"{n}[{spec}]"
             try:
                 engines[name] = SpeculativeEngine(target, d, stage_times=stage_times,
-                                                  schedule=spec, sps=sps)
+                                                  schedule=spec, sps=sps,
+                                                  step_overhead=step_overhead)
             except ValueError as exc:  # e.g. a drafter without a confidence head
                 skipped.append({"method": name, "reason": str(exc)})
     total = len(datasets) * len(temperatures) * len(batches) * len(engines)

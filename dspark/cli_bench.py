@@ -33,6 +33,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    "threshold:X (scheduled modes need a DSpark drafter; others are skipped)")
     p.add_argument("--sps", default=None, metavar="JSON", help="steps-per-second table for the "
                    "scheduled runs (default: the target's cached table, measured if missing)")
+    p.add_argument("--step-overhead", type=float, default=0.0, metavar="MS",
+                   help="scheduled modes: milliseconds a step costs besides the verify forward "
+                   "(draft + accept + commit, e.g. from `dspark bench`'s time split); the "
+                   "scheduler ranks with 1 / (1 / SPS(B) + overhead) (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
@@ -111,7 +115,8 @@ def _bench(args, tp, device: str) -> int:
     report = run_bench(runner, drafters, datasets, temperatures=args.temperature,
                        batches=args.batch, max_new_tokens=args.max_new_tokens,
                        seed=args.seed, progress=progress, stage_times=args.stage_times,
-                       schedules=args.schedule, sps=args.sps)
+                       schedules=args.schedule, sps=args.sps,
+                       step_overhead=args.step_overhead / 1e3)
     report["config"] = {k: v for k, v in vars(args).items() if k != "func"}
     report["device"] = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     if tp is not None:

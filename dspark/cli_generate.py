@@ -55,6 +55,10 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
                    help="verify budgets: fixed (every draft, default) | sync | async | "
                    "threshold:X (DSpark drafters: verify each request's prefix by calibrated "
                    "confidence and the target's steps-per-second table)")
+    p.add_argument("--step-overhead", type=float, default=0.0, metavar="MS",
+                   help="scheduled modes: milliseconds a step costs besides the verify forward "
+                   "(draft + accept + commit, e.g. from `dspark bench`'s time split); the "
+                   "scheduler ranks with 1 / (1 / SPS(B) + overhead) (default 0)")
     p.add_argument("--sps", default=None, metavar="JSON", help="steps-per-second table for "
                    "--schedule sync/async (default: the target's cached table from `dspark "
                    "profile-sps`, measured now if there is none)")
@@ -100,7 +104,7 @@ def _generate(args, tp, device: str) -> int:
         tree_topk=args.tree_topk, device=device, dtype=args.dtype, tp=tp,
         drafter_mode=args.tp_drafter, compile=args.compile or False, fused=args.fused,
         batch_invariant=args.batch_invariant, fused_max_rows=args.fused_max_rows,
-        schedule=args.schedule, sps=args.sps)
+        schedule=args.schedule, sps=args.sps, step_overhead=args.step_overhead / 1e3)
     if engine.tokenizer is None:
         raise ValueError(f"{args.target!r} has no tokenizer.json")
     prompts = _prompts(args.prompt)

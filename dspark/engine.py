@@ -69,7 +69,8 @@ class SpeculativeEngine:
                  fused: Optional[bool] = None, batch_invariant: bool = False,
                  nvtx: bool = False, stage_times: Optional[bool] = None,
                  schedule: Union[None, str, VerifyScheduler] = None, sps: SPSSource = None,
-                 bucket_rows: Optional[bool] = None, fused_max_rows: Optional[int] = None):
+                 bucket_rows: Optional[bool] = None, fused_max_rows: Optional[int] = None,
+                 step_overhead: float = 0.0):
         # fused: the runner's dspark::fused_linear / decode_attention path for calls of up to
         # fused_max_rows rows (None: FUSED_MAX_ROWS; fused None: on for CUDA); batch_invariant:
         # that path for every decode / verify call (greedy speculative == greedy autoregressive
@@ -83,7 +84,8 @@ class SpeculativeEngine:
         # a VerifyScheduler (dspark/schedule_step.py); sps: its steps-per-second table (None: the
         # runner's cached table, profiled on first use; a JSON path; an SPSTable; or the values
         # SPS(1), ...); bucket_rows: pad scheduled verifies to graph buckets (None: when graphs
-        # are on)
+        # are on); step_overhead: seconds a step costs besides the verify forward, for the
+        # scheduler's ranking (VerifyScheduler)
         if not isinstance(target, ModelRunner):
             target = ModelRunner(target, use_cuda_graphs, compile=compile, fused=fused,
                                  batch_invariant=batch_invariant, fused_max_rows=fused_max_rows)
@@ -113,7 +115,7 @@ class SpeculativeEngine:
         if isinstance(schedule, VerifyScheduler):
             self.scheduler = schedule
         elif schedule is not None and parse_schedule(schedule)[0] != "fixed":
-            self.scheduler = VerifyScheduler(schedule, sps, bucket_rows)
+            self.scheduler = VerifyScheduler(schedule, sps, bucket_rows, overhead=step_overhead)
         if self.scheduler is not None:
             if self.target.tensor_parallel:
                 # each rank would profile its own SPS table and could pick another row bucket

@@ -113,7 +113,8 @@ for stage in "$@"; do
         --dataset ../.data/${SWEEP_SET:-humaneval}.jsonl --prompts ${SWEEP_PROMPTS:-32} \
         --max-new-tokens ${SWEEP_TOKENS:-128} --batch ${SWEEP_BATCHES:-1 4 16 32 64 128} \
         --gamma ${SWEEP_GAMMAS:-7} --schedule ${SWEEP_SCHEDULES:-fixed threshold:0.5 sync async} \
-        --sps "$OUT/sps/"*.json --no-progress ${SWEEP_DEVICE:-} --out "$OUT/sweep" 2>&1 | tail -60) ;;
+        --sps "$OUT/sps/"*.json --no-progress ${SWEEP_DEVICE:-} ${SWEEP_BENCH_ARGS:-} \
+        --out "$OUT/sweep" 2>&1 | tail -60) ;;
     profile)  # where a step's time goes (bench/profile.sh) on the benchmark pair
       bash bench/profile.sh out/pair/target out/pair/dspark .data/humaneval.jsonl "$OUT/profile" 2>&1 | tail -40 ;;
     project)  # the 8B-shape projection (with the pair's tau when its bench ran on this machine)

@@ -86,6 +86,10 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
   # on cuBLAS 3.93 ms): faster rounds at batch >= 16 and greedy identity there (was 72-95 %)
   stage sweep_fused_all 300 env OUT="$RES/sweep_fused" SWEEP_PAIR=$PAIR SWEEP_BATCHES="16 64 128" \
     SWEEP_SCHEDULES="fixed async" SWEEP_DEVICE="--fused-max-rows 1024" bash scripts/device_run.sh sweep
+  # the scheduler ranking with the step's fixed cost (~0.5 ms of draft + accept + commit per
+  # round on the pair, from the s9 time split): longer admitted prefixes under load
+  stage sweep_overhead 300 env OUT="$RES/sweep_oh" SWEEP_PAIR=$PAIR SWEEP_BATCHES="4 32 64 128" \
+    SWEEP_SCHEDULES="sync async" SWEEP_BENCH_ARGS="--step-overhead 0.5" bash scripts/device_run.sh sweep
   stage sweep_gammas 300 env OUT="$RES/sweep_g" SWEEP_PAIR=$PAIR SWEEP_GAMMAS="3 5" \
     SWEEP_SCHEDULES=fixed bash scripts/device_run.sh sweep
   stage sweep_gammas_chat 300 env OUT="$RES/sweep_gc" SWEEP_PAIR=$PAIR SWEEP_SET=mt-bench \

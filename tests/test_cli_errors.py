@@ -108,6 +108,11 @@ def test_fused_max_rows_bound(ckpt, capsys, rows):
                           "fused_max_rows", f"got {rows}")
 
 
+def test_step_overhead_bound(ckpt, capsys):
+    assert_one_line_error(*generate(capsys, ckpt, "--device", "cpu", "--schedule", "sync",
+                                    "--step-overhead", "-1"), "step overhead must be")
+
+
 def test_gamma_63_runs(ckpt, capsys):
     rc, captured = generate(capsys, ckpt, "--device", "cpu", "--gamma", "63")
     assert rc == 0, captured.err

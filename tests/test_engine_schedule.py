@@ -111,6 +111,28 @@ def test_higher_concurrency_verifies_less(demo, mode):
     assert m.verified_per_request == drafter.gamma
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_step_overhead_verifies_more(demo, mode):
+    """A step's fixed cost (draft, accept, commit) makes one more verify token relatively cheaper:
+    with it the scheduler admits longer prefixes under the same load; greedy output unchanged."""
+    target, drafter, prompts = demo
+    batch = [prompts[0]] * 4
+    mean, tokens = [], []
+    for overhead in (0.0, 2.0, 100.0):  # in the affine table's time units (a step = 1 + 0.05 B)
+        eng = SpeculativeEngine(target, drafter, schedule=mode, sps=affine_sps(0.05),
+                                step_overhead=overhead)
+        out = eng.generate(batch, max_new_tokens=16, stop_tokens=[])
+        mean.append(out.metrics.verified_per_request)
+        tokens.append(out.tokens)
+    assert mean[0] < mean[1] < mean[2], mean
+    assert mean[2] > 3.0, mean
+    assert tokens[0] == tokens[1] == tokens[2]
+    for bad in (-1.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="step overhead must be"):
+            SpeculativeEngine(target, drafter, schedule=mode, sps=affine_sps(0.05),
+                              step_overhead=bad)
+
+
 def test_threshold_follows_confidence(demo):
     """threshold:0 verifies every draft, threshold:1 none (plain decoding, one token a round)."""
     target, drafter, prompts = demo
