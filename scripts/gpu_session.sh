@@ -15,7 +15,8 @@
 # the first sweep the sm_80 code paths from a second install (compute_80 PTX through the JIT).
 # SKIP trims what a budget cannot hold (the stages run in this order). Each stage's
 # output: $RES/<stage>.txt (+ JSON / PNG); the job's timeline: $RES/progress.txt.
-# Env: TARGET_MINUTES (default 5), DRAFT_MINUTES (4; bench_pair.sh), PAIR_ABLATE (0; 1: the recipe
+# Env: TARGET_MINUTES (default 5), DRAFT_MINUTES (6: tau was bound by training steps on 2026-12-06,
+# bench/RESULTS.md ninth session; bench_pair.sh), PAIR_ABLATE (0; 1: the recipe
 # ablation's variants train beside the drafters and are evaluated), RES (default /tmp/res),
 # SKIP="stage ..." (stages not to run, e.g. those a session already measured).
 set -uo pipefail
@@ -126,7 +127,7 @@ job() {
   # its 4 minutes, and a variant that trained alone at the end reached 2476 steps and tau 4.0 vs 2.7)
   local abl=(); [ "${PAIR_ABLATE:-0}" = 1 ] && abl=(ABLATE_CONCURRENT=1 ABLATE_ONLY="method layers1 layers3 halfdata")
   ( env OUT="$RES/pair" PAIR_DIR=$PAIR "${abl[@]}" TARGET_MINUTES=${TARGET_MINUTES:-5} \
-      DRAFT_MINUTES=${DRAFT_MINUTES:-4} \
+      DRAFT_MINUTES=${DRAFT_MINUTES:-6} \
       bash scripts/bench_pair.sh target data drafters > "$RES/pair_train.txt" 2>&1
     log "pair trained rc=$?"; touch "$RES/pair_trained" ) &
   local pair_pid=$!
