@@ -179,7 +179,8 @@ class SpeculativeEngine:
             return root, prop, lengths  # scheduled: l [B] and sum(l)
 
         def verify(root, prop, lengths, key, rows=None):  # rows: (count, scratch width)
-            vb = VerifyBatch.full(prop, st, root, W) if s is None else stage(
+            # rows None: fixed gamma, or every draft admitted (the proposal as it is)
+            vb = VerifyBatch.full(prop, st, root, W) if rows is None else stage(
                 "schedule", key, lambda: s.pack(st, prop, root, lengths[0], *rows))
             fwd = stage("target forward", key, lambda: self.target.forward_tree(  # [N, V]
                 vb.proposal.draft_tokens, vb.proposal.parents, vb.forward_offsets(), root, W,
@@ -198,7 +199,7 @@ class SpeculativeEngine:
             # the buckets' verify graphs share one memory pool (they return nothing)
             root, prop, lengths = whole(("draft step", g), draft)
             rows = s.rows(st, d, lengths[1])
-            key = (*g, *rows)
+            key = (*g, *(rows or ("full",)))
             whole(("verify step", key), lambda: verify(root, prop, lengths, key, rows), True)
 
     def _stage(self, timer: StageTimer, name: str, key: tuple, fn):

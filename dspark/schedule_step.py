@@ -262,15 +262,23 @@ class VerifyScheduler:
         st.round_expected.index_copy_(0, row, (expected * st.active).sum()[None])
         return ell, ell.sum()
 
-    def rows(self, st: SpecState, d, drafts: torch.Tensor) -> tuple[int, int]:
+    def rows(self, st: SpecState, d, drafts: torch.Tensor) -> Optional[tuple[int, int]]:
         """On the host, after :meth:`lengths` is queued: the verify's rows (N + padding) and the
-        scratch request's width. ``drafts``: sum(l), read in sync / threshold mode only."""
+        scratch request's width; None when every draft of every request is admitted (sync /
+        threshold): the drafter's proposal is then verified as it is, as fixed gamma does (no
+        packing, no scratch row, no bucket: R * W rows, not the bucket above R * W + 1).
+        ``drafts``: sum(l), read in sync / threshold mode only."""
         R, W, G = st.batch, d.max_nodes, d.gamma
         if self.mode == "async":  # N <= R + K, K from two steps back (host copy: no stall)
             floor, most = R, R + min(self._stale_budget(self._first), R * G)
             self._stash_budget()
         else:  # this step's drafts decide N: read it (the one host sync of sync/threshold)
-            floor = most = R + int(drafts)
+            n = int(drafts)
+            if n == R * G:
+                self.rows_log.append(R * W)
+                self.step += 1
+                return None
+            floor = most = R + n
         rows = most + 1  # at least one scratch row
         if self.buckets:
             rows = bucket_rows(rows, R * W + 1)

@@ -71,13 +71,34 @@ def test_greedy_scheduled_equals_autoregressive(demo, ar_reference, mode, bucket
         return
     # the prefixes were cut (short and full ones); the forward ran on every anchor, the verified
     # drafts and one scratch row (async: up to its budget; buckets: up to R * W + 1 rows a round)
+    # -- but a sync / threshold round that admitted every draft verifies the proposal as it is,
+    # without the scratch row
     assert m.verified_hist[g] < m.request_rounds and sum(m.verified_hist[:g]) > 0
     rows = m.rounds * (len(prompts) + 1) + sum(v * n for v, n in enumerate(m.verified_hist))
+    if mode != "async":
+        rows -= int((engine.state.round_verified[:m.rounds] == g).all(1).sum())
     if buckets:
         assert rows <= m.forward_rows <= m.rounds * (len(prompts) * (g + 1) + 1)
     else:
         assert m.forward_rows >= rows if mode == "async" else m.forward_rows == rows
         assert m.forward_rows < m.rounds * len(prompts) * (g + 1)  # fewer than fixed gamma
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_all_admitted_round_verifies_the_proposal_as_is(demo, ar_reference, buckets):
+    """sync with a flat table admits every draft: each round verifies the drafter's proposal as
+    fixed gamma does (R * W rows, no scratch row, no bucket above it), with the same output."""
+    target, drafter, prompts = demo
+    engine = SpeculativeEngine(target, drafter, schedule="sync", sps=[1.0] * 64,
+                               bucket_rows=buckets)
+    out = engine.generate(prompts[:1], max_new_tokens=NEW, stop_tokens=[])
+    assert out.tokens == ar_reference[:1]
+    W = drafter.max_nodes
+    assert engine.scheduler.rows_log and set(engine.scheduler.rows_log) == {W}
+    assert out.metrics.forward_rows == out.metrics.rounds * W
+    fixed = SpeculativeEngine(target, drafter).generate(prompts[:1], max_new_tokens=NEW,
+                                                        stop_tokens=[])
+    assert out.metrics.accept_hist == fixed.metrics.accept_hist
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
