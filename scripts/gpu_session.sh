@@ -80,6 +80,10 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
     --drafters dspark,dspark-compiled,ngram --out $RES/round_demo.json"
   stage verify_forward 240 bash -c "cd bench && python3 bench_verify_forward.py --batches 1,4,8 \
     --rows 8 --out $RES/verify_forward.json"
+  # verify / sample at the small vocabularies of the pairs (V = 8192): the fused kernel's accept
+  # stage took 0.059 ms a round on the pair where the staged one took 0.036 (s8 vs s9 profiles)
+  stage ops_small_vocab 90 bash -c "cd bench && python3 bench_ops.py --V 8192 --R 1,4,64 --gamma 4,7 \
+    --dtypes fp32 --warm --reps 100 --out $RES/bench_ops_v8192.json"
   stage schedule_bench 60 bash -c "cd bench && python3 bench_schedule.py --out $RES/schedule.json"
   stage sweep_chat 420 env OUT="$RES/sweep_chat" SWEEP_PAIR=$PAIR SWEEP_SET=mt-bench \
     bash scripts/device_run.sh sweep
