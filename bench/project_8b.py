@@ -99,6 +99,9 @@ def main():
                     help="tau values to project (e.g. the benchmark pair's, the paper's)")
     ap.add_argument("--tau-json", default=None, help="a `dspark bench` results.json: the "
                     "dspark runs' tau at batch 1 per dataset and temperature are projected too")
+    ap.add_argument("--fused-max-rows", type=int, default=None,
+                    help="the runner's fused / cuBLAS crossover (default 64; 8 is where cuBLAS "
+                    "wins at this shape: bench/RESULTS.md, ninth session)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     taus = {k: float(v) for k, v in (t.split("=", 1) for t in a.tau)}
@@ -107,7 +110,7 @@ def main():
             if r["method"] == "dspark" and r["batch"] == 1:
                 taus[f"{r['dataset']} T={r['temperature']:g}"] = r["tau"]
     model, _ = random_qwen3_8b(a.layers)
-    runner = ModelRunner(model)
+    runner = ModelRunner(model, fused_max_rows=a.fused_max_rows)
     drafter = random_dspark_drafter(model, a.gamma, a.draft_layers, a.rank)
     report = {"device": torch.cuda.get_device_name(), "gamma": a.gamma, "layers": a.layers,
               "draft_layers": a.draft_layers, "kind": "projection from measured step costs",

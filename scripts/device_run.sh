@@ -121,7 +121,7 @@ for stage in "$@"; do
       PBJ=${PAIR_BENCH_JSON:-$PWD/out/pair/bench_results.json}
       TJ=(); [ -f "$PBJ" ] && TJ=(--tau-json "$PBJ")
       (cd bench && python3 project_8b.py --batches 1,8 "${TJ[@]}" --tau ${PROJECT_TAUS:-paper-humaneval=5.52 paper-mbpp=5.16 paper-mt-bench=3.72 paper-gsm8k=6.17} \
-        --out "$OUT/project_8b.json") 2>&1 | tail -20 ;;
+        ${PROJECT_ARGS:-} --out "$OUT/${PROJECT_NAME:-project_8b}.json") 2>&1 | tail -20 ;;
     tp)  # tensor parallelism over the host's GPUs (NCCL, multicast off): checks, then speed;
       # one GPU runs a world of one rank (TP_ARGS="--layers 32" fits the 32B shape on an H100)
       N=${TP_NPROC:-$(nvidia-smi -L | wc -l)}

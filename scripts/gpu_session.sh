@@ -103,6 +103,9 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
     ABLATE_ONLY="base method layers1 layers3 halfdata" bash scripts/bench_pair.sh ablate-eval
   stage profile 240 bash bench/profile.sh $PAIR/target $PAIR/dspark "$data/humaneval.jsonl" "$RES/profile"
   stage project 240 env OUT="$RES" PAIR_BENCH_JSON=$PAIR/bench_results.json bash scripts/device_run.sh project
+  # batch 8 with cuBLAS above 8 rows (its verify forward: 13.2 ms on cuBLAS vs 27.2 fused, s9)
+  stage project_max8 180 env OUT="$RES" PROJECT_ARGS="--fused-max-rows 8" PROJECT_NAME=project_8b_max8 \
+    bash scripts/device_run.sh project
   # why the kernels miss their bars (issue 13 asks for ncu's reading, not estimates): the
   # multi-row attention at the pair's shape (the largest cost of its verify forward), the fused
   # verify at R = 1, markov_draft's logits kernel
