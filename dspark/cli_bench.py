@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from .cli_common import add_fused_max_rows, add_step_overhead
+
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -33,19 +35,13 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    "threshold:X (scheduled modes need a DSpark drafter; others are skipped)")
     p.add_argument("--sps", default=None, metavar="JSON", help="steps-per-second table for the "
                    "scheduled runs (default: the target's cached table, measured if missing)")
-    p.add_argument("--step-overhead", type=float, default=0.0, metavar="MS",
-                   help="scheduled modes: milliseconds a step costs besides the verify forward "
-                   "(draft + accept + commit, e.g. from `dspark bench`'s time split); the "
-                   "scheduler ranks with 1 / (1 / SPS(B) + overhead) (default 0)")
+    add_step_overhead(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="the runner's fused decode kernels (default: on CUDA)")
-    p.add_argument("--fused-max-rows", type=int, default=None, metavar="N",
-                   help="the largest decode / verify call (token rows) on the fused kernels "
-                   "(default 64); above it cuBLAS + SDPA. Measured on an H100: 8 at the "
-                   "Qwen3-8B shape (cuBLAS wins from 16 rows), 64 for small latency-bound models")
+    add_fused_max_rows(p)
     p.add_argument("--compile-drafter", action="store_true",
                    help="torch.compile each drafter's per-round bodies (Drafter.compile: DSpark / "
                    "DFlash backbone pass and context write; one compile per batch size)")

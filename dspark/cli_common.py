@@ -73,3 +73,19 @@ def launch(prog: str, device: Optional[str], body: Callable[..., int],
         return 2
     finally:
         shutdown(barrier=ok)
+
+
+def add_fused_max_rows(p) -> None:
+    """``--fused-max-rows N`` (ModelRunner's fused_max_rows) for the commands that build one."""
+    p.add_argument("--fused-max-rows", type=int, default=None, metavar="N",
+                   help="the largest decode / verify call (token rows) on the fused kernels "
+                   "(default 64); above it cuBLAS + SDPA. Measured on an H100: 8 at the "
+                   "Qwen3-8B shape (cuBLAS wins from 16 rows), 64 for small latency-bound models")
+
+
+def add_step_overhead(p) -> None:
+    """``--step-overhead MS`` (the engine's step_overhead, in milliseconds)."""
+    p.add_argument("--step-overhead", type=float, default=0.0, metavar="MS",
+                   help="scheduled modes: milliseconds a step costs besides the verify forward "
+                   "(draft + accept + commit, e.g. from `dspark bench`'s time split); the "
+                   "scheduler ranks with 1 / (1 / SPS(B) + overhead) (default 0)")

@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from .cli_common import add_fused_max_rows, add_step_overhead
+
 
 def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("generate", help="generate text with speculative decoding",
@@ -43,10 +45,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="run decode / verify calls of up to 64 token rows on dspark::fused_linear "
                    "+ decode_attention (default: on CUDA)")
-    p.add_argument("--fused-max-rows", type=int, default=None, metavar="N",
-                   help="the largest decode / verify call (token rows) on the fused kernels "
-                   "(default 64); above it cuBLAS + SDPA. Measured on an H100: 8 at the "
-                   "Qwen3-8B shape (cuBLAS wins from 16 rows), 64 for small latency-bound models")
+    add_fused_max_rows(p)
     p.add_argument("--batch-invariant", action="store_true",
                    help="run every decode / verify call on the dspark kernels, whatever the rows: "
                    "greedy speculative == greedy autoregressive at any batch size (slower than "
@@ -55,10 +54,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
                    help="verify budgets: fixed (every draft, default) | sync | async | "
                    "threshold:X (DSpark drafters: verify each request's prefix by calibrated "
                    "confidence and the target's steps-per-second table)")
-    p.add_argument("--step-overhead", type=float, default=0.0, metavar="MS",
-                   help="scheduled modes: milliseconds a step costs besides the verify forward "
-                   "(draft + accept + commit, e.g. from `dspark bench`'s time split); the "
-                   "scheduler ranks with 1 / (1 / SPS(B) + overhead) (default 0)")
+    add_step_overhead(p)
     p.add_argument("--sps", default=None, metavar="JSON", help="steps-per-second table for "
                    "--schedule sync/async (default: the target's cached table from `dspark "
                    "profile-sps`, measured now if there is none)")

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from .cli_common import cli_error
+from .cli_common import add_fused_max_rows, cli_error
 
 
 def add_profile_parser(subparsers) -> argparse.ArgumentParser:
@@ -38,10 +38,7 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="the runner's fused decode/verify kernels (default: on CUDA)")
-    p.add_argument("--fused-max-rows", type=int, default=None, metavar="N",
-                   help="the largest decode / verify call (token rows) on the fused kernels "
-                   "(default 64); above it cuBLAS + SDPA. Measured on an H100: 8 at the "
-                   "Qwen3-8B shape (cuBLAS wins from 16 rows), 64 for small latency-bound models")
+    add_fused_max_rows(p)
     p.add_argument("--batch-invariant", action="store_true",
                    help="every verify on the dspark kernels (as `dspark generate` with it)")
     p.add_argument("--out", default=None, help="dir for the table and the plot (default: the "
