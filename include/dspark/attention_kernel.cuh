@@ -98,6 +98,25 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
 
   const T* src = p.qkv + b * NR * Wq;
   const int64_t head_base = ((p.layer * p.B + b) * p.Hkv + kvh) * p.S;  // slot 0 of this head
+  // Staging: this thread's cached K and V rows of the chunk (slot c0 + t) go to shared memory
+  // now, in flight while the new rows and the query tile are normed and rotated below; the
+  // scores then read the thread's own K row, the weighted V (after the barriers) every V row.
+  T* sK = nullptr;
+  T* sV = nullptr;
+  if (p.stage_kv && any) {
+    sK = reinterpret_cast<T*>(reinterpret_cast<char*>(sm) + attn_stage_offset(NR, D, MAXQ));
+    sV = sK + kAttnChunk * D;
+    const int64_t v = c0 + threadIdx.x;
+    if (v < st) {
+      const T* kg = p.k_cache + (head_base + v) * D;
+      const T* vg = p.v_cache + (head_base + v) * D;
+      for (int64_t o = 0; o < D; o += int64_t(16 / sizeof(T))) {
+        cp_async16(sK + threadIdx.x * D + o, kg + o);
+        cp_async16(sV + threadIdx.x * D + o, vg + o);
+      }
+    }
+    cp_async_commit();
+  }
   if (need_new) {
     for (int64_t i = threadIdx.x; i < NR * D; i += blockDim.x) {
       const int64_t a = i / D, d = i % D;
@@ -117,6 +136,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
     }
   }
   if (!any) return;
+  if (sK) cp_async_wait_all();  // this thread's rows; the barriers below publish them all
 
   constexpr int kVecPerLane = (kAttnMaxHeadDim + 16 * VEC - 1) / (16 * VEC);
   const int RT = MAXQ / G;  // rows per tile (MAXQ >= G)
@@ -146,11 +166,12 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
       bool need = false;
       for (int j = t0; j < t1; ++j) need |= v >= lo_of(j);
       if (need) {
-        const T* krow = p.k_cache + (head_base + v) * D;
+        const T* krow = sK ? sK + threadIdx.x * D : p.k_cache + (head_base + v) * D;
 #pragma unroll 4
         for (int64_t d0 = 0; d0 < D; d0 += VEC) {
           Vec<T, VEC> kv;
-          kv.load(krow + d0);
+          if (sK) kv.load_shared(krow + d0);
+          else kv.load(krow + d0);
 #pragma unroll
           for (int q = 0; q < MAXQ; ++q)
             if (q < nq)
@@ -223,7 +244,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
       for (int64_t jj = c0 + 2 * warp + half; jj < end; jj += 2 * kAttnWarps) {
         if (jj < first) continue;
         const bool cached = jj < st;
-        const T* vrow = p.v_cache + (head_base + jj) * D;
+        const T* vrow = sV ? sV + (jj - c0) * D : p.v_cache + (head_base + jj) * D;
         const float* vnew = cached ? newv : newv + anc[j * NR + (jj - st)] * D;
         float vx[kVecPerLane][VEC];
 #pragma unroll
@@ -237,7 +258,8 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
             for (int e = 0; e < VEC; ++e) vx[i][e] = vnew[d0 + e];
           } else {
             Vec<T, VEC> vv;
-            vv.load(vrow + d0);
+            if (sV) vv.load_shared(vrow + d0);
+            else vv.load(vrow + d0);
 #pragma unroll
             for (int e = 0; e < VEC; ++e) vx[i][e] = vv[e];
           }
@@ -350,11 +372,46 @@ cudaError_t attn_smem_opt_in(K kernel, size_t smem) {
   return err;
 }
 
+// The current device's opt-in shared memory per block and compute capability major, looked up
+// once per device.
+inline cudaError_t attn_device_limits(size_t* smem_optin, int* major) {
+  static int cached_smem[64] = {}, cached_major[64] = {};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 0 && dev < 64 && cached_smem[dev]) {
+    *smem_optin = size_t(cached_smem[dev]);
+    *major = cached_major[dev];
+    return cudaSuccess;
+  }
+  int s = 0, m = 0;
+  err = cudaDeviceGetAttribute(&s, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 0 && dev < 64) {
+    cached_smem[dev] = s;
+    cached_major[dev] = m;
+  }
+  *smem_optin = size_t(s);
+  *major = m;
+  return cudaSuccess;
+}
+
 template <typename T, int MAXQ>
-cudaError_t launch_attention_maxq(const AttnParams<T>& p, bool vec, cudaStream_t stream) {
+cudaError_t launch_attention_maxq(const AttnParams<T>& given, bool vec, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   auto kernel = vec ? decode_attention_kernel<T, kVec, MAXQ> : decode_attention_kernel<T, 1, MAXQ>;
-  const size_t smem = attn_smem_bytes(p.rows, p.D, MAXQ);
+  AttnParams<T> p = given;
+  size_t smem = attn_smem_bytes(p.rows, p.D, MAXQ);
+  if (p.stage_kv) {  // staged only where it can be: 16-byte rows, cp.async (sm_80+), room
+    size_t optin = 0;
+    int major = 0;
+    const cudaError_t err = attn_device_limits(&optin, &major);
+    if (err != cudaSuccess) return err;
+    const size_t staged = attn_stage_offset(p.rows, p.D, MAXQ) + attn_stage_bytes(p.D, sizeof(T));
+    p.stage_kv = vec && major >= 8 && staged <= optin ? 1 : 0;
+    if (p.stage_kv) smem = staged;
+  }
   cudaError_t err = vec ? attn_smem_opt_in(decode_attention_kernel<T, kVec, MAXQ>, smem)
                         : attn_smem_opt_in(decode_attention_kernel<T, 1, MAXQ>, smem);
   if (err != cudaSuccess) return err;
