@@ -108,12 +108,13 @@ __host__ __device__ inline size_t attn_smem_bytes(int64_t T, int64_t D, int maxq
 }
 
 // Staging (stage_kv): after that, 16-byte aligned, the chunk's K rows then V rows [chunk][D] of
-// an element of `elem` bytes, one row per thread (thread t copies slot chunk + t's rows).
+// an element of `elem` bytes, one row per thread (thread t copies slot chunk + t's rows), then
+// the q / k norm weights [2][D] and inv_freq [D / 2] floats.
 __host__ __device__ inline size_t attn_stage_offset(int64_t T, int64_t D, int maxq) {
   return (attn_smem_bytes(T, D, maxq) + 15) / 16 * 16;
 }
 __host__ __device__ inline size_t attn_stage_bytes(int64_t D, size_t elem) {
-  return 2 * size_t(kAttnChunk) * size_t(D) * elem;
+  return (2 * size_t(kAttnChunk) + 2) * size_t(D) * elem + size_t(D / 2) * sizeof(float);
 }
 
 // 16 bytes global -> shared without registers (sm_80+; the launcher stages only there).

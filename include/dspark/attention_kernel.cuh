@@ -34,6 +34,25 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
   const int j0 = rg * p.rows_per_block,
             j1 = j0 + p.rows_per_block < NR ? j0 + p.rows_per_block : NR;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  // Staged mode: the norm weights and inv_freq (outputs of no earlier kernel) are copied to
+  // shared memory first, so the norm and rotary of the prologue read no global memory (the
+  // barriers of the tree setup below publish them).
+  const T* qn = p.q_norm;
+  const T* kn = p.k_norm;
+  const float* invf = p.inv_freq;
+  if (p.stage_kv) {
+    T* w = reinterpret_cast<T*>(reinterpret_cast<char*>(sm) + attn_stage_offset(NR, D, MAXQ)) +
+           2 * kAttnChunk * D;
+    float* f = reinterpret_cast<float*>(w + 2 * D);
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+      if (qn) w[d] = qn[d];
+      if (kn) w[D + d] = kn[d];
+      if (d < D / 2) f[d] = invf[d];
+    }
+    qn = qn ? w : nullptr;
+    kn = kn ? w + D : nullptr;
+    invf = f;
+  }
   pdl_trigger();
   pdl_wait();  // every input but the norm weights comes from earlier kernels (dspark/pdl.cuh)
   if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {  // one block writes the status
@@ -125,8 +144,8 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
     }
     __syncthreads();
     norm_rope_heads<T>(
-        newk, NR, D, [&](int) { return p.k_norm; }, [&](int a) { return float(st + depth[a]); },
-        p.eps, p.inv_freq);
+        newk, NR, D, [&](int) { return kn; }, [&](int a) { return float(st + depth[a]); }, p.eps,
+        invf);
     if (writer) {
       for (int64_t i = threadIdx.x; i < NR * D; i += blockDim.x) {
         const int64_t slot = st + i / D, d = i % D;
@@ -154,8 +173,8 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
     }
     __syncthreads();
     norm_rope_heads<T>(
-        qs, nq, D, [&](int) { return p.q_norm; },
-        [&](int qi) { return float(pos_of(t0 + qi / G)); }, p.eps, p.inv_freq);
+        qs, nq, D, [&](int) { return qn; }, [&](int qi) { return float(pos_of(t0 + qi / G)); },
+        p.eps, invf);
 
     // Scores: thread t <-> virtual slot c0 + t; every score is an FMA chain over d in order.
     const int64_t v = c0 + threadIdx.x;
