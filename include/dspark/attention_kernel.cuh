@@ -40,7 +40,8 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
   const T* qn = p.q_norm;
   const T* kn = p.k_norm;
   const float* invf = p.inv_freq;
-  if (p.stage_kv) {
+  constexpr bool kCanStage = VEC * sizeof(T) == 16;  // the launcher stages 16-byte rows only
+  if (kCanStage && p.stage_kv) {
     T* w = reinterpret_cast<T*>(reinterpret_cast<char*>(sm) + attn_stage_offset(NR, D, MAXQ)) +
            2 * kAttnChunk * D;
     float* f = reinterpret_cast<float*>(w + 2 * D);
@@ -120,18 +121,25 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
   // Staging: this thread's cached K and V rows of the chunk (slot c0 + t) go to shared memory
   // now, in flight while the new rows and the query tile are normed and rotated below; the
   // scores then read the thread's own K row, the weighted V (after the barriers) every V row.
+  // Row r's 16-byte piece c sits at piece c ^ (r & 7) (when a row has a multiple of 8 pieces):
+  // the scores' reads (one row per thread) then spread over the banks; the weighted V's (16
+  // lanes over one row) stay a permutation of the row.
   T* sK = nullptr;
   T* sV = nullptr;
-  if (p.stage_kv && any) {
+  const int64_t pieces = D / VEC;
+  const int swz_mask = pieces % 8 == 0 ? 7 : 0;
+  auto piece = [&](int64_t row, int64_t d0) { return ((d0 / VEC) ^ (row & swz_mask)) * VEC; };
+  if (kCanStage && p.stage_kv && any) {
     sK = reinterpret_cast<T*>(reinterpret_cast<char*>(sm) + attn_stage_offset(NR, D, MAXQ));
     sV = sK + kAttnChunk * D;
     const int64_t v = c0 + threadIdx.x;
     if (v < st) {
       const T* kg = p.k_cache + (head_base + v) * D;
       const T* vg = p.v_cache + (head_base + v) * D;
-      for (int64_t o = 0; o < D; o += int64_t(16 / sizeof(T))) {
-        cp_async16(sK + threadIdx.x * D + o, kg + o);
-        cp_async16(sV + threadIdx.x * D + o, vg + o);
+      for (int64_t d0 = 0; d0 < D; d0 += VEC) {
+        const int64_t at = threadIdx.x * D + piece(threadIdx.x, d0);
+        cp_async16(sK + at, kg + d0);
+        cp_async16(sV + at, vg + d0);
       }
     }
     cp_async_commit();
@@ -189,7 +197,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
 #pragma unroll 4
         for (int64_t d0 = 0; d0 < D; d0 += VEC) {
           Vec<T, VEC> kv;
-          if (sK) kv.load_shared(krow + d0);
+          if (sK) kv.load_shared(krow + piece(threadIdx.x, d0));
           else kv.load(krow + d0);
 #pragma unroll
           for (int q = 0; q < MAXQ; ++q)
@@ -277,7 +285,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
             for (int e = 0; e < VEC; ++e) vx[i][e] = vnew[d0 + e];
           } else {
             Vec<T, VEC> vv;
-            if (sV) vv.load_shared(vrow + d0);
+            if (sV) vv.load_shared(vrow + piece(jj - c0, d0));
             else vv.load(vrow + d0);
 #pragma unroll
             for (int e = 0; e < VEC; ++e) vx[i][e] = vv[e];
