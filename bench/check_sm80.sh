@@ -8,8 +8,8 @@
 #
 #   bash bench/check_sm80.sh        (on the GPU machine, repo root or anywhere; ~5-9 minutes)
 #
-# REBUILD=1 (default; not with SM80_SITE) rebuilds the normal build (the visible GPU's arch) at the end, so later
-# stages measure the sm_90 kernels again.
+# REBUILD=1 (default; not with SM80_SITE) rebuilds the normal build (the visible GPU's arch) at
+# the end, so later stages measure the sm_90 kernels again.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}

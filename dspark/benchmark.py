@@ -100,12 +100,11 @@ def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), ba
     schedule is skipped and listed in ``skipped``); sps: their table; step_overhead: the seconds
     a step costs besides the verify forward, for their ranking (VerifyScheduler)."""
     from .engine import SpeculativeEngine
+    from .schedule_step import check_step_overhead
     from .scheduler import parse_schedule
     for spec in schedules:
-        parse_schedule(spec)  # bad specs are errors, not skips
-    if isinstance(step_overhead, bool) or not 0.0 <= step_overhead < float("inf"):
-        raise ValueError(f"step overhead must be a finite number of seconds >= 0, got "
-                         f"{step_overhead!r}")
+        parse_schedule(spec)  # bad specs are errors, not skips (engines' errors are skips below)
+    check_step_overhead(step_overhead)
     engines, skipped = {"autoregressive": SpeculativeEngine(target)}, []
     for n, d in drafters.items():
         for spec in schedules:

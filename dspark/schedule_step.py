@@ -128,6 +128,15 @@ class VerifyBatch(NamedTuple):
 SPSSource = Union[None, str, os.PathLike, SPSTable, Sequence[float], torch.Tensor]
 
 
+def check_step_overhead(overhead) -> float:
+    """A step overhead in seconds (VerifyScheduler), or a ValueError naming it."""
+    if isinstance(overhead, bool) or not isinstance(overhead, (int, float)) \
+            or not 0.0 <= overhead < float("inf"):
+        raise ValueError(f"step overhead must be a finite number of seconds >= 0, got "
+                         f"{overhead!r}")
+    return float(overhead)
+
+
 class VerifyScheduler:
     """The engine's scheduler for one mode (``"sync" | "async" | "threshold:X"``).
 
@@ -146,11 +155,7 @@ class VerifyScheduler:
 
     def __init__(self, spec: str, sps: SPSSource = None, buckets: Optional[bool] = None,
                  first_budget: Optional[int] = None, overhead: float = 0.0):
-        if isinstance(overhead, bool) or not isinstance(overhead, (int, float)) \
-                or not 0.0 <= overhead < float("inf"):
-            raise ValueError(f"step overhead must be a finite number of seconds >= 0, got "
-                             f"{overhead!r}")
-        self.overhead = float(overhead)
+        self.overhead = check_step_overhead(overhead)
         self.mode, self.threshold = parse_schedule(spec)
         if self.mode == "fixed":
             raise ValueError("fixed gamma is not scheduled: use no scheduler")
@@ -275,9 +280,7 @@ class VerifyScheduler:
         else:  # this step's drafts decide N: read it (the one host sync of sync/threshold)
             n = int(drafts)
             if n == R * G:
-                self.rows_log.append(R * W)
-                self.step += 1
-                return None
+                return self._logged(R * W, None)
             floor = most = R + n
         rows = most + 1  # at least one scratch row
         if self.buckets:
@@ -287,9 +290,13 @@ class VerifyScheduler:
         width = max(W, rows - floor)  # the scratch request's rows are at most rows - floor
         if width > MAX_VERIFY_WIDTH:
             raise ValueError(f"{rows - floor} padding rows exceed verify's width limit")
+        return self._logged(rows, (rows, width))
+
+    def _logged(self, rows: int, shape):
+        """Logs this step's forward rows (metrics) and returns ``shape``."""
         self.rows_log.append(rows)
         self.step += 1
-        return rows, width
+        return shape
 
     def _stale_budget(self, default: int) -> int:
         """K of step t - 2 (``default`` for the first two steps)."""

@@ -54,17 +54,17 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
   # cost of the pair's verify forward (~50 µs a layer at 8 blocks)
   stage attention_split 120 bash -c "cd bench && for b in 1 4; do python3 bench_attention.py \
     --heads 4,2,64 --batch \$b --slots 256,1024 --rows 1,8 --rows-per-block auto,1,2,4,8 --reps 100 \
-    --out $RES/attention_pair_b\$b.json; done; python3 bench_attention.py --slots 1024,4096 \
-    --rows 8 --rows-per-block auto,1,2,8 --reps 100 --out $RES/attention_8b.json"
+    --out $RES/attention_pair_b\$b.json; done; python3 bench_attention.py --slots 1024,4096,32768 \
+    --rows 1,8 --rows-per-block auto,1,2,8 --reps 100 --out $RES/attention_8b.json"
   # the chunk's K / V staged in shared memory by cp.async (DSPARK_ATTN_STAGE=1, opt-in): the
-  # attention and engine tests with it on, then the same shapes timed with it off and on
+  # attention and engine tests with it on, then the shapes above timed with it (the unstaged
+  # times: attention_split's "auto" rows, same machine)
   stage attention_stage 240 bash -c "cd tests && DSPARK_ATTN_STAGE=1 python3 -m pytest -q \
     -p no:cacheprovider test_attention.py test_batch_invariance.py test_engine_graphs.py -k cuda \
-    2>&1 | tail -5; cd ../bench && for st in 0 1; do for b in 1 4; do DSPARK_ATTN_STAGE=\$st \
-    python3 bench_attention.py --heads 4,2,64 --batch \$b --slots 256,1024 --rows 1,8 --reps 100 \
-    --out $RES/attention_stage\${st}_pair_b\$b.json; done; DSPARK_ATTN_STAGE=\$st python3 \
-    bench_attention.py --slots 1024,4096,32768 --rows 1,8 --reps 100 \
-    --out $RES/attention_stage\${st}_8b.json; done"
+    2>&1 | tail -5; cd ../bench && export DSPARK_ATTN_STAGE=1; for b in 1 4; do python3 \
+    bench_attention.py --heads 4,2,64 --batch \$b --slots 256,1024 --rows 1,8 --reps 100 \
+    --out $RES/attention_staged_pair_b\$b.json; done; python3 bench_attention.py \
+    --slots 1024,4096,32768 --rows 1,8 --reps 100 --out $RES/attention_staged_8b.json"
   stage pair_bench 420 env OUT="$RES/pair" PAIR_DIR=$PAIR EVAL_DIR="$data" \
     bash scripts/bench_pair.sh bench
   # the round-cost issue's identity bar: greedy speculative == autoregressive in bf16 on every

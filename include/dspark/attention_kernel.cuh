@@ -399,31 +399,6 @@ cudaError_t attn_smem_opt_in(K kernel, size_t smem) {
   return err;
 }
 
-// The current device's opt-in shared memory per block and compute capability major, looked up
-// once per device.
-inline cudaError_t attn_device_limits(size_t* smem_optin, int* major) {
-  static int cached_smem[64] = {}, cached_major[64] = {};
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if (dev >= 0 && dev < 64 && cached_smem[dev]) {
-    *smem_optin = size_t(cached_smem[dev]);
-    *major = cached_major[dev];
-    return cudaSuccess;
-  }
-  int s = 0, m = 0;
-  err = cudaDeviceGetAttribute(&s, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, dev);
-  if (err != cudaSuccess) return err;
-  if (dev >= 0 && dev < 64) {
-    cached_smem[dev] = s;
-    cached_major[dev] = m;
-  }
-  *smem_optin = size_t(s);
-  *major = m;
-  return cudaSuccess;
-}
-
 template <typename T, int MAXQ>
 cudaError_t launch_attention_maxq(const AttnParams<T>& given, bool vec, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
@@ -431,10 +406,8 @@ cudaError_t launch_attention_maxq(const AttnParams<T>& given, bool vec, cudaStre
   AttnParams<T> p = given;
   size_t smem = attn_smem_bytes(p.rows, p.D, MAXQ);
   if (p.stage_kv) {  // staged only where it can be: 16-byte rows, cp.async (sm_80+), room
-    size_t optin = 0;
-    int major = 0;
-    const cudaError_t err = attn_device_limits(&optin, &major);
-    if (err != cudaSuccess) return err;
+    const size_t optin = size_t(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(0));
+    const int major = device_attribute<cudaDevAttrComputeCapabilityMajor>(0);
     const size_t staged = attn_stage_offset(p.rows, p.D, MAXQ) + attn_stage_bytes(p.D, sizeof(T));
     p.stage_kv = vec && major >= 8 && staged <= optin ? 1 : 0;
     if (p.stage_kv) smem = staged;
