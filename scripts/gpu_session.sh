@@ -38,17 +38,26 @@ stage() {  # stage NAME LIMIT_S CMD...: run under a time limit, output in $RES/N
 }
 
 correctness() {  # shares the GPU with the training
+  # the pre-Hopper paths first, beside the target's training only (one process): beside the
+  # drafters' four processes and the CUDA tests their JIT-compiled suite reached 5 % in 300 s
+  # (2026-12-06), against 164 s for the whole suite alone (s8)
+  sm80
   stage cudatests 420 bash -c 'cd tests && python3 -m pytest -q -p no:cacheprovider -k cuda'
   # the fuzz tests' CUDA variant under memcheck (out-of-bounds accesses that do not fault),
   # verify / sample through the fused kernel (the default) and the staged one
   stage fuzz_memcheck 600 env OUT="$RES" bash scripts/device_run.sh fuzz
-  # (the pre-Hopper paths run among the timed runs: beside the training, the JIT-compiled
-  # compute_80 suite reached 5 % in 300 s on 2026-12-06, against 211 s for all of it alone)
 }
 sm80() { stage sm80 600 bash -c "SM80_SITE=/tmp/sm80site OUT=$RES bash bench/check_sm80.sh"; }
 
 timed_runs() {  # the GPU to itself, in order of what the open issues need most
   local data=$ROOT/.data
+  # the pair (target + DSpark drafter) as <= 15 MiB parts, brought back by `collect` once and
+  # carried as .data/pair.tar.part-* by a later session, which then skips the training
+  if [ ! -f "$ROOT/.data/pair.tar.part-00" ]; then
+    stage pack 60 bash -c "mkdir -p $RES/pack && tar -C $(dirname $PAIR) -cf - --exclude=checkpoint \
+      --exclude=data --exclude='*.pt' $(basename $PAIR)/target $(basename $PAIR)/dspark | split -b 15m -d - $RES/pack/pair.tar.part- \
+      && ls -l $RES/pack" && touch "$RES/end_pack"
+  fi
   # decode_attention's work split (rows per block: the launcher's choice against fixed values) at
   # the pair's layer (batch 1 and 4) and the 8B layer: the multi-row attention was the largest
   # cost of the pair's verify forward (~50 µs a layer at 8 blocks)
@@ -65,14 +74,13 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
     bench_attention.py --heads 4,2,64 --batch \$b --slots 256,1024 --rows 1,8 --reps 100 \
     --out $RES/attention_staged_pair_b\$b.json; done; python3 bench_attention.py \
     --slots 1024,4096,32768 --rows 1,8 --reps 100 --out $RES/attention_staged_8b.json"
+  # the round-cost issue: the demo pair's round vs decode step, verify forward at the 8B shape
+  stage round_demo 240 bash -c "cd bench && python3 bench_round.py --dataset $data/humaneval.jsonl \
+    --drafters dspark,dspark-compiled,ngram --out $RES/round_demo.json"
+  stage verify_forward 240 bash -c "cd bench && python3 bench_verify_forward.py --batches 1,4,8 \
+    --rows 8 --out $RES/verify_forward.json"
   stage pair_bench 420 env OUT="$RES/pair" PAIR_DIR=$PAIR EVAL_DIR="$data" \
     bash scripts/bench_pair.sh bench
-  # the round-cost issue's identity bar: greedy speculative == autoregressive in bf16 on every
-  # shipped eval set, 256 tokens, DSpark and n-gram, batch 1 and 4
-  stage identity_256 420 bash -c "cd /tmp && dspark bench --target $PAIR/target --drafter $PAIR/dspark \
-    --ngram 3 --dataset $data/humaneval.jsonl $data/mbpp.jsonl $data/mt-bench.jsonl $data/gsm8k.jsonl \
-    --temperature 0 --batch 1 4 --prompts 16 --max-new-tokens 256 --prompt-tokens 256 --no-progress \
-    --out $RES/identity_256"
   # the drafters' per-round bodies under torch.compile (s6 on the demo pair: draft 0.49 -> 0.28
   # ms, commit 0.12 -> 0.04 ms), same prompts as pair_bench
   stage pair_compiled 300 bash -c "cd /tmp && dspark bench --compile-drafter --target $PAIR/target \
@@ -82,13 +90,12 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
   # confidence-scheduled verification: every mode at gamma 7 on code (then fixed gamma 3 / 5 and
   # chat prompts, below)
   stage sweep 480 env OUT="$RES/sweep" SWEEP_PAIR=$PAIR bash scripts/device_run.sh sweep
-  # the pre-Hopper paths, alone on the machine (their JIT starved beside the training)
-  sm80
-  # the round-cost issue: the demo pair's round vs decode step, verify forward at the 8B shape
-  stage round_demo 240 bash -c "cd bench && python3 bench_round.py --dataset $data/humaneval.jsonl \
-    --drafters dspark,dspark-compiled,ngram --out $RES/round_demo.json"
-  stage verify_forward 240 bash -c "cd bench && python3 bench_verify_forward.py --batches 1,4,8 \
-    --rows 8 --out $RES/verify_forward.json"
+  # the round-cost issue's identity bar: greedy speculative == autoregressive in bf16 on every
+  # shipped eval set, 256 tokens, DSpark and n-gram, batch 1 and 4
+  stage identity_256 420 bash -c "cd /tmp && dspark bench --target $PAIR/target --drafter $PAIR/dspark \
+    --ngram 3 --dataset $data/humaneval.jsonl $data/mbpp.jsonl $data/mt-bench.jsonl $data/gsm8k.jsonl \
+    --temperature 0 --batch 1 4 --prompts 16 --max-new-tokens 256 --prompt-tokens 256 --no-progress \
+    --out $RES/identity_256"
   # verify / sample at the small vocabularies of the pairs (V = 8192): the fused kernel's accept
   # stage took 0.059 ms a round on the pair where the staged one took 0.036 (s8 vs s9 profiles)
   stage ops_small_vocab 90 bash -c "cd bench && python3 bench_ops.py --V 8192 --R 1,4,64 --gamma 4,7 \
@@ -141,6 +148,11 @@ job() {
   # PAIR_ABLATE=1: the recipe ablation's four variants train beside the drafters (measured on
   # 2026-12-06 twice; off by default: eight processes on one GPU left each drafter ~750 steps in
   # its 4 minutes, and a variant that trained alone at the end reached 2476 steps and tau 4.0 vs 2.7)
+  if [ -f "$ROOT/.data/pair.tar.part-00" ]; then  # a pair packed by an earlier session
+    mkdir -p "$(dirname $PAIR)" && cat "$ROOT"/.data/pair.tar.part-* | tar -C "$(dirname $PAIR)" -xf - &&
+      log "pair unpacked from .data (not trained)" && touch "$RES/pair_trained"
+    correctness; timed_runs; log "job done"; touch "$RES/done"; return
+  fi
   local abl=(); [ "${PAIR_ABLATE:-0}" = 1 ] && abl=(ABLATE_CONCURRENT=1 ABLATE_ONLY="method layers1 layers3 halfdata")
   ( env OUT="$RES/pair" PAIR_DIR=$PAIR "${abl[@]}" TARGET_MINUTES=${TARGET_MINUTES:-5} \
       DRAFT_MINUTES=${DRAFT_MINUTES:-6} \
@@ -150,7 +162,6 @@ job() {
   correctness
   wait $pair_pid
   timed_runs
-  [ -f "$RES/sm80.txt" ] || sm80
   log "job done"; touch "$RES/done"
 }
 
@@ -168,6 +179,9 @@ case "${1:-}" in
     tar -C "$(dirname "$RES")" -czf "$OUT/results.tgz" --exclude='*.safetensors' \
       --exclude='*.pt' --exclude='trace.json.gz' "$(basename "$RES")"
     cp "$RES/progress.txt" "$OUT/" 2>/dev/null
+    # the packed pair, once (a call brings back at most 8 files)
+    if [ -d "$RES/pack" ] && [ ! -f "$RES/pack_sent" ] && [ -f "$RES/end_pack" ]; then
+      cp "$RES"/pack/pair.tar.part-* "$OUT/" && touch "$RES/pack_sent"; fi
     tail -40 "$RES/progress.txt"; ls -l "$OUT" ;;
   *) echo "usage: gpu_session.sh start | collect SECONDS" >&2; exit 2 ;;
 esac
