@@ -217,6 +217,9 @@ def markov_draft(base_logits: torch.Tensor, anchors: torch.Tensor, w1: torch.Ten
                        probs if return_probs else None)
 
 
+LINEAR_MAX_ROWS = 1 << 24  # fused_linear's rows per call (csrc/checks.h kLinearMaxRows)
+
+
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  residual: Optional[torch.Tensor] = None,
                  norm_weight: Optional[torch.Tensor] = None,
@@ -234,17 +237,21 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     verify block get the same bits). The CUDA kernel reads the weight once per 64 rows
     (tensor cores for bf16/fp16).
     """
-    def rows(t):  # [..., F] -> [M, F]; a 0-dim or non-tensor argument goes to the op's checks
+    def rows(t, name):  # [..., F] -> [M, F]; a 0-dim or non-tensor argument: the op's checks
         if not isinstance(t, torch.Tensor) or t.dim() in (0, 2):
             return t
-        return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+        m = math.prod(t.shape[:-1])
+        if m > LINEAR_MAX_ROWS:  # the op's limit, checked before reshape copies a strided view
+            raise ValueError(f"{name} has {m} rows (shape {list(t.shape)}); at most "
+                             f"{LINEAR_MAX_ROWS} are supported")
+        return t.reshape(m, t.shape[-1])
     lead = x.shape[:-1] if isinstance(x, torch.Tensor) and x.dim() else None
     if residual is not None and lead is not None and isinstance(residual, torch.Tensor) \
             and residual.shape[:-1] != lead:
         raise ValueError(f"residual must have x's leading dims {list(lead)} and N outputs, got "
                          f"shape {list(residual.shape)}")
-    out = torch.ops.dspark.fused_linear(rows(x), weight, bias, rows(residual), norm_weight, eps,
-                                        silu_gate)
+    out = torch.ops.dspark.fused_linear(rows(x, "x"), weight, bias, rows(residual, "residual"),
+                                        norm_weight, eps, silu_gate)
     return out.view(*lead, out.shape[-1])
 
 

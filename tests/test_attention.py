@@ -196,35 +196,6 @@ def test_rows_per_block_changes_no_bit(device, gen, dtype, layout, monkeypatch):
         torch.ops.dspark.decode_attention(*base.values())
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,T,H,Hkv,S,D,window,tree", [
-    (2, 9, 8, 2, 300, 64, 0, True), (1, 8, 4, 2, 1024, 64, 0, False),
-    (3, 1, 32, 8, 700, 128, 0, False), (2, 5, 8, 8, 260, 128, 6, False),
-    (1, 16, 8, 2, 130, 256, 0, True), (2, 1, 4, 4, 129, 32, 0, False)])
-def test_staged_kv_changes_no_bit(device, gen, dtype, B, T, H, Hkv, S, D, window, tree,
-                                  monkeypatch):
-    """DSPARK_ATTN_STAGE=1 (the chunk's K / V rows copied to shared memory with cp.async first;
-    not where it cannot be, e.g. fp32 rows of 256) gives the same output and cache bits."""
-    if device != "cuda":
-        pytest.skip("the CPU kernel has no shared memory")
-    parents = None
-    if tree:
-        parents = [[-1] + [(j - 1) // 2 for j in range(1, T)] for _ in range(B)]
-    base = to(make(B, H, Hkv, S, D, dtype, gen, "cpu", T=T, parents=parents), device)
-    base["window"] = window
-    results = []
-    for stage in ("0", "1"):
-        monkeypatch.setenv("DSPARK_ATTN_STAGE", stage)
-        args = dict(base, k_cache=base["k_cache"].clone(), v_cache=base["v_cache"].clone())
-        out = torch.ops.dspark.decode_attention(*args.values())
-        results.append((out, args["k_cache"], args["v_cache"]))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-    monkeypatch.setenv("DSPARK_ATTN_STAGE", "yes")
-    with pytest.raises(ValueError, match="DSPARK_ATTN_STAGE"):
-        torch.ops.dspark.decode_attention(*base.values())
-
-
 def test_wrapper_and_layers(device, gen):
     """dspark.ops.decode_attention == the op; only the chosen layer's slot is written."""
     args = to(make(2, 4, 2, 16, 16, torch.float32, gen, device, L=3), device)

@@ -59,6 +59,7 @@ def test_bench_compile_drafter(tmp_path, capsys):
     eager, compiled = ([r for r in rep["runs"] if r["method"] == "dspark"] for rep in reports)
     assert compiled[0]["greedy_identical_fraction"] == 1.0
     assert compiled[0]["accept_hist"] == eager[0]["accept_hist"]
+    assert reports[0]["config"]["compile_drafter"] is False  # the default on a CPU
     assert reports[1]["config"]["compile_drafter"] is True
 
 

@@ -167,6 +167,10 @@ def test_verify_wrapper_names_node_offsets(offsets):
     (torch.tensor(1.0), None, "x must be"),
     (torch.zeros(2, 3, 8), torch.zeros(3, 2, 4), "residual"),
     (torch.zeros(2, 3, 8), torch.tensor(0.0), "residual"),
+    # stride-0 views of 3 * 10^12 rows: refused before the wrapper's reshape copies terabytes
+    # (found by the fuzz tests under memcheck on an H100: a CUDA out-of-memory, 2026-12-06)
+    (torch.zeros(1, 3, 8).expand(10**12, 3, 8), None, "x has 3000000000000 rows"),
+    (torch.zeros(3, 1, 8).expand(3, 10**12, 8), None, "x has 3000000000000 rows"),
 ])
 def test_fused_linear_wrapper_names_the_argument(x, residual, match):
     with pytest.raises(ERRORS, match=match):

@@ -9,7 +9,6 @@
 
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 
 #include "checks.h"
 #include "cuda/launch.h"
@@ -31,17 +30,6 @@ int rows_per_block(const AttnDims& d, int splits) {
     return int(r < d.T ? r : d.T);
   }
   return attention_rows_per_block(d.T, d.H / d.Hkv, splits, d.Hkv * d.B * splits, device_sms());
-}
-
-// DSPARK_ATTN_STAGE=1 (read per call): kernel 1 copies its chunk's K / V rows to shared memory
-// with cp.async before the query prologue (include/dspark/attention.cuh). Opt-in until it has
-// been measured on a GPU; the outputs are the same bits either way.
-int stage_kv() {
-  const char* env = std::getenv("DSPARK_ATTN_STAGE");
-  if (!env || !*env || std::strcmp(env, "0") == 0) return 0;
-  DSPARK_CHECK_VALUE(std::strcmp(env, "1") == 0, "DSPARK_ATTN_STAGE must be 0 or 1, got '", env,
-                     "'");
-  return 1;
 }
 
 at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache,
@@ -94,7 +82,6 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at:
   a.scale = 1.0f / std::sqrt(static_cast<float>(d.D));
   a.splits = splits;
   a.rows_per_block = rows;
-  a.stage_kv = stage_kv();
   check_launch(launch_attention(a, c10::cuda::getCurrentCUDAStream()), status, "decode_attention",
                [](int32_t s) { raise_on_status(s, "decode_attention"); });
   return out;

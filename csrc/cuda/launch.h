@@ -74,7 +74,6 @@ struct AttentionArgs {
   int64_t B, T, H, Hkv, S, D, layer, window;
   float eps, scale;
   int splits, rows_per_block;
-  int stage_kv;  // 1: stage the chunk's K / V rows in shared memory (where the launcher can)
 };
 int attention_splits(int64_t S);  // chunks of the cache's slots (one block each per KV head)
 // The current device's multiprocessor count, looked up once per device (132 if unknown).

@@ -72,8 +72,6 @@ struct AttnParams {
   float eps, scale;
   int splits;          // chunks of the cache: attn_splits(S)
   int rows_per_block;  // rows of a block; grid z = splits * ceil(rows / rows_per_block)
-  int stage_kv;        // 1: the chunk's cached K / V rows are copied to shared memory with
-                       // cp.async first (attn_stage_bytes; opt-in until measured on a GPU)
 };
 
 inline int attn_splits(int64_t S) { return int((S + kAttnChunk - 1) / kAttnChunk); }
@@ -101,38 +99,10 @@ inline int attn_rows_per_block(int64_t T, int64_t G, int splits, int64_t blocks_
 // Shared memory of kernel 1: floats newk, newv [T][D], q [maxq][D], scores [maxq][chunk],
 // per-warp outputs [warps][4][D], statistics [maxq][2 warps + 2]; then ints depth, parent [T]
 // and the ancestor table [T][T] (bytes).
-__host__ __device__ inline size_t attn_smem_bytes(int64_t T, int64_t D, int maxq) {
+inline size_t attn_smem_bytes(int64_t T, int64_t D, int maxq) {
   const size_t floats = size_t(T) * 2 * D + size_t(maxq) * D + size_t(maxq) * kAttnChunk +
                         size_t(kAttnWarps) * 4 * D + size_t(maxq) * (2 * kAttnWarps + 2);
   return floats * sizeof(float) + 2 * sizeof(int) * size_t(T) + size_t(T) * T;
-}
-
-// Staging (stage_kv): after that, 16-byte aligned, the chunk's K rows then V rows [chunk][D] of
-// an element of `elem` bytes, one row per thread (thread t copies slot chunk + t's rows), then
-// the q / k norm weights [2][D] and inv_freq [D / 2] floats.
-__host__ __device__ inline size_t attn_stage_offset(int64_t T, int64_t D, int maxq) {
-  return (attn_smem_bytes(T, D, maxq) + 15) / 16 * 16;
-}
-__host__ __device__ inline size_t attn_stage_bytes(int64_t D, size_t elem) {
-  return (2 * size_t(kAttnChunk) + 2) * size_t(D) * elem + size_t(D / 2) * sizeof(float);
-}
-
-// 16 bytes global -> shared without registers (sm_80+; the launcher stages only there).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-__device__ __forceinline__ void cp_async_wait_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_all;\n" ::);
-#endif
 }
 
 // Heads [0, nheads) of `heads` ([nheads][D] fp32 values of T, shared memory) in place: per-head

@@ -34,26 +34,6 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
   const int j0 = rg * p.rows_per_block,
             j1 = j0 + p.rows_per_block < NR ? j0 + p.rows_per_block : NR;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  // Staged mode: the norm weights and inv_freq (outputs of no earlier kernel) are copied to
-  // shared memory first, so the norm and rotary of the prologue read no global memory (the
-  // barriers of the tree setup below publish them).
-  const T* qn = p.q_norm;
-  const T* kn = p.k_norm;
-  const float* invf = p.inv_freq;
-  constexpr bool kCanStage = VEC * sizeof(T) == 16;  // the launcher stages 16-byte rows only
-  if (kCanStage && p.stage_kv) {
-    T* w = reinterpret_cast<T*>(reinterpret_cast<char*>(sm) + attn_stage_offset(NR, D, MAXQ)) +
-           2 * kAttnChunk * D;
-    float* f = reinterpret_cast<float*>(w + 2 * D);
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-      if (qn) w[d] = qn[d];
-      if (kn) w[D + d] = kn[d];
-      if (d < D / 2) f[d] = invf[d];
-    }
-    qn = qn ? w : nullptr;
-    kn = kn ? w + D : nullptr;
-    invf = f;
-  }
   pdl_trigger();
   pdl_wait();  // every input but the norm weights comes from earlier kernels (dspark/pdl.cuh)
   if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {  // one block writes the status
@@ -118,32 +98,6 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
 
   const T* src = p.qkv + b * NR * Wq;
   const int64_t head_base = ((p.layer * p.B + b) * p.Hkv + kvh) * p.S;  // slot 0 of this head
-  // Staging: this thread's cached K and V rows of the chunk (slot c0 + t) go to shared memory
-  // now, in flight while the new rows and the query tile are normed and rotated below; the
-  // scores then read the thread's own K row, the weighted V (after the barriers) every V row.
-  // Row r's 16-byte piece c sits at piece c ^ (r & 7) (when a row has a multiple of 8 pieces):
-  // the scores' reads (one row per thread) then spread over the banks; the weighted V's (16
-  // lanes over one row) stay a permutation of the row.
-  T* sK = nullptr;
-  T* sV = nullptr;
-  const int64_t pieces = D / VEC;
-  const int swz_mask = pieces % 8 == 0 ? 7 : 0;
-  auto piece = [&](int64_t row, int64_t d0) { return ((d0 / VEC) ^ (row & swz_mask)) * VEC; };
-  if (kCanStage && p.stage_kv && any) {
-    sK = reinterpret_cast<T*>(reinterpret_cast<char*>(sm) + attn_stage_offset(NR, D, MAXQ));
-    sV = sK + kAttnChunk * D;
-    const int64_t v = c0 + threadIdx.x;
-    if (v < st) {
-      const T* kg = p.k_cache + (head_base + v) * D;
-      const T* vg = p.v_cache + (head_base + v) * D;
-      for (int64_t d0 = 0; d0 < D; d0 += VEC) {
-        const int64_t at = threadIdx.x * D + piece(threadIdx.x, d0);
-        cp_async16(sK + at, kg + d0);
-        cp_async16(sV + at, vg + d0);
-      }
-    }
-    cp_async_commit();
-  }
   if (need_new) {
     for (int64_t i = threadIdx.x; i < NR * D; i += blockDim.x) {
       const int64_t a = i / D, d = i % D;
@@ -152,8 +106,8 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
     }
     __syncthreads();
     norm_rope_heads<T>(
-        newk, NR, D, [&](int) { return kn; }, [&](int a) { return float(st + depth[a]); }, p.eps,
-        invf);
+        newk, NR, D, [&](int) { return p.k_norm; }, [&](int a) { return float(st + depth[a]); },
+        p.eps, p.inv_freq);
     if (writer) {
       for (int64_t i = threadIdx.x; i < NR * D; i += blockDim.x) {
         const int64_t slot = st + i / D, d = i % D;
@@ -163,7 +117,6 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
     }
   }
   if (!any) return;
-  if (sK) cp_async_wait_all();  // this thread's rows; the barriers below publish them all
 
   constexpr int kVecPerLane = (kAttnMaxHeadDim + 16 * VEC - 1) / (16 * VEC);
   const int RT = MAXQ / G;  // rows per tile (MAXQ >= G)
@@ -181,8 +134,8 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
     }
     __syncthreads();
     norm_rope_heads<T>(
-        qs, nq, D, [&](int) { return qn; }, [&](int qi) { return float(pos_of(t0 + qi / G)); },
-        p.eps, invf);
+        qs, nq, D, [&](int) { return p.q_norm; },
+        [&](int qi) { return float(pos_of(t0 + qi / G)); }, p.eps, p.inv_freq);
 
     // Scores: thread t <-> virtual slot c0 + t; every score is an FMA chain over d in order.
     const int64_t v = c0 + threadIdx.x;
@@ -193,12 +146,11 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
       bool need = false;
       for (int j = t0; j < t1; ++j) need |= v >= lo_of(j);
       if (need) {
-        const T* krow = sK ? sK + threadIdx.x * D : p.k_cache + (head_base + v) * D;
+        const T* krow = p.k_cache + (head_base + v) * D;
 #pragma unroll 4
         for (int64_t d0 = 0; d0 < D; d0 += VEC) {
           Vec<T, VEC> kv;
-          if (sK) kv.load_shared(krow + piece(threadIdx.x, d0));
-          else kv.load(krow + d0);
+          kv.load(krow + d0);
 #pragma unroll
           for (int q = 0; q < MAXQ; ++q)
             if (q < nq)
@@ -271,7 +223,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
       for (int64_t jj = c0 + 2 * warp + half; jj < end; jj += 2 * kAttnWarps) {
         if (jj < first) continue;
         const bool cached = jj < st;
-        const T* vrow = sV ? sV + (jj - c0) * D : p.v_cache + (head_base + jj) * D;
+        const T* vrow = p.v_cache + (head_base + jj) * D;
         const float* vnew = cached ? newv : newv + anc[j * NR + (jj - st)] * D;
         float vx[kVecPerLane][VEC];
 #pragma unroll
@@ -285,8 +237,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
             for (int e = 0; e < VEC; ++e) vx[i][e] = vnew[d0 + e];
           } else {
             Vec<T, VEC> vv;
-            if (sV) vv.load_shared(vrow + piece(jj - c0, d0));
-            else vv.load(vrow + d0);
+            vv.load(vrow + d0);
 #pragma unroll
             for (int e = 0; e < VEC; ++e) vx[i][e] = vv[e];
           }
@@ -400,18 +351,10 @@ cudaError_t attn_smem_opt_in(K kernel, size_t smem) {
 }
 
 template <typename T, int MAXQ>
-cudaError_t launch_attention_maxq(const AttnParams<T>& given, bool vec, cudaStream_t stream) {
+cudaError_t launch_attention_maxq(const AttnParams<T>& p, bool vec, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   auto kernel = vec ? decode_attention_kernel<T, kVec, MAXQ> : decode_attention_kernel<T, 1, MAXQ>;
-  AttnParams<T> p = given;
-  size_t smem = attn_smem_bytes(p.rows, p.D, MAXQ);
-  if (p.stage_kv) {  // staged only where it can be: 16-byte rows, cp.async (sm_80+), room
-    const size_t optin = size_t(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(0));
-    const int major = device_attribute<cudaDevAttrComputeCapabilityMajor>(0);
-    const size_t staged = attn_stage_offset(p.rows, p.D, MAXQ) + attn_stage_bytes(p.D, sizeof(T));
-    p.stage_kv = vec && major >= 8 && staged <= optin ? 1 : 0;
-    if (p.stage_kv) smem = staged;
-  }
+  const size_t smem = attn_smem_bytes(p.rows, p.D, MAXQ);
   cudaError_t err = vec ? attn_smem_opt_in(decode_attention_kernel<T, kVec, MAXQ>, smem)
                         : attn_smem_opt_in(decode_attention_kernel<T, 1, MAXQ>, smem);
   if (err != cudaSuccess) return err;

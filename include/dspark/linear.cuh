@@ -91,11 +91,6 @@ struct Vec {
     if constexpr (VEC == 1) one = __ldg(p);
     else raw = __ldg(reinterpret_cast<const uint4*>(p));
   }
-  // The same from shared memory (a generic pointer: __ldg is for global memory only).
-  __device__ __forceinline__ void load_shared(const T* p) {
-    if constexpr (VEC == 1) one = *p;
-    else raw = *reinterpret_cast<const uint4*>(p);
-  }
   __device__ __forceinline__ float operator[](int i) const {
     if constexpr (VEC == 1) {
       return to_f(one);
