@@ -96,23 +96,26 @@ def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), ba
     method). stage_times: split each round's time into draft / schedule / target forward /
     accept / commit (on GPU one graph per stage: slower rounds); default off on GPU (one graph
     per step: "step"). schedules: verify budgets run for every drafter ("fixed", "sync",
-    "async", "threshold:X"; a scheduled method is named "drafter[mode]"; a drafter a mode cannot
+    "async", "threshold:X", each optionally "+ar": with the engine's ar_fallback; a scheduled
+    method is named "drafter[mode]"; a drafter a mode cannot
     schedule is skipped and listed in ``skipped``); sps: their table; step_overhead: the seconds
     a step costs besides the verify forward, for their ranking (VerifyScheduler)."""
     from .engine import SpeculativeEngine
     from .schedule_step import check_step_overhead
-    from .scheduler import parse_schedule
-    for spec in schedules:
-        parse_schedule(spec)  # bad specs are errors, not skips (engines' errors are skips below)
+    from .scheduler import parse_schedule, split_fallback
+    for spec in schedules:  # bad specs are errors, not skips (engines' errors are skips below)
+        parse_schedule(split_fallback(spec)[0])
     check_step_overhead(step_overhead)
     engines, skipped = {"autoregressive": SpeculativeEngine(target)}, []
     for n, d in drafters.items():
         for spec in schedules:
             name = n if spec == "fixed" else f"{n}[{spec}]"
+            mode, fallback = split_fallback(spec)
             try:
                 engines[name] = SpeculativeEngine(target, d, stage_times=stage_times,
-                                                  schedule=spec, sps=sps,
-                                                  step_overhead=step_overhead)
+                                                  schedule=mode, sps=sps,
+                                                  step_overhead=step_overhead,
+                                                  ar_fallback=fallback)
             except ValueError as exc:  # e.g. a drafter without a confidence head
                 skipped.append({"method": name, "reason": str(exc)})
     total = len(datasets) * len(temperatures) * len(batches) * len(engines)
@@ -148,6 +151,9 @@ def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), ba
                         torch.cuda.empty_cache()
                     r = {"dataset": dname, "temperature": temp, "batch": batch, "method": name,
                          "prompts": len(prompts), "wall_s": wall, **_pool(metrics)}
+                    if getattr(eng, "fallback", None) is not None:  # what its probe measured
+                        r["fallback"] = next((c.to_dict() for k, c in eng.fallback.choices.items()
+                                              if k[0] == batch), None)
                     if base is None:
                         base = (tokens, r)
                     else:

@@ -32,7 +32,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    "a run of every drafter (default: a trained drafter's block size, else 4)")
     p.add_argument("--schedule", nargs="+", default=["fixed"], metavar="MODE",
                    help="verify budgets, each a run of every drafter: fixed | sync | async | "
-                   "threshold:X (scheduled modes need a DSpark drafter; others are skipped)")
+                   "threshold:X (scheduled modes need a DSpark drafter; others are skipped); "
+                   "MODE+ar: plain decoding at a batch size where it measures faster "
+                   "(the engine's ar_fallback)")
     p.add_argument("--sps", default=None, metavar="JSON", help="steps-per-second table for the "
                    "scheduled runs (default: the target's cached table, measured if missing)")
     add_step_overhead(p)

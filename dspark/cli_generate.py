@@ -55,6 +55,9 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
                    "threshold:X (DSpark drafters: verify each request's prefix by calibrated "
                    "confidence and the target's steps-per-second table)")
     add_step_overhead(p)
+    p.add_argument("--ar-fallback", action="store_true",
+                   help="time speculative against plain decoding steps at the start and "
+                   "continue with plain decoding if it is faster (dspark/fallback.py)")
     p.add_argument("--sps", default=None, metavar="JSON", help="steps-per-second table for "
                    "--schedule sync/async (default: the target's cached table from `dspark "
                    "profile-sps`, measured now if there is none)")
@@ -100,7 +103,8 @@ def _generate(args, tp, device: str) -> int:
         tree_topk=args.tree_topk, device=device, dtype=args.dtype, tp=tp,
         drafter_mode=args.tp_drafter, compile=args.compile or False, fused=args.fused,
         batch_invariant=args.batch_invariant, fused_max_rows=args.fused_max_rows,
-        schedule=args.schedule, sps=args.sps, step_overhead=args.step_overhead / 1e3)
+        schedule=args.schedule, sps=args.sps, step_overhead=args.step_overhead / 1e3,
+        ar_fallback=args.ar_fallback)
     if engine.tokenizer is None:
         raise ValueError(f"{args.target!r} has no tokenizer.json")
     prompts = _prompts(args.prompt)

@@ -19,6 +19,7 @@ import torch
 
 from . import ops
 from .drafters import Drafter, NgramDrafter, load_drafter
+from .fallback import FallbackGate
 from .graphs import StageGraphs
 from .metrics import Metrics, StageTimer, clip_rounds
 from .models import ModelRunner, Transformer, load_model, load_tokenizer
@@ -70,7 +71,7 @@ class SpeculativeEngine:
                  nvtx: bool = False, stage_times: Optional[bool] = None,
                  schedule: Union[None, str, VerifyScheduler] = None, sps: SPSSource = None,
                  bucket_rows: Optional[bool] = None, fused_max_rows: Optional[int] = None,
-                 step_overhead: float = 0.0):
+                 step_overhead: float = 0.0, ar_fallback: Union[bool, float] = False):
         # fused: the runner's dspark::fused_linear / decode_attention path for calls of up to
         # fused_max_rows rows (None: FUSED_MAX_ROWS; fused None: on for CUDA); batch_invariant:
         # that path for every decode / verify call (greedy speculative == greedy autoregressive
@@ -85,7 +86,9 @@ class SpeculativeEngine:
         # runner's cached table, profiled on first use; a JSON path; an SPSTable; or the values
         # SPS(1), ...); bucket_rows: pad scheduled verifies to graph buckets (None: when graphs
         # are on); step_overhead: seconds a step costs besides the verify forward, for the
-        # scheduler's ranking (VerifyScheduler)
+        # scheduler's ranking (VerifyScheduler); ar_fallback: True or a margin (default 0.05):
+        # at each new batch size, time speculative against plain decoding steps and continue
+        # with plain decoding where it is faster by the margin (dspark/fallback.py)
         if not isinstance(target, ModelRunner):
             target = ModelRunner(target, use_cuda_graphs, compile=compile, fused=fused,
                                  batch_invariant=batch_invariant, fused_max_rows=fused_max_rows)
@@ -126,6 +129,11 @@ class SpeculativeEngine:
                 self.scheduler.buckets = self.target.use_cuda_graphs
             if drafter is not None:
                 self.scheduler.check(drafter)
+        self.fallback: Optional[FallbackGate] = None
+        if ar_fallback is not False and ar_fallback is not None:
+            if self.target.tensor_parallel:  # ranks timing apart could choose apart: a hang
+                raise ValueError("ar_fallback is not supported with a tensor-parallel target")
+            self.fallback = FallbackGate() if ar_fallback is True else FallbackGate(ar_fallback)
         self._states: dict = {}  # (batch, capacity, stop width) -> persistent SpecState
         self._flags = None  # pinned host flags + events of the one-step-ahead loop
 
@@ -275,15 +283,20 @@ class SpeculativeEngine:
         t0 = time.perf_counter()
         bar = kw.pop("progress", False)
         st, timer, hidden = self._start(prompts, d.target_taps, kw, speculative=True)
+        load = (st.batch, d.max_nodes, id(d))  # ar_fallback's key
+        known = None if self.fallback is None else self.fallback.choices.get(load)
         with timer("prefill"):
-            d.setup(st.batch, st.capacity)
-            d.start(st, hidden)
-            if self.scheduler is not None:
-                self.scheduler.start(st, d)
+            if known is None or not known.plain:  # (plain decoding at this load: no drafting)
+                d.setup(st.batch, st.capacity)
+                d.start(st, hidden)
+                if self.scheduler is not None:
+                    self.scheduler.start(st, d)
         if not d.graphable:
             self.graphs.clear()
         with self._graphs_enabled(d.graphable):
-            self._run(st, lambda: self._step(st, timer), bar)
+            step = (lambda: self._step(st, timer)) if self.fallback is None else \
+                self.fallback.stepper(self, st, timer, load)
+            self._run(st, step, bar)
         return self._finish(st, timer, t0, d.gamma)
 
     @torch.inference_mode()
@@ -406,11 +419,22 @@ class SpeculativeEngine:
         keep = act.any(1)  # drop the one step run after every request finished
         sched = {}
         s = self.scheduler if gamma else None
+        # rounds from `plain` on were plain decoding steps (ar_fallback): nothing verified
+        plain = self.fallback.plain_from if gamma and self.fallback is not None else None
         if s is not None:  # what the scheduler verified and expected, per round
-            sched = dict(verified=st.round_verified[:rounds].cpu()[keep],
-                         expected=st.round_expected[:rounds].cpu()[keep], sps=s.table,
-                         rows=[r for r, k in zip(s.rows_log, keep.tolist()) if k],
-                         schedule=s.spec)
+            verified, expected = st.round_verified[:rounds].cpu(), st.round_expected[:rounds].cpu()
+            rows = list(s.rows_log)
+            if plain is not None:
+                verified[plain:], expected[plain:] = 0, 0
+                rows = rows[:plain] + [st.batch] * (rounds - plain)
+            sched = dict(verified=verified[keep], expected=expected[keep], sps=s.table,
+                         rows=[r for r, k in zip(rows, keep.tolist()) if k], schedule=s.spec)
+        elif plain is not None:
+            verified = torch.full((rounds, st.batch), gamma, dtype=torch.long)
+            verified[plain:] = 0
+            rows = [st.batch * self.drafter.max_nodes] * plain + [st.batch] * (rounds - plain)
+            sched = dict(verified=verified[keep], rows=[r for r, k in zip(rows, keep.tolist())
+                                                        if k])
         metrics = Metrics.from_rounds(gamma, acc[keep], act[keep], sum(map(len, out)), times,
                                       total, user_tokens=[len(g) for g in out], **sched)
         text = None

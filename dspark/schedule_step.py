@@ -48,7 +48,7 @@ import torch
 from . import ops
 from .models.transformer import PackedLayout
 from .ops import SamplingTensors, VerifyResult
-from .scheduler import SPSTable, load_sps, parse_schedule
+from .scheduler import SPSTable, load_sps, parse_schedule, ranking_table
 from .state import Proposal, SpecState
 
 MAX_VERIFY_WIDTH = 4096  # dspark.ops.verify's largest max_nodes (the scratch request's width)
@@ -148,7 +148,8 @@ class VerifyScheduler:
     exists (any value independent of the current drafts keeps the output exact; None: every
     draft, i.e. fixed gamma for two steps). overhead: seconds every step costs besides the verify
     forward the table times (the draft, accept, commit: ``dspark bench``'s time split); the
-    scheduler ranks with SPS'(B) = 1 / (1 / SPS(B) + overhead). The table alone makes one more
+    scheduler ranks with SPS'(B) = 1 / (1 / SPS(B) + overhead), SPS with its bucket edges spread
+    over the buckets (:func:`dspark.scheduler.ranking_table`). The table alone makes one more
     verify token look dearer than it is when the step's fixed costs are large (measured on the
     benchmark pair: sync verified 0.92 drafts a request at batch 4, 0.29 at 128, and lost to
     fixed gamma). A fixed number, independent of the drafts: the output stays exact."""
@@ -222,7 +223,8 @@ class VerifyScheduler:
         """Buffers for this batch (kept while the batch size is), reset for a new call."""
         dev, R, G = st.tokens.device, st.batch, drafter.gamma
         if self.table is not None and (self.sps is None or self.sps.device != dev):
-            table = [1.0 / (1.0 / s + self.overhead) for s in self.table]
+            # ranked with bucket edges spread over their buckets, plus the step's fixed cost
+            table = [1.0 / (1.0 / s + self.overhead) for s in ranking_table(self.table)]
             self.sps = torch.tensor(table, dtype=torch.float32, device=dev)
             self._serial += 1
         if self._batch != (R, dev):

@@ -209,6 +209,32 @@ def table_from_measurements(grid: Sequence[int], seconds: Sequence[float], max_t
     return out
 
 
+def ranking_table(sps: Sequence[float]) -> list:
+    """The SPS table the scheduler ranks with: step *time* made linear between the last sizes of
+    its constant runs. A bucketed engine's table is a step function (a verify padded to the next
+    captured size costs that size's time), so the first draft past a bucket edge looks like it
+    costs the whole jump, and Algorithm 1's early stop ends admission there, however cheap the
+    rest of the next bucket is: on the benchmark pair (H100, 2026-12-06) sync verified 0.27
+    drafts a request at batch 128 where the table's time grows 1.8 % from 128 to 255 tokens,
+    and fixed gamma 7 beat it 1.8x. Spread over its bucket, a jump is the marginal cost of a
+    token there. The table is fixed before the drafts exist, so the output stays exact. A table
+    with no constant runs (strictly increasing time) is returned as it is."""
+    t = [1.0 / float(s) for s in sps]
+    n = len(t)
+    ends = [i for i in range(n) if i == n - 1 or t[i + 1] != t[i]]  # last index of each run
+    out, k = [], 0
+    for i in range(n):
+        while ends[k] < i:
+            k += 1
+        if k == 0 or i == ends[k]:
+            ti = t[ends[k]]
+        else:
+            lo, hi = ends[k - 1], ends[k]
+            ti = t[lo] + (i - lo) / (hi - lo) * (t[hi] - t[lo])
+        out.append(1.0 / ti)
+    return out
+
+
 def profile_sps(runner, max_tokens: int, *, gamma: int = 7, context: int = 512,
                 requests: Optional[int] = None, grid: Optional[Sequence[int]] = None,
                 reps: Optional[int] = None, warmup: Optional[int] = None,
@@ -309,6 +335,12 @@ def plot_sps(table: SPSTable, path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def split_fallback(spec: str) -> tuple:
+    """``"MODE+ar"`` (a bench schedule) -> ("MODE", True): MODE with the engine's ar_fallback
+    (plain decoding where it measures faster, dspark/fallback.py); ``"MODE"`` -> ("MODE", False)."""
+    return (spec[:-3], True) if spec.endswith("+ar") else (spec, False)
 
 
 def parse_schedule(spec: str) -> tuple:

@@ -203,3 +203,27 @@ def test_profile_on_cuda(tmp_path):
     assert all(s > 0 for s in table.sps) and all(a >= b for a, b in zip(table.sps, table.sps[1:]))
     assert r.use_cuda_graphs and not r._graphs
     assert scheduler.load_sps(r, 40, cache_dir=str(tmp_path)) == table
+
+
+def test_ranking_table_spreads_bucket_edges():
+    """Step tables (a bucketed engine pays the next captured size) are ranked with time linear
+    between the ends of their constant runs; other tables are ranked as they are."""
+    step = scheduler.table_from_measurements([3, 7, 15], [1.0, 2.0, 4.0], 15, "step")
+    rank = [1 / s for s in scheduler.ranking_table(step)]
+    assert rank[:3] == [1.0] * 3 and rank[6] == 2.0 and rank[14] == 4.0
+    assert rank[3] == pytest.approx(1.25) and rank[7] == pytest.approx(2.25)
+    assert all(a < b for a, b in zip(rank[2:], rank[3:]))
+    smooth = [1 / (1 + 0.1 * b) for b in range(1, 50)]
+    assert scheduler.ranking_table(smooth) == pytest.approx(smooth)
+    assert scheduler.ranking_table([2.0] * 9) == [2.0] * 9
+    # Algorithm 1 on the step table stops at the first bucket edge; ranked with the spread
+    # table it admits the drafts the bucket's room pays for (8 requests, gamma 7, c = 0.8; a
+    # table shaped like the benchmark pair's: flat to 7 tokens, then +25-60 % per bucket)
+    grid, secs = [7, 15, 31, 63], [1.0, 1.25, 1.6, 2.5]
+    table = scheduler.table_from_measurements(grid, secs, 63, "step")
+    conf = torch.full((8, 7), 0.8)
+    lengths = torch.full((8,), 7)
+    raw = dspark.ops.schedule_prefix(conf, lengths, torch.tensor(table), "sync")
+    ranked = dspark.ops.schedule_prefix(conf, lengths, torch.tensor(
+        scheduler.ranking_table(table)), "sync")
+    assert int(raw.sum()) < int(ranked.sum())

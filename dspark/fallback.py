@@ -1,0 +1,116 @@
+"""Plain decoding where speculation measures slower: the engine's ``ar_fallback``.
+
+Why: a verify budget (dspark/schedule_step.py) decides how many drafts each request verifies,
+but every speculative step still pays for drafting them. Where drafting costs as much as the
+target's step, no budget can keep up with plain decoding: on the benchmark pair (H100,
+2026-12-06, bench/RESULTS.md tenth session) a DSpark step at batch 16-64 took 3.4-4.1x a plain
+decoding step and emitted ~3 tokens a request, so every scheduled mode ran at 0.44-0.74x
+autoregressive throughput there. The issue's bar is "never slower than autoregressive".
+
+How: at a load (batch size) it has not seen, a generate() call times its first speculative
+steps (after ``WARM`` steps, which capture the CUDA graphs) and then ``PROBE`` replays of the
+target's plain decode of the current anchors, whose logits are dropped (its K / V write at the
+anchor's slot is rewritten with the same rows by the next verify, whose root is that anchor).
+If plain decoding yields more tokens per second (by ``margin``), the call continues with plain
+decoding steps, and the choice is kept for later calls at that load, which then do not probe.
+Each step, speculative or plain, samples from the target's distribution, so the output
+distribution is unchanged (and greedy output identical, with the batch-invariant kernels).
+Measuring costs two host syncs per new load, and ``PROBE`` decode steps of target time.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Hashable
+
+
+@dataclass(frozen=True)
+class FallbackChoice:
+    """What a load's probe measured: tokens/s speculating and decoding plainly."""
+    speculative_tok_s: float
+    plain_tok_s: float
+    plain: bool  # plain decoding chosen
+
+    def to_dict(self) -> dict:
+        return {"speculative_tok_s": self.speculative_tok_s, "plain_tok_s": self.plain_tok_s,
+                "chose": "autoregressive" if self.plain else "speculative"}
+
+
+def choose_plain(speculative_tok_s: float, plain_tok_s: float, margin: float) -> bool:
+    """Plain decoding only when it measured faster by more than ``margin`` (noise)."""
+    return plain_tok_s > speculative_tok_s * (1.0 + margin)
+
+
+class FallbackGate:
+    """Per load (the engine's key), the faster of speculative and plain decoding steps."""
+    WARM, PROBE = 2, 4
+
+    def __init__(self, margin: float = 0.05):
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) \
+                or not 0.0 <= margin < float("inf"):
+            raise ValueError(f"ar_fallback margin must be a finite number >= 0, got {margin!r}")
+        self.margin = float(margin)
+        self.choices: dict = {}  # load key -> FallbackChoice
+        self.plain_from = None  # the last call's round index where plain decoding took over
+
+    def stepper(self, engine, st, timer, key: Hashable) -> Callable[[], None]:
+        """The step function for one generate() call of ``engine`` on state ``st``."""
+        speculative = lambda: engine._step(st, timer)  # noqa: E731
+        plain = lambda: engine._decode_step(st, timer)  # noqa: E731
+        self.plain_from = None
+        known = self.choices.get(key)
+        if known is not None:
+            if known.plain:
+                self.plain_from = 0
+            return plain if known.plain else speculative
+        k, mark, chosen = 0, None, None
+
+        def step() -> None:
+            nonlocal k, mark, chosen
+            if chosen is not None:
+                return chosen()
+            if k == self.WARM:
+                mark = _tokens_now(st)
+            elif k == self.WARM + self.PROBE:
+                t1, n1 = _tokens_now(st)
+                spec = (n1 - mark[1]) / max(t1 - mark[0], 1e-9)
+                plain_rate = _plain_rate(engine, st, self.PROBE)
+                choice = FallbackChoice(spec, plain_rate,
+                                        choose_plain(spec, plain_rate, self.margin))
+                self.choices[key] = choice
+                if choice.plain:
+                    self.plain_from = int(st.rounds)
+                chosen = plain if choice.plain else speculative
+                return chosen()
+            k += 1
+            speculative()
+        return step
+
+
+def _sync(st) -> None:
+    if st.tokens.device.type == "cuda":
+        import torch
+        torch.cuda.synchronize(st.tokens.device)
+
+
+def _tokens_now(st) -> tuple:
+    """(seconds, tokens committed so far) once every queued step has run."""
+    _sync(st)
+    return time.perf_counter(), int(st.n_tokens.sum())
+
+
+def _plain_rate(engine, st, reps: int) -> float:
+    """Tokens/s of plain decoding steps on the current anchors: the target's decode (one graph
+    on GPU, in the verify graphs' pool) timed over ``reps`` replays after two untimed calls (an
+    eager one, then the capture), logits dropped."""
+    key = ("probe decode", engine._graph_key(st))
+
+    def dry() -> None:
+        engine.target.decode(st.anchor(), st.anchor_pos())
+    for _ in range(2):
+        engine.graphs(key, dry, True)
+    t0 = _tokens_now(st)[0]
+    for _ in range(reps):
+        engine.graphs(key, dry, True)
+    dt = (_tokens_now(st)[0] - t0) / reps
+    return int(st.active.sum()) / max(dt, 1e-9)

@@ -1,0 +1,138 @@
+"""The engine's ar_fallback (dspark/fallback.py): where drafting makes a step slower than plain
+decoding, the call continues with plain decoding steps, and its output is what speculation or
+plain decoding would give; the probe itself changes nothing (same tokens, sampled too, when
+speculation is kept). CPU; the CUDA variant at the end runs the probe's graphs."""
+import json
+import os
+import time
+
+import pytest
+
+import dspark
+from dspark.cli import main
+from dspark.demo import DEMO_MODELS, DEMO_PROMPTS, load_demo_pair
+from dspark.engine import SpeculativeEngine
+from dspark.fallback import FallbackGate, choose_plain
+from dspark.models import ModelRunner
+
+NEW = 40
+
+
+@pytest.fixture(scope="module")
+def demo():
+    target, tok, drafter = load_demo_pair("cpu")
+    return target, drafter, [tok.encode(p).ids for p in DEMO_PROMPTS]
+
+
+def slowed(drafter, seconds: float):
+    """The drafter with a sleep in every propose: drafting costs more than a decode step."""
+    propose = drafter.propose
+
+    def slow(st):
+        time.sleep(seconds)
+        return propose(st)
+    drafter.propose = slow
+    return drafter
+
+
+def test_choose_plain_and_bad_margin():
+    assert choose_plain(100.0, 120.0, 0.05) and not choose_plain(100.0, 104.0, 0.05)
+    assert not choose_plain(100.0, 100.0, 0.0)
+    for bad in (-0.1, float("nan"), float("inf"), "0.1", True):
+        with pytest.raises(ValueError, match="ar_fallback margin"):
+            FallbackGate(bad)
+
+
+@pytest.mark.parametrize("schedule", ["fixed", "sync"])
+def test_slow_drafting_falls_back_to_plain_decoding(demo, schedule):
+    target, _, prompts = demo
+    _, _, drafter = load_demo_pair("cpu")  # a fresh drafter: this one is slowed
+    engine = SpeculativeEngine(target, slowed(drafter, 0.1), schedule=schedule,
+                               sps=[1.0] * 512, ar_fallback=True)
+    want = SpeculativeEngine(target).generate_autoregressive(prompts, max_new_tokens=NEW,
+                                                             stop_tokens=[]).tokens
+    out = engine.generate(prompts, max_new_tokens=NEW, stop_tokens=[])
+    assert out.tokens == want  # greedy: the speculative rounds and the plain ones agree
+    (key, choice), = engine.fallback.choices.items()
+    assert key[0] == len(prompts) and choice.plain
+    assert choice.plain_tok_s > choice.speculative_tok_s > 0
+    # the probe's speculative rounds, then plain ones: those verified nothing
+    first = engine.fallback.plain_from
+    m = out.metrics
+    assert first == FallbackGate.WARM + FallbackGate.PROBE and m.rounds > first
+    assert sum(m.verified_hist[1:]) <= first * len(prompts)
+    assert m.verified_hist[0] >= m.request_rounds - first * len(prompts) > 0
+    rows = m.per_round["rows"]  # the target forward's rows: plain steps decode one a request
+    assert len(rows) == m.rounds and rows[first:] == [len(prompts)] * (m.rounds - first)
+    assert m.forward_rows == sum(rows)
+    # a second call at this load does not probe: plain decoding from its first round
+    again = engine.generate(prompts, max_new_tokens=NEW, stop_tokens=[])
+    assert again.tokens == want and engine.fallback.plain_from == 0
+    assert again.metrics.verified_hist[0] == again.metrics.request_rounds
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_probe_that_keeps_speculating_changes_nothing(demo, temperature):
+    """A margin no measurement beats: speculation continues after the probe's plain decodes of
+    the anchors, and every token (sampled too, same seeds) is the engine's without a probe."""
+    target, drafter, prompts = demo
+    kw = dict(max_new_tokens=NEW, temperature=temperature, seed=[3, 4, 5][:len(prompts)],
+              stop_tokens=[])
+    want = SpeculativeEngine(target, drafter).generate(prompts, **kw)
+    engine = SpeculativeEngine(target, drafter, ar_fallback=1e12)
+    got = engine.generate(prompts, **kw)
+    (_, choice), = engine.fallback.choices.items()
+    assert not choice.plain and engine.fallback.plain_from is None
+    assert got.tokens == want.tokens
+    assert got.metrics.accept_hist == want.metrics.accept_hist
+
+
+def test_ar_fallback_from_the_cli(capsys):
+    rc = main(["generate", "--target", os.path.join(DEMO_MODELS, "target"), "--drafter",
+               os.path.join(DEMO_MODELS, "dspark"), "--prompt", "def add(a, b):",
+               "--max-new-tokens", "12", "--device", "cpu", "--ar-fallback", "--compare"])
+    assert rc == 0
+    assert "identical text: true" in capsys.readouterr().out.lower()
+
+
+@pytest.mark.cuda
+def test_cuda_probe_graphs_change_nothing():
+    """On the GPU the probe replays the target's decode graph between speculative step graphs:
+    the tokens are the unprobed engine's (sampled), and a slowed drafter falls back."""
+    if not dspark.cuda_available():
+        pytest.skip("needs a CUDA build of dspark and a visible GPU")
+    target, tok, drafter = load_demo_pair("cuda")
+    prompts = [tok.encode(p).ids for p in DEMO_PROMPTS]
+    kw = dict(max_new_tokens=NEW, temperature=1.0, seed=[7, 8, 9][:len(prompts)],
+              stop_tokens=[])
+    runner = ModelRunner(target) if not isinstance(target, ModelRunner) else target
+    want = SpeculativeEngine(runner, drafter).generate(prompts, **kw).tokens
+    kept = SpeculativeEngine(runner, drafter, ar_fallback=1e12)
+    assert kept.generate(prompts, **kw).tokens == want
+    _, _, slow = load_demo_pair("cuda")
+    engine = SpeculativeEngine(runner, slowed(slow, 0.05), ar_fallback=True)
+    greedy = engine.generate(prompts, max_new_tokens=NEW, stop_tokens=[]).tokens
+    assert next(iter(engine.fallback.choices.values())).plain
+    assert greedy == SpeculativeEngine(runner).generate_autoregressive(
+        prompts, max_new_tokens=NEW, stop_tokens=[]).tokens
+
+
+def test_bench_runs_a_fallback_schedule(tmp_path, capsys):
+    """`dspark bench --schedule fixed+ar`: a run named drafter[fixed+ar] whose JSON says what
+    the probe measured at that batch size."""
+    data = tmp_path / "code.jsonl"
+    data.write_text("".join(json.dumps({"turns": [p]}) + "\n" for p in DEMO_PROMPTS[:2]))
+    rc = main(["bench", "--target", os.path.join(DEMO_MODELS, "target"), "--drafter",
+               os.path.join(DEMO_MODELS, "dspark"), "--dataset", str(data), "--prompts", "2",
+               "--max-new-tokens", "16", "--device", "cpu", "--dtype", "float32",
+               "--schedule", "fixed", "fixed+ar", "--out", str(tmp_path / "b"), "--no-progress",
+               "--json"])
+    assert rc == 0
+    capsys.readouterr()
+    runs = json.loads((tmp_path / "b" / "results.json").read_text())["runs"]
+    (run,) = [r for r in runs if r["method"] == "dspark[fixed+ar]"]
+    assert run["fallback"]["chose"] in ("autoregressive", "speculative")
+    assert run["fallback"]["plain_tok_s"] > 0 and run["greedy_identical_fraction"] == 1.0
+    assert main(["bench", "--target", os.path.join(DEMO_MODELS, "target"), "--ngram", "2",
+                 "--dataset", str(data), "--device", "cpu", "--schedule", "bogus+ar"]) == 2
+    assert "schedule must be" in capsys.readouterr().err
