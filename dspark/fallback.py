@@ -3,9 +3,9 @@
 Why: a verify budget (dspark/schedule_step.py) decides how many drafts each request verifies,
 but every speculative step still pays for drafting them. Where drafting costs as much as the
 target's step, no budget can keep up with plain decoding: on the benchmark pair (H100,
-2026-12-06, bench/RESULTS.md tenth session) a DSpark step at batch 16-64 took 3.4-4.1x a plain
-decoding step and emitted ~3 tokens a request, so every scheduled mode ran at 0.44-0.74x
-autoregressive throughput there. The issue's bar is "never slower than autoregressive".
+2026-12-06, bench/RESULTS.md tenth session) a DSpark step at batch 16-64 took 2.8-4.1x a plain
+decoding step and emitted ~3 tokens a request, so every mode, fixed gamma or scheduled, ran at
+0.25-0.74x autoregressive throughput there. The issue's bar is "never slower than autoregressive".
 
 How: at a load (batch size) it has not seen, a generate() call times its first speculative
 steps (after ``WARM`` steps, which capture the CUDA graphs) and then ``PROBE`` replays of the

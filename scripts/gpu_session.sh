@@ -87,7 +87,7 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
   # chat prompts, below)
   stage sweep 480 env OUT="$RES/sweep" SWEEP_PAIR=$PAIR bash scripts/device_run.sh sweep
   # the engine's ar_fallback (plain decoding where it measures faster, dspark/fallback.py):
-  # predicted >= 0.95x autoregressive at every batch (s10: every mode 0.44-0.74x at 16-64)
+  # predicted >= 0.95x autoregressive at every batch (s10: every mode 0.25-0.74x at 16-64)
   stage sweep_fallback 300 env OUT="$RES/sweep_ar" SWEEP_PAIR=$PAIR \
     SWEEP_SCHEDULES="fixed+ar sync+ar async+ar" bash scripts/device_run.sh sweep
   # the round-cost issue's identity bar: greedy speculative == autoregressive in bf16 on every
