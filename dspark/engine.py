@@ -283,7 +283,7 @@ class SpeculativeEngine:
         t0 = time.perf_counter()
         bar = kw.pop("progress", False)
         st, timer, hidden = self._start(prompts, d.target_taps, kw, speculative=True)
-        load = (st.batch, d.max_nodes, id(d))  # ar_fallback's key
+        load = (st.batch, d.max_nodes)  # ar_fallback's key: the load and the block
         known = None if self.fallback is None else self.fallback.choices.get(load)
         with timer("prefill"):
             if known is None or not known.plain:  # (plain decoding at this load: no drafting)
@@ -417,24 +417,28 @@ class SpeculativeEngine:
         # returned (its first token came from the prefill, not from a round)
         acc, act = clip_rounds(acc, act, [max(len(g) - 1, 0) for g in out])
         keep = act.any(1)  # drop the one step run after every request finished
-        sched = {}
+        sched, verified, rows = {}, None, None
         s = self.scheduler if gamma else None
-        # rounds from `plain` on were plain decoding steps (ar_fallback): nothing verified
-        plain = self.fallback.plain_from if gamma and self.fallback is not None else None
         if s is not None:  # what the scheduler verified and expected, per round
-            verified, expected = st.round_verified[:rounds].cpu(), st.round_expected[:rounds].cpu()
-            rows = list(s.rows_log)
-            if plain is not None:
-                verified[plain:], expected[plain:] = 0, 0
-                rows = rows[:plain] + [st.batch] * (rounds - plain)
-            sched = dict(verified=verified[keep], expected=expected[keep], sps=s.table,
-                         rows=[r for r, k in zip(rows, keep.tolist()) if k], schedule=s.spec)
-        elif plain is not None:
-            verified = torch.full((rounds, st.batch), gamma, dtype=torch.long)
+            verified, rows = st.round_verified[:rounds].cpu(), list(s.rows_log)
+            expected = st.round_expected[:rounds].cpu()
+            sched = dict(sps=s.table, schedule=s.spec)
+        # rounds from `plain` on were plain decoding steps (ar_fallback): one row a request,
+        # nothing verified
+        plain = self.fallback.plain_from if gamma and self.fallback is not None else None
+        if plain is not None:
+            if verified is None:
+                verified = torch.full((rounds, st.batch), gamma, dtype=torch.long)
+                rows = [st.batch * self.drafter.max_nodes] * rounds
             verified[plain:] = 0
-            rows = [st.batch * self.drafter.max_nodes] * plain + [st.batch] * (rounds - plain)
-            sched = dict(verified=verified[keep], rows=[r for r, k in zip(rows, keep.tolist())
-                                                        if k])
+            rows = rows[:plain] + [st.batch] * (rounds - plain)
+            if s is not None:
+                expected[plain:] = 0
+        if verified is not None:
+            sched.update(verified=verified[keep],
+                         rows=[r for r, k in zip(rows, keep.tolist()) if k])
+        if s is not None:
+            sched["expected"] = expected[keep]
         metrics = Metrics.from_rounds(gamma, acc[keep], act[keep], sum(map(len, out)), times,
                                       total, user_tokens=[len(g) for g in out], **sched)
         text = None

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Hashable
 
+import torch
+
 
 @dataclass(frozen=True)
 class FallbackChoice:
@@ -87,15 +89,10 @@ class FallbackGate:
         return step
 
 
-def _sync(st) -> None:
-    if st.tokens.device.type == "cuda":
-        import torch
-        torch.cuda.synchronize(st.tokens.device)
-
-
 def _tokens_now(st) -> tuple:
     """(seconds, tokens committed so far) once every queued step has run."""
-    _sync(st)
+    if st.tokens.device.type == "cuda":
+        torch.cuda.synchronize(st.tokens.device)
     return time.perf_counter(), int(st.n_tokens.sum())
 
 

@@ -18,8 +18,9 @@
 #             -> $OUT/ablate_T0.json, ablate_T1.json (ABLATE_ONLY="method layers1": those
 #             variants; ABLATE_CONCURRENT=1: `drafters` trains them alongside its four, and
 #             `ablate-eval` evaluates them, "base" being the dspark drafter when not trained)
-#   pack      the pair as tar parts of <= 15 MiB in $OUT (to reuse it in a later call, carried
-#             as .data/pair; see bench/RESULTS.md for its size at the default scale)
+#   pack      the target and drafters (PACK_DRAFTERS, default "dspark dflash eagle3"; weights
+#             in bf16) as tar parts of <= 15 MiB in $OUT, to carry to a later session
+#             (scripts/pack_pair.py; ~58 MiB at the default scale)
 # On the GPU machine (after `bash scripts/device_run.sh build`) each stage fits one 10-minute
 # call; run them in consecutive calls while the machine is warm (out/ is kept) or all in one
 # call with shorter TARGET_MINUTES / DRAFT_MINUTES. PAIR_SCALE=smoke: a minute on a CPU, the
@@ -193,10 +194,8 @@ stage_bench() {
   cp "$OUT/bench/results.json" "$PAIR/bench_results.json"  # kept with the pair (its tau)
   cat "$OUT/bench.txt"
 }
-stage_pack() {  # <= 15 MiB parts: what the device tool brings back
-  tar -C "$(dirname "$PAIR")" -cf - --exclude=data --exclude=data_half --exclude=ablate \
-    --exclude=checkpoint "$(basename "$PAIR")" |
-    split -b 15m -d - "$OUT/pair.tar.part-"
+stage_pack() {  # <= 15 MiB parts: what the device tool brings back (scripts/pack_pair.py)
+  "$PY" "$ROOT/scripts/pack_pair.py" "$PAIR" "$OUT" --drafters ${PACK_DRAFTERS:-dspark dflash eagle3}
   ls -l "$OUT"/pair.tar.part-*
 }
 

@@ -2,12 +2,16 @@
 commands run end to end — target, shared draft data, the three drafters and the draft LM side by
 side, `dspark bench` with its JSON and plots, the tar parts — so the GPU run of the same script
 fails on nothing but the GPU."""
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
+import torch
+from safetensors.torch import load
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_pair.sh")
 
@@ -59,3 +63,14 @@ def test_bench_pair_smoke(tmp_path):
         assert all(r["speculative"]["tau"] >= 1.0 for r in ablate.values())
     parts = sorted(p for p in os.listdir(out) if p.startswith("pair.tar.part-"))
     assert parts and all((out / p).stat().st_size <= 15 << 20 for p in parts)
+    # the parts are one tar of the target and the drafters, their weights in bf16
+    blob = b"".join((out / p).read_bytes() for p in parts)
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        names = set(tar.getnames())
+        assert {"pair/target/config.json", "pair/target/tokenizer.json"} <= names
+        for m in ("dspark", "dflash", "eagle3"):
+            assert f"pair/{m}/drafter_config.json" in names
+            weights = load(tar.extractfile(f"pair/{m}/model.safetensors").read())
+            assert weights and all(w.dtype == torch.bfloat16 for w in weights.values()
+                                   if w.is_floating_point())
+        assert not any("checkpoint" in n or n.endswith(".pt") for n in names)

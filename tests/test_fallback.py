@@ -105,7 +105,7 @@ def test_cuda_probe_graphs_change_nothing():
     prompts = [tok.encode(p).ids for p in DEMO_PROMPTS]
     kw = dict(max_new_tokens=NEW, temperature=1.0, seed=[7, 8, 9][:len(prompts)],
               stop_tokens=[])
-    runner = ModelRunner(target) if not isinstance(target, ModelRunner) else target
+    runner = ModelRunner(target)  # one runner (its graphs, its cache) for every engine
     want = SpeculativeEngine(runner, drafter).generate(prompts, **kw).tokens
     kept = SpeculativeEngine(runner, drafter, ar_fallback=1e12)
     assert kept.generate(prompts, **kw).tokens == want
