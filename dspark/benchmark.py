@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -90,7 +90,8 @@ def _generate(engine, fn: str, prompts: list, batch: int, kw: dict, bar) -> tupl
 def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), batches=(1,),
               max_new_tokens: int = 128, seed: int = 0, progress: bool = False,
               stage_times: Optional[bool] = None, schedules: Sequence[str] = ("fixed",),
-              sps=None, step_overhead: float = 0.0) -> dict:
+              sps=None, step_overhead: float = 0.0,
+              on_run: Optional[Callable[[dict], None]] = None) -> dict:
     """target: a ModelRunner; drafters: name -> Drafter; datasets: name -> token prompts.
     Returns {"runs": [...], "skipped": [...]} with one run per (dataset, temperature, batch,
     method). stage_times: split each round's time into draft / schedule / target forward /
@@ -99,7 +100,8 @@ def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), ba
     "async", "threshold:X", each optionally "+ar": with the engine's ar_fallback; a scheduled
     method is named "drafter[mode]"; a drafter a mode cannot
     schedule is skipped and listed in ``skipped``); sps: their table; step_overhead: the seconds
-    a step costs besides the verify forward, for their ranking (VerifyScheduler)."""
+    a step costs besides the verify forward, for their ranking (VerifyScheduler); on_run: called
+    with each run's dict as it finishes (a long sweep cut short keeps what it measured)."""
     from .engine import SpeculativeEngine
     from .schedule_step import check_step_overhead
     from .scheduler import parse_schedule, split_fallback
@@ -165,6 +167,8 @@ def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), ba
                             same = [a == b for a, b in zip(tokens, base[0])]
                             r["greedy_identical_fraction"] = sum(same) / len(same)
                     runs.append(r)
+                    if on_run is not None:
+                        on_run(r)
     if bar is not None:
         bar.close()
     return {"runs": runs, "skipped": skipped}

@@ -14,9 +14,10 @@
 # the sm_80 code paths from a second install, compute_80 PTX through the JIT); or, when .data
 # holds a pair packed by an earlier session (pair.tar.part-*), the pair is unpacked and nothing
 # trains. Then, the GPU to itself, the timed runs in order of importance: the pair packed for
-# later sessions, decode_attention's work split, the demo pair's round cost, the 8B-shape verify
-# forward, dspark bench on the pair (compiled drafters, then eager), the concurrency sweeps,
-# greedy identity at 256 tokens, the scheduler microbenchmark, profile, the 8B projection, ncu
+# later sessions, the scheduler microbenchmark, the concurrency sweep (every mode, with and
+# without ar_fallback), dspark bench on the pair (compiled drafters), greedy identity at 256
+# tokens, profile, the chat sweep, the demo pair's round cost, the 8B-shape verify forward,
+# decode_attention's work split, the eager A/B, the remaining sweeps, the 8B projection, ncu
 # (the ablation's eval with PAIR_ABLATE=1; OPS_BENCH=1: the op benchmarks).
 # SKIP trims what a budget cannot hold (the stages run in this order). Each stage's
 # output: $RES/<stage>.txt (+ JSON / PNG); the job's timeline: $RES/progress.txt.
@@ -62,6 +63,29 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
   if [ ! -f "$ROOT/.data/pair.tar.part-00" ]; then
     stage pack 120 python3 scripts/pack_pair.py $PAIR $RES/pack && touch "$RES/end_pack"
   fi
+  stage schedule_bench 60 bash -c "cd bench && python3 bench_schedule.py --out $RES/schedule.json"
+  # confidence-scheduled verification at gamma 7 on code, every mode with and without the
+  # engine's ar_fallback (plain decoding at a batch where a probe measures it faster,
+  # dspark/fallback.py; predicted >= 0.95x autoregressive at every batch, s10: every mode
+  # 0.25-0.74x at 16-64); fixed gamma 3 / 5 and chat prompts below
+  stage sweep 600 env OUT="$RES/sweep" SWEEP_PAIR=$PAIR \
+    SWEEP_SCHEDULES="fixed sync async fixed+ar sync+ar async+ar" bash scripts/device_run.sh sweep
+  stage pair_bench 420 env OUT="$RES/pair" PAIR_DIR=$PAIR EVAL_DIR="$data" \
+    bash scripts/bench_pair.sh bench
+  # the round-cost issue's identity bar: greedy speculative == autoregressive in bf16 on every
+  # shipped eval set, 256 tokens, DSpark and n-gram, batch 1 and 4
+  stage identity_256 420 bash -c "cd /tmp && dspark bench --target $PAIR/target --drafter $PAIR/dspark \
+    --ngram 3 --dataset $data/humaneval.jsonl $data/mbpp.jsonl $data/mt-bench.jsonl $data/gsm8k.jsonl \
+    --temperature 0 --batch 1 4 --prompts 16 --max-new-tokens 256 --prompt-tokens 256 --no-progress \
+    --out $RES/identity_256"
+  stage profile 240 bash bench/profile.sh $PAIR/target $PAIR/dspark "$data/humaneval.jsonl" "$RES/profile"
+  stage sweep_chat 420 env OUT="$RES/sweep_chat" SWEEP_PAIR=$PAIR SWEEP_SET=mt-bench \
+    SWEEP_SCHEDULES="fixed sync async sync+ar async+ar" bash scripts/device_run.sh sweep
+  # the round-cost issue: the demo pair's round vs decode step, verify forward at the 8B shape
+  stage round_demo 240 bash -c "cd bench && python3 bench_round.py --dataset $data/humaneval.jsonl \
+    --drafters dspark,dspark-compiled,ngram --out $RES/round_demo.json"
+  stage verify_forward 240 bash -c "cd bench && python3 bench_verify_forward.py --batches 1,4,8 \
+    --rows 8 --out $RES/verify_forward.json"
   # decode_attention's work split (rows per block: the launcher's choice against fixed values) at
   # the pair's layer (batch 1 and 4) and the 8B layer: the multi-row attention was the largest
   # cost of the pair's verify forward (~50 µs a layer at 8 blocks)
@@ -69,13 +93,6 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
     --heads 4,2,64 --batch \$b --slots 256,1024 --rows 1,8 --rows-per-block auto,1,2,4,8 --reps 100 \
     --out $RES/attention_pair_b\$b.json; done; python3 bench_attention.py --slots 1024,4096,32768 \
     --rows 1,8 --rows-per-block auto,1,2,8 --reps 100 --out $RES/attention_8b.json"
-  # the round-cost issue: the demo pair's round vs decode step, verify forward at the 8B shape
-  stage round_demo 240 bash -c "cd bench && python3 bench_round.py --dataset $data/humaneval.jsonl \
-    --drafters dspark,dspark-compiled,ngram --out $RES/round_demo.json"
-  stage verify_forward 240 bash -c "cd bench && python3 bench_verify_forward.py --batches 1,4,8 \
-    --rows 8 --out $RES/verify_forward.json"
-  stage pair_bench 420 env OUT="$RES/pair" PAIR_DIR=$PAIR EVAL_DIR="$data" \
-    bash scripts/bench_pair.sh bench
   # the drafters eager (pair_bench compiles them: `dspark bench`'s default on CUDA since
   # 2026-12-06 s10, round 1.86 -> 1.54 ms), same prompts: the A/B of the compile
   stage pair_eager 300 bash -c "cd /tmp && dspark bench --no-compile-drafter --target $PAIR/target \
@@ -83,26 +100,10 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
     --dataset $data/humaneval.jsonl $data/mt-bench.jsonl \
     --temperature 0 1 --batch 1 --prompts 16 --max-new-tokens 128 --prompt-tokens 256 \
     --no-progress --out $RES/pair_eager"
-  # confidence-scheduled verification: every mode at gamma 7 on code (then fixed gamma 3 / 5 and
-  # chat prompts, below)
-  stage sweep 480 env OUT="$RES/sweep" SWEEP_PAIR=$PAIR bash scripts/device_run.sh sweep
-  # the engine's ar_fallback (plain decoding where it measures faster, dspark/fallback.py):
-  # predicted >= 0.95x autoregressive at every batch (s10: every mode 0.25-0.74x at 16-64)
-  stage sweep_fallback 300 env OUT="$RES/sweep_ar" SWEEP_PAIR=$PAIR \
-    SWEEP_SCHEDULES="fixed+ar sync+ar async+ar" bash scripts/device_run.sh sweep
-  # the round-cost issue's identity bar: greedy speculative == autoregressive in bf16 on every
-  # shipped eval set, 256 tokens, DSpark and n-gram, batch 1 and 4
-  stage identity_256 420 bash -c "cd /tmp && dspark bench --target $PAIR/target --drafter $PAIR/dspark \
-    --ngram 3 --dataset $data/humaneval.jsonl $data/mbpp.jsonl $data/mt-bench.jsonl $data/gsm8k.jsonl \
-    --temperature 0 --batch 1 4 --prompts 16 --max-new-tokens 256 --prompt-tokens 256 --no-progress \
-    --out $RES/identity_256"
   # verify / sample at the small vocabularies of the pairs (V = 8192): the fused kernel's accept
   # stage took 0.059 ms a round on the pair where the staged one took 0.036 (s8 vs s9 profiles)
   stage ops_small_vocab 90 bash -c "cd bench && python3 bench_ops.py --V 8192 --R 1,4,64 --gamma 4,7 \
     --dtypes fp32 --warm --reps 100 --out $RES/bench_ops_v8192.json"
-  stage schedule_bench 60 bash -c "cd bench && python3 bench_schedule.py --out $RES/schedule.json"
-  stage sweep_chat 420 env OUT="$RES/sweep_chat" SWEEP_PAIR=$PAIR SWEEP_SET=mt-bench \
-    bash scripts/device_run.sh sweep
   # the fused kernels for every verify of the pair (its SPS table: 63 rows fused 2.08 ms, 79 rows
   # on cuBLAS 3.93 ms): faster rounds at batch >= 16 and greedy identity there (was 72-95 %)
   stage sweep_fused_all 300 env OUT="$RES/sweep_fused" SWEEP_PAIR=$PAIR SWEEP_BATCHES="16 64 128" \
@@ -117,7 +118,6 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
     SWEEP_GAMMAS="3 5" SWEEP_SCHEDULES=fixed bash scripts/device_run.sh sweep
   [ "${PAIR_ABLATE:-0}" = 1 ] && stage ablate_eval 240 env OUT="$RES/pair" PAIR_DIR=$PAIR ABLATE_PROMPTS=32 \
     ABLATE_ONLY="base method layers1 layers3 halfdata" bash scripts/bench_pair.sh ablate-eval
-  stage profile 240 bash bench/profile.sh $PAIR/target $PAIR/dspark "$data/humaneval.jsonl" "$RES/profile"
   stage project 240 env OUT="$RES" PAIR_BENCH_JSON=$PAIR/bench_results.json bash scripts/device_run.sh project
   # batch 8 with cuBLAS above 8 rows (its verify forward: 13.2 ms on cuBLAS vs 27.2 fused, s9)
   stage project_max8 180 env OUT="$RES" PROJECT_ARGS="--fused-max-rows 8" PROJECT_NAME=project_8b_max8 \

@@ -18,11 +18,15 @@ def test_bench_writes_report_and_plots(tmp_path, capsys):
                "--dataset", str(data), "--prompts", "2", "--max-new-tokens", "8",
                "--batch", "1", "2", "--device", "cpu", "--dtype", "float32",
                "--out", str(out), "--no-progress"])
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     assert rc == 0 and "== code" in table and "ngram" in table
     report = json.loads((out / "results.json").read_text())
     runs = report["runs"]
     assert len(runs) == 6  # 1 dataset x 1 temperature x 2 batch sizes x (AR + 2 drafters)
+    # each run is reported as it ends (a sweep cut short keeps what it measured)
+    assert json.loads((out / "results.partial.json").read_text())["runs"] == runs
+    assert captured.err.count("bench: code T=0 batch ") == 6
     for r in runs:
         assert r["new_tokens"] == 16 and r["rounds"] > 0
         assert set(r["round_ms"]) == {"draft", "schedule", "target_forward", "accept", "commit",

@@ -5,9 +5,9 @@
 // The block holds every candidate key (dspark/schedule.h) in shared memory, padded to a power
 // of two n_pad >= 64 with kNoCandidate, and
 //   1. checks each request and writes its keys (one thread per request: gamma is small);
-//   2. sorts the keys with a bitonic network (log2(n_pad) * (log2(n_pad) + 1) / 2 passes; passes
-//      of stride <= 32 stay inside one warp's 64 keys and need only __syncwarp, so at
-//      n_pad = 2048 only 21 of 66 passes wait for the whole block);
+//   2. sorts the keys with a bitonic network (log2(n_pad) * (log2(n_pad) + 1) / 2 passes), up
+//      to four passes per trip through shared memory (the sort was bound by shared-memory
+//      traffic on one SM: 66 trips of 32 KB at n_pad = 2048, 16.7 us of a 25.9-us call);
 //   3. scans the ranked survivals in int64 (exact, so the order of the sum does not matter) and
 //      finds Algorithm 1's first non-improvement (sync) or the first argmax of Theta (budget)
 //      with block reductions;
@@ -61,31 +61,71 @@ __device__ inline int64_t block_exclusive_scan_i64(int64_t v) {
   return warp_sums[warp] + incl - v;
 }
 
-// Ascending bitonic sort of s[0, n) (n a power of two >= 64, blockDim.x <= n / 2). For a pass
-// of stride j <= 32, pair p of warp-aligned group g touches only keys [64 g, 64 g + 64): a
-// thread's warp owns the same keys in consecutive such passes.
+// Keys live in shared memory with one unused slot after every 16 (key_slot): a thread's keys
+// are a power-of-two stride apart, and without the pad the threads of a half-warp would hit
+// the same banks (64 B apart at stride 1).
+__device__ __forceinline__ int key_slot(int64_t i) { return int(i + (i >> 4)); }
+inline size_t schedule_slots(int n_pad) { return size_t(n_pad) + size_t(n_pad) / 16; }
+
+// Compare-exchange: (a, b) ascending when up, descending otherwise.
+__device__ __forceinline__ void order_pair(uint64_t& a, uint64_t& b, bool up) {
+  if ((a > b) == up) {
+    const uint64_t t = a;
+    a = b, b = t;
+  }
+}
+
+// C consecutive passes of bitonic stage k, strides jl << (C - 1) down to jl, from registers:
+// each group loads the 2^C keys that those passes compare only among themselves
+// (i0 + m * jl), runs the passes, stores them back. The keys differ only in bits below k, so
+// one direction serves the group.
+template <int C>
+__device__ inline void bitonic_passes(uint64_t* s, int n, int k, int jl) {
+  constexpr int E = 1 << C;
+  const int lb = __ffs(jl) - 1;
+  for (int g = threadIdx.x; g < (n >> C); g += blockDim.x) {
+    const int i0 = ((g >> lb) << (lb + C)) | (g & (jl - 1));
+    const bool up = (i0 & k) == 0;
+    uint64_t v[E];
+#pragma unroll
+    for (int m = 0; m < E; ++m) v[m] = s[key_slot(i0 + m * jl)];
+#pragma unroll
+    for (int b = C - 1; b >= 0; --b)
+#pragma unroll
+      for (int m = 0; m < E; ++m)
+        if ((m & (1 << b)) == 0) order_pair(v[m], v[m | (1 << b)], up);
+#pragma unroll
+    for (int m = 0; m < E; ++m) s[key_slot(i0 + m * jl)] = v[m];
+  }
+  __syncthreads();
+}
+
+constexpr int kSortPassesPerLoad = 4;  // 16 keys a group: 21 shared-memory round trips at 2048
+
+// Ascending bitonic sort of the n keys (n a power of two >= 64, laid out by key_slot). The
+// log2(k) passes of stage k run kSortPassesPerLoad at a time from registers, so at n = 2048
+// the keys cross shared memory 21 times instead of 66 (one pass per round trip).
 __device__ inline void bitonic_sort(uint64_t* s, int n) {
   __syncthreads();  // every key is written
-  const int half = n >> 1;
   for (int k = 2; k <= n; k <<= 1) {
-    for (int j = k >> 1; j > 0; j >>= 1) {
-      for (int p = threadIdx.x; p < half; p += blockDim.x) {
-        const int i = ((p & ~(j - 1)) << 1) | (p & (j - 1));  // the pair is (i, i + j)
-        const uint64_t x = s[i], y = s[i + j];
-        if ((x > y) == ((i & k) == 0)) s[i] = y, s[i + j] = x;
+    int passes = __ffs(k) - 1, top = k >> 1;  // strides top, top / 2, ..., 1
+    while (passes > 0) {
+      const int c = passes < kSortPassesPerLoad ? passes : kSortPassesPerLoad;
+      const int jl = top >> (c - 1);
+      switch (c) {
+        case 1: bitonic_passes<1>(s, n, k, jl); break;
+        case 2: bitonic_passes<2>(s, n, k, jl); break;
+        case 3: bitonic_passes<3>(s, n, k, jl); break;
+        default: bitonic_passes<4>(s, n, k, jl); break;
       }
-      const int next = j > 1 ? j >> 1 : k;  // the next pass's stride
-      if (j > 32 || next > 32) {
-        __syncthreads();
-      } else {
-        __syncwarp();
-      }
+      passes -= c, top = jl >> 1;
     }
   }
 }
 
-// Grid (1), block min(1024, n_pad / 2) threads (sorting modes) or min(1024, R rounded up to a
-// warp) (threshold, fixed); dynamic shared memory n_pad keys. Shapes as in ScheduleParams.
+// Grid (1), block clamp(n_pad / 16, 32, 1024) threads (sorting modes) or min(1024, R rounded up to
+// a warp) (threshold, fixed); dynamic shared memory schedule_slots(n_pad) keys. Shapes as in
+// ScheduleParams.
 __global__ void __launch_bounds__(kScheduleMaxThreads)
     schedule_kernel(ScheduleParams p, int n_pad) {
   extern __shared__ uint64_t keys[];
@@ -100,13 +140,15 @@ __global__ void __launch_bounds__(kScheduleMaxThreads)
     if (!sorts) {
       p.out[r] = st == 0 ? unranked_length(p, r) : 0;
     } else if (st == 0) {
-      count += request_keys(p, r, keys + r * p.gamma);
+      const int64_t first = r * p.gamma;
+      count +=
+          request_keys_to(p, r, [&](int64_t j, uint64_t key) { keys[key_slot(first + j)] = key; });
     } else {
-      for (int64_t j = 0; j < p.gamma; ++j) keys[r * p.gamma + j] = kNoCandidate;
+      for (int64_t j = 0; j < p.gamma; ++j) keys[key_slot(r * p.gamma + j)] = kNoCandidate;
     }
   }
   if (sorts)
-    for (int64_t i = p.R * p.gamma + tid; i < n_pad; i += T) keys[i] = kNoCandidate;
+    for (int64_t i = p.R * p.gamma + tid; i < n_pad; i += T) keys[key_slot(i)] = kNoCandidate;
   int bad_sps = 0;
   if (p.sps != nullptr)
     for (int64_t b = tid; b < p.Bmax; b += T) bad_sps |= !sps_entry_valid(p.sps[b]);
@@ -127,13 +169,13 @@ __global__ void __launch_bounds__(kScheduleMaxThreads)
     // This thread's ranked positions [lo, hi): the scan runs in thread order.
     const int64_t per = n_pad / T, lo = tid * per, hi = lo + per < M ? lo + per : M;
     int64_t sum = 0;
-    for (int64_t i = lo; i < hi; ++i) sum += key_survival(keys[i]);
+    for (int64_t i = lo; i < hi; ++i) sum += key_survival(keys[key_slot(i)]);
     int64_t tau = p.R * kScheduleOne + block_exclusive_scan_i64(sum);  // tau before lo
     const bool sps_ok = (status & kBadSps) == 0;
     if (p.mode == kScheduleSync) {
       int64_t first = M;  // the first position whose admission does not improve Theta
       for (int64_t i = lo; i < hi; ++i) {
-        const int64_t q = key_survival(keys[i]);
+        const int64_t q = key_survival(keys[key_slot(i)]);
         tau += q;
         if (sync_stops(p, i + 1, tau, q)) {
           first = i;
@@ -145,7 +187,7 @@ __global__ void __launch_bounds__(kScheduleMaxThreads)
       double best = tid == 0 ? budget_theta(p, 0, tau) : -1.0;
       int64_t best_n = 0;
       for (int64_t i = lo; i < hi; ++i) {
-        tau += key_survival(keys[i]);
+        tau += key_survival(keys[key_slot(i)]);
         const double theta = budget_theta(p, i + 1, tau);
         if (theta > best) best = theta, best_n = i + 1;
       }
@@ -155,7 +197,7 @@ __global__ void __launch_bounds__(kScheduleMaxThreads)
       return;
     }
   }
-  if (tid == 0) last_key = n_star >= 1 ? keys[n_star - 1] : kNoCandidate;
+  if (tid == 0) last_key = n_star >= 1 ? keys[key_slot(n_star - 1)] : kNoCandidate;
   __syncthreads();
   const uint64_t last = last_key;
   for (int64_t r = tid; r < p.R; r += T)
@@ -175,12 +217,13 @@ inline cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream)
   int n_pad = 0, threads;
   if (schedule_mode_sorts(p.mode)) {
     n_pad = schedule_pad(p.R * p.gamma);
-    threads = n_pad / 2 < kScheduleMaxThreads ? n_pad / 2 : kScheduleMaxThreads;
+    const int groups = n_pad >> kSortPassesPerLoad;  // the sort's work items
+    threads = groups < 32 ? 32 : groups > kScheduleMaxThreads ? kScheduleMaxThreads : groups;
   } else {
     const int64_t warps = (p.R + 31) / 32;
     threads = warps < 1 ? 32 : warps > kScheduleMaxThreads / 32 ? kScheduleMaxThreads : warps * 32;
   }
-  const size_t smem = size_t(n_pad) * sizeof(uint64_t);
+  const size_t smem = (n_pad > 0 ? schedule_slots(n_pad) : 0) * sizeof(uint64_t);
   if (smem > 48 * 1024) {  // opt in to the large-memory configuration once per device and size
     static size_t done[64] = {};
     int dev = 0;

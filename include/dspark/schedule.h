@@ -99,9 +99,11 @@ DSPARK_HD int32_t schedule_request_status(const ScheduleParams& p, int64_t r) {
   return 0;
 }
 
-// Writes request r's candidate keys to keys[0, gamma) (kNoCandidate past the last candidate)
-// and returns how many it has. A request must be valid (schedule_request_status == 0).
-DSPARK_HD int64_t request_keys(const ScheduleParams& p, int64_t r, uint64_t* keys) {
+// Hands request r's candidate keys to put(j, key) for j in [0, gamma) (kNoCandidate past the
+// last candidate) and returns how many it has. A request must be valid
+// (schedule_request_status == 0). put lets the CUDA kernel place keys in its padded layout.
+template <typename Put>
+DSPARK_HD int64_t request_keys_to(const ScheduleParams& p, int64_t r, Put put) {
   const int64_t len = p.draft_lengths[r];
   const float* c = p.confidences + r * p.gamma;
   double a = 1.0;
@@ -112,10 +114,15 @@ DSPARK_HD int64_t request_keys(const ScheduleParams& p, int64_t r, uint64_t* key
       a = a * double(c[j]);
       q = quantize_survival(a);
     }
-    keys[j] = q >= 1 ? schedule_key(q, j, r) : kNoCandidate;
+    put(j, q >= 1 ? schedule_key(q, j, r) : kNoCandidate);
     n += q >= 1;
   }
   return n;
+}
+
+// request_keys_to writing keys[0, gamma).
+DSPARK_HD int64_t request_keys(const ScheduleParams& p, int64_t r, uint64_t* keys) {
+  return request_keys_to(p, r, [keys](int64_t j, uint64_t key) { keys[j] = key; });
 }
 
 // Modes without ranking: the threshold's leading run, or the whole draft (valid request).
