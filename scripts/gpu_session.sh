@@ -52,6 +52,12 @@ correctness() {  # shares the GPU with the training
   # the fuzz tests' CUDA variant under memcheck (out-of-bounds accesses that do not fault),
   # verify / sample through the fused kernel (the default) and the staged one
   stage fuzz_memcheck 600 env OUT="$RES" bash scripts/device_run.sh fuzz
+  # the scheduler's shared-memory sort (four passes per trip since 2026-12-06 s11) under racecheck
+  # and memcheck, every key count from 64 to 16384
+  stage schedule_sanitize 180 bash -c 'cd tests && for tool in racecheck memcheck; do \
+    echo "== $tool"; compute-sanitizer --tool $tool --error-exitcode 3 python3 -m pytest -q \
+    -p no:cacheprovider test_schedule.py -k "cuda and matches_reference and uniform" 2>&1 | \
+    grep -v "^\s*$"; done'
 }
 sm80() { stage sm80 600 bash -c "SM80_SITE=/tmp/sm80site OUT=$RES bash bench/check_sm80.sh"; }
 
