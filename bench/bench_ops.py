@@ -11,7 +11,10 @@ dspark.ops._verify_impl), and the plain-PyTorch chain verifier with --torch.
 Timing: the op captured in a CUDA graph, CUDA events around each replay, median over --reps;
 L2 cold: a 256 MiB read before every replay (outside the timed region). Floor: the bytes the op
 must read (every logits row once; a draft-probability row where a request rejects) at the copy
-bandwidth measured in the same run (read + write counted, like the anchors).
+bandwidth measured in the same run (read + write counted, like the anchors). "launch floor": a
+graph of one tiny kernel timed the same way (flush included): what any graphed op costs here
+before its own work, and the part of each time below (and of the anchors') that no kernel
+change removes.
 
     python bench/bench_ops.py --out bench/results.json
     python bench/bench_ops.py --R 64 --gamma 7 --dtypes bf16 --impls fused --nvtx   # under nsys
@@ -202,8 +205,11 @@ def main():
     impls = args.impls.split(",")
     bw = copy_bandwidth()
     flush = None if args.warm else torch.zeros(FLUSH_BYTES // 4, device="cuda")
+    tiny = torch.zeros(1, device="cuda")
+    floor = time_graph(lambda _: tiny.add_(1), [None], args.reps, flush)
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e9:.0f} GB/s (r+w)  "
-          f"L2 {'warm' if args.warm else 'cold'}  impls {impls}", flush=True)
+          f"L2 {'warm' if args.warm else 'cold'}  impls {impls}  launch floor (a graph of one "
+          f"tiny kernel, timed the same way) {floor:.2f} us", flush=True)
     print("ncu recipe: ncu --set full --graph-profiling node -k regex:FusedVerifyKernel -c 4 "
           "-o verify_fused python bench/bench_ops.py --R 64 --gamma 7 --dtypes bf16 "
           "--impls fused --reps 2   (staged: -k regex:'RowStats|Walk|Residual|Draw')",
@@ -221,7 +227,7 @@ def main():
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), copy_GBps=bw / 1e9,
                            date=time.strftime("%Y-%m-%d"), l2="warm" if args.warm else "cold",
-                           rows=rows), f, indent=1)
+                           launch_floor_us=round(floor, 2), rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
