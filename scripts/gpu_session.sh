@@ -19,6 +19,8 @@
 # tokens, profile, the chat sweep, the demo pair's round cost, the 8B-shape verify forward,
 # decode_attention's work split, the eager A/B, the remaining sweeps, the 8B projection, ncu
 # (the ablation's eval with PAIR_ABLATE=1; OPS_BENCH=1: the op benchmarks).
+# NO_TRAIN=1 (a budget too short to train): the shipped demo pair, the correctness work, the
+# scheduler and op benchmarks, a sweep, then the timed runs that do not need the pair.
 # SKIP trims what a budget cannot hold (the stages run in this order). Each stage's
 # output: $RES/<stage>.txt (+ JSON / PNG); the job's timeline: $RES/progress.txt.
 # Env: TARGET_MINUTES (default 5), DRAFT_MINUTES (6: tau was bound by training steps on 2026-12-06,
@@ -66,7 +68,7 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
   # the pair (target + DSpark / DFlash / EAGLE-3 drafters, bf16) as <= 15 MiB parts, brought
   # back by `collect` once and carried as .data/pair.tar.part-* by a later session, which then
   # skips the training (scripts/pack_pair.py)
-  if [ ! -f "$ROOT/.data/pair.tar.part-00" ]; then
+  if [ ! -f "$ROOT/.data/pair.tar.part-00" ] && [ "${NO_TRAIN:-0}" != 1 ]; then
     stage pack 120 python3 scripts/pack_pair.py $PAIR $RES/pack && touch "$RES/end_pack"
   fi
   stage schedule_bench 60 bash -c "cd bench && python3 bench_schedule.py --out $RES/schedule.json"
@@ -154,6 +156,17 @@ job() {
   # PAIR_ABLATE=1: the recipe ablation's four variants train beside the drafters (measured on
   # 2026-12-06 twice; off by default: eight processes on one GPU left each drafter ~750 steps in
   # its 4 minutes, and a variant that trained alone at the end reached 2476 steps and tau 4.0 vs 2.7)
+  if [ "${NO_TRAIN:-0}" = 1 ]; then  # a short budget: the shipped demo pair stands in
+    PAIR=$ROOT/dspark/demo_models; log "NO_TRAIN: the demo pair"; touch "$RES/pair_trained"
+    correctness
+    stage schedule_bench 60 bash -c "cd bench && python3 bench_schedule.py --out $RES/schedule.json"
+    stage ops_floor 150 bash -c "cd bench && python3 bench_ops.py --R 1,8,64 --gamma 7 --dtypes bf16 \
+      --impls fused --out $RES/bench_ops.json"
+    stage sweep 400 env OUT="$RES/sweep" SWEEP_PAIR=$PAIR SWEEP_BATCHES="1 4 16 64" \
+      SWEEP_SCHEDULES="fixed sync fixed+ar sync+ar" bash scripts/device_run.sh sweep
+    SKIP="${SKIP:-} schedule_bench sweep pair_bench pair_eager"  # done above, or need the pair
+    timed_runs; log "job done"; touch "$RES/done"; return
+  fi
   if [ -f "$ROOT/.data/pair.tar.part-00" ]; then  # a pair packed by an earlier session
     mkdir -p "$(dirname $PAIR)" && cat "$ROOT"/.data/pair.tar.part-* | tar -C "$(dirname $PAIR)" -xf - &&
       log "pair unpacked from .data (not trained)" && touch "$RES/pair_trained"
