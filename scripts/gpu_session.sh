@@ -158,10 +158,12 @@ job() {
   # its 4 minutes, and a variant that trained alone at the end reached 2476 steps and tau 4.0 vs 2.7)
   if [ "${NO_TRAIN:-0}" = 1 ]; then  # a short budget: the shipped demo pair stands in
     PAIR=$ROOT/dspark/demo_models; log "NO_TRAIN: the demo pair"; touch "$RES/pair_trained"
-    correctness
+    stage schedule_tests 150 bash -c 'cd tests && python3 -m pytest -q -p no:cacheprovider \
+      test_schedule.py test_scheduler.py test_engine_schedule.py test_fallback.py -k cuda'
     stage schedule_bench 60 bash -c "cd bench && python3 bench_schedule.py --out $RES/schedule.json"
     stage ops_floor 150 bash -c "cd bench && python3 bench_ops.py --R 1,8,64 --gamma 7 --dtypes bf16 \
       --impls fused --out $RES/bench_ops.json"
+    correctness
     stage sweep 400 env OUT="$RES/sweep" SWEEP_PAIR=$PAIR SWEEP_BATCHES="1 4 16 64" \
       SWEEP_SCHEDULES="fixed sync fixed+ar sync+ar" bash scripts/device_run.sh sweep
     SKIP="${SKIP:-} schedule_bench sweep pair_bench pair_eager"  # done above, or need the pair
