@@ -6,8 +6,9 @@
 // of two n_pad >= 64 with kNoCandidate, and
 //   1. checks each request and writes its keys (one thread per request: gamma is small);
 //   2. sorts the keys with a bitonic network (log2(n_pad) * (log2(n_pad) + 1) / 2 passes), up
-//      to four passes per trip through shared memory (the sort was bound by shared-memory
-//      traffic on one SM: 66 trips of 32 KB at n_pad = 2048, 16.7 us of a 25.9-us call);
+//      to four passes per trip through shared memory. One pass per trip cost 16.7 us of own
+//      time at n_pad = 2048 (H100; estimated: bound by one SM's shared-memory traffic, 66
+//      trips of 32 KB); now 18 trips;
 //   3. scans the ranked survivals in int64 (exact, so the order of the sum does not matter) and
 //      finds Algorithm 1's first non-improvement (sync) or the first argmax of Theta (budget)
 //      with block reductions;
@@ -100,14 +101,37 @@ __device__ inline void bitonic_passes(uint64_t* s, int n, int k, int jl) {
   __syncthreads();
 }
 
-constexpr int kSortPassesPerLoad = 4;  // 16 keys a group: 21 shared-memory round trips at 2048
+// Stages k = 2..16 of the network on each group of 16 consecutive keys, in one trip: those
+// passes compare keys of the same group only.
+__device__ inline void bitonic_first_stages(uint64_t* s, int n) {
+  for (int g = threadIdx.x; g < (n >> 4); g += blockDim.x) {
+    const int i0 = g << 4;
+    uint64_t v[16];
+#pragma unroll
+    for (int m = 0; m < 16; ++m) v[m] = s[key_slot(i0 + m)];
+#pragma unroll
+    for (int k = 2; k <= 16; k <<= 1)
+#pragma unroll
+      for (int j = k >> 1; j > 0; j >>= 1)
+#pragma unroll
+        for (int m = 0; m < 16; ++m)
+          if ((m & j) == 0) order_pair(v[m], v[m | j], ((i0 + m) & k) == 0);
+#pragma unroll
+    for (int m = 0; m < 16; ++m) s[key_slot(i0 + m)] = v[m];
+  }
+  __syncthreads();
+}
 
-// Ascending bitonic sort of the n keys (n a power of two >= 64, laid out by key_slot). The
-// log2(k) passes of stage k run kSortPassesPerLoad at a time from registers, so at n = 2048
-// the keys cross shared memory 21 times instead of 66 (one pass per round trip).
+constexpr int kSortPassesPerLoad = 4;  // 16 keys a group
+
+// Ascending bitonic sort of the n keys (n a power of two >= 64, laid out by key_slot). Stages
+// 2..16 take one trip; the log2(k) passes of each later stage k run kSortPassesPerLoad at a
+// time from registers, so at n = 2048 the keys cross shared memory 18 times instead of 66 (one
+// pass per round trip).
 __device__ inline void bitonic_sort(uint64_t* s, int n) {
   __syncthreads();  // every key is written
-  for (int k = 2; k <= n; k <<= 1) {
+  bitonic_first_stages(s, n);
+  for (int k = 32; k <= n; k <<= 1) {
     int passes = __ffs(k) - 1, top = k >> 1;  // strides top, top / 2, ..., 1
     while (passes > 0) {
       const int c = passes < kSortPassesPerLoad ? passes : kSortPassesPerLoad;
