@@ -54,6 +54,9 @@ correctness() {  # shares the GPU with the training
   # the fuzz tests' CUDA variant under memcheck (out-of-bounds accesses that do not fault),
   # verify / sample through the fused kernel (the default) and the staged one
   stage fuzz_memcheck 600 env OUT="$RES" bash scripts/device_run.sh fuzz
+  schedule_sanitize
+}
+schedule_sanitize() {
   # the scheduler's shared-memory sort (four passes per trip since 2026-12-06 s11) under racecheck
   # and memcheck, every key count from 64 to 16384
   stage schedule_sanitize 180 bash -c 'cd tests && for tool in racecheck memcheck; do \
@@ -160,14 +163,14 @@ job() {
     PAIR=$ROOT/dspark/demo_models; log "NO_TRAIN: the demo pair"; touch "$RES/pair_trained"
     stage schedule_tests 150 bash -c 'cd tests && python3 -m pytest -q -p no:cacheprovider \
       test_schedule.py test_scheduler.py test_engine_schedule.py test_fallback.py -k cuda'
+    schedule_sanitize
     stage schedule_bench 60 bash -c "cd bench && python3 bench_schedule.py --out $RES/schedule.json"
     stage ops_floor 150 bash -c "cd bench && python3 bench_ops.py --R 1,8,64 --gamma 7 --dtypes bf16 \
       --impls fused --out $RES/bench_ops.json"
-    correctness
-    stage sweep 400 env OUT="$RES/sweep" SWEEP_PAIR=$PAIR SWEEP_BATCHES="1 4 16 64" \
-      SWEEP_SCHEDULES="fixed sync fixed+ar sync+ar" bash scripts/device_run.sh sweep
-    SKIP="${SKIP:-} schedule_bench sweep pair_bench pair_eager"  # done above, or need the pair
-    timed_runs; log "job done"; touch "$RES/done"; return
+    stage sweep 300 env OUT="$RES/sweep" SWEEP_PAIR=$PAIR SWEEP_BATCHES="1 16 64" \
+      SWEEP_SCHEDULES="fixed fixed+ar sync+ar" bash scripts/device_run.sh sweep
+    SKIP="${SKIP:-} schedule_sanitize schedule_bench sweep pair_bench pair_eager"  # done above
+    correctness; timed_runs; log "job done"; touch "$RES/done"; return
   fi
   if [ -f "$ROOT/.data/pair.tar.part-00" ]; then  # a pair packed by an earlier session
     mkdir -p "$(dirname $PAIR)" && cat "$ROOT"/.data/pair.tar.part-* | tar -C "$(dirname $PAIR)" -xf - &&
