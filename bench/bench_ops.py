@@ -14,7 +14,10 @@ must read (every logits row once; a draft-probability row where a request reject
 bandwidth measured in the same run (read + write counted, like the anchors). "launch floor": a
 graph of one tiny kernel timed the same way (flush included): what any graphed op costs here
 before its own work, and the part of each time below (and of the anchors') that no kernel
-change removes.
+change removes. --chain N adds "in graph" times: N calls captured in one graph, each on its own
+copy of the inputs (copies that together exceed the L2, so calls start mostly cold), the replay's
+median divided by N: what a call costs inside an engine step's graph, without the replay's own
+launch.
 
     python bench/bench_ops.py --out bench/results.json
     python bench/bench_ops.py --R 64 --gamma 7 --dtypes bf16 --impls fused --nvtx   # under nsys
@@ -121,7 +124,21 @@ def make_inputs(R, gamma, V, greedy, seed, dtype=torch.bfloat16):
                 row_seeds=torch.arange(N, device="cuda"))
 
 
-def bench_case(R, gamma, V, dtype, greedy, impls, reps, bw, flush, nvtx, with_torch):
+def chain_copies(c, chain):
+    """Enough copies of case c's tensors for a chain of calls to start mostly L2-cold: at least
+    `chain`, and together more than 2x the L2."""
+    nbytes = sum(t.numel() * t.element_size() for t in c.values() if torch.is_tensor(t))
+    n = max(chain, -(-2 * L2_BYTES // max(nbytes, 1)))
+    return [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in c.items()}
+            for _ in range(n)]
+
+
+def time_chain(fn, copies, reps, flush):
+    """Median µs per call of len(copies) calls of fn captured in one graph (one per copy)."""
+    return time_graph(lambda cs: [fn(x) for x in cs], [copies], reps, flush) / len(copies)
+
+
+def bench_case(R, gamma, V, dtype, greedy, impls, reps, bw, flush, nvtx, with_torch, chain=0):
     c = make_inputs(R, gamma, V, greedy, seed=R * 100 + gamma, dtype=dtype)
     W = gamma + 1
     mode = "greedy" if greedy else "sampled"
@@ -147,6 +164,11 @@ def bench_case(R, gamma, V, dtype, greedy, impls, reps, bw, flush, nvtx, with_to
                 verify, [c], reps, flush, nvtx and f"verify {impl} {tag}"), 2)
             row[f"sample_us_{impl}"] = round(time_graph(
                 sample, [c], reps, flush, nvtx and f"sample {impl} {tag}"), 2)
+            if chain:
+                copies = chain_copies(c, chain)
+                row[f"verify_us_in_graph_{impl}"] = round(time_chain(verify, copies, reps, flush),
+                                                          2)
+                del copies
     if with_torch:
         def baseline(c):
             return chain_verify_torch(c["logits"], c["tokens"].view(R, W)[:, 1:], c["q"],
@@ -199,6 +221,8 @@ def main():
     ap.add_argument("--warm", action="store_true", help="no L2 flush between replays")
     ap.add_argument("--torch", action="store_true", help="also time the plain-PyTorch verifier")
     ap.add_argument("--nvtx", action="store_true", help="NVTX ranges around each timed op")
+    ap.add_argument("--chain", type=int, default=0,
+                    help="also time verify as N calls in one graph (per-call, in-graph cost)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     assert torch.cuda.is_available() and dspark.cuda_available(), "needs a GPU and a CUDA build"
@@ -220,7 +244,7 @@ def main():
             for R in map(int, args.R.split(",")):
                 for g in map(int, args.gamma.split(",")):
                     rows.append(bench_case(R, g, args.V, DTYPES[name], greedy, impls, args.reps,
-                                           bw, flush, args.nvtx, args.torch))
+                                           bw, flush, args.nvtx, args.torch, args.chain))
                     print(json.dumps(rows[-1]), flush=True)
     print_table(rows, impls)
     if args.out:

@@ -165,7 +165,7 @@ job() {
       test_schedule.py test_scheduler.py test_engine_schedule.py test_fallback.py -k cuda'
     schedule_sanitize
     stage schedule_bench 60 bash -c "cd bench && python3 bench_schedule.py --out $RES/schedule.json"
-    stage ops_floor 150 bash -c "cd bench && python3 bench_ops.py --R 1,8,64 --gamma 7 --dtypes bf16 \
+    stage ops_floor 200 bash -c "cd bench && python3 bench_ops.py --R 1,8,64 --gamma 7 --dtypes bf16 --chain 20 \
       --impls fused --out $RES/bench_ops.json"
     stage sweep 300 env OUT="$RES/sweep" SWEEP_PAIR=$PAIR SWEEP_BATCHES="1 16 64" \
       SWEEP_SCHEDULES="fixed fixed+ar sync+ar" bash scripts/device_run.sh sweep
