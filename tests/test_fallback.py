@@ -43,6 +43,40 @@ def test_choose_plain_and_bad_margin():
             FallbackGate(bad)
 
 
+def test_probe_takes_each_side_at_its_median_step():
+    """One probed speculative step that still pays a one-time cost (a late capture or compile:
+    0.5 s here) does not make the gate choose plain decoding: 3 tokens per 20-ms step (150
+    tokens/s) beat plain decoding's 1 token per 20 ms, although the probe's five steps together
+    read 15 tokens in 0.58 s (26 tokens/s)."""
+    import types
+
+    import torch
+    st = types.SimpleNamespace(tokens=torch.zeros(1), n_tokens=torch.zeros(1, dtype=torch.long),
+                               active=torch.ones(1, dtype=torch.bool), rounds=0,
+                               anchor=lambda: None, anchor_pos=lambda: None)
+    spec_steps = []
+
+    def spec_step(state, timer):
+        probed = len(spec_steps) - FallbackGate.WARM
+        time.sleep(0.5 if probed == 0 else 0.02)
+        spec_steps.append(1)
+        state.n_tokens += 3
+        state.rounds += 1
+
+    target = types.SimpleNamespace(decode=lambda *a: time.sleep(0.02))
+    engine = types.SimpleNamespace(_step=spec_step, _decode_step=None, target=target,
+                                   _graph_key=lambda state: 0,
+                                   graphs=lambda key, fn, graphed: fn())
+    gate = FallbackGate()
+    step = gate.stepper(engine, st, None, key=(1, 8))
+    for _ in range(FallbackGate.WARM + FallbackGate.PROBE + 1):
+        step()
+    (choice,) = gate.choices.values()
+    assert not choice.plain and gate.plain_from is None
+    assert choice.speculative_tok_s > 2 * choice.plain_tok_s
+    assert len(spec_steps) == FallbackGate.WARM + FallbackGate.PROBE + 1
+
+
 @pytest.mark.parametrize("schedule", ["fixed", "sync"])
 def test_slow_drafting_falls_back_to_plain_decoding(demo, schedule):
     target, _, prompts = demo

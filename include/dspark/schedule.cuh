@@ -147,7 +147,7 @@ __device__ inline void bitonic_sort(uint64_t* s, int n) {
   }
 }
 
-// Grid (1), block clamp(n_pad / 16, 32, 1024) threads (sorting modes) or min(1024, R rounded up to
+// Grid (1), block min(1024, n_pad / 2) threads (sorting modes) or min(1024, R rounded up to
 // a warp) (threshold, fixed); dynamic shared memory schedule_slots(n_pad) keys. Shapes as in
 // ScheduleParams.
 __global__ void __launch_bounds__(kScheduleMaxThreads)
@@ -241,8 +241,12 @@ inline cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream)
   int n_pad = 0, threads;
   if (schedule_mode_sorts(p.mode)) {
     n_pad = schedule_pad(p.R * p.gamma);
-    const int groups = n_pad >> kSortPassesPerLoad;  // the sort's work items
-    threads = groups < 32 ? 32 : groups > kScheduleMaxThreads ? kScheduleMaxThreads : groups;
+    // n_pad / 2 threads although the sort has n_pad / 16 groups. With one thread per group
+    // (measured 2026-12-06 s11, H100) the call got slower at R = 64 (own time ~11 vs ~5 us
+    // before the register sort), likely from the scan's per-thread run of n_pad / T steps,
+    // each reading the SPS table from global memory: 16 steps there, 2 with n_pad / 2 threads
+    // (this launch: not yet measured).
+    threads = n_pad / 2 < kScheduleMaxThreads ? n_pad / 2 : kScheduleMaxThreads;
   } else {
     const int64_t warps = (p.R + 31) / 32;
     threads = warps < 1 ? 32 : warps > kScheduleMaxThreads / 32 ? kScheduleMaxThreads : warps * 32;
