@@ -11,12 +11,15 @@ is what an asynchronous engine step graphs: the budget from stale confidences, t
 top-K (two kernels). Inputs: confidences c = 1 - 0.5 u^2 (long
 likely prefixes, as from a calibrated DSpark head), every request with gamma drafts, an SPS
 table of the usual shape (time 10 ms + 0.02 ms per token) over B = 1..R (gamma + 1). Each
-variant is checked against dspark.reference before it is timed.
+variant is checked against dspark.reference before it is timed. --threads A/B-tests the sorting
+modes' block size (DSPARK_SCHEDULE_THREADS; "auto" = the launcher's choice).
 
     python bench/bench_schedule.py --out bench/results/<date>/bench_schedule.json
+    python bench/bench_schedule.py --threads auto,32,128,1024 --R 64,256
 """
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -42,7 +45,7 @@ def inputs(R, gamma, seed):
     return c, lengths, sps
 
 
-def bench(R, gamma, reps, chain):
+def bench(R, gamma, reps, chain, threads="auto"):
     c, lengths, sps = inputs(R, gamma, R)
     stale_c, _, _ = inputs(R, gamma, R + 1)
     dc, dl, ds, dstale = c.cuda(), lengths.cuda(), sps.cuda(), stale_c.cuda()
@@ -62,6 +65,8 @@ def bench(R, gamma, reps, chain):
                                                    budget=ops.schedule_budget(dstale, dl, ds)),
                        reference.schedule_prefix(c, lengths, sps, "async", budget=K)),
     }
+    if threads != "auto":  # the block size only matters where the kernel sorts
+        variants = {k: v for k, v in variants.items() if k in ("sync", "async", "budget")}
     rows = []
     for name, (fn, want) in variants.items():
         got = fn()
@@ -69,7 +74,8 @@ def bench(R, gamma, reps, chain):
         assert torch.equal(got.cpu(), want), f"{name} at R = {R} != reference"
         admitted = int(got.sum()) if got.dim() else int(got)
         in_graph = median_replay_us(lambda: [fn() for _ in range(chain)], reps) / chain
-        rows.append(dict(R=R, gamma=gamma, mode=name, us=round(median_replay_us(fn, reps), 2),
+        rows.append(dict(R=R, gamma=gamma, mode=name, threads=threads,
+                         us=round(median_replay_us(fn, reps), 2),
                          us_in_graph=round(in_graph, 2), admitted=admitted))
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -81,6 +87,8 @@ def main():
     ap.add_argument("--gamma", type=int, default=7)
     ap.add_argument("--reps", type=int, default=1000)
     ap.add_argument("--chain", type=int, default=20, help="calls per graph for the in-graph time")
+    ap.add_argument("--threads", default="auto",
+                    help="comma list of sorting block sizes to A/B: auto or a power of two 32-1024")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     assert torch.cuda.is_available() and dspark.cuda_available(), "needs a GPU and a CUDA build"
@@ -90,10 +98,16 @@ def main():
           f"{floor:.2f} us", flush=True)
     rows = []
     with dspark.ops.sync_checks(False):
-        for R in map(int, args.R.split(",")):
-            rows += bench(R, args.gamma, args.reps, args.chain)
+        for threads in args.threads.split(","):
+            if threads == "auto":
+                os.environ.pop("DSPARK_SCHEDULE_THREADS", None)
+            else:
+                os.environ["DSPARK_SCHEDULE_THREADS"] = threads
+            for R in map(int, args.R.split(",")):
+                rows += bench(R, args.gamma, args.reps, args.chain, threads)
+        os.environ.pop("DSPARK_SCHEDULE_THREADS", None)
     for r in rows:
-        if r["R"] == 256 and r["mode"] == "sync":
+        if r["R"] == 256 and r["mode"] == "sync" and r["threads"] == "auto":
             print(f"sync at R = 256, gamma = {args.gamma}: {r['us']:.2f} us replayed alone, "
                   f"{r['us_in_graph']:.2f} us a call in one graph (the bar: < 15 us)")
     if args.out:

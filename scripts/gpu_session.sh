@@ -74,7 +74,7 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
   if [ ! -f "$ROOT/.data/pair.tar.part-00" ] && [ "${NO_TRAIN:-0}" != 1 ]; then
     stage pack 120 python3 scripts/pack_pair.py $PAIR $RES/pack && touch "$RES/end_pack"
   fi
-  stage schedule_bench 60 bash -c "cd bench && python3 bench_schedule.py --out $RES/schedule.json"
+  stage schedule_bench 90 bash -c "cd bench && python3 bench_schedule.py --threads auto,32,256,1024 --out $RES/schedule.json"
   # confidence-scheduled verification at gamma 7 on code, every mode with and without the
   # engine's ar_fallback (plain decoding at a batch where a probe measures it faster,
   # dspark/fallback.py; predicted >= 0.95x autoregressive at every batch, s10: every mode
@@ -164,7 +164,7 @@ job() {
     stage schedule_tests 150 bash -c 'cd tests && python3 -m pytest -q -p no:cacheprovider \
       test_schedule.py test_scheduler.py test_engine_schedule.py test_fallback.py -k cuda'
     schedule_sanitize
-    stage schedule_bench 60 bash -c "cd bench && python3 bench_schedule.py --out $RES/schedule.json"
+    stage schedule_bench 90 bash -c "cd bench && python3 bench_schedule.py --threads auto,32,256,1024 --out $RES/schedule.json"
     stage ops_floor 200 bash -c "cd bench && python3 bench_ops.py --R 1,8,64 --gamma 7 --dtypes bf16 --chain 20 \
       --impls fused --out $RES/bench_ops.json"
     stage sweep 300 env OUT="$RES/sweep" SWEEP_PAIR=$PAIR SWEEP_BATCHES="1 16 64" \

@@ -402,3 +402,34 @@ def test_device_mismatch(device):
         torch.ops.dspark.schedule_prefix(c, torch.tensor([1, 2]), None, "fixed")
     with pytest.raises(RuntimeError, match="sps must be on cuda"):
         torch.ops.dspark.schedule_budget(c, torch.tensor([1, 2], device="cuda"), torch.ones(4))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("threads", ["32", "64", "256", "1024"])
+def test_cuda_block_size_changes_nothing(device, gen, monkeypatch, threads):
+    """DSPARK_SCHEDULE_THREADS (the A/B switch of bench_schedule.py --threads): the same
+    lengths and budgets as the reference for every block size, key counts 64 to 16384."""
+    if device != "cuda":
+        pytest.skip("the block size is a CUDA launch parameter")
+    monkeypatch.setenv("DSPARK_SCHEDULE_THREADS", threads)
+    for R, gamma in [(1, 7), (64, 7), (256, 7), (1000, 16), (16384, 1)]:
+        c, lengths, sps = case(R, gamma, gen, "ties", "jagged")
+        got, want = run_both(device, c, lengths, sps, "sync")
+        assert torch.equal(got, want), (R, gamma)
+        M = len(ref.ranked_candidates(c, lengths))
+        budget = torch.tensor(M // 3)
+        got, want = run_both(device, c, lengths, None, "async", budget=budget)
+        assert torch.equal(got, want), (R, gamma)
+        k = torch.ops.dspark.schedule_budget(c.cuda(), lengths.cuda(), sps.cuda())
+        assert k.item() == ref.schedule_budget(c, lengths, sps).item(), (R, gamma)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bad", ["16", "48", "2048", "x", "64k"])
+def test_cuda_bad_block_size_is_named(device, monkeypatch, bad):
+    if device != "cuda":
+        pytest.skip("the block size is a CUDA launch parameter")
+    monkeypatch.setenv("DSPARK_SCHEDULE_THREADS", bad)
+    c, lengths = torch.rand(2, 3, device="cuda"), torch.tensor([3, 3], device="cuda")
+    with pytest.raises(ValueError, match="DSPARK_SCHEDULE_THREADS must be a power of two"):
+        torch.ops.dspark.schedule_prefix(c, lengths, torch.ones(8, device="cuda"), "sync")

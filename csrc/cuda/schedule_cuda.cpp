@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+
 #include "checks.h"
 #include "cuda/launch_status.h"
 #include "cuda/schedule_launch.h"
@@ -16,13 +18,28 @@
 namespace dspark {
 namespace {
 
+// The sorting modes' block size: the launcher's choice, or DSPARK_SCHEDULE_THREADS (a power
+// of two in [32, 1024]; read per call) for A/B measurements (bench/bench_schedule.py
+// --threads). The lengths are the same for any value.
+int threads_override() {
+  const char* env = std::getenv("DSPARK_SCHEDULE_THREADS");
+  if (env == nullptr || *env == '\0') return 0;
+  char* end = nullptr;
+  const long t = std::strtol(env, &end, 10);
+  DSPARK_CHECK_VALUE(*end == '\0' && t >= 32 && t <= 1024 && (t & (t - 1)) == 0,
+                     "DSPARK_SCHEDULE_THREADS must be a power of two in [32, 1024], got '", env,
+                     "'");
+  return int(t);
+}
+
 // Launches p (out set here) and, where allowed, raises on the kernel's status word.
 void run(ScheduleParams& p, const at::Tensor& out, const char* op) {
+  const int threads = threads_override();
   const c10::cuda::CUDAGuard guard(out.device());
   at::Tensor status = at::empty({1}, out.options().dtype(at::kInt));  // written by the kernel
   p.out = out.data_ptr<int64_t>();
   p.status = status.data_ptr<int32_t>();
-  check_launch(launch_schedule(p, c10::cuda::getCurrentCUDAStream()), status, op,
+  check_launch(launch_schedule(p, c10::cuda::getCurrentCUDAStream(), threads), status, op,
                [op](int32_t s) { raise_on_schedule_status(s, op); });
 }
 

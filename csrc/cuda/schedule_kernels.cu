@@ -4,8 +4,8 @@
 
 namespace dspark {
 
-cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream) {
-  return cuda::launch_schedule(p, stream);
+cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream, int threads_override) {
+  return cuda::launch_schedule(p, stream, threads_override);
 }
 
 }  // namespace dspark

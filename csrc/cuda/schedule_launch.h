@@ -8,6 +8,7 @@
 
 namespace dspark {
 
-cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream);
+// threads_override: 0 (the launcher's choice) or a power of two in [32, 1024], for A/B runs.
+cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream, int threads_override);
 
 }  // namespace dspark

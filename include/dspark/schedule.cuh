@@ -236,8 +236,10 @@ inline int schedule_pad(int64_t candidates) {
 }
 
 // Host checks: R * gamma <= kScheduleMaxCandidates, sps given for sync / budget, budget for
-// async. Launched for R = 0 too (the status word and the budget are still written).
-inline cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream) {
+// async; threads_override 0 or a power of two in [32, 1024] (sorting modes). Launched for R = 0 too
+// (the status word and the budget are still written).
+inline cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream,
+                                   int threads_override = 0) {
   int n_pad = 0, threads;
   if (schedule_mode_sorts(p.mode)) {
     n_pad = schedule_pad(p.R * p.gamma);
@@ -247,6 +249,8 @@ inline cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream)
     // each reading the SPS table from global memory: 16 steps there, 2 with n_pad / 2 threads
     // (this launch: not yet measured).
     threads = n_pad / 2 < kScheduleMaxThreads ? n_pad / 2 : kScheduleMaxThreads;
+    // A/B measurements: any power of two in [32, 1024] (capped at n_pad) gives the same bits
+    if (threads_override > 0) threads = threads_override < n_pad ? threads_override : n_pad;
   } else {
     const int64_t warps = (p.R + 31) / 32;
     threads = warps < 1 ? 32 : warps > kScheduleMaxThreads / 32 ? kScheduleMaxThreads : warps * 32;
