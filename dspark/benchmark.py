@@ -91,7 +91,7 @@ def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), ba
               max_new_tokens: int = 128, seed: int = 0, progress: bool = False,
               stage_times: Optional[bool] = None, schedules: Sequence[str] = ("fixed",),
               sps=None, step_overhead: float = 0.0,
-              on_run: Optional[Callable[[dict], None]] = None) -> dict:
+              on_run: Optional[Callable[[list], None]] = None) -> dict:
     """target: a ModelRunner; drafters: name -> Drafter; datasets: name -> token prompts.
     Returns {"runs": [...], "skipped": [...]} with one run per (dataset, temperature, batch,
     method). stage_times: split each round's time into draft / schedule / target forward /
@@ -101,7 +101,7 @@ def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), ba
     method is named "drafter[mode]"; a drafter a mode cannot
     schedule is skipped and listed in ``skipped``); sps: their table; step_overhead: the seconds
     a step costs besides the verify forward, for their ranking (VerifyScheduler); on_run: called
-    with each run's dict as it finishes (a long sweep cut short keeps what it measured)."""
+    with the runs so far as each one finishes (a long sweep cut short keeps what it measured)."""
     from .engine import SpeculativeEngine
     from .schedule_step import check_step_overhead
     from .scheduler import parse_schedule, split_fallback
@@ -168,7 +168,7 @@ def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), ba
                             r["greedy_identical_fraction"] = sum(same) / len(same)
                     runs.append(r)
                     if on_run is not None:
-                        on_run(r)
+                        on_run(runs)
     if bar is not None:
         bar.close()
     return {"runs": runs, "skipped": skipped}

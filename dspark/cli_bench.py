@@ -114,19 +114,18 @@ def _bench(args, tp, device: str) -> int:
                 load_prompts(f, tok, args.prompts, args.prompt_tokens) for f in args.dataset}
     runner = ModelRunner(model, fused=args.fused, fused_max_rows=args.fused_max_rows)
     progress = main and (sys.stderr.isatty() if args.progress is None else args.progress)
-    done = []
 
-    def on_run(r):  # each finished run: a line on stderr, the runs so far under --out
-        done.append(r)
+    def on_run(runs):  # each finished run: a line on stderr, the runs so far under --out
         if not main:
             return
+        r = runs[-1]
         print(f"bench: {r['dataset']} T={r['temperature']:g} batch {r['batch']} {r['method']}: "
               f"{r['tokens_per_s']:.1f} tok/s, {r.get('speedup', 1.0):.2f}x", file=sys.stderr,
               flush=True)
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "results.partial.json"), "w") as f:
-                json.dump({"runs": done}, f, indent=1)
+                json.dump({"runs": runs}, f, indent=1)
 
     report = run_bench(runner, drafters, datasets, temperatures=args.temperature,
                        batches=args.batch, max_new_tokens=args.max_new_tokens,

@@ -98,11 +98,16 @@ class FallbackGate:
         return step
 
 
-def _tokens_now(st) -> tuple:
-    """(seconds, tokens committed so far) once every queued step has run."""
+def _seconds_now(st) -> float:
+    """The host clock once every queued step has run."""
     if st.tokens.device.type == "cuda":
         torch.cuda.synchronize(st.tokens.device)
-    return time.perf_counter(), int(st.n_tokens.sum())
+    return time.perf_counter()
+
+
+def _tokens_now(st) -> tuple:
+    """(seconds, tokens committed so far) once every queued step has run."""
+    return _seconds_now(st), int(st.n_tokens.sum())
 
 
 def _plain_rate(engine, st, reps: int) -> float:
@@ -118,7 +123,7 @@ def _plain_rate(engine, st, reps: int) -> float:
         engine.graphs(key, dry, True)
     times = []
     for _ in range(reps):
-        t0 = _tokens_now(st)[0]
+        t0 = _seconds_now(st)
         engine.graphs(key, dry, True)
-        times.append(_tokens_now(st)[0] - t0)
+        times.append(_seconds_now(st) - t0)
     return int(st.active.sum()) / max(statistics.median(times), 1e-9)

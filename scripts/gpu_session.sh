@@ -64,6 +64,10 @@ schedule_sanitize() {
     -p no:cacheprovider test_schedule.py -k "cuda and matches_reference and uniform" 2>&1 | \
     grep -v "^\s*$"; done'
 }
+schedule_bench() {  # every mode at R = 1-256, and the sorting modes' block size A/B
+  stage schedule_bench 90 bash -c "cd bench && python3 bench_schedule.py --threads auto,32,256,1024 \
+    --out $RES/schedule.json"
+}
 sm80() { stage sm80 600 bash -c "SM80_SITE=/tmp/sm80site OUT=$RES bash bench/check_sm80.sh"; }
 
 timed_runs() {  # the GPU to itself, in order of what the open issues need most
@@ -74,7 +78,7 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
   if [ ! -f "$ROOT/.data/pair.tar.part-00" ] && [ "${NO_TRAIN:-0}" != 1 ]; then
     stage pack 120 python3 scripts/pack_pair.py $PAIR $RES/pack && touch "$RES/end_pack"
   fi
-  stage schedule_bench 90 bash -c "cd bench && python3 bench_schedule.py --threads auto,32,256,1024 --out $RES/schedule.json"
+  schedule_bench
   # confidence-scheduled verification at gamma 7 on code, every mode with and without the
   # engine's ar_fallback (plain decoding at a batch where a probe measures it faster,
   # dspark/fallback.py; predicted >= 0.95x autoregressive at every batch, s10: every mode
@@ -164,7 +168,7 @@ job() {
     stage schedule_tests 150 bash -c 'cd tests && python3 -m pytest -q -p no:cacheprovider \
       test_schedule.py test_scheduler.py test_engine_schedule.py test_fallback.py -k cuda'
     schedule_sanitize
-    stage schedule_bench 90 bash -c "cd bench && python3 bench_schedule.py --threads auto,32,256,1024 --out $RES/schedule.json"
+    schedule_bench
     stage ops_floor 200 bash -c "cd bench && python3 bench_ops.py --R 1,8,64 --gamma 7 --dtypes bf16 --chain 20 \
       --impls fused --out $RES/bench_ops.json"
     stage sweep 300 env OUT="$RES/sweep" SWEEP_PAIR=$PAIR SWEEP_BATCHES="1 16 64" \

@@ -7,13 +7,21 @@
 
 #include "cuda/dispatch.cuh"
 #include "cuda/launch.h"
-#include "dspark/pdl.cuh"
 #include "dspark/verify.cuh"
 #include "dspark/verify_fused.cuh"
 
 namespace dspark {
 
-int device_sms() { return cuda::device_attribute<cudaDevAttrMultiProcessorCount>(132); }
+int device_sms() {
+  static int cached[64] = {};
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 132;
+  if (dev < 64 && cached[dev]) return cached[dev];
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0)
+    return 132;
+  if (dev < 64) cached[dev] = sms;
+  return sms;
+}
 
 namespace {
 // DSPARK_FUSED_LAG=<requests>: the residual tickets' lag (A/B knob; unset: the plan's default).

@@ -62,21 +62,6 @@ cudaError_t launch_pdl_cluster(void (*kernel)(KArgs...), dim3 grid, dim3 block, 
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
-// The current device's attribute A, looked up once per device (launchers size grids and shared
-// memory by it); `fallback` when it cannot be read or is not positive.
-template <cudaDeviceAttr A>
-inline int device_attribute(int fallback) {
-  static int cached[64] = {};  // 0: not read yet
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return fallback;
-  if (!cached[dev]) {
-    int value = 0;
-    if (cudaDeviceGetAttribute(&value, A, dev) != cudaSuccess || value <= 0) return fallback;
-    cached[dev] = value;
-  }
-  return cached[dev];
-}
-
 template <typename... KArgs, typename... Args>
 cudaError_t launch_ex(bool programmatic, void (*kernel)(KArgs...), dim3 grid, dim3 block,
                       size_t smem, cudaStream_t stream, Args... args) {
