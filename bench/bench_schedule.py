@@ -16,6 +16,7 @@ modes' block size (DSPARK_SCHEDULE_THREADS; "auto" = the launcher's choice).
 
     python bench/bench_schedule.py --out bench/results/<date>/bench_schedule.json
     python bench/bench_schedule.py --threads auto,32,128,1024 --R 64,256
+    ncu --kernel-name regex:schedule_kernel python bench/bench_schedule.py --R 1,256 --ncu
 """
 import argparse
 import json
@@ -90,8 +91,20 @@ def main():
     ap.add_argument("--threads", default="auto",
                     help="comma list of sorting block sizes to A/B: auto or a power of two 32-1024")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--ncu", action="store_true",
+                    help="one eager call per mode and R (sync, async, fixed) for ncu, no timing")
     args = ap.parse_args()
     assert torch.cuda.is_available() and dspark.cuda_available(), "needs a GPU and a CUDA build"
+    if args.ncu:
+        with dspark.ops.sync_checks(False):
+            for R in map(int, args.R.split(",")):
+                c, lengths, sps = (t.cuda() for t in inputs(R, args.gamma, R))
+                budget = torch.tensor(R * args.gamma // 2, device="cuda")
+                dspark.ops.schedule_prefix(c, lengths, sps, "sync")
+                dspark.ops.schedule_prefix(c, lengths, None, "async", budget=budget)
+                dspark.ops.schedule_prefix(c, lengths, None, "fixed")
+        torch.cuda.synchronize()
+        return 0
     tiny = torch.zeros(1, device="cuda")
     floor = median_replay_us(lambda: tiny.add_(1), args.reps)
     print(f"device {torch.cuda.get_device_name()}  launch floor (one graphed kernel) "

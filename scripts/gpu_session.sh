@@ -67,6 +67,10 @@ schedule_sanitize() {
 schedule_bench() {  # every mode at R = 1-256, and the sorting modes' block size A/B
   stage schedule_bench 90 bash -c "cd bench && python3 bench_schedule.py --threads auto,32,256,1024 \
     --out $RES/schedule.json"
+  # where its time goes (sync, async, fixed at R = 1 and 256): stall reasons, not estimates
+  stage ncu_schedule 90 bash -c "cd bench && ncu --clock-control none --section SpeedOfLight \
+    --section Occupancy --section WarpStateStats --section LaunchStats --section SourceCounters \
+    --kernel-name regex:schedule_kernel python3 bench_schedule.py --R 1,256 --ncu"
 }
 sm80() { stage sm80 600 bash -c "SM80_SITE=/tmp/sm80site OUT=$RES bash bench/check_sm80.sh"; }
 

@@ -4,7 +4,8 @@
 //
 // The block holds every candidate key (dspark/schedule.h) in shared memory, padded to a power
 // of two n_pad >= 64 with kNoCandidate, and
-//   1. checks each request and writes its keys (one thread per request: gamma is small);
+//   1. copies the confidences into shared memory (coalesced), then checks each request and
+//      writes its keys (one thread per request: gamma is small);
 //   2. sorts the keys with a bitonic network (log2(n_pad) * (log2(n_pad) + 1) / 2 passes), up
 //      to four passes per trip through shared memory. One pass per trip cost 16.7 us of own
 //      time at n_pad = 2048 (H100; estimated: bound by one SM's shared-memory traffic, 66
@@ -66,7 +67,9 @@ __device__ inline int64_t block_exclusive_scan_i64(int64_t v) {
 // are a power-of-two stride apart, and without the pad the threads of a half-warp would hit
 // the same banks (64 B apart at stride 1).
 __device__ __forceinline__ int key_slot(int64_t i) { return int(i + (i >> 4)); }
-inline size_t schedule_slots(int n_pad) { return size_t(n_pad) + size_t(n_pad) / 16; }
+__host__ __device__ inline size_t schedule_slots(int n_pad) {
+  return size_t(n_pad) + size_t(n_pad) / 16;
+}
 
 // Compare-exchange: (a, b) ascending when up, descending otherwise.
 __device__ __forceinline__ void order_pair(uint64_t& a, uint64_t& b, bool up) {
@@ -147,26 +150,50 @@ __device__ inline void bitonic_sort(uint64_t* s, int n) {
   }
 }
 
+// The SPS entries this thread's part of the sync scan will read (sps[R + i - 1], sps[R + i]
+// for its ranked positions i, below), fetched into L1 before the sort so the scan's loop (one
+// step per position, stopping at the first non-improvement) does not wait on global memory.
+__device__ inline void prefetch_scan_sps(const ScheduleParams& p, int n_pad) {
+  if (p.sps == nullptr) return;
+  const int64_t per = n_pad / blockDim.x, lo = threadIdx.x * per;
+  const int64_t first = p.R + lo - 1 > 0 ? p.R + lo - 1 : 0;
+  const int64_t last = p.R + lo + per - 1 < p.Bmax ? p.R + lo + per - 1 : p.Bmax - 1;
+  for (int64_t b = first; b <= last; b += 32)  // 32 floats: one 128-byte line
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(p.sps + b));
+  if (first <= last) asm volatile("prefetch.global.L1 [%0];" ::"l"(p.sps + last));
+}
+
 // Grid (1), block min(1024, n_pad / 2) threads (sorting modes) or min(1024, R rounded up to
-// a warp) (threshold, fixed); dynamic shared memory schedule_slots(n_pad) keys. Shapes as in
-// ScheduleParams.
+// a warp) (threshold, fixed); dynamic shared memory schedule_slots(n_pad) keys + R * gamma
+// floats (sorting modes). Shapes as in ScheduleParams.
 __global__ void __launch_bounds__(kScheduleMaxThreads)
     schedule_kernel(ScheduleParams p, int n_pad) {
   extern __shared__ uint64_t keys[];
   __shared__ uint64_t last_key;
   const int tid = threadIdx.x, T = blockDim.x;
   const bool sorts = schedule_mode_sorts(p.mode);
+  // The sorting modes read each request's confidences three times (checks, keys, lengths),
+  // one thread per request walking its row: from global memory that is gamma dependent loads
+  // per walk. One coalesced copy into shared memory (after the keys) pays the latency once.
+  ScheduleParams q = p;
+  if (sorts) {
+    float* conf = reinterpret_cast<float*>(keys + schedule_slots(n_pad));
+    for (int64_t i = tid; i < p.R * p.gamma; i += T) conf[i] = p.confidences[i];
+    q.confidences = conf;
+    if (p.mode == kScheduleSync) prefetch_scan_sps(p, n_pad);
+    __syncthreads();
+  }
   int32_t bad = 0;
   int64_t count = 0;  // this thread's candidates
   for (int64_t r = tid; r < p.R; r += T) {
-    const int32_t st = schedule_request_status(p, r);
+    const int32_t st = schedule_request_status(q, r);
     bad |= st;
     if (!sorts) {
       p.out[r] = st == 0 ? unranked_length(p, r) : 0;
     } else if (st == 0) {
       const int64_t first = r * p.gamma;
       count +=
-          request_keys_to(p, r, [&](int64_t j, uint64_t key) { keys[key_slot(first + j)] = key; });
+          request_keys_to(q, r, [&](int64_t j, uint64_t key) { keys[key_slot(first + j)] = key; });
     } else {
       for (int64_t j = 0; j < p.gamma; ++j) keys[key_slot(r * p.gamma + j)] = kNoCandidate;
     }
@@ -225,7 +252,7 @@ __global__ void __launch_bounds__(kScheduleMaxThreads)
   __syncthreads();
   const uint64_t last = last_key;
   for (int64_t r = tid; r < p.R; r += T)
-    p.out[r] = n_star >= 1 && schedule_request_status(p, r) == 0 ? admitted_length(p, r, last) : 0;
+    p.out[r] = n_star >= 1 && schedule_request_status(q, r) == 0 ? admitted_length(q, r, last) : 0;
 }
 
 // The sorting modes' padded key count: a power of two >= max(64, R * gamma).
@@ -255,7 +282,10 @@ inline cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream,
     const int64_t warps = (p.R + 31) / 32;
     threads = warps < 1 ? 32 : warps > kScheduleMaxThreads / 32 ? kScheduleMaxThreads : warps * 32;
   }
-  const size_t smem = (n_pad > 0 ? schedule_slots(n_pad) : 0) * sizeof(uint64_t);
+  // the keys, then the confidences (sorting modes): at most 136 + 64 KiB
+  const size_t smem =
+      n_pad > 0 ? schedule_slots(n_pad) * sizeof(uint64_t) + size_t(p.R * p.gamma) * sizeof(float)
+                : 0;
   if (smem > 48 * 1024) {  // opt in to the large-memory configuration once per device and size
     static size_t done[64] = {};
     int dev = 0;
