@@ -11,15 +11,19 @@ How: at a load (batch size) it has not seen, a generate() call times its specula
 ``WARM`` .. ``WARM + PROBE`` one by one (after ``WARM`` steps, which capture the CUDA graphs),
 then ``PROBE`` replays of the target's plain decode of the current anchors, whose logits are
 dropped (its K / V write at the anchor's slot is rewritten with the same rows by the next
-verify, whose root is that anchor). Each side's rate uses its median step time: a step that
-still pays a one-time cost (a graph captured late, a compile) does not decide the choice
-(measured on an H100, 2026-12-06 s11: timed as a block, four steps of the demo pair's first
-call at batch 1 read 185 tokens/s against the 1969 its whole run reached). If plain decoding
+verify, whose root is that anchor). On a GPU each step is timed by CUDA events on the stream,
+with no host sync between steps: the time a step takes as the GPU lives it while the host queues
+the next one, idle gaps included. Measured on an H100 (2026-12-06 s12, the benchmark pair,
+batch 1): a host sync around each step serialised launching and running, and the probe read
+788 tokens/s for the DSpark step that ran at 1535 in the same call, so the gate chose plain
+decoding (0.99x) where speculation was 1.66x. Each side's rate uses its median step time: a
+step that still pays a one-time cost (a graph captured late, a compile) does not decide the
+choice (s11: four steps timed as a block read 185 tokens/s against 1969). If plain decoding
 yields more tokens per second (by ``margin``), the call continues with plain decoding steps,
 and the choice is kept for later calls at that load, which then do not probe. Each step,
 speculative or plain, samples from the target's distribution, so the output distribution is
-unchanged (and greedy output identical, with the batch-invariant kernels). Measuring costs two
-host syncs per probed step and ``PROBE`` decode steps of target time, once per new load.
+unchanged (and greedy output identical, with the batch-invariant kernels). Measuring costs one
+host sync and ``PROBE`` decode steps of target time, once per new load.
 """
 from __future__ import annotations
 
@@ -71,15 +75,18 @@ class FallbackGate:
                 self.plain_from = 0
             return plain if known.plain else speculative
         k, chosen = 0, None
-        seconds, tokens = [], []  # the probed speculative steps, one by one
+        clock = _StreamClock(st.tokens.device)
+        probed = []  # per probed speculative step: (mark, mark, tokens before, tokens after)
 
         def step() -> None:
             nonlocal k, chosen
             if chosen is not None:
                 return chosen()
             if k == self.WARM + self.PROBE:
+                seconds = [clock.seconds(a, b) for a, b, _, _ in probed]
+                tokens = torch.stack([n1 - n0 for _, _, n0, n1 in probed]).tolist()
                 spec = statistics.mean(tokens) / max(statistics.median(seconds), 1e-9)
-                plain_rate = _plain_rate(engine, st, self.PROBE)
+                plain_rate = _plain_rate(engine, st, self.PROBE, clock)
                 choice = FallbackChoice(spec, plain_rate,
                                         choose_plain(spec, plain_rate, self.margin))
                 self.choices[key] = choice
@@ -90,40 +97,48 @@ class FallbackGate:
             k += 1
             if k <= self.WARM:
                 return speculative()
-            t0, n0 = _tokens_now(st)
+            n0 = st.n_tokens.sum()  # on the stream: no host read until the choice
+            t0 = clock.mark()
             speculative()
-            t1, n1 = _tokens_now(st)
-            seconds.append(t1 - t0)
-            tokens.append(n1 - n0)
+            probed.append((t0, clock.mark(), n0, st.n_tokens.sum()))
         return step
 
 
-def _seconds_now(st) -> float:
-    """The host clock once every queued step has run."""
-    if st.tokens.device.type == "cuda":
-        torch.cuda.synchronize(st.tokens.device)
-    return time.perf_counter()
+class _StreamClock:
+    """Marks on the current stream: CUDA events on a GPU (read once, at the choice), the host
+    clock on CPU, where every op has finished when it returns."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
 
 
-def _tokens_now(st) -> tuple:
-    """(seconds, tokens committed so far) once every queued step has run."""
-    return _seconds_now(st), int(st.n_tokens.sum())
-
-
-def _plain_rate(engine, st, reps: int) -> float:
+def _plain_rate(engine, st, reps: int, clock: _StreamClock) -> float:
     """Tokens/s of plain decoding steps on the current anchors: the target's decode (one graph
-    on GPU, in the verify graphs' pool) timed replay by replay over ``reps`` replays (the
-    median, like the speculative side) after two untimed calls (an eager one, then the
-    capture), logits dropped."""
+    on GPU, in the verify graphs' pool), ``reps`` replays queued back to back and timed each
+    by the clock (the median, like the speculative side) after two untimed calls (an eager
+    one, then the capture), logits dropped."""
     key = ("probe decode", engine._graph_key(st))
 
     def dry() -> None:
         engine.target.decode(st.anchor(), st.anchor_pos())
     for _ in range(2):
         engine.graphs(key, dry, True)
-    times = []
+    marks = [clock.mark()]
     for _ in range(reps):
-        t0 = _seconds_now(st)
         engine.graphs(key, dry, True)
-        times.append(_seconds_now(st) - t0)
+        marks.append(clock.mark())
+    times = [clock.seconds(a, b) for a, b in zip(marks, marks[1:])]
     return int(st.active.sum()) / max(statistics.median(times), 1e-9)

@@ -6,10 +6,9 @@
 // of two n_pad >= 64 with kNoCandidate, and
 //   1. copies the confidences into shared memory (coalesced), then checks each request and
 //      writes its keys (one thread per request: gamma is small);
-//   2. sorts the keys with a bitonic network (log2(n_pad) * (log2(n_pad) + 1) / 2 passes), up
-//      to four passes per trip through shared memory. One pass per trip cost 16.7 us of own
-//      time at n_pad = 2048 (H100; estimated: bound by one SM's shared-memory traffic, 66
-//      trips of 32 KB); now 18 trips;
+//   2. sorts the keys with a bitonic network (log2(n_pad) * (log2(n_pad) + 1) / 2 passes), each
+//      thread holding n_pad / T keys in registers: passes within a warp are shuffles, only the
+//      strides past a warp go through shared memory (bitonic_sort_registers);
 //   3. scans the ranked survivals in int64 (exact, so the order of the sum does not matter) and
 //      finds Algorithm 1's first non-improvement (sync) or the first argmax of Theta (budget)
 //      with block reductions;
@@ -127,6 +126,7 @@ __device__ inline void bitonic_first_stages(uint64_t* s, int n) {
 
 constexpr int kSortPassesPerLoad = 4;  // 16 keys a group
 
+// The group sort (the A/B block sizes where a thread would hold more than 16 keys, or one).
 // Ascending bitonic sort of the n keys (n a power of two >= 64, laid out by key_slot). Stages
 // 2..16 take one trip; the log2(k) passes of each later stage k run kSortPassesPerLoad at a
 // time from registers, so at n = 2048 the keys cross shared memory 18 times instead of 66 (one
@@ -147,6 +147,83 @@ __device__ inline void bitonic_sort(uint64_t* s, int n) {
       }
       passes -= c, top = jl >> 1;
     }
+  }
+}
+
+// The bitonic network with every thread working on every pass: thread t holds the E keys at
+// ranked positions t * E ... t * E + E - 1 in registers. A pass of stride j compares keys of the
+// same thread (j < E), of lanes j / E apart in the warp (j < 32 E: one shuffle, no barrier) or,
+// for the few strides past a warp (15 of the 66 passes at n = 2048), of another warp through
+// shared memory. Measured 2026-12-06 s12 (ncu, H100): the group sort above gives the work to
+// n / 16 threads (4 warps at n = 2048) and ran latency-bound on them, ~13 of the kernel's 18.8 us.
+template <int E, int J>
+__device__ __forceinline__ void pass_in_thread(uint64_t (&v)[E], int base, int k) {
+  if constexpr (J < E) {
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+      if ((e & J) == 0) order_pair(v[e], v[e | J], ((base + e) & k) == 0);
+  }
+}
+
+// Keeps the smaller (keep_small) or larger of v and its partner o (unique keys; padding ties
+// are equal values, so either is right).
+__device__ __forceinline__ uint64_t keep_of_pair(uint64_t v, uint64_t o, bool keep_small) {
+  return (o < v) == keep_small ? o : v;
+}
+
+// Ascending sort of the n = blockDim.x * E keys laid out by key_slot; the passes past a warp
+// exchange through s in a transposed layout (slot e * T + t: a warp's accesses are consecutive).
+template <int E>
+__device__ inline void bitonic_sort_registers(uint64_t* s, int n) {
+  const int T = blockDim.x, t = threadIdx.x, base = t * E;
+  uint64_t v[E];
+  __syncthreads();  // every key is written
+#pragma unroll
+  for (int e = 0; e < E; ++e) v[e] = s[key_slot(base + e)];
+  for (int k = 2; k <= n; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      if (j < E) {
+        switch (j) {
+          case 1: pass_in_thread<E, 1>(v, base, k); break;
+          case 2: pass_in_thread<E, 2>(v, base, k); break;
+          case 4: pass_in_thread<E, 4>(v, base, k); break;
+          default: pass_in_thread<E, 8>(v, base, k); break;
+        }
+        continue;
+      }
+      // j >= E: the partner of base + e is (base ^ j) + e, in thread t ^ (j / E); the bits j
+      // and k of a position are those of base
+      const bool keep_small = ((base & j) == 0) == ((base & k) == 0);
+      const int partner = t ^ (j / E);
+      if (j < 32 * E) {
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+          v[e] = keep_of_pair(v[e], __shfl_xor_sync(0xffffffffu, v[e], j / E), keep_small);
+      } else {
+        __syncthreads();  // the previous exchange's reads are done
+#pragma unroll
+        for (int e = 0; e < E; ++e) s[e * T + t] = v[e];
+        __syncthreads();
+#pragma unroll
+        for (int e = 0; e < E; ++e) v[e] = keep_of_pair(v[e], s[e * T + partner], keep_small);
+      }
+    }
+  }
+  __syncthreads();  // the last exchange's reads are done
+#pragma unroll
+  for (int e = 0; e < E; ++e) s[key_slot(base + e)] = v[e];
+  __syncthreads();
+}
+
+// The sort for this launch: in registers where each thread holds 2-16 keys (every default
+// launch), else (DSPARK_SCHEDULE_THREADS A/B runs) the group sort.
+__device__ inline void sort_keys(uint64_t* s, int n) {
+  switch (n / int(blockDim.x)) {
+    case 2: bitonic_sort_registers<2>(s, n); break;
+    case 4: bitonic_sort_registers<4>(s, n); break;
+    case 8: bitonic_sort_registers<8>(s, n); break;
+    case 16: bitonic_sort_registers<16>(s, n); break;
+    default: bitonic_sort(s, n); break;
   }
 }
 
@@ -211,7 +288,7 @@ __global__ void __launch_bounds__(kScheduleMaxThreads)
   if (!sorts) return;
 
   const int64_t M = block_reduce(count, SumOp{}, int64_t(0));  // ranked candidates
-  bitonic_sort(keys, n_pad);
+  sort_keys(keys, n_pad);
   int64_t n_star;  // admitted candidates: the first n_star ranked ones
   if (p.mode == kScheduleAsync) {
     const int64_t K = *p.budget;
@@ -270,11 +347,9 @@ inline cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream,
   int n_pad = 0, threads;
   if (schedule_mode_sorts(p.mode)) {
     n_pad = schedule_pad(p.R * p.gamma);
-    // n_pad / 2 threads although the sort has n_pad / 16 groups. With one thread per group
-    // (measured 2026-12-06 s11, H100) the call got slower at R = 64 (own time ~11 vs ~5 us
-    // before the register sort), likely from the scan's per-thread run of n_pad / T steps,
-    // each reading the SPS table from global memory: 16 steps there, 2 with n_pad / 2 threads
-    // (this launch: not yet measured).
+    // n_pad / 2 threads (two keys each in the register sort). s11 (H100) measured one thread
+    // per 16 keys slower (R = 64: 19.2 vs 14.5 us); s12 measured n_pad / 2 with the group
+    // sort: R = 256 sync 16.9 us a call in a graph, ncu: the sort on 4 warps was most of it.
     threads = n_pad / 2 < kScheduleMaxThreads ? n_pad / 2 : kScheduleMaxThreads;
     // A/B measurements: any power of two in [32, 1024] (capped at n_pad) gives the same bits
     if (threads_override > 0) threads = threads_override < n_pad ? threads_override : n_pad;
