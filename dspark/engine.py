@@ -12,6 +12,7 @@ of step k only after step k+1 is queued, so the GPU never waits for Python.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -71,7 +72,8 @@ class SpeculativeEngine:
                  nvtx: bool = False, stage_times: Optional[bool] = None,
                  schedule: Union[None, str, VerifyScheduler] = None, sps: SPSSource = None,
                  bucket_rows: Optional[bool] = None, fused_max_rows: Optional[int] = None,
-                 step_overhead: float = 0.0, ar_fallback: Union[bool, float] = False):
+                 step_overhead: float = 0.0, ar_fallback: Union[bool, float] = False,
+                 precapture_buckets: bool = True):
         # fused: the runner's dspark::fused_linear / decode_attention path for calls of up to
         # fused_max_rows rows (None: FUSED_MAX_ROWS; fused None: on for CUDA); batch_invariant:
         # that path for every decode / verify call (greedy speculative == greedy autoregressive
@@ -88,7 +90,10 @@ class SpeculativeEngine:
         # are on); step_overhead: seconds a step costs besides the verify forward, for the
         # scheduler's ranking (VerifyScheduler); ar_fallback: True or a margin (default 0.05):
         # at each new batch size, time speculative against plain decoding steps and continue
-        # with plain decoding where it is faster by the margin (dspark/fallback.py)
+        # with plain decoding where it is faster by the margin (dspark/fallback.py);
+        # precapture_buckets: a scheduled engine on GPU captures the verify graph of every row
+        # bucket a batch size can use when its draft graph is captured (False: each at its
+        # first use, after an eager step)
         if not isinstance(target, ModelRunner):
             target = ModelRunner(target, use_cuda_graphs, compile=compile, fused=fused,
                                  batch_invariant=batch_invariant, fused_max_rows=fused_max_rows)
@@ -114,6 +119,8 @@ class SpeculativeEngine:
         self.stage_times = (self.target.device.type != "cuda" or nvtx) if stage_times is None \
             else stage_times
         self.graphs = StageGraphs(self.target.use_cuda_graphs)
+        # scheduled steps: capture every row bucket's verify graph once the draft graph exists
+        self.precapture = precapture_buckets
         self.scheduler: Optional[VerifyScheduler] = None
         if isinstance(schedule, VerifyScheduler):
             self.scheduler = schedule
@@ -206,6 +213,17 @@ class SpeculativeEngine:
             # scheduled: the host picks the verify's row bucket between drafting and verifying;
             # the buckets' verify graphs share one memory pool (they return nothing)
             root, prop, lengths = whole(("draft step", g), draft)
+            if not split and self.precapture and self.graphs.has(("draft step", g)) \
+                    and g not in self.graphs.precaptured:
+                # every row bucket's verify graph now (the draft graph's outputs are static
+                # from here on), not at its first use mid-generation: there an eager step and
+                # a capture cost tens of ms each (s12, H100: scheduled runs of ~1 s took
+                # 0.3-0.5 s longer than fixed gamma's, whatever their round count)
+                self.graphs.precaptured.add(g)
+                for shape in s.shapes(st.batch, W, d.gamma):
+                    k = (*g, *(shape or ("full",)))
+                    self.graphs.capture(("verify step", k), functools.partial(
+                        verify, root, prop, lengths, k, shape), True)
             rows = s.rows(st, d, lengths[1])
             key = (*g, *(rows or ("full",)))
             whole(("verify step", key), lambda: verify(root, prop, lengths, key, rows), True)

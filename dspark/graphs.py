@@ -31,14 +31,41 @@ class StageGraphs:
         self._graphs: dict = {}  # key -> (graph, outputs)
         self._seen: set = set()
         self._pool = None  # the shared graphs' memory pool
+        self.precaptured: set = set()  # whose graphs a caller captured up front (cleared too)
 
     def clear(self) -> None:
         self._graphs.clear()
         self._seen.clear()
         self._pool = None
+        self.precaptured.clear()
 
     def __len__(self) -> int:
         return len(self._graphs)
+
+    def has(self, key: Hashable) -> bool:
+        return key in self._graphs
+
+    def capture(self, key: Hashable, fn: Callable, shared: bool = False) -> bool:
+        """Captures ``fn`` under ``key`` now, without running it (capture records kernels only,
+        so nothing ``fn`` would change is changed), for a graph whose first use would otherwise
+        pay an eager run and a capture in the middle of a generation. The libraries ``fn``
+        calls must be warm already (an earlier eager run of a sibling graph). Returns whether
+        the key has a graph; a capture that fails is dropped and the key takes the lazy path."""
+        if not self.enabled or key in self._graphs or torch.cuda.is_current_stream_capturing():
+            return key in self._graphs
+        graph = torch.cuda.CUDAGraph()
+        if shared and self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool if shared else None):
+                out = fn()
+        except Exception:  # noqa: BLE001 - the lazy path still works for this key
+            return False
+        if shared and out is not None:
+            raise ValueError(f"a shared-pool graph must return nothing ({key!r})")
+        self._graphs[key] = (graph, out)
+        self._seen.add(key)
+        return True
 
     def __call__(self, key: Hashable, fn: Callable, shared: bool = False):
         if not self.enabled or torch.cuda.is_current_stream_capturing():

@@ -284,6 +284,12 @@ class VerifyScheduler:
             if n == R * G:
                 return self._logged(R * W, None)
             floor = most = R + n
+        shape = self._shape(R, W, most, floor)
+        return self._logged(shape[0], shape)
+
+    def _shape(self, R: int, W: int, most: int, floor: int) -> tuple[int, int]:
+        """(rows, scratch width) of a verify of at most ``most`` and at least ``floor`` real
+        rows."""
         rows = most + 1  # at least one scratch row
         if self.buckets:
             rows = bucket_rows(rows, R * W + 1)
@@ -292,7 +298,19 @@ class VerifyScheduler:
         width = max(W, rows - floor)  # the scratch request's rows are at most rows - floor
         if width > MAX_VERIFY_WIDTH:
             raise ValueError(f"{rows - floor} padding rows exceed verify's width limit")
-        return self._logged(rows, (rows, width))
+        return rows, width
+
+    def shapes(self, R: int, W: int, G: int) -> list:
+        """Every verify shape :meth:`rows` can pick at batch R (None: the whole proposal, sync /
+        threshold with every draft admitted): the row buckets whose graphs the engine captures
+        up front."""
+        out = set()
+        for n in range(R * G + 1):  # admitted drafts (async: the budget's)
+            if self.mode != "async" and n == R * G:
+                out.add(None)
+            else:
+                out.add(self._shape(R, W, R + n, R if self.mode == "async" else R + n))
+        return sorted(out, key=lambda s: (-1,) if s is None else s)
 
     def _logged(self, rows: int, shape):
         """Logs this step's forward rows (metrics) and returns ``shape``."""

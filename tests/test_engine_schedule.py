@@ -292,6 +292,21 @@ def test_bucket_rows():
         prev = b
 
 
+@pytest.mark.parametrize("mode", ["sync", "threshold:0.5"])
+@pytest.mark.parametrize("R, G", [(1, 7), (6, 4), (64, 7), (128, 7)])
+def test_shapes_hold_every_bucket_rows_picks(mode, R, G):
+    """The shapes a scheduled engine captures up front (VerifyScheduler.shapes) are exactly
+    those rows() picks for some admitted count: none missing (a capture mid-generation), none
+    unused."""
+    import types
+    s = VerifyScheduler(mode, [1.0] * 4096, True)
+    s.step, s.rows_log = 0, []  # what start() sets for a call
+    st, d = types.SimpleNamespace(batch=R), types.SimpleNamespace(max_nodes=G + 1, gamma=G)
+    picked = {s.rows(st, d, torch.tensor(n)) for n in range(R * G + 1)}
+    assert picked == set(s.shapes(R, G + 1, G)) and None in picked
+    assert len(picked) <= 2 + 4 * (R * (G + 1)).bit_length()  # a few per octave
+
+
 # ---- metrics ---------------------------------------------------------------------------------
 def test_scheduled_metrics():
     accept = torch.tensor([[1, 0], [2, 0], [0, 0]])
@@ -421,8 +436,9 @@ def cuda_pair():
 @pytest.mark.parametrize("mode", ["sync", "async", "threshold:0.5"])
 def test_cuda_graph_buckets_equal_eager(cuda_pair, mode, stage_times):
     """Replayed per-bucket graphs give the tokens of eager execution (sampled and greedy);
-    several buckets are captured; a second call replays them. A step is two graphs (draft +
-    lengths, then the verify of a bucket), or one per stage with stage_times."""
+    several buckets are used; a second call replays them. A step is two graphs (draft +
+    lengths, then the verify of a bucket: every bucket captured up front, most never run
+    eagerly), or one per stage with stage_times (each at its first use)."""
     target, model = cuda_pair
     sps = affine_sps(0.01, 4096)
     kw = dict(max_new_tokens=40, temperature=1.0, seed=list(range(len(CUDA_PROMPTS))))
@@ -438,7 +454,12 @@ def test_cuda_graph_buckets_equal_eager(cuda_pair, mode, stage_times):
         assert got.metrics.verified_hist == want.metrics.verified_hist
     buckets = set(graphed.scheduler.rows_log)
     assert len(buckets) >= 2  # several row buckets in use, each captured once
-    assert len(graphed.graphs) == (2 + 4 * len(buckets) if stage_times else 1 + len(buckets))
+    if stage_times:  # each bucket's stages at its first use
+        assert len(graphed.graphs) == 2 + 4 * len(buckets)
+    else:  # every bucket the batch size can use, captured with the draft graph
+        d = graphed.drafter
+        shapes = graphed.scheduler.shapes(len(CUDA_PROMPTS), d.max_nodes, d.gamma)
+        assert len(shapes) > len(buckets) and len(graphed.graphs) == 1 + len(shapes)
     greedy = graphed.generate(CUDA_PROMPTS, max_new_tokens=40)
     assert greedy.tokens == graphed.generate_autoregressive(CUDA_PROMPTS, max_new_tokens=40).tokens
 
