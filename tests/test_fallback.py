@@ -35,6 +35,22 @@ def slowed(drafter, seconds: float):
     return drafter
 
 
+def probe(st, spec_step, decode):
+    """A gate's probe over a stand-in engine (speculative steps ``spec_step``, the target's
+    decode ``decode``): the gate and its one choice, after one step past the probe."""
+    import types
+    engine = types.SimpleNamespace(_step=spec_step, _decode_step=None,
+                                   target=types.SimpleNamespace(decode=decode),
+                                   _graph_key=lambda state: 0,
+                                   graphs=lambda key, fn, graphed: fn())
+    gate = FallbackGate()
+    step = gate.stepper(engine, st, None, key=(1, 8))
+    for _ in range(FallbackGate.WARM + FallbackGate.PROBE + 1):
+        step()
+    (choice,) = gate.choices.values()
+    return gate, choice
+
+
 def test_choose_plain_and_bad_margin():
     assert choose_plain(100.0, 120.0, 0.05) and not choose_plain(100.0, 104.0, 0.05)
     assert not choose_plain(100.0, 100.0, 0.0)
@@ -63,15 +79,7 @@ def test_probe_takes_each_side_at_its_median_step():
         state.n_tokens += 3
         state.rounds += 1
 
-    target = types.SimpleNamespace(decode=lambda *a: time.sleep(0.02))
-    engine = types.SimpleNamespace(_step=spec_step, _decode_step=None, target=target,
-                                   _graph_key=lambda state: 0,
-                                   graphs=lambda key, fn, graphed: fn())
-    gate = FallbackGate()
-    step = gate.stepper(engine, st, None, key=(1, 8))
-    for _ in range(FallbackGate.WARM + FallbackGate.PROBE + 1):
-        step()
-    (choice,) = gate.choices.values()
+    gate, choice = probe(st, spec_step, decode=lambda *a: time.sleep(0.02))
     assert not choice.plain and gate.plain_from is None
     assert choice.speculative_tok_s > 2 * choice.plain_tok_s
     assert len(spec_steps) == FallbackGate.WARM + FallbackGate.PROBE + 1
@@ -179,15 +187,7 @@ def test_cuda_probe_times_steps_as_they_overlap():
         state.n_tokens += 2
         state.rounds += 1
 
-    target = types.SimpleNamespace(decode=lambda *a: torch.cuda._sleep(cycles))
-    engine = types.SimpleNamespace(_step=spec_step, _decode_step=None, target=target,
-                                   _graph_key=lambda state: 0,
-                                   graphs=lambda key, fn, graphed: fn())
-    gate = FallbackGate()
-    step = gate.stepper(engine, st, None, key=(1, 8))
-    for _ in range(FallbackGate.WARM + FallbackGate.PROBE + 1):
-        step()
-    (choice,) = gate.choices.values()
+    _, choice = probe(st, spec_step, decode=lambda *a: torch.cuda._sleep(cycles))
     # 2 tokens per ~10 ms step: ~200 tokens/s (100 with a sync per step); plain: 1 per 10 ms
     assert 150 < choice.speculative_tok_s < 260, choice
     assert 80 < choice.plain_tok_s < 125 and not choice.plain, choice
