@@ -170,6 +170,24 @@ def test_sampled_three_tokens_match_target(small_models):
         assert_first_three_tokens_fit(target, drafter, seed0=7)
 
 
+@pytest.mark.parametrize("kind", ["draft-chain", "ngram"])
+def test_prefill_padded_to_its_graph_bucket_changes_no_token(models, ar_reference, kind):
+    """A GPU runner pads a prefill to its CUDA-graph bucket (ModelRunner.prefill): the same
+    tokens, speculative and autoregressive, as the unpadded prefill (the draft model's runner
+    padded too)."""
+    target, draft = models
+    runner = ModelRunner(target)
+    runner.pad_prefill = True
+    drafter = DRAFTERS[kind](target, draft, 4)
+    if kind == "draft-chain":
+        drafter.runner.pad_prefill = True
+    engine = SpeculativeEngine(runner, drafter)
+    out = engine.generate(PROMPTS[:3], max_new_tokens=NEW, stop_tokens=[])
+    assert out.tokens == ar_reference[3]
+    assert engine.generate_autoregressive(PROMPTS[:3], max_new_tokens=NEW,
+                                          stop_tokens=[]).tokens == ar_reference[3]
+
+
 # ---- rollback: after accepts and rejects the caches equal a fresh prefill ----------------------
 @pytest.mark.parametrize("topk", [1, 3])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

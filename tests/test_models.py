@@ -44,9 +44,13 @@ def test_loader_reads_config_and_shards(pair):
     assert load_tokenizer(path).encode("w3 w5").ids == [3, 5]
 
 
-def test_prefill_and_decode_match_transformers(pair):
+@pytest.mark.parametrize("pad", [False, True])
+def test_prefill_and_decode_match_transformers(pair, pad):
+    """pad: the prompt block padded to its CUDA-graph bucket (16 rows here), as a GPU prefill
+    is: padding rows change neither the logits nor what decoding reads from the cache."""
     hf, model, _ = pair
     runner = ModelRunner(model)
+    runner.pad_prefill = pad
     runner.allocate(len(PROMPTS), 32)
     out = runner.prefill(PROMPTS)
     for b, p in enumerate(PROMPTS):
@@ -140,11 +144,14 @@ def test_fused_runner_matches_transformers(pair):
                                            atol=ATOL, rtol=0)
 
 
-def test_prefill_taps_match_transformers(pair):
+@pytest.mark.parametrize("pad", [False, True])
+def test_prefill_taps_match_transformers(pair, pad):
     hf, model, _ = pair
     runner = ModelRunner(model)
+    runner.pad_prefill = pad
     runner.allocate(1, 16)
     out = runner.prefill(PROMPTS[:1], taps=(1, -1))
+    assert out.hidden.shape[2] == len(PROMPTS[0])  # the prompt's rows, not the bucket's
     with torch.no_grad():
         ref = hf(torch.tensor(PROMPTS[:1]), output_hidden_states=True).hidden_states
     torch.testing.assert_close(out.hidden[0, 0], ref[2][0], atol=ATOL, rtol=0)
