@@ -236,8 +236,8 @@ __device__ inline void prefetch_scan_sps(const ScheduleParams& p, int n_pad) {
   const int64_t first = p.R + lo - 1 > 0 ? p.R + lo - 1 : 0;
   const int64_t last = p.R + lo + per - 1 < p.Bmax ? p.R + lo + per - 1 : p.Bmax - 1;
   for (int64_t b = first; b <= last; b += 32)  // 32 floats: one 128-byte line
-    asm volatile("prefetch.global.L1 [%0];" ::"l"(p.sps + b));
-  if (first <= last) asm volatile("prefetch.global.L1 [%0];" ::"l"(p.sps + last));
+    asm volatile("prefetch.L1 [%0];" ::"l"(p.sps + b));
+  if (first <= last) asm volatile("prefetch.L1 [%0];" ::"l"(p.sps + last));
 }
 
 // Grid (1), block min(1024, n_pad / 2) threads (sorting modes) or min(1024, R rounded up to
