@@ -249,3 +249,27 @@ def test_compile_mode_with_its_own_cuda_graphs_is_refused(tmp_path):
     model = load_model(str(tmp_path), dtype=torch.float32)
     with pytest.raises(ValueError, match="compile mode"):
         ModelRunner(model, compile="reduce-overhead")
+
+
+@pytest.mark.cuda
+def test_cuda_graphed_prefill_equals_eager():
+    """On a GPU the prefill replays a graph per (batch, row bucket): new prompts of the same
+    bucket (copied into the graph's inputs) give the eager prefill's logits and taps, and the
+    outputs handed back are copies (the next replay does not change them)."""
+    from dspark.demo import _random_qwen3
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    model = _random_qwen3(97, seed=5, device="cuda")
+    graphed, eager = ModelRunner(model), ModelRunner(model, use_cuda_graphs=False)
+    assert graphed.use_cuda_graphs
+    first = None
+    for prompts in ([[3, 4, 5, 6, 7], [8, 9]], [[10] * 12, [11, 12, 13]], [[1] * 9, [2] * 16]):
+        for r in (graphed, eager):
+            r.allocate(len(prompts), 64)
+        got, want = graphed.prefill(prompts, taps=(0, 1)), eager.prefill(prompts, taps=(0, 1))
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got.hidden, want.hidden, atol=1e-4, rtol=0)
+        if first is None:
+            first = (got.logits, got.logits.clone())
+    assert len(graphed._graphs) == 1  # all three in the 16-row bucket: one graph, replayed
+    assert torch.equal(*first)  # an earlier result is not overwritten by later replays
