@@ -155,7 +155,7 @@ def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), ba
                          "prompts": len(prompts), "wall_s": wall, **_pool(metrics)}
                     if getattr(eng, "fallback", None) is not None:  # what its probe measured
                         r["fallback"] = next((c.to_dict() for k, c in eng.fallback.choices.items()
-                                              if k[0] == batch), None)
+                                              if k[0] == batch and k[2] == (temp > 0)), None)
                     if base is None:
                         base = (tokens, r)
                     else:

@@ -301,7 +301,11 @@ class SpeculativeEngine:
         t0 = time.perf_counter()
         bar = kw.pop("progress", False)
         st, timer, hidden = self._start(prompts, d.target_taps, kw, speculative=True)
-        load = (st.batch, d.max_nodes)  # ar_fallback's key: the load and the block
+        # ar_fallback's key: the load, the block, and whether any request samples (acceptance,
+        # so the faster side, differs: s12, the pair at batch 1: DSpark 1.66x plain decoding
+        # greedy, 0.98x at T = 1)
+        sampled = max(_per_request(kw.get("temperature", 0.0), st.batch, "temperature")) > 0
+        load = (st.batch, d.max_nodes, sampled)
         known = None if self.fallback is None else self.fallback.choices.get(load)
         with timer("prefill"):
             if known is None or not known.plain:  # (plain decoding at this load: no drafting)

@@ -20,7 +20,8 @@ decoding (0.99x) where speculation was 1.66x. Each side's rate uses its median s
 step that still pays a one-time cost (a graph captured late, a compile) does not decide the
 choice (s11: four steps timed as a block read 185 tokens/s against 1969). If plain decoding
 yields more tokens per second (by ``margin``), the call continues with plain decoding steps,
-and the choice is kept for later calls at that load, which then do not probe. Each step,
+and the choice is kept for later calls at that load (batch size, block, and whether any request
+samples), which then do not probe. Each step,
 speculative or plain, samples from the target's distribution, so the output distribution is
 unchanged (and greedy output identical, with the batch-invariant kernels). Measuring costs one
 host sync and ``PROBE`` decode steps of target time, once per new load.

@@ -113,6 +113,22 @@ def test_slow_drafting_falls_back_to_plain_decoding(demo, schedule):
     assert again.metrics.verified_hist[0] == again.metrics.request_rounds
 
 
+def test_greedy_and_sampled_calls_choose_apart(demo):
+    """The choice is kept per (batch, block, sampling): acceptance, so the faster side, differs
+    between greedy and sampled requests; a sampled call at a batch size already probed greedy
+    probes again."""
+    target, _, prompts = demo
+    _, _, drafter = load_demo_pair("cpu")
+    engine = SpeculativeEngine(target, slowed(drafter, 0.05), ar_fallback=True)
+    engine.generate(prompts, max_new_tokens=NEW, stop_tokens=[])
+    engine.generate(prompts, max_new_tokens=NEW, stop_tokens=[], temperature=1.0,
+                    seed=list(range(len(prompts))))
+    keys = sorted(engine.fallback.choices)
+    W = drafter.max_nodes
+    assert keys == [(len(prompts), W, False), (len(prompts), W, True)]
+    assert all(c.plain for c in engine.fallback.choices.values())
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_probe_that_keeps_speculating_changes_nothing(demo, temperature):
     """A margin no measurement beats: speculation continues after the probe's plain decodes of
