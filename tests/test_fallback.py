@@ -12,6 +12,7 @@ import dspark
 from dspark.cli import main
 from dspark.demo import DEMO_MODELS, DEMO_PROMPTS, load_demo_pair
 from dspark.engine import SpeculativeEngine
+from dspark import fallback
 from dspark.fallback import FallbackGate, choose_plain
 from dspark.models import ModelRunner
 
@@ -52,8 +53,9 @@ def probe(st, spec_step, decode):
 
 
 def test_choose_plain_and_bad_margin():
-    assert choose_plain(100.0, 120.0, 0.05) and not choose_plain(100.0, 104.0, 0.05)
-    assert not choose_plain(100.0, 100.0, 0.0)
+    assert choose_plain(100.0, 120.0, 0.05) and choose_plain(104.0, 100.0, 0.05)
+    assert not choose_plain(110.0, 100.0, 0.05)
+    assert choose_plain(100.0, 100.0, 0.0)  # a tie: plain decoding
     for bad in (-0.1, float("nan"), float("inf"), "0.1", True):
         with pytest.raises(ValueError, match="ar_fallback margin"):
             FallbackGate(bad)
@@ -130,14 +132,15 @@ def test_greedy_and_sampled_calls_choose_apart(demo):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_probe_that_keeps_speculating_changes_nothing(demo, temperature):
-    """A margin no measurement beats: speculation continues after the probe's plain decodes of
+def test_probe_that_keeps_speculating_changes_nothing(demo, temperature, monkeypatch):
+    """A gate that keeps speculating: speculation continues after the probe's plain decodes of
     the anchors, and every token (sampled too, same seeds) is the engine's without a probe."""
     target, drafter, prompts = demo
     kw = dict(max_new_tokens=NEW, temperature=temperature, seed=[3, 4, 5][:len(prompts)],
               stop_tokens=[])
     want = SpeculativeEngine(target, drafter).generate(prompts, **kw)
-    engine = SpeculativeEngine(target, drafter, ar_fallback=1e12)
+    monkeypatch.setattr(fallback, "choose_plain", lambda *a: False)
+    engine = SpeculativeEngine(target, drafter, ar_fallback=True)
     got = engine.generate(prompts, **kw)
     (_, choice), = engine.fallback.choices.items()
     assert not choice.plain and engine.fallback.plain_from is None
@@ -154,7 +157,7 @@ def test_ar_fallback_from_the_cli(capsys):
 
 
 @pytest.mark.cuda
-def test_cuda_probe_graphs_change_nothing():
+def test_cuda_probe_graphs_change_nothing(monkeypatch):
     """On the GPU the probe replays the target's decode graph between speculative step graphs:
     the tokens are the unprobed engine's (sampled), and a slowed drafter falls back."""
     if not dspark.cuda_available():
@@ -165,8 +168,10 @@ def test_cuda_probe_graphs_change_nothing():
               stop_tokens=[])
     runner = ModelRunner(target)  # one runner (its graphs, its cache) for every engine
     want = SpeculativeEngine(runner, drafter).generate(prompts, **kw).tokens
-    kept = SpeculativeEngine(runner, drafter, ar_fallback=1e12)
-    assert kept.generate(prompts, **kw).tokens == want
+    with monkeypatch.context() as m:  # a gate that keeps speculating
+        m.setattr(fallback, "choose_plain", lambda *a: False)
+        kept = SpeculativeEngine(runner, drafter, ar_fallback=True)
+        assert kept.generate(prompts, **kw).tokens == want
     _, _, slow = load_demo_pair("cuda")
     engine = SpeculativeEngine(runner, slowed(slow, 0.05), ar_fallback=True)
     greedy = engine.generate(prompts, max_new_tokens=NEW, stop_tokens=[]).tokens
