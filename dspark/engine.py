@@ -90,10 +90,10 @@ class SpeculativeEngine:
         # are on); step_overhead: seconds a step costs besides the verify forward, for the
         # scheduler's ranking (VerifyScheduler); ar_fallback: True or a margin (default 0.05):
         # at each new batch size, time speculative against plain decoding steps and continue
-        # with plain decoding where it is faster by the margin (dspark/fallback.py);
-        # precapture_buckets: a scheduled engine on GPU captures the verify graph of every row
-        # bucket a batch size can use when its draft graph is captured (False: each at its
-        # first use, after an eager step)
+        # with plain decoding unless speculation is faster by the margin (dspark/fallback.py);
+        # precapture_buckets: a scheduled engine with graphs and row buckets captures the verify
+        # graph of every bucket a batch size can use when its draft graph is captured (False:
+        # each at its first use, after an eager step)
         if not isinstance(target, ModelRunner):
             target = ModelRunner(target, use_cuda_graphs, compile=compile, fused=fused,
                                  batch_invariant=batch_invariant, fused_max_rows=fused_max_rows)
@@ -213,8 +213,8 @@ class SpeculativeEngine:
             # scheduled: the host picks the verify's row bucket between drafting and verifying;
             # the buckets' verify graphs share one memory pool (they return nothing)
             root, prop, lengths = whole(("draft step", g), draft)
-            if not split and self.precapture and self.graphs.has(("draft step", g)) \
-                    and g not in self.graphs.precaptured:
+            if not split and self.precapture and s.buckets \
+                    and self.graphs.has(("draft step", g)) and g not in self.graphs.precaptured:
                 # every row bucket's verify graph now (the draft graph's outputs are static
                 # from here on), not at its first use mid-generation: there an eager step and
                 # a capture cost tens of ms each (s12, H100: scheduled runs of ~1 s took

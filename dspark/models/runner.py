@@ -133,9 +133,10 @@ class ModelRunner:
         With CUDA graphs, B * T_bucket <= PREFILL_GRAPH_TOKENS: the block is padded to a power
         of two of rows (>= 16) and replayed from a graph per (B, T_bucket). Eager, the prefill
         of the benchmark pair (24 layers) took 18.9 ms of host time for 1.8 ms of GPU work
-        (H100, 2026-12-06 s12 profile): a twentieth of a 16-prompt run. Padding rows come after
-        every real row (causal: no real row sees them) and write only slots past the prompt,
-        which decoding overwrites, as the right-padding of shorter prompts always did."""
+        (H100, 2026-12-06 s12 profile): an eighth of a 16-prompt plain-decoding run. Padding
+        rows come after every real row (causal: no real row sees them) and write only slots
+        past the prompt, which decoding overwrites, as the right-padding of shorter prompts
+        always did."""
         B = len(prompts)
         if self.cache is None or self.cache.batch != B:
             raise ValueError(f"prefill of {B} prompts needs a cache of batch {B}: call allocate()")
