@@ -459,7 +459,7 @@ def test_cuda_graph_buckets_equal_eager(cuda_pair, mode, stage_times):
     else:  # every bucket the batch size can use, captured with the draft graph
         d = graphed.drafter
         shapes = graphed.scheduler.shapes(len(CUDA_PROMPTS), d.max_nodes, d.gamma)
-        assert len(shapes) > len(buckets) and len(graphed.graphs) == 1 + len(shapes)
+        assert len(shapes) >= len(buckets) and len(graphed.graphs) == 1 + len(shapes)
     greedy = graphed.generate(CUDA_PROMPTS, max_new_tokens=40)
     assert greedy.tokens == graphed.generate_autoregressive(CUDA_PROMPTS, max_new_tokens=40).tokens
 
