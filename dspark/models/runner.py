@@ -95,7 +95,7 @@ class ModelRunner:
         self._graphs: dict = {}
         self._pool = None
         self._compiled: dict = {}
-        self.pad_prefill = False  # pad prefills to their graph bucket without graphs (tests)
+        self.pad_prefill = False  # pad prefills to their bucket on CPU too (tests)
 
     @property
     def device(self) -> torch.device:
@@ -130,13 +130,13 @@ class ModelRunner:
         Returns the logits after each prompt's last token [B, V] and the tapped residual streams
         [len(taps), B, T_max, hidden] (right-padded) or None.
 
-        With CUDA graphs, B * T_bucket <= PREFILL_GRAPH_TOKENS: the block is padded to a power
-        of two of rows (>= 16) and replayed from a graph per (B, T_bucket). Eager, the prefill
-        of the benchmark pair (24 layers) took 18.9 ms of host time for 1.8 ms of GPU work
-        (H100, 2026-12-06 s12 profile): an eighth of a 16-prompt plain-decoding run. Padding
-        rows come after every real row (causal: no real row sees them) and write only slots
-        past the prompt, which decoding overwrites, as the right-padding of shorter prompts
-        always did."""
+        On a GPU, B * T_bucket <= PREFILL_GRAPH_TOKENS: the block is padded to a power of two
+        of rows (>= 16) and, with CUDA graphs, replayed from a graph per (B, T_bucket). Eager,
+        the prefill of the benchmark pair (24 layers) took 18.9 ms of host time for 1.8 ms of
+        GPU work (H100, 2026-12-06 s12 profile): an eighth of a 16-prompt plain-decoding run.
+        Padding rows come after every real row (causal: no real row sees them) and write only
+        slots past the prompt, which decoding overwrites, as the right-padding of shorter
+        prompts always did."""
         B = len(prompts)
         if self.cache is None or self.cache.batch != B:
             raise ValueError(f"prefill of {B} prompts needs a cache of batch {B}: call allocate()")
@@ -144,11 +144,13 @@ class ModelRunner:
         T = max(lens)
         if min(lens) < 1 or T > self.cache.max_len:
             raise ValueError(f"prompt lengths must be in [1, {self.cache.max_len}], got {lens}")
-        rows = min(max(16, 1 << (T - 1).bit_length()), self.cache.max_len)
-        graphed = self.use_cuda_graphs and B * rows <= PREFILL_GRAPH_TOKENS \
-            and not torch.cuda.is_current_stream_capturing()
-        if not (graphed or self.pad_prefill):
-            rows = T
+        # on a GPU (graphed or not: both compute the same shapes, so the same bits) or when
+        # asked (pad_prefill): the bucket's rows
+        bucket = min(max(16, 1 << (T - 1).bit_length()), self.cache.max_len)
+        padded = (self.pad_prefill or self.device.type == "cuda") \
+            and B * bucket <= PREFILL_GRAPH_TOKENS
+        rows = bucket if padded else T
+        graphed = padded and self.use_cuda_graphs and not torch.cuda.is_current_stream_capturing()
         tokens = torch.zeros(B, rows, dtype=torch.int64)
         for b, p in enumerate(prompts):
             tokens[b, :len(p)] = torch.as_tensor(list(p), dtype=torch.int64)
