@@ -12,7 +12,8 @@ top-K (two kernels). Inputs: confidences c = 1 - 0.5 u^2 (long
 likely prefixes, as from a calibrated DSpark head), every request with gamma drafts, an SPS
 table of the usual shape (time 10 ms + 0.02 ms per token) over B = 1..R (gamma + 1). Each
 variant is checked against dspark.reference before it is timed. --threads A/B-tests the sorting
-modes' block size (DSPARK_SCHEDULE_THREADS; "auto" = the launcher's choice).
+modes' block size (DSPARK_SCHEDULE_THREADS; "auto" = the launcher's choice), --sorts the register
+sort against the group sort it replaced (DSPARK_SCHEDULE_SORT).
 
     python bench/bench_schedule.py --out bench/results/<date>/bench_schedule.json
     python bench/bench_schedule.py --threads auto,32,128,1024 --R 64,256
@@ -46,7 +47,7 @@ def inputs(R, gamma, seed):
     return c, lengths, sps
 
 
-def bench(R, gamma, reps, chain, threads="auto"):
+def bench(R, gamma, reps, chain, threads="auto", sort="registers"):
     c, lengths, sps = inputs(R, gamma, R)
     stale_c, _, _ = inputs(R, gamma, R + 1)
     dc, dl, ds, dstale = c.cuda(), lengths.cuda(), sps.cuda(), stale_c.cuda()
@@ -66,7 +67,7 @@ def bench(R, gamma, reps, chain, threads="auto"):
                                                    budget=ops.schedule_budget(dstale, dl, ds)),
                        reference.schedule_prefix(c, lengths, sps, "async", budget=K)),
     }
-    if threads != "auto":  # the block size only matters where the kernel sorts
+    if threads != "auto" or sort != "registers":  # these only matter where the kernel sorts
         variants = {k: v for k, v in variants.items() if k in ("sync", "async", "budget")}
     rows = []
     for name, (fn, want) in variants.items():
@@ -75,7 +76,7 @@ def bench(R, gamma, reps, chain, threads="auto"):
         assert torch.equal(got.cpu(), want), f"{name} at R = {R} != reference"
         admitted = int(got.sum()) if got.dim() else int(got)
         in_graph = median_replay_us(lambda: [fn() for _ in range(chain)], reps) / chain
-        rows.append(dict(R=R, gamma=gamma, mode=name, threads=threads,
+        rows.append(dict(R=R, gamma=gamma, mode=name, threads=threads, sort=sort,
                          us=round(median_replay_us(fn, reps), 2),
                          us_in_graph=round(in_graph, 2), admitted=admitted))
         print(json.dumps(rows[-1]), flush=True)
@@ -90,6 +91,8 @@ def main():
     ap.add_argument("--chain", type=int, default=20, help="calls per graph for the in-graph time")
     ap.add_argument("--threads", default="auto",
                     help="comma list of sorting block sizes to A/B: auto or a power of two 32-1024")
+    ap.add_argument("--sorts", default="registers",
+                    help="comma list of sorts to A/B: registers (the default), group")
     ap.add_argument("--out", default=None)
     ap.add_argument("--ncu", action="store_true",
                     help="one eager call per mode and R (sync, async, fixed) for ncu, no timing")
@@ -111,17 +114,21 @@ def main():
           f"{floor:.2f} us", flush=True)
     rows = []
     with dspark.ops.sync_checks(False):
-        for threads in args.threads.split(","):
-            if threads == "auto":
-                os.environ.pop("DSPARK_SCHEDULE_THREADS", None)
-            else:
-                os.environ["DSPARK_SCHEDULE_THREADS"] = threads
-            for R in map(int, args.R.split(",")):
-                rows += bench(R, args.gamma, args.reps, args.chain, threads)
+        for sort in args.sorts.split(","):
+            os.environ["DSPARK_SCHEDULE_SORT"] = sort
+            for threads in args.threads.split(","):
+                if threads == "auto":
+                    os.environ.pop("DSPARK_SCHEDULE_THREADS", None)
+                else:
+                    os.environ["DSPARK_SCHEDULE_THREADS"] = threads
+                for R in map(int, args.R.split(",")):
+                    rows += bench(R, args.gamma, args.reps, args.chain, threads, sort)
         os.environ.pop("DSPARK_SCHEDULE_THREADS", None)
+        os.environ.pop("DSPARK_SCHEDULE_SORT", None)
     for r in rows:
         if r["R"] == 256 and r["mode"] == "sync" and r["threads"] == "auto":
-            print(f"sync at R = 256, gamma = {args.gamma}: {r['us']:.2f} us replayed alone, "
+            print(f"sync at R = 256, gamma = {args.gamma}, {r['sort']} sort: {r['us']:.2f} us "
+                  f"replayed alone, "
                   f"{r['us_in_graph']:.2f} us a call in one graph (the bar: < 15 us)")
     if args.out:
         with open(args.out, "w") as f:

@@ -64,9 +64,9 @@ schedule_sanitize() {
     -p no:cacheprovider test_schedule.py -k "cuda and matches_reference and uniform" 2>&1 | \
     grep -v "^\s*$"; done'
 }
-schedule_bench() {  # every mode at R = 1-256, and the sorting modes' block size A/B
-  stage schedule_bench 90 bash -c "cd bench && python3 bench_schedule.py --threads auto,32,256,1024 \
-    --out $RES/schedule.json"
+schedule_bench() {  # every mode at R = 1-256, the sorting modes' block size and sort A/B
+  stage schedule_bench 180 bash -c "cd bench && python3 bench_schedule.py --threads auto,32,256,1024 \
+    --sorts registers,group --out $RES/schedule.json"
   # where its time goes (sync, async, fixed at R = 1 and 256): stall reasons, not estimates
   stage ncu_schedule 90 bash -c "cd bench && ncu --clock-control none --section SpeedOfLight \
     --section Occupancy --section WarpStateStats --section LaunchStats --section SourceCounters \

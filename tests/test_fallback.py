@@ -9,10 +9,10 @@ import time
 import pytest
 
 import dspark
+from dspark import fallback
 from dspark.cli import main
 from dspark.demo import DEMO_MODELS, DEMO_PROMPTS, load_demo_pair
 from dspark.engine import SpeculativeEngine
-from dspark import fallback
 from dspark.fallback import FallbackGate, choose_plain
 from dspark.models import ModelRunner
 

@@ -405,13 +405,16 @@ def test_device_mismatch(device):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("sort", ["registers", "group"])
 @pytest.mark.parametrize("threads", ["32", "64", "256", "1024"])
-def test_cuda_block_size_changes_nothing(device, gen, monkeypatch, threads):
-    """DSPARK_SCHEDULE_THREADS (the A/B switch of bench_schedule.py --threads): the same
-    lengths and budgets as the reference for every block size, key counts 64 to 16384."""
+def test_cuda_block_size_changes_nothing(device, gen, monkeypatch, threads, sort):
+    """DSPARK_SCHEDULE_THREADS / DSPARK_SCHEDULE_SORT (the A/B switches of bench_schedule.py
+    --threads / --sorts): the same lengths and budgets as the reference for every block size
+    and either sort, key counts 64 to 16384."""
     if device != "cuda":
         pytest.skip("the block size is a CUDA launch parameter")
     monkeypatch.setenv("DSPARK_SCHEDULE_THREADS", threads)
+    monkeypatch.setenv("DSPARK_SCHEDULE_SORT", sort)
     for R, gamma in [(1, 7), (64, 7), (256, 7), (1000, 16), (16384, 1)]:
         c, lengths, sps = case(R, gamma, gen, "ties", "jagged")
         got, want = run_both(device, c, lengths, sps, "sync")
@@ -422,6 +425,16 @@ def test_cuda_block_size_changes_nothing(device, gen, monkeypatch, threads):
         assert torch.equal(got, want), (R, gamma)
         k = torch.ops.dspark.schedule_budget(c.cuda(), lengths.cuda(), sps.cuda())
         assert k.item() == ref.schedule_budget(c, lengths, sps).item(), (R, gamma)
+
+
+@pytest.mark.cuda
+def test_cuda_bad_sort_is_named(device, monkeypatch):
+    if device != "cuda":
+        pytest.skip("the sort is a CUDA kernel choice")
+    monkeypatch.setenv("DSPARK_SCHEDULE_SORT", "quick")
+    c, lengths = torch.rand(2, 3, device="cuda"), torch.tensor([3, 3], device="cuda")
+    with pytest.raises(ValueError, match="DSPARK_SCHEDULE_SORT must be 'registers' or 'group'"):
+        torch.ops.dspark.schedule_prefix(c, lengths, torch.ones(8, device="cuda"), "sync")
 
 
 @pytest.mark.cuda

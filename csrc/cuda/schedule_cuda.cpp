@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <string>
 
 #include "checks.h"
 #include "cuda/launch_status.h"
@@ -32,14 +33,26 @@ int threads_override() {
   return int(t);
 }
 
+// DSPARK_SCHEDULE_SORT (read per call): "group" runs the sort schedule_prefix used before the
+// register sort (bench/bench_schedule.py --sorts), "registers" or unset the default.
+bool group_sort() {
+  const char* env = std::getenv("DSPARK_SCHEDULE_SORT");
+  if (env == nullptr || *env == '\0') return false;
+  const std::string v(env);
+  DSPARK_CHECK_VALUE(v == "registers" || v == "group",
+                     "DSPARK_SCHEDULE_SORT must be 'registers' or 'group', got '", v, "'");
+  return v == "group";
+}
+
 // Launches p (out set here) and, where allowed, raises on the kernel's status word.
 void run(ScheduleParams& p, const at::Tensor& out, const char* op) {
   const int threads = threads_override();
+  const bool group = group_sort();
   const c10::cuda::CUDAGuard guard(out.device());
   at::Tensor status = at::empty({1}, out.options().dtype(at::kInt));  // written by the kernel
   p.out = out.data_ptr<int64_t>();
   p.status = status.data_ptr<int32_t>();
-  check_launch(launch_schedule(p, c10::cuda::getCurrentCUDAStream(), threads), status, op,
+  check_launch(launch_schedule(p, c10::cuda::getCurrentCUDAStream(), threads, group), status, op,
                [op](int32_t s) { raise_on_schedule_status(s, op); });
 }
 

@@ -4,8 +4,9 @@
 
 namespace dspark {
 
-cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream, int threads_override) {
-  return cuda::launch_schedule(p, stream, threads_override);
+cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream, int threads_override,
+                            bool group_sort) {
+  return cuda::launch_schedule(p, stream, threads_override, group_sort);
 }
 
 }  // namespace dspark

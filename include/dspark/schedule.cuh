@@ -216,9 +216,10 @@ __device__ inline void bitonic_sort_registers(uint64_t* s, int n) {
 }
 
 // The sort for this launch: in registers where each thread holds 2-16 keys (every default
-// launch), else (DSPARK_SCHEDULE_THREADS A/B runs) the group sort.
-__device__ inline void sort_keys(uint64_t* s, int n) {
-  switch (n / int(blockDim.x)) {
+// launch) unless group_sort (DSPARK_SCHEDULE_SORT=group: the A/B of the two sorts), else the
+// group sort (DSPARK_SCHEDULE_THREADS block sizes with more keys a thread).
+__device__ inline void sort_keys(uint64_t* s, int n, bool group_sort) {
+  switch (group_sort ? 0 : n / int(blockDim.x)) {
     case 2: bitonic_sort_registers<2>(s, n); break;
     case 4: bitonic_sort_registers<4>(s, n); break;
     case 8: bitonic_sort_registers<8>(s, n); break;
@@ -244,7 +245,7 @@ __device__ inline void prefetch_scan_sps(const ScheduleParams& p, int n_pad) {
 // a warp) (threshold, fixed); dynamic shared memory schedule_slots(n_pad) keys + R * gamma
 // floats (sorting modes). Shapes as in ScheduleParams.
 __global__ void __launch_bounds__(kScheduleMaxThreads)
-    schedule_kernel(ScheduleParams p, int n_pad) {
+    schedule_kernel(ScheduleParams p, int n_pad, bool group_sort) {
   extern __shared__ uint64_t keys[];
   __shared__ uint64_t last_key;
   const int tid = threadIdx.x, T = blockDim.x;
@@ -288,7 +289,7 @@ __global__ void __launch_bounds__(kScheduleMaxThreads)
   if (!sorts) return;
 
   const int64_t M = block_reduce(count, SumOp{}, int64_t(0));  // ranked candidates
-  sort_keys(keys, n_pad);
+  sort_keys(keys, n_pad, group_sort);
   int64_t n_star;  // admitted candidates: the first n_star ranked ones
   if (p.mode == kScheduleAsync) {
     const int64_t K = *p.budget;
@@ -340,10 +341,11 @@ inline int schedule_pad(int64_t candidates) {
 }
 
 // Host checks: R * gamma <= kScheduleMaxCandidates, sps given for sync / budget, budget for
-// async; threads_override 0 or a power of two in [32, 1024] (sorting modes). Launched for R = 0 too
+// async; threads_override 0 or a power of two in [32, 1024] (sorting modes); group_sort: the
+// group sort instead of the register sort (A/B). Launched for R = 0 too
 // (the status word and the budget are still written).
 inline cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream,
-                                   int threads_override = 0) {
+                                   int threads_override = 0, bool group_sort = false) {
   int n_pad = 0, threads;
   if (schedule_mode_sorts(p.mode)) {
     n_pad = schedule_pad(p.R * p.gamma);
@@ -373,7 +375,7 @@ inline cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream,
       if (dev >= 0 && dev < 64) done[dev] = smem;
     }
   }
-  schedule_kernel<<<1, unsigned(threads), smem, stream>>>(p, n_pad);
+  schedule_kernel<<<1, unsigned(threads), smem, stream>>>(p, n_pad, group_sort);
   return cudaGetLastError();
 }
 
