@@ -47,6 +47,8 @@ def _pool(metrics: Sequence[Metrics]) -> dict:
             h = torch.tensor(m.accept_hist, dtype=torch.float64)
             hist = h if hist is None else hist + h
     out["rounds"] = rounds
+    # rounds over the mean request's rounds, pooled over the calls (batches) of the run
+    out["tail"] = rounds / max(sum(m.rounds / m.tail for m in metrics if m.tail > 0), 1e-9)
     out["tokens_per_s"] = out["new_tokens"] / out["total_s"] if out["total_s"] else 0.0
     out["user_tokens_per_s"] = sum(m.user_tokens_per_s for m in metrics) / len(metrics)
     spec = [m for m in metrics if m.speculative]

@@ -100,6 +100,9 @@ class Metrics:
     wasted_tokens: int = 0  # verified drafts that were rejected
     wasted_fraction: float = 0.0  # of the verified drafts
     forward_rows: int = 0  # rows of the target forwards (finished requests and padding included)
+    # rounds / the mean request's active rounds: a batch runs until its slowest request ends
+    # (plain decoding of equal-length requests: 1; speculation: > 1, its last rounds part-empty)
+    tail: float = 1.0
     # mean per round of tokens x SPS(B) at the round's B verify rows (where a table is known):
     theta_predicted: Optional[float] = None  # the scheduler's objective: expected tokens
     theta_achieved: Optional[float] = None  # the tokens the round committed
@@ -154,12 +157,14 @@ class Metrics:
         if rows is not None and gamma:
             series["rows"] = list(rows)
         decode_s = total_s - prefill
+        own_rounds = active.sum(0).double()  # [B] rounds each request was active in
+        tail = float(rounds / own_rounds.mean()) if rounds and own_rounds.sum() > 0 else 1.0
         user = 0.0
         if user_tokens and rounds and decode_s > 0:
             step_time = decode_s / rounds
             own = active.sum(0).clamp(min=1).tolist()  # rounds each request was active in
             user = sum(t / (r * step_time) for t, r in zip(user_tokens, own)) / len(user_tokens)
-        return cls(gamma=gamma, rounds=rounds, request_rounds=n,
+        return cls(gamma=gamma, rounds=rounds, request_rounds=n, tail=tail,
                    new_tokens=new_tokens, tau=float(a.float().mean() + 1) if n else 1.0,
                    acceptance_rate=float(a.float().mean() / gamma) if n and gamma else 0.0,
                    position_acceptance=pos, accept_hist=hist.tolist(), prefill_s=prefill,

@@ -249,6 +249,7 @@ def test_metrics_from_rounds():
     assert m.other_s == pytest.approx(1.0) and m.tokens_per_s == pytest.approx(3.0)
     assert m.target_forward_s == 1.5 and m.accept_s == m.commit_s == 0.25 and m.speculative
     assert "tau 3.00" in m.summary() and "target forward 1.500s" in m.summary()
+    assert m.tail == pytest.approx(3 / 2.5)  # 3 rounds; the requests were active 2 and 3
     ar = Metrics.from_rounds(0, torch.zeros(3, 2, dtype=torch.long), active, 6,
                              {"target forward": 2.0}, total_s=2.5)
     assert not ar.speculative and "autoregressive: 3 decode steps" in ar.summary()
