@@ -91,13 +91,13 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
     SWEEP_SCHEDULES="fixed sync async fixed+ar sync+ar async+ar" bash scripts/device_run.sh sweep
   stage pair_bench 420 env OUT="$RES/pair" PAIR_DIR=$PAIR EVAL_DIR="$data" \
     bash scripts/bench_pair.sh bench
-  # where a round's time goes under load (one graph per stage: draft / schedule / forward /
-  # accept / commit), fixed and sync at batch 1, 16, 32: a fixed DSpark round took 1.49 / 4.41 /
-  # 4.43 ms against a 0.94 / 1.14 / 1.37 ms decode step (s12), split never measured above batch 1
+  # where a round's time goes under load (one graph per stage: draft / forward / accept /
+  # commit) at batch 1, 16, 32: a fixed DSpark round took 1.49 / 4.41 / 4.43 ms against a 0.94 /
+  # 1.14 / 1.37 ms decode step (s12), split never measured above batch 1. Fixed gamma only: with
+  # stage graphs the scheduled buckets are still captured at first use (mid-run)
   stage pair_split 240 bash -c "cd /tmp && dspark bench --stage-times --target $PAIR/target \
     --drafter $PAIR/dspark --dataset $data/humaneval.jsonl --temperature 0 --batch 1 16 32 \
-    --schedule fixed sync --prompts 32 --max-new-tokens 128 --prompt-tokens 256 --no-progress \
-    --out $RES/pair_split"
+    --prompts 32 --max-new-tokens 128 --prompt-tokens 256 --no-progress --out $RES/pair_split"
   # the round-cost issue's identity bar: greedy speculative == autoregressive in bf16 on every
   # shipped eval set, 256 tokens, DSpark and n-gram, batch 1 and 4
   stage identity_256 420 bash -c "cd /tmp && dspark bench --target $PAIR/target --drafter $PAIR/dspark \
