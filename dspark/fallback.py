@@ -82,15 +82,16 @@ class FallbackGate:
             return plain if known.plain else speculative
         k, chosen = 0, None
         clock = _StreamClock(st.tokens.device)
-        probed = []  # per probed speculative step: (mark, mark, tokens before, tokens after)
+        marks = []  # (clock mark, tokens committed so far): before the probe, after each step
 
         def step() -> None:
             nonlocal k, chosen
             if chosen is not None:
                 return chosen()
             if k == self.WARM + self.PROBE:
-                seconds = [clock.seconds(a, b) for a, b, _, _ in probed]
-                tokens = torch.stack([n1 - n0 for _, _, n0, n1 in probed]).tolist()
+                spans = list(zip(marks, marks[1:]))
+                seconds = [clock.seconds(a, b) for (a, _), (b, _) in spans]
+                tokens = torch.stack([n1 - n0 for (_, n0), (_, n1) in spans]).tolist()
                 spec = statistics.mean(tokens) / max(statistics.median(seconds), 1e-9)
                 plain_rate = _plain_rate(engine, st, self.PROBE, clock)
                 choice = FallbackChoice(spec, plain_rate,
@@ -103,10 +104,10 @@ class FallbackGate:
             k += 1
             if k <= self.WARM:
                 return speculative()
-            n0 = st.n_tokens.sum()  # on the stream: no host read until the choice
-            t0 = clock.mark()
+            if not marks:  # token counts stay on the stream: no host read until the choice
+                marks.append((clock.mark(), st.n_tokens.sum()))
             speculative()
-            probed.append((t0, clock.mark(), n0, st.n_tokens.sum()))
+            marks.append((clock.mark(), st.n_tokens.sum()))
         return step
 
 

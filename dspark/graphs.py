@@ -53,19 +53,23 @@ class StageGraphs:
         the key has a graph; a capture that fails is dropped and the key takes the lazy path."""
         if not self.enabled or key in self._graphs or torch.cuda.is_current_stream_capturing():
             return key in self._graphs
+        try:
+            self._capture(key, fn, shared)
+        except Exception:  # noqa: BLE001 - the lazy path still works for this key
+            return False
+        self._seen.add(key)
+        return True
+
+    def _capture(self, key: Hashable, fn: Callable, shared: bool) -> tuple:
         graph = torch.cuda.CUDAGraph()
         if shared and self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        try:
-            with torch.cuda.graph(graph, pool=self._pool if shared else None):
-                out = fn()
-        except Exception:  # noqa: BLE001 - the lazy path still works for this key
-            return False
+        with torch.cuda.graph(graph, pool=self._pool if shared else None):
+            out = fn()  # records the kernels; nothing runs yet
         if shared and out is not None:
             raise ValueError(f"a shared-pool graph must return nothing ({key!r})")
-        self._graphs[key] = (graph, out)
-        self._seen.add(key)
-        return True
+        entry = self._graphs[key] = (graph, out)
+        return entry
 
     def __call__(self, key: Hashable, fn: Callable, shared: bool = False):
         if not self.enabled or torch.cuda.is_current_stream_capturing():
@@ -75,14 +79,7 @@ class StageGraphs:
             if key not in self._seen:  # first time: a real, eager step
                 self._seen.add(key)
                 return fn()
-            graph = torch.cuda.CUDAGraph()
-            if shared and self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self._pool if shared else None):
-                out = fn()  # records the kernels; nothing runs yet
-            if shared and out is not None:
-                raise ValueError(f"a shared-pool graph must return nothing ({key!r})")
-            entry = self._graphs[key] = (graph, out)
+            entry = self._capture(key, fn, shared)
         graph, out = entry
         graph.replay()
         return out

@@ -157,13 +157,13 @@ class Metrics:
         if rows is not None and gamma:
             series["rows"] = list(rows)
         decode_s = total_s - prefill
-        own_rounds = active.sum(0).double()  # [B] rounds each request was active in
-        tail = float(rounds / own_rounds.mean()) if rounds and own_rounds.sum() > 0 else 1.0
+        own = active.sum(0)  # [B] rounds each request was active in
+        tail = float(rounds / own.double().mean()) if rounds and own.sum() > 0 else 1.0
         user = 0.0
         if user_tokens and rounds and decode_s > 0:
             step_time = decode_s / rounds
-            own = active.sum(0).clamp(min=1).tolist()  # rounds each request was active in
-            user = sum(t / (r * step_time) for t, r in zip(user_tokens, own)) / len(user_tokens)
+            user = sum(t / (r * step_time) for t, r in zip(user_tokens, own.clamp(min=1).tolist())
+                       ) / len(user_tokens)
         return cls(gamma=gamma, rounds=rounds, request_rounds=n, tail=tail,
                    new_tokens=new_tokens, tau=float(a.float().mean() + 1) if n else 1.0,
                    acceptance_rate=float(a.float().mean() / gamma) if n and gamma else 0.0,

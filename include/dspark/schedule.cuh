@@ -228,19 +228,6 @@ __device__ inline void sort_keys(uint64_t* s, int n, bool group_sort) {
   }
 }
 
-// The SPS entries this thread's part of the sync scan will read (sps[R + i - 1], sps[R + i]
-// for its ranked positions i, below), fetched into L1 before the sort so the scan's loop (one
-// step per position, stopping at the first non-improvement) does not wait on global memory.
-__device__ inline void prefetch_scan_sps(const ScheduleParams& p, int n_pad) {
-  if (p.sps == nullptr) return;
-  const int64_t per = n_pad / blockDim.x, lo = threadIdx.x * per;
-  const int64_t first = p.R + lo - 1 > 0 ? p.R + lo - 1 : 0;
-  const int64_t last = p.R + lo + per - 1 < p.Bmax ? p.R + lo + per - 1 : p.Bmax - 1;
-  for (int64_t b = first; b <= last; b += 32)  // 32 floats: one 128-byte line
-    asm volatile("prefetch.L1 [%0];" ::"l"(p.sps + b));
-  if (first <= last) asm volatile("prefetch.L1 [%0];" ::"l"(p.sps + last));
-}
-
 // Grid (1), block min(1024, n_pad / 2) threads (sorting modes) or min(1024, R rounded up to
 // a warp) (threshold, fixed); dynamic shared memory schedule_slots(n_pad) keys + R * gamma
 // floats (sorting modes). Shapes as in ScheduleParams.
@@ -258,7 +245,6 @@ __global__ void __launch_bounds__(kScheduleMaxThreads)
     float* conf = reinterpret_cast<float*>(keys + schedule_slots(n_pad));
     for (int64_t i = tid; i < p.R * p.gamma; i += T) conf[i] = p.confidences[i];
     q.confidences = conf;
-    if (p.mode == kScheduleSync) prefetch_scan_sps(p, n_pad);
     __syncthreads();
   }
   int32_t bad = 0;
