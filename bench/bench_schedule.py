@@ -12,8 +12,9 @@ top-K (two kernels). Inputs: confidences c = 1 - 0.5 u^2 (long
 likely prefixes, as from a calibrated DSpark head), every request with gamma drafts, an SPS
 table of the usual shape (time 10 ms + 0.02 ms per token) over B = 1..R (gamma + 1). Each
 variant is checked against dspark.reference before it is timed. --threads A/B-tests the sorting
-modes' block size (DSPARK_SCHEDULE_THREADS; "auto" = the launcher's choice), --sorts the register
-sort against the group sort it replaced (DSPARK_SCHEDULE_SORT).
+modes' block size (DSPARK_SCHEDULE_THREADS; "auto" = the launcher's choice), --sorts the launcher's
+choice of sort (auto: registers up to 1024 padded keys, group above) against either sort forced
+(DSPARK_SCHEDULE_SORT).
 
     python bench/bench_schedule.py --out bench/results/<date>/bench_schedule.json
     python bench/bench_schedule.py --threads auto,32,128,1024 --R 64,256
@@ -67,7 +68,7 @@ def bench(R, gamma, reps, chain, threads="auto", sort="registers"):
                                                    budget=ops.schedule_budget(dstale, dl, ds)),
                        reference.schedule_prefix(c, lengths, sps, "async", budget=K)),
     }
-    if threads != "auto" or sort != "registers":  # these only matter where the kernel sorts
+    if threads != "auto" or sort != "auto":  # these only matter where the kernel sorts
         variants = {k: v for k, v in variants.items() if k in ("sync", "async", "budget")}
     rows = []
     for name, (fn, want) in variants.items():
@@ -91,8 +92,9 @@ def main():
     ap.add_argument("--chain", type=int, default=20, help="calls per graph for the in-graph time")
     ap.add_argument("--threads", default="auto",
                     help="comma list of sorting block sizes to A/B: auto or a power of two 32-1024")
-    ap.add_argument("--sorts", default="registers",
-                    help="comma list of sorts to A/B: registers (the default), group")
+    ap.add_argument("--sorts", default="auto",
+                    help="comma list of sorts to A/B: auto (the launcher's choice by key count), "
+                    "registers, group")
     ap.add_argument("--out", default=None)
     ap.add_argument("--ncu", action="store_true",
                     help="one eager call per mode and R (sync, async, fixed) for ncu, no timing")

@@ -405,7 +405,7 @@ def test_device_mismatch(device):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("sort", ["registers", "group"])
+@pytest.mark.parametrize("sort", ["auto", "registers", "group"])
 @pytest.mark.parametrize("threads", ["32", "64", "256", "1024"])
 def test_cuda_block_size_changes_nothing(device, gen, monkeypatch, threads, sort):
     """DSPARK_SCHEDULE_THREADS / DSPARK_SCHEDULE_SORT (the A/B switches of bench_schedule.py
@@ -433,7 +433,8 @@ def test_cuda_bad_sort_is_named(device, monkeypatch):
         pytest.skip("the sort is a CUDA kernel choice")
     monkeypatch.setenv("DSPARK_SCHEDULE_SORT", "quick")
     c, lengths = torch.rand(2, 3, device="cuda"), torch.tensor([3, 3], device="cuda")
-    with pytest.raises(ValueError, match="DSPARK_SCHEDULE_SORT must be 'registers' or 'group'"):
+    with pytest.raises(ValueError,
+                       match="DSPARK_SCHEDULE_SORT must be 'auto', 'registers' or 'group'"):
         torch.ops.dspark.schedule_prefix(c, lengths, torch.ones(8, device="cuda"), "sync")
 
 

@@ -33,26 +33,28 @@ int threads_override() {
   return int(t);
 }
 
-// DSPARK_SCHEDULE_SORT (read per call): "group" runs the sort schedule_prefix used before the
-// register sort (bench/bench_schedule.py --sorts), "registers" or unset the default.
-bool group_sort() {
+// DSPARK_SCHEDULE_SORT (read per call): "registers" or "group" forces that sort (the A/B of
+// bench/bench_schedule.py --sorts); unset or "auto": the launcher's choice by key count.
+ScheduleSort sort_choice() {
   const char* env = std::getenv("DSPARK_SCHEDULE_SORT");
-  if (env == nullptr || *env == '\0') return false;
+  if (env == nullptr || *env == '\0') return ScheduleSort::kAuto;
   const std::string v(env);
-  DSPARK_CHECK_VALUE(v == "registers" || v == "group",
-                     "DSPARK_SCHEDULE_SORT must be 'registers' or 'group', got '", v, "'");
-  return v == "group";
+  DSPARK_CHECK_VALUE(v == "auto" || v == "registers" || v == "group",
+                     "DSPARK_SCHEDULE_SORT must be 'auto', 'registers' or 'group', got '", v, "'");
+  return v == "registers" ? ScheduleSort::kRegisters
+         : v == "group"   ? ScheduleSort::kGroup
+                          : ScheduleSort::kAuto;
 }
 
 // Launches p (out set here) and, where allowed, raises on the kernel's status word.
 void run(ScheduleParams& p, const at::Tensor& out, const char* op) {
   const int threads = threads_override();
-  const bool group = group_sort();
+  const ScheduleSort sort = sort_choice();
   const c10::cuda::CUDAGuard guard(out.device());
   at::Tensor status = at::empty({1}, out.options().dtype(at::kInt));  // written by the kernel
   p.out = out.data_ptr<int64_t>();
   p.status = status.data_ptr<int32_t>();
-  check_launch(launch_schedule(p, c10::cuda::getCurrentCUDAStream(), threads, group), status, op,
+  check_launch(launch_schedule(p, c10::cuda::getCurrentCUDAStream(), threads, sort), status, op,
                [op](int32_t s) { raise_on_schedule_status(s, op); });
 }
 

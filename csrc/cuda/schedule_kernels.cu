@@ -5,8 +5,8 @@
 namespace dspark {
 
 cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream, int threads_override,
-                            bool group_sort) {
-  return cuda::launch_schedule(p, stream, threads_override, group_sort);
+                            ScheduleSort sort) {
+  return cuda::launch_schedule(p, stream, threads_override, sort);
 }
 
 }  // namespace dspark

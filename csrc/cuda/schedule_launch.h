@@ -8,9 +8,9 @@
 
 namespace dspark {
 
-// threads_override: 0 (the launcher's choice) or a power of two in [32, 1024]; group_sort: the
-// group sort instead of the register sort. Both for A/B runs; the lengths are the same.
+// threads_override: 0 (the launcher's choice) or a power of two in [32, 1024]; sort: kAuto (the
+// launcher's choice) or one sort forced. Both for A/B runs; the lengths are the same.
 cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream, int threads_override,
-                            bool group_sort);
+                            ScheduleSort sort);
 
 }  // namespace dspark

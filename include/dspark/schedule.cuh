@@ -215,9 +215,9 @@ __device__ inline void bitonic_sort_registers(uint64_t* s, int n) {
   __syncthreads();
 }
 
-// The sort for this launch: in registers where each thread holds 2-16 keys (every default
-// launch) unless group_sort (DSPARK_SCHEDULE_SORT=group: the A/B of the two sorts), else the
-// group sort (DSPARK_SCHEDULE_THREADS block sizes with more keys a thread).
+// The sort for this launch: in registers where each thread holds 2-16 keys unless group_sort
+// (the launcher's choice for large key counts, or DSPARK_SCHEDULE_SORT=group), else the group
+// sort (DSPARK_SCHEDULE_THREADS block sizes with more keys a thread).
 __device__ inline void sort_keys(uint64_t* s, int n, bool group_sort) {
   switch (group_sort ? 0 : n / int(blockDim.x)) {
     case 2: bitonic_sort_registers<2>(s, n); break;
@@ -327,11 +327,12 @@ inline int schedule_pad(int64_t candidates) {
 }
 
 // Host checks: R * gamma <= kScheduleMaxCandidates, sps given for sync / budget, budget for
-// async; threads_override 0 or a power of two in [32, 1024] (sorting modes); group_sort: the
-// group sort instead of the register sort (A/B). Launched for R = 0 too
-// (the status word and the budget are still written).
+// async; threads_override 0 or a power of two in [32, 1024] (sorting modes); sort: which
+// bitonic sort (A/B; kAuto by key count). Launched for R = 0 too (the status word and the
+// budget are still written).
 inline cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream,
-                                   int threads_override = 0, bool group_sort = false) {
+                                   int threads_override = 0,
+                                   ScheduleSort sort = ScheduleSort::kAuto) {
   int n_pad = 0, threads;
   if (schedule_mode_sorts(p.mode)) {
     n_pad = schedule_pad(p.R * p.gamma);
@@ -361,6 +362,8 @@ inline cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream,
       if (dev >= 0 && dev < 64) done[dev] = smem;
     }
   }
+  const bool group_sort = sort == ScheduleSort::kGroup ||
+                          (sort == ScheduleSort::kAuto && n_pad > kScheduleRegisterSortMaxKeys);
   schedule_kernel<<<1, unsigned(threads), smem, stream>>>(p, n_pad, group_sort);
   return cudaGetLastError();
 }

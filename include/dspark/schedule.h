@@ -47,7 +47,16 @@ constexpr int64_t kScheduleMaxRequests = int64_t(1) << kScheduleRequestBits;  //
 // R * gamma: one CUDA block sorts every candidate key in shared memory (8 bytes each, 128 KB).
 // The int64 sums stay below (R + R * gamma) * 2^44 <= 2^59.
 constexpr int64_t kScheduleMaxCandidates = 16384;
+
 constexpr uint64_t kNoCandidate = ~uint64_t(0);  // sorts after every real key
+
+// Which bitonic sort the CUDA kernel runs (dspark/schedule.cuh; the lengths are the same). kAuto:
+// the register sort up to kScheduleRegisterSortMaxKeys padded keys, the group sort above.
+// Measured 2026-12-06 s13 (H100, graph replay, sync mode, n_pad / 2 threads), registers vs
+// group: 7.4 / 8.2 us at R = 1 (64 keys), 8.1 / 9.0 at R = 16, 9.9 / 11.0 at R = 64 (512 keys),
+// 19.1 / 16.3 at R = 256 (2048 keys).
+enum class ScheduleSort : int { kAuto = 0, kRegisters = 1, kGroup = 2 };
+constexpr int kScheduleRegisterSortMaxKeys = 1024;
 
 // dspark::schedule_prefix / schedule_budget. R requests, gamma drafts each, Bmax SPS entries.
 struct ScheduleParams {
