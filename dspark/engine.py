@@ -71,11 +71,13 @@ class SpeculativeEngine:
                  fused: Optional[bool] = None, batch_invariant: bool = False,
                  nvtx: bool = False, stage_times: Optional[bool] = None,
                  schedule: Union[None, str, VerifyScheduler] = None, sps: SPSSource = None,
-                 bucket_rows: Optional[bool] = None, fused_max_rows: Optional[int] = None,
+                 bucket_rows: Optional[bool] = None,
+                 fused_max_rows: Union[int, str, None] = None,
                  step_overhead: float = 0.0, ar_fallback: Union[bool, float] = False,
                  precapture_buckets: bool = True):
         # fused: the runner's dspark::fused_linear / decode_attention path for calls of up to
-        # fused_max_rows rows (None: FUSED_MAX_ROWS; fused None: on for CUDA); batch_invariant:
+        # fused_max_rows rows (None: FUSED_MAX_ROWS; "auto": measured, dspark/crossover.py;
+        # fused None: on for CUDA); batch_invariant:
         # that path for every decode / verify call (greedy speculative == greedy autoregressive
         # at any batch size, bf16 included); compile: torch.compile the graphed bodies of the
         # target (see ModelRunner) and of the drafter (Drafter.compile);
@@ -89,8 +91,9 @@ class SpeculativeEngine:
         # SPS(1), ...); bucket_rows: pad scheduled verifies to graph buckets (None: when graphs
         # are on); step_overhead: seconds a step costs besides the verify forward, for the
         # scheduler's ranking (VerifyScheduler); ar_fallback: True or a margin (default 0.05):
-        # at each new batch size, time speculative against plain decoding steps and continue
-        # with plain decoding unless speculation is faster by the margin (dspark/fallback.py);
+        # the first call at each new batch size times its speculation against plain decoding
+        # steps; later calls there decode plainly unless speculation was faster by the margin
+        # (dspark/fallback.py);
         # precapture_buckets: a scheduled engine with graphs and row buckets captures the verify
         # graph of every bucket a batch size can use when its draft graph is captured (False:
         # each at its first use, after an eager step)
@@ -319,6 +322,8 @@ class SpeculativeEngine:
             step = (lambda: self._step(st, timer)) if self.fallback is None else \
                 self.fallback.stepper(self, st, timer, load)
             self._run(st, step, bar)
+            if self.fallback is not None:
+                self.fallback.finish()  # a probing call's measurements: the load's choice
         return self._finish(st, timer, t0, d.gamma)
 
     @torch.inference_mode()

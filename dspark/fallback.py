@@ -7,25 +7,31 @@ target's step, no budget can keep up with plain decoding: on the benchmark pair 
 decoding step and emitted ~3 tokens a request, so every mode, fixed gamma or scheduled, ran at
 0.25-0.74x autoregressive throughput there. The issue's bar is "never slower than autoregressive".
 
-How: at a load (batch size) it has not seen, a generate() call times its speculative steps
-``WARM`` .. ``WARM + PROBE`` one by one (after ``WARM`` steps, which capture the CUDA graphs),
-then ``PROBE`` replays of the target's plain decode of the current anchors, whose logits are
-dropped (its K / V write at the anchor's slot is rewritten with the same rows by the next
-verify, whose root is that anchor). On a GPU each step is timed by CUDA events on the stream,
-with no host sync between steps: the time a step takes as the GPU lives it while the host queues
-the next one, idle gaps included. Measured on an H100 (2026-12-06 s12, the benchmark pair,
-batch 1): a host sync around each step serialised launching and running, and the probe read
-788 tokens/s for the DSpark step that ran at 1535 in the same call, so the gate chose plain
-decoding (0.99x) where speculation was 1.66x. Each side's rate uses its median step time: a
-step that still pays a one-time cost (a graph captured late, a compile) does not decide the
-choice (s11: four steps timed as a block read 185 tokens/s against 1969). If plain decoding
-yields as many tokens per second (speculation not ahead by ``margin``), the call continues
-with plain decoding steps,
-and the choice is kept for later calls at that load (batch size, block, and whether any request
-samples), which then do not probe. Each step,
-speculative or plain, samples from the target's distribution, so the output distribution is
-unchanged (and greedy output identical, with the batch-invariant kernels). Measuring costs one
-host sync and ``PROBE`` decode steps of target time, once per new load.
+How: the first generate() call at a load (batch size, block, whether any request samples)
+speculates to its end and is the probe. After ``WARM`` steps (which capture the CUDA graphs) every
+speculative step is timed by CUDA events on the stream (the host clock on CPU), with no host sync
+between steps: the time a step takes as the GPU lives it while the host queues the next one.
+After ``PROBE`` timed steps, ``PROBE`` replays of the target's plain decode of the current
+anchors are timed the same way; their logits are dropped (their K / V write at the anchor's
+slot is rewritten with the same rows by the next verify, whose root is that anchor). At the end
+of the call the gate compares, for the whole call,
+    speculation: tokens committed / (timed steps x median step time)
+    plain:       requests active at the probe / median decode step time,
+and keeps plain decoding for later calls at that load unless speculation is faster by
+``margin``. Why the whole call: (a) acceptance is not stationary. On an H100 (2026-12-06 s13,
+the benchmark pair, batch 1 and 4) the first five probed steps of a call emitted ~1.2 tokens
+where the call averaged 2.6-3, so a probe of five early steps read speculation at 0.45x of the
+rate the same call reached, and chose plain decoding where speculation ran 1.2-1.8x. (b) A
+static batch speculates until its slowest request ends, its last rounds nearly empty, while
+plain decoding emits a token per request every step to the end (s12: probes 1.6 % and 5 % above
+plain decoding at batch 128 kept speculation that then ran at 0.52x and 0.74x); tokens over the
+whole call carry that tail. The median step time keeps a step that still pays a one-time cost
+(a graph captured late, a compile, the probe's own decode replays and host read) from deciding
+(s11: four steps timed as a block read 185 tokens/s against 1969). Each step, speculative or
+plain, samples from the target's distribution, so the output distribution is unchanged (and
+greedy output identical, with the batch-invariant kernels). Measuring costs one host sync and
+``PROBE`` decode steps of target time, once per new load; the first call is never switched
+mid-way.
 """
 from __future__ import annotations
 
@@ -50,11 +56,8 @@ class FallbackChoice:
 
 
 def choose_plain(speculative_tok_s: float, plain_tok_s: float, margin: float) -> bool:
-    """Plain decoding unless speculation measured faster by more than ``margin``. The probe
-    sees every request active; plain decoding keeps that rate to the end of a call, while a
-    speculative call runs until its slowest request ends, its last rounds nearly empty (s12,
-    benchmark pair, batch 128: probes 1.6 % and 5 % above plain decoding kept speculation that
-    then ran at 0.52x and 0.74x; 12 % above ran at 1.03x). A near tie goes to plain decoding."""
+    """Plain decoding unless speculation measured faster by more than ``margin`` (a near tie
+    goes to plain decoding: it needs no drafter)."""
     return not speculative_tok_s > plain_tok_s * (1.0 + margin)
 
 
@@ -69,46 +72,63 @@ class FallbackGate:
         self.margin = float(margin)
         self.choices: dict = {}  # load key -> FallbackChoice
         self.plain_from = None  # the last call's round index where plain decoding took over
+        self._probe = None  # the running call's probe (a load not yet measured)
 
     def stepper(self, engine, st, timer, key: Hashable) -> Callable[[], None]:
-        """The step function for one generate() call of ``engine`` on state ``st``."""
+        """The step function for one generate() call of ``engine`` on state ``st``; call
+        :meth:`finish` when the call's steps are done."""
         speculative = lambda: engine._step(st, timer)  # noqa: E731
-        plain = lambda: engine._decode_step(st, timer)  # noqa: E731
-        self.plain_from = None
+        self.plain_from, self._probe = None, None
         known = self.choices.get(key)
         if known is not None:
             if known.plain:
                 self.plain_from = 0
-            return plain if known.plain else speculative
-        k, chosen = 0, None
-        clock = _StreamClock(st.tokens.device)
-        marks = []  # (clock mark, tokens committed so far): before the probe, after each step
+                return lambda: engine._decode_step(st, timer)
+            return speculative
+        self._probe = _CallProbe(engine, st, key, speculative, self.WARM, self.PROBE)
+        return self._probe.step
 
-        def step() -> None:
-            nonlocal k, chosen
-            if chosen is not None:
-                return chosen()
-            if k == self.WARM + self.PROBE:
-                spans = list(zip(marks, marks[1:]))
-                seconds = [clock.seconds(a, b) for (a, _), (b, _) in spans]
-                tokens = torch.stack([n1 - n0 for (_, n0), (_, n1) in spans]).tolist()
-                spec = statistics.mean(tokens) / max(statistics.median(seconds), 1e-9)
-                plain_rate = _plain_rate(engine, st, self.PROBE, clock)
-                choice = FallbackChoice(spec, plain_rate,
-                                        choose_plain(spec, plain_rate, self.margin))
-                self.choices[key] = choice
-                if choice.plain:
-                    self.plain_from = int(st.rounds)
-                chosen = plain if choice.plain else speculative
-                return chosen()
-            k += 1
-            if k <= self.WARM:
-                return speculative()
-            if not marks:  # token counts stay on the stream: no host read until the choice
-                marks.append((clock.mark(), st.n_tokens.sum()))
-            speculative()
-            marks.append((clock.mark(), st.n_tokens.sum()))
-        return step
+    def finish(self) -> None:
+        """Ends a call: a probing call's measurements become the choice at its load (a call too
+        short to time ``PROBE`` steps leaves the load unknown: the next call probes)."""
+        probe, self._probe = self._probe, None
+        if probe is None or probe.plain_rate is None:
+            return
+        spec = probe.speculative_rate()
+        self.choices[probe.key] = FallbackChoice(spec, probe.plain_rate,
+                                                 choose_plain(spec, probe.plain_rate, self.margin))
+
+
+class _CallProbe:
+    """One probing call: its speculative steps timed from step ``warm`` + 1 to the end."""
+
+    def __init__(self, engine, st, key: Hashable, speculative: Callable[[], None], warm: int,
+                 reps: int):
+        self.engine, self.st, self.key, self.speculative = engine, st, key, speculative
+        self.warm, self.reps = warm, reps
+        self.clock = _StreamClock(st.tokens.device)
+        self.k = 0
+        self.marks: list = []  # a clock mark before the first timed step, then after each
+        self.tokens0 = None  # tokens committed before the first timed step (on the device)
+        self.plain_rate = None
+
+    def step(self) -> None:
+        self.k += 1
+        if self.k <= self.warm:
+            return self.speculative()
+        if not self.marks:  # token counts stay on the stream: read once, at the end
+            self.marks.append(self.clock.mark())
+            self.tokens0 = self.st.n_tokens.sum()
+        self.speculative()
+        self.marks.append(self.clock.mark())
+        if self.k == self.warm + self.reps:
+            self.plain_rate = _plain_rate(self.engine, self.st, self.reps, self.clock)
+
+    def speculative_rate(self) -> float:
+        """Tokens committed over the timed steps / (their count x the median step time)."""
+        seconds = [self.clock.seconds(a, b) for a, b in zip(self.marks, self.marks[1:])]
+        tokens = int(self.st.n_tokens.sum() - self.tokens0)
+        return tokens / max(len(seconds) * statistics.median(seconds), 1e-9)
 
 
 class _StreamClock:
