@@ -133,6 +133,7 @@ def _bench(args, tp, device: str) -> int:
                        schedules=args.schedule, sps=args.sps,
                        step_overhead=args.step_overhead / 1e3, on_run=on_run)
     report["config"] = {k: v for k, v in vars(args).items() if k != "func"}
+    report["config"]["fused_max_rows_used"] = runner.fused_max_rows  # ("auto": as resolved)
     report["device"] = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     if tp is not None:
         report["tensor_parallel"] = {"world": tp.world, "reduce": tp.reduce_mode,

@@ -1,6 +1,7 @@
 """Helpers every `dspark` subcommand shares."""
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable, Optional
 
@@ -75,12 +76,25 @@ def launch(prog: str, device: Optional[str], body: Callable[..., int],
         shutdown(barrier=ok)
 
 
+def fused_max_rows_arg(text: str):
+    """``--fused-max-rows``: an integer (its range is the runner's check) or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {text!r}")
+
+
 def add_fused_max_rows(p) -> None:
-    """``--fused-max-rows N`` (ModelRunner's fused_max_rows) for the commands that build one."""
-    p.add_argument("--fused-max-rows", type=int, default=None, metavar="N",
+    """``--fused-max-rows N|auto`` (ModelRunner's fused_max_rows) for the commands that build
+    one."""
+    p.add_argument("--fused-max-rows", type=fused_max_rows_arg, default=None, metavar="N|auto",
                    help="the largest decode / verify call (token rows) on the fused kernels "
-                   "(default 64); above it cuBLAS + SDPA. Measured on an H100: 8 at the "
-                   "Qwen3-8B shape (cuBLAS wins from 16 rows), 64 for small latency-bound models")
+                   "(default 64); above it cuBLAS + SDPA. auto: this model's measured crossover "
+                   "(timed once per model, GPU and dtype, then cached beside the SPS tables). "
+                   "Measured on an H100: 8 at the Qwen3-8B shape (cuBLAS wins from 16 rows), "
+                   "~320 for the 24 x 256 benchmark pair")
 
 
 def add_step_overhead(p) -> None:

@@ -80,12 +80,15 @@ class ModelRunner:
         self.fused = model.device.type == "cuda" if fused is None else fused
         self.batch_invariant = batch_invariant
         # fused_max_rows: the largest decode / verify call (token rows) on the fused kernels
-        # (None: FUSED_MAX_ROWS); above it cuBLAS + SDPA, unless batch_invariant
-        if fused_max_rows is None:
+        # (None: FUSED_MAX_ROWS; "auto": this model's measured crossover, dspark/crossover.py);
+        # above it cuBLAS + SDPA, unless batch_invariant
+        auto = fused_max_rows == "auto"
+        if fused_max_rows is None or auto:
             fused_max_rows = FUSED_MAX_ROWS
         if isinstance(fused_max_rows, bool) or not isinstance(fused_max_rows, int) \
                 or fused_max_rows < 1:
-            raise ValueError(f"fused_max_rows must be an integer >= 1, got {fused_max_rows!r}")
+            raise ValueError(f"fused_max_rows must be an integer >= 1 or 'auto', got "
+                             f"{fused_max_rows!r}")
         self.fused_max_rows = fused_max_rows
         if batch_invariant:
             if fused is False or not model.fusable():
@@ -96,6 +99,9 @@ class ModelRunner:
         self._pool = None
         self._compiled: dict = {}
         self.pad_prefill = False  # pad prefills to their bucket on CPU too (tests)
+        if auto and self.fused and not batch_invariant and model.fusable():
+            from ..crossover import resolve_fused_max_rows  # (it imports the scheduler)
+            self.fused_max_rows = resolve_fused_max_rows(self)
 
     @property
     def device(self) -> torch.device:

@@ -26,7 +26,8 @@ from .layers import MLP, RMSNorm, apply_rope, rope
 # the model (H100, bench/RESULTS.md, ninth session): the Qwen3-8B shape's verify forward is faster
 # on cuBLAS from 16 rows (32 rows: 12.1 vs 18.3 ms), the 24 x 256 benchmark pair's is faster on
 # the fused kernels at every row count (63 rows 2.08 ms, 79 rows on cuBLAS 3.93 ms): the runner's
-# ``fused_max_rows`` sets it per model (greedy identity holds up to it).
+# ``fused_max_rows`` sets it per model (greedy identity holds up to it); "auto" measures it
+# (dspark/crossover.py: ~320 rows for the pair, 2026-12-06 s13).
 FUSED_MAX_ROWS = 64
 # Tokens per request of a fused forward (dspark::decode_attention's limit).
 FUSED_MAX_BLOCK = 64
