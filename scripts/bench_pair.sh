@@ -196,7 +196,7 @@ stage_bench() {
 }
 stage_pack() {  # <= 15 MiB parts: what the device tool brings back (scripts/pack_pair.py)
   "$PY" "$ROOT/scripts/pack_pair.py" "$PAIR" "$OUT" --drafters ${PACK_DRAFTERS:-dspark dflash eagle3}
-  ls -l "$OUT"/pair.tar.part-*
+  ls -l "$OUT"/pair.tgz.part-*
 }
 
 [ $# -gt 0 ] || set -- target data drafters bench

@@ -105,7 +105,7 @@ for stage in "$@"; do
       log profile-sps
       (cd out && GRID=$(python3 -c "from dspark.schedule_step import bucket_grid as g; print(','.join(map(str, g(1024))))") &&
         python3 -m dspark.cli profile-sps --target "$SP/target" --max-tokens 1024 --grid "$GRID" \
-          --interpolate step --out "$OUT/sps" --no-progress ${SWEEP_DEVICE:-} 2>&1 | tail -3)
+          --interpolate step --out "$OUT/sps" --no-progress ${SWEEP_DEVICE:---fused-max-rows auto} 2>&1 | tail -3)
       log "bench sweep"
       # default: code prompts, gamma 7, every mode (30 runs); the rest in further calls, e.g.
       # SWEEP_SET=mt-bench, or SWEEP_GAMMAS="3 5" SWEEP_SCHEDULES=fixed
@@ -113,7 +113,7 @@ for stage in "$@"; do
         --dataset ../.data/${SWEEP_SET:-humaneval}.jsonl --prompts ${SWEEP_PROMPTS:-32} \
         --max-new-tokens ${SWEEP_TOKENS:-128} --batch ${SWEEP_BATCHES:-1 4 16 32 64 128} \
         --gamma ${SWEEP_GAMMAS:-7} --schedule ${SWEEP_SCHEDULES:-fixed threshold:0.5 sync async} \
-        --sps "$OUT/sps/"*.json --no-progress ${SWEEP_DEVICE:-} ${SWEEP_BENCH_ARGS:-} \
+        --sps "$OUT/sps/"*.json --no-progress ${SWEEP_DEVICE:---fused-max-rows auto} ${SWEEP_BENCH_ARGS:-} \
         --out "$OUT/sweep" 2>&1 | tail -60) ;;
     profile)  # where a step's time goes (bench/profile.sh) on the benchmark pair
       bash bench/profile.sh out/pair/target out/pair/dspark .data/humaneval.jsonl "$OUT/profile" 2>&1 | tail -40 ;;

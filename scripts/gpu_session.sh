@@ -12,7 +12,7 @@
 # The job: the benchmark pair trains (scripts/bench_pair.sh target data drafters) while the
 # correctness work shares the GPU (every CUDA test, the fuzz tests under memcheck; SM80=1: first
 # the sm_80 code paths from a second install, compute_80 PTX through the JIT); or, when .data
-# holds a pair packed by an earlier session (pair.tar.part-*), the pair is unpacked and nothing
+# holds a pair packed by an earlier session (pair.tgz.part-*), the pair is unpacked and nothing
 # trains. Then, the GPU to itself, the timed runs in order of importance: the pair packed for
 # later sessions, the scheduler microbenchmark, the concurrency sweep (every mode, with and
 # without ar_fallback), dspark bench on the pair (compiled drafters), greedy identity at 256
@@ -50,7 +50,9 @@ correctness() {  # shares the GPU with the training
   # beside the training the JIT-compiled suite reached 5-94 % in its 300 s
   [ "${SM80:-0}" = 1 ] && sm80
   # (beside the drafters' training the suite needs more than 420 s: cut at 66 % in s10)
-  stage cudatests 600 bash -c 'cd tests && python3 -m pytest -q -p no:cacheprovider -k cuda'
+  # (CUDATESTS_ARGS: test files or other pytest arguments, e.g. a second call's changed tests)
+  stage cudatests 600 bash -c "cd tests && python3 -m pytest -q -p no:cacheprovider -k cuda \
+    ${CUDATESTS_ARGS:-}"
   # the fuzz tests' CUDA variant under memcheck (out-of-bounds accesses that do not fault),
   # verify / sample through the fused kernel (the default) and the staged one
   stage fuzz_memcheck 600 env OUT="$RES" bash scripts/device_run.sh fuzz
@@ -64,9 +66,10 @@ schedule_sanitize() {
     -p no:cacheprovider test_schedule.py -k "cuda and matches_reference and uniform" 2>&1 | \
     grep -v "^\s*$"; done'
 }
-schedule_bench() {  # every mode at R = 1-256, the sorting modes' block size and sort A/B
-  stage schedule_bench 180 bash -c "cd bench && python3 bench_schedule.py --threads auto,32,256,1024 \
-    --sorts registers,group --out $RES/schedule.json"
+schedule_bench() {  # every mode at R = 1-256, the launcher's sort against either sort forced
+  # (the block size A/B: SCHEDULE_THREADS=auto,32,256,1024, measured 2026-12-06 s13)
+  stage schedule_bench 180 bash -c "cd bench && python3 bench_schedule.py --R 1,16,64,128,256 \
+    --threads ${SCHEDULE_THREADS:-auto} --sorts auto,registers,group --out $RES/schedule.json"
   # where its time goes (sync, async, fixed at R = 1 and 256): stall reasons, not estimates
   stage ncu_schedule 90 bash -c "cd bench && ncu --clock-control none --section SpeedOfLight \
     --section Occupancy --section WarpStateStats --section LaunchStats --section SourceCounters \
@@ -77,9 +80,9 @@ sm80() { stage sm80 600 bash -c "SM80_SITE=/tmp/sm80site OUT=$RES bash bench/che
 timed_runs() {  # the GPU to itself, in order of what the open issues need most
   local data=$ROOT/.data
   # the pair (target + DSpark / DFlash / EAGLE-3 drafters, bf16) as <= 15 MiB parts, brought
-  # back by `collect` once and carried as .data/pair.tar.part-* by a later session, which then
+  # back by `collect` once and carried as .data/pair.tgz.part-* by a later session, which then
   # skips the training (scripts/pack_pair.py)
-  if [ ! -f "$ROOT/.data/pair.tar.part-00" ] && [ "${NO_TRAIN:-0}" != 1 ]; then
+  if [ ! -f "$ROOT/.data/pair.tgz.part-00" ] && [ "${NO_TRAIN:-0}" != 1 ]; then
     stage pack 120 python3 scripts/pack_pair.py $PAIR $RES/pack && touch "$RES/end_pack"
   fi
   schedule_bench
@@ -106,7 +109,12 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
     --out $RES/identity_256"
   stage profile 240 bash bench/profile.sh $PAIR/target $PAIR/dspark "$data/humaneval.jsonl" "$RES/profile"
   stage sweep_chat 420 env OUT="$RES/sweep_chat" SWEEP_PAIR=$PAIR SWEEP_SET=mt-bench \
-    SWEEP_SCHEDULES="fixed sync async sync+ar async+ar" bash scripts/device_run.sh sweep
+    SWEEP_SCHEDULES="fixed sync async fixed+ar sync+ar async+ar" bash scripts/device_run.sh sweep
+  # fixed gamma 3 and 5 (the issue's "best fixed gamma" is over 3 / 5 / 7)
+  stage sweep_gammas 300 env OUT="$RES/sweep_g" SWEEP_PAIR=$PAIR SWEEP_GAMMAS="3 5" \
+    SWEEP_SCHEDULES=fixed bash scripts/device_run.sh sweep
+  stage sweep_gammas_chat 300 env OUT="$RES/sweep_gc" SWEEP_PAIR=$PAIR SWEEP_SET=mt-bench \
+    SWEEP_GAMMAS="3 5" SWEEP_SCHEDULES=fixed bash scripts/device_run.sh sweep
   # the round-cost issue: the demo pair's round vs decode step, verify forward at the 8B shape
   stage round_demo 240 bash -c "cd bench && python3 bench_round.py --dataset $data/humaneval.jsonl \
     --drafters dspark,dspark-compiled,ngram --out $RES/round_demo.json"
@@ -138,10 +146,6 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
   # round on the pair, from the s9 time split): longer admitted prefixes under load
   stage sweep_overhead 300 env OUT="$RES/sweep_oh" SWEEP_PAIR=$PAIR SWEEP_BATCHES="4 32 64 128" \
     SWEEP_SCHEDULES="sync async" SWEEP_BENCH_ARGS="--step-overhead 0.5" bash scripts/device_run.sh sweep
-  stage sweep_gammas 300 env OUT="$RES/sweep_g" SWEEP_PAIR=$PAIR SWEEP_GAMMAS="3 5" \
-    SWEEP_SCHEDULES=fixed bash scripts/device_run.sh sweep
-  stage sweep_gammas_chat 300 env OUT="$RES/sweep_gc" SWEEP_PAIR=$PAIR SWEEP_SET=mt-bench \
-    SWEEP_GAMMAS="3 5" SWEEP_SCHEDULES=fixed bash scripts/device_run.sh sweep
   [ "${PAIR_ABLATE:-0}" = 1 ] && stage ablate_eval 240 env OUT="$RES/pair" PAIR_DIR=$PAIR ABLATE_PROMPTS=32 \
     ABLATE_ONLY="base method layers1 layers3 halfdata" bash scripts/bench_pair.sh ablate-eval
   stage project 240 env OUT="$RES" PAIR_BENCH_JSON=$PAIR/bench_results.json bash scripts/device_run.sh project
@@ -187,8 +191,8 @@ job() {
     SKIP="${SKIP:-} schedule_sanitize schedule_bench sweep pair_bench pair_eager"  # done above
     correctness; timed_runs; log "job done"; touch "$RES/done"; return
   fi
-  if [ -f "$ROOT/.data/pair.tar.part-00" ]; then  # a pair packed by an earlier session
-    mkdir -p "$(dirname $PAIR)" && cat "$ROOT"/.data/pair.tar.part-* | tar -C "$(dirname $PAIR)" -xf - &&
+  if [ -f "$ROOT/.data/pair.tgz.part-00" ]; then  # a pair packed by an earlier session
+    mkdir -p "$(dirname $PAIR)" && cat "$ROOT"/.data/pair.tgz.part-* | tar -C "$(dirname $PAIR)" -xzf - &&
       log "pair unpacked from .data (not trained)" && touch "$RES/pair_trained"
     correctness; timed_runs; log "job done"; touch "$RES/done"; return
   fi
@@ -220,7 +224,7 @@ case "${1:-}" in
     cp "$RES/progress.txt" "$OUT/" 2>/dev/null
     # the packed pair, once (a call brings back at most 8 files)
     if [ -d "$RES/pack" ] && [ ! -f "$RES/pack_sent" ] && [ -f "$RES/end_pack" ]; then
-      cp "$RES"/pack/pair.tar.part-* "$OUT/" && touch "$RES/pack_sent"; fi
+      cp "$RES"/pack/pair.tgz.part-* "$OUT/" && touch "$RES/pack_sent"; fi
     tail -40 "$RES/progress.txt"; ls -l "$OUT" ;;
   *) echo "usage: gpu_session.sh start | collect SECONDS" >&2; exit 2 ;;
 esac

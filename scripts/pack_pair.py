@@ -2,13 +2,15 @@
 
     python3 scripts/pack_pair.py PAIR_DIR OUT_DIR [--part-mib 15] [--drafters dspark dflash eagle3]
 
-Writes OUT_DIR/pair.tar.part-00, -01, ... (a tar of pair/target and pair/<drafter> split into
-parts the device tool brings back: at most 16 MiB a file). The drafters' weights go in bf16:
+Writes OUT_DIR/pair.tgz.part-00, -01, ... (a gzipped tar of pair/target and pair/<drafter> split
+into parts the device tool brings back: at most 16 MiB a file). The drafters' weights go in bf16:
 load_drafter casts them to the target's dtype, and the pair's target is bf16, so nothing a run
 computes changes, and target + three drafters fit the 64 MiB a device call can carry (the
-DSpark drafter's fp32 file alone took that total to 64.1 MiB on 2026-12-06). Training
-leftovers (checkpoint/, data/, logs) stay out. Reassemble with
-`cat pair.tar.part-* | tar -C DIR -xf -` (scripts/gpu_session.sh does, from .data/).
+DSpark drafter's fp32 file alone took that total to 64.1 MiB on 2026-12-06). gzip because the
+repo grew: the plain tar (58 MiB) plus the tracked tree passed the 64 MiB on 2026-12-06 s13;
+gzip -6 takes the pair to 46 MiB. Training leftovers (checkpoint/, data/, logs) stay out.
+Reassemble with `cat pair.tgz.part-* | tar -C DIR -xzf -` (scripts/gpu_session.sh does, from
+.data/).
 """
 import argparse
 import io
@@ -45,7 +47,7 @@ def main() -> None:
     ap.add_argument("--drafters", nargs="+", default=["dspark", "dflash", "eagle3"])
     args = ap.parse_args()
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=6) as tar:
         target = os.path.join(args.pair, "target")
         for name in sorted(os.listdir(target)):  # config, tokenizer, bf16 weights: as they are
             tar.add(os.path.join(target, name), f"pair/target/{name}")
@@ -62,7 +64,7 @@ def main() -> None:
     data, step = buf.getvalue(), args.part_mib << 20
     os.makedirs(args.out, exist_ok=True)
     for i in range(0, len(data), step):
-        with open(os.path.join(args.out, f"pair.tar.part-{i // step:02d}"), "wb") as f:
+        with open(os.path.join(args.out, f"pair.tgz.part-{i // step:02d}"), "wb") as f:
             f.write(data[i:i + step])
     print(f"packed {len(data) / 2**20:.1f} MiB into {-(-len(data) // step)} parts in {args.out}")
 

@@ -61,9 +61,9 @@ def test_bench_pair_smoke(tmp_path):
         assert sorted(os.path.basename(p) for p in ablate) == \
             ["base", "halfdata", "layers1", "layers3", "method", "softtv"]
         assert all(r["speculative"]["tau"] >= 1.0 for r in ablate.values())
-    parts = sorted(p for p in os.listdir(out) if p.startswith("pair.tar.part-"))
+    parts = sorted(p for p in os.listdir(out) if p.startswith("pair.tgz.part-"))
     assert parts and all((out / p).stat().st_size <= 15 << 20 for p in parts)
-    # the parts are one tar of the target and the drafters, their weights in bf16
+    # the parts are one gzipped tar of the target and the drafters, their weights in bf16
     blob = b"".join((out / p).read_bytes() for p in parts)
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
         names = set(tar.getnames())
