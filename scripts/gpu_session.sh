@@ -95,12 +95,24 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
   stage pair_bench 420 env OUT="$RES/pair" PAIR_DIR=$PAIR EVAL_DIR="$data" \
     bash scripts/bench_pair.sh bench
   # where a round's time goes under load (one graph per stage: draft / forward / accept /
-  # commit) at batch 1, 16, 32: a fixed DSpark round took 1.49 / 4.41 / 4.43 ms against a 0.94 /
-  # 1.14 / 1.37 ms decode step (s12), split never measured above batch 1. Fixed gamma only: with
-  # stage graphs the scheduled buckets are still captured at first use (mid-run)
+  # commit) at batch 1, 16, 32, and greedy identity there. s13, 64 fused rows: the verify forward
+  # took 0.97 / 3.74 / 3.84 ms (cuBLAS above 64 rows) against a 0.94 / 1.13 / 1.38 ms decode step,
+  # greedy identity 66 % at 16 / 32; now with the measured crossover (~320 rows for the pair).
+  # Fixed gamma only: with stage graphs the scheduled buckets are captured at first use (mid-run)
   stage pair_split 240 bash -c "cd /tmp && dspark bench --stage-times --target $PAIR/target \
-    --drafter $PAIR/dspark --dataset $data/humaneval.jsonl --temperature 0 --batch 1 16 32 \
-    --prompts 32 --max-new-tokens 128 --prompt-tokens 256 --no-progress --out $RES/pair_split"
+    --drafter $PAIR/dspark --dataset $data/humaneval.jsonl $data/mt-bench.jsonl --temperature 0 \
+    --batch 1 16 32 --prompts 32 --max-new-tokens 128 --prompt-tokens 256 --no-progress \
+    --fused-max-rows auto --out $RES/pair_split"
+  # dspark::markov_draft at the pair's shape (V 8256, hidden 256, rank 256): the op lost to the
+  # graphed loop at the 8B vocabulary (984 vs 622 us at R = 1), never timed at a small one; then
+  # the engine with it on (DSPARK_CUDA_KERNELS=markov_draft), same prompts as pair_bench: the A/B
+  # that decides whether the DSpark drafter uses it on CUDA (issue 13, item 2)
+  stage markov_pair 120 bash -c "cd bench && python3 bench_markov_draft.py --R 1,16,64 --V 8256 \
+    --hidden 256 --rank 256 --out $RES/markov_pair.json"
+  stage pair_markov_ab 240 bash -c "cd /tmp && DSPARK_CUDA_KERNELS=markov_draft dspark bench \
+    --target $PAIR/target --drafter $PAIR/dspark --dataset $data/humaneval.jsonl $data/mbpp.jsonl \
+    --temperature 0 1 --batch 1 --prompts 16 --max-new-tokens 128 --prompt-tokens 256 \
+    --no-progress --out $RES/pair_markov_ab"
   # the round-cost issue's identity bar: greedy speculative == autoregressive in bf16 on every
   # shipped eval set, 256 tokens, DSpark and n-gram, batch 1 and 4
   stage identity_256 420 bash -c "cd /tmp && dspark bench --target $PAIR/target --drafter $PAIR/dspark \
