@@ -103,6 +103,14 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
     --drafter $PAIR/dspark --dataset $data/humaneval.jsonl $data/mt-bench.jsonl --temperature 0 \
     --batch 1 16 32 --prompts 32 --max-new-tokens 128 --prompt-tokens 256 --no-progress \
     --fused-max-rows auto --out $RES/pair_split"
+  # a fused ragged (scheduled) verify on its padded block vs gathers around attention in every
+  # layer (DSPARK_RAGGED_FUSED): s13's sync round at batch 1 took 0.26 ms more than fixed γ's
+  for r in pad gather; do
+    stage ragged_$r 200 bash -c "cd /tmp && DSPARK_RAGGED_FUSED=$r dspark bench --stage-times \
+      --target $PAIR/target --drafter $PAIR/dspark --dataset $data/humaneval.jsonl \
+      --temperature 0 --batch 1 4 --schedule fixed sync --prompts 32 --max-new-tokens 128 \
+      --prompt-tokens 256 --no-progress --out $RES/ragged_$r"
+  done
   # dspark::markov_draft at the pair's shape (V 8256, hidden 256, rank 256): the op lost to the
   # graphed loop at the 8B vocabulary (984 vs 622 us at R = 1), never timed at a small one; then
   # the engine with it on (DSPARK_CUDA_KERNELS=markov_draft), same prompts as pair_bench: the A/B

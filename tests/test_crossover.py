@@ -91,6 +91,14 @@ def test_auto_without_fused_kernels_measures_nothing(model, tmp_path, monkeypatc
             ModelRunner(model, fused_max_rows=bad)
 
 
+def test_ragged_fused_switch_is_checked(model, monkeypatch):
+    monkeypatch.setenv("DSPARK_RAGGED_FUSED", "both")
+    with pytest.raises(ValueError, match="DSPARK_RAGGED_FUSED must be 'auto', 'pad' or 'gather'"):
+        ModelRunner(model)
+    monkeypatch.setenv("DSPARK_RAGGED_FUSED", "gather")
+    assert ModelRunner(model).ragged_fused == "gather"
+
+
 def test_cli_fused_max_rows_argument(capsys):
     base = ["generate", "--target", os.path.join(DEMO_MODELS, "target"), "--prompt", "x",
             "--device", "cpu", "--max-new-tokens", "2"]

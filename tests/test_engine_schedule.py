@@ -101,11 +101,14 @@ def test_all_admitted_round_verifies_the_proposal_as_is(demo, ar_reference, buck
     assert out.metrics.accept_hist == fixed.metrics.accept_hist
 
 
+@pytest.mark.parametrize("ragged", ["pad", "gather"])
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_greedy_scheduled_fused_runner(demo, ar_reference, mode):
-    """The packed layout through the dspark kernels (fused_linear + decode_attention)."""
+def test_greedy_scheduled_fused_runner(demo, ar_reference, mode, ragged):
+    """The packed layout through the dspark kernels (fused_linear + decode_attention), the
+    ragged block padded through every layer or gathered around attention."""
     target, drafter, prompts = demo
     runner = ModelRunner(target, fused=True)
+    runner.ragged_fused = ragged
     engine = SpeculativeEngine(runner, drafter, schedule=mode, sps=affine_sps(0.08),
                                bucket_rows=True)
     out = engine.generate(prompts, max_new_tokens=[NEW, 9, 17], stop_tokens=[])
@@ -203,11 +206,13 @@ def test_sampled_three_tokens_match_target(small_pair, mode):
 
 
 # ---- the packed verify forward ------------------------------------------------------------------
-@pytest.mark.parametrize("fused", [False, True])
-def test_packed_forward_equals_padded(tmp_path, fused):
+@pytest.mark.parametrize("fused, ragged", [(False, "auto"), (True, "pad"), (True, "gather")])
+def test_packed_forward_equals_padded(tmp_path, fused, ragged):
     """A ragged proposal (anchor + l_r drafts) forwarded packed, with bucket padding rows, gives
     the logits and KV-cache rows of the same nodes inside the full [R, W] verify; the padding
-    rows change nothing (same cache, same logits as without them)."""
+    rows change nothing (same cache, same logits as without them). Fused: bit for bit, whether
+    the runner computes the padded block and packs once ("pad") or gathers around attention in
+    every layer ("gather")."""
     make_checkpoint(str(tmp_path), "qwen3", vocab=96, hidden=64, layers=2, init=0.2, seed=4)
     model = load_model(str(tmp_path), dtype=torch.float32)
     R, W, ctx = 4, 5, [7, 3, 11, 5]
@@ -219,6 +224,7 @@ def test_packed_forward_equals_padded(tmp_path, fused):
 
     def run(tokens, offsets, parents, padded=False):
         r = ModelRunner(model, fused=fused)
+        r.ragged_fused = ragged
         r.allocate(R, 32)
         r.prefill([p[:-1] for p in prompts])
         fwd = r.forward_tree(tokens, parents, offsets, start, W, (0,), padded)

@@ -28,12 +28,13 @@ Prefill stays on cuBLAS + SDPA (shared by the autoregressive and speculative run
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from .kv import KVCache
-from .transformer import FUSED_MAX_ROWS, PackedLayout, Transformer
+from .transformer import FUSED_MAX_ROWS, FUSED_TILE_ROWS, PackedLayout, Transformer
 
 # torch.compile modes without CUDA graphs of their own (the runner captures the compiled call)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
@@ -99,6 +100,11 @@ class ModelRunner:
         self._pool = None
         self._compiled: dict = {}
         self.pad_prefill = False  # pad prefills to their bucket on CPU too (tests)
+        # a fused ragged verify on its padded block or with gathers around attention (_pad_ragged)
+        self.ragged_fused = os.environ.get("DSPARK_RAGGED_FUSED", "auto")
+        if self.ragged_fused not in ("auto", "pad", "gather"):
+            raise ValueError(f"DSPARK_RAGGED_FUSED must be 'auto', 'pad' or 'gather', got "
+                             f"{self.ragged_fused!r}")
         if auto and self.fused and not batch_invariant and model.fusable():
             from ..crossover import resolve_fused_max_rows  # (it imports the scheduler)
             self.fused_max_rows = resolve_fused_max_rows(self)
@@ -261,8 +267,17 @@ class ModelRunner:
             layout = PackedLayout(*given, R, W) if given else \
                 PackedLayout.from_offsets(node_offsets, N, W)
             par = layout.pad_ids(parents, -1)  # block positions no row fills: lone roots
-            h, tapped = self._tree_body(draft_tokens, par, start, taps, fused, layout)
-            flat = lambda t: t  # noqa: E731
+            if fused and self._pad_ragged(N, R, W):
+                # the whole [R, W] block through every layer, packed once at the end: one
+                # gather instead of two per layer (a real row's bits are the same either way:
+                # the fused kernels are row-independent, and a row no node fills is nobody's
+                # ancestor and writes only its own block slot)
+                h, tapped = self._tree_body(layout.pad_ids(draft_tokens, 0), par, start, taps,
+                                            fused)
+                flat = layout.pack
+            else:
+                h, tapped = self._tree_body(draft_tokens, par, start, taps, fused, layout)
+                flat = lambda t: t  # noqa: E731
         hidden = torch.stack([flat(t) for t in tapped]) if tapped else None
         return Forward(self.model.logits(flat(h), fused), hidden)
 
@@ -276,6 +291,18 @@ class ModelRunner:
         anc, depth = tree_masks(par)
         return self.model(tokens, start[:, None] + depth, start, anc, c.k, c.v, c.max_len, taps,
                           layout=layout)
+
+    def _pad_ragged(self, N: int, R: int, W: int) -> bool:
+        """Whether a fused ragged verify of N packed rows runs on its padded [R, W] block: when
+        the padding costs the fused projections no extra 64-row pass (their time is per pass:
+        the pair's forward took 2.37 ms at 63 rows and 2.50 at 127, H100 s13), and the
+        gathers it saves are 2 per layer (~0.2 ms a round on the 24-layer pair, estimated:
+        s13's sync round at batch 1 took 0.26 ms more than fixed γ's). ``ragged_fused``
+        ("pad" / "gather", ``DSPARK_RAGGED_FUSED``) forces either for A/B runs."""
+        if self.ragged_fused != "auto":
+            return self.ragged_fused == "pad" and self._fuse(R * W, W)
+        tiles = lambda rows: -(-rows // FUSED_TILE_ROWS)  # noqa: E731
+        return self._fuse(R * W, W) and tiles(R * W) <= tiles(N)
 
     def _fuse(self, rows: int, block: int) -> bool:
         """Whether a call over ``rows`` token rows, ``block`` per request, runs on the dspark

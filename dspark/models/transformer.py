@@ -29,6 +29,8 @@ from .layers import MLP, RMSNorm, apply_rope, rope
 # ``fused_max_rows`` sets it per model (greedy identity holds up to it); "auto" measures it
 # (dspark/crossover.py: ~320 rows for the pair, 2026-12-06 s13).
 FUSED_MAX_ROWS = 64
+# Token rows of one dspark::fused_linear pass (kLinearCols): a call's time grows per pass.
+FUSED_TILE_ROWS = 64
 # Tokens per request of a fused forward (dspark::decode_attention's limit).
 FUSED_MAX_BLOCK = 64
 
