@@ -64,6 +64,9 @@ def _pool(metrics: Sequence[Metrics]) -> dict:
         for k in ("theta_predicted", "theta_achieved"):
             if all(getattr(m, k) is not None for m in spec):
                 out[k] = sum(getattr(m, k) * m.rounds for m in spec) / max(1, rounds)
+    if spec and (hist is None or hist.sum() == 0):  # continuous batching: no per-round log
+        req = sum(m.request_rounds for m in spec)
+        out["tau"] = sum(m.tau * m.request_rounds for m in spec) / max(1, req)
     if hist is not None and hist.sum() > 0:
         k = torch.arange(len(hist), dtype=torch.float64)
         reached = hist.flip(0).cumsum(0).flip(0)
@@ -76,7 +79,16 @@ def _pool(metrics: Sequence[Metrics]) -> dict:
     return out
 
 
-def _generate(engine, fn: str, prompts: list, batch: int, kw: dict, bar) -> tuple:
+def _generate(engine, fn: str, prompts: list, batch: int, kw: dict, bar,
+              serve: bool = False) -> tuple:
+    """Every prompt through ``engine``: static batches of ``batch`` (``fn``), or with
+    ``serve`` one continuous-batching run with ``batch`` slots (SpeculativeEngine.serve)."""
+    if serve:
+        seeds = [kw["seed"] + j for j in range(len(prompts))]
+        g = engine.serve(prompts, batch, speculative=fn == "generate", **{**kw, "seed": seeds})
+        if bar is not None:
+            bar.update(len(prompts))
+        return g.tokens, [g.metrics]
     tokens, metrics = [], []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
@@ -92,7 +104,7 @@ def _generate(engine, fn: str, prompts: list, batch: int, kw: dict, bar) -> tupl
 def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), batches=(1,),
               max_new_tokens: int = 128, seed: int = 0, progress: bool = False,
               stage_times: Optional[bool] = None, schedules: Sequence[str] = ("fixed",),
-              sps=None, step_overhead: float = 0.0,
+              sps=None, step_overhead: float = 0.0, serve_requests: int = 0,
               on_run: Optional[Callable[[list], None]] = None) -> dict:
     """target: a ModelRunner; drafters: name -> Drafter; datasets: name -> token prompts.
     Returns {"runs": [...], "skipped": [...]} with one run per (dataset, temperature, batch,
@@ -103,7 +115,10 @@ def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), ba
     method is named "drafter[mode]"; a drafter a mode cannot
     schedule is skipped and listed in ``skipped``); sps: their table; step_overhead: the seconds
     a step costs besides the verify forward, for their ranking (VerifyScheduler); on_run: called
-    with the runs so far as each one finishes (a long sweep cut short keeps what it measured)."""
+    with the runs so far as each one finishes (a long sweep cut short keeps what it measured).
+    serve_requests: N > 0 runs N requests (the prompt set cycled) through continuous batching
+    with ``batch`` slots (SpeculativeEngine.serve: a finished request's slot takes the next
+    prompt), every method the same way; warmed up by one untimed run of the same requests."""
     from .engine import SpeculativeEngine
     from .schedule_step import check_step_overhead
     from .scheduler import parse_schedule, split_fallback
@@ -126,15 +141,16 @@ def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), ba
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total * max(len(p) for p in datasets.values()), unit="prompt",
+        bar = tqdm(total=total * max(serve_requests, max(len(p) for p in datasets.values())),
+                   unit="prompt",
                    desc="bench")
     runs = []
     for dname, prompt_set in datasets.items():
         for temp in temperatures:
             for batch in batches:
                 # a batch larger than the prompt set cycles it (concurrency sweeps)
-                prompts = (prompt_set * -(-batch // len(prompt_set)))[:max(batch,
-                                                                         len(prompt_set))]
+                want = serve_requests or max(batch, len(prompt_set))
+                prompts = (prompt_set * -(-want // len(prompt_set)))[:want]
                 kw = dict(max_new_tokens=max_new_tokens, temperature=temp, seed=seed)
                 base = None
                 for name, eng in engines.items():
@@ -144,17 +160,23 @@ def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), ba
                     # every prompt's prefill once (cuDNN builds a plan per new attention shape:
                     # measured on an H100, the first engine over a prompt set otherwise lost up
                     # to half its wall time to it, inflating every speedup over it)
-                    longest = sorted(prompts, key=len, reverse=True)[:batch]
-                    _generate(eng, fn, longest, batch, kw, None)
-                    _generate(eng, fn, prompts, batch, {**kw, "max_new_tokens": 2}, None)
+                    if serve_requests:  # the refills' prefill graphs (rows x bucket) too
+                        _generate(eng, fn, prompts, batch, kw, None, True)
+                    else:
+                        longest = sorted(prompts, key=len, reverse=True)[:batch]
+                        _generate(eng, fn, longest, batch, kw, None)
+                        _generate(eng, fn, prompts, batch, {**kw, "max_new_tokens": 2}, None)
                     t0 = time.perf_counter()
-                    tokens, metrics = _generate(eng, fn, prompts, batch, kw, bar)
+                    tokens, metrics = _generate(eng, fn, prompts, batch, kw, bar,
+                                                bool(serve_requests))
                     wall = time.perf_counter() - t0
                     eng.graphs.clear()  # many engines, one GPU: only the running one's graphs
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     r = {"dataset": dname, "temperature": temp, "batch": batch, "method": name,
                          "prompts": len(prompts), "wall_s": wall, **_pool(metrics)}
+                    if serve_requests:
+                        r["serve"] = True  # continuous batching: batch = slots
                     if getattr(eng, "fallback", None) is not None:  # what its probe measured
                         r["fallback"] = next((c.to_dict() for k, c in eng.fallback.choices.items()
                                               if k[0] == batch and k[2] == (temp > 0)), None)

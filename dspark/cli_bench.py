@@ -38,6 +38,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sps", default=None, metavar="JSON", help="steps-per-second table for the "
                    "scheduled runs (default: the target's cached table, measured if missing)")
     add_step_overhead(p)
+    p.add_argument("--serve-requests", type=int, default=0, metavar="N",
+                   help="continuous batching: N requests (the prompt set cycled) per dataset and "
+                   "batch, --batch slots refilled as requests finish (SpeculativeEngine.serve); "
+                   "default 0: static batches of --batch prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
@@ -83,6 +87,8 @@ def _bench(args, tp, device: str) -> int:
         args.compile_drafter = torch.device(device).type == "cuda"
     if min(args.batch) < 1 or args.prompts < 1 or args.max_new_tokens < 1:
         raise ValueError("need --batch, --prompts and --max-new-tokens >= 1")
+    if args.serve_requests < 0:
+        raise ValueError(f"--serve-requests must be >= 0, got {args.serve_requests}")
     if tp is None:
         model = load_model(args.target, device, args.dtype)
     else:
@@ -131,7 +137,8 @@ def _bench(args, tp, device: str) -> int:
                        batches=args.batch, max_new_tokens=args.max_new_tokens,
                        seed=args.seed, progress=progress, stage_times=args.stage_times,
                        schedules=args.schedule, sps=args.sps,
-                       step_overhead=args.step_overhead / 1e3, on_run=on_run)
+                       step_overhead=args.step_overhead / 1e3,
+                       serve_requests=args.serve_requests, on_run=on_run)
     report["config"] = {k: v for k, v in vars(args).items() if k != "func"}
     report["config"]["fused_max_rows_used"] = runner.fused_max_rows  # ("auto": as resolved)
     report["device"] = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"

@@ -28,6 +28,7 @@ from .models.transformer import FUSED_MAX_BLOCK
 from .ops import sampling_tensors
 from .schedule_step import SPSSource, VerifyBatch, VerifyScheduler
 from .scheduler import parse_schedule
+from .serve import serve
 from .state import SpecState, cache_len
 
 Prompt = Union[str, Sequence[int]]
@@ -327,6 +328,15 @@ class SpeculativeEngine:
         return self._finish(st, timer, t0, d.gamma)
 
     @torch.inference_mode()
+    def serve(self, prompts: Union[Prompt, Sequence[Prompt]], slots: int,
+              speculative: bool = True, **kw) -> Generation:
+        """Continuous batching (dspark/serve.py): every prompt decoded with at most ``slots``
+        requests in flight, a finished request's slot refilled with the next prompt;
+        ``speculative=False``: plain decoding the same way (the baseline). Keyword arguments as
+        :meth:`generate`."""
+        return serve(self, prompts, slots, speculative=speculative, **kw)
+
+    @torch.inference_mode()
     def generate_autoregressive(self, prompts: Union[Prompt, Sequence[Prompt]], **kw) -> Generation:
         """Plain decoding on the same runner (the baseline); same arguments as :meth:`generate`."""
         t0 = time.perf_counter()
@@ -366,8 +376,9 @@ class SpeculativeEngine:
             out.append(p)
         return out
 
-    def _start(self, prompts: list, taps, kw, speculative: bool):
-        """prompts: token lists (_tokenize'd by the caller)."""
+    def _start(self, prompts: list, taps, kw, speculative: bool, reserve=None):
+        """prompts: token lists (_tokenize'd by the caller). reserve: (prompt tokens, new
+        tokens, stop tokens) the state must also hold (continuous batching: later prompts)."""
         unknown = set(kw) - {"max_new_tokens", "temperature", "top_k", "top_p", "seed",
                              "stop_tokens"}
         if unknown:
@@ -388,17 +399,19 @@ class SpeculativeEngine:
         if not (len(stops) and isinstance(stops[0], (list, tuple))):
             stops = [list(stops)] * B
         stops = _per_request(stops, B, "stop_tokens")
-        longest = max(len(p) for p in prompts)
+        longest, most_new = max(len(p) for p in prompts), max(max_new)
+        if reserve is not None:
+            longest, most_new = max(longest, reserve[0]), max(most_new, reserve[1])
         # a round may commit up to `room` tokens past max_new (cut in _finish), then a block of
         # `room` rows is written after the committed tokens. The autoregressive baseline sizes
         # its cache like the speculative run where that fits, so both share cache and buffers.
         room = self.drafter.max_nodes if self.drafter is not None else 1
-        need = cache_len(longest + max(max_new) + room, room)
+        need = cache_len(longest + most_new + room, room)
         if not speculative and need > self.max_len:
-            need = cache_len(longest + max(max_new) + 1, 1)
+            need = cache_len(longest + most_new + 1, 1)
         if need > self.max_len:
-            raise ValueError(f"prompt of {longest} tokens + max_new_tokens {max(max_new)} + "
-                             f"{need - longest - max(max_new)} draft slots exceeds the cache "
+            raise ValueError(f"prompt of {longest} tokens + max_new_tokens {most_new} + "
+                             f"{need - longest - most_new} draft slots exceeds the cache "
                              f"length {self.max_len}")
         # capacity buckets of powers of two, and a cache that only grows for a batch size: calls
         # with other prompt lengths reuse the cache, the state buffers and the captured graphs
@@ -406,7 +419,7 @@ class SpeculativeEngine:
         c = self.target.cache
         if c is not None and c.batch == B and cap <= c.max_len:
             cap = c.max_len
-        S = max(1, max(len(s) for s in stops))
+        S = max(1, max(len(s) for s in stops), reserve[2] if reserve is not None else 0)
         S = -(-S // 4) * 4  # stop-list width in steps of 4: fewer state shapes
         dev = self.target.device
         timer = StageTimer(dev, self.nvtx)

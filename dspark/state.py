@@ -116,6 +116,46 @@ class SpecState:
         self.any_active.fill_(True)
         self.prompts = [list(p) for p in prompts]
 
+    def reset_rows(self, rows: list, prompts: list, max_new: list, stop_tokens: list,
+                   params: SamplingTensors, seeds: list) -> None:
+        """Refill the given rows for new requests (continuous batching, dspark/serve.py), the
+        other rows untouched; the round log is the caller's (it is not per row)."""
+        C, S = self.capacity, self.stop_tokens.shape[1]
+        if any(len(p) > C for p in prompts) or any(len(s) > S for s in stop_tokens):
+            raise ValueError(f"refilled prompts need <= {C} tokens and <= {S} stop tokens")
+        dev = self.tokens.device
+        idx = torch.as_tensor(rows, dtype=torch.int64, device=dev)
+        tokens = torch.zeros(len(rows), C, dtype=torch.int64)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = torch.as_tensor(p, dtype=torch.int64)
+        stops = torch.tensor([list(s) + [-1] * (S - len(s)) for s in stop_tokens],
+                             dtype=torch.int64)
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.int64).to(dev)
+        self.tokens[idx] = tokens.to(dev)
+        self.n_tokens[idx] = lens
+        self.prompt_lens[idx] = lens
+        self.max_new[idx] = torch.as_tensor(max_new, dtype=torch.int64).to(dev)
+        self.stop_tokens[idx] = stops.to(dev)
+        for mine, new in zip(self.params, params):
+            mine[idx] = new.to(dev)
+        self.seeds[idx] = torch.as_tensor(seeds, dtype=torch.int64).to(dev)
+        self.active[idx] = True
+        self.any_active.fill_(True)
+        for i, r in enumerate(rows):
+            self.prompts[r] = list(prompts[i])
+
+    def commit_first_rows(self, rows: list, first: torch.Tensor) -> None:
+        """The token sampled from the refilled rows' prefill logits (first [len(rows)]):
+        appended to each row, which finishes at once if it is a stop token or max_new is 1
+        (what ``commit_tokens`` decides for a round), without a round logged."""
+        idx = torch.as_tensor(rows, dtype=torch.int64, device=self.tokens.device)
+        n = self.n_tokens[idx]
+        self.tokens[idx, n.clamp(max=self.capacity - 1)] = first
+        self.n_tokens[idx] = n + 1
+        stop = (self.stop_tokens[idx] == first[:, None]).any(1)
+        done = stop | (n + 1 - self.prompt_lens[idx] >= self.max_new[idx])
+        self.active[idx] = ~done
+
     @property
     def batch(self) -> int:
         return self.tokens.shape[0]

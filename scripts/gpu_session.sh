@@ -103,6 +103,14 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
     --drafter $PAIR/dspark --dataset $data/humaneval.jsonl $data/mt-bench.jsonl --temperature 0 \
     --batch 1 16 32 --prompts 32 --max-new-tokens 128 --prompt-tokens 256 --no-progress \
     --fused-max-rows auto --out $RES/pair_split"
+  # continuous batching (SpeculativeEngine.serve, dspark bench --serve-requests): 256 requests
+  # through 16-128 slots, a finished request's slot refilled at once. s13's static batches ended
+  # with their slowest request (1.85x the mean request's rounds at 32-128): fixed γ 7 ran 2.07x
+  # per user but 1.02x in aggregate at 128
+  stage sweep_serve 420 bash -c "cd /tmp && dspark bench --target $PAIR/target \
+    --drafter $PAIR/dspark --dataset $data/humaneval.jsonl --temperature 0 --batch 16 32 64 128 \
+    --gamma 3 7 --schedule fixed sync --prompts 32 --max-new-tokens 128 --prompt-tokens 256 \
+    --serve-requests 256 --fused-max-rows auto --no-progress --out $RES/sweep_serve"
   # a fused ragged (scheduled) verify on its padded block vs gathers around attention in every
   # layer (DSPARK_RAGGED_FUSED): s13's sync round at batch 1 took 0.26 ms more than fixed γ's
   for r in pad gather; do

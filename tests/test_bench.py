@@ -50,6 +50,34 @@ def test_bench_writes_report_and_plots(tmp_path, capsys):
     assert bench["accept_hist"] == gen.metrics.accept_hist
 
 
+def test_bench_serve_requests(tmp_path, capsys):
+    """--serve-requests N: N requests through continuous batching with --batch slots, every
+    method the same way; greedy outputs identical to plain decoding's, the tau the engine's."""
+    data = tmp_path / "code.jsonl"
+    data.write_text("".join(json.dumps({"turns": [p]}) + "\n" for p in DEMO_PROMPTS[:3]))
+    out = tmp_path / "bench"
+    rc = main(["bench", "--target", os.path.join(DEMO_MODELS, "target"),
+               "--drafter", os.path.join(DEMO_MODELS, "dspark"), "--ngram", "3",
+               "--dataset", str(data), "--prompts", "3", "--max-new-tokens", "8",
+               "--batch", "2", "--serve-requests", "5", "--device", "cpu", "--dtype", "float32",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == ["autoregressive", "dspark", "ngram"]
+    for r in runs:
+        assert r["serve"] and r["prompts"] == 5 and r["new_tokens"] == 40
+        if r["method"] != "autoregressive":
+            assert r["greedy_identical_fraction"] == 1.0 and r["tau"] >= 1.0
+    assert runs[1]["tau"] > 1.0  # (DSpark accepts drafts on these prompts; n-gram may find none)
+    target, tok, drafter = load_demo_pair("cpu")
+    prompts = [tok.encode(p).ids for p in (DEMO_PROMPTS[:3] * 2)[:5]]
+    gen = SpeculativeEngine(target, drafter).serve(prompts, 2, max_new_tokens=8,
+                                                   seed=list(range(5)))
+    assert runs[1]["tau"] == pytest.approx(gen.metrics.tau)
+    assert main(["bench", "--target", os.path.join(DEMO_MODELS, "target"), "--ngram", "3",
+                 "--dataset", str(data), "--serve-requests", "-1", "--device", "cpu"]) == 2
+
+
 def test_bench_compile_drafter(tmp_path, capsys):
     """--compile-drafter: the DSpark drafter's per-round bodies under torch.compile give the same
     drafts (accept histogram) as the eager drafter, greedy output identical."""
@@ -90,9 +118,9 @@ def test_bench_warms_every_prefill_shape_before_timing(monkeypatch):
     calls = []
     real = benchmark._generate
 
-    def spy(engine, fn, prompts, batch, kw, bar):
+    def spy(engine, fn, prompts, batch, kw, bar, serve=False):
         calls.append((fn, [len(p) for p in prompts], kw["max_new_tokens"]))
-        return real(engine, fn, prompts, batch, kw, bar)
+        return real(engine, fn, prompts, batch, kw, bar, serve)
 
     monkeypatch.setattr(benchmark, "_generate", spy)
     target, tok, _ = load_demo_pair("cpu")

@@ -70,6 +70,19 @@ class Drafter:
         """After the target prefill. state.tokens holds prompt + first sampled token (the anchor);
         target_hidden: [len(target_taps), B, T_max, hidden] prompt features, or None."""
 
+    @property
+    def refillable(self) -> bool:
+        """Whether :meth:`start_rows` is implemented (continuous batching can use it)."""
+        return type(self).start_rows is not Drafter.start_rows
+
+    def start_rows(self, state: SpecState, rows: list,
+                   target_hidden: Optional[torch.Tensor]) -> None:
+        """``start`` for the given rows only, the others mid-generation: their slots were
+        refilled with new prompts (continuous batching, dspark/serve.py); target_hidden:
+        [len(target_taps), len(rows), T_max, hidden] of those prompts, or None."""
+        raise ValueError(f"{type(self).__name__} cannot refill single requests (continuous "
+                         f"batching): use a DSpark, DFlash, draft-model or n-gram drafter")
+
     def propose(self, state: SpecState) -> Proposal:
         raise NotImplementedError
 

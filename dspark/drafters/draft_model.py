@@ -66,6 +66,11 @@ class DraftModelDrafter(Drafter):
         self.runner.prefill(state.prompts)
         self.draft_len.copy_(state.prompt_lens)
 
+    def start_rows(self, state: SpecState, rows: list, target_hidden=None) -> None:
+        self.runner.prefill_rows(rows, [state.prompts[r] for r in rows])
+        idx = torch.as_tensor(rows, dtype=torch.int64, device=self.draft_len.device)
+        self.draft_len[idx] = state.prompt_lens[idx]
+
     def _pick(self, logits: torch.Tensor, state: SpecState, pos: torch.Tensor):
         """Chain step: the next draft token [B] and the distribution it was drawn from [B, V]."""
         return ops.sample(logits, state.params, state.draft_seeds(), pos, return_probs=True)

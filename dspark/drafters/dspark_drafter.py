@@ -251,13 +251,15 @@ class ParallelDrafter(TrainedDrafter):
         if self._markov_fused():
             self._markov_w2()  # made here, outside the stage graphs
 
-    def _write_context(self, feats: torch.Tensor, start: torch.Tensor) -> None:
-        """feats [B, T, m*d] of positions start[b] + t -> cache slots (same numbers)."""
+    def _write_context(self, feats: torch.Tensor, start: torch.Tensor,
+                       rows: Optional[torch.Tensor] = None) -> None:
+        """feats [B, T, m*d] of positions start[b] + t -> cache slots (same numbers) of cache
+        rows ``rows`` [B] (None: 0..B-1)."""
         B, T, _ = feats.shape
         pos = start[:, None] + torch.arange(T, device=start.device)
         kv = self.model.context_kv(self.model.fuse(feats), pos)
         slots = pos.clamp(max=self.k.shape[3] - 1)
-        bidx = torch.arange(B, device=start.device)[:, None]
+        bidx = (torch.arange(B, device=start.device) if rows is None else rows)[:, None]
         for i, (k, v) in enumerate(kv):
             self.k[i][bidx, :, slots] = k.transpose(1, 2).to(self.k.dtype)
             self.v[i][bidx, :, slots] = v.transpose(1, 2).to(self.v.dtype)
@@ -266,6 +268,12 @@ class ParallelDrafter(TrainedDrafter):
         m, B, T, d = target_hidden.shape  # prompt features, positions 0..T-1 (right padded)
         feats = target_hidden.permute(1, 2, 0, 3).reshape(B, T, m * d)
         self._write_context(feats, torch.zeros(B, dtype=torch.int64, device=feats.device))
+
+    def start_rows(self, state: SpecState, rows: list, target_hidden) -> None:
+        m, B, T, d = target_hidden.shape
+        feats = target_hidden.permute(1, 2, 0, 3).reshape(B, T, m * d)
+        idx = torch.as_tensor(rows, dtype=torch.int64, device=feats.device)
+        self._write_context(feats, torch.zeros(B, dtype=torch.int64, device=feats.device), idx)
 
     def commit(self, state, proposal, result, root_pos, target_hidden=None) -> None:
         m, N, d = target_hidden.shape

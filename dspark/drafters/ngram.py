@@ -29,6 +29,9 @@ class NgramDrafter(Drafter):
             self._chain = None  # parents / offsets: made at the first (eager) proposal, then kept
             self._buffers_changed()
 
+    def start_rows(self, state: SpecState, rows: list, target_hidden=None) -> None:
+        """Nothing to refill: a proposal reads the committed tokens."""
+
     def propose(self, state: SpecState) -> Proposal:
         # one dspark::ngram_propose kernel: [B, gamma + 1] = anchor, then the drafts
         drafts = ops.ngram_propose(state.tokens, state.n_tokens, self.gamma, self.max_ngram,

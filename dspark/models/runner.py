@@ -152,6 +152,30 @@ class ModelRunner:
         B = len(prompts)
         if self.cache is None or self.cache.batch != B:
             raise ValueError(f"prefill of {B} prompts needs a cache of batch {B}: call allocate()")
+        return self._prefill_block("prefill", prompts, (), taps)
+
+    @torch.inference_mode()
+    def prefill_rows(self, rows: Sequence[int], prompts: Sequence[Sequence[int]],
+                     taps: Sequence[int] = ()) -> Forward:
+        """Prefill ``prompts`` into the given cache rows (slots 0..len-1 of each), leaving every
+        other row as it is: a finished request's slot refilled with the next prompt
+        (continuous batching, dspark/serve.py). Returns what :meth:`prefill` returns for them.
+        On a GPU the block is padded to a power-of-two bucket (as :meth:`prefill`) and replayed
+        from a graph per (len(rows), bucket); the row ids are an input of the graph."""
+        B = len(rows)
+        if self.cache is None:
+            raise ValueError("prefill_rows() before allocate(): there is no KV cache")
+        if B == 0 or B != len(prompts) or len(set(rows)) != B \
+                or not all(0 <= r < self.cache.batch for r in rows):
+            raise ValueError(f"prefill_rows needs distinct cache rows in [0, {self.cache.batch}), "
+                             f"one per prompt; got rows {list(rows)} for {len(prompts)} prompts")
+        ids = torch.as_tensor(list(rows), dtype=torch.int64, device=self.device)
+        return self._prefill_block("prefill_rows", prompts, (ids,), taps)
+
+    def _prefill_block(self, name: str, prompts, rows: tuple, taps) -> Forward:
+        """The prompts as one right-padded block through :meth:`_prefill` (rows: () or the
+        cache-row ids), graphed where :meth:`prefill` says."""
+        B = len(prompts)
         lens = [len(p) for p in prompts]
         T = max(lens)
         if min(lens) < 1 or T > self.cache.max_len:
@@ -161,28 +185,31 @@ class ModelRunner:
         bucket = min(max(16, 1 << (T - 1).bit_length()), self.cache.max_len)
         padded = (self.pad_prefill or self.device.type == "cuda") \
             and B * bucket <= PREFILL_GRAPH_TOKENS
-        rows = bucket if padded else T
+        width = bucket if padded else T
         graphed = padded and self.use_cuda_graphs and not torch.cuda.is_current_stream_capturing()
-        tokens = torch.zeros(B, rows, dtype=torch.int64)
+        tokens = torch.zeros(B, width, dtype=torch.int64)
         for b, p in enumerate(prompts):
             tokens[b, :len(p)] = torch.as_tensor(list(p), dtype=torch.int64)
         tokens, last = tokens.to(self.device), torch.as_tensor(lens, device=self.device) - 1
         if graphed:  # static outputs: copied out, the next prefill's replay overwrites them
-            fwd = self._run("prefill", self._prefill, tuple(taps), tokens, last)
+            fwd = self._run(name, self._prefill, tuple(taps), tokens, last, *rows)
             return Forward(fwd.logits.clone(),
                            None if fwd.hidden is None else fwd.hidden[:, :, :T].clone())
-        fwd = self._prefill(tokens, last, tuple(taps))
+        fwd = self._prefill(tokens, last, *rows, tuple(taps))
         return Forward(fwd.logits, None if fwd.hidden is None else fwd.hidden[:, :, :T])
 
-    def _prefill(self, tokens, last, taps):
-        """tokens [B, T] from slot 0 (causal, the kernels of a full forward); last [B]."""
+    def _prefill(self, tokens, last, *rows_taps):
+        """tokens [B, T] from slot 0 (causal, the kernels of a full forward); last [B]; then
+        optionally rows [B] i64 (the cache rows to fill; default 0..B-1), then the taps."""
+        *rows, taps = rows_taps
+        rows = rows[0] if rows else None
         B, T = tokens.shape
         dev = tokens.device
         positions = torch.arange(T, device=dev).expand(B, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(B, T, T)
         start = torch.zeros(B, dtype=torch.int64, device=dev)
         c = self.cache
-        h, tapped = self.model(tokens, positions, start, causal, c.k, c.v, T, taps)
+        h, tapped = self.model(tokens, positions, start, causal, c.k, c.v, T, taps, rows=rows)
         logits = self.model.logits(h[torch.arange(B, device=dev), last])
         return Forward(logits, torch.stack(tapped) if tapped else None)
 
@@ -315,7 +342,7 @@ class ModelRunner:
         return self.fused and self.model.can_fuse(rows, block, self.fused_max_rows)
 
     def _body(self, name, fn):
-        if not self.compile or name == "prefill":  # a compile per prompt bucket: not worth it
+        if not self.compile or name in ("prefill", "prefill_rows"):  # a compile per bucket: no
             return fn
         if name not in self._compiled:
             # dynamic=False: every bucket is a fixed shape anyway, and static shapes let inductor

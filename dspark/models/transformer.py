@@ -99,17 +99,19 @@ class Attention(nn.Module):
         self.eps = c.rms_norm_eps
         self.window = 0  # sliding window of this layer (0 = none); set by Transformer
 
-    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit, layout=None):
+    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit, layout=None,
+                rows=None):
         qkv = self.qkv(x)
         if layout is None:
-            return self.o(self.core(qkv, cos, sin, k_cache, v_cache, slots, mask, kv_limit))
+            return self.o(self.core(qkv, cos, sin, k_cache, v_cache, slots, mask, kv_limit, rows))
         out = self.core(layout.pad(qkv), cos, sin, k_cache, v_cache, slots, mask, kv_limit)
         return self.o(layout.pack(out))
 
-    def core(self, qkv, cos, sin, k_cache, v_cache, slots, mask, kv_limit):
+    def core(self, qkv, cos, sin, k_cache, v_cache, slots, mask, kv_limit, rows=None):
         """Everything between the QKV and output projections (QK-norm, rotary, cache write,
         attention). qkv: [B, T, (H + 2 Hkv) D]; cos/sin: [B, 1, T, D]; k_cache/v_cache:
-        [B, Hkv, S, D]; slots: [B, T] -> [B, T, H D]."""
+        [B_cache, Hkv, S, D]; slots: [B, T]; rows: [B] i64, the cache row of each request (None:
+        request b is cache row b) -> [B, T, H D]."""
         B, T, _ = qkv.shape
         q, k, v = qkv.split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], -1)
         q = q.view(B, T, self.h, self.d)
@@ -118,11 +120,14 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        bidx = torch.arange(B, device=qkv.device)[:, None]
+        bidx = (torch.arange(B, device=qkv.device) if rows is None else rows)[:, None]
         k_cache[bidx, :, slots] = k.transpose(1, 2)  # [B, T, Hkv, D] into slots
         v_cache[bidx, :, slots] = v.view(B, T, self.hkv, self.d)
-        out = F.scaled_dot_product_attention(q, k_cache[:, :, :kv_limit], v_cache[:, :, :kv_limit],
-                                             attn_mask=mask, enable_gqa=self.h != self.hkv)
+        keys, values = k_cache[:, :, :kv_limit], v_cache[:, :, :kv_limit]
+        if rows is not None:  # (a copy of the requests' rows, up to kv_limit slots)
+            keys, values = keys.index_select(0, rows), values.index_select(0, rows)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                             enable_gqa=self.h != self.hkv)
         return out.transpose(1, 2).reshape(B, T, self.h * self.d)
 
 
@@ -134,9 +139,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP.from_config(c)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit, layout=None):
+    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit, layout=None,
+                rows=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, k_cache, v_cache, slots, mask, kv_limit,
-                          layout)
+                          layout, rows)
         return x + self.mlp(self.mlp_norm(x))
 
     def decode(self, x, k_cache, v_cache, layer, start, inv_freq, parents=None, layout=None):
@@ -217,7 +223,8 @@ class Transformer(nn.Module):
                 block_mask: Optional[torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Tensor,
                 kv_limit: int, taps: Sequence[int] = (), fused: bool = False,
                 parents: Optional[torch.Tensor] = None,
-                layout: Optional[PackedLayout] = None) -> tuple[torch.Tensor, list]:
+                layout: Optional[PackedLayout] = None,
+                rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list]:
         """tokens, positions: [B, T] i64; start: [B] i64 (first cache slot of the block);
         block_mask: [B, T, T] bool (query t may see block slot j); k_cache/v_cache:
         [L, B, Hkv, S, D]. Returns the final residual stream [B, T, hidden] (pre-norm) and the
@@ -228,9 +235,12 @@ class Transformer(nn.Module):
         None), and no masks or rotary tables are built.
         ``layout``: tokens are the packed rows [N] of a ragged block (:class:`PackedLayout`);
         positions, block_mask and parents keep the padded [B, T] layout; the residual streams
-        returned are packed [N, hidden]."""
+        returned are packed [N, hidden].
+        ``rows`` [B] i64: the cache row of each request (None: request b is row b; not fused)."""
         B, T = tokens.shape if layout is None else (layout.requests, layout.width)
         x = self.embed(tokens)
+        if fused and rows is not None:
+            raise ValueError("cache rows other than the batch's own need the unfused forward")
         if fused:
             inv_freq = self.inv_freq.float()
             tapped = {-1: x} if -1 in taps else {}
@@ -245,7 +255,7 @@ class Transformer(nn.Module):
         tapped = {-1: x} if -1 in taps else {}
         for i, layer in enumerate(self.layers):
             mask = masks[self.config.sliding_window[i]]
-            x = layer(x, cos, sin, k_cache[i], v_cache[i], slots, mask, kv_limit, layout)
+            x = layer(x, cos, sin, k_cache[i], v_cache[i], slots, mask, kv_limit, layout, rows)
             if i in taps:
                 tapped[i] = x
         return x, [tapped[t] for t in taps]

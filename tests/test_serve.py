@@ -1,0 +1,147 @@
+"""Continuous batching (SpeculativeEngine.serve, dspark/serve.py): more prompts than slots, a
+finished request's slot refilled with the next prompt mid-run. Each request's output is what
+plain decoding gives it alone (greedy), for every drafter that can refill a slot and for plain
+decoding itself; the refill touches only its own rows. CPU, the shipped demo pair."""
+import pytest
+import torch
+
+import dspark
+from dspark.demo import DEMO_PROMPTS, load_demo_pair
+from dspark.drafters import DraftModelDrafter, NgramDrafter
+from dspark.engine import SpeculativeEngine
+from dspark.models import ModelRunner
+
+
+@pytest.fixture(scope="module")
+def demo():
+    target, tok, drafter = load_demo_pair("cpu")
+    words = " ".join(DEMO_PROMPTS).split()
+    # seven prompts of different lengths (more requests than slots, refilled mid-run)
+    prompts = [tok.encode(" ".join(words[i:i + 3 + 2 * i])).ids for i in range(7)]
+    return target, tok, drafter, prompts
+
+
+@pytest.fixture(scope="module")
+def alone(demo):
+    """Each prompt decoded plainly on its own (greedy), 4 + 3 i tokens."""
+    target, _, _, prompts = demo
+    eng = SpeculativeEngine(target)
+    return [eng.generate_autoregressive([p], max_new_tokens=4 + 3 * i, stop_tokens=[]).tokens[0]
+            for i, p in enumerate(prompts)]
+
+
+def new_tokens(n):
+    return [4 + 3 * i for i in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["dspark", "ngram", "draft-model", "plain"])
+@pytest.mark.parametrize("slots", [1, 3])
+def test_greedy_serve_equals_each_request_alone(demo, alone, kind, slots):
+    target, tok, drafter, prompts = demo
+    if kind == "ngram":
+        drafter = NgramDrafter(3)
+    elif kind == "draft-model":  # the target itself as its own draft model: every draft accepted
+        drafter = DraftModelDrafter(ModelRunner(target), gamma=3)
+    eng = SpeculativeEngine(target, None if kind == "plain" else drafter, tokenizer=tok)
+    out = eng.serve(prompts, slots, speculative=kind != "plain",
+                    max_new_tokens=new_tokens(len(prompts)), stop_tokens=[])
+    assert out.tokens == alone
+    m = out.metrics
+    assert m.new_tokens == sum(new_tokens(len(prompts))) and m.tokens_per_s > 0
+    assert m.tau >= 1.0 and (kind == "plain") == (m.tau == 1.0)
+    assert out.text == [tok.decode(t, skip_special_tokens=True) for t in alone]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_scheduled_serve_equals_each_request_alone(demo, alone, mode):
+    """Confidence-scheduled verification with slots refilled: the same greedy outputs."""
+    target, _, drafter, prompts = demo
+    sps = [1.0 / (0.01 + 0.002 * b) for b in range(1, 257)]
+    eng = SpeculativeEngine(target, drafter, schedule=mode, sps=sps)
+    out = eng.serve(prompts, 3, max_new_tokens=new_tokens(len(prompts)), stop_tokens=[])
+    assert out.tokens == alone
+
+
+def test_refill_touches_only_its_rows(demo):
+    """prefill_rows writes the given cache rows and leaves the others bit for bit; the state's
+    other rows keep their tokens."""
+    target, _, _, prompts = demo
+    r = ModelRunner(target)
+    r.allocate(3, 64)
+    r.prefill(prompts[:3])
+    k, v = r.cache.k.clone(), r.cache.v.clone()
+    fwd = r.prefill_rows([1], [prompts[5]])
+    assert torch.equal(r.cache.k[:, [0, 2]], k[:, [0, 2]])
+    assert torch.equal(r.cache.v[:, [0, 2]], v[:, [0, 2]])
+    alone = ModelRunner(target)
+    alone.allocate(1, 64)
+    want = alone.prefill([prompts[5]])
+    T = len(prompts[5])
+    assert torch.allclose(fwd.logits, want.logits, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(r.cache.k[:, 1, :, :T], alone.cache.k[:, 0, :, :T], atol=1e-5)
+    with pytest.raises(ValueError, match="distinct cache rows"):
+        r.prefill_rows([1, 1], [prompts[0], prompts[1]])
+    with pytest.raises(ValueError, match="distinct cache rows"):
+        r.prefill_rows([3], [prompts[0]])
+
+
+def test_sampled_serve_is_reproducible_and_stops(demo):
+    """T = 1 with per-request seeds: the same tokens run after run; stop tokens end a request
+    and free its slot (every request returns, the stop token last)."""
+    target, _, drafter, prompts = demo
+    eng = SpeculativeEngine(target, drafter)
+    kw = dict(max_new_tokens=12, temperature=1.0, seed=list(range(len(prompts))))
+    a = eng.serve(prompts, 2, **kw).tokens
+    b = eng.serve(prompts, 2, **kw).tokens
+    assert a == b and all(0 < len(t) <= 12 for t in a)
+    stop = a[0][1]  # a token the first request draws: it ends there, or earlier
+    c = eng.serve(prompts, 2, **{**kw, "stop_tokens": [stop]}).tokens
+    assert all(len(t) <= 12 and (stop not in t or t.index(stop) == len(t) - 1) for t in c)
+    assert len(c[0]) <= 2
+
+
+def test_serve_bad_inputs(demo):
+    target, _, drafter, prompts = demo
+    eng = SpeculativeEngine(target, drafter)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="slots must be an integer"):
+            eng.serve(prompts, bad)
+    with pytest.raises(TypeError, match="unknown serve"):
+        eng.serve(prompts, 2, max_tokens=3)
+    with pytest.raises(ValueError, match="no prompts"):
+        eng.serve([], 2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        eng.serve(prompts, 2, max_new_tokens=[3] * 6 + [0])
+    with pytest.raises(ValueError, match="ar_fallback"):
+        SpeculativeEngine(target, drafter, ar_fallback=True).serve(prompts, 2)
+    with pytest.raises(ValueError, match="no drafter"):
+        SpeculativeEngine(target).serve(prompts, 2)
+
+
+def test_drafter_without_row_start_cannot_refill(demo):
+    """A drafter without a per-row start gets a named error before any work."""
+    target, _, drafter, prompts = demo
+
+    class Frozen(NgramDrafter):
+        start_rows = dspark.drafters.Drafter.start_rows
+    with pytest.raises(ValueError, match="cannot refill single requests"):
+        SpeculativeEngine(target, Frozen(3)).serve(prompts, 2)
+    assert not Frozen(3).refillable and NgramDrafter(3).refillable and drafter.refillable
+
+
+@pytest.mark.cuda
+def test_cuda_serve_graphs():
+    """On the GPU (step graphs; each refill's prefill graphed per rows and bucket), bf16 with
+    the batch-invariant kernels: speculative serving gives plain serving's greedy tokens. One
+    slot, so that both sides prefill every prompt alone (a cuBLAS prefill's bits may depend on
+    how many prompts share it)."""
+    if not dspark.cuda_available():
+        pytest.skip("needs a GPU")
+    target, tok, drafter = load_demo_pair("cuda")
+    prompts = [tok.encode(p).ids for p in DEMO_PROMPTS] * 3
+    eng = SpeculativeEngine(ModelRunner(target, batch_invariant=True), drafter)
+    kw = dict(max_new_tokens=[24] * len(prompts), stop_tokens=[])
+    plain = eng.serve(prompts, 1, speculative=False, **kw)
+    spec = eng.serve(prompts, 1, **kw)
+    assert spec.tokens == plain.tokens and spec.metrics.tau > 1.0
+    assert plain.metrics.new_tokens == 24 * len(prompts)
