@@ -13,11 +13,11 @@ How: the state buffers, the target's KV cache and the drafter's buffers keep the
 their tokens out and refills those slots in place: the new prompt's row of the state
 (``SpecState.reset_rows``), its prefill into the slot's cache row only
 (``ModelRunner.prefill_rows``, graphed per (rows, bucket)), the first token sampled from it
-(``commit_first_rows``) and the drafter's per-row start (``Drafter.start_rows``: DSpark, DFlash,
-draft model, n-gram). Every token is still drawn by the same ops from the target's distribution
-given the committed prefix, so each request's output distribution is the one ``generate()``
-gives it (greedy: the same tokens up to last-bit differences of a prefill batched with other
-prompts or alone). Not supported yet: ``ar_fallback``, EAGLE-3 (named errors).
+(``commit_first_rows``) and the drafter's per-row start (``Drafter.start_rows``: DSpark,
+DFlash, EAGLE-3, draft model, n-gram). Every token is still drawn by the same ops from the
+target's distribution given the committed prefix, so each request's output distribution is the
+one ``generate()`` gives it (greedy: the same tokens up to last-bit differences of a prefill
+batched with other prompts or alone). Not supported yet: ``ar_fallback`` (a named error).
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def serve(engine, prompts: Sequence, slots: int, *, speculative: bool = True, **
     per["stop_tokens"] = _per_request(stops, n, "stop_tokens")
     if speculative and not d.refillable:
         raise ValueError(f"{type(d).__name__} cannot refill single requests (continuous "
-                         f"batching): use a DSpark, DFlash, draft-model or n-gram drafter")
+                         f"batching): use a trained, draft-model or n-gram drafter")
     slots = min(slots, n)
 
     def of(reqs) -> dict:  # the generate() keyword arguments of these requests

@@ -7,7 +7,8 @@ import torch
 
 import dspark
 from dspark.demo import DEMO_PROMPTS, load_demo_pair
-from dspark.drafters import DraftModelDrafter, NgramDrafter
+from dspark.drafters import DrafterSpec, DraftModelDrafter, NgramDrafter
+from dspark.drafters.io import build_draft_model, make_drafter
 from dspark.engine import SpeculativeEngine
 from dspark.models import ModelRunner
 
@@ -34,7 +35,15 @@ def new_tokens(n):
     return [4 + 3 * i for i in range(n)]
 
 
-@pytest.mark.parametrize("kind", ["dspark", "ngram", "draft-model", "plain"])
+def untrained(target, method):
+    """An untrained drafter of ``method`` for the demo target (its drafts mostly rejected)."""
+    spec = DrafterSpec.for_target(target.config, method, gamma=3,
+                                  mask_token_id=target.config.vocab_size - 1, num_draft_layers=1)
+    torch.manual_seed(0)
+    return make_drafter(build_draft_model(spec, target))
+
+
+@pytest.mark.parametrize("kind", ["dspark", "dflash", "eagle3", "ngram", "draft-model", "plain"])
 @pytest.mark.parametrize("slots", [1, 3])
 def test_greedy_serve_equals_each_request_alone(demo, alone, kind, slots):
     target, tok, drafter, prompts = demo
@@ -42,14 +51,59 @@ def test_greedy_serve_equals_each_request_alone(demo, alone, kind, slots):
         drafter = NgramDrafter(3)
     elif kind == "draft-model":  # the target itself as its own draft model: every draft accepted
         drafter = DraftModelDrafter(ModelRunner(target), gamma=3)
+    elif kind in ("dflash", "eagle3"):
+        drafter = untrained(target, kind)
     eng = SpeculativeEngine(target, None if kind == "plain" else drafter, tokenizer=tok)
     out = eng.serve(prompts, slots, speculative=kind != "plain",
                     max_new_tokens=new_tokens(len(prompts)), stop_tokens=[])
     assert out.tokens == alone
     m = out.metrics
     assert m.new_tokens == sum(new_tokens(len(prompts))) and m.tokens_per_s > 0
-    assert m.tau >= 1.0 and (kind == "plain") == (m.tau == 1.0)
+    assert m.tau >= 1.0 and (kind in ("dspark", "draft-model")) <= (m.tau > 1.0)
+    assert kind != "plain" or m.tau == 1.0
     assert out.text == [tok.decode(t, skip_special_tokens=True) for t in alone]
+
+
+def drafter_rows(d, row: int, T: int) -> list:
+    """What a drafter keeps for request ``row`` about its first T context positions."""
+    if isinstance(d, DraftModelDrafter):
+        c = d.runner.cache
+        return [c.k[:, row, :, :T], c.v[:, row, :, :T], d.draft_len[row:row + 1]]
+    if d.k.dim() == 5:  # DSpark / DFlash: [layers, B, heads, slots, dim]
+        return [d.k[:, row, :, :T], d.v[:, row, :, :T]]
+    return [d.k[row, :, :T], d.v[row, :, :T], d.h_last[row]]  # EAGLE-3
+
+
+@pytest.mark.parametrize("kind", ["dspark", "dflash", "eagle3", "draft-model"])
+def test_refilled_row_starts_like_a_fresh_batch(demo, kind):
+    """Drafter.start_rows: a row refilled with a prompt holds what a fresh batch start gives
+    that prompt's row; the other rows keep theirs bit for bit."""
+    target, _, trained, prompts = demo
+    d = trained if kind == "dspark" else untrained(target, kind) if kind != "draft-model" \
+        else DraftModelDrafter(ModelRunner(target), gamma=3)
+    kw = dict(max_new_tokens=8, stop_tokens=[])
+
+    def started(batch):
+        eng = SpeculativeEngine(target, d)
+        st, _, hidden = eng._start(batch, d.target_taps, kw, True, (len(prompts[6]), 8, 0))
+        d.setup(st.batch, st.capacity)
+        d.start(st, hidden)
+        return eng, st
+    T = len(prompts[5])
+    started([prompts[0], prompts[5], prompts[2]])
+    want = [t.clone() for t in drafter_rows(d, 1, T)]
+    eng, st = started([prompts[0], prompts[1], prompts[2]])
+    keep = [t.clone() for r in (0, 2) for t in drafter_rows(d, r, len(prompts[r]))]
+    st.reset_rows([1], [prompts[5]], [8], [[]], dspark.ops.sampling_tensors(1, 0.0), [0])
+    fwd = eng.target.prefill_rows([1], [prompts[5]], d.target_taps)
+    first, _ = dspark.ops.sample(fwd.logits, dspark.ops.sampling_tensors(1, 0.0),
+                                 torch.zeros(1, dtype=torch.long), st.n_tokens[1:2] - 1)
+    st.commit_first_rows([1], first)
+    d.start_rows(st, [1], fwd.hidden)
+    for got, ref in zip(drafter_rows(d, 1, T), want):
+        assert torch.allclose(got.float(), ref.float(), atol=1e-5, rtol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(
+        [t for r in (0, 2) for t in drafter_rows(d, r, len(prompts[r]))], keep))
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

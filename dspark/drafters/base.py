@@ -81,7 +81,7 @@ class Drafter:
         refilled with new prompts (continuous batching, dspark/serve.py); target_hidden:
         [len(target_taps), len(rows), T_max, hidden] of those prompts, or None."""
         raise ValueError(f"{type(self).__name__} cannot refill single requests (continuous "
-                         f"batching): use a DSpark, DFlash, draft-model or n-gram drafter")
+                         f"batching): use a trained, draft-model or n-gram drafter")
 
     def propose(self, state: SpecState) -> Proposal:
         raise NotImplementedError

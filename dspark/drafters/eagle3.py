@@ -119,26 +119,30 @@ class Eagle3Drafter(TrainedDrafter):
             self.h_last = torch.zeros(batch, c.hidden_size, dtype=p.dtype, device=p.device)
             self._buffers_changed()
 
-    def _run(self, tokens, hidden, positions) -> torch.Tensor:
-        """Pairs [B, T] at positions [B, T]: write their K/V to slot = position, attend to slots
-        <= own position; returns the layer outputs h [B, T, d]."""
+    def _run(self, tokens, hidden, positions, rows=None) -> torch.Tensor:
+        """Pairs [B, T] at positions [B, T] of cache rows ``rows`` [B] (None: 0..B-1): write their
+        K/V to slot = position, attend to slots <= own position; returns the layer outputs
+        h [B, T, d]."""
         m = self.model
         B, T = tokens.shape
         S = self.k.shape[2]
         q, k, v = m.pair_qkv(tokens, hidden, positions)
         slots = positions.clamp(max=S - 1)
-        bidx = torch.arange(B, device=tokens.device)[:, None]
+        bidx = (torch.arange(B, device=tokens.device) if rows is None else rows)[:, None]
         self.k[bidx, :, slots] = k.transpose(1, 2).to(self.k.dtype)
         self.v[bidx, :, slots] = v.transpose(1, 2).to(self.v.dtype)
+        keys, values = (self.k, self.v) if rows is None else (self.k[rows], self.v[rows])
         mask = torch.arange(S, device=tokens.device)[None, None, :] <= positions[:, :, None]
-        return m.finish(hidden, attend(q, self.k, self.v, mask[:, None]))
+        return m.finish(hidden, attend(q, keys, values, mask[:, None]))
 
-    def _pairs(self, state: SpecState, target_hidden_rows, start: torch.Tensor):
-        """Context pairs (g_t, x_{t+1}) for t = start + 0..T-1 from features [B, T, m*d]."""
+    def _pairs(self, state: SpecState, target_hidden_rows, start: torch.Tensor, rows=None):
+        """Context pairs (g_t, x_{t+1}) for t = start + 0..T-1 from features [B, T, m*d] of the
+        requests in ``rows`` (None: all)."""
         B, T, _ = target_hidden_rows.shape
         pos = start[:, None] + torch.arange(T, device=start.device)
-        nxt = state.tokens.gather(1, (pos + 1).clamp(max=state.capacity - 1))
-        return self._run(nxt, self.model.fuse(target_hidden_rows), pos)
+        tokens = state.tokens if rows is None else state.tokens[rows]
+        nxt = tokens.gather(1, (pos + 1).clamp(max=state.capacity - 1))
+        return self._run(nxt, self.model.fuse(target_hidden_rows), pos, rows)
 
     def start(self, state: SpecState, target_hidden) -> None:
         m, B, T, d = target_hidden.shape
@@ -146,6 +150,14 @@ class Eagle3Drafter(TrainedDrafter):
         h = self._pairs(state, feats, torch.zeros(B, dtype=torch.int64, device=feats.device))
         last = (state.prompt_lens - 1).clamp(max=T - 1)
         self.h_last.copy_(h[torch.arange(B, device=h.device), last])
+
+    def start_rows(self, state: SpecState, rows: list, target_hidden) -> None:
+        m, B, T, d = target_hidden.shape
+        feats = target_hidden.permute(1, 2, 0, 3).reshape(B, T, m * d)
+        idx = torch.as_tensor(rows, dtype=torch.int64, device=feats.device)
+        h = self._pairs(state, feats, torch.zeros(B, dtype=torch.int64, device=feats.device), idx)
+        last = (state.prompt_lens[idx] - 1).clamp(max=T - 1)
+        self.h_last[idx] = h[torch.arange(B, device=h.device), last]
 
     def commit(self, state, proposal, result, root_pos, target_hidden=None) -> None:
         m, N, d = target_hidden.shape
