@@ -82,7 +82,11 @@ def test_refilled_row_starts_like_a_fresh_batch(demo, kind):
     d = trained if kind == "dspark" else untrained(target, kind) if kind != "draft-model" \
         else DraftModelDrafter(ModelRunner(target), gamma=3)
     kw = dict(max_new_tokens=8, stop_tokens=[])
+    with torch.inference_mode():  # as the engine runs (the buffers may be inference tensors)
+        check_refill(target, d, prompts, kw)
 
+
+def check_refill(target, d, prompts, kw):
     def started(batch):
         eng = SpeculativeEngine(target, d)
         st, _, hidden = eng._start(batch, d.target_taps, kw, True, (len(prompts[6]), 8, 0))
