@@ -109,17 +109,21 @@ class _CallProbe:
         self.clock = _StreamClock(st.tokens.device)
         self.k = 0
         self.marks: list = []  # a clock mark before the first timed step, then after each
-        self.tokens0 = None  # tokens committed before the first timed step (on the device)
+        # tokens the timed steps committed, summed step by step on the device (read once, at
+        # the end): between steps a serving loop may refill a finished request's row
+        self.tokens = None
         self.plain_rate = None
 
     def step(self) -> None:
         self.k += 1
         if self.k <= self.warm:
             return self.speculative()
-        if not self.marks:  # token counts stay on the stream: read once, at the end
+        if not self.marks:
             self.marks.append(self.clock.mark())
-            self.tokens0 = self.st.n_tokens.sum()
+            self.tokens = torch.zeros((), dtype=torch.int64, device=self.st.tokens.device)
+        before = self.st.n_tokens.sum()
         self.speculative()
+        self.tokens += self.st.n_tokens.sum() - before
         self.marks.append(self.clock.mark())
         if self.k == self.warm + self.reps:
             self.plain_rate = _plain_rate(self.engine, self.st, self.reps, self.clock)
@@ -127,7 +131,7 @@ class _CallProbe:
     def speculative_rate(self) -> float:
         """Tokens committed over the timed steps / (their count x the median step time)."""
         seconds = [self.clock.seconds(a, b) for a, b in zip(self.marks, self.marks[1:])]
-        tokens = int(self.st.n_tokens.sum() - self.tokens0)
+        tokens = int(self.tokens)
         return tokens / max(len(seconds) * statistics.median(seconds), 1e-9)
 
 

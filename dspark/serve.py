@@ -17,7 +17,8 @@ their tokens out and refills those slots in place: the new prompt's row of the s
 DFlash, EAGLE-3, draft model, n-gram). Every token is still drawn by the same ops from the
 target's distribution given the committed prefix, so each request's output distribution is the
 one ``generate()`` gives it (greedy: the same tokens up to last-bit differences of a prefill
-batched with other prompts or alone). Not supported yet: ``ar_fallback`` (a named error).
+batched with other prompts or alone). With ``ar_fallback`` the first call at a load (slots,
+block, sampling) probes as ``generate()``'s does and later calls keep its choice.
 """
 from __future__ import annotations
 
@@ -47,8 +48,6 @@ def serve(engine, prompts: Sequence, slots: int, *, speculative: bool = True, **
     d = engine.drafter if speculative else None
     if speculative and d is None:
         raise ValueError("this engine has no drafter: serve(..., speculative=False)")
-    if speculative and engine.fallback is not None:
-        raise ValueError("serve() does not support ar_fallback yet: build the engine without it")
     prompts = engine._tokenize(prompts)  # (a named error for no prompts)
     n = len(prompts)
     stops = kw.get("stop_tokens")
@@ -78,12 +77,20 @@ def serve(engine, prompts: Sequence, slots: int, *, speculative: bool = True, **
     first = list(range(slots))
     st, timer, hidden = engine._start([prompts[r] for r in first], taps, of(first), speculative,
                                       reserve)
-    if speculative:
+    # ar_fallback: the load's choice as in generate() (the first call at a load probes)
+    gate = engine.fallback if speculative else None
+    load = (slots, d.max_nodes if speculative else 1, max(per["temperature"]) > 0)
+    if gate is not None and gate.choices.get(load) is not None and gate.choices[load].plain:
+        d = None  # plain decoding at this load: no drafter to start or refill
+    if d is not None:
         with timer("prefill"):
             d.setup(st.batch, st.capacity)
             d.start(st, hidden)
             if engine.scheduler is not None:
                 engine.scheduler.start(st, d)
+    if gate is not None:
+        step = gate.stepper(engine, st, timer, load)
+    elif speculative:
         step = lambda: engine._step(st, timer)  # noqa: E731
     else:
         step = lambda: engine._decode_step(st, timer)  # noqa: E731
@@ -117,6 +124,8 @@ def serve(engine, prompts: Sequence, slots: int, *, speculative: bool = True, **
                     _refill(engine, st, d, timer, done, owner, queue, prompts, of, began,
                             refilled, k, taps)
             prev = (flag, event)
+    if gate is not None:
+        gate.finish()  # a probing call's measurements: the load's choice
     text = None
     if engine.tokenizer is not None:
         text = [engine.tokenizer.decode(g, skip_special_tokens=True) for g in out]

@@ -109,7 +109,7 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
   # per user but 1.02x in aggregate at 128
   stage sweep_serve 420 bash -c "cd /tmp && dspark bench --target $PAIR/target \
     --drafter $PAIR/dspark --dataset $data/humaneval.jsonl --temperature 0 --batch 16 32 64 128 \
-    --gamma 3 7 --schedule fixed sync --prompts 32 --max-new-tokens 128 --prompt-tokens 256 \
+    --gamma 3 7 --schedule fixed sync sync+ar --prompts 32 --max-new-tokens 128 --prompt-tokens 256 \
     --serve-requests 256 --fused-max-rows auto --no-progress --out $RES/sweep_serve"
   # a fused ragged (scheduled) verify on its padded block vs gathers around attention in every
   # layer (DSPARK_RAGGED_FUSED): s13's sync round at batch 1 took 0.26 ms more than fixed γ's

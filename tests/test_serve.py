@@ -158,6 +158,25 @@ def test_sampled_serve_is_reproducible_and_stops(demo):
     assert len(c[0]) <= 2
 
 
+def test_serve_with_ar_fallback(demo, alone):
+    """ar_fallback: the first serve() at a load probes (tokens counted step by step, so slots
+    refilled between steps do not confuse it) and speculates to its end; a slowed drafter makes
+    the next call at that load decode plainly; the tokens are each request's alone."""
+    import time
+    target, _, _, prompts = demo
+    _, _, slow = load_demo_pair("cpu")
+    propose = slow.propose
+    slow.propose = lambda st: (time.sleep(0.05), propose(st))[1]
+    eng = SpeculativeEngine(target, slow, ar_fallback=True)
+    kw = dict(max_new_tokens=new_tokens(len(prompts)), stop_tokens=[])
+    first = eng.serve(prompts, 3, **kw)
+    (key, choice), = eng.fallback.choices.items()
+    assert key[0] == 3 and choice.plain and choice.plain_tok_s > choice.speculative_tok_s > 0
+    assert first.tokens == alone and first.metrics.tau > 1.0  # the probing call speculated
+    second = eng.serve(prompts, 3, **kw)
+    assert second.tokens == alone and second.metrics.gamma == 0  # plain decoding
+
+
 def test_serve_bad_inputs(demo):
     target, _, drafter, prompts = demo
     eng = SpeculativeEngine(target, drafter)
@@ -170,8 +189,6 @@ def test_serve_bad_inputs(demo):
         eng.serve([], 2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         eng.serve(prompts, 2, max_new_tokens=[3] * 6 + [0])
-    with pytest.raises(ValueError, match="ar_fallback"):
-        SpeculativeEngine(target, drafter, ar_fallback=True).serve(prompts, 2)
     with pytest.raises(ValueError, match="no drafter"):
         SpeculativeEngine(target).serve(prompts, 2)
 
