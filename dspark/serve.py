@@ -95,7 +95,8 @@ def serve(engine, prompts: Sequence, slots: int, *, speculative: bool = True, **
     else:
         step = lambda: engine._decode_step(st, timer)  # noqa: E731
     owner = list(first)  # the request in each slot (None: idle)
-    began = {r: (0, t0) for r in first}  # request -> (step, time) it entered its slot
+    now = time.perf_counter()  # (after the prefill: a request's time counts its steps only)
+    began = {r: (0, now) for r in first}  # request -> (step, time) it entered its slot
     ended: dict = {}  # request -> (steps in its slot, seconds)
     out: list = [None] * n
     queue = deque(range(slots, n))
