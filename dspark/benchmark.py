@@ -105,6 +105,7 @@ def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), ba
               max_new_tokens: int = 128, seed: int = 0, progress: bool = False,
               stage_times: Optional[bool] = None, schedules: Sequence[str] = ("fixed",),
               sps=None, step_overhead: float = 0.0, serve_requests: int = 0,
+              draft_temperature_scale: float = 1.0,
               on_run: Optional[Callable[[list], None]] = None) -> dict:
     """target: a ModelRunner; drafters: name -> Drafter; datasets: name -> token prompts.
     Returns {"runs": [...], "skipped": [...]} with one run per (dataset, temperature, batch,
@@ -118,13 +119,15 @@ def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), ba
     with the runs so far as each one finishes (a long sweep cut short keeps what it measured).
     serve_requests: N > 0 runs N requests (the prompt set cycled) through continuous batching
     with ``batch`` slots (SpeculativeEngine.serve: a finished request's slot takes the next
-    prompt), every method the same way; warmed up by one untimed run of the same requests."""
+    prompt), every method the same way; warmed up by one untimed run of the same requests.
+    draft_temperature_scale: the speculative engines' (SpeculativeEngine)."""
     from .engine import SpeculativeEngine
     from .schedule_step import check_step_overhead
     from .scheduler import parse_schedule, split_fallback
     for spec in schedules:  # bad specs are errors, not skips (engines' errors are skips below)
         parse_schedule(split_fallback(spec)[0])
     check_step_overhead(step_overhead)
+    SpeculativeEngine.check_draft_temperature_scale(draft_temperature_scale)  # (not a skip)
     engines, skipped = {"autoregressive": SpeculativeEngine(target)}, []
     for n, d in drafters.items():
         for spec in schedules:
@@ -134,7 +137,8 @@ def run_bench(target, drafters: dict, datasets: dict, *, temperatures=(0.0,), ba
                 engines[name] = SpeculativeEngine(target, d, stage_times=stage_times,
                                                   schedule=mode, sps=sps,
                                                   step_overhead=step_overhead,
-                                                  ar_fallback=fallback)
+                                                  ar_fallback=fallback,
+                                                  draft_temperature_scale=draft_temperature_scale)
             except ValueError as exc:  # e.g. a drafter without a confidence head
                 skipped.append({"method": name, "reason": str(exc)})
     total = len(datasets) * len(temperatures) * len(batches) * len(engines)

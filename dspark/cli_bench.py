@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from .cli_common import add_fused_max_rows, add_step_overhead
+from .cli_common import add_draft_temperature_scale, add_fused_max_rows, add_step_overhead
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -38,6 +38,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sps", default=None, metavar="JSON", help="steps-per-second table for the "
                    "scheduled runs (default: the target's cached table, measured if missing)")
     add_step_overhead(p)
+    add_draft_temperature_scale(p)
     p.add_argument("--serve-requests", type=int, default=0, metavar="N",
                    help="continuous batching: N requests (the prompt set cycled) per dataset and "
                    "batch, --batch slots refilled as requests finish (SpeculativeEngine.serve); "
@@ -138,7 +139,8 @@ def _bench(args, tp, device: str) -> int:
                        seed=args.seed, progress=progress, stage_times=args.stage_times,
                        schedules=args.schedule, sps=args.sps,
                        step_overhead=args.step_overhead / 1e3,
-                       serve_requests=args.serve_requests, on_run=on_run)
+                       serve_requests=args.serve_requests,
+                       draft_temperature_scale=args.draft_temperature_scale, on_run=on_run)
     report["config"] = {k: v for k, v in vars(args).items() if k != "func"}
     report["config"]["fused_max_rows_used"] = runner.fused_max_rows  # ("auto": as resolved)
     report["device"] = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"

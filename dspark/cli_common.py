@@ -97,6 +97,14 @@ def add_fused_max_rows(p) -> None:
                    "~320 for the 24 x 256 benchmark pair")
 
 
+def add_draft_temperature_scale(p) -> None:
+    """``--draft-temperature-scale S`` (the engine's draft_temperature_scale)."""
+    p.add_argument("--draft-temperature-scale", type=float, default=1.0, metavar="S",
+                   help="drafters sample at the request's temperature times S (default 1); the "
+                   "output stays exact at any S > 0 (verify reads the distribution each draft "
+                   "was drawn from); S < 1 sharpens an under-confident drafter at T > 0")
+
+
 def add_step_overhead(p) -> None:
     """``--step-overhead MS`` (the engine's step_overhead, in milliseconds)."""
     p.add_argument("--step-overhead", type=float, default=0.0, metavar="MS",

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from .cli_common import add_fused_max_rows, add_step_overhead
+from .cli_common import add_draft_temperature_scale, add_fused_max_rows, add_step_overhead
 
 
 def add_generate_parser(subparsers) -> argparse.ArgumentParser:
@@ -55,6 +55,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
                    "threshold:X (DSpark drafters: verify each request's prefix by calibrated "
                    "confidence and the target's steps-per-second table)")
     add_step_overhead(p)
+    add_draft_temperature_scale(p)
     p.add_argument("--ar-fallback", action="store_true",
                    help="time speculative against plain decoding steps at the start and "
                    "continue with plain decoding if it is faster (dspark/fallback.py)")
@@ -104,7 +105,7 @@ def _generate(args, tp, device: str) -> int:
         drafter_mode=args.tp_drafter, compile=args.compile or False, fused=args.fused,
         batch_invariant=args.batch_invariant, fused_max_rows=args.fused_max_rows,
         schedule=args.schedule, sps=args.sps, step_overhead=args.step_overhead / 1e3,
-        ar_fallback=args.ar_fallback)
+        ar_fallback=args.ar_fallback, draft_temperature_scale=args.draft_temperature_scale)
     if engine.tokenizer is None:
         raise ValueError(f"{args.target!r} has no tokenizer.json")
     prompts = _prompts(args.prompt)

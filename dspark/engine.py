@@ -75,7 +75,7 @@ class SpeculativeEngine:
                  bucket_rows: Optional[bool] = None,
                  fused_max_rows: Union[int, str, None] = None,
                  step_overhead: float = 0.0, ar_fallback: Union[bool, float] = False,
-                 precapture_buckets: bool = True):
+                 precapture_buckets: bool = True, draft_temperature_scale: float = 1.0):
         # fused: the runner's dspark::fused_linear / decode_attention path for calls of up to
         # fused_max_rows rows (None: FUSED_MAX_ROWS; "auto": measured, dspark/crossover.py;
         # fused None: on for CUDA); batch_invariant:
@@ -95,6 +95,10 @@ class SpeculativeEngine:
         # the first call at each new batch size times its speculation against plain decoding
         # steps; later calls there decode plainly unless speculation was faster by the margin
         # (dspark/fallback.py);
+        # draft_temperature_scale: drafters sample at the request's temperature times this
+        # (greedy requests stay greedy); verify reads the distribution each draft was drawn
+        # from, so the output is exact at any scale, and < 1 sharpens an under-confident
+        # drafter's proposals at T > 0;
         # precapture_buckets: a scheduled engine with graphs and row buckets captures the verify
         # graph of every bucket a batch size can use when its draft graph is captured (False:
         # each at its first use, after an eager step)
@@ -125,6 +129,7 @@ class SpeculativeEngine:
         self.graphs = StageGraphs(self.target.use_cuda_graphs)
         # scheduled steps: capture every row bucket's verify graph once the draft graph exists
         self.precapture = precapture_buckets
+        self.draft_temperature_scale = self.check_draft_temperature_scale(draft_temperature_scale)
         self.scheduler: Optional[VerifyScheduler] = None
         if isinstance(schedule, VerifyScheduler):
             self.scheduler = schedule
@@ -147,6 +152,14 @@ class SpeculativeEngine:
             self.fallback = FallbackGate() if ar_fallback is True else FallbackGate(ar_fallback)
         self._states: dict = {}  # (batch, capacity, stop width) -> persistent SpecState
         self._flags = None  # pinned host flags + events of the one-step-ahead loop
+
+    @staticmethod
+    def check_draft_temperature_scale(scale) -> float:
+        """A drafting temperature scale, or a ValueError naming it."""
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+                or not 0.0 < scale < float("inf"):
+            raise ValueError(f"draft_temperature_scale must be a finite number > 0, got {scale!r}")
+        return float(scale)
 
     @classmethod
     def from_pretrained(cls, target: str, drafter: Optional[str] = None,
@@ -430,6 +443,7 @@ class SpeculativeEngine:
                 self._states.clear()  # one set of state buffers (and of stage graphs) at a time
                 self.graphs.clear()
                 st = self._states[(B, cap, S)] = SpecState.allocate(B, cap, S, dev)
+            st.draft_scale = self.draft_temperature_scale
             st.reset(prompts, max_new, stops, sampling_tensors(B, temp, top_k, top_p), seed)
             fwd = self.target.prefill(prompts, taps)
             first, _ = ops.sample(fwd.logits, st.params, st.seeds, st.n_tokens - 1)

@@ -71,6 +71,15 @@ class SpecState:
     rounds: Optional[torch.Tensor] = None  # [] i64: rounds logged
     any_active: Optional[torch.Tensor] = None  # [] bool: some request still active
     serial: int = 0
+    # drafting temperature = the request's x draft_scale (set before reset): a sharper draft
+    # distribution q where the drafter is under-confident; verify reads the q a draft was drawn
+    # from, so any q keeps the output exact
+    draft_temperature: Optional[torch.Tensor] = None  # [B] f32
+    draft_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.draft_temperature is None:  # (a state built directly, as some tests do)
+            self.draft_temperature = self.params.temperature * self.draft_scale
 
     @classmethod
     def allocate(cls, batch: int, capacity: int, stop_width: int, device) -> "SpecState":
@@ -86,7 +95,8 @@ class SpecState:
                    active=z(B, dtype=torch.bool), prompts=[],
                    round_active=z(C, B, dtype=torch.bool), round_accepts=z(C, B),
                    round_verified=z(C, B), round_expected=z(C, dtype=torch.float64), rounds=z(),
-                   any_active=z(dtype=torch.bool), serial=next(_serials))
+                   any_active=z(dtype=torch.bool), serial=next(_serials),
+                   draft_temperature=z(B, dtype=torch.float32))
 
     def reset(self, prompts: list, max_new: list, stop_tokens: list, params: SamplingTensors,
               seeds: list) -> None:
@@ -106,6 +116,7 @@ class SpecState:
         self.stop_tokens.copy_(stops)
         for mine, new in zip(self.params, params):
             mine.copy_(new)
+        self.draft_temperature.copy_(self.params.temperature * self.draft_scale)
         self.seeds.copy_(torch.as_tensor(seeds, dtype=torch.int64))
         self.active.fill_(True)
         self.round_active.zero_()
@@ -138,6 +149,7 @@ class SpecState:
         self.stop_tokens[idx] = stops.to(dev)
         for mine, new in zip(self.params, params):
             mine[idx] = new.to(dev)
+        self.draft_temperature[idx] = self.params.temperature[idx] * self.draft_scale
         self.seeds[idx] = torch.as_tensor(seeds, dtype=torch.int64).to(dev)
         self.active[idx] = True
         self.any_active.fill_(True)
@@ -172,6 +184,10 @@ class SpecState:
 
     def draft_seeds(self) -> torch.Tensor:
         return self.seeds ^ DRAFT_SEED_XOR
+
+    def draft_params(self) -> SamplingTensors:
+        """What drafters sample with: the request's top-k / top-p at the drafting temperature."""
+        return SamplingTensors(self.draft_temperature, self.params.top_k, self.params.top_p)
 
     def commit(self, out_tokens: torch.Tensor, accept_count: torch.Tensor) -> None:
         """One round's result, in place (one ``dspark::commit_tokens`` kernel): append

@@ -119,6 +119,14 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
       --temperature 0 --batch 1 4 --schedule fixed sync --prompts 32 --max-new-tokens 128 \
       --prompt-tokens 256 --no-progress --out $RES/ragged_$r"
   done
+  # T = 1: drafts sampled at a lower temperature (draft_temperature_scale; exact at any scale).
+  # s13: DSpark's per-position acceptance at T = 1 was 0.3-0.45 (0.6-0.8 greedy), τ 1.5-1.7
+  for sc in 0.5 0.7; do
+    stage draft_temp_$sc 200 bash -c "cd /tmp && dspark bench --target $PAIR/target \
+      --drafter $PAIR/dspark --dataset $data/humaneval.jsonl $data/mbpp.jsonl --temperature 1 \
+      --batch 1 --prompts 16 --max-new-tokens 128 --prompt-tokens 256 --no-progress \
+      --draft-temperature-scale $sc --out $RES/draft_temp_$sc"
+  done
   # dspark::markov_draft at the pair's shape (V 8256, hidden 256, rank 256): the op lost to the
   # graphed loop at the 8B vocabulary (984 vs 622 us at R = 1), never timed at a small one; then
   # the engine with it on (DSPARK_CUDA_KERNELS=markov_draft), same prompts as pair_bench: the A/B

@@ -162,6 +162,46 @@ def test_sampled_distribution_matches_autoregressive(small_models, kind):
         assert 0 < accepts.float().mean() < engine.drafter.gamma
 
 
+@pytest.mark.parametrize("scale", [0.5, 2.0])
+def test_draft_temperature_scale_keeps_the_target_distribution(small_models, scale):
+    """Drafts sampled at half (or twice) the request's temperature: the emitted tokens still
+    follow the target's joint exactly (verify reads the distribution each draft came from)."""
+    pytest.importorskip("scipy")
+    target, draft = small_models
+    kw = dict(max_new_tokens=2, temperature=1.0, stop_tokens=[])
+    engine = SpeculativeEngine(target, DraftModelDrafter(draft, 3), draft_temperature_scale=scale)
+    spec = engine.generate([PROMPT] * NSAMP, seed=list(range(NSAMP)), **kw)
+    hs = histogram(spec.tokens)
+    assert chi2_pvalue(hs, joint_first_two(target, (1.0, 0, 1.0))) > 1e-3
+    assert chi2_pvalue(hs, joint_first_two(draft, (1.0, 0, 1.0))) < 1e-6
+
+
+def test_draft_temperature_scale_sharpens_the_drafts(small_models):
+    """The drafter samples at temperature x scale: its proposal's distributions are sharper at
+    0.5 than at 1; greedy requests stay greedy; a bad scale is a named error."""
+    target, draft = small_models
+    peak = {}
+    for scale in (1.0, 0.5):
+        engine = SpeculativeEngine(target, DraftModelDrafter(draft, 3),
+                                   draft_temperature_scale=scale)
+        with torch.inference_mode():
+            kw = dict(temperature=1.0, seed=[0, 1, 2, 3])
+            st, _, hidden = engine._start([PROMPT] * 4, (), kw, True)
+            engine.drafter.setup(st.batch, st.capacity)
+            engine.drafter.start(st, hidden)
+            assert torch.equal(st.draft_temperature, torch.full((4,), scale))
+            prop = engine.drafter.propose(st)
+        peak[scale] = prop.draft_probs.max(-1).values.mean().item()
+    assert peak[0.5] > peak[1.0]
+    greedy = SpeculativeEngine(target, DraftModelDrafter(draft, 3), draft_temperature_scale=0.5)
+    out = greedy.generate([PROMPT], max_new_tokens=6, stop_tokens=[])
+    assert out.tokens == SpeculativeEngine(target).generate_autoregressive(
+        [PROMPT], max_new_tokens=6, stop_tokens=[]).tokens
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "0.5"):
+        with pytest.raises(ValueError, match="draft_temperature_scale must be"):
+            SpeculativeEngine(target, DraftModelDrafter(draft, 3), draft_temperature_scale=bad)
+
+
 def test_sampled_three_tokens_match_target(small_models):
     """Deeper draft positions: the joint of the first three tokens fits the exact target joint."""
     pytest.importorskip("scipy")

@@ -335,8 +335,8 @@ class ParallelDrafter(TrainedDrafter):
                         conf_weight=proj.weight.reshape(-1).to(w1.dtype),
                         conf_bias=proj.bias.to(w1.dtype))
         anchor = state.anchor()
-        out = ops.markov_draft(U.contiguous(), anchor, w1, w2, state.params, state.draft_seeds(),
-                               state.anchor_pos(), return_probs=True, **conf)
+        out = ops.markov_draft(U.contiguous(), anchor, w1, w2, state.draft_params(),
+                               state.draft_seeds(), state.anchor_pos(), return_probs=True, **conf)
         self.last_logits = None
         if self.keep_logits:  # the op's corrected logits, recomputed with its arithmetic
             prev = torch.cat([anchor[:, None], out.tokens[:, :-1]], 1)
@@ -364,7 +364,8 @@ class ParallelDrafter(TrainedDrafter):
                 z = z + bias
             if m.confidence is not None:
                 conf.append(m.confidence(H[:, k], m.prev_embedding(prev)))
-            tok, prob = ops.sample(z.contiguous(), state.params, seeds, p + k, return_probs=True)
+            tok, prob = ops.sample(z.contiguous(), state.draft_params(), seeds, p + k,
+                                   return_probs=True)
             toks.append(tok)
             probs.append(prob)
             if self.keep_logits:

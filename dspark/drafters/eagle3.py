@@ -178,7 +178,7 @@ class Eagle3Drafter(TrainedDrafter):
             if j > 1:
                 h = self._run(toks[-1][:, None], h[:, None], (p + j - 2)[:, None])[:, 0]
             z = m.logits(h)
-            tok, prob = ops.sample(z.contiguous(), state.params, seeds, p + j - 1,
+            tok, prob = ops.sample(z.contiguous(), state.draft_params(), seeds, p + j - 1,
                                    return_probs=True)
             toks.append(tok)
             probs.append(prob)
