@@ -30,7 +30,10 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=1, help="requests per batch (prompts are cycled "
-                   "to fill the batch)")
+                   "to fill the batch); with --continuous, requests in flight")
+    p.add_argument("--continuous", action="store_true", help="continuous batching: every "
+                   "prompt once, a finished request's slot refilled with the next "
+                   "(SpeculativeEngine.serve)")
     p.add_argument("--gamma", type=int, default=None, help="draft depth (default: a trained "
                    "drafter's block size, else 4)")
     p.add_argument("--tree-topk", type=int, default=1, help="draft-model tree: k children per "
@@ -111,8 +114,11 @@ def _generate(args, tp, device: str) -> int:
     prompts = _prompts(args.prompt)
     if args.batch < 1 or not prompts:
         raise ValueError("need --batch >= 1 and at least one prompt")
-    n = max(len(prompts), args.batch)
-    prompts = [prompts[i % len(prompts)] for i in range(-(-n // args.batch) * args.batch)]
+    if args.continuous and tp is not None:
+        raise ValueError("--continuous is not supported with tensor parallelism yet")
+    if not args.continuous:  # static batches: the prompts cycled to fill the last one
+        n = max(len(prompts), args.batch)
+        prompts = [prompts[i % len(prompts)] for i in range(-(-n // args.batch) * args.batch)]
     spec = engine.drafter is not None and not args.autoregressive
     runs = [("speculative" if spec else "autoregressive", spec)]
     if args.compare and spec:
@@ -120,7 +126,13 @@ def _generate(args, tp, device: str) -> int:
     report = {}
     for name, use_spec in runs:
         texts, metrics = [], []
-        for i in range(0, len(prompts), args.batch):
+        if args.continuous:  # every prompt, --batch of them in flight (SpeculativeEngine.serve)
+            gen = engine.serve(prompts, args.batch, speculative=use_spec,
+                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p,
+                               seed=[args.seed + j for j in range(len(prompts))])
+            texts, metrics = gen.text, [gen.metrics]
+        for i in range(0, len(prompts) if not args.continuous else 0, args.batch):
             chunk = prompts[i:i + args.batch]
             kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p,

@@ -2,11 +2,15 @@
 finished request's slot refilled with the next prompt mid-run. Each request's output is what
 plain decoding gives it alone (greedy), for every drafter that can refill a slot and for plain
 decoding itself; the refill touches only its own rows. CPU, the shipped demo pair."""
+import json
+import os
+
 import pytest
 import torch
 
 import dspark
-from dspark.demo import DEMO_PROMPTS, load_demo_pair
+from dspark.cli import main
+from dspark.demo import DEMO_MODELS, DEMO_PROMPTS, load_demo_pair
 from dspark.drafters import DrafterSpec, DraftModelDrafter, NgramDrafter
 from dspark.drafters.io import build_draft_model, make_drafter
 from dspark.engine import SpeculativeEngine
@@ -220,3 +224,16 @@ def test_cuda_serve_graphs():
     spec = eng.serve(prompts, 1, **kw)
     assert spec.tokens == plain.tokens and spec.metrics.tau > 1.0
     assert plain.metrics.new_tokens == 24 * len(prompts)
+
+
+def test_generate_cli_continuous(capsys):
+    """`dspark generate --continuous --batch 2`: every prompt once, two in flight; the text is
+    plain decoding's."""
+    args = ["generate", "--target", os.path.join(DEMO_MODELS, "target"), "--drafter",
+            os.path.join(DEMO_MODELS, "dspark"), "--device", "cpu", "--dtype", "float32",
+            "--max-new-tokens", "8", "--batch", "2", "--continuous", "--compare", "--json",
+            "--no-progress"] + [a for p in DEMO_PROMPTS[:3] for a in ("--prompt", p)]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["identical_text"] and len(report["speculative"]["text"]) == 3
+    assert report["speculative"]["metrics"][0]["new_tokens"] == 24
