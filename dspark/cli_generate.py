@@ -124,24 +124,23 @@ def _generate(args, tp, device: str) -> int:
     if args.compare and spec:
         runs.append(("autoregressive", False))
     report = {}
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p)
+    progress = main and (sys.stderr.isatty() if args.progress is None else args.progress)
     for name, use_spec in runs:
-        texts, metrics = [], []
         if args.continuous:  # every prompt, --batch of them in flight (SpeculativeEngine.serve)
-            gen = engine.serve(prompts, args.batch, speculative=use_spec,
-                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               top_k=args.top_k, top_p=args.top_p,
+            gen = engine.serve(prompts, args.batch, speculative=use_spec, **sampling,
                                seed=[args.seed + j for j in range(len(prompts))])
             texts, metrics = gen.text, [gen.metrics]
-        for i in range(0, len(prompts) if not args.continuous else 0, args.batch):
-            chunk = prompts[i:i + args.batch]
-            kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p,
-                      seed=[args.seed + i + j for j in range(len(chunk))],
-                      progress=main and (sys.stderr.isatty() if args.progress is None
-                                         else args.progress))
-            gen = (engine.generate if use_spec else engine.generate_autoregressive)(chunk, **kw)
-            texts += gen.text
-            metrics.append(gen.metrics)
+        else:
+            texts, metrics = [], []
+            for i in range(0, len(prompts), args.batch):
+                chunk = prompts[i:i + args.batch]
+                gen = (engine.generate if use_spec else engine.generate_autoregressive)(
+                    chunk, **sampling, seed=[args.seed + i + j for j in range(len(chunk))],
+                    progress=progress)
+                texts += gen.text
+                metrics.append(gen.metrics)
         report[name] = {"text": texts, "metrics": [m.to_dict() for m in metrics],
                         "summary": [m.summary() for m in metrics]}
     if not main:

@@ -389,29 +389,37 @@ class SpeculativeEngine:
             out.append(p)
         return out
 
-    def _start(self, prompts: list, taps, kw, speculative: bool, reserve=None):
-        """prompts: token lists (_tokenize'd by the caller). reserve: (prompt tokens, new
-        tokens, stop tokens) the state must also hold (continuous batching: later prompts)."""
+    def _request_kw(self, kw: dict, B: int) -> dict:
+        """generate()'s keyword arguments as one checked list per request each (unknown names
+        a TypeError, bad values a ValueError); stop_tokens default to the target's EOS."""
         unknown = set(kw) - {"max_new_tokens", "temperature", "top_k", "top_p", "seed",
                              "stop_tokens"}
         if unknown:
             raise TypeError(f"unknown generate() arguments {sorted(unknown)}")
-        B = len(prompts)
-        max_new = _per_request(kw.get("max_new_tokens", 128), B, "max_new_tokens")
-        temp = _per_request(kw.get("temperature", 0.0), B, "temperature")
-        top_k = _per_request(kw.get("top_k", 0), B, "top_k")
-        top_p = _per_request(kw.get("top_p", 1.0), B, "top_p")
-        seed = _per_request(kw.get("seed", 0), B, "seed")
-        if min(max_new) < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {min(max_new)}")
-        if min(temp) < 0 or min(top_k) < 0 or not all(0 < p <= 1 for p in top_p):
+        out = {k: _per_request(kw.get(k, v), B, k) for k, v in
+               (("max_new_tokens", 128), ("temperature", 0.0), ("top_k", 0), ("top_p", 1.0),
+                ("seed", 0))}
+        if min(out["max_new_tokens"]) < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {min(out['max_new_tokens'])}")
+        if min(out["temperature"]) < 0 or min(out["top_k"]) < 0 \
+                or not all(0 < p <= 1 for p in out["top_p"]):
             raise ValueError("need temperature >= 0, top_k >= 0 and top_p in (0, 1]")
         stops = kw.get("stop_tokens")
         if stops is None:
             stops = list(self.target.config.eos_token_ids)
         if not (len(stops) and isinstance(stops[0], (list, tuple))):
             stops = [list(stops)] * B
-        stops = _per_request(stops, B, "stop_tokens")
+        out["stop_tokens"] = _per_request(stops, B, "stop_tokens")
+        return out
+
+    def _start(self, prompts: list, taps, kw, speculative: bool, reserve=None):
+        """prompts: token lists (_tokenize'd by the caller). reserve: (prompt tokens, new
+        tokens, stop tokens) the state must also hold (continuous batching: later prompts)."""
+        B = len(prompts)
+        r = self._request_kw(kw, B)
+        max_new, temp, top_k, top_p, seed, stops = (
+            r[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed",
+                           "stop_tokens"))
         longest, most_new = max(len(p) for p in prompts), max(max_new)
         if reserve is not None:
             longest, most_new = max(longest, reserve[0]), max(most_new, reserve[1])
@@ -443,8 +451,8 @@ class SpeculativeEngine:
                 self._states.clear()  # one set of state buffers (and of stage graphs) at a time
                 self.graphs.clear()
                 st = self._states[(B, cap, S)] = SpecState.allocate(B, cap, S, dev)
-            st.draft_scale = self.draft_temperature_scale
-            st.reset(prompts, max_new, stops, sampling_tensors(B, temp, top_k, top_p), seed)
+            st.reset(prompts, max_new, stops, sampling_tensors(B, temp, top_k, top_p), seed,
+                     self.draft_temperature_scale)
             fwd = self.target.prefill(prompts, taps)
             first, _ = ops.sample(fwd.logits, st.params, st.seeds, st.n_tokens - 1)
             st.commit_first(first)

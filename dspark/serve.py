@@ -31,18 +31,13 @@ import torch
 from . import ops
 from .metrics import Metrics
 
-KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_tokens")
-
 
 def serve(engine, prompts: Sequence, slots: int, *, speculative: bool = True, **kw):
     """``engine.generate`` / ``generate_autoregressive`` over ``prompts`` with at most ``slots``
     requests in flight; keyword arguments as there (scalar or one per prompt). Returns a
     ``Generation`` in prompt order; its metrics count the whole run (aggregate tokens/s over the
     wall time, per-user tokens/s over each request's time in a slot, tau per request-round)."""
-    from .engine import Generation, _per_request  # (engine imports this module)
-    unknown = set(kw) - set(KEYS)
-    if unknown:
-        raise TypeError(f"unknown serve() arguments {sorted(unknown)}")
+    from .engine import Generation  # (engine imports this module)
     if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
         raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
     d = engine.drafter if speculative else None
@@ -50,15 +45,7 @@ def serve(engine, prompts: Sequence, slots: int, *, speculative: bool = True, **
         raise ValueError("this engine has no drafter: serve(..., speculative=False)")
     prompts = engine._tokenize(prompts)  # (a named error for no prompts)
     n = len(prompts)
-    stops = kw.get("stop_tokens")
-    if stops is None:
-        stops = list(engine.target.config.eos_token_ids)
-    if not (len(stops) and isinstance(stops[0], (list, tuple))):
-        stops = [list(stops)] * n
-    per = {k: _per_request(kw.get(k, v), n, k) for k, v in
-           (("max_new_tokens", 128), ("temperature", 0.0), ("top_k", 0), ("top_p", 1.0),
-            ("seed", 0))}
-    per["stop_tokens"] = _per_request(stops, n, "stop_tokens")
+    per = engine._request_kw(kw, n)  # every request checked up front, not at its refill
     if speculative and not d.refillable:
         raise ValueError(f"{type(d).__name__} cannot refill single requests (continuous "
                          f"batching): use a trained, draft-model or n-gram drafter")
@@ -147,7 +134,10 @@ def _harvest(st, rows, owner, out, began, ended, step) -> None:
                 gen = gen[:j + 1]
                 break
         out[r] = gen
-        ended[r] = (step - began[r][0], now - began[r][1])
+        # active from the step after it entered its slot to its last commit (found a step
+        # late); a request whose only token came from its prefill was active in no round
+        rounds = step - began[r][0] if len(gen) > 1 else 0
+        ended[r] = (rounds, now - began[r][1])
         owner[b] = None
 
 
@@ -161,13 +151,9 @@ def _refill(engine, st, d, timer, rows, owner, queue, prompts, of, began, refill
     reqs = [queue.popleft() for _ in rows]
     kw = of(reqs)
     with timer("prefill"):
-        temp, top_k, top_p = kw["temperature"], kw["top_k"], kw["top_p"]
-        if min(kw["max_new_tokens"]) < 1 or min(temp) < 0 or min(top_k) < 0 \
-                or not all(0 < p <= 1 for p in top_p):
-            raise ValueError("need max_new_tokens >= 1, temperature >= 0, top_k >= 0 and top_p "
-                             "in (0, 1]")
         st.reset_rows(rows, [prompts[r] for r in reqs], kw["max_new_tokens"], kw["stop_tokens"],
-                      ops.sampling_tensors(len(rows), temp, top_k, top_p), kw["seed"])
+                      ops.sampling_tensors(len(rows), kw["temperature"], kw["top_k"],
+                                           kw["top_p"]), kw["seed"])
         fwd = engine.target.prefill_rows(rows, [prompts[r] for r in reqs], taps)
         idx = torch.as_tensor(rows, device=st.tokens.device)
         params = ops.SamplingTensors(*(p[idx] for p in st.params))
@@ -192,6 +178,7 @@ def _metrics(d, out, ended, timer, t0) -> Metrics:
     prefill = times.get("prefill", 0.0)
     return Metrics(gamma=d.gamma if d is not None else 0, rounds=max(s for s, _ in ended.values()),
                    request_rounds=request_rounds, new_tokens=new,
-                   tau=from_rounds / max(request_rounds, 1), prefill_s=prefill, total_s=total,
+                   tau=from_rounds / request_rounds if request_rounds else 1.0,
+                   prefill_s=prefill, total_s=total,
                    tokens_per_s=new / total, decode_tokens_per_s=new / max(total - prefill, 1e-9),
                    user_tokens_per_s=sum(user) / max(len(user), 1))

@@ -71,7 +71,7 @@ class SpecState:
     rounds: Optional[torch.Tensor] = None  # [] i64: rounds logged
     any_active: Optional[torch.Tensor] = None  # [] bool: some request still active
     serial: int = 0
-    # drafting temperature = the request's x draft_scale (set before reset): a sharper draft
+    # drafting temperature = the request's x draft_scale (given to reset): a sharper draft
     # distribution q where the drafter is under-confident; verify reads the q a draft was drawn
     # from, so any q keeps the output exact
     draft_temperature: Optional[torch.Tensor] = None  # [B] f32
@@ -99,8 +99,10 @@ class SpecState:
                    draft_temperature=z(B, dtype=torch.float32))
 
     def reset(self, prompts: list, max_new: list, stop_tokens: list, params: SamplingTensors,
-              seeds: list) -> None:
-        """Refill for a new set of requests (host lists; one host-to-device copy each)."""
+              seeds: list, draft_scale: float = 1.0) -> None:
+        """Refill for a new set of requests (host lists; one host-to-device copy each);
+        draft_scale: the drafting temperature over the request's (kept for reset_rows)."""
+        self.draft_scale = draft_scale
         B, C = self.tokens.shape
         tokens = torch.zeros(B, C, dtype=torch.int64)
         for b, p in enumerate(prompts):
@@ -157,16 +159,19 @@ class SpecState:
             self.prompts[r] = list(prompts[i])
 
     def commit_first_rows(self, rows: list, first: torch.Tensor) -> None:
-        """The token sampled from the refilled rows' prefill logits (first [len(rows)]):
-        appended to each row, which finishes at once if it is a stop token or max_new is 1
-        (what ``commit_tokens`` decides for a round), without a round logged."""
+        """The token sampled from the refilled rows' prefill logits (first [len(rows)]),
+        committed by ``dspark::commit_tokens`` on a copy of those rows (the other rows and the
+        round log untouched): a row finishes at once if it is a stop token or max_new is 1."""
         idx = torch.as_tensor(rows, dtype=torch.int64, device=self.tokens.device)
-        n = self.n_tokens[idx]
-        self.tokens[idx, n.clamp(max=self.capacity - 1)] = first
-        self.n_tokens[idx] = n + 1
-        stop = (self.stop_tokens[idx] == first[:, None]).any(1)
-        done = stop | (n + 1 - self.prompt_lens[idx] >= self.max_new[idx])
-        self.active[idx] = ~done
+        k, dev = len(rows), self.tokens.device
+        tokens, n, active = self.tokens[idx], self.n_tokens[idx], self.active[idx]
+        ops.commit_tokens(tokens, n, active, first[:, None], torch.zeros_like(first),
+                          self.stop_tokens[idx], self.prompt_lens[idx], self.max_new[idx],
+                          torch.zeros(1, k, dtype=torch.bool, device=dev),
+                          torch.zeros(1, k, dtype=torch.int64, device=dev),
+                          torch.zeros((), dtype=torch.int64, device=dev),
+                          torch.zeros((), dtype=torch.bool, device=dev))
+        self.tokens[idx], self.n_tokens[idx], self.active[idx] = tokens, n, active
 
     @property
     def batch(self) -> int:

@@ -181,13 +181,22 @@ def test_serve_with_ar_fallback(demo, alone):
     assert second.tokens == alone and second.metrics.gamma == 0  # plain decoding
 
 
+def test_requests_that_end_at_their_first_token(demo, alone):
+    """max_new_tokens 1: every request, refilled ones too, ends with the token its prefill
+    sampled (commit_tokens decides it, the slot frees at the next step)."""
+    target, _, drafter, prompts = demo
+    out = SpeculativeEngine(target, drafter).serve(prompts, 2, max_new_tokens=1, stop_tokens=[])
+    assert out.tokens == [t[:1] for t in alone]
+    assert out.metrics.request_rounds == 0 and out.metrics.tau == 1.0
+
+
 def test_serve_bad_inputs(demo):
     target, _, drafter, prompts = demo
     eng = SpeculativeEngine(target, drafter)
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="slots must be an integer"):
             eng.serve(prompts, bad)
-    with pytest.raises(TypeError, match="unknown serve"):
+    with pytest.raises(TypeError, match=r"unknown generate\(\) arguments \[.max_tokens.\]"):
         eng.serve(prompts, 2, max_tokens=3)
     with pytest.raises(ValueError, match="no prompts"):
         eng.serve([], 2)

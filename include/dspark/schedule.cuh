@@ -6,9 +6,11 @@
 // of two n_pad >= 64 with kNoCandidate, and
 //   1. copies the confidences into shared memory (coalesced), then checks each request and
 //      writes its keys (one thread per request: gamma is small);
-//   2. sorts the keys with a bitonic network (log2(n_pad) * (log2(n_pad) + 1) / 2 passes), each
-//      thread holding n_pad / T keys in registers: passes within a warp are shuffles, only the
-//      strides past a warp go through shared memory (bitonic_sort_registers);
+//   2. sorts the keys with a bitonic network (log2(n_pad) * (log2(n_pad) + 1) / 2 passes): up to
+//      1024 keys with each thread holding n_pad / T keys in registers (passes within a warp are
+//      shuffles, only the strides past a warp go through shared memory: bitonic_sort_registers),
+//      above that with the group sort (bitonic_sort: four passes per trip through shared
+//      memory), the faster of the two at each size (H100, 2026-12-06 s13: ScheduleSort);
 //   3. scans the ranked survivals in int64 (exact, so the order of the sum does not matter) and
 //      finds Algorithm 1's first non-improvement (sync) or the first argmax of Theta (budget)
 //      with block reductions;
@@ -154,8 +156,9 @@ __device__ inline void bitonic_sort(uint64_t* s, int n) {
 // ranked positions t * E ... t * E + E - 1 in registers. A pass of stride j compares keys of the
 // same thread (j < E), of lanes j / E apart in the warp (j < 32 E: one shuffle, no barrier) or,
 // for the few strides past a warp (15 of the 66 passes at n = 2048), of another warp through
-// shared memory. Measured 2026-12-06 s12 (ncu, H100): the group sort above gives the work to
-// n / 16 threads (4 warps at n = 2048) and ran latency-bound on them, ~13 of the kernel's 18.8 us.
+// shared memory. Measured on an H100 (2026-12-06 s13, sync, in a graph): faster than the group
+// sort up to 1024 keys (7.3 vs 8.0 us at 64, 12.3 vs 12.6 at 1024), slower at 2048 (19.0 vs
+// 16.2: 32 warps meet at each of the 15 barriers, ncu 14.3 cycles per issued instruction).
 template <int E, int J>
 __device__ __forceinline__ void pass_in_thread(uint64_t (&v)[E], int base, int k) {
   if constexpr (J < E) {
