@@ -90,8 +90,10 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
   # engine's ar_fallback (plain decoding at a batch where a probe measures it faster,
   # dspark/fallback.py; predicted >= 0.95x autoregressive at every batch, s10: every mode
   # 0.25-0.74x at 16-64); fixed gamma 3 / 5 and chat prompts below
+  # (SESSION_SWEEP_SCHEDULES: fewer modes where a session re-measures only some, e.g. the +ar ones)
   stage sweep 600 env OUT="$RES/sweep" SWEEP_PAIR=$PAIR \
-    SWEEP_SCHEDULES="fixed sync async fixed+ar sync+ar async+ar" bash scripts/device_run.sh sweep
+    SWEEP_SCHEDULES="${SESSION_SWEEP_SCHEDULES:-fixed sync async fixed+ar sync+ar async+ar}" \
+    bash scripts/device_run.sh sweep
   stage pair_bench 420 env OUT="$RES/pair" PAIR_DIR=$PAIR EVAL_DIR="$data" \
     bash scripts/bench_pair.sh bench
   # where a round's time goes under load (one graph per stage: draft / forward / accept /
@@ -109,7 +111,7 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
   # per user but 1.02x in aggregate at 128
   stage sweep_serve 420 bash -c "cd /tmp && dspark bench --target $PAIR/target \
     --drafter $PAIR/dspark --dataset $data/humaneval.jsonl --temperature 0 --batch 16 32 64 128 \
-    --gamma 3 7 --schedule fixed sync sync+ar --prompts 32 --max-new-tokens 128 --prompt-tokens 256 \
+    --gamma ${SERVE_GAMMAS:-3 7} --schedule ${SERVE_SCHEDULES:-fixed sync sync+ar} --prompts 32 --max-new-tokens 128 --prompt-tokens 256 \
     --serve-requests 256 --fused-max-rows auto --no-progress --out $RES/sweep_serve"
   # a fused ragged (scheduled) verify on its padded block vs gathers around attention in every
   # layer (DSPARK_RAGGED_FUSED): s13's sync round at batch 1 took 0.26 ms more than fixed γ's
