@@ -2,7 +2,7 @@
 # One batched session on the GPU machine: build, CUDA checks, sanitizers, benchmarks.
 # Usage: bash scripts/device_run.sh [build] [check] [tests] [sanitize] [fuzz] [churn] [linear] [engine]
 #        [decode] [bench] [sm80] [verifytests] [verifysanitize] [pair] [sweep] [profile]
-#        [project] [tp]
+#        [project] [tp] [linear_ab]
 # (decode: DECODE_VARIANTS=graph,compile,...); results in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -50,6 +50,17 @@ for stage in "$@"; do
       log layer-op-tests; (cd tests && timeout 300 python3 -m pytest -q -p no:cacheprovider test_linear.py test_attention.py -k cuda 2>&1 | tail -4)
       log bench_linear; (cd bench && python3 bench_linear.py --M 1,2,4 --out "$OUT/bench_linear.json") 2>&1 | tail -18
       log bench_attention; (cd bench && python3 bench_attention.py --out "$OUT/bench_attention.json") 2>&1 | tail -5 ;;
+    linear_ab)  # fused_linear's activation staging: the rule before 2026-12-06 s14 (-1) against
+      # the default (sized to the slice, <= 32 KB a block), same build: the projections alone at
+      # 1 / 8 / 16 rows, then the 8B-shape verify forward (decode vs 8 rows at batch 1 and 4)
+      for b in ${LINEAR_AB_BUDGETS:--1 0}; do
+        log "bench_linear DSPARK_LINEAR_STAGE_BYTES=$b"
+        (cd bench && DSPARK_LINEAR_STAGE_BYTES=$b python3 bench_linear.py --M 1,8,16 --reps 100 \
+          --out "$OUT/linear_stage$b.json") 2>&1 | tail -16
+        log "bench_verify_forward DSPARK_LINEAR_STAGE_BYTES=$b"
+        (cd bench && DSPARK_LINEAR_STAGE_BYTES=$b timeout 120 python3 bench_verify_forward.py \
+          --batches 1,4 --rows 8 --variants fused --out "$OUT/verify_forward_stage$b.json") 2>&1 | tail -8
+      done ;;
     engine)
       log engine; (cd bench && python3 check_engine_cuda.py) 2>&1 | tail -8 ;;
     graphs)

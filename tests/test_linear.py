@@ -109,6 +109,51 @@ def test_load_alignment_does_not_change_bits(device, gen, dtype, kind):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["plain", "norm", "gate"])
+@pytest.mark.parametrize("M,N,K", [(1, 300, 4099), (8, 130, 12300), (16, 40, 3100), (70, 257, 300)])
+def test_stage_budget_does_not_change_bits(device, gen, monkeypatch, dtype, kind, M, N, K):
+    """How much of a slice a CUDA block stages at once (DSPARK_LINEAR_STAGE_BYTES: the default,
+    the rule before it (-1), a tiny budget of one weight batch per chunk, a huge one) is a launch
+    choice: the same bits. (The CPU kernel stages nothing: there the call checks it is unaffected.)
+    """
+    a = make(M, N, K, dtype, kind, bias=True, residual=True, gen=gen, device=device)
+    monkeypatch.delenv("DSPARK_LINEAR_STAGE_BYTES", raising=False)
+    want = torch.ops.dspark.fused_linear(*a.values())
+    for budget in ("-1", "64", "1048576"):
+        monkeypatch.setenv("DSPARK_LINEAR_STAGE_BYTES", budget)
+        assert torch.equal(torch.ops.dspark.fused_linear(*a.values()), want), budget
+
+
+def test_stage_budget_bad_value_is_named(device, gen, monkeypatch):
+    if device != "cuda":
+        pytest.skip("only the CUDA launcher stages activations")
+    a = make(2, 8, 16, torch.bfloat16, "plain", bias=False, residual=False, gen=gen,
+             device=device)
+    for bad in ("x", "-2", "99999999"):
+        monkeypatch.setenv("DSPARK_LINEAR_STAGE_BYTES", bad)
+        with pytest.raises(ValueError, match="DSPARK_LINEAR_STAGE_BYTES"):
+            torch.ops.dspark.fused_linear(*a.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gate_prologue_bits_equal_the_unfused_ops(device, gen, dtype):
+    """The SiLU-gate prologue's last multiply runs on packed pairs (one rounding each, exact
+    because the fp32 product of two 16-bit values is exact): through an identity weight the
+    output is xhat itself, equal bit for bit to PyTorch's CUDA ops doing the same roundings
+    (silu in fp32 with the same expf and IEEE division, stored, times up, stored). CUDA only:
+    the CPU kernel's exp is the C library's, PyTorch's CPU exp is vectorised."""
+    if device != "cuda":
+        pytest.skip("bitwise against PyTorch's CUDA exp only")
+    K = 264  # 16-byte groups and a partial last slab
+    x = (torch.randn(5, 2 * K, generator=gen) * 3).to(dtype).to(device)
+    eye = torch.eye(K, dtype=dtype, device=device)
+    got = torch.ops.dspark.fused_linear(x, eye, None, None, None, 1e-6, True)
+    a, u = x[:, :K].float(), x[:, K:].float()
+    want = ((a / (1.0 + torch.exp(-a))).to(dtype).float() * u).to(dtype)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_unaligned_weight(device, gen, dtype):
     """A weight that starts mid-vector (offset view of a flat buffer): the scalar-load path."""
     args = make(2, 21, 64, dtype, "gate", bias=True, residual=True, gen=gen, device=device)

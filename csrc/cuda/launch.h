@@ -52,7 +52,8 @@ struct LinearArgs {
   void* out;
   int64_t M, N, K;
   float eps;
-  int prologue;  // 0 plain, 1 RMSNorm, 2 SiLU gate
+  int prologue;      // 0 plain, 1 RMSNorm, 2 SiLU gate
+  int stage_budget;  // staged-activation bytes per block; 0: the default, < 0: the pre-s14 rule
 };
 cudaError_t launch_linear(const LinearArgs& args, cudaStream_t stream);
 // The fused linear kernel as loaded for the current device: the architecture it was compiled for

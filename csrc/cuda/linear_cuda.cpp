@@ -3,12 +3,28 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstdlib>
+
 #include "checks.h"
 #include "cuda/launch.h"
 #include "cuda/tensor_args.h"
 
 namespace dspark {
 namespace {
+
+// Bytes of activations a block stages at once (include/dspark/linear.cuh: linear_stage): 0 / unset
+// = the default, -1 = the rule before 2026-12-06 s14 (8 KB / column tiles per token), or a positive
+// budget; read per call, for A/B measurements (bench/bench_linear.py). Same bits for any value.
+int stage_budget() {
+  const char* env = std::getenv("DSPARK_LINEAR_STAGE_BYTES");
+  if (!env || !*env) return 0;
+  char* end = nullptr;
+  const long b = std::strtol(env, &end, 10);
+  DSPARK_CHECK_VALUE(*end == '\0' && b >= -1 && b <= (1 << 20),
+                     "DSPARK_LINEAR_STAGE_BYTES must be an integer in [-1, 1048576], got '", env,
+                     "'");
+  return int(b);
+}
 
 at::Tensor fused_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias,
@@ -32,6 +48,7 @@ at::Tensor fused_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   a.K = d.K;
   a.eps = static_cast<float>(eps);
   a.prologue = d.prologue;
+  a.stage_budget = stage_budget();
   const cudaError_t err = launch_linear(a, c10::cuda::getCurrentCUDAStream());
   DSPARK_CHECK(err == cudaSuccess,
                "dspark::fused_linear kernel launch failed: ", cudaGetErrorString(err));

@@ -18,7 +18,8 @@ cudaError_t run(const LinearArgs& a, cudaStream_t stream) {
                                 a.N,
                                 a.K,
                                 a.eps,
-                                a.prologue};
+                                a.prologue,
+                                a.stage_budget};
   return cuda::launch_fused_linear(p, stream);
 }
 }  // namespace

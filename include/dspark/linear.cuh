@@ -49,6 +49,7 @@ struct LinearParams {
   int64_t M, N, K;
   float eps;
   int prologue;
+  int stage_budget;  // bytes of staged activations per block (linear_stage); <= 0: see there
 };
 
 constexpr int kLinearWarps = 8;  // 256 threads per block
@@ -58,11 +59,38 @@ constexpr int kLinearSlab = 32;                 // k per weight step of a warp (
 constexpr int kLinearMaxSlices = 8;             // blocks per cluster (the portable maximum)
 constexpr int kLinearCols = 64;                 // tokens per block (8 MMA column tiles)
 constexpr int kLinearTargetBlocks = 256;        // slices double until the grid has this many
-// Bytes of one token's staged xhat chunk: 8 KB / column tiles, so the staging buffer stays
-// under 70 KB for any tile count and a decode or batch-1 verify stages a whole slice at once
-// (the LM head's 4096 bf16 inputs included). +64 B per token row: conflict-free B fragments.
-template <int NT> constexpr int linear_stage_bytes() { return 8192 / NT; }
-template <int NT> constexpr int linear_stage_stride() { return linear_stage_bytes<NT>() + 64; }
+// The staged activations: a block stages xhat of all its tokens for `k` consecutive k of its
+// slice at a time (a chunk), row stride `stride` bytes. A launch choice, not arithmetic: the slab
+// order and every sum are the same for any chunk. At most 8 KB / column tiles of a token (a decode
+// stages a whole slice at once, the LM head's 4096 bf16 inputs included), at most the slice, and
+// at most `budget` bytes for all tokens (kLinearStageBudget by default): the staging buffer is
+// carved out of the SM's L1, which holds the weight loads in flight (three blocks that staged 8
+// tokens x 8 KB each left ~30 KB of L1 on Hopper). budget < 0: 8 KB / column tiles per token
+// whatever the slice (the rule before 2026-12-06 s14, for A/B). k is a multiple of two slabs (a
+// weight batch never straddles chunks); the stride is 64 bytes past a multiple of 128, so the 8
+// token rows of a B fragment spread over the banks.
+constexpr int kLinearStageBudget = 32 * 1024;
+struct LinearStage {
+  int k;       // k per chunk
+  int stride;  // bytes between staged token rows
+};
+template <int NT>
+inline LinearStage linear_stage(int elem_bytes, int64_t tokens, int64_t slice_k, int budget) {
+  constexpr int64_t kMaxTokenBytes = 8192 / NT;
+  constexpr int64_t kStep = 2 * kLinearSlab;
+  int64_t k = kMaxTokenBytes / elem_bytes;
+  if (budget >= 0) {
+    const int64_t b = budget > 0 ? budget : kLinearStageBudget;
+    const int64_t per_token = b / (tokens > 0 ? tokens : 1) / elem_bytes;
+    k = per_token < k ? per_token : k;
+    const int64_t sk = (slice_k + kStep - 1) / kStep * kStep;
+    k = sk < k ? sk : k;
+  }
+  k = k / kStep * kStep;
+  if (k < kStep) k = kStep;
+  const int64_t bytes = k * elem_bytes;
+  return {int(k), int((bytes + 127) / 128 * 128 + 64)};
+}
 
 // The canonical k split of an [N, K] weight. A function of (N, K) only, not of M or of the
 // device, because it fixes the summation order: slices double while the grid stays under
@@ -151,35 +179,91 @@ __device__ __forceinline__ unsigned bits_of(float v) {
   else return __half_as_ushort(__float2half_rn(v));
 }
 
-// 16 bytes of xhat[m, k ..] (the prologue), as T bits, zeros at and past `end`.
+// Two fp32 values rounded to nearest even into a packed pair of 16-bit T (lo in the low half),
+// as two from_f<T> would. sm_80+ (one cvt for both).
+template <typename T>
+__device__ __forceinline__ unsigned pack2_rn(float lo, float hi) {
+  unsigned r;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// Packed pairs of 16-bit T multiplied, each product rounded once to T. The fp32 product of two
+// bf16 (8 + 8 significant bits) or fp16 (11 + 11) values is exact, so this is round_t<T>(x * y)
+// of the unpacked values, in one instruction for two elements (bf16: fma with -0, which keeps
+// the product's sign at zero; sm_80 has no bf16x2 multiply).
+template <typename T>
+__device__ __forceinline__ unsigned mul2_rn(unsigned x, unsigned y) {
+  unsigned r;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(x), "r"(y), "r"(0x80008000u));
+  else asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(x), "r"(y));
+  return r;
+}
+
+// 16 bytes of xhat[m, k ..] (the prologue), as T bits, zeros at and past `end`. 16-bit T: the
+// last multiply of each element (by the norm weight, by the up projection) on packed pairs, the
+// same roundings as the element-wise fp32 form (see mul2_rn), about a quarter of its
+// instructions: staging is the part of a block's work that grows with its tokens, and with 8
+// tokens it rivalled the weight loop's instruction count (s6 ncu: 1.41x the instructions of a
+// decode at the 8B gate_up).
 template <typename T>
 __device__ __forceinline__ uint4 xhat16(const LinearParams<T>& p, int64_t m, int64_t k, int64_t end,
                                         float inv_rms, bool vec) {
   constexpr int E = 16 / int(sizeof(T));
   if (p.prologue == kPlain) return load16(p.x + m * p.K, k, end, vec);  // the bits as they are
-  float r[E];
-  if (p.prologue == kSiluGate) {
-    const uint4 a = load16(p.x + m * 2 * p.K, k, end, vec);
-    const uint4 u = load16(p.x + m * 2 * p.K + p.K, k, end, vec);
+  if constexpr (sizeof(T) == 4) {
+    float r[E];
+    if (p.prologue == kSiluGate) {
+      const uint4 a = load16(p.x + m * 2 * p.K, k, end, vec);
+      const uint4 u = load16(p.x + m * 2 * p.K + p.K, k, end, vec);
 #pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const float av = elem<T>(a, e);
-      r[e] = round_t<T>(round_t<T>(av / (1.0f + expf(-av))) * elem<T>(u, e));
+      for (int e = 0; e < E; ++e) {
+        const float av = elem<T>(a, e);
+        r[e] = round_t<T>(round_t<T>(av / (1.0f + expf(-av))) * elem<T>(u, e));
+      }
+    } else {
+      const uint4 x = load16(p.x + m * p.K, k, end, vec), g = load16(p.norm_weight, k, end, vec);
+#pragma unroll
+      for (int e = 0; e < E; ++e)
+        r[e] = round_t<T>(elem<T>(g, e) * round_t<T>(elem<T>(x, e) * inv_rms));
     }
+    unsigned w[4];
+#pragma unroll
+    for (int e = 0; e < E; ++e) w[e] = k + e < end ? bits_of<T>(r[e]) : 0u;
+    return make_uint4(w[0], w[1], w[2], w[3]);
   } else {
-    const uint4 x = load16(p.x + m * p.K, k, end, vec), g = load16(p.norm_weight, k, end, vec);
+    uint4 a, b;  // per pair: the fp32 part is rounded into a; b is the packed second factor
+    if (p.prologue == kSiluGate) {
+      a = load16(p.x + m * 2 * p.K, k, end, vec);
+      b = load16(p.x + m * 2 * p.K + p.K, k, end, vec);
+    } else {
+      a = load16(p.x + m * p.K, k, end, vec);
+      b = load16(p.norm_weight, k, end, vec);
+    }
+    unsigned w[4];
 #pragma unroll
-    for (int e = 0; e < E; ++e)
-      r[e] = round_t<T>(elem<T>(g, e) * round_t<T>(elem<T>(x, e) * inv_rms));
-  }
-  unsigned w[4] = {0u, 0u, 0u, 0u};
+    for (int i = 0; i < 4; ++i) {
+      float lo = elem<T>(a, 2 * i), hi = elem<T>(a, 2 * i + 1);
+      if (p.prologue == kSiluGate) {
+        lo = lo / (1.0f + expf(-lo));
+        hi = hi / (1.0f + expf(-hi));
+      } else {
+        lo *= inv_rms;
+        hi *= inv_rms;
+      }
+      const unsigned bw = i == 0 ? b.x : i == 1 ? b.y : i == 2 ? b.z : b.w;
+      w[i] = mul2_rn<T>(pack2_rn<T>(lo, hi), bw);
+    }
+    if (k + E > end) {  // a group that straddles `end` (unaligned rows): zeros past it
 #pragma unroll
-  for (int e = 0; e < E; ++e) {
-    const unsigned b = k + e < end ? bits_of<T>(r[e]) : 0u;
-    if constexpr (sizeof(T) == 4) w[e] = b;
-    else w[e / 2] |= b << (16 * (e & 1));
+      for (int e = 0; e < E; ++e)
+        if (k + e >= end) w[e / 2] &= (e & 1) ? 0x0000ffffu : 0xffff0000u;
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
   }
-  return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 // RMSNorm statistic of row[lo, hi) in the canonical order: 8-element groups (counted from lo)
@@ -250,14 +334,14 @@ __device__ __forceinline__ void mma16816(float (&c)[4], unsigned a0, unsigned a1
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Slabs s0 .. s0 + U (those < cs) of the staged chunk `act` ([tokens][stage stride] bytes)
+// Slabs s0 .. s0 + U (those < cs) of the staged chunk `act` ([tokens][stride] bytes)
 // into the accumulators: 16-bit T, acc[j] = C fragment of column tile j (rows g, g + 8; tokens
 // 8j + 2t, 8j + 2t + 1); tokens >= mcols read as zeros. Arithmetic per token column is the same
 // for every mcols.
 template <typename T, int NT, int U>
 __device__ __forceinline__ void mma_batch(float (&acc)[NT][4], const WeightBatch<T, U>& wb,
-                                          const unsigned char* act, int s0, int cs, int mcols,
-                                          int lane) {
+                                          const unsigned char* act, int stride, int s0, int cs,
+                                          int mcols, int lane) {
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int u = 0; u < U; ++u) {
@@ -269,8 +353,7 @@ __device__ __forceinline__ void mma_batch(float (&acc)[NT][4], const WeightBatch
       if (j * 8 >= mcols) break;
       uint4 x = make_uint4(0u, 0u, 0u, 0u);
       if (j * 8 + g < mcols)
-        x = *reinterpret_cast<const uint4*>(act + (j * 8 + g) * linear_stage_stride<NT>() + s * 64 +
-                                            t * 16);
+        x = *reinterpret_cast<const uint4*>(act + (j * 8 + g) * stride + s * 64 + t * 16);
       mma16816<T>(acc[j], a.x, b.x, a.y, b.y, x.x, x.y);  // k + 8t + {0, 1 | 2, 3}
       mma16816<T>(acc[j], a.z, b.z, a.w, b.w, x.z, x.w);  // k + 8t + {4, 5 | 6, 7}
     }
@@ -280,8 +363,8 @@ __device__ __forceinline__ void mma_batch(float (&acc)[NT][4], const WeightBatch
 // fp32: acc[m] += sum over the lane's 16 k of the slab, in k order, for tokens m < mcols.
 template <int NT, int U>
 __device__ __forceinline__ void fma_batch(float (&acc)[8 * NT], const WeightBatch<float, U>& wb,
-                                          const unsigned char* act, int s0, int cs, int mcols,
-                                          int lane) {
+                                          const unsigned char* act, int stride, int s0, int cs,
+                                          int mcols, int lane) {
   const int h = lane >> 4;
 #pragma unroll
   for (int u = 0; u < U; ++u) {
@@ -290,8 +373,7 @@ __device__ __forceinline__ void fma_batch(float (&acc)[8 * NT], const WeightBatc
 #pragma unroll
     for (int m = 0; m < 8 * NT; ++m) {
       if (m >= mcols) break;
-      const float4* xv =
-          reinterpret_cast<const float4*>(act + m * linear_stage_stride<NT>() + s * 128 + h * 64);
+      const float4* xv = reinterpret_cast<const float4*>(act + m * stride + s * 128 + h * 64);
       float a = acc[m];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {

@@ -11,7 +11,7 @@
 //   2. RMSNorm: the slice sums of squares of its tokens, exchanged in the cluster (or, with
 //      at most two tokens, every slice's sum computed locally: same arithmetic, no cluster
 //      barrier on the decode path);
-//   3. walks its k slice in chunks (linear_stage_bytes per token; one chunk for a decode): stages
+//   3. walks its k slice in chunks (linear_stage: one chunk for a decode's slice): stages
 //      xhat (T) for all tokens in shared memory, then each warp multiplies its weight slabs
 //      (software pipeline: the next batch is in flight while one is multiplied) with every
 //      8-token column tile;
@@ -61,12 +61,13 @@ __device__ __forceinline__ F* cluster_peer(F* p, int rank) {
 
 // Shared memory (floats, then bytes): RMS slice statistics [slices][64] and 1 / rms [64], the
 // slice sums received for this block's rows [slices][128 / slices][8 NT + 4] (written by the
-// cluster's blocks: not aliased with anything), then `tokens` (<= 8 NT) staged token rows.
+// cluster's blocks: not aliased with anything), then `tokens` (<= 8 NT) staged token rows of
+// `stride` bytes (linear_stage).
 template <int NT>
-constexpr size_t linear_smem_bytes(int tokens) {
+constexpr size_t linear_smem_bytes(int tokens, int stride) {
   return sizeof(float) *
              (size_t(kLinearMaxSlices + 1) * kLinearCols + size_t(kLinearRows) * (8 * NT + 4)) +
-         size_t(tokens) * linear_stage_stride<NT>();
+         size_t(tokens) * size_t(stride);
 }
 
 // NT: 8-token column tiles per block (8 NT >= the tokens of a y group); U: slabs per weight
@@ -74,12 +75,12 @@ constexpr size_t linear_smem_bytes(int tokens) {
 // of W and x (else element loads: the same values, so the same bits).
 template <typename T, int NT, int U, bool VEC>
 __global__ void __launch_bounds__(kLinearThreads, VEC && sizeof(T) == 2 && NT <= 2 ? 3 : 2)
-    fused_linear_kernel(LinearParams<T> p, LinearSplit split) {
+    fused_linear_kernel(LinearParams<T> p, LinearSplit split, LinearStage stage) {
   constexpr bool wvec = VEC, xvec = VEC;
   extern __shared__ __align__(16) unsigned char smem[];
-  constexpr int E = 16 / int(sizeof(T));                         // elements per 16 bytes
-  constexpr int KC = linear_stage_bytes<NT>() / int(sizeof(T));  // k per staged chunk
-  constexpr int kStride = linear_stage_stride<NT>();
+  constexpr int E = 16 / int(sizeof(T));  // elements per 16 bytes
+  const int KC = stage.k;                 // k per staged chunk (a multiple of 2 slabs)
+  const int kStride = stage.stride;
   constexpr int kPt = 8 * NT + 4;                        // slice-sum row stride (floats)
   float* ss = reinterpret_cast<float*>(smem);            // [slices][64] RMS slice statistics
   float* inv_rms = ss + kLinearMaxSlices * kLinearCols;  // [64]
@@ -162,6 +163,7 @@ __global__ void __launch_bounds__(kLinearThreads, VEC && sizeof(T) == 2 && NT <=
     const int cs = int((c1 - c0 + kLinearSlab - 1) / kLinearSlab);
     const int vecs = cs * (kLinearSlab / E);  // 16-byte groups read by the chunk's slabs
     __syncthreads();                          // the previous chunk's readers are done
+#pragma unroll 2
     for (int i = threadIdx.x; i < mcols * vecs; i += kLinearThreads) {
       const int m = i / vecs, v = i % vecs;
       const int64_t k = c0 + int64_t(v) * E;
@@ -170,8 +172,8 @@ __global__ void __launch_bounds__(kLinearThreads, VEC && sizeof(T) == 2 && NT <=
     }
     __syncthreads();
     for (int s = 0; s < cs; s += U) {
-      if constexpr (sizeof(T) == 4) fma_batch<NT, U>(acc32, cur, act, s, cs, mcols, lane);
-      else mma_batch<T, NT, U>(acc16, cur, act, s, cs, mcols, lane);
+      if constexpr (sizeof(T) == 4) fma_batch<NT, U>(acc32, cur, act, kStride, s, cs, mcols, lane);
+      else mma_batch<T, NT, U>(acc16, cur, act, kStride, s, cs, mcols, lane);
       cur = nxt;
       nxt.load(rows, ends, k_lo, slab0 + s + 2 * U, nslab, wvec, lane);
     }
@@ -263,8 +265,11 @@ template <typename T, int NT, int U, bool VEC>
 cudaError_t launch_fused_linear_grid(const LinearParams<T>& p, LinearSplit split, bool clusters,
                                      cudaStream_t stream) {
   auto kernel = fused_linear_kernel<T, NT, U, VEC>;
-  const size_t smem = linear_smem_bytes<NT>(int(p.M < 8 * NT ? p.M : 8 * NT));
-  constexpr size_t kMaxSmem = linear_smem_bytes<NT>(8 * NT);
+  const int tokens = int(p.M < 8 * NT ? p.M : 8 * NT);
+  const LinearStage stage = linear_stage<NT>(int(sizeof(T)), tokens, split.slice_k, p.stage_budget);
+  const size_t smem = linear_smem_bytes<NT>(tokens, stage.stride);
+  // the largest stage any call of this instance can ask for: 8 NT tokens x 8 KB / NT (+ pad)
+  constexpr size_t kMaxSmem = linear_smem_bytes<NT>(8 * NT, 8192 / NT + 64);
   if constexpr (kMaxSmem > 48 * 1024) {  // opt in to more than the default limit, once per device
     static bool done[64] = {};
     int dev = 0;
@@ -281,7 +286,7 @@ cudaError_t launch_fused_linear_grid(const LinearParams<T>& p, LinearSplit split
   const int64_t groups = (p.M + kLinearCols - 1) / kLinearCols;
   const dim3 grid(unsigned(row_blocks * groups * split.slices));
   return launch_pdl_cluster(kernel, grid, dim3(kLinearThreads), smem, stream, clusters,
-                            clusters ? unsigned(split.slices) : 0u, p, split);
+                            clusters ? unsigned(split.slices) : 0u, p, split, stage);
 }
 
 template <typename T, int NT, int U>
