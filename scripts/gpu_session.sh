@@ -252,6 +252,14 @@ job() {
 
 case "${1:-}" in
   start)
+    # the eval sets travel in .data (../shared does not reach the device): without them every
+    # timed stage fails after minutes of device time (2026-12-06 s14: a fresh checkout had none)
+    for f in humaneval mbpp mt-bench gsm8k; do
+      [ -f "$ROOT/.data/$f.jsonl" ] || { echo "gpu_session: .data/$f.jsonl missing: copy \
+../shared/data/eval/*.jsonl into .data here and carry .data" >&2; exit 2; }
+    done
+    [ -f "$ROOT/.data/pair.tgz.part-00" ] || echo "gpu_session: no packed pair in .data: the job \
+trains one first (~12 min of device time)"
     OUT=$RES bash scripts/device_run.sh build > "$RES/build.txt" 2>&1 || { tail -30 "$RES/build.txt"; exit 1; }
     tail -2 "$RES/build.txt"
     setsid nohup bash "$0" job > "$RES/job.txt" 2>&1 < /dev/null &

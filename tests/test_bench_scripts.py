@@ -53,3 +53,20 @@ def test_gpu_session_stages_exist_and_bad_mode_fails(tmp_path):
     r = subprocess.run(["bash", session, "nonsense"], capture_output=True, text=True,
                        env={**os.environ, "RES": str(tmp_path)})
     assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_gpu_session_start_without_eval_sets_stops_before_building(tmp_path):
+    """`gpu_session.sh start` in a checkout whose .data lacks the eval sets (they do not reach the
+    device otherwise) stops at once with the fix, before the build spends device time."""
+    import shutil
+    import subprocess
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(os.path.join(SCRIPTS, "gpu_session.sh"), tmp_path / "scripts")
+    (tmp_path / ".data").mkdir()
+    (tmp_path / ".data" / "humaneval.jsonl").write_text("{}\n")  # one of four
+    r = subprocess.run(["bash", str(tmp_path / "scripts" / "gpu_session.sh"), "start"],
+                       capture_output=True, text=True,
+                       env={**os.environ, "RES": str(tmp_path / "res")})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert ".data/mbpp.jsonl missing" in r.stderr and "../shared/data/eval" in r.stderr
+    assert not (tmp_path / "res" / "build.txt").exists()
