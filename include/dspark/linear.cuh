@@ -206,10 +206,9 @@ __device__ __forceinline__ unsigned mul2_rn(unsigned x, unsigned y) {
 
 // 16 bytes of xhat[m, k ..] (the prologue), as T bits, zeros at and past `end`. 16-bit T: the
 // last multiply of each element (by the norm weight, by the up projection) on packed pairs, the
-// same roundings as the element-wise fp32 form (see mul2_rn), about a quarter of its
-// instructions: staging is the part of a block's work that grows with its tokens, and with 8
-// tokens it rivalled the weight loop's instruction count (s6 ncu: 1.41x the instructions of a
-// decode at the 8B gate_up).
+// same roundings as the element-wise fp32 form (see mul2_rn) in about a quarter of its
+// instructions: staging is the part of a block's work that grows with its tokens (s6 ncu at
+// the 8B gate_up: ~1.3x a decode's instructions at 8 tokens).
 template <typename T>
 __device__ __forceinline__ uint4 xhat16(const LinearParams<T>& p, int64_t m, int64_t k, int64_t end,
                                         float inv_rms, bool vec) {
