@@ -2,7 +2,7 @@
 # One batched session on the GPU machine: build, CUDA checks, sanitizers, benchmarks.
 # Usage: bash scripts/device_run.sh [build] [check] [tests] [sanitize] [fuzz] [churn] [linear] [engine]
 #        [decode] [bench] [sm80] [verifytests] [verifysanitize] [pair] [sweep] [profile]
-#        [project] [tp] [linear_ab] [linear_tiles]
+#        [project] [tp] [linear_ab]
 # (decode: DECODE_VARIANTS=graph,compile,...); results in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -60,17 +60,6 @@ for stage in "$@"; do
         log "bench_verify_forward DSPARK_LINEAR_STAGE_BYTES=$b"
         (cd bench && DSPARK_LINEAR_STAGE_BYTES=$b timeout 120 python3 bench_verify_forward.py \
           --batches 1,4 --rows 8 --variants fused --out "$OUT/verify_forward_stage$b.json") 2>&1 | tail -8
-      done ;;
-    linear_tiles)  # fused_linear's column tiles per block (DSPARK_LINEAR_MAX_TILES, same bits):
-      # the 8B-shape verify forward at 16 / 32 / 64 rows (batch 2 / 4 / 8 x 8 rows) per setting;
-      # s14: the 4-tile kernel took 16.9 ms for 32 rows where 16 rows took 10.1 on the 2-tile one
-      log "linear tiles: bit-equality tests"
-      (cd tests && timeout 120 python3 -m pytest -q -p no:cacheprovider -k "cuda and (tiles or stage)" \
-        test_linear.py 2>&1 | tail -3)
-      for t in ${LINEAR_TILES:-8 4 2 1}; do
-        log "bench_verify_forward DSPARK_LINEAR_MAX_TILES=$t"
-        (cd bench && DSPARK_LINEAR_MAX_TILES=$t timeout 120 python3 bench_verify_forward.py \
-          --batches 2,4,8 --rows 8 --variants fused --out "$OUT/verify_forward_tiles$t.json") 2>&1 | tail -8
       done ;;
     engine)
       log engine; (cd bench && python3 check_engine_cuda.py) 2>&1 | tail -8 ;;

@@ -86,10 +86,6 @@ timed_runs() {  # the GPU to itself, in order of what the open issues need most
     stage pack 120 python3 scripts/pack_pair.py $PAIR $RES/pack && touch "$RES/end_pack"
   fi
   schedule_bench
-  # fused_linear's column-tile cap (DSPARK_LINEAR_MAX_TILES, built 2026-12-06 s14 after the run):
-  # its bit-equality tests, then the 8B verify forward at 16-64 rows per setting (the A/B that
-  # sets the default; s14: 32 rows 2.13x a decode step fused, 1.56x on cuBLAS)
-  stage linear_tiles 300 env OUT="$RES" bash scripts/device_run.sh linear_tiles
   # confidence-scheduled verification at gamma 7 on code, every mode with and without the
   # engine's ar_fallback (plain decoding at a batch where a probe measures it faster,
   # dspark/fallback.py; predicted >= 0.95x autoregressive at every batch, s10: every mode

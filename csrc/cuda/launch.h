@@ -54,7 +54,6 @@ struct LinearArgs {
   float eps;
   int prologue;      // 0 plain, 1 RMSNorm, 2 SiLU gate
   int stage_budget;  // staged-activation bytes per block; 0: the default, < 0: the pre-s14 rule
-  int max_tiles;     // 8-token column tiles per block at most (1, 2, 4; else 8)
 };
 cudaError_t launch_linear(const LinearArgs& args, cudaStream_t stream);
 // The fused linear kernel as loaded for the current device: the architecture it was compiled for

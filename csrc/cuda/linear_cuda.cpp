@@ -12,10 +12,6 @@
 namespace dspark {
 namespace {
 
-// Column tiles per block by default: 8 (one group of up to 64 tokens; the A/B that decides
-// whether fewer pay at 17-64 rows: bench/RESULTS.md, fourteenth session).
-constexpr int kDefaultMaxTiles = 8;
-
 // Bytes of activations a block stages at once (include/dspark/linear.cuh: linear_stage): 0 / unset
 // = the default, -1 = the rule before 2026-12-06 s14 (8 KB / column tiles per token), or a positive
 // budget; read per call, for A/B measurements (bench/bench_linear.py). Same bits for any value.
@@ -28,18 +24,6 @@ int stage_budget() {
                      "DSPARK_LINEAR_STAGE_BYTES must be an integer in [-1, 1048576], got '", env,
                      "'");
   return int(b);
-}
-
-// Most 8-token column tiles a block multiplies (include/dspark/linear_kernel.cuh): 1, 2, 4 or 8
-// (unset: the default); read per call, for A/B measurements. Same bits for any value.
-int max_tiles() {
-  const char* env = std::getenv("DSPARK_LINEAR_MAX_TILES");
-  if (!env || !*env) return kDefaultMaxTiles;
-  char* end = nullptr;
-  const long t = std::strtol(env, &end, 10);
-  DSPARK_CHECK_VALUE(*end == '\0' && (t == 1 || t == 2 || t == 4 || t == 8),
-                     "DSPARK_LINEAR_MAX_TILES must be 1, 2, 4 or 8, got '", env, "'");
-  return int(t);
 }
 
 at::Tensor fused_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -65,7 +49,6 @@ at::Tensor fused_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   a.eps = static_cast<float>(eps);
   a.prologue = d.prologue;
   a.stage_budget = stage_budget();
-  a.max_tiles = max_tiles();
   const cudaError_t err = launch_linear(a, c10::cuda::getCurrentCUDAStream());
   DSPARK_CHECK(err == cudaSuccess,
                "dspark::fused_linear kernel launch failed: ", cudaGetErrorString(err));

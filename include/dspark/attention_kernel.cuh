@@ -160,34 +160,16 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
       }
     } else {  // a block slot: the ancestor at depth v - st of each row
       const int64_t dep = v - st;
-      if constexpr (MAXQ <= 16) {
-        // the tile's chains side by side (d outer): the same FMA chain per score, in d order,
-        // but independent chains in flight instead of nq dependent 128-FMA chains one after
-        // another on the few threads that own block slots (the rest of the block waits for them)
-        int kr[MAXQ];  // offset of the row's ancestor's k in newk; -1: not visible
 #pragma unroll
-        for (int q = 0; q < MAXQ; ++q) {
-          kr[q] = -1;
-          if (q >= nq) continue;
-          const int j = t0 + q / G;
-          if (dep <= depth[j] && v >= lo_of(j)) kr[q] = anc[j * NR + dep] * int(D);
-        }
-        for (int64_t d = 0; d < D; ++d)
-#pragma unroll
-          for (int q = 0; q < MAXQ; ++q)
-            if (kr[q] >= 0) sc[q] = __fmaf_rn(qs[q * D + d], newk[kr[q] + d], sc[q]);
-      } else {
-#pragma unroll
-        for (int q = 0; q < MAXQ; ++q) {
-          if (q >= nq) break;
-          const int j = t0 + q / G;
-          if (dep > depth[j] || v < lo_of(j)) continue;
-          const float* kr = newk + anc[j * NR + dep] * D;
-          const float* qq = qs + q * D;
-          float s = 0.0f;
-          for (int64_t d = 0; d < D; ++d) s = __fmaf_rn(qq[d], kr[d], s);
-          sc[q] = s;
-        }
+      for (int q = 0; q < MAXQ; ++q) {
+        if (q >= nq) break;
+        const int j = t0 + q / G;
+        if (dep > depth[j] || v < lo_of(j)) continue;
+        const float* kr = newk + anc[j * NR + dep] * D;
+        const float* qq = qs + q * D;
+        float s = 0.0f;
+        for (int64_t d = 0; d < D; ++d) s = __fmaf_rn(qq[d], kr[d], s);
+        sc[q] = s;
       }
     }
     bool vis[MAXQ];

@@ -50,7 +50,6 @@ struct LinearParams {
   float eps;
   int prologue;
   int stage_budget;  // bytes of staged activations per block (linear_stage); <= 0: see there
-  int max_tiles;     // most 8-token column tiles per block (1, 2, 4; else 8): a launch choice
 };
 
 constexpr int kLinearWarps = 8;  // 256 threads per block

@@ -2,9 +2,9 @@
 // launcher. The math, roundings and the one summation order: dspark/linear.cuh.
 //
 // Grid (x only): (row block (kLinearRows = 128 output rows, a 16-row strip per warp), group of
-// 8 NT tokens (NT column tiles, at most kLinearCols = 64 tokens), k slice), slice fastest: the
-// `slices` blocks of a (row block, token group) form one cluster, and the token groups of a row
-// block are launched side by side, so the second group's weight reads mostly hit L2.
+// kLinearCols = 64 tokens, k slice), slice fastest: the `slices` blocks of a (row block, token
+// group) form one cluster, and the token groups of a row block are launched side by side, so
+// beyond 64 tokens the second group's weight reads mostly hit L2.
 // A block:
 //   1. issues the first two batches of weight loads of its strip (before the programmatic wait:
 //      weights do not depend on earlier kernels, dspark/pdl.cuh);
@@ -89,10 +89,9 @@ __global__ void __launch_bounds__(kLinearThreads, VEC && sizeof(T) == 2 && NT <=
       reinterpret_cast<unsigned char*>(recv + kLinearRows * kPt);  // [tokens][kStride]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int P = split.slices, rank = int(blockIdx.x % unsigned(P));
-  constexpr int kCols = 8 * NT;  // tokens per group (<= kLinearCols)
-  const int64_t groups = (p.M + kCols - 1) / kCols, rest = blockIdx.x / unsigned(P);
-  const int64_t rb = rest / groups, m0 = rest % groups * kCols;
-  const int mcols = int(p.M - m0 < kCols ? p.M - m0 : kCols);
+  const int64_t groups = (p.M + kLinearCols - 1) / kLinearCols, rest = blockIdx.x / unsigned(P);
+  const int64_t rb = rest / groups, m0 = rest % groups * kLinearCols;
+  const int mcols = int(p.M - m0 < kLinearCols ? p.M - m0 : kLinearCols);  // <= 8 NT (launcher)
   const int64_t k_lo = int64_t(rank) * split.slice_k;
   const int64_t k_hi = k_lo + split.slice_k < p.K ? k_lo + split.slice_k : p.K;
   const int nslab = k_hi > k_lo ? int((k_hi - k_lo + kLinearSlab - 1) / kLinearSlab) : 0;
@@ -284,7 +283,7 @@ cudaError_t launch_fused_linear_grid(const LinearParams<T>& p, LinearSplit split
     }
   }
   const int64_t row_blocks = (p.N + kLinearRows - 1) / kLinearRows;
-  const int64_t groups = (p.M + 8 * NT - 1) / (8 * NT);
+  const int64_t groups = (p.M + kLinearCols - 1) / kLinearCols;
   const dim3 grid(unsigned(row_blocks * groups * split.slices));
   return launch_pdl_cluster(kernel, grid, dim3(kLinearThreads), smem, stream, clusters,
                             clusters ? unsigned(split.slices) : 0u, p, split, stage);
@@ -297,8 +296,8 @@ cudaError_t launch_fused_linear_tile(const LinearParams<T>& p, LinearSplit split
              : launch_fused_linear_grid<T, NT, U, false>(p, split, clusters, stream);
 }
 
-// Shapes as in LinearParams. M, N, K >= 1; ceil(N / 128) * ceil(M / 8) * slices < 2^31 (grid
-// x). The column-tile count follows min(M, 64, 8 max_tiles); it changes no token's arithmetic.
+// Shapes as in LinearParams. M, N, K >= 1; ceil(N / 128) * ceil(M / 64) * slices < 2^31 (grid
+// x). The column-tile count follows min(M, 64); it changes no token's arithmetic.
 template <typename T>
 cudaError_t launch_fused_linear(const LinearParams<T>& p, cudaStream_t stream) {
   LinearDevice* dev = nullptr;
@@ -310,13 +309,7 @@ cudaError_t launch_fused_linear(const LinearParams<T>& p, cudaStream_t stream) {
   auto al = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
   const bool v = p.K % E == 0 && al(p.weight) && al(p.x) && (!p.norm_weight || al(p.norm_weight));
   const bool c = dev->clusters;
-  // Column tiles per block: enough for min(M, 64) tokens, at most p.max_tiles (1, 2, 4 or 8;
-  // 0 = 8): fewer tiles run more token groups, each re-reading the weights (from L2 when the
-  // groups of a row block run side by side) with the registers and occupancy of a small tile.
-  int64_t cap = p.max_tiles >= 1 && p.max_tiles < 8 ? 8 * int64_t(p.max_tiles) : kLinearCols;
-  const int64_t row_blocks = (p.N + kLinearRows - 1) / kLinearRows;
-  if (row_blocks * ((p.M + cap - 1) / cap) * split.slices >= (int64_t(1) << 31)) cap = kLinearCols;
-  const int64_t cols = p.M < cap ? p.M : cap;
+  const int64_t cols = p.M < kLinearCols ? p.M : kLinearCols;
   // Two batches of U slabs in flight per warp: 16-bit, 4 x 32 B per lane per batch for <= 16
   // tokens (decode, batch-1/2 verify), 2 x 32 B when the accumulators need the registers.
   constexpr bool k32 = sizeof(T) == 4;
