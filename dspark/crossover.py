@@ -51,9 +51,7 @@ def measure_crossover(runner, grid: Sequence[int] = CROSSOVER_GRID, *, gamma: in
                                                           context=context, reps=reps))
     finally:
         runner.fused, runner.fused_max_rows, runner.batch_invariant = fused, max_rows, invariant
-        runner.cache = None  # the measurement's cache: the engine allocates its own
-        runner._graphs.clear()
-        runner._pool = None
+        runner.release()  # the measurement's cache: the engine allocates its own
     crossover = grid[0]
     for B, tf, tc in zip(grid, times["fused"], times["cublas"]):
         if tf > tc:

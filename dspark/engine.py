@@ -460,16 +460,7 @@ class SpeculativeEngine:
         return st, timer, fwd.hidden
 
     def _finish(self, st: SpecState, timer: StageTimer, t0: float, gamma: int) -> Generation:
-        tokens, n = st.tokens.cpu(), st.n_tokens.cpu()
-        stops, max_new = st.stop_tokens.cpu().tolist(), st.max_new.cpu().tolist()
-        out = []
-        for b, prompt in enumerate(st.prompts):
-            gen = tokens[b, len(prompt):int(n[b])].tolist()[:max_new[b]]
-            for i, t in enumerate(gen):
-                if t in stops[b]:
-                    gen = gen[:i + 1]
-                    break
-            out.append(gen)
+        out = st.outputs()
         times = timer.totals()
         total = time.perf_counter() - t0
         rounds = min(int(st.rounds), st.round_active.shape[0])

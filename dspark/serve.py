@@ -122,17 +122,10 @@ def serve(engine, prompts: Sequence, slots: int, *, speculative: bool = True, **
 
 def _harvest(st, rows, owner, out, began, ended, step) -> None:
     """The finished requests in ``rows``: their tokens (cut at max_new / a stop token)."""
-    idx = torch.as_tensor(rows, device=st.tokens.device)
-    tokens, n = st.tokens[idx].cpu(), st.n_tokens[idx].cpu()
-    stops, max_new = st.stop_tokens[idx].cpu().tolist(), st.max_new[idx].cpu().tolist()
+    gens = st.outputs(rows)
     now = time.perf_counter()
-    for i, b in enumerate(rows):
+    for b, gen in zip(rows, gens):
         r = owner[b]
-        gen = tokens[i, len(st.prompts[b]):int(n[i])].tolist()[:max_new[i]]
-        for j, t in enumerate(gen):
-            if t in stops[i]:
-                gen = gen[:j + 1]
-                break
         out[r] = gen
         # active from the step after it entered its slot to its last commit (found a step
         # late); a request whose only token came from its prefill was active in no round

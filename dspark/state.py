@@ -132,31 +132,59 @@ class SpecState:
     def reset_rows(self, rows: list, prompts: list, max_new: list, stop_tokens: list,
                    params: SamplingTensors, seeds: list) -> None:
         """Refill the given rows for new requests (continuous batching, dspark/serve.py), the
-        other rows untouched; the round log is the caller's (it is not per row)."""
+        other rows untouched; the round log is the caller's (it is not per row). The int64
+        fields travel as one host-to-device copy."""
         C, S = self.capacity, self.stop_tokens.shape[1]
         if any(len(p) > C for p in prompts) or any(len(s) > S for s in stop_tokens):
             raise ValueError(f"refilled prompts need <= {C} tokens and <= {S} stop tokens")
         dev = self.tokens.device
+        k = len(rows)
+        host = torch.zeros(k, C + 3 + S, dtype=torch.int64)  # tokens | len, max_new, seed | stops
+        host[:, C + 3:] = -1  # (stop lists are -1 padded)
+        for i, (p, s) in enumerate(zip(prompts, stop_tokens)):
+            host[i, :len(p)] = torch.as_tensor(p, dtype=torch.int64)
+            host[i, C + 3:C + 3 + len(s)] = torch.as_tensor(list(s), dtype=torch.int64)
+        host[:, C] = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+        host[:, C + 1] = torch.as_tensor(max_new, dtype=torch.int64)
+        host[:, C + 2] = torch.as_tensor(seeds, dtype=torch.int64)
+        block = host.to(dev)
         idx = torch.as_tensor(rows, dtype=torch.int64, device=dev)
-        tokens = torch.zeros(len(rows), C, dtype=torch.int64)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = torch.as_tensor(p, dtype=torch.int64)
-        stops = torch.tensor([list(s) + [-1] * (S - len(s)) for s in stop_tokens],
-                             dtype=torch.int64)
-        lens = torch.tensor([len(p) for p in prompts], dtype=torch.int64).to(dev)
-        self.tokens[idx] = tokens.to(dev)
-        self.n_tokens[idx] = lens
-        self.prompt_lens[idx] = lens
-        self.max_new[idx] = torch.as_tensor(max_new, dtype=torch.int64).to(dev)
-        self.stop_tokens[idx] = stops.to(dev)
+        self.tokens[idx] = block[:, :C]
+        self.n_tokens[idx] = block[:, C]
+        self.prompt_lens[idx] = block[:, C]
+        self.max_new[idx] = block[:, C + 1]
+        self.seeds[idx] = block[:, C + 2]
+        self.stop_tokens[idx] = block[:, C + 3:]
         for mine, new in zip(self.params, params):
             mine[idx] = new.to(dev)
         self.draft_temperature[idx] = self.params.temperature[idx] * self.draft_scale
-        self.seeds[idx] = torch.as_tensor(seeds, dtype=torch.int64).to(dev)
         self.active[idx] = True
         self.any_active.fill_(True)
         for i, r in enumerate(rows):
             self.prompts[r] = list(prompts[i])
+
+    def outputs(self, rows: Optional[list] = None) -> list:
+        """Each request's generated tokens (``rows``: those rows, default all): what follows its
+        prompt, cut at max_new_tokens and after the first stop token. One device-to-host copy."""
+        C = self.capacity
+        if rows is None:
+            pick = lambda t: t  # noqa: E731
+        else:
+            idx = torch.as_tensor(rows, dtype=torch.int64, device=self.tokens.device)
+            pick = lambda t: t[idx]  # noqa: E731
+        block = torch.cat([pick(self.tokens), pick(self.n_tokens)[:, None],
+                           pick(self.max_new)[:, None], pick(self.stop_tokens)], 1).cpu()
+        out = []
+        for i, b in enumerate(range(self.batch) if rows is None else rows):
+            n, max_new = int(block[i, C]), int(block[i, C + 1])
+            stops = set(block[i, C + 2:].tolist())
+            gen = block[i, len(self.prompts[b]):n].tolist()[:max_new]
+            for j, t in enumerate(gen):
+                if t in stops:
+                    gen = gen[:j + 1]
+                    break
+            out.append(gen)
+        return out
 
     def commit_first_rows(self, rows: list, first: torch.Tensor) -> None:
         """The token sampled from the refilled rows' prefill logits (first [len(rows)]),

@@ -122,13 +122,17 @@ class ModelRunner:
         """Names the current KV-cache allocation (0: none); graphs over it are keyed by it."""
         return self.cache.serial if self.cache is not None else 0
 
+    def release(self) -> None:
+        """Drop the KV cache and the graphs captured over it (and their memory pool)."""
+        self._graphs.clear()
+        self._pool = None  # a fresh pool: the old one's graphs (and its memory) are gone
+        self.cache = None
+
     def allocate(self, batch: int, max_len: int) -> KVCache:
         """(Re)allocate the KV cache for ``batch`` sequences of ``max_len`` slots (drops graphs)."""
         c = self.cache
         if c is None or c.batch != batch or c.max_len != max_len:
-            self._graphs.clear()
-            self._pool = None  # a fresh pool: the old one's graphs (and its memory) are gone
-            self.cache = None
+            self.release()
             cfg = self.config
             self.cache = KVCache(cfg.num_layers, batch, self.model.cache_kv_heads, max_len,
                                  cfg.head_dim, self.model.dtype, self.device)
