@@ -2,12 +2,13 @@
 
 A forward over up to ``fused_max_rows`` token rows runs on dspark's kernels (fused_linear +
 decode_attention: one summation order for every row count, so greedy speculation is bit-identical
-to greedy decoding); above it cuBLAS + SDPA take over. Where they take over faster depends on the
-model and the GPU (H100, bench/RESULTS.md): the Qwen3-8B shape's verify forward is faster on cuBLAS
-from 16 rows, while the 24 x 256 benchmark pair's fused forward stays faster up to ~320 rows
-(2026-12-06 s13: 95 rows 2.41 vs 3.86 ms, 255 rows 3.73 vs 4.00, 319 rows 4.11 vs 4.29, 383 rows
-4.90 vs 4.32). A fixed default (64) left the pair's batch-16 verify (128 rows) on the slower path,
-which also broke greedy identity there (66 % of outputs identical).
+to greedy decoding); above it cuBLAS takes over (its projections around decode_attention with the
+runner's ``hybrid``, else cuBLAS + SDPA: "cublas" below and in the JSON). Where it takes over
+faster depends on the model and the GPU (H100, bench/RESULTS.md): the Qwen3-8B shape's verify
+forward is faster on cuBLAS + SDPA from 16 rows, while the 24 x 256 benchmark pair's fused forward
+stays faster up to ~320 rows (2026-12-06 s13: 95 rows 2.41 vs 3.86 ms, 255 rows 3.73 vs 4.00, 319
+rows 4.11 vs 4.29, 383 rows 4.90 vs 4.32). A fixed default (64) left the pair's batch-16 verify
+(128 rows) on the slower path, which also broke greedy identity there (66 % of outputs identical).
 
 :func:`measure_crossover` times the runner's verify forward (the SPS profiler's shapes: B tokens
 in chains of gamma + 1 at a fixed context, replayed from a CUDA graph) on both paths over a grid
@@ -59,6 +60,7 @@ def measure_crossover(runner, grid: Sequence[int] = CROSSOVER_GRID, *, gamma: in
         crossover = B
     return dict(format=CROSSOVER_FORMAT, grid=grid, fused_seconds=times["fused"],
                 cublas_seconds=times["cublas"], max_rows=crossover,
+                above="hybrid" if getattr(runner, "hybrid", False) else "cublas",
                 config=dict(gamma=gamma, context=context, reps=reps))
 
 

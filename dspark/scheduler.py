@@ -92,7 +92,7 @@ def _device_name(device: torch.device) -> str:
 
 def sps_key(runner) -> dict:
     """What an SPS table depends on: the architecture (a hash of the model config), the device,
-    the dtype and the runner's kernel variant (fused / batch-invariant / compiled)."""
+    the dtype and the runner's kernel variant (fused / batch-invariant / hybrid / compiled)."""
     cfg = dataclasses.asdict(runner.config)
     digest = hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
     variant = "fused" if runner.fused else "unfused"
@@ -100,6 +100,8 @@ def sps_key(runner) -> dict:
         variant += f"-max{runner.fused_max_rows}"
     if runner.batch_invariant:
         variant += "-batch-invariant"
+    elif getattr(runner, "hybrid", False):
+        variant += "-hybrid"  # above the fused rows: decode_attention under cuBLAS projections
     if runner.compile:
         variant += f"-compile-{runner.compile}" if isinstance(runner.compile, str) else "-compile"
     return dict(model=f"{cfg['model_type']}-{cfg['hidden_size']}x{cfg['num_layers']}",

@@ -24,6 +24,10 @@ sums do not depend on the row count, so a token's logits are bit-identical in de
 ``batch_invariant=True`` forces them for every decode / extend / verify call, whatever the rows
 (above FUSED_MAX_ROWS they re-read the weights once per 64 rows: slower than cuBLAS there, but
 greedy speculative output then equals greedy autoregressive output at any batch size).
+Above the fused rows, ``hybrid`` (default: on for CUDA) keeps ``dspark::decode_attention`` under
+the cuBLAS projections (``Block.hybrid``: one attention kernel a layer instead of the unfused core's
+QK-norm, rotary, cache write and masked SDPA over the whole cache) for caches of at most
+``HYBRID_MAX_SLOTS`` slots; ``hybrid=False`` keeps cuBLAS + SDPA there.
 Prefill stays on cuBLAS + SDPA (shared by the autoregressive and speculative runs).
 """
 from __future__ import annotations
@@ -34,7 +38,14 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 
 from .kv import KVCache
-from .transformer import FUSED_MAX_ROWS, FUSED_TILE_ROWS, PackedLayout, Transformer
+from .transformer import (
+    FUSED_MAX_BLOCK,
+    FUSED_MAX_ROWS,
+    FUSED_TILE_ROWS,
+    HYBRID_MAX_SLOTS,
+    PackedLayout,
+    Transformer,
+)
 
 # torch.compile modes without CUDA graphs of their own (the runner captures the compiled call)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
@@ -64,7 +75,8 @@ def tree_masks(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class ModelRunner:
     def __init__(self, model: Transformer, use_cuda_graphs: Optional[bool] = None,
                  compile: Union[bool, str] = False, fused: Optional[bool] = None,
-                 batch_invariant: bool = False, fused_max_rows: Optional[int] = None):
+                 batch_invariant: bool = False, fused_max_rows: Optional[int] = None,
+                 hybrid: Optional[bool] = None):
         if isinstance(compile, str) and compile not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES} (the runner captures "
                              f"its own CUDA graphs), got {compile!r}")
@@ -79,6 +91,14 @@ class ModelRunner:
             use_cuda_graphs = model.device.type == "cuda"
         self.use_cuda_graphs = use_cuda_graphs
         self.fused = model.device.type == "cuda" if fused is None else fused
+        # calls the fused kernels do not take: cuBLAS projections around decode_attention
+        # (None: on for CUDA unless DSPARK_HYBRID=0, the switch for A/B runs of the CLI)
+        if hybrid is None:
+            env = os.environ.get("DSPARK_HYBRID", "auto")
+            if env not in ("auto", "0", "1"):
+                raise ValueError(f"DSPARK_HYBRID must be 'auto', '0' or '1', got {env!r}")
+            hybrid = model.device.type == "cuda" if env == "auto" else env == "1"
+        self.hybrid = bool(hybrid)
         self.batch_invariant = batch_invariant
         # fused_max_rows: the largest decode / verify call (token rows) on the fused kernels
         # (None: FUSED_MAX_ROWS; "auto": this model's measured crossover, dspark/crossover.py);
@@ -274,12 +294,14 @@ class ModelRunner:
         B, T = tokens.shape
         dev = tokens.device
         c = self.cache
-        if self._fuse(B * T, T):
+        path = self._path(B * T, T)
+        if path:
             # on the dspark kernels: no mask, no position arange (each would be one more small
             # kernel, outside the programmatic-launch chain); decode's last row is row 0
-            h, tapped = self.model(tokens, None, start, None, c.k, c.v, c.max_len, taps, True)
+            h, tapped = self.model(tokens, None, start, None, c.k, c.v, c.max_len, taps, path)
             h = h[:, 0] if T == 1 else h[torch.arange(B, device=dev), last]
-            return Forward(self.model.logits(h, True), torch.stack(tapped) if tapped else None)
+            return Forward(self.model.logits(h, path is True),
+                           torch.stack(tapped) if tapped else None)
         positions = start[:, None] + torch.arange(T, device=dev)
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(B, T, T)
         h, tapped = self.model(tokens, positions, start, causal, c.k, c.v, c.max_len, taps)
@@ -289,7 +311,7 @@ class ModelRunner:
     def _forward_tree(self, draft_tokens, parents, node_offsets, start, *given_static):
         *given, (max_nodes, taps, padded) = given_static  # given: a PackedLayout's dest, src, fill
         N, R, W = draft_tokens.shape[0], start.shape[0], max_nodes
-        fused = self._fuse(N, W)
+        fused = self._path(N, W)
         if N == R * W and not padded:  # every request has max_nodes nodes: no packing
             tokens, par = draft_tokens.view(R, W), parents.view(R, W)
             h, tapped = self._tree_body(tokens, par, start, taps, fused)
@@ -310,14 +332,14 @@ class ModelRunner:
                 h, tapped = self._tree_body(draft_tokens, par, start, taps, fused, layout)
                 flat = lambda t: t  # noqa: E731
         hidden = torch.stack([flat(t) for t in tapped]) if tapped else None
-        return Forward(self.model.logits(flat(h), fused), hidden)
+        return Forward(self.model.logits(flat(h), fused is True), hidden)
 
     def _tree_body(self, tokens, par, start, taps, fused, layout=None):
         """The model over a block of trees given by par [R, W] (local parent ids, -1 at roots);
-        tokens [R, W], or the packed rows [N] of ``layout``."""
+        tokens [R, W], or the packed rows [N] of ``layout``; fused: :meth:`_path`'s answer."""
         c = self.cache
         if fused:  # the kernels take the tree as parents (row j at position start + depth(j))
-            return self.model(tokens, None, start, None, c.k, c.v, c.max_len, taps, True, par,
+            return self.model(tokens, None, start, None, c.k, c.v, c.max_len, taps, fused, par,
                               layout)
         anc, depth = tree_masks(par)
         return self.model(tokens, start[:, None] + depth, start, anc, c.k, c.v, c.max_len, taps,
@@ -344,6 +366,17 @@ class ModelRunner:
                                  f"kernels' limit")
             return True
         return self.fused and self.model.can_fuse(rows, block, self.fused_max_rows)
+
+    def _path(self, rows: int, block: int):
+        """How a decode / verify call runs: True = the dspark kernels (:meth:`_fuse`),
+        "attention" = cuBLAS projections around decode_attention (``hybrid``), False = cuBLAS +
+        SDPA."""
+        if self._fuse(rows, block):
+            return True
+        if self.hybrid and block <= FUSED_MAX_BLOCK and self.cache is not None \
+                and self.cache.max_len <= HYBRID_MAX_SLOTS:
+            return "attention"
+        return False
 
     def _body(self, name, fn):
         if not self.compile or name in ("prefill", "prefill_rows"):  # a compile per bucket: no

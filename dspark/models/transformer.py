@@ -7,7 +7,7 @@ prefill/chains, ancestors-and-self for trees). Positions are passed explicitly (
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,12 @@ FUSED_MAX_ROWS = 64
 FUSED_TILE_ROWS = 64
 # Tokens per request of a fused forward (dspark::decode_attention's limit).
 FUSED_MAX_BLOCK = 64
+# Above the fused rows, a decode / verify forward keeps dspark::decode_attention under cuBLAS
+# projections (the runner's ``hybrid``: one kernel where the unfused attention core runs ~25 small
+# ones a layer: QK-norm, rotary, cache write, masked SDPA over the whole cache) while the cache
+# has at most this many slots. Measured on an H100 (bench/RESULTS.md, tenth session): ours is
+# faster than SDPA up to 4096 slots, 1.6-1.7x slower at 32768.
+HYBRID_MAX_SLOTS = 4096
 
 
 class PackedLayout(NamedTuple):
@@ -151,6 +157,22 @@ class Block(nn.Module):
         k_cache/v_cache: [L, B, Hkv, S, D] (slots start[b] + t of ``layer`` are written);
         start: [B]; parents: [B, T] local ids (-1 at roots) or None (a causal chain); inv_freq:
         [D/2] f32."""
+        return self._fused(x, self._attend(k_cache, v_cache, layer, start, inv_freq, parents,
+                                           layout))
+
+    def hybrid(self, x, k_cache, v_cache, layer, start, inv_freq, parents=None, layout=None):
+        """:meth:`decode`'s block (same arguments) with the module projections, norms and MLP
+        (cuBLAS, as :meth:`forward`) around dspark::decode_attention: for row counts where
+        cuBLAS streams the weights faster than fused_linear, the attention core stays one
+        kernel. Its sums depend on the row count (the GEMMs'), unlike :meth:`decode`'s."""
+        a = self.attn
+        attend = self._attend(k_cache, v_cache, layer, start, inv_freq, parents, layout)
+        x = x + a.o(attend(a.qkv(self.attn_norm(x))))
+        return x + self.mlp(self.mlp_norm(x))
+
+    def _attend(self, k_cache, v_cache, layer, start, inv_freq, parents, layout):
+        """The attention core on dspark::decode_attention: the QKV projection's rows (padded
+        from ``layout``'s packed rows when given) -> the attention output rows (packed again)."""
         a = self.attn
         q_norm = a.q_norm.weight if a.q_norm is not None else None
         k_norm = a.k_norm.weight if a.k_norm is not None else None
@@ -161,7 +183,7 @@ class Block(nn.Module):
             out = decode_attention(qkv, k_cache, v_cache, layer, start, inv_freq, a.h, q_norm,
                                    k_norm, a.eps, a.window, parents)
             return out if layout is None else layout.pack(out)
-        return self._fused(x, attend)
+        return attend
 
     def _fused(self, x, attend):
         """The block on four dspark::fused_linear calls (RMSNorm folded into the QKV and gate/up
@@ -221,7 +243,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor], start: torch.Tensor,
                 block_mask: Optional[torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Tensor,
-                kv_limit: int, taps: Sequence[int] = (), fused: bool = False,
+                kv_limit: int, taps: Sequence[int] = (), fused: Union[bool, str] = False,
                 parents: Optional[torch.Tensor] = None,
                 layout: Optional[PackedLayout] = None,
                 rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list]:
@@ -229,7 +251,8 @@ class Transformer(nn.Module):
         block_mask: [B, T, T] bool (query t may see block slot j); k_cache/v_cache:
         [L, B, Hkv, S, D]. Returns the final residual stream [B, T, hidden] (pre-norm) and the
         tapped residual streams (layer l's output; -1 = embedding output), in ``taps`` order.
-        ``fused``: every block on the dspark kernels (see :meth:`can_fuse`); the block's tree is
+        ``fused``: every block on the dspark kernels (see :meth:`can_fuse`), or "attention":
+        only the attention core on them (:meth:`Block.hybrid`); the block's tree is
         then given by ``parents`` [B, T] (local ids, -1 at roots; None = a causal chain), row t
         sitting at position start + depth(t): positions and block_mask are not used (may be
         None), and no masks or rotary tables are built.
@@ -237,6 +260,8 @@ class Transformer(nn.Module):
         positions, block_mask and parents keep the padded [B, T] layout; the residual streams
         returned are packed [N, hidden].
         ``rows`` [B] i64: the cache row of each request (None: request b is row b; not fused)."""
+        if fused not in (False, True, "attention"):
+            raise ValueError(f"fused must be False, True or 'attention', got {fused!r}")
         B, T = tokens.shape if layout is None else (layout.requests, layout.width)
         x = self.embed(tokens)
         if fused and rows is not None:
@@ -245,7 +270,8 @@ class Transformer(nn.Module):
             inv_freq = self.inv_freq.float()
             tapped = {-1: x} if -1 in taps else {}
             for i, layer in enumerate(self.layers):
-                x = layer.decode(x, k_cache, v_cache, i, start, inv_freq, parents, layout)
+                step = layer.decode if fused is True else layer.hybrid
+                x = step(x, k_cache, v_cache, i, start, inv_freq, parents, layout)
                 if i in taps:
                     tapped[i] = x
             return x, [tapped[t] for t in taps]
