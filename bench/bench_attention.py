@@ -58,6 +58,9 @@ def main():
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--position", type=int, default=None,
+                    help="first slot of the block (default: the block ends at slot S - 1); e.g. "
+                    "112, the 8B verify forward's (bench_verify_forward.py)")
     ap.add_argument("--rows-per-block", default="auto",
                     help="kernel 1's rows per thread block to time (auto: the launcher's choice; "
                     "N: DSPARK_ATTN_ROWS_PER_BLOCK=N), comma-separated, for an A/B of the split")
@@ -70,8 +73,9 @@ def main():
     B = a.batch
     bw = copy_bandwidth()
     dt, dev = torch.bfloat16, "cuda"
+    where = "ending at slot S-1" if a.position is None else f"at slot {a.position}"
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s; heads {H} / {HKV} of {D}, bf16, batch {B}, "
-          f"block ending at slot S-1; µs median")
+          f"block {where}; µs median")
     rows = []
     for S in (int(s) for s in a.slots.split(",")):
         for T in (int(t) for t in a.rows.split(",")):
@@ -79,7 +83,10 @@ def main():
             k_cache = torch.randn(LAYERS, B, HKV, S, D, device=dev, generator=gen).to(dt)
             v_cache = torch.randn(LAYERS, B, HKV, S, D, device=dev, generator=gen).to(dt)
             qkv = torch.randn(B, T, (H + 2 * HKV) * D, device=dev, generator=gen).to(dt)
-            start = torch.full((B,), S - T, device=dev)
+            first = S - T if a.position is None else a.position
+            if not 0 <= first <= S - T:
+                raise SystemExit(f"--position {first}: a block of {T} rows must fit {S} slots")
+            start = torch.full((B,), first, device=dev)
             pos = start[:, None] + torch.arange(T, device=dev)
             inv_freq = 1.0 / (1e6 ** (torch.arange(0, D, 2, device=dev, dtype=torch.float32) / D))
             qn, kn = torch.ones(D, device=dev, dtype=dt), torch.ones(D, device=dev, dtype=dt)
@@ -87,16 +94,17 @@ def main():
                 qkv, k_cache, v_cache, 1, start, inv_freq, H, qn, kn)
             base = lambda _: unfused(qkv, k_cache, v_cache, pos, inv_freq, qn, kn, S)  # noqa: E731
             if a.ncu:
-                torch.cuda.nvtx.range_push(f"decode_attention S={S} T={T}")
+                torch.cuda.nvtx.range_push(f"decode_attention S={S} T={T} P={first}")
                 ours(None)
                 torch.cuda.nvtx.range_pop()
                 continue
-            floor_us = B * 2 * HKV * S * D * 2 / bw * 1e6
+            floor_us = B * 2 * HKV * (first + T) * D * 2 / bw * 1e6  # the visible slots
             unfused_us = round(time_graph(base, [None], a.reps), 2)
             for rpb in a.rows_per_block.split(","):
                 os.environ["DSPARK_ATTN_ROWS_PER_BLOCK"] = "" if rpb == "auto" else rpb
                 diff = (ours(None).float() - base(None).float()).abs().max().item()
                 row = dict(slots=S, rows=T, batch=B, heads=[H, HKV, D], rows_per_block=rpb,
+                           position=first,
                            floor_us=round(floor_us, 2), max_abs_diff=diff,
                            ours_us=round(time_graph(ours, [None], a.reps), 2),
                            unfused_us=unfused_us)

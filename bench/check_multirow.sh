@@ -54,7 +54,8 @@ stage build 300 "nvidia-smi --query-gpu=name,driver_version --format=csv; \
 
 stage tests 240 "cd tests && python3 -m pytest -q -p no:cacheprovider -rf -k cuda \
   test_batch_invariance.py test_linear.py test_attention.py test_state_ops.py test_schedule.py \
-  test_verify_contract.py test_verify.py test_sample.py test_engine_graphs.py 2>&1 | tail -40"
+  test_verify_contract.py test_verify.py test_sample.py test_engine_graphs.py test_hybrid.py \
+  test_crossover.py ${TESTS_EXTRA:-} 2>&1 | tail -40"
 stage alltests 400 "cd tests && python3 -m pytest -q -p no:cacheprovider -rf -k cuda 2>&1 | tail -30"
 stage round_demo 200 "cd bench && python3 bench_round.py --prompts 16 --new 128 --drafters dspark,dspark-compiled,ngram --out $OUT/round_demo_bf16.json 2>&1 | tail -6"
 stage verify_forward 200 "cd bench && python3 bench_verify_forward.py ${VF_ARGS:-} --out $OUT/bench_verify_forward.json"
@@ -73,7 +74,15 @@ stage stateops 90 "cd bench && python3 bench_state_ops.py --out $OUT/bench_state
 stage sanitize_state 150 "cd tests && compute-sanitizer --tool memcheck python3 -m pytest -q -p no:cacheprovider \
   test_state_ops.py test_schedule.py -k cuda 2>&1 | tail -6"
 stage linear 90 "cd bench && python3 bench_linear.py --M 1,8,32,64 --out $OUT/bench_linear.json"
-stage attention 60 "cd bench && python3 bench_attention.py --slots 1024,32768 --rows 1,8,16 --out $OUT/bench_attention.json"
+stage attention 90 "cd bench && python3 bench_attention.py ${ATTN_ARGS:---slots 1024,32768 --rows 1,8,16} --out $OUT/bench_attention.json"
+# A/B: the weighted-V pass of one row of 4 query heads (the kernel before 2026-12-06 s15)
+stage attention_pq4 90 "cd bench && DSPARK_ATTN_PASS_Q=4 python3 bench_attention.py ${ATTN_ARGS:---slots 1024,32768 --rows 1,8,16} --out $OUT/bench_attention_pq4.json | tail -12"
+stage verify_forward_pq4 150 "cd bench && DSPARK_ATTN_PASS_Q=4 python3 bench_verify_forward.py --batches 1 --rows 8 --variants fused --out $OUT/bench_verify_forward_pq4.json | tail -4"
+# the attention kernel where the 8B verify forward runs it (block at slot 112 of 1024): 1 and 8 rows
+stage ncu_attention 120 "cd bench && ncu --clock-control none --kernel-name regex:decode_attention \
+  --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+  --section SchedulerStats python3 bench_attention.py --slots 1024 --position 112 --rows 1,8 --ncu \
+  > $OUT/ncu_attention.txt 2>&1; grep -E 'decode_attention|Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|No Eligible|Block Limit Reg|Grid Size' $OUT/ncu_attention.txt | head -60"
 
 # ---- summary ----------------------------------------------------------------------------------
 {
@@ -96,17 +105,21 @@ v = load("bench_verify_forward.json")
 if v:
     print(f"\n## verify forward vs decode ({v['device']}, copy {v['copy_GBps']} GB/s, weight-read floor "
           f"{v['floor_ms']} ms, position {v['position']})\n")
-    print("| B | W | rows | fused ms | x fused decode | x floor | cuBLAS ms | x fused decode | faster |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    names = [n for n in ("fused", "cublas", "hybrid") if any(r["variant"] == n for r in v["rows"])]
+    print("| B | W | rows | " + " | ".join(f"{n} ms | x fused decode" for n in names) + " | fastest |")
+    print("|---|---|---|" + "---|---|" * len(names) + "---|")
     by = {(r["B"], r["W"], r["variant"]): r for r in v["rows"]}
-    for (B, W, var), r in sorted(by.items()):
-        if var != "fused":
-            continue
-        c = by.get((B, W, "cublas"))
-        cc = f"{c['ms']} | {c['ratio_to_fused_decode']}" if c else "- | -"
-        fa = "" if not c else ("fused" if r["ms"] <= c["ms"] else "cuBLAS")
-        print(f"| {B} | {W} | {B * W} | {r['ms']} | {r['ratio_to_fused_decode']} | "
-              f"{r['ratio_to_floor']} | {cc} | {fa} |")
+    for B, W in sorted({(r["B"], r["W"]) for r in v["rows"]}):
+        got = {n: by[(B, W, n)] for n in names if (B, W, n) in by}
+        cells = [f"{got[n]['ms']} | {got[n]['ratio_to_fused_decode']}" if n in got else "- | -"
+                 for n in names]
+        print(f"| {B} | {W} | {B * W} | " + " | ".join(cells) + f" | {min(got, key=lambda n: got[n]['ms'])} |")
+    for r in v["rows"]:
+        if "profile" in r:
+            p = r["profile"]
+            print(f"\nprofile {r['variant']} B={r['B']} W={r['W']}: {p['kernels']} kernels, "
+                  f"{p['kernel_us']} us summed, span {p['span_us']} us; top: "
+                  + "; ".join(f"{n} {us}" for n, us in p["top"][:8]))
 d = load("bench_decode.json")
 if d:
     for r in d:
