@@ -84,6 +84,10 @@ stage ncu_attention 120 "cd bench && ncu --clock-control none --kernel-name rege
   --section SchedulerStats python3 bench_attention.py --slots 1024 --position 112 --rows 1,8 --ncu \
   > $OUT/ncu_attention.txt 2>&1; grep -E 'decode_attention|Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|No Eligible|Block Limit Reg|Grid Size' $OUT/ncu_attention.txt | head -60"
 
+# markov_draft against the loop it would replace: the pair's shape, then the 8B vocabulary
+stage markov_bench 150 "cd bench && python3 bench_markov_draft.py --R 1,16 --V 8256 --hidden 256 \
+  --variants op,loop --base-logits bfloat16 --out $OUT/markov_pair.json | tail -6 && python3 \
+  bench_markov_draft.py --R 1,64 --variants op,loop --base-logits bfloat16 --out $OUT/markov_8b.json | tail -6"
 # markov_draft's two kernels a step at the benchmark pair's shape (V 8256, rank 256, d 256, R 1):
 # where a step's time goes (the op took 589 µs for 7 steps against the loop's 281, s14)
 stage ncu_markov 120 "cd bench && ncu --clock-control none --kernel-name regex:Markov --launch-count 4 \
