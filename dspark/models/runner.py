@@ -24,10 +24,11 @@ sums do not depend on the row count, so a token's logits are bit-identical in de
 ``batch_invariant=True`` forces them for every decode / extend / verify call, whatever the rows
 (above FUSED_MAX_ROWS they re-read the weights once per 64 rows: slower than cuBLAS there, but
 greedy speculative output then equals greedy autoregressive output at any batch size).
-Above the fused rows, ``hybrid`` (default: on for CUDA) keeps ``dspark::decode_attention`` under
-the cuBLAS projections (``Block.hybrid``: one attention kernel a layer instead of the unfused core's
-QK-norm, rotary, cache write and masked SDPA over the whole cache) for caches of at most
-``HYBRID_MAX_SLOTS`` slots; ``hybrid=False`` keeps cuBLAS + SDPA there.
+Above the fused rows, ``hybrid=True`` (or ``DSPARK_HYBRID=1``; off by default until a GPU run has
+measured it) keeps ``dspark::decode_attention`` under the cuBLAS projections (``Block.hybrid``: one
+attention kernel a layer instead of the unfused core's QK-norm, rotary, cache write and masked SDPA
+over the whole cache) for caches of at most ``HYBRID_MAX_SLOTS`` slots; ``hybrid=False`` keeps
+cuBLAS + SDPA there.
 Prefill stays on cuBLAS + SDPA (shared by the autoregressive and speculative runs).
 """
 from __future__ import annotations
@@ -92,12 +93,12 @@ class ModelRunner:
         self.use_cuda_graphs = use_cuda_graphs
         self.fused = model.device.type == "cuda" if fused is None else fused
         # calls the fused kernels do not take: cuBLAS projections around decode_attention
-        # (None: on for CUDA unless DSPARK_HYBRID=0, the switch for A/B runs of the CLI)
+        # (None: DSPARK_HYBRID, the switch for the CLI; off by default: not yet timed on a GPU)
         if hybrid is None:
             env = os.environ.get("DSPARK_HYBRID", "auto")
             if env not in ("auto", "0", "1"):
                 raise ValueError(f"DSPARK_HYBRID must be 'auto', '0' or '1', got {env!r}")
-            hybrid = model.device.type == "cuda" if env == "auto" else env == "1"
+            hybrid = env == "1"
         self.hybrid = bool(hybrid)
         self.batch_invariant = batch_invariant
         # fused_max_rows: the largest decode / verify call (token rows) on the fused kernels
