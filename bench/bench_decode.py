@@ -49,19 +49,25 @@ def random_qwen3_8b(layers: int):
     return model, read_bytes
 
 
+def graph_kernels(fn) -> list:
+    """The kernels (CUPTI events, copies excluded) of one call of ``fn``, in start order, after
+    a warm-up call (a graphed call replays: CUPTI reports graph kernels)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not e.name.startswith("Memcpy")), key=lambda e: e.time_range.start)
+
+
 def profile_step(runner: ModelRunner, top: int = 8) -> dict:
     """Kernels inside one graph-replayed decode step (CUPTI reports graph kernels): count,
     summed GPU µs and the ``top`` largest by name; ``span_us`` = first start to last end."""
     tok, pos = torch.tensor([5], device="cuda"), torch.tensor([16], device="cuda")
-    runner.decode(tok, pos)  # same bucket as the engine's decode: replays the captured graph
-    torch.cuda.synchronize()
-    acts = torch.profiler.ProfilerActivity
-    with torch.profiler.profile(activities=[acts.CUDA]) as prof:
-        runner.decode(tok, pos)
-        torch.cuda.synchronize()
+    # (same bucket as the engine's decode: replays the captured graph)
+    kernels = graph_kernels(lambda: runner.decode(tok, pos))
     per_name, first, last = defaultdict(float), float("inf"), 0.0
-    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                      and not e.name.startswith("Memcpy")), key=lambda e: e.time_range.start)
     for e in kernels:
         per_name[e.name[:70]] += e.device_time
         first = min(first, e.time_range.start)

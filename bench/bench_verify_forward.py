@@ -24,7 +24,7 @@ import time
 from collections import defaultdict
 
 import torch
-from bench_decode import random_qwen3_8b
+from bench_decode import graph_kernels, random_qwen3_8b
 from bench_ops import copy_bandwidth
 
 from dspark.models import ModelRunner
@@ -51,20 +51,14 @@ def time_ms(fn, budget_ms: float = 300.0) -> float:
 
 
 def kernel_profile(fn, top: int = 12) -> dict:
-    """The kernels of one call of ``fn`` (a graph replay; CUPTI reports graph kernels): count,
-    summed GPU µs, first start to last end, and the ``top`` names by summed µs."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-               and not e.name.startswith("Memcpy")]
+    """The kernels of one call of ``fn`` (a graph replay): count, summed GPU µs, first start to
+    last end, and the ``top`` names by summed µs."""
+    kernels = graph_kernels(fn)
     per_name = defaultdict(float)
     for e in kernels:
         per_name[e.name[:60]] += e.device_time
-    span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)
-            if kernels else 0.0)
+    span = (max(e.time_range.end for e in kernels) - kernels[0].time_range.start
+            if kernels else 0.0)  # (overlapping kernels: the last to start may not end last)
     return dict(kernels=len(kernels), kernel_us=round(sum(per_name.values()), 1),
                 span_us=round(span, 1),
                 top=[(n, round(us, 1)) for n, us in sorted(per_name.items(),

@@ -167,13 +167,10 @@ class SpecState:
         """Each request's generated tokens (``rows``: those rows, default all): what follows its
         prompt, cut at max_new_tokens and after the first stop token. One device-to-host copy."""
         C = self.capacity
-        if rows is None:
-            pick = lambda t: t  # noqa: E731
-        else:
-            idx = torch.as_tensor(rows, dtype=torch.int64, device=self.tokens.device)
-            pick = lambda t: t[idx]  # noqa: E731
-        block = torch.cat([pick(self.tokens), pick(self.n_tokens)[:, None],
-                           pick(self.max_new)[:, None], pick(self.stop_tokens)], 1).cpu()
+        idx = slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.int64,
+                                                               device=self.tokens.device)
+        block = torch.cat([self.tokens[idx], self.n_tokens[idx, None], self.max_new[idx, None],
+                           self.stop_tokens[idx]], 1).cpu()
         out = []
         for i, b in enumerate(range(self.batch) if rows is None else rows):
             n, max_new = int(block[i, C]), int(block[i, C + 1])

@@ -95,9 +95,9 @@ class ModelRunner:
         # calls the fused kernels do not take: cuBLAS projections around decode_attention
         # (None: DSPARK_HYBRID, the switch for the CLI; off by default: not yet timed on a GPU)
         if hybrid is None:
-            env = os.environ.get("DSPARK_HYBRID", "auto")
-            if env not in ("auto", "0", "1"):
-                raise ValueError(f"DSPARK_HYBRID must be 'auto', '0' or '1', got {env!r}")
+            env = os.environ.get("DSPARK_HYBRID", "0")
+            if env not in ("0", "1"):
+                raise ValueError(f"DSPARK_HYBRID must be '0' or '1', got {env!r}")
             hybrid = env == "1"
         self.hybrid = bool(hybrid)
         self.batch_invariant = batch_invariant

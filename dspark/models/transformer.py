@@ -94,6 +94,14 @@ class PackedLayout(NamedTuple):
         return y.reshape(self.requests * self.width, -1)[self.src]
 
 
+def padded(core, layout: Optional[PackedLayout]):
+    """``core`` (an attention core: QKV rows [B, T, .] -> output rows) over the padded [R, W]
+    block of ``layout``'s packed rows, packed again; ``core`` itself without a layout."""
+    if layout is None:
+        return core
+    return lambda qkv: layout.pack(core(layout.pad(qkv)))
+
+
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -104,14 +112,6 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.d, c.rms_norm_eps) if c.qk_norm else None
         self.eps = c.rms_norm_eps
         self.window = 0  # sliding window of this layer (0 = none); set by Transformer
-
-    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit, layout=None,
-                rows=None):
-        qkv = self.qkv(x)
-        if layout is None:
-            return self.o(self.core(qkv, cos, sin, k_cache, v_cache, slots, mask, kv_limit, rows))
-        out = self.core(layout.pad(qkv), cos, sin, k_cache, v_cache, slots, mask, kv_limit)
-        return self.o(layout.pack(out))
 
     def core(self, qkv, cos, sin, k_cache, v_cache, slots, mask, kv_limit, rows=None):
         """Everything between the QKV and output projections (QK-norm, rotary, cache write,
@@ -147,9 +147,9 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_limit, layout=None,
                 rows=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, k_cache, v_cache, slots, mask, kv_limit,
-                          layout, rows)
-        return x + self.mlp(self.mlp_norm(x))
+        a = self.attn
+        return self._unfused(x, padded(lambda qkv: a.core(
+            qkv, cos, sin, k_cache, v_cache, slots, mask, kv_limit, rows), layout))
 
     def decode(self, x, k_cache, v_cache, layer, start, inv_freq, parents=None, layout=None):
         """A block of T tokens per request on dspark kernels only: 4 fused_linear +
@@ -165,25 +165,25 @@ class Block(nn.Module):
         (cuBLAS, as :meth:`forward`) around dspark::decode_attention: for row counts where
         cuBLAS streams the weights faster than fused_linear, the attention core stays one
         kernel. Its sums depend on the row count (the GEMMs'), unlike :meth:`decode`'s."""
-        a = self.attn
-        attend = self._attend(k_cache, v_cache, layer, start, inv_freq, parents, layout)
-        x = x + a.o(attend(a.qkv(self.attn_norm(x))))
-        return x + self.mlp(self.mlp_norm(x))
+        return self._unfused(x, self._attend(k_cache, v_cache, layer, start, inv_freq, parents,
+                                             layout))
 
     def _attend(self, k_cache, v_cache, layer, start, inv_freq, parents, layout):
-        """The attention core on dspark::decode_attention: the QKV projection's rows (padded
-        from ``layout``'s packed rows when given) -> the attention output rows (packed again)."""
+        """The attention core on dspark::decode_attention: the QKV projection's rows -> the
+        attention output rows (around the padded block of ``layout``'s packed rows)."""
         a = self.attn
         q_norm = a.q_norm.weight if a.q_norm is not None else None
         k_norm = a.k_norm.weight if a.k_norm is not None else None
+        return padded(lambda qkv: decode_attention(qkv, k_cache, v_cache, layer, start, inv_freq,
+                                                   a.h, q_norm, k_norm, a.eps, a.window,
+                                                   parents), layout)
 
-        def attend(qkv):
-            if layout is not None:
-                qkv = layout.pad(qkv)
-            out = decode_attention(qkv, k_cache, v_cache, layer, start, inv_freq, a.h, q_norm,
-                                   k_norm, a.eps, a.window, parents)
-            return out if layout is None else layout.pack(out)
-        return attend
+    def _unfused(self, x, attend):
+        """The block on the module ops (cuBLAS projections, RMSNorm, MLP); ``attend`` maps the
+        QKV projection to the attention output."""
+        a = self.attn
+        x = x + a.o(attend(a.qkv(self.attn_norm(x))))
+        return x + self.mlp(self.mlp_norm(x))
 
     def _fused(self, x, attend):
         """The block on four dspark::fused_linear calls (RMSNorm folded into the QKV and gate/up
