@@ -75,6 +75,9 @@ stage sanitize_state 150 "cd tests && compute-sanitizer --tool memcheck python3 
   test_state_ops.py test_schedule.py -k cuda 2>&1 | tail -6"
 stage linear 90 "cd bench && python3 bench_linear.py --M 1,8,32,64 --out $OUT/bench_linear.json"
 stage attention 90 "cd bench && python3 bench_attention.py ${ATTN_ARGS:---slots 1024,32768 --rows 1,8,16} --out $OUT/bench_attention.json"
+# A/B: the weighted-V pass of one row of 4 query heads (the kernel before 2026-12-06 s15)
+stage attention_pq4 90 "cd bench && DSPARK_ATTN_PASS_Q=4 python3 bench_attention.py ${ATTN_ARGS:---slots 1024,32768 --rows 1,8,16} --out $OUT/bench_attention_pq4.json | tail -12"
+stage verify_forward_pq4 150 "cd bench && DSPARK_ATTN_PASS_Q=4 python3 bench_verify_forward.py --batches 1 --rows 8 --variants fused --out $OUT/bench_verify_forward_pq4.json | tail -4"
 # the attention kernel where the 8B verify forward runs it (block at slot 112 of 1024): 1 and 8 rows
 stage ncu_attention 120 "cd bench && ncu --clock-control none --kernel-name regex:decode_attention \
   --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \

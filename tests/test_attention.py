@@ -174,26 +174,37 @@ def test_rows_do_not_depend_on_block_length(device, gen, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("layout", ["chain", "tree"])
-def test_rows_per_block_changes_no_bit(device, gen, dtype, layout, monkeypatch):
-    """The CUDA kernel's work split (rows of a verify block per thread block: chosen by grid size,
-    or DSPARK_ATTN_ROWS_PER_BLOCK) changes no output bit and no cache write."""
+@pytest.mark.parametrize("heads", [(4, 2, 64), (8, 2, 136)], ids=["d64", "d136"])
+@pytest.mark.parametrize("window", [0, 5])
+def test_work_split_changes_no_bit(device, gen, dtype, layout, heads, window, monkeypatch):
+    """The CUDA kernel's work split — rows of a verify block per thread block (chosen by grid
+    size, or DSPARK_ATTN_ROWS_PER_BLOCK) and query vectors per weighted-V pass (the kernel's
+    own, or fewer with DSPARK_ATTN_PASS_Q) — changes no output bit and no cache write. (d64:
+    one 16-byte load a lane covers a 16-bit head, 8 query vectors a pass; d136: two loads, 4.)"""
     if device != "cuda":
         pytest.skip("the CPU kernel has no thread blocks")
+    H, Hkv, D = heads
     parents = None if layout == "chain" else [TREE, [-1, 0, 1, 1, 3, 0, 5, 6, 6]]
-    base = to(make(2, 4, 2, 300, 64, dtype, gen, "cpu", positions=[126, 3], T=9,
+    base = to(make(2, H, Hkv, 300, D, dtype, gen, "cpu", positions=[126, 3], T=9,
                    parents=parents), device)
+    base["window"] = window  # (a sliding window: the rows of a pass see different first slots)
     results = []
-    for r in ("", "1", "2", "3", "4", "9", "64"):
+    for r, q in (("", ""), ("1", ""), ("2", ""), ("3", ""), ("4", ""), ("9", ""), ("64", ""),
+                 ("", "1"), ("", "3"), ("", "4"), ("9", "1"), ("9", "5"), ("2", "2")):
         monkeypatch.setenv("DSPARK_ATTN_ROWS_PER_BLOCK", r)
+        monkeypatch.setenv("DSPARK_ATTN_PASS_Q", q)
         args = dict(base, k_cache=base["k_cache"].clone(), v_cache=base["v_cache"].clone())
         out = torch.ops.dspark.decode_attention(*args.values())
-        results.append((r, out, args["k_cache"], args["v_cache"]))
-    for r, out, kc, vc in results[1:]:
-        assert torch.equal(out, results[0][1]), f"rows per block {r}"
+        results.append((f"rows per block {r or 'auto'}, pass {q or 'auto'}", out,
+                        args["k_cache"], args["v_cache"]))
+    for what, out, kc, vc in results[1:]:
+        assert torch.equal(out, results[0][1]), what
         assert torch.equal(kc, results[0][2]) and torch.equal(vc, results[0][3])
-    monkeypatch.setenv("DSPARK_ATTN_ROWS_PER_BLOCK", "0")
-    with pytest.raises(ValueError, match="DSPARK_ATTN_ROWS_PER_BLOCK"):
-        torch.ops.dspark.decode_attention(*base.values())
+    for name in ("DSPARK_ATTN_ROWS_PER_BLOCK", "DSPARK_ATTN_PASS_Q"):
+        monkeypatch.setenv(name, "0")
+        with pytest.raises(ValueError, match=name):
+            torch.ops.dspark.decode_attention(*base.values())
+        monkeypatch.setenv(name, "")
 
 
 def test_wrapper_and_layers(device, gen):

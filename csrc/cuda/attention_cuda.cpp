@@ -32,6 +32,19 @@ int rows_per_block(const AttnDims& d, int splits) {
   return attention_rows_per_block(d.T, d.H / d.Hkv, splits, d.Hkv * d.B * splits, device_sms());
 }
 
+// Query vectors per weighted-V pass: DSPARK_ATTN_PASS_Q (>= 1; read per call) caps the kernel's
+// own (8 for 16-bit heads <= 128, else 4) for A/B measurements (4 = one row of Qwen3's 4 query
+// heads a pass, the kernel before 2026-12-06 s15). Same bits for any value; 0 = no cap.
+int pass_q() {
+  const char* env = std::getenv("DSPARK_ATTN_PASS_Q");
+  if (!env || !*env) return 0;
+  char* end = nullptr;
+  const long q = std::strtol(env, &end, 10);
+  DSPARK_CHECK_VALUE(*end == '\0' && q >= 1, "DSPARK_ATTN_PASS_Q must be an integer >= 1, got '",
+                     env, "'");
+  return int(q < 64 ? q : 64);
+}
+
 at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache,
                                  int64_t layer, const at::Tensor& positions,
                                  const at::Tensor& inv_freq,
@@ -48,6 +61,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at:
   if (d.B == 0) return out;
   const int splits = attention_splits(d.S);
   const int rows = rows_per_block(d, splits);
+  const int cap = pass_q();
   DSPARK_CHECK_VALUE(int64_t(splits) * ((d.T + rows - 1) / rows) <= 65535, "a cache of ", d.S,
                      " slots with ", d.T,
                      " rows per request exceeds the CUDA grid (65535 blocks in z)");
@@ -82,6 +96,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at:
   a.scale = 1.0f / std::sqrt(static_cast<float>(d.D));
   a.splits = splits;
   a.rows_per_block = rows;
+  a.pass_q = cap;
   check_launch(launch_attention(a, c10::cuda::getCurrentCUDAStream()), status, "decode_attention",
                [](int32_t s) { raise_on_status(s, "decode_attention"); });
   return out;

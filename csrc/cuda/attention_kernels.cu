@@ -38,6 +38,7 @@ cudaError_t run(const AttentionArgs& a, cudaStream_t stream) {
   p.scale = a.scale;
   p.splits = a.splits;
   p.rows_per_block = a.rows_per_block;
+  p.pass_q = a.pass_q;
   return cuda::launch_decode_attention(p, stream);
 }
 }  // namespace

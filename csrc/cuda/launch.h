@@ -75,6 +75,7 @@ struct AttentionArgs {
   int64_t B, T, H, Hkv, S, D, layer, window;
   float eps, scale;
   int splits, rows_per_block;
+  int pass_q;  // query vectors per weighted-V pass (0: the kernel's most; A/B runs)
 };
 int attention_splits(int64_t S);  // chunks of the cache's slots (one block each per KV head)
 // The current device's multiprocessor count, looked up once per device (132 if unknown).

@@ -27,10 +27,12 @@
 // heads), one chunk of kAttnChunk virtual slots and a group of rows; thread t scores virtual slot
 // chunk + t for every (row, head) of a tile of <= MAXQ query vectors (one K row per thread,
 // 16-byte loads, read once for the tile), the block takes chunk softmax statistics, and half-warps
-// sum the V rows. The block's new K/V rows are recomputed (norm + rotary) in every block that
-// needs them and written to the cache by the (chunk 0, row group 0) block; no block reads a
-// block slot from the cache, so there is no race. Kernel 2, grid (H, T, B), merges the chunks.
-// The grid is static (chunks past a row's position exit at once): CUDA graphs capture it.
+// sum the V rows for up to kAttnMaxPassQ query vectors at once (a V row read once for the rows of
+// a pass; each query's sum still runs over its own visible slots in slot order). The block's new
+// K/V rows are recomputed (norm + rotary) in every block that needs them and written to the cache
+// by the (chunk 0, row group 0) block; no block reads a block slot from the cache, so there is no
+// race. Kernel 2, grid (H, T, B), merges the chunks. The grid is static (chunks past a row's
+// position exit at once): CUDA graphs capture it.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -72,6 +74,7 @@ struct AttnParams {
   float eps, scale;
   int splits;          // chunks of the cache: attn_splits(S)
   int rows_per_block;  // rows of a block; grid z = splits * ceil(rows / rows_per_block)
+  int pass_q;          // query vectors per weighted-V pass, at most the kernel's (0: its own)
 };
 
 inline int attn_splits(int64_t S) { return int((S + kAttnChunk - 1) / kAttnChunk); }
@@ -96,12 +99,18 @@ inline int attn_rows_per_block(int64_t T, int64_t G, int splits, int64_t blocks_
   return int(r);
 }
 
+// Query vectors per weighted-V pass: KV = VEC-wide loads per lane of a V row (16 lanes a row),
+// so a pass keeps kAttnPassQ(KV) * KV * VEC fp32 sums per lane (64 for 16-bit heads <= 128).
+constexpr int kAttnMaxPassQ = 8;
+constexpr int attn_pass_q(int kv) { return kv == 1 ? kAttnMaxPassQ : 4; }
+
 // Shared memory of kernel 1: floats newk, newv [T][D], q [maxq][D], scores [maxq][chunk],
-// per-warp outputs [warps][4][D], statistics [maxq][2 warps + 2]; then ints depth, parent [T]
-// and the ancestor table [T][T] (bytes).
+// per-warp outputs [warps][kAttnMaxPassQ][D], statistics [maxq][2 warps + 2]; then ints depth,
+// parent [T] and the ancestor table [T][T] (bytes).
 inline size_t attn_smem_bytes(int64_t T, int64_t D, int maxq) {
   const size_t floats = size_t(T) * 2 * D + size_t(maxq) * D + size_t(maxq) * kAttnChunk +
-                        size_t(kAttnWarps) * 4 * D + size_t(maxq) * (2 * kAttnWarps + 2);
+                        size_t(kAttnWarps) * kAttnMaxPassQ * D +
+                        size_t(maxq) * (2 * kAttnWarps + 2);
   return floats * sizeof(float) + 2 * sizeof(int) * size_t(T) + size_t(T) * T;
 }
 

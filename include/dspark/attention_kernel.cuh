@@ -12,8 +12,9 @@ namespace dspark {
 namespace cuda {
 
 // VEC: elements per K/V load; MAXQ: query vectors (row x head) per scoring tile, >= G and a
-// compile-time bound so the per-thread scores stay in registers.
-template <typename T, int VEC, int MAXQ>
+// compile-time bound so the per-thread scores stay in registers; KV: VEC-wide loads per lane of
+// a V row (D <= 16 VEC KV), which sets the query vectors of a weighted-V pass (attn_pass_q).
+template <typename T, int VEC, int MAXQ, int KV>
 __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnParams<T> p) {
   extern __shared__ __align__(16) float sm[];
   const int NR = int(p.rows), G = int(p.H / p.Hkv);
@@ -22,10 +23,10 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
   float* newv = newk + NR * D;                        // [NR][D] and v
   float* qs = newv + NR * D;                          // [MAXQ][D] the tile's query vectors
   float* scores = qs + MAXQ * D;                      // [MAXQ][chunk] exp(score - chunk max)
-  float* warp_o = scores + MAXQ * kAttnChunk;         // [warps][4][D]
-  float* wmax = warp_o + kAttnWarps * 4 * D;          // [warps][MAXQ]
-  float* wsum = wmax + kAttnWarps * MAXQ;             // [warps][MAXQ]
-  float* fin = wsum + kAttnWarps * MAXQ;              // [MAXQ][2]: chunk max, chunk sum
+  float* warp_o = scores + MAXQ * kAttnChunk;         // [warps][kAttnMaxPassQ][D]
+  float* wmax = warp_o + kAttnWarps * kAttnMaxPassQ * D;        // [warps][MAXQ]
+  float* wsum = wmax + kAttnWarps * MAXQ;                       // [warps][MAXQ]
+  float* fin = wsum + kAttnWarps * MAXQ;                        // [MAXQ][2]: chunk max, chunk sum
   int* depth = reinterpret_cast<int*>(fin + 2 * MAXQ);          // [NR]
   int* par = depth + NR;                                        // [NR]
   signed char* anc = reinterpret_cast<signed char*>(par + NR);  // [NR][NR]: ancestor at depth
@@ -118,9 +119,8 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
   }
   if (!any) return;
 
-  constexpr int kVecPerLane = (kAttnMaxHeadDim + 16 * VEC - 1) / (16 * VEC);
+  constexpr int PQ = attn_pass_q(KV);
   const int RT = MAXQ / G;  // rows per tile (MAXQ >= G)
-  const int gpass = (G + 3) / 4;
   const int half = lane >> 4, hl = lane & 15;
   for (int t0 = j0; t0 < j1; t0 += RT) {
     const int t1 = t0 + RT < j1 ? t0 + RT : j1, nq = (t1 - t0) * G;
@@ -204,72 +204,96 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
       fin[2 * threadIdx.x + 1] = l;
     }
 
-    // Weighted V, per (row, 4 heads): half h of warp w takes virtual slots c0 + 2w + h, then
-    // every 2 * warps, its 16 lanes reading the V row in VEC-wide loads (lane l: elements
-    // VEC * (l + 16 i)); the halves are added, then the warps in order.
-    for (int pass = 0; pass < (t1 - t0) * gpass; ++pass) {
-      const int jt = pass / gpass, g0 = (pass % gpass) * 4, j = t0 + jt;
-      if (!sees(j)) continue;
-      const int64_t lo = lo_of(j), first = c0 > lo ? c0 : lo;
-      const int64_t end = c0 + kAttnChunk < pos_of(j) + 1 ? c0 + kAttnChunk : pos_of(j) + 1;
-      float acc[4][kVecPerLane][VEC];
+    // Weighted V, PQ query vectors (row x head, tile order) a pass: half h of warp w takes
+    // virtual slots c0 + 2w + h, then every 2 * warps, its 16 lanes reading the V row in
+    // VEC-wide loads (lane l: elements VEC * (l + 16 i)) once for the pass; query i adds the
+    // slots its row sees (offsets lo_i <= jj - c0 < end_i), in that order; the halves are added,
+    // then the warps in order. (A query's sum is the same whichever queries share its pass.)
+    const int pq = p.pass_q > 0 && p.pass_q < PQ ? p.pass_q : PQ;
+    for (int q0 = 0; q0 < nq; q0 += pq) {
+      const int nqp = nq - q0 < pq ? nq - q0 : pq;
+      int lo_i[PQ], end_i[PQ], pass_end = 0;
 #pragma unroll
-      for (int g = 0; g < 4; ++g)
+      for (int i = 0; i < PQ; ++i) {
+        const int j = t0 + (q0 + (i < nqp ? i : 0)) / G;
+        const int64_t lo = lo_of(j), first = c0 > lo ? c0 : lo;
+        const int64_t end = c0 + kAttnChunk < pos_of(j) + 1 ? c0 + kAttnChunk : pos_of(j) + 1;
+        const bool seen = i < nqp && sees(j);
+        lo_i[i] = seen ? int(first - c0) : kAttnChunk;
+        end_i[i] = seen ? int(end - c0) : 0;
+        pass_end = end_i[i] > pass_end ? end_i[i] : pass_end;
+      }
+      if (pass_end == 0) continue;  // no row of the pass sees this chunk (uniform in the block)
+      float acc[PQ][KV][VEC];
 #pragma unroll
-        for (int i = 0; i < kVecPerLane; ++i)
+      for (int i = 0; i < PQ; ++i)
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[g][i][e] = 0.0f;
+        for (int k = 0; k < KV; ++k)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc[i][k][e] = 0.0f;
 #pragma unroll 4
-      for (int64_t jj = c0 + 2 * warp + half; jj < end; jj += 2 * kAttnWarps) {
-        if (jj < first) continue;
-        const bool cached = jj < st;
-        const T* vrow = p.v_cache + (head_base + jj) * D;
-        const float* vnew = cached ? newv : newv + anc[j * NR + (jj - st)] * D;
-        float vx[kVecPerLane][VEC];
+      for (int jr = 2 * warp + half; jr < pass_end; jr += 2 * kAttnWarps) {
+        const int64_t jj = c0 + jr;
+        if (jj < st) {  // a committed slot: one V row for every query of the pass
+          const T* vrow = p.v_cache + (head_base + jj) * D;
+          float vx[KV][VEC];
 #pragma unroll
-        for (int i = 0; i < kVecPerLane; ++i) {
-          const int64_t d0 = int64_t(VEC) * (hl + 16 * i);
-          if (d0 >= D) {
+          for (int k = 0; k < KV; ++k) {
+            const int64_t d0 = int64_t(VEC) * (hl + 16 * k);
+            if (d0 >= D) {
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) vx[i][e] = 0.0f;
-          } else if (!cached) {
+              for (int e = 0; e < VEC; ++e) vx[k][e] = 0.0f;
+            } else {
+              Vec<T, VEC> vv;
+              vv.load(vrow + d0);
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) vx[i][e] = vnew[d0 + e];
-          } else {
-            Vec<T, VEC> vv;
-            vv.load(vrow + d0);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) vx[i][e] = vv[e];
+              for (int e = 0; e < VEC; ++e) vx[k][e] = vv[e];
+            }
           }
-        }
 #pragma unroll
-        for (int g = 0; g < 4; ++g) {
-          if (g0 + g >= G) break;
-          const float w = scores[(jt * G + g0 + g) * kAttnChunk + (jj - c0)];
+          for (int i = 0; i < PQ; ++i) {
+            if (jr < lo_i[i] || jr >= end_i[i]) continue;
+            const float w = scores[(q0 + i) * kAttnChunk + jr];
 #pragma unroll
-          for (int i = 0; i < kVecPerLane; ++i)
+            for (int k = 0; k < KV; ++k)
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) acc[g][i][e] = __fmaf_rn(w, vx[i][e], acc[g][i][e]);
+              for (int e = 0; e < VEC; ++e) acc[i][k][e] = __fmaf_rn(w, vx[k][e], acc[i][k][e]);
+          }
+        } else {  // a block slot: the V row of each query's ancestor at depth jj - st
+#pragma unroll
+          for (int i = 0; i < PQ; ++i) {
+            if (jr < lo_i[i] || jr >= end_i[i]) continue;
+            const int j = t0 + (q0 + i) / G;
+            const float* vnew = newv + anc[j * NR + (jj - st)] * D;
+            const float w = scores[(q0 + i) * kAttnChunk + jr];
+#pragma unroll
+            for (int k = 0; k < KV; ++k) {
+              const int64_t d0 = int64_t(VEC) * (hl + 16 * k);
+#pragma unroll
+              for (int e = 0; e < VEC; ++e)
+                acc[i][k][e] = __fmaf_rn(w, d0 < D ? vnew[d0 + e] : 0.0f, acc[i][k][e]);
+            }
+          }
         }
       }
 #pragma unroll
-      for (int g = 0; g < 4; ++g)
+      for (int i = 0; i < PQ; ++i)
 #pragma unroll
-        for (int i = 0; i < kVecPerLane; ++i)
+        for (int k = 0; k < KV; ++k)
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
-            const float other = __shfl_xor_sync(0xffffffffu, acc[g][i][e], 16);
-            const int64_t d = int64_t(VEC) * (hl + 16 * i) + e;
-            if (half == 0 && g0 + g < G && d < D)
-              warp_o[(warp * 4 + g) * D + d] = acc[g][i][e] + other;
+            const float other = __shfl_xor_sync(0xffffffffu, acc[i][k][e], 16);
+            const int64_t d = int64_t(VEC) * (hl + 16 * k) + e;
+            if (half == 0 && i < nqp && d < D)
+              warp_o[(warp * kAttnMaxPassQ + i) * D + d] = acc[i][k][e] + other;
           }
       __syncthreads();
-      const int ng = G - g0 < 4 ? G - g0 : 4;
-      for (int64_t i = threadIdx.x; i < ng * D; i += blockDim.x) {
-        const int g = int(i / D), q = jt * G + g0 + g;
-        const int64_t d = i % D, bh = (b * NR + j) * p.H + kvh * G + g0 + g;
+      for (int64_t x = threadIdx.x; x < nqp * D; x += blockDim.x) {
+        const int i = int(x / D), q = q0 + i, j = t0 + q / G;
+        if (!sees(j)) continue;  // (its identities are written above)
+        const int64_t d = x % D, bh = (b * NR + j) * p.H + kvh * G + q % G;
         float o = 0.0f;
-        for (int w = 0; w < kAttnWarps; ++w) o += warp_o[(w * 4 + g) * D + d];
+        for (int w = 0; w < kAttnWarps; ++w) o += warp_o[(w * kAttnMaxPassQ + i) * D + d];
         if (p.splits == 1) {
           p.out[bh * D + d] = from_f<T>(o / fin[2 * q + 1]);
         } else {
@@ -350,13 +374,13 @@ cudaError_t attn_smem_opt_in(K kernel, size_t smem) {
   return err;
 }
 
-template <typename T, int MAXQ>
-cudaError_t launch_attention_maxq(const AttnParams<T>& p, bool vec, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(T);
-  auto kernel = vec ? decode_attention_kernel<T, kVec, MAXQ> : decode_attention_kernel<T, 1, MAXQ>;
+// KV: VEC-wide loads per lane of a V row, 1 where one load covers the head (16-bit heads <= 128:
+// twice the query vectors of a weighted-V pass), else enough for kAttnMaxHeadDim.
+template <typename T, int VEC, int MAXQ, int KV>
+cudaError_t launch_attention_kernel(const AttnParams<T>& p, cudaStream_t stream) {
+  auto kernel = decode_attention_kernel<T, VEC, MAXQ, KV>;
   const size_t smem = attn_smem_bytes(p.rows, p.D, MAXQ);
-  cudaError_t err = vec ? attn_smem_opt_in(decode_attention_kernel<T, kVec, MAXQ>, smem)
-                        : attn_smem_opt_in(decode_attention_kernel<T, 1, MAXQ>, smem);
+  cudaError_t err = attn_smem_opt_in(kernel, smem);
   if (err != cudaSuccess) return err;
   const int64_t groups = (p.rows + p.rows_per_block - 1) / p.rows_per_block;
   // Both kernels launch in plain stream order, not programmatically: measured on the H200
@@ -365,6 +389,15 @@ cudaError_t launch_attention_maxq(const AttnParams<T>& p, bool vec, cudaStream_t
   // pdl_trigger(), so the o projection still launches early and prefetches its weights.
   return launch_ex(false, kernel, dim3(unsigned(p.Hkv), unsigned(p.B), unsigned(p.splits * groups)),
                    dim3(kAttnThreads), smem, stream, p);
+}
+
+template <typename T, int MAXQ>
+cudaError_t launch_attention_maxq(const AttnParams<T>& p, bool vec, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kFull = (kAttnMaxHeadDim + 16 * kVec - 1) / (16 * kVec);
+  if (!vec) return launch_attention_kernel<T, 1, MAXQ, kAttnMaxHeadDim / 16>(p, stream);
+  return p.D <= 16 * kVec ? launch_attention_kernel<T, kVec, MAXQ, 1>(p, stream)
+                          : launch_attention_kernel<T, kVec, MAXQ, kFull>(p, stream);
 }
 
 // Shapes as in AttnParams; host checks: D even, D <= 256, H % Hkv == 0, G <= 16, 1 <= T <= 64,
