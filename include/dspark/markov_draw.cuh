@@ -28,9 +28,15 @@ __device__ void markov_confidence(const MarkovParams<U, W>& p, int64_t r, int64_
   const int lane = threadIdx.x & 31;
   const W* h = p.hidden + (r * p.G + k) * p.d;
   const W* e = p.w1 + prev * p.rank;
+  // Entry i of [h; e] in lane i % 32, increasing i: the h part, then the e part from the lane's
+  // first entry past d (two loops without a select, so the loads run ahead of the FMA chain).
   float part = 0.0f;
-  for (int64_t i = lane; i < p.d + p.rank; i += kConfLanes)
-    part = markov_mac<W>(part, to_f(p.conf_w[i]), to_f(i < p.d ? h[i] : e[i - p.d]));
+  int64_t i = lane;
+#pragma unroll 8
+  for (; i < p.d; i += kConfLanes) part = markov_mac<W>(part, to_f(p.conf_w[i]), to_f(h[i]));
+#pragma unroll 8
+  for (; i < p.d + p.rank; i += kConfLanes)
+    part = markov_mac<W>(part, to_f(p.conf_w[i]), to_f(e[i - p.d]));
   for (int s = kConfLanes / 2; s > 0; s >>= 1)
     part = add_rn(part, __shfl_down_sync(0xffffffffu, part, s));
   if (lane == 0) p.conf[r * p.G + k] = round_t<W>(add_rn(part, to_f(p.conf_b[0])));
