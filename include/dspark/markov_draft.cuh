@@ -1,10 +1,11 @@
 // dspark/markov_draft.cuh: CUDA dspark::markov_draft, two kernels per draft step k:
-//   MarkovLogitsKernel grid C * ceil(R / RB), 128 threads: one block per (512-entry chunk, RB
+//   MarkovLogitsKernel grid C * ceil(R / RB), 512 threads: one block per (512-entry chunk, RB
 //                      rows): stages the RB rows' W1[x_{k-1}] in shared memory, streams the
-//                      chunk's W2 columns ONCE for all RB rows (each thread: 4 columns x RB rows
+//                      chunk's W2 columns ONCE for all RB rows (each thread: 1 column x RB rows
 //                      of fp32 accumulators, j in order), adds U, writes z_k to the workspace and
-//                      the chunk's statistics (greedy: max + first argmax; sampled: local base +
-//                      sum of e) in row_stats.cuh's layout, so finalize_row reads them unchanged
+//                      (its first 128 threads, 4 columns each) the chunk's statistics (greedy:
+//                      max + first argmax; sampled: local base + sum of e) in row_stats.cuh's
+//                      layout, so finalize_row reads them unchanged
 //   MarkovDrawKernel   grid R, 256 threads: top-k/top-p rows run filtered_row over z_k (block),
 //                      warp 0 finalizes the row (finalize_row), warp 1 computes the confidence
 //                      logit; then the block draws x_k by inverse CDF in index order, exactly as
@@ -12,8 +13,12 @@
 //   MarkovProbsKernel  grid (R, C) (return_probs only): q_k(v) = e(v) / S into probs[:, k]
 // Step k + 1 reads x_k from the tokens output: stream order is the only dependency, so the 2-3
 // launches per step capture into a CUDA graph as they are.
-// Why RB <= 16 rows per block: 64 fp32 accumulators per thread; R = 64 runs 4 row blocks per
-// chunk back to back (adjacent block ids), which share the chunk's W2 bytes through L2.
+// Why RB <= 16 rows per block: the chunk's logits of every row fit shared memory; R = 64 runs 4
+// row blocks per chunk back to back (adjacent block ids), which share the chunk's W2 bytes
+// through L2. Why a column per thread: each column's sum is one chain over j (the CPU's order),
+// so a block has rank / kUnroll dependent trips to memory; 512 threads put 4x the bytes of the
+// 128-thread version (4 columns a thread, 2026-12-06 s8-s14) in flight per trip, in half the
+// trips (s14: the op took 589 µs for 7 steps at V 8256 where the loop of small kernels took 281).
 #pragma once
 #include <type_traits>
 
@@ -57,8 +62,9 @@ inline int markov_block_rows(int64_t R, int64_t rank) {
 template <typename U, typename W, int RB>
 void launch_markov_logits(const MarkovParams<U, W>& p, int64_t k, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(p.C * ceil_div(p.R, RB));
-  const size_t smem = static_cast<size_t>(RB * p.rank) * sizeof(float);
-  MarkovLogitsKernel<U, W, RB><<<grid, kMarkovThreads, smem, stream>>>(p, k);
+  const int64_t floats = RB * (p.rank > kChunk ? p.rank : kChunk);  // <= kMarkovSmemFloats
+  MarkovLogitsKernel<U, W, RB>
+      <<<grid, kMarkovGemmThreads, static_cast<size_t>(floats) * sizeof(float), stream>>>(p, k);
 }
 
 // Host checks: R >= 1, G >= 1, 1 <= V <= kMaxVocab, 1 <= rank <= kMarkovMaxRank, dtypes.
@@ -77,8 +83,6 @@ cudaError_t launch_markov_draft(const MarkovArgs& a, cudaStream_t stream) {
   p.R = a.R, p.G = a.G, p.V = a.V, p.rank = a.rank, p.d = a.d;
   p.C = ceil_div(a.V, kChunk);
   markov_workspace(a.R, a.V, a.workspace, &p.logits, &p.ws);
-  auto aligned = [](const void* x) { return reinterpret_cast<uintptr_t>(x) % 16 == 0; };
-  p.vec = a.V % 4 == 0 && aligned(p.base) && aligned(p.w2) && aligned(p.logits);
   cudaError_t err = cudaMemsetAsync(p.status, 0, sizeof(int32_t), stream);
   if (err != cudaSuccess) return err;
   const int rows = markov_block_rows(p.R, p.rank);

@@ -10,12 +10,17 @@
 namespace dspark {
 namespace cuda {
 
+// A logits block: kMarkovGemmThreads threads, one column of the chunk each, for the bias GEMM;
+// the chunk statistics then run on its first kMarkovThreads threads, kMarkovCols columns each
+// (row_stats.cuh's chunk layout, the order the CPU kernel shares).
 constexpr int kMarkovThreads = 128;
-constexpr int kMarkovCols = kChunk / kMarkovThreads;  // columns per thread (4)
+constexpr int kMarkovGemmThreads = kChunk;
+constexpr int kMarkovCols = kChunk / kMarkovThreads;  // columns per statistics thread (4)
 constexpr int kMarkovMaxRows = 16;
 constexpr int kMarkovSmemFloats = 11264;  // staged W1 rows per block: RB * rank <= this (44 KB)
 static_assert(kMarkovMaxRank <= kMarkovSmemFloats, "one row of the largest rank fits");
-static_assert(kMarkovCols == 4, "a thread loads its columns as one 4-entry vector");
+static_assert(kMarkovMaxRows * kChunk <= kMarkovSmemFloats, "the chunk's logits fit");
+static_assert(kMarkovCols == 4, "a statistics thread holds its columns as one 4-entry vector");
 
 template <typename U, typename W>
 struct MarkovParams {
@@ -33,7 +38,6 @@ struct MarkovParams {
   float* logits;       // workspace [R, V]: z_k of the step being drafted
   VerifyWorkspace ws;  // info [R], chunk_base / chunk_wmax / chunk_sum / chunk_widx [R, C]
   int64_t R, G, V, rank, d, C;
-  bool vec;  // rows of U, W2 and the workspace allow 4-entry vector accesses
 };
 
 // The previous token of row r at step k if the row can be drafted, else -1 (bad anchor or
@@ -47,55 +51,14 @@ __device__ __forceinline__ int64_t markov_row_prev(const MarkovParams<U, W>& p, 
   return prev;
 }
 
-// Entries v0 .. v0 + 3 of a row as floats; entries at or past V read as 0.
-template <typename T>
-__device__ __forceinline__ void load4(const T* row, int64_t v0, int64_t V, bool vec, float* out) {
-  if (vec && v0 + 4 <= V) {
-    if constexpr (sizeof(T) == 4) {
-      const float4 f = __ldg(reinterpret_cast<const float4*>(row + v0));
-      out[0] = f.x, out[1] = f.y, out[2] = f.z, out[3] = f.w;
-    } else {
-      const uint2 raw = __ldg(reinterpret_cast<const uint2*>(row + v0));
-      const T* h = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) out[i] = to_f(h[i]);
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) out[i] = v0 + i < V ? to_f(row[v0 + i]) : 0.0f;
-  }
-}
-
-__device__ __forceinline__ void store4(float* row, int64_t v0, int64_t V, bool vec,
-                                       const float* x) {
-  if (vec && v0 + 4 <= V) {
-    *reinterpret_cast<float4*>(row + v0) = make_float4(x[0], x[1], x[2], x[3]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      if (v0 + i < V) row[v0 + i] = x[i];
-  }
-}
-
-// acc[i][c] = MAC(acc[i][c], e[i], w[c]) for the RB rows (e: W1 entry j of each row) and the
-// thread's 4 columns (w: W2 entries (j, v0 + c)).
-template <typename W, int RB>
-__device__ __forceinline__ void mac_tile(float (&acc)[RB][kMarkovCols], const float* e,
-                                         const float* w) {
-#pragma unroll
-  for (int i = 0; i < RB; ++i) {
-    const float a = e[i];
-#pragma unroll
-    for (int c = 0; c < kMarkovCols; ++c) acc[i][c] = markov_mac<W>(acc[i][c], a, w[c]);
-  }
-}
-
-// Dynamic shared memory: RB * rank floats, W1[x_{k-1}] of the block's rows, j-major ([rank][RB]:
-// one broadcast vector load gives entry j of every row).
+// Dynamic shared memory: RB * max(rank, kChunk) floats: first W1[x_{k-1}] of the block's rows,
+// j-major ([rank][RB]: one broadcast vector load gives entry j of every row), then (after the
+// GEMM) the chunk's logits [RB][kChunk] for the statistics.
 template <typename U, typename W, int RB>
-__global__ void __launch_bounds__(kMarkovThreads)
+__global__ void __launch_bounds__(kMarkovGemmThreads)
     MarkovLogitsKernel(MarkovParams<U, W> p, int64_t k) {
   extern __shared__ float s_e[];
+  float* s_z = s_e;  // [RB][kChunk], once the GEMM is done with s_e
   __shared__ int64_t s_prev[RB];
   __shared__ float s_top[RB][kMarkovThreads / 32];
   __shared__ int32_t s_idx[RB][kMarkovThreads / 32];
@@ -105,61 +68,68 @@ __global__ void __launch_bounds__(kMarkovThreads)
   if (threadIdx.x < RB)
     s_prev[threadIdx.x] = r0 + threadIdx.x < p.R ? markov_row_prev(p, r0 + threadIdx.x, k) : -1;
   __syncthreads();
-  for (int64_t i = threadIdx.x; i < RB * p.rank; i += kMarkovThreads) {  // coalesced along j
+  for (int64_t i = threadIdx.x; i < RB * p.rank; i += kMarkovGemmThreads) {  // along j
     const int row = static_cast<int>(i / p.rank);
     const int64_t j = i % p.rank, prev = s_prev[row];
     s_e[j * RB + row] = prev >= 0 ? to_f(p.w1[prev * p.rank + j]) : 0.0f;
   }
   __syncthreads();
-  // The bias GEMM: j in order (the one summation order), loads of kUnroll rows of W2 in flight.
-  constexpr int kUnroll = RB <= 8 ? 16 : 8;  // few rows: more W2 bytes in flight per thread
-  const int64_t v0 = c * kChunk + threadIdx.x * kMarkovCols;
-  float acc[RB][kMarkovCols];
+  // The bias GEMM: column v of the chunk per thread, j in order (the one summation order), loads
+  // of kUnroll rows of W2 in flight (a warp reads 32 adjacent entries of a row).
+  constexpr int kUnroll = RB <= 4 ? 32 : 16;
+  const int64_t v = c * kChunk + threadIdx.x;
+  const bool in = v < p.V;
+  const W* w2 = p.w2 + (in ? v : 0);
+  float acc[RB];
 #pragma unroll
-  for (int i = 0; i < RB; ++i)
+  for (int i = 0; i < RB; ++i) acc[i] = 0.0f;
+  auto mac = [&](int64_t j, float w) {
 #pragma unroll
-    for (int cc = 0; cc < kMarkovCols; ++cc) acc[i][cc] = 0.0f;
+    for (int i = 0; i < RB; ++i) acc[i] = markov_mac<W>(acc[i], s_e[j * RB + i], w);
+  };
   int64_t j = 0;
   for (; j + kUnroll <= p.rank; j += kUnroll) {
-    float w[kUnroll][kMarkovCols];
+    float w[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) load4(p.w2 + (j + u) * p.V, v0, p.V, p.vec, w[u]);
+    for (int u = 0; u < kUnroll; ++u) w[u] = in ? to_f(__ldg(w2 + (j + u) * p.V)) : 0.0f;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) mac_tile<W, RB>(acc, s_e + (j + u) * RB, w[u]);
+    for (int u = 0; u < kUnroll; ++u) mac(j + u, w[u]);
   }
-  for (; j < p.rank; ++j) {
-    float w[kMarkovCols];
-    load4(p.w2 + j * p.V, v0, p.V, p.vec, w);
-    mac_tile<W, RB>(acc, s_e + j * RB, w);
-  }
-  // z = U + round_W(bias) into the workspace (entries past V: -inf, never stored).
+  for (; j < p.rank; ++j) mac(j, in ? to_f(__ldg(w2 + j * p.V)) : 0.0f);
+  __syncthreads();  // every thread is done with s_e: s_z takes its place
+  // z = U + round_W(bias) into the workspace and shared memory (entries past V: -inf).
 #pragma unroll
   for (int i = 0; i < RB; ++i) {
     if (s_prev[i] < 0) continue;
     const int64_t r = r0 + i;
-    float u[kMarkovCols];
-    load4(p.base + (r * p.G + k) * p.V, v0, p.V, p.vec, u);
-#pragma unroll
-    for (int cc = 0; cc < kMarkovCols; ++cc)
-      acc[i][cc] = v0 + cc < p.V ? add_rn(u[cc], round_t<W>(acc[i][cc])) : -INFINITY;
-    store4(p.logits + r * p.V, v0, p.V, p.vec, acc[i]);
+    const float z =
+        in ? add_rn(to_f(p.base[(r * p.G + k) * p.V + v]), round_t<W>(acc[i])) : -INFINITY;
+    if (in) p.logits[r * p.V + v] = z;
+    s_z[i * kChunk + threadIdx.x] = z;
   }
+  __syncthreads();
   // The chunk's statistics, as row_stats.cuh's chunk_stats defines them: pass 1 the maximum
   // (of the logit for greedy rows, of t for sampled rows) per warp, pass 2 the chunk maximum and
   // the warps' sums of e relative to its floor. Top-k/top-p rows: MarkovDrawKernel.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const bool stats = threadIdx.x < kMarkovThreads;  // whole warps: the shuffles below are safe
+  const int64_t v0 = c * kChunk + threadIdx.x * kMarkovCols;
   int32_t bad = 0;
 #pragma unroll
   for (int i = 0; i < RB; ++i) {
     const int64_t r = r0 + i;
-    if (s_prev[i] < 0 || is_filtered(p.temperature[r], p.top_k[r], p.top_p[r])) continue;
+    if (!stats || s_prev[i] < 0 || is_filtered(p.temperature[r], p.top_k[r], p.top_p[r])) continue;
+    float z[kMarkovCols];
+#pragma unroll
+    for (int cc = 0; cc < kMarkovCols; ++cc)
+      z[cc] = s_z[i * kChunk + threadIdx.x * kMarkovCols + cc];
     const float temperature = p.temperature[r];
     float best = -INFINITY;
     int32_t idx = INT32_MAX;
     if (is_greedy(temperature)) {
 #pragma unroll
       for (int cc = 0; cc < kMarkovCols; ++cc) {
-        const float x = acc[i][cc];
+        const float x = z[cc];
         if (bad_logit(x)) bad |= kBadLogits;
         if (x > best) best = x, idx = static_cast<int32_t>(v0 + cc);
       }
@@ -170,7 +140,7 @@ __global__ void __launch_bounds__(kMarkovThreads)
       const float inv_t = inverse_temperature(temperature);
 #pragma unroll
       for (int cc = 0; cc < kMarkovCols; ++cc) {
-        const float x = acc[i][cc], t = log2_scaled(x, inv_t);
+        const float x = z[cc], t = log2_scaled(x, inv_t);
         if (bad_logit(x) || bad_scaled_logit(x, t)) bad |= kBadLogits;
         best = fmaxf(best, t);
       }
@@ -182,7 +152,7 @@ __global__ void __launch_bounds__(kMarkovThreads)
 #pragma unroll
   for (int i = 0; i < RB; ++i) {
     const int64_t r = r0 + i;
-    if (s_prev[i] < 0 || is_filtered(p.temperature[r], p.top_k[r], p.top_p[r])) continue;
+    if (!stats || s_prev[i] < 0 || is_filtered(p.temperature[r], p.top_k[r], p.top_p[r])) continue;
     const float temperature = p.temperature[r];
     float top = s_top[i][0];
     for (int w = 1; w < kMarkovThreads / 32; ++w) top = fmaxf(top, s_top[i][w]);
@@ -201,7 +171,8 @@ __global__ void __launch_bounds__(kMarkovThreads)
     if (top > -INFINITY && isfinite(top)) {
 #pragma unroll
       for (int cc = 0; cc < kMarkovCols; ++cc)
-        sum += scaled_exp(log2_scaled(acc[i][cc], inv_t), base);
+        sum +=
+            scaled_exp(log2_scaled(s_z[i * kChunk + threadIdx.x * kMarkovCols + cc], inv_t), base);
     }
     sum = warp_sum(sum);
     if (lane == 0) s_sum[i][warp] = sum;
