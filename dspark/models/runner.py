@@ -93,12 +93,12 @@ class ModelRunner:
         self.use_cuda_graphs = use_cuda_graphs
         self.fused = model.device.type == "cuda" if fused is None else fused
         # calls the fused kernels do not take: cuBLAS projections around decode_attention
-        # (None: DSPARK_HYBRID, the switch for the CLI; off by default: not yet timed on a GPU)
+        # (None: on for CUDA unless DSPARK_HYBRID=0, the switch for the CLI's A/B runs)
         if hybrid is None:
-            env = os.environ.get("DSPARK_HYBRID", "0")
-            if env not in ("0", "1"):
-                raise ValueError(f"DSPARK_HYBRID must be '0' or '1', got {env!r}")
-            hybrid = env == "1"
+            env = os.environ.get("DSPARK_HYBRID", "auto")
+            if env not in ("auto", "0", "1"):
+                raise ValueError(f"DSPARK_HYBRID must be 'auto', '0' or '1', got {env!r}")
+            hybrid = model.device.type == "cuda" if env == "auto" else env == "1"
         self.hybrid = bool(hybrid)
         self.batch_invariant = batch_invariant
         # fused_max_rows: the largest decode / verify call (token rows) on the fused kernels
