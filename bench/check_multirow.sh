@@ -88,6 +88,11 @@ stage ncu_attention 120 "cd bench && ncu --clock-control none --kernel-name rege
 stage markov_bench 150 "cd bench && python3 bench_markov_draft.py --R 1,16 --V 8256 --hidden 256 \
   --variants op,loop --base-logits bfloat16 --out $OUT/markov_pair.json | tail -6 && python3 \
   bench_markov_draft.py --R 1,64 --variants op,loop --base-logits bfloat16 --out $OUT/markov_8b.json | tail -6"
+# markov_draft's kernels under memcheck / racecheck (bf16 weights, every rows-per-block width)
+stage sanitize_markov 150 "cd tests && compute-sanitizer --tool memcheck --leak-check no python3 -m pytest -q \
+  -p no:cacheprovider test_markov_draft.py -k 'test_matches_reference and cuda and plain and bf16' 2>&1 | tail -4; \
+  compute-sanitizer --tool racecheck python3 -m pytest -q -p no:cacheprovider test_markov_draft.py \
+  -k 'test_matches_reference and cuda and plain and bf16' 2>&1 | tail -4"
 # markov_draft's two kernels a step at the benchmark pair's shape (V 8256, rank 256, d 256, R 1):
 # where a step's time goes (the op took 589 µs for 7 steps against the loop's 281, s14)
 stage ncu_markov 120 "cd bench && ncu --clock-control none --kernel-name regex:Markov --launch-count 4 \
