@@ -100,6 +100,13 @@ stage ncu_markov 120 "cd bench && ncu --clock-control none --kernel-name regex:M
   python3 bench_markov_draft.py --R 1 --V 8256 --hidden 256 --variants op --base-logits bfloat16 \
   --reps 2 > $OUT/ncu_markov.txt 2>&1; grep -E 'Markov|Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|No Eligible|Grid Size|DRAM Through' $OUT/ncu_markov.txt | head -50"
 
+# the fused verify kernel at R = 1, gamma 7, bf16 (greedy first, then sampled): 17.3 µs a call in
+# a graph against a 10 µs target (s11); where the time goes
+stage ncu_verify 120 "cd bench && ncu --clock-control none --graph-profiling node --kernel-name regex:FusedVerify \
+  --launch-count 4 --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+  --section SchedulerStats python3 bench_ops.py --R 1 --gamma 7 --dtypes bf16 --impls fused --reps 3 \
+  > $OUT/ncu_verify.txt 2>&1; grep -E 'FusedVerify|Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|No Eligible|Grid Size|DRAM Through' $OUT/ncu_verify.txt | head -40"
+
 # ---- summary ----------------------------------------------------------------------------------
 {
   echo "# check_multirow ($(date -u +%F' '%T) UTC, $(( $(date +%s) - T0 )) s)"
