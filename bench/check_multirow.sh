@@ -52,10 +52,11 @@ stage build 300 "nvidia-smi --query-gpu=name,driver_version --format=csv; \
   cd /tmp && python3 -c 'import dspark, json; print(json.dumps(dspark.build_info()))'" \
   || { tail -60 "$LOG"; exit 1; }
 
-stage tests 240 "cd tests && python3 -m pytest -q -p no:cacheprovider -rf -k cuda \
-  test_batch_invariance.py test_linear.py test_attention.py test_state_ops.py test_schedule.py \
-  test_verify_contract.py test_verify.py test_sample.py test_engine_graphs.py test_hybrid.py \
-  test_crossover.py ${TESTS_EXTRA:-} 2>&1 | tail -40"
+TESTS=${TESTS:-"test_batch_invariance.py test_linear.py test_attention.py test_state_ops.py \
+  test_schedule.py test_verify_contract.py test_verify.py test_sample.py test_engine_graphs.py \
+  test_hybrid.py test_crossover.py"}  # the CUDA tests of the changed ops (+ TESTS_EXTRA)
+stage tests 240 "cd tests && python3 -m pytest -q -p no:cacheprovider -rf -k cuda $TESTS ${TESTS_EXTRA:-} \
+  2>&1 | tail -40"
 stage alltests 400 "cd tests && python3 -m pytest -q -p no:cacheprovider -rf -k cuda 2>&1 | tail -30"
 stage round_demo 200 "cd bench && python3 bench_round.py --prompts 16 --new 128 --drafters dspark,dspark-compiled,ngram --out $OUT/round_demo_bf16.json 2>&1 | tail -6"
 stage verify_forward 200 "cd bench && python3 bench_verify_forward.py ${VF_ARGS:-} --out $OUT/bench_verify_forward.json"
@@ -85,9 +86,13 @@ stage ncu_attention 120 "cd bench && ncu --clock-control none --kernel-name rege
   > $OUT/ncu_attention.txt 2>&1; grep -E 'decode_attention|Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|No Eligible|Block Limit Reg|Grid Size' $OUT/ncu_attention.txt | head -60"
 
 # markov_draft against the loop it would replace: the pair's shape, then the 8B vocabulary
-stage markov_bench 150 "cd bench && python3 bench_markov_draft.py --R 1,16 --V 8256 --hidden 256 \
-  --variants op,loop --base-logits bfloat16 --out $OUT/markov_pair.json | tail -6 && python3 \
-  bench_markov_draft.py --R 1,64 --variants op,loop --base-logits bfloat16 --out $OUT/markov_8b.json | tail -6"
+# (MARKOV_PAIR_ARGS / MARKOV_8B_ARGS: the rows and variants; "none" skips one)
+MARKOV_PAIR_ARGS=${MARKOV_PAIR_ARGS:---R 1,16 --variants op,loop}
+MARKOV_8B_ARGS=${MARKOV_8B_ARGS:---R 1,64 --variants op,loop}
+stage markov_bench 150 "cd bench && { [ '$MARKOV_PAIR_ARGS' = none ] || python3 bench_markov_draft.py \
+  --V 8256 --hidden 256 --base-logits bfloat16 $MARKOV_PAIR_ARGS --out $OUT/markov_pair.json | tail -8; } && \
+  { [ '$MARKOV_8B_ARGS' = none ] || python3 bench_markov_draft.py --base-logits bfloat16 $MARKOV_8B_ARGS \
+  --out $OUT/markov_8b.json | tail -6; }"
 # markov_draft's kernels under memcheck / racecheck (bf16 weights, every rows-per-block width)
 stage sanitize_markov 150 "cd tests && compute-sanitizer --tool memcheck --leak-check no python3 -m pytest -q \
   -p no:cacheprovider test_markov_draft.py -k 'test_matches_reference and cuda and plain and bf16' 2>&1 | tail -4; \
