@@ -24,11 +24,12 @@ sums do not depend on the row count, so a token's logits are bit-identical in de
 ``batch_invariant=True`` forces them for every decode / extend / verify call, whatever the rows
 (above FUSED_MAX_ROWS they re-read the weights once per 64 rows: slower than cuBLAS there, but
 greedy speculative output then equals greedy autoregressive output at any batch size).
-Above the fused rows, ``hybrid=True`` (or ``DSPARK_HYBRID=1``; off by default until a GPU run has
-measured it) keeps ``dspark::decode_attention`` under the cuBLAS projections (``Block.hybrid``: one
+Above the fused rows, ``hybrid=True`` (the default on CUDA; ``DSPARK_HYBRID=0`` / ``1`` for A/B
+runs) keeps ``dspark::decode_attention`` under the cuBLAS projections (``Block.hybrid``: one
 attention kernel a layer instead of the unfused core's QK-norm, rotary, cache write and masked SDPA
 over the whole cache) for caches of at most ``HYBRID_MAX_SLOTS`` slots; ``hybrid=False`` keeps
-cuBLAS + SDPA there.
+cuBLAS + SDPA there. Measured on an H100 at the Qwen3-8B shape (bench/RESULTS.md, 2026-12-07):
+faster than cuBLAS + SDPA at every shape timed (32 rows at batch 4: 10.74 vs 12.40 ms).
 Prefill stays on cuBLAS + SDPA (shared by the autoregressive and speculative runs).
 """
 from __future__ import annotations
