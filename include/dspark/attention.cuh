@@ -100,7 +100,7 @@ inline int attn_rows_per_block(int64_t T, int64_t G, int splits, int64_t blocks_
 }
 
 // Query vectors per weighted-V pass: KV = VEC-wide loads per lane of a V row (16 lanes a row),
-// so a pass keeps kAttnPassQ(KV) * KV * VEC fp32 sums per lane (64 for 16-bit heads <= 128).
+// so a pass keeps attn_pass_q(KV) * KV * VEC fp32 sums per lane (64 for 16-bit heads <= 128).
 constexpr int kAttnMaxPassQ = 8;
 constexpr int attn_pass_q(int kv) { return kv == 1 ? kAttnMaxPassQ : 4; }
 
