@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <utility>
 
 #include "checks.h"
 #include "cuda/launch.h"
@@ -18,18 +19,21 @@
 namespace dspark {
 namespace {
 
-// Rows per block of kernel 1: attention_rows_per_block's choice for this GPU, or
-// DSPARK_ATTN_ROWS_PER_BLOCK (>= 1, at most T; read per call) for A/B measurements
-// (bench/bench_attention.py --rows-per-block). The outputs are the same bits for any value.
-int rows_per_block(const AttnDims& d, int splits) {
+// Rows per block of kernel 1: attention_rows_per_block's choice for this GPU over the whole
+// cache, which the kernel refines per request by its active chunks (sms > 0), or
+// DSPARK_ATTN_ROWS_PER_BLOCK (>= 1, at most T; read per call; sms = 0: every request, every
+// chunk) for A/B measurements (bench/bench_attention.py --rows-per-block). The outputs are the
+// same bits for any value. Returns (rows, sms).
+std::pair<int, int> rows_per_block(const AttnDims& d, int splits) {
   if (const char* env = std::getenv("DSPARK_ATTN_ROWS_PER_BLOCK"); env && *env) {
     char* end = nullptr;
     const long r = std::strtol(env, &end, 10);
     DSPARK_CHECK_VALUE(*end == '\0' && r >= 1,
                        "DSPARK_ATTN_ROWS_PER_BLOCK must be an integer >= 1, got '", env, "'");
-    return int(r < d.T ? r : d.T);
+    return {int(r < d.T ? r : d.T), 0};
   }
-  return attention_rows_per_block(d.T, d.H / d.Hkv, splits, d.Hkv * d.B * splits, device_sms());
+  const int sms = device_sms();
+  return {attention_rows_per_block(d.T, d.H / d.Hkv, splits, d.Hkv * d.B * splits, sms), sms};
 }
 
 // Query vectors per weighted-V pass: DSPARK_ATTN_PASS_Q (>= 1; read per call) caps the kernel's
@@ -60,10 +64,10 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at:
                              : at::empty({d.B, d.H * d.D}, qkv.options());
   if (d.B == 0) return out;
   const int splits = attention_splits(d.S);
-  const int rows = rows_per_block(d, splits);
+  const auto [rows, sms] = rows_per_block(d, splits);
   const int cap = pass_q();
-  DSPARK_CHECK_VALUE(int64_t(splits) * ((d.T + rows - 1) / rows) <= 65535, "a cache of ", d.S,
-                     " slots with ", d.T,
+  DSPARK_CHECK_VALUE(attention_grid_z(d.T, d.H / d.Hkv, splits, d.Hkv * d.B, sms, rows) <= 65535,
+                     "a cache of ", d.S, " slots with ", d.T,
                      " rows per request exceeds the CUDA grid (65535 blocks in z)");
   const auto f32 = qkv.options().dtype(at::kFloat);
   const int64_t parts = splits > 1 ? d.B * d.T * d.H * splits : 0;
@@ -96,6 +100,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at:
   a.scale = 1.0f / std::sqrt(static_cast<float>(d.D));
   a.splits = splits;
   a.rows_per_block = rows;
+  a.sms = sms;
   a.pass_q = cap;
   check_launch(launch_attention(a, c10::cuda::getCurrentCUDAStream()), status, "decode_attention",
                [](int32_t s) { raise_on_status(s, "decode_attention"); });

@@ -75,6 +75,7 @@ struct AttentionArgs {
   int64_t B, T, H, Hkv, S, D, layer, window;
   float eps, scale;
   int splits, rows_per_block;
+  int sms;     // > 0: rows per block chosen per request by its active chunks (0: rows_per_block)
   int pass_q;  // query vectors per weighted-V pass (0: the kernel's most; A/B runs)
 };
 int attention_splits(int64_t S);  // chunks of the cache's slots (one block each per KV head)
@@ -83,6 +84,9 @@ int device_sms();
 
 // rows of one block (Hkv * B * splits blocks per group of rows, `sms` multiprocessors)
 int attention_rows_per_block(int64_t T, int64_t G, int splits, int64_t blocks_per_group, int sms);
+// blocks in grid z of the attention kernel (dspark/attention.cuh: attn_grid_z)
+int64_t attention_grid_z(int64_t T, int64_t G, int splits, int64_t heads_x_batch, int sms,
+                         int rows);
 cudaError_t launch_attention(const AttentionArgs& args, cudaStream_t stream);
 
 }  // namespace dspark

@@ -73,7 +73,8 @@ struct AttnParams {
   int64_t B, rows, H, Hkv, S, D, layer, window;  // rows: T, the tokens per request
   float eps, scale;
   int splits;          // chunks of the cache: attn_splits(S)
-  int rows_per_block;  // rows of a block; grid z = splits * ceil(rows / rows_per_block)
+  int rows_per_block;  // rows of a block (sms > 0: the most any request uses; attn_grid_z)
+  int sms;             // > 0: rows per block chosen per request by its active chunks
   int pass_q;          // query vectors per weighted-V pass, at most the kernel's (0: its own)
 };
 
@@ -89,14 +90,41 @@ inline int attn_splits(int64_t S) { return int((S + kAttnChunk - 1) / kAttnChunk
 // session): this picks the fastest split at all six measured shapes, e.g. the benchmark pair's
 // 8-row verify at batch 1, 50.3 -> 24.7 µs a layer, and the 8B layer's at 4096 slots, 187.6 ->
 // 146.9 µs. Only the work split changes, not any row's arithmetic.
-inline int attn_rows_per_block(int64_t T, int64_t G, int splits, int64_t blocks_per_group = 0,
-                               int sms = 0) {
+DSPARK_HD int attn_rows_per_block(int64_t T, int64_t G, int splits, int64_t blocks_per_group = 0,
+                                  int sms = 0) {
   if (T <= 1) return int(T);
   if (splits >= 16 && blocks_per_group >= 2 * int64_t(sms)) return int(T);
   int64_t r = 8 / G > 1 ? 8 / G : 1;
   r = r < T ? r : T;
   while (r > 1 && blocks_per_group * ((T + r - 1) / r) < int64_t(sms)) r = (r + 1) / 2;
   return int(r);
+}
+
+// The work split by a request's *active* chunks (sms > 0; 2026-12-07, s16): a block of T rows at
+// cache slots start .. start + T - 1 sees chunks 0 .. active - 1 only, so the grid's blocks go
+// to those: the kernel picks each request's rows per block with attn_rows_per_block over its
+// active chunks (Hkv * B * active blocks per group of rows) and maps grid z to (chunk, row
+// group) among them. Why: the host rule counts every chunk of the cache, but at a short context
+// most exit at once (the 8B verify block at slot 112 of 1024: 1 of 8 chunks), and the few that
+// work each carry 2 rows serially (measured on an H100, 8 rows: 58.7 µs a layer with 2 rows a
+// block, 44.1 with 1; at slot 900, where 8 chunks work, 2 rows win: 50.7 vs 61.3).
+DSPARK_HD int attn_active_chunks(int64_t start, int64_t T, int splits) {
+  const int64_t a = (start + T - 1) / kAttnChunk + 1;
+  return int(a < splits ? a : splits);
+}
+
+// Grid z of kernel 1: fixed rows per block (sms == 0): splits * ceil(T / rows); per request
+// (sms > 0): the most (active chunks x row groups) any start can ask for. Past a few waves the
+// rule keeps r at its start value or T, so z(a) <= z(splits) there: a <= 4 sms suffices.
+inline int64_t attn_grid_z(int64_t T, int64_t G, int splits, int64_t heads_x_batch, int sms,
+                           int rows) {
+  int64_t z = int64_t(splits) * ((T + rows - 1) / rows);
+  for (int a = 1; sms > 0 && a <= splits && a <= 4 * sms; ++a) {
+    const int64_t r = attn_rows_per_block(T, G, a, heads_x_batch * a, sms);
+    const int64_t za = a * ((T + r - 1) / r);
+    z = za > z ? za : z;
+  }
+  return z;
 }
 
 // Query vectors per weighted-V pass: KV = VEC-wide loads per lane of a V row (16 lanes a row),

@@ -31,9 +31,6 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
   int* par = depth + NR;                                        // [NR]
   signed char* anc = reinterpret_cast<signed char*>(par + NR);  // [NR][NR]: ancestor at depth
   const int64_t kvh = blockIdx.x, b = blockIdx.y;
-  const int split = int(blockIdx.z % unsigned(p.splits)), rg = int(blockIdx.z / unsigned(p.splits));
-  const int j0 = rg * p.rows_per_block,
-            j1 = j0 + p.rows_per_block < NR ? j0 + p.rows_per_block : NR;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   pdl_trigger();
   pdl_wait();  // every input but the norm weights comes from earlier kernels (dspark/pdl.cuh)
@@ -49,6 +46,16 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
   }
   const int64_t st = p.start[b];
   const bool valid = st >= 0 && st + NR <= p.S;
+  // This block's (chunk, row group): among the request's active chunks when the split is chosen
+  // per request (attention.cuh: attn_active_chunks), else among all of them. Block-uniform.
+  int chunks = p.splits, rpb = p.rows_per_block;
+  if (p.sms > 0 && valid) {
+    chunks = attn_active_chunks(st, NR, p.splits);
+    rpb = attn_rows_per_block(NR, G, chunks, p.Hkv * p.B * chunks, p.sms);
+  }
+  if (int64_t(blockIdx.z) >= int64_t(chunks) * ((NR + rpb - 1) / rpb)) return;
+  const int split = int(blockIdx.z % unsigned(chunks)), rg = int(blockIdx.z / unsigned(chunks));
+  const int j0 = rg * rpb, j1 = j0 + rpb < NR ? j0 + rpb : NR;
   const int64_t c0 = int64_t(split) * kAttnChunk;
 
   // The tree: sanitized parents (outside [-1, j): a root), depths, ancestors by depth.
@@ -323,12 +330,16 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_merge_kernel(At
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   pdl_trigger();
   pdl_wait();
+  // Chunks past the request's active ones hold identities (or, with a per-request split, were
+  // never written): skipping them leaves every sum below bit for bit the same.
+  const int64_t st = p.start[b];
+  const int splits =
+      st >= 0 && st + p.rows <= p.S ? attn_active_chunks(st, p.rows, p.splits) : p.splits;
   float mx = -INFINITY;
-  for (int s = threadIdx.x; s < p.splits; s += blockDim.x)
-    mx = fmaxf(mx, p.part_ml[2 * (base + s)]);
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) mx = fmaxf(mx, p.part_ml[2 * (base + s)]);
   mx = block_reduce(mx, MaxOp{}, -INFINITY);
   float total = 0.0f;
-  for (int s = threadIdx.x; s < p.splits; s += blockDim.x) {
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
     const float m = p.part_ml[2 * (base + s)];
     const float w = m == -INFINITY ? 0.0f : expf(m - mx);
     weight[s] = w;
@@ -340,7 +351,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_merge_kernel(At
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) acc[i] = 0.0f;
 #pragma unroll 4
-  for (int s = warp; s < p.splits; s += kAttnWarps) {
+  for (int s = warp; s < splits; s += kAttnWarps) {
     const float w = weight[s];
     if (w == 0.0f) continue;
 #pragma unroll
@@ -382,12 +393,13 @@ cudaError_t launch_attention_kernel(const AttnParams<T>& p, cudaStream_t stream)
   const size_t smem = attn_smem_bytes(p.rows, p.D, MAXQ);
   cudaError_t err = attn_smem_opt_in(kernel, smem);
   if (err != cudaSuccess) return err;
-  const int64_t groups = (p.rows + p.rows_per_block - 1) / p.rows_per_block;
+  const int64_t z =
+      attn_grid_z(p.rows, p.H / p.Hkv, p.splits, p.Hkv * p.B, p.sms, p.rows_per_block);
   // Both kernels launch in plain stream order, not programmatically: measured on the H200
   // (Qwen3-8B shapes, batch-1 graph-replayed decode; bench/RESULTS.md, fourth session) a
   // programmatic launch behind the qkv projection made the step 0.24 ms slower. The kernels keep
   // pdl_trigger(), so the o projection still launches early and prefetches its weights.
-  return launch_ex(false, kernel, dim3(unsigned(p.Hkv), unsigned(p.B), unsigned(p.splits * groups)),
+  return launch_ex(false, kernel, dim3(unsigned(p.Hkv), unsigned(p.B), unsigned(z)),
                    dim3(kAttnThreads), smem, stream, p);
 }
 
@@ -401,8 +413,8 @@ cudaError_t launch_attention_maxq(const AttnParams<T>& p, bool vec, cudaStream_t
 }
 
 // Shapes as in AttnParams; host checks: D even, D <= 256, H % Hkv == 0, G <= 16, 1 <= T <= 64,
-// splits == attn_splits(S), 1 <= rows_per_block <= T (attn_rows_per_block), part_* sized for
-// splits > 1, splits * ceil(T / rows_per_block) <= 65535.
+// splits == attn_splits(S), 1 <= rows_per_block <= T (attn_rows_per_block over all splits; sms
+// > 0: chosen again per request in the kernel), part_* sized for splits > 1, attn_grid_z <= 65535.
 template <typename T>
 cudaError_t launch_decode_attention(const AttnParams<T>& p, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
