@@ -176,16 +176,21 @@ def test_rows_do_not_depend_on_block_length(device, gen, dtype):
 @pytest.mark.parametrize("layout", ["chain", "tree"])
 @pytest.mark.parametrize("heads", [(4, 2, 64), (8, 2, 136)], ids=["d64", "d136"])
 @pytest.mark.parametrize("window", [0, 5])
-def test_work_split_changes_no_bit(device, gen, dtype, layout, heads, window, monkeypatch):
+@pytest.mark.parametrize("slots,positions", [(300, [126, 3]), (1100, [112, 1000])],
+                         ids=["short", "long"])
+def test_work_split_changes_no_bit(device, gen, dtype, layout, heads, window, slots, positions,
+                                   monkeypatch):
     """The CUDA kernel's work split — rows of a verify block per thread block (chosen by grid
     size, or DSPARK_ATTN_ROWS_PER_BLOCK) and query vectors per weighted-V pass (the kernel's
     own, or fewer with DSPARK_ATTN_PASS_Q) — changes no output bit and no cache write. (d64:
-    one 16-byte load a lane covers a 16-bit head, 8 query vectors a pass; d136: two loads, 4.)"""
+    one 16-byte load a lane covers a 16-bit head, 8 query vectors a pass; d136: two loads, 4.
+    The launcher's own split maps blocks to each request's active chunks: "long" puts one block
+    in the first of 9 chunks and one in the eighth, and "short" one across a chunk edge.)"""
     if device != "cuda":
         pytest.skip("the CPU kernel has no thread blocks")
     H, Hkv, D = heads
     parents = None if layout == "chain" else [TREE, [-1, 0, 1, 1, 3, 0, 5, 6, 6]]
-    base = to(make(2, H, Hkv, 300, D, dtype, gen, "cpu", positions=[126, 3], T=9,
+    base = to(make(2, H, Hkv, slots, D, dtype, gen, "cpu", positions=positions, T=9,
                    parents=parents), device)
     base["window"] = window  # (a sliding window: the rows of a pass see different first slots)
     results = []
