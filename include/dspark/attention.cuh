@@ -114,12 +114,12 @@ DSPARK_HD int attn_active_chunks(int64_t start, int64_t T, int splits) {
 }
 
 // Grid z of kernel 1: fixed rows per block (sms == 0): splits * ceil(T / rows); per request
-// (sms > 0): the most (active chunks x row groups) any start can ask for. Past a few waves the
-// rule keeps r at its start value or T, so z(a) <= z(splits) there: a <= 4 sms suffices.
+// (sms > 0): the most (active chunks x row groups) any start can ask for. Once a >= 16 and the
+// grid has two waves the rule gives r = T, so z(a) = a <= splits <= z(splits): the loop stops.
 inline int64_t attn_grid_z(int64_t T, int64_t G, int splits, int64_t heads_x_batch, int sms,
                            int rows) {
   int64_t z = int64_t(splits) * ((T + rows - 1) / rows);
-  for (int a = 1; sms > 0 && a <= splits && a <= 4 * sms; ++a) {
+  for (int a = 1; sms > 0 && a <= splits && (a < 16 || heads_x_batch * a < 2 * int64_t(sms)); ++a) {
     const int64_t r = attn_rows_per_block(T, G, a, heads_x_batch * a, sms);
     const int64_t za = a * ((T + r - 1) / r);
     z = za > z ? za : z;
