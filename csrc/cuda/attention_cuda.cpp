@@ -19,34 +19,26 @@
 namespace dspark {
 namespace {
 
-// Rows per block of kernel 1: attention_rows_per_block's choice for this GPU over the whole
-// cache, which the kernel refines per request by its active chunks (sms > 0), or
-// DSPARK_ATTN_ROWS_PER_BLOCK (>= 1, at most T; read per call; sms = 0: every request, every
-// chunk) for A/B measurements (bench/bench_attention.py --rows-per-block). The outputs are the
-// same bits for any value. Returns (rows, sms).
-std::pair<int, int> rows_per_block(const AttnDims& d, int splits) {
-  if (const char* env = std::getenv("DSPARK_ATTN_ROWS_PER_BLOCK"); env && *env) {
-    char* end = nullptr;
-    const long r = std::strtol(env, &end, 10);
-    DSPARK_CHECK_VALUE(*end == '\0' && r >= 1,
-                       "DSPARK_ATTN_ROWS_PER_BLOCK must be an integer >= 1, got '", env, "'");
-    return {int(r < d.T ? r : d.T), 0};
-  }
-  const int sms = device_sms();
-  return {attention_rows_per_block(d.T, d.H / d.Hkv, splits, d.Hkv * d.B * splits, sms), sms};
-}
-
-// Query vectors per weighted-V pass: DSPARK_ATTN_PASS_Q (>= 1; read per call) caps the kernel's
-// own (8 for 16-bit heads <= 128, else 4) for A/B measurements (4 = one row of Qwen3's 4 query
-// heads a pass, the kernel before 2026-12-06 s15). Same bits for any value; 0 = no cap.
-int pass_q() {
-  const char* env = std::getenv("DSPARK_ATTN_PASS_Q");
+// An A/B switch (read per call): environment variable `name` as an integer >= 1, at most 64 (the
+// most rows a call and query vectors a pass can use); 0 when unset or empty.
+int ab_switch(const char* name) {
+  const char* env = std::getenv(name);
   if (!env || !*env) return 0;
   char* end = nullptr;
-  const long q = std::strtol(env, &end, 10);
-  DSPARK_CHECK_VALUE(*end == '\0' && q >= 1, "DSPARK_ATTN_PASS_Q must be an integer >= 1, got '",
-                     env, "'");
-  return int(q < 64 ? q : 64);
+  const long v = std::strtol(env, &end, 10);
+  DSPARK_CHECK_VALUE(*end == '\0' && v >= 1, name, " must be an integer >= 1, got '", env, "'");
+  return int(v < 64 ? v : 64);
+}
+
+// Rows per block of kernel 1: attention_rows_per_block's choice for this GPU over the whole
+// cache, which the kernel refines per request by its active chunks (sms > 0), or
+// DSPARK_ATTN_ROWS_PER_BLOCK (at most T; sms = 0: every request, every chunk) for A/B
+// measurements (bench/bench_attention.py --rows-per-block). The outputs are the same bits for
+// any value. Returns (rows, sms).
+std::pair<int, int> rows_per_block(const AttnDims& d, int splits) {
+  if (const int r = ab_switch("DSPARK_ATTN_ROWS_PER_BLOCK")) return {int(r < d.T ? r : d.T), 0};
+  const int sms = device_sms();
+  return {attention_rows_per_block(d.T, d.H / d.Hkv, splits, d.Hkv * d.B * splits, sms), sms};
 }
 
 at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache,
@@ -65,7 +57,9 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at:
   if (d.B == 0) return out;
   const int splits = attention_splits(d.S);
   const auto [rows, sms] = rows_per_block(d, splits);
-  const int cap = pass_q();
+  // DSPARK_ATTN_PASS_Q caps the kernel's query vectors per weighted-V pass (8 for 16-bit heads
+  // <= 128, else 4; 4 = one row of Qwen3's 4 query heads, the kernel before 2026-12-06 s15)
+  const int cap = ab_switch("DSPARK_ATTN_PASS_Q");
   DSPARK_CHECK_VALUE(attention_grid_z(d.T, d.H / d.Hkv, splits, d.Hkv * d.B, sms, rows) <= 65535,
                      "a cache of ", d.S, " slots with ", d.T,
                      " rows per request exceeds the CUDA grid (65535 blocks in z)");
