@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> markov_draft_cuda(
   at::Tensor probs =
       at::empty({return_probs ? d.R : 0, d.G, d.V}, base_logits.options().dtype(at::kDouble));
   if (d.R == 0) return {tokens, conf, probs};
-  at::Tensor workspace = at::empty({static_cast<int64_t>(markov_workspace_bytes(d.R, d.V))},
+  at::Tensor workspace = at::empty({static_cast<int64_t>(markov_workspace_bytes(d.R, d.G, d.V))},
                                    base_logits.options().dtype(at::kByte));
   at::Tensor status = at::empty({1}, base_logits.options().dtype(at::kInt));
   MarkovArgs a{};
@@ -54,6 +54,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> markov_draft_cuda(
   a.status = status.data_ptr<int32_t>();
   a.workspace = workspace.data_ptr();
   a.R = d.R, a.G = d.G, a.V = d.V, a.rank = d.rank, a.d = d.d;
+  // DSPARK_MARKOV_TILE: columns per logits thread, 1 or 4 (A/B measurements; the same bits)
+  a.tile = ab_switch("DSPARK_MARKOV_TILE");
+  DSPARK_CHECK_VALUE(a.tile == 0 || a.tile == 1 || a.tile == 4,
+                     "DSPARK_MARKOV_TILE must be 1 or 4, got ", a.tile);
   a.logits_type = element_type(base_logits);
   a.weight_type = element_type(w1);
   check_launch(launch_markov_draft(a, c10::cuda::getCurrentCUDAStream()), status, "markov_draft",

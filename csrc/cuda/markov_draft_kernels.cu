@@ -7,8 +7,8 @@
 
 namespace dspark {
 
-size_t markov_workspace_bytes(int64_t R, int64_t V) {
-  return cuda::markov_workspace(R, V, nullptr, nullptr, nullptr);
+size_t markov_workspace_bytes(int64_t R, int64_t G, int64_t V) {
+  return cuda::markov_workspace(R, G, V, nullptr, nullptr, nullptr, nullptr);
 }
 
 cudaError_t launch_markov_draft(const MarkovArgs& a, cudaStream_t stream) {

@@ -11,7 +11,7 @@
 
 namespace dspark {
 
-size_t markov_workspace_bytes(int64_t R, int64_t V);  // MarkovArgs::workspace
+size_t markov_workspace_bytes(int64_t R, int64_t G, int64_t V);  // MarkovArgs::workspace
 cudaError_t launch_markov_draft(const MarkovArgs& args, cudaStream_t stream);  // R >= 1
 
 }  // namespace dspark

@@ -11,6 +11,8 @@
 //                      logit; then the block draws x_k by inverse CDF in index order, exactly as
 //                      sample's DrawKernel does for a request without drafts (keyed coin)
 //   MarkovProbsKernel  grid (R, C) (return_probs only): q_k(v) = e(v) / S into probs[:, k]
+//   MarkovConfPrefixKernel (confidence head only) once before step 1: the h part of every
+//                      confidence logit, grid ceil(R * G / 4), a warp per (request, step)
 // Step k + 1 reads x_k from the tokens output: stream order is the only dependency, so the 2-3
 // launches per step capture into a CUDA graph as they are.
 // Why RB <= 16 rows per block: the chunk's logits of every row fit shared memory; R = 64 runs 4
@@ -27,10 +29,11 @@
 namespace dspark {
 namespace cuda {
 
-// The workspace: z_k [R, V] fp32, then the row statistics (RowInfo [R], chunk partials [R, C]),
-// each piece 16-byte aligned. base == nullptr: only the size.
-inline size_t markov_workspace(int64_t R, int64_t V, void* base, float** logits,
-                               VerifyWorkspace* ws) {
+// The workspace: z_k [R, V] fp32, the confidence lanes' h part [R, G, kConfLanes] fp32, then
+// the row statistics (RowInfo [R], chunk partials [R, C]), each piece 16-byte aligned.
+// base == nullptr: only the size.
+inline size_t markov_workspace(int64_t R, int64_t G, int64_t V, void* base, float** logits,
+                               float** conf_prefix, VerifyWorkspace* ws) {
   const int64_t C = ceil_div(V, kChunk);
   size_t bytes = 0;
   auto place = [&](auto** piece, int64_t count) {
@@ -38,15 +41,17 @@ inline size_t markov_workspace(int64_t R, int64_t V, void* base, float** logits,
     if (base) *piece = reinterpret_cast<T*>(static_cast<char*>(base) + bytes);
     bytes += static_cast<size_t>(ceil_div(count * static_cast<int64_t>(sizeof(T)), 16) * 16);
   };
-  float* l = nullptr;
+  float *l = nullptr, *prefix = nullptr;
   VerifyWorkspace w{};
   place(&l, R * V);
+  place(&prefix, R * G * kConfLanes);
   place(&w.info, R);
   place(&w.chunk_base, R * C);
   place(&w.chunk_wmax, R * C);
   place(&w.chunk_sum, R * C);
   place(&w.chunk_widx, R * C);
   if (logits) *logits = l;
+  if (conf_prefix) *conf_prefix = prefix;
   if (ws) *ws = w;
   return bytes;
 }
@@ -59,12 +64,28 @@ inline int markov_block_rows(int64_t R, int64_t rank) {
   return rows;
 }
 
-template <typename U, typename W, int RB>
+// Columns per logits thread (MarkovLogitsKernel's TILE): 1 or 4 as asked (MarkovArgs::tile,
+// DSPARK_MARKOV_TILE for A/B); 0 = the default: 1 (the tile that ran on the GPU).
+inline int markov_tile(int asked) { return asked == 4 ? 4 : 1; }
+
+template <typename U, typename W, int RB, int TILE>
 void launch_markov_logits(const MarkovParams<U, W>& p, int64_t k, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(p.C * ceil_div(p.R, RB));
   const int64_t floats = RB * (p.rank > kChunk ? p.rank : kChunk);  // <= kMarkovSmemFloats
-  MarkovLogitsKernel<U, W, RB>
-      <<<grid, kMarkovGemmThreads, static_cast<size_t>(floats) * sizeof(float), stream>>>(p, k);
+  MarkovLogitsKernel<U, W, RB, TILE>
+      <<<grid, kChunk / TILE, static_cast<size_t>(floats) * sizeof(float), stream>>>(p, k);
+}
+
+template <typename U, typename W, int TILE>
+void launch_markov_logits_rows(const MarkovParams<U, W>& p, int rows, int64_t k,
+                               cudaStream_t stream) {
+  switch (rows) {
+    case 1: launch_markov_logits<U, W, 1, TILE>(p, k, stream); break;
+    case 2: launch_markov_logits<U, W, 2, TILE>(p, k, stream); break;
+    case 4: launch_markov_logits<U, W, 4, TILE>(p, k, stream); break;
+    case 8: launch_markov_logits<U, W, 8, TILE>(p, k, stream); break;
+    default: launch_markov_logits<U, W, 16, TILE>(p, k, stream); break;
+  }
 }
 
 // Host checks: R >= 1, G >= 1, 1 <= V <= kMaxVocab, 1 <= rank <= kMarkovMaxRank, dtypes.
@@ -82,18 +103,18 @@ cudaError_t launch_markov_draft(const MarkovArgs& a, cudaStream_t stream) {
   p.tokens = a.tokens, p.conf = a.conf_logits, p.probs = a.probs, p.status = a.status;
   p.R = a.R, p.G = a.G, p.V = a.V, p.rank = a.rank, p.d = a.d;
   p.C = ceil_div(a.V, kChunk);
-  markov_workspace(a.R, a.V, a.workspace, &p.logits, &p.ws);
+  markov_workspace(a.R, a.G, a.V, a.workspace, &p.logits, &p.conf_prefix, &p.ws);
   cudaError_t err = cudaMemsetAsync(p.status, 0, sizeof(int32_t), stream);
   if (err != cudaSuccess) return err;
-  const int rows = markov_block_rows(p.R, p.rank);
+  if (p.conf) {
+    const int64_t blocks = ceil_div(p.R * p.G, kMarkovPrefixWarps);
+    MarkovConfPrefixKernel<U, W>
+        <<<static_cast<unsigned>(blocks), kMarkovPrefixWarps * 32, 0, stream>>>(p);
+  }
+  const int rows = markov_block_rows(p.R, p.rank), tile = markov_tile(a.tile);
   for (int64_t k = 0; k < p.G; ++k) {
-    switch (rows) {
-      case 1: launch_markov_logits<U, W, 1>(p, k, stream); break;
-      case 2: launch_markov_logits<U, W, 2>(p, k, stream); break;
-      case 4: launch_markov_logits<U, W, 4>(p, k, stream); break;
-      case 8: launch_markov_logits<U, W, 8>(p, k, stream); break;
-      default: launch_markov_logits<U, W, 16>(p, k, stream); break;
-    }
+    if (tile == 4) launch_markov_logits_rows<U, W, 4>(p, rows, k, stream);
+    else launch_markov_logits_rows<U, W, 1>(p, rows, k, stream);
     MarkovDrawKernel<U, W><<<static_cast<unsigned>(p.R), kDrawThreads, 0, stream>>>(p, k);
     if (p.probs)
       MarkovProbsKernel<U, W>

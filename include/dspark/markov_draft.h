@@ -78,8 +78,9 @@ struct MarkovArgs {
   float* conf_logits;                // [R, G] out, or nullptr
   double* probs;    // [R, G, V] out: the distribution each x_k was drawn from, or null
   int32_t* status;  // [1] StatusBit flags
-  void* workspace;  // markov_workspace_bytes(R, V)
+  void* workspace;  // markov_workspace_bytes(R, G, V)
   int64_t R, G, V, rank, d;
+  int tile;  // columns per logits thread: 0 the default, 1 or 4 (A/B; the same bits)
   ElementType logits_type, weight_type;
 };
 

@@ -22,20 +22,35 @@ __device__ __forceinline__ VerifyParams<float, float> row_view(const MarkovParam
   return v;
 }
 
-// One warp: the confidence logit of row r at step k (markov_draft.h: lanes, then the tree).
+// The confidence lanes' h part (markov_draft.h: entry i < d of [h; e] in lane i % 32, in
+// increasing i) for every (request, step): it does not depend on the drafted tokens, so it runs
+// once before step 1, all rows in parallel, and a step's draw adds only the rank entries of e
+// (rank / 32 dependent MACs a lane instead of (d + rank) / 32: 8 instead of 136 at the 8B shape).
+// One warp per (r, k); the same MACs in the same order as one pass over [h; e], so the same bits.
+template <typename U, typename W>
+__global__ void __launch_bounds__(kMarkovPrefixWarps * 32)
+    MarkovConfPrefixKernel(MarkovParams<U, W> p) {
+  const int64_t rk = static_cast<int64_t>(blockIdx.x) * kMarkovPrefixWarps + (threadIdx.x >> 5);
+  if (rk >= p.R * p.G) return;  // warp-uniform
+  const int lane = threadIdx.x & 31;
+  const W* h = p.hidden + rk * p.d;
+  float part = 0.0f;
+#pragma unroll 16
+  for (int64_t i = lane; i < p.d; i += kConfLanes)
+    part = markov_mac<W>(part, to_f(__ldg(p.conf_w + i)), to_f(__ldg(h + i)));
+  p.conf_prefix[rk * kConfLanes + lane] = part;
+}
+
+// One warp: the confidence logit of row r at step k from the lanes' h part (the kernel above):
+// the e part from each lane's first entry past d, then the lanes' tree, then the bias.
 template <typename U, typename W>
 __device__ void markov_confidence(const MarkovParams<U, W>& p, int64_t r, int64_t k, int64_t prev) {
   const int lane = threadIdx.x & 31;
-  const W* h = p.hidden + (r * p.G + k) * p.d;
   const W* e = p.w1 + prev * p.rank;
-  // Entry i of [h; e] in lane i % 32, increasing i: the h part, then the e part from the lane's
-  // first entry past d (two loops without a select, so the loads run ahead of the FMA chain).
-  float part = 0.0f;
-  int64_t i = lane;
+  float part = p.conf_prefix[(r * p.G + k) * kConfLanes + lane];
+  const int64_t first = p.d > lane ? lane + ceil_div(p.d - lane, kConfLanes) * kConfLanes : lane;
 #pragma unroll 8
-  for (; i < p.d; i += kConfLanes) part = markov_mac<W>(part, to_f(p.conf_w[i]), to_f(h[i]));
-#pragma unroll 8
-  for (; i < p.d + p.rank; i += kConfLanes)
+  for (int64_t i = first; i < p.d + p.rank; i += kConfLanes)
     part = markov_mac<W>(part, to_f(p.conf_w[i]), to_f(e[i - p.d]));
   for (int s = kConfLanes / 2; s > 0; s >>= 1)
     part = add_rn(part, __shfl_down_sync(0xffffffffu, part, s));
