@@ -105,11 +105,29 @@ def test_logits_tile_changes_no_bit(device, gen, monkeypatch, tile, R, G, V, ran
 
 
 @pytest.mark.cuda
-def test_logits_tile_bad_value(device, gen, monkeypatch):
+@pytest.mark.parametrize("R,G,V,rank,d", [(1, 7, 2051, 24, 16), (6, 5, 1000, 256, 8),
+                                         (64, 3, 1000, 8, 0)])
+def test_plain_stream_order_same_bits(device, gen, monkeypatch, R, G, V, rank, d):
+    """DSPARK_MARKOV_PDL=off (each step's kernels in plain stream order instead of launched
+    early) gives the same outputs; with return_probs the chain has three kernels a step."""
     if device != "cuda":
-        pytest.skip("the tile is the CUDA logits kernel's")
-    monkeypatch.setenv("DSPARK_MARKOV_TILE", "3")
-    with pytest.raises(ValueError, match="DSPARK_MARKOV_TILE must be 1 or 4"):
+        pytest.skip("programmatic launch is the CUDA launcher's")
+    a = make_args(R, G, V, rank, d, gen, dtypes="bf16", filtered=True)
+    on = run(device, a)
+    monkeypatch.setenv("DSPARK_MARKOV_PDL", "off")
+    off = run(device, a)
+    assert all(torch.equal(x, y) for x, y in zip(on, off))
+    assert_matches_reference(off, a)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name,value,match", [("DSPARK_MARKOV_TILE", "3", "must be 1 or 4"),
+                                              ("DSPARK_MARKOV_PDL", "no", "must be on or off")])
+def test_ab_switch_bad_value(device, gen, monkeypatch, name, value, match):
+    if device != "cuda":
+        pytest.skip("the switches are the CUDA launcher's")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=match):
         run(device, make_args(2, 2, 30, 3, 4, gen))
 
 

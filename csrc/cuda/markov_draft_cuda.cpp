@@ -8,6 +8,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "checks.h"
 #include "cuda/launch_status.h"
 #include "cuda/markov_draft_launch.h"
@@ -58,6 +61,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> markov_draft_cuda(
   a.tile = ab_switch("DSPARK_MARKOV_TILE");
   DSPARK_CHECK_VALUE(a.tile == 0 || a.tile == 1 || a.tile == 4,
                      "DSPARK_MARKOV_TILE must be 1 or 4, got ", a.tile);
+  // DSPARK_MARKOV_PDL=off: plain stream order between the steps' kernels (A/B; the same bits)
+  const std::string pdl = std::getenv("DSPARK_MARKOV_PDL") ? std::getenv("DSPARK_MARKOV_PDL") : "";
+  DSPARK_CHECK_VALUE(pdl.empty() || pdl == "on" || pdl == "off",
+                     "DSPARK_MARKOV_PDL must be on or off, got '", pdl, "'");
+  a.pdl = pdl != "off";
   a.logits_type = element_type(base_logits);
   a.weight_type = element_type(w1);
   check_launch(launch_markov_draft(a, c10::cuda::getCurrentCUDAStream()), status, "markov_draft",

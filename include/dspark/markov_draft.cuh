@@ -68,23 +68,48 @@ inline int markov_block_rows(int64_t R, int64_t rank) {
 // DSPARK_MARKOV_TILE for A/B); 0 = the default: 1 (the tile that ran on the GPU).
 inline int markov_tile(int asked) { return asked == 4 ? 4 : 1; }
 
+// Programmatic dependent launch (dspark/pdl.cuh) of every kernel after step 1's logits kernel:
+// a Hopper+ device running sm_90 code of these kernels (a compute_80 build JIT-compiled there
+// has no griddepcontrol.wait). asked: MarkovArgs::pdl (0 off, 1 where usable). Cached per device.
+inline cudaError_t markov_pdl(int asked, bool* out) {
+  constexpr int kMaxDevices = 64;
+  static signed char usable[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
+  *out = false;
+  if (!asked) return cudaSuccess;
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < 0 || dev >= kMaxDevices) return cudaSuccess;
+  if (!usable[dev]) {
+    int major = 0;
+    cudaFuncAttributes a{};
+    if ((err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev)) ||
+        (err = cudaFuncGetAttributes(&a, MarkovDrawKernel<float, float>)))
+      return err;
+    usable[dev] = major >= 9 && a.ptxVersion >= 90 ? 2 : 1;
+  }
+  *out = usable[dev] == 2;
+  return cudaSuccess;
+}
+
 template <typename U, typename W, int RB, int TILE>
-void launch_markov_logits(const MarkovParams<U, W>& p, int64_t k, cudaStream_t stream) {
+cudaError_t launch_markov_logits(const MarkovParams<U, W>& p, int64_t k, bool pdl,
+                                 cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(p.C * ceil_div(p.R, RB));
   const int64_t floats = RB * (p.rank > kChunk ? p.rank : kChunk);  // <= kMarkovSmemFloats
-  MarkovLogitsKernel<U, W, RB, TILE>
-      <<<grid, kChunk / TILE, static_cast<size_t>(floats) * sizeof(float), stream>>>(p, k);
+  return launch_ex(pdl, MarkovLogitsKernel<U, W, RB, TILE>, dim3(grid), dim3(kChunk / TILE),
+                   static_cast<size_t>(floats) * sizeof(float), stream, p, k);
 }
 
 template <typename U, typename W, int TILE>
-void launch_markov_logits_rows(const MarkovParams<U, W>& p, int rows, int64_t k,
-                               cudaStream_t stream) {
+cudaError_t launch_markov_logits_rows(const MarkovParams<U, W>& p, int rows, int64_t k, bool pdl,
+                                      cudaStream_t stream) {
   switch (rows) {
-    case 1: launch_markov_logits<U, W, 1, TILE>(p, k, stream); break;
-    case 2: launch_markov_logits<U, W, 2, TILE>(p, k, stream); break;
-    case 4: launch_markov_logits<U, W, 4, TILE>(p, k, stream); break;
-    case 8: launch_markov_logits<U, W, 8, TILE>(p, k, stream); break;
-    default: launch_markov_logits<U, W, 16, TILE>(p, k, stream); break;
+    case 1: return launch_markov_logits<U, W, 1, TILE>(p, k, pdl, stream);
+    case 2: return launch_markov_logits<U, W, 2, TILE>(p, k, pdl, stream);
+    case 4: return launch_markov_logits<U, W, 4, TILE>(p, k, pdl, stream);
+    case 8: return launch_markov_logits<U, W, 8, TILE>(p, k, pdl, stream);
+    default: return launch_markov_logits<U, W, 16, TILE>(p, k, pdl, stream);
   }
 }
 
@@ -112,16 +137,22 @@ cudaError_t launch_markov_draft(const MarkovArgs& a, cudaStream_t stream) {
         <<<static_cast<unsigned>(blocks), kMarkovPrefixWarps * 32, 0, stream>>>(p);
   }
   const int rows = markov_block_rows(p.R, p.rank), tile = markov_tile(a.tile);
+  bool pdl = false;
+  if ((err = markov_pdl(a.pdl, &pdl)) != cudaSuccess) return err;
   for (int64_t k = 0; k < p.G; ++k) {
-    if (tile == 4) launch_markov_logits_rows<U, W, 4>(p, rows, k, stream);
-    else launch_markov_logits_rows<U, W, 1>(p, rows, k, stream);
-    MarkovDrawKernel<U, W><<<static_cast<unsigned>(p.R), kDrawThreads, 0, stream>>>(p, k);
-    if (p.probs)
-      MarkovProbsKernel<U, W>
-          <<<dim3(static_cast<unsigned>(p.R), static_cast<unsigned>(p.C)), 256, 0, stream>>>(p, k);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    // step 1's logits kernel in plain stream order (after the status memset and the prefix)
+    err = tile == 4 ? launch_markov_logits_rows<U, W, 4>(p, rows, k, pdl && k > 0, stream)
+                    : launch_markov_logits_rows<U, W, 1>(p, rows, k, pdl && k > 0, stream);
+    if (err != cudaSuccess) return err;
+    err = launch_ex(pdl, MarkovDrawKernel<U, W>, dim3(static_cast<unsigned>(p.R)),
+                    dim3(kDrawThreads), 0, stream, p, k);
+    if (err == cudaSuccess && p.probs)
+      err = launch_ex(pdl, MarkovProbsKernel<U, W>,
+                      dim3(static_cast<unsigned>(p.R), static_cast<unsigned>(p.C)), dim3(256), 0,
+                      stream, p, k);
+    if (err != cudaSuccess) return err;
   }
-  return cudaSuccess;
+  return cudaGetLastError();
 }
 
 }  // namespace cuda

@@ -81,6 +81,8 @@ __device__ int64_t markov_draw(const MarkovParams<U, W>& p, int64_t r, int64_t k
 
 template <typename U, typename W>
 __global__ void __launch_bounds__(kDrawThreads) MarkovDrawKernel(MarkovParams<U, W> p, int64_t k) {
+  pdl_trigger();  // launched early after step 1's kernels (dspark/pdl.cuh): every input but
+  pdl_wait();     // the weights comes from the kernels before
   const int64_t r = blockIdx.x;
   const int64_t prev = markov_row_prev(p, r, k);
   if (prev < 0) {  // block-uniform
@@ -111,6 +113,8 @@ __global__ void __launch_bounds__(kDrawThreads) MarkovDrawKernel(MarkovParams<U,
 // return_probs: q_k(v) = e(v) / S, the distribution x_k was drawn from (0 for failed rows).
 template <typename U, typename W>
 __global__ void MarkovProbsKernel(MarkovParams<U, W> p, int64_t k) {
+  pdl_trigger();
+  pdl_wait();
   const int64_t r = blockIdx.x, b = blockIdx.y;
   double* out = p.probs + (r * p.G + k) * p.V;
   const bool ok = p.tokens[r * p.G + k] >= 0;

@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "dspark/markov_draft.h"
+#include "dspark/pdl.cuh"
 #include "dspark/row_stats.cuh"  // VerifyParams/VerifyWorkspace, warp_*, filtered_row, finalize_row
 
 namespace dspark {
@@ -20,6 +21,7 @@ constexpr int kMarkovThreads = 128;
 constexpr int kMarkovCols = kChunk / kMarkovThreads;  // columns per statistics thread (4)
 constexpr int kMarkovMaxRows = 16;
 constexpr int kMarkovPrefixWarps = 4;     // (request, step) pairs per confidence-prefix block
+constexpr int kMarkovPrefetchRows = 64;   // W2 rows a logits block sends to L2 before its wait
 constexpr int kMarkovSmemFloats = 11264;  // staged W1 rows per block: RB * rank <= this (44 KB)
 static_assert(kMarkovMaxRank <= kMarkovSmemFloats, "one row of the largest rank fits");
 static_assert(kMarkovMaxRows * kChunk <= kMarkovSmemFloats, "the chunk's logits fit");
@@ -53,6 +55,18 @@ __device__ __forceinline__ int64_t markov_row_prev(const MarkovParams<U, W>& p, 
   if (prev < 0 || prev >= p.V || param_status(p.temperature[r], p.top_k[r], p.top_p[r], true))
     return -1;
   return prev;
+}
+
+// L2 prefetch of W2 rows [0, kMarkovPrefetchRows) over chunk c's columns: 128-byte lines, one a
+// thread (a block of any tile has >= 128 threads).
+template <typename U, typename W>
+__device__ __forceinline__ void markov_prefetch_w2(const MarkovParams<U, W>& p, int64_t c) {
+  constexpr int kLine = 128 / sizeof(W), kLines = kChunk / kLine;  // lines of a row's chunk
+  const int64_t rows = p.rank < kMarkovPrefetchRows ? p.rank : kMarkovPrefetchRows;
+  for (int64_t i = threadIdx.x; i < rows * kLines; i += blockDim.x) {
+    const int64_t v = c * kChunk + (i % kLines) * kLine;
+    if (v < p.V) pdl_prefetch_l2(p.w2 + (i / kLines) * p.V + v);
+  }
 }
 
 // TILE adjacent W2 columns of row j as fp32: one vector load where the thread's columns are
@@ -96,6 +110,10 @@ __global__ void __launch_bounds__(kChunk / TILE)
   __shared__ double s_sum[RB][kMarkovThreads / 32];
   const int64_t nrb = ceil_div(p.R, RB);
   const int64_t c = blockIdx.x / nrb, r0 = (blockIdx.x % nrb) * RB;
+  // Launched early (after step 1: dspark/pdl.cuh) the block waits for the previous step's draw;
+  // meanwhile the first rows of its W2 columns go to L2 (W2 is a weight: no kernel writes it).
+  if (r0 == 0) markov_prefetch_w2(p, c);
+  pdl_wait();
   if (threadIdx.x < RB)
     s_prev[threadIdx.x] = r0 + threadIdx.x < p.R ? markov_row_prev(p, r0 + threadIdx.x, k) : -1;
   __syncthreads();
@@ -147,6 +165,8 @@ __global__ void __launch_bounds__(kChunk / TILE)
     markov_w2_tile<W, TILE>(p.w2 + j * p.V, col0, p.V, vec, w);
     mac(j, w);
   }
+  // The draw may launch now (it waits for this grid): its launch hides behind the statistics.
+  pdl_trigger();
   __syncthreads();  // every thread is done with s_e: s_z takes its place
   // z = U + round_W(bias) into the workspace and shared memory (entries past V: -inf).
 #pragma unroll
