@@ -37,12 +37,10 @@ def sync_checks(enabled: bool):
 # Whether callers that have a fallback (KVCache.commit: a gather/scatter; the DSpark drafter: the
 # Python Markov loop) take these ops' CUDA kernels; on the CPU they always do. Flipping one entry
 # moves every such caller. kv_commit: its CUDA tests, memcheck and racecheck passed on an H100
-# (2026-12-06). markov_draft: so did its (again 2026-12-07 with the 512-thread logits kernel);
-# that kernel beats the loop at R = 1 (tokens and confidences only: 170 vs 284 us at the
-# benchmark pair's shape, 435 vs 628 at the Qwen3-8B vocabulary) but loses at R = 16 / 64 (444 vs
-# 394, 3195 vs 2146 us), and the drafter's call (with q rows) is not yet timed against the loop
-# (bench/RESULTS.md, sixteenth session), so the loop stays.
-CUDA_KERNEL_TESTED = {"kv_commit": True, "markov_draft": False}
+# (2026-12-06). markov_draft: so did its (H100 2026-12-07; on an H200 the same day with the
+# confidence prefix and programmatic launch, and the whole CUDA suite with the op on); the
+# DSpark drafter takes it up to a batch bound (drafters/dspark_drafter.py).
+CUDA_KERNEL_TESTED = {"kv_commit": True, "markov_draft": True}
 # DSPARK_CUDA_KERNELS=kv_commit,markov_draft (read at import) turns entries on for one process:
 # the GPU session script sets it after those kernels' tests and sanitizers passed on that machine.
 for _name in filter(None, os.environ.get("DSPARK_CUDA_KERNELS", "").split(",")):

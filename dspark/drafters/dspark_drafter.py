@@ -19,9 +19,9 @@ the request's temperature / top-k / top-p (the same as the target's) keyed by th
 seed and position p + k - 1, and the exact distribution it was drawn from is what verification
 uses. DFlash samples every slot independently from ``U_k``. Confidence ``z_k = w.[H_d[k];
 W1[x_{k-1}]] + b`` uses the previous token only. With the Markov head the whole stage (bias,
-draws, confidences) is one op, ``dspark.ops.markov_draft`` (``markov_op``; default on CPU; on CUDA
-opt-in until its kernels have run on a GPU); the Python loop stays for the RNN head and as the
-reference (``markov_op = False``).
+draws, confidences) is one op, ``dspark.ops.markov_draft`` (``markov_op``; default on CPU, and on
+CUDA up to ``MARKOV_OP_MAX_BATCH_CUDA`` requests, where it beat the loop); the Python loop stays
+for the RNN head, for larger CUDA batches and as the reference (``markov_op = False``).
 """
 from __future__ import annotations
 
@@ -47,6 +47,13 @@ from .layers import (
     sts_tensor,
 )
 from .spec import DrafterSpec
+
+# The batch up to which the CUDA drafter runs markov_draft instead of the Python loop: the op
+# beat the loop at R = 1 (H200, 2026-12-07, with q rows: 158 vs 279 us at the benchmark pair's
+# shape; demo pair round 0.405 vs 0.499 ms, compiled drafter) and lost at R = 16 (470 vs 389 us)
+# and at the Qwen3-8B vocabulary at R = 64 (3411 vs 1801), where the loop's bias GEMM runs on
+# tensor cores (bench/RESULTS.md, seventeenth session).
+MARKOV_OP_MAX_BATCH_CUDA = 8
 
 
 class InjectedLayer(nn.Module):
@@ -230,8 +237,8 @@ class ParallelDrafter(TrainedDrafter):
         self._sts = None  # (key, [gamma] STS temperatures on the logits' device) of confidences()
         self.k = self.v = None
         # markov_op: the Markov head's sequential stage as one dspark.ops.markov_draft call (not
-        # gamma x (bias GEMV + sample) launches); False keeps the Python loop. None: on CPU; on
-        # CUDA not yet, because its CUDA kernels have not run on a GPU (bench/RESULTS.md)
+        # gamma x (bias GEMV + sample) launches); False keeps the Python loop. None: on CPU
+        # always; on CUDA up to MARKOV_OP_MAX_BATCH_CUDA requests
         self.markov_op: Optional[bool] = None
         self._w2t = None  # (weight key, W2 [rank, V] contiguous): the layout the op streams
         self._commit_write = None  # compile(): the per-round context write under torch.compile
@@ -248,7 +255,7 @@ class ParallelDrafter(TrainedDrafter):
             self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
             self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
             self._buffers_changed()
-        if self._markov_fused():
+        if self._markov_fused(batch):
             self._markov_w2()  # made here, outside the stage graphs
 
     def _write_context(self, feats: torch.Tensor, start: torch.Tensor,
@@ -302,11 +309,12 @@ class ParallelDrafter(TrainedDrafter):
         kv = [(self.k[i], self.v[i]) for i in range(len(m.layers))]
         return m.backbone(tokens, positions, kv, mask)[:, off:off + g]
 
-    def _markov_fused(self) -> bool:
+    def _markov_fused(self, batch: int) -> bool:
         on = self.markov_op
-        if on is None:
-            on = self.model.head is not None and ops.op_in_use("markov_draft",
-                                                               self.model.head.w1.weight.device)
+        if on is None and self.model.head is not None:
+            dev = self.model.head.w1.weight.device
+            on = ops.op_in_use("markov_draft", dev) and (
+                dev.type != "cuda" or batch <= MARKOV_OP_MAX_BATCH_CUDA)
         return bool(on) and type(self.model.head) is MarkovHead
 
     def _markov_w2(self) -> torch.Tensor:
@@ -349,7 +357,7 @@ class ParallelDrafter(TrainedDrafter):
     def propose(self, state: SpecState) -> Proposal:
         m = self.model
         H = self.draft_hidden(state)
-        if self._markov_fused():
+        if self._markov_fused(state.batch):
             return self._propose_fused(state, H)
         U = m.base_logits(H)  # [B, g, V] fp32
         p = state.anchor_pos()
