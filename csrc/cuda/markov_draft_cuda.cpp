@@ -57,10 +57,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> markov_draft_cuda(
   a.status = status.data_ptr<int32_t>();
   a.workspace = workspace.data_ptr();
   a.R = d.R, a.G = d.G, a.V = d.V, a.rank = d.rank, a.d = d.d;
-  // DSPARK_MARKOV_TILE: columns per logits thread, 1 or 4 (A/B measurements; the same bits)
-  a.tile = ab_switch("DSPARK_MARKOV_TILE");
-  DSPARK_CHECK_VALUE(a.tile == 0 || a.tile == 1 || a.tile == 4,
-                     "DSPARK_MARKOV_TILE must be 1 or 4, got ", a.tile);
   // DSPARK_MARKOV_PDL=off: plain stream order between the steps' kernels (A/B; the same bits)
   const std::string pdl = std::getenv("DSPARK_MARKOV_PDL") ? std::getenv("DSPARK_MARKOV_PDL") : "";
   DSPARK_CHECK_VALUE(pdl.empty() || pdl == "on" || pdl == "off",

@@ -6,10 +6,12 @@
 //                      (its first 128 threads, 4 columns each) the chunk's statistics (greedy:
 //                      max + first argmax; sampled: local base + sum of e) in row_stats.cuh's
 //                      layout, so finalize_row reads them unchanged
-//   MarkovDrawKernel   grid R, 256 threads: top-k/top-p rows run filtered_row over z_k (block),
-//                      warp 0 finalizes the row (finalize_row), warp 1 computes the confidence
-//                      logit; then the block draws x_k by inverse CDF in index order, exactly as
-//                      sample's DrawKernel does for a request without drafts (keyed coin)
+//   MarkovDrawKernel   grid R, 256 threads: top-k/top-p rows run filtered_row over z_k (block);
+//                      the block stages the row's chunk partials in shared memory, warp 0
+//                      finalizes them (finalize_partials, finalize_row's arithmetic), warp 1
+//                      computes the confidence logit; then the block draws x_k by inverse CDF in
+//                      index order, exactly as sample's DrawKernel does for a request without
+//                      drafts (keyed coin)
 //   MarkovProbsKernel  grid (R, C) (return_probs only): q_k(v) = e(v) / S into probs[:, k]
 //   MarkovConfPrefixKernel (confidence head only) once before step 1: the h part of every
 //                      confidence logit, grid ceil(R * G / 4), a warp per (request, step)
@@ -64,10 +66,6 @@ inline int markov_block_rows(int64_t R, int64_t rank) {
   return rows;
 }
 
-// Columns per logits thread (MarkovLogitsKernel's TILE): 1 or 4 as asked (MarkovArgs::tile,
-// DSPARK_MARKOV_TILE for A/B); 0 = the default: 1 (the tile that ran on the GPU).
-inline int markov_tile(int asked) { return asked == 4 ? 4 : 1; }
-
 // Programmatic dependent launch (dspark/pdl.cuh) of every kernel after step 1's logits kernel:
 // a Hopper+ device running sm_90 code of these kernels (a compute_80 build JIT-compiled there
 // has no griddepcontrol.wait). asked: MarkovArgs::pdl (0 off, 1 where usable). Cached per device.
@@ -92,24 +90,24 @@ inline cudaError_t markov_pdl(int asked, bool* out) {
   return cudaSuccess;
 }
 
-template <typename U, typename W, int RB, int TILE>
+template <typename U, typename W, int RB>
 cudaError_t launch_markov_logits(const MarkovParams<U, W>& p, int64_t k, bool pdl,
                                  cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(p.C * ceil_div(p.R, RB));
   const int64_t floats = RB * (p.rank > kChunk ? p.rank : kChunk);  // <= kMarkovSmemFloats
-  return launch_ex(pdl, MarkovLogitsKernel<U, W, RB, TILE>, dim3(grid), dim3(kChunk / TILE),
+  return launch_ex(pdl, MarkovLogitsKernel<U, W, RB>, dim3(grid), dim3(kMarkovGemmThreads),
                    static_cast<size_t>(floats) * sizeof(float), stream, p, k);
 }
 
-template <typename U, typename W, int TILE>
+template <typename U, typename W>
 cudaError_t launch_markov_logits_rows(const MarkovParams<U, W>& p, int rows, int64_t k, bool pdl,
                                       cudaStream_t stream) {
   switch (rows) {
-    case 1: return launch_markov_logits<U, W, 1, TILE>(p, k, pdl, stream);
-    case 2: return launch_markov_logits<U, W, 2, TILE>(p, k, pdl, stream);
-    case 4: return launch_markov_logits<U, W, 4, TILE>(p, k, pdl, stream);
-    case 8: return launch_markov_logits<U, W, 8, TILE>(p, k, pdl, stream);
-    default: return launch_markov_logits<U, W, 16, TILE>(p, k, pdl, stream);
+    case 1: return launch_markov_logits<U, W, 1>(p, k, pdl, stream);
+    case 2: return launch_markov_logits<U, W, 2>(p, k, pdl, stream);
+    case 4: return launch_markov_logits<U, W, 4>(p, k, pdl, stream);
+    case 8: return launch_markov_logits<U, W, 8>(p, k, pdl, stream);
+    default: return launch_markov_logits<U, W, 16>(p, k, pdl, stream);
   }
 }
 
@@ -136,13 +134,12 @@ cudaError_t launch_markov_draft(const MarkovArgs& a, cudaStream_t stream) {
     MarkovConfPrefixKernel<U, W>
         <<<static_cast<unsigned>(blocks), kMarkovPrefixWarps * 32, 0, stream>>>(p);
   }
-  const int rows = markov_block_rows(p.R, p.rank), tile = markov_tile(a.tile);
+  const int rows = markov_block_rows(p.R, p.rank);
   bool pdl = false;
   if ((err = markov_pdl(a.pdl, &pdl)) != cudaSuccess) return err;
   for (int64_t k = 0; k < p.G; ++k) {
     // step 1's logits kernel in plain stream order (after the status memset and the prefix)
-    err = tile == 4 ? launch_markov_logits_rows<U, W, 4>(p, rows, k, pdl && k > 0, stream)
-                    : launch_markov_logits_rows<U, W, 1>(p, rows, k, pdl && k > 0, stream);
+    err = launch_markov_logits_rows<U, W>(p, rows, k, pdl && k > 0, stream);
     if (err != cudaSuccess) return err;
     err = launch_ex(pdl, MarkovDrawKernel<U, W>, dim3(static_cast<unsigned>(p.R)),
                     dim3(kDrawThreads), 0, stream, p, k);

@@ -80,8 +80,7 @@ struct MarkovArgs {
   int32_t* status;  // [1] StatusBit flags
   void* workspace;  // markov_workspace_bytes(R, G, V)
   int64_t R, G, V, rank, d;
-  int tile;  // columns per logits thread: 0 the default, 1 or 4 (A/B; the same bits)
-  int pdl;   // 1: programmatic dependent launch where the device and code allow it, 0: off
+  int pdl;  // 1: programmatic dependent launch where the device and code allow it, 0: off
   ElementType logits_type, weight_type;
 };
 

@@ -57,30 +57,44 @@ __device__ void markov_confidence(const MarkovParams<U, W>& p, int64_t r, int64_
   if (lane == 0) p.conf[r * p.G + k] = round_t<W>(add_rn(part, to_f(p.conf_b[0])));
 }
 
-// Inverse-CDF draw of a sampled row from its finalized chunk masses, as sample's DrawKernel draws
-// for a request with no drafts (block_draw.cuh): target = u * (block sum of the chunk masses).
-// -1 if the row has no mass (finalize_row flagged it). Called by the whole block.
+// A row's chunk partials staged in shared memory by the whole draw block (one round trip to L2
+// for all C chunks instead of one a lane per 32 chunks in finalize_row's loops): wmax / widx of
+// a greedy row, base / sum of a sampled row; set_sum rescales the shared copy, which the draw
+// then reads.
+struct SharedPartials {
+  const float* f;    // wmax (greedy) or base (sampled)
+  const int32_t* i;  // widx (greedy)
+  double* s;         // sum (sampled), then the rescaled masses
+  __device__ int32_t widx(int64_t b) const { return i[b]; }
+  __device__ float wmax(int64_t b) const { return f[b]; }
+  __device__ float base(int64_t b) const { return f[b]; }
+  __device__ double sum(int64_t b) const { return s[b]; }
+  __device__ void set_sum(int64_t b, double v) const { s[b] = v; }
+};
+
+// Inverse-CDF draw of a sampled row from its finalized chunk masses `sums` (shared), as
+// sample's DrawKernel draws for a request with no drafts (block_draw.cuh): target = u * (block
+// sum of the chunk masses). -1 if the row has no mass (finalize flagged it). Whole block.
 template <typename U, typename W>
 __device__ int64_t markov_draw(const MarkovParams<U, W>& p, int64_t r, int64_t k,
-                               const RowInfo& info) {
-  __shared__ double sm_sums[kMaxVocab / kChunk + 1];
-  const double* sums = p.ws.chunk_sum + r * p.C;
+                               const RowInfo& info, const double* sums) {
   const int64_t per = ceil_div(p.C, blockDim.x), b0 = threadIdx.x * per, b1 = min(p.C, b0 + per);
   double mine = 0.0;
-  for (int64_t b = b0; b < b1; ++b) {
-    sm_sums[b] = sums[b];
-    mine += sm_sums[b];
-  }
+  for (int64_t b = b0; b < b1; ++b) mine += sums[b];
   const double z = block_reduce(mine, SumOp(), 0.0);
   if (!(z > 0.0)) return -1;  // z is the same in every thread: the block leaves together
   const double u = keyed_uniform(p.seeds[r], p.positions[r] + k, 0, kSampleCoin);
   const float* w = p.logits + r * p.V;
-  return block_draw<kChunk>(sm_sums, p.C, p.V, u * z,
-                            [&](int64_t v) { return row_e(info, v, w[v]); });
+  return block_draw<kChunk>(sums, p.C, p.V, u * z, [&](int64_t v) { return row_e(info, v, w[v]); });
 }
 
 template <typename U, typename W>
 __global__ void __launch_bounds__(kDrawThreads) MarkovDrawKernel(MarkovParams<U, W> p, int64_t k) {
+  constexpr int kMaxChunks = kMaxVocab / kChunk + 1;
+  __shared__ double s_sum[kMaxChunks];
+  __shared__ float s_f[kMaxChunks];
+  __shared__ int32_t s_i[kMaxChunks];
+  __shared__ RowInfo s_info;
   pdl_trigger();  // launched early after step 1's kernels (dspark/pdl.cuh): every input but
   pdl_wait();     // the weights comes from the kernels before
   const int64_t r = blockIdx.x;
@@ -97,16 +111,39 @@ __global__ void __launch_bounds__(kDrawThreads) MarkovDrawKernel(MarkovParams<U,
   }
   const VerifyParams<float, float> view = row_view(p);
   const int32_t owner = static_cast<int32_t>(r);
-  if (is_filtered(p.temperature[r], p.top_k[r], p.top_p[r])) {
+  const float temperature = p.temperature[r];
+  const bool greedy = is_greedy(temperature);
+  if (is_filtered(temperature, p.top_k[r], p.top_p[r])) {
     filtered_row(view, p.ws, r, owner, kChunk);
     __syncthreads();
   }
-  const int warp = threadIdx.x >> 5;
-  if (warp == 0) finalize_row(view, p.ws, r, owner);
-  else if (warp == 1 && p.conf) markov_confidence(p, r, k, prev);
+  // The row's partials into shared memory (the filtered path wrote its sums and bases above).
+  for (int64_t b = threadIdx.x; b < p.C; b += blockDim.x) {
+    if (greedy) {
+      s_f[b] = __ldcg(p.ws.chunk_wmax + r * p.C + b);
+      s_i[b] = __ldcg(p.ws.chunk_widx + r * p.C + b);
+    } else {
+      s_f[b] = __ldcg(p.ws.chunk_base + r * p.C + b);
+      s_sum[b] = __ldcg(p.ws.chunk_sum + r * p.C + b);
+    }
+  }
   __syncthreads();
-  const RowInfo info = p.ws.info[r];
-  const int64_t x = info.greedy ? info.argmax : markov_draw(p, r, k, info);
+  const int warp = threadIdx.x >> 5;
+  if (warp == 0) {
+    RowInfo info =
+        finalize_partials(SharedPartials{s_f, s_i, s_sum}, p.C, temperature, kChunk, p.status);
+    if (threadIdx.x == 0) {
+      if (is_filtered(temperature, p.top_k[r], p.top_p[r]))
+        info.t_keep = __ldcg(&p.ws.info[r].t_keep);
+      s_info = info;
+      p.ws.info[r] = info;  // MarkovProbsKernel's
+    }
+  } else if (warp == 1 && p.conf) {
+    markov_confidence(p, r, k, prev);
+  }
+  __syncthreads();
+  const RowInfo info = s_info;
+  const int64_t x = info.greedy ? info.argmax : markov_draw(p, r, k, info, s_sum);
   if (threadIdx.x == 0) p.tokens[r * p.G + k] = x;
 }
 

@@ -4,9 +4,6 @@
 #pragma once
 #include <cuda_runtime.h>
 
-#include <cstdint>
-#include <type_traits>
-
 #include "dspark/markov_draft.h"
 #include "dspark/pdl.cuh"
 #include "dspark/row_stats.cuh"  // VerifyParams/VerifyWorkspace, warp_*, filtered_row, finalize_row
@@ -14,10 +11,11 @@
 namespace dspark {
 namespace cuda {
 
-// A logits block: kChunk / TILE threads, TILE columns of the chunk each, for the bias GEMM;
+// A logits block: kMarkovGemmThreads threads, one column of the chunk each, for the bias GEMM;
 // the chunk statistics then run on its first kMarkovThreads threads, kMarkovCols columns each
 // (row_stats.cuh's chunk layout, the order the CPU kernel shares).
 constexpr int kMarkovThreads = 128;
+constexpr int kMarkovGemmThreads = kChunk;
 constexpr int kMarkovCols = kChunk / kMarkovThreads;  // columns per statistics thread (4)
 constexpr int kMarkovMaxRows = 16;
 constexpr int kMarkovPrefixWarps = 4;     // (request, step) pairs per confidence-prefix block
@@ -58,7 +56,7 @@ __device__ __forceinline__ int64_t markov_row_prev(const MarkovParams<U, W>& p, 
 }
 
 // L2 prefetch of W2 rows [0, kMarkovPrefetchRows) over chunk c's columns: 128-byte lines, one a
-// thread (a block of any tile has >= 128 threads).
+// thread.
 template <typename U, typename W>
 __device__ __forceinline__ void markov_prefetch_w2(const MarkovParams<U, W>& p, int64_t c) {
   constexpr int kLine = 128 / sizeof(W), kLines = kChunk / kLine;  // lines of a row's chunk
@@ -69,39 +67,12 @@ __device__ __forceinline__ void markov_prefetch_w2(const MarkovParams<U, W>& p, 
   }
 }
 
-// TILE adjacent W2 columns of row j as fp32: one vector load where the thread's columns are
-// all inside V and aligned (vec), else one guarded load per column (entries past V: 0).
-template <typename W, int TILE>
-__device__ __forceinline__ void markov_w2_tile(const W* row, int64_t v0, int64_t V, bool vec,
-                                               float (&w)[TILE]) {
-  if constexpr (TILE == 4) {
-    if (vec) {
-      using Raw = std::conditional_t<sizeof(W) == 2, uint2, uint4>;  // 4 entries: 8 or 16 bytes
-      const Raw raw = __ldg(reinterpret_cast<const Raw*>(row + v0));
-      const W* x = reinterpret_cast<const W*>(&raw);
-#pragma unroll
-      for (int cc = 0; cc < 4; ++cc) w[cc] = to_f(x[cc]);
-      return;
-    }
-  }
-#pragma unroll
-  for (int cc = 0; cc < TILE; ++cc) w[cc] = v0 + cc < V ? to_f(__ldg(row + v0 + cc)) : 0.0f;
-}
-
 // Dynamic shared memory: RB * max(rank, kChunk) floats: first W1[x_{k-1}] of the block's rows,
 // j-major ([rank][RB]: one broadcast vector load gives entry j of every row), then (after the
 // GEMM) the chunk's logits [RB][kChunk] for the statistics.
-// TILE columns per thread (kChunk / TILE threads): 1 keeps a warp's loads 32 adjacent entries of
-// a W2 row (the most loads in flight at R = 1); 4 gives each thread a TILE x RB register tile,
-// so a W2 load feeds 4 * RB FMAs and a broadcast of 4 rows' e entries feeds 16 (the FMA pipe,
-// not shared memory, bounds R = 64). Either way every (row, column) sum is one chain over j in
-// order: the same bits.
-template <typename U, typename W, int RB, int TILE>
-__global__ void __launch_bounds__(kChunk / TILE)
+template <typename U, typename W, int RB>
+__global__ void __launch_bounds__(kMarkovGemmThreads)
     MarkovLogitsKernel(MarkovParams<U, W> p, int64_t k) {
-  static_assert(TILE == 1 || TILE == 4, "one or four columns a thread");
-  static_assert(kChunk / TILE >= kMarkovThreads, "the statistics run on kMarkovThreads threads");
-  constexpr int kThreads = kChunk / TILE;
   extern __shared__ float s_e[];
   float* s_z = s_e;  // [RB][kChunk], once the GEMM is done with s_e
   __shared__ int64_t s_prev[RB];
@@ -117,54 +88,34 @@ __global__ void __launch_bounds__(kChunk / TILE)
   if (threadIdx.x < RB)
     s_prev[threadIdx.x] = r0 + threadIdx.x < p.R ? markov_row_prev(p, r0 + threadIdx.x, k) : -1;
   __syncthreads();
-  for (int64_t i = threadIdx.x; i < RB * p.rank; i += kThreads) {  // along j
+  for (int64_t i = threadIdx.x; i < RB * p.rank; i += kMarkovGemmThreads) {  // along j
     const int row = static_cast<int>(i / p.rank);
     const int64_t j = i % p.rank, prev = s_prev[row];
     s_e[j * RB + row] = prev >= 0 ? to_f(p.w1[prev * p.rank + j]) : 0.0f;
   }
   __syncthreads();
-  // The bias GEMM: the thread's TILE columns, j in order (the one summation order), loads of
-  // kUnroll rows of W2 in flight.
-  constexpr int kUnroll = RB * TILE <= 4 ? 32 : (RB * TILE <= 16 ? 16 : 8);
-  const int64_t col0 = c * kChunk + threadIdx.x * TILE;
-  const bool vec = TILE > 1 && col0 + TILE <= p.V && p.V % TILE == 0 &&
-                   reinterpret_cast<uintptr_t>(p.w2) % (TILE * sizeof(W)) == 0;
-  float acc[RB][TILE];
+  // The bias GEMM: column v of the chunk per thread, j in order (the one summation order), loads
+  // of kUnroll rows of W2 in flight (a warp reads 32 adjacent entries of a row).
+  constexpr int kUnroll = RB <= 4 ? 32 : 16;
+  const int64_t v = c * kChunk + threadIdx.x;
+  const bool in = v < p.V;
+  const W* w2 = p.w2 + (in ? v : 0);
+  float acc[RB];
 #pragma unroll
-  for (int i = 0; i < RB; ++i)
+  for (int i = 0; i < RB; ++i) acc[i] = 0.0f;
+  auto mac = [&](int64_t j, float w) {
 #pragma unroll
-    for (int cc = 0; cc < TILE; ++cc) acc[i][cc] = 0.0f;
-  auto mac = [&](int64_t j, const float (&w)[TILE]) {
-    float e[RB];
-    if constexpr (RB % 4 == 0) {
-#pragma unroll
-      for (int i = 0; i < RB; i += 4) {
-        const float4 e4 = *reinterpret_cast<const float4*>(s_e + j * RB + i);
-        e[i] = e4.x, e[i + 1] = e4.y, e[i + 2] = e4.z, e[i + 3] = e4.w;
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < RB; ++i) e[i] = s_e[j * RB + i];
-    }
-#pragma unroll
-    for (int i = 0; i < RB; ++i)
-#pragma unroll
-      for (int cc = 0; cc < TILE; ++cc) acc[i][cc] = markov_mac<W>(acc[i][cc], e[i], w[cc]);
+    for (int i = 0; i < RB; ++i) acc[i] = markov_mac<W>(acc[i], s_e[j * RB + i], w);
   };
   int64_t j = 0;
   for (; j + kUnroll <= p.rank; j += kUnroll) {
-    float w[kUnroll][TILE];
+    float w[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      markov_w2_tile<W, TILE>(p.w2 + (j + u) * p.V, col0, p.V, vec, w[u]);
+    for (int u = 0; u < kUnroll; ++u) w[u] = in ? to_f(__ldg(w2 + (j + u) * p.V)) : 0.0f;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) mac(j + u, w[u]);
   }
-  for (; j < p.rank; ++j) {
-    float w[TILE];
-    markov_w2_tile<W, TILE>(p.w2 + j * p.V, col0, p.V, vec, w);
-    mac(j, w);
-  }
+  for (; j < p.rank; ++j) mac(j, in ? to_f(__ldg(w2 + j * p.V)) : 0.0f);
   // The draw may launch now (it waits for this grid): its launch hides behind the statistics.
   pdl_trigger();
   __syncthreads();  // every thread is done with s_e: s_z takes its place
@@ -173,15 +124,10 @@ __global__ void __launch_bounds__(kChunk / TILE)
   for (int i = 0; i < RB; ++i) {
     if (s_prev[i] < 0) continue;
     const int64_t r = r0 + i;
-#pragma unroll
-    for (int cc = 0; cc < TILE; ++cc) {
-      const int64_t v = col0 + cc;
-      const bool in = v < p.V;
-      const float z =
-          in ? add_rn(to_f(p.base[(r * p.G + k) * p.V + v]), round_t<W>(acc[i][cc])) : -INFINITY;
-      if (in) p.logits[r * p.V + v] = z;
-      s_z[i * kChunk + threadIdx.x * TILE + cc] = z;
-    }
+    const float z =
+        in ? add_rn(to_f(p.base[(r * p.G + k) * p.V + v]), round_t<W>(acc[i])) : -INFINITY;
+    if (in) p.logits[r * p.V + v] = z;
+    s_z[i * kChunk + threadIdx.x] = z;
   }
   __syncthreads();
   // The chunk's statistics, as row_stats.cuh's chunk_stats defines them: pass 1 the maximum

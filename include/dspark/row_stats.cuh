@@ -321,24 +321,22 @@ __device__ void filtered_row(const VerifyParams<S, Q>& p, const VerifyWorkspace&
   if (threadIdx.x == 0) ws.info[row].t_keep = keep;
 }
 
-// One warp per row (called by WalkKernel, and by the fused kernel's finishing block): RowInfo
-// from the partials of the row's p.C chunks of `chunk` entries, chunk sums rescaled to the row
-// base in place (exact: powers of two). Lanes own chunks lane, lane+32, ... Partials are read
-// through L2 (ld.cg): in the fused kernel other blocks wrote them during the same launch.
-template <typename S, typename Q>
-__device__ void finalize_row(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t row,
-                             int32_t r, int64_t chunk = kChunk) {
+// The arithmetic of finalize_row for one warp, over a row's C chunk partials read through
+// `in` (widx(b), wmax(b), base(b), sum(b)) with the rescaled sums written through
+// `in.set_sum(b, s)`: finalize_row reads and writes the workspace, markov_draft's draw a copy in
+// shared memory; the same operations in the same order either way. Lanes own chunks lane,
+// lane+32, ... The returned RowInfo (every lane) has t_keep -inf.
+template <typename Partials>
+__device__ RowInfo finalize_partials(const Partials& in, int64_t C, float temperature,
+                                     int64_t chunk, int32_t* status) {
   const int lane = threadIdx.x & 31;
   RowInfo info{-1, 0.0, 0.0f, 0.0f, -INFINITY, 0};
-  const float temperature = p.temperature[r];
-  const float* base = ws.chunk_base + row * p.C;
-  double* sums = ws.chunk_sum + row * p.C;
   if (is_greedy(temperature)) {
     float best = -INFINITY;
     int32_t idx = -1;
-    for (int64_t b = lane; b < p.C; b += 32) {
-      const int32_t i = __ldcg(ws.chunk_widx + row * p.C + b);
-      const float m = __ldcg(ws.chunk_wmax + row * p.C + b);
+    for (int64_t b = lane; b < C; b += 32) {
+      const int32_t i = in.widx(b);
+      const float m = in.wmax(b);
       if (i >= 0 && m > best) {
         best = m;
         idx = i;
@@ -349,30 +347,53 @@ __device__ void finalize_row(const VerifyParams<S, Q>& p, const VerifyWorkspace&
     info.argmax = pick == INT32_MAX ? -1 : pick;
     info.greedy = 1;
     info.total = 1.0;
-    for (int64_t b = lane; b < p.C; b += 32)
-      sums[b] = (info.argmax >= 0 && b == info.argmax / chunk) ? 1.0 : 0.0;
-    if (lane == 0 && info.argmax < 0) atomicOr(p.status, kEmptyRow);
+    for (int64_t b = lane; b < C; b += 32)
+      in.set_sum(b, (info.argmax >= 0 && b == info.argmax / chunk) ? 1.0 : 0.0);
+    if (lane == 0 && info.argmax < 0) atomicOr(status, kEmptyRow);
   } else {
     float top = -INFINITY;
-    for (int64_t b = lane; b < p.C; b += 32) top = fmaxf(top, __ldcg(base + b));
+    for (int64_t b = lane; b < C; b += 32) top = fmaxf(top, in.base(b));
     top = warp_max(top);
     info.inv_t = inverse_temperature(temperature);
     info.nbase = top;
     double part = 0.0;
-    for (int64_t b = lane; b < p.C; b += 32) {
-      const float bb = __ldcg(base + b), drop = top - bb;
-      const double s = (bb > -INFINITY && drop <= 1000.0f)
-                           ? __ldcg(sums + b) * pow2_neg(static_cast<int>(drop))
-                           : 0.0;
-      sums[b] = s;
+    for (int64_t b = lane; b < C; b += 32) {
+      const float bb = in.base(b), drop = top - bb;
+      const double s =
+          (bb > -INFINITY && drop <= 1000.0f) ? in.sum(b) * pow2_neg(static_cast<int>(drop)) : 0.0;
+      in.set_sum(b, s);
       part += s;
     }
     info.total = warp_sum(part);
-    if (lane == 0 && is_filtered(temperature, p.top_k[r], p.top_p[r]))
-      info.t_keep = __ldcg(&ws.info[row].t_keep);
-    if (lane == 0 && !(top > -INFINITY)) atomicOr(p.status, kEmptyRow);
+    if (lane == 0 && !(top > -INFINITY)) atomicOr(status, kEmptyRow);
   }
-  if (lane == 0) ws.info[row] = info;
+  return info;
+}
+
+// A row's chunk partials in the workspace, read through L2 (ld.cg): in the fused kernel other
+// blocks wrote them during the same launch.
+struct WorkspacePartials {
+  const VerifyWorkspace& ws;
+  int64_t at;  // row * C: the row's first partial
+  __device__ int32_t widx(int64_t b) const { return __ldcg(ws.chunk_widx + at + b); }
+  __device__ float wmax(int64_t b) const { return __ldcg(ws.chunk_wmax + at + b); }
+  __device__ float base(int64_t b) const { return __ldcg(ws.chunk_base + at + b); }
+  __device__ double sum(int64_t b) const { return __ldcg(ws.chunk_sum + at + b); }
+  __device__ void set_sum(int64_t b, double s) const { ws.chunk_sum[at + b] = s; }
+};
+
+// One warp per row (called by WalkKernel, and by the fused kernel's finishing block): RowInfo
+// from the partials of the row's p.C chunks of `chunk` entries, chunk sums rescaled to the row
+// base in place (exact: powers of two), written to ws.info[row].
+template <typename S, typename Q>
+__device__ void finalize_row(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t row,
+                             int32_t r, int64_t chunk = kChunk) {
+  const float temperature = p.temperature[r];
+  RowInfo info =
+      finalize_partials(WorkspacePartials{ws, row * p.C}, p.C, temperature, chunk, p.status);
+  if ((threadIdx.x & 31) == 0 && !info.greedy && is_filtered(temperature, p.top_k[r], p.top_p[r]))
+    info.t_keep = __ldcg(&ws.info[row].t_keep);
+  if ((threadIdx.x & 31) == 0) ws.info[row] = info;
 }
 
 }  // namespace cuda
