@@ -85,6 +85,14 @@ stage ncu_attention 120 "cd bench && ncu --clock-control none --kernel-name rege
   --section SchedulerStats python3 bench_attention.py --slots 1024 --position 112 --rows 1,8 --ncu \
   > $OUT/ncu_attention.txt 2>&1; grep -E 'decode_attention|Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|No Eligible|Block Limit Reg|Grid Size' $OUT/ncu_attention.txt | head -60"
 
+# Where a latency-bound kernel's warps stall, by source line (bench/ncu_hotspots.py): by default
+# the 1-row decode_attention at slot 112 of 1024 (decode's attention: 8 working blocks there).
+# NCU_SOURCE_KERNEL / NCU_SOURCE_CMD pick another kernel and program (run from bench/).
+stage ncu_source 150 "cd bench && ncu --clock-control none --kernel-name regex:${NCU_SOURCE_KERNEL:-decode_attention_kernel} \
+  --launch-count 1 --set full --import-source yes -f -o /tmp/ncu_source \
+  python3 ${NCU_SOURCE_CMD:-bench_attention.py --slots 1024 --position 112 --rows 1 --ncu} > /tmp/ncu_source.log 2>&1; \
+  tail -3 /tmp/ncu_source.log; ncu -i /tmp/ncu_source.ncu-rep --page source --csv --print-source cuda \
+  > /tmp/ncu_source.csv 2>&1; python3 ncu_hotspots.py /tmp/ncu_source.csv --top 30 | tee $OUT/ncu_source.txt"
 # markov_draft against the loop it would replace: the pair's shape, then the 8B vocabulary
 # (MARKOV_PAIR_ARGS / MARKOV_8B_ARGS: the rows and variants; "none" skips one)
 MARKOV_PAIR_ARGS=${MARKOV_PAIR_ARGS:---R 1,16 --variants op,loop}
