@@ -19,6 +19,18 @@
 namespace dspark {
 namespace {
 
+// An A/B switch (read per call): environment variable `name` as an integer >= 1, at most 64
+// (the most rows a decode_attention call and query vectors a pass can use); 0 when unset or
+// empty.
+int ab_switch(const char* name) {
+  const char* env = std::getenv(name);
+  if (!env || !*env) return 0;
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  DSPARK_CHECK_VALUE(*end == '\0' && v >= 1, name, " must be an integer >= 1, got '", env, "'");
+  return int(v < 64 ? v : 64);
+}
+
 // Rows per block of kernel 1: attention_rows_per_block's choice for this GPU over the whole
 // cache, which the kernel refines per request by its active chunks (sms > 0), or
 // DSPARK_ATTN_ROWS_PER_BLOCK (at most T; sms = 0: every request, every chunk) for A/B

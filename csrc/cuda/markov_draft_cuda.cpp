@@ -58,7 +58,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> markov_draft_cuda(
   a.workspace = workspace.data_ptr();
   a.R = d.R, a.G = d.G, a.V = d.V, a.rank = d.rank, a.d = d.d;
   // DSPARK_MARKOV_PDL=off: plain stream order between the steps' kernels (A/B; the same bits)
-  const std::string pdl = std::getenv("DSPARK_MARKOV_PDL") ? std::getenv("DSPARK_MARKOV_PDL") : "";
+  const char* env = std::getenv("DSPARK_MARKOV_PDL");
+  const std::string pdl = env ? env : "";
   DSPARK_CHECK_VALUE(pdl.empty() || pdl == "on" || pdl == "off",
                      "DSPARK_MARKOV_PDL must be on or off, got '", pdl, "'");
   a.pdl = pdl != "off";

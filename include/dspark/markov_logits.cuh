@@ -7,6 +7,7 @@
 #include "dspark/markov_draft.h"
 #include "dspark/pdl.cuh"
 #include "dspark/row_stats.cuh"  // VerifyParams/VerifyWorkspace, warp_*, filtered_row, finalize_row
+#include "dspark/sync.cuh"       // prefetch_l2
 
 namespace dspark {
 namespace cuda {
@@ -63,7 +64,7 @@ __device__ __forceinline__ void markov_prefetch_w2(const MarkovParams<U, W>& p, 
   const int64_t rows = p.rank < kMarkovPrefetchRows ? p.rank : kMarkovPrefetchRows;
   for (int64_t i = threadIdx.x; i < rows * kLines; i += blockDim.x) {
     const int64_t v = c * kChunk + (i % kLines) * kLine;
-    if (v < p.V) pdl_prefetch_l2(p.w2 + (i / kLines) * p.V + v);
+    if (v < p.V) prefetch_l2(p.w2 + (i / kLines) * p.V + v);
   }
 }
 

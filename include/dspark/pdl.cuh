@@ -29,14 +29,6 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
-// A hint to bring the 128-byte line holding `ptr` into L2 (no register, no wait): what a kernel
-// launched early may do with constant data before pdl_wait().
-__device__ __forceinline__ void pdl_prefetch_l2(const void* ptr) {
-#if defined(__CUDA_ARCH__)
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
-#endif
-}
-
 // kernel<<<grid, block, smem, stream>>>(args...) in thread-block clusters of `cluster_x` blocks
 // along x (Hopper+; grid.x must be a multiple of it; 0: no cluster attribute), with
 // programmatic stream serialization allowed when `programmatic`, else an ordinary stream-ordered
