@@ -47,8 +47,11 @@ stage() {  # stage NAME LIMIT_S COMMAND: run with a time limit unless past the d
 # build with the system compiler (as scripts/device_run.sh does).
 SYSCXX=""
 [ -x /usr/bin/g++ ] && SYSCXX="-C cmake.define.CMAKE_CXX_COMPILER=/usr/bin/g++ -C cmake.define.CMAKE_CUDA_HOST_COMPILER=/usr/bin/g++"
+# SKIP_BUILD=1: a second invocation in the same call (the package is installed already)
+PIP_BUILD="python3 -m pip install --no-build-isolation --no-deps $SYSCXX . 2>&1 | tail -30"
+[ "${SKIP_BUILD:-0}" = 1 ] && PIP_BUILD="echo build skipped: SKIP_BUILD=1"
 stage build 300 "nvidia-smi --query-gpu=name,driver_version --format=csv; \
-  python3 -m pip install --no-build-isolation --no-deps $SYSCXX . 2>&1 | tail -30; \
+  $PIP_BUILD; \
   cd /tmp && python3 -c 'import dspark, json; print(json.dumps(dspark.build_info()))'" \
   || { tail -60 "$LOG"; exit 1; }
 
@@ -58,13 +61,17 @@ TESTS=${TESTS:-"test_batch_invariance.py test_linear.py test_attention.py test_s
 stage tests 240 "cd tests && python3 -m pytest -q -p no:cacheprovider -rf -k cuda $TESTS ${TESTS_EXTRA:-} \
   2>&1 | tail -40"
 stage alltests 400 "cd tests && python3 -m pytest -q -p no:cacheprovider -rf -k cuda 2>&1 | tail -30"
-stage round_demo 200 "cd bench && python3 bench_round.py --prompts 16 --new 128 --drafters dspark,dspark-compiled,ngram --out $OUT/round_demo_bf16.json 2>&1 | tail -6"
 stage verify_forward 200 "cd bench && python3 bench_verify_forward.py ${VF_ARGS:-} --out $OUT/bench_verify_forward.json"
 stage ncu_linear 150 "cd bench && ncu --clock-control none --kernel-name regex:fused_linear --section SpeedOfLight \
   --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
-  --section SchedulerStats python3 profile_linear.py --M 1,8,32 > $OUT/ncu_linear.txt 2>&1; \
+  --section SchedulerStats python3 profile_linear.py ${NCU_LINEAR_ARGS:---M 1,8,32} > $OUT/ncu_linear.txt 2>&1; \
   grep -E 'fused_linear|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|No Eligible' $OUT/ncu_linear.txt | head -60"
 stage decode 120 "cd bench && python3 bench_decode.py --variants graph --new 128 --profile --out $OUT/bench_decode.json"
+# the same decode under each of DECODE_AB_ENVS ("|"-separated, e.g. "DSPARK_ATTN_ROWS_PER_BLOCK=1|
+# DSPARK_LINEAR_STAGE_BYTES=-1"): A/B runs of switches, their JSON lines in run.log
+stage decode_ab 200 "cd bench && IFS='|' read -ra ENVS <<< \"${DECODE_AB_ENVS:-}\"; for e in \"\${ENVS[@]}\"; do \
+  echo \"decode_ab: \$e\"; env \$e python3 bench_decode.py --variants graph --new 128 --profile --out /tmp/decode_ab.json \
+  | grep -v Warn; done"
 stage memcheck 120 "cd bench && compute-sanitizer --tool memcheck --leak-check no python3 sanitize_layers.py 2>&1 | tail -8"
 stage racecheck 120 "cd bench && compute-sanitizer --tool racecheck python3 sanitize_layers.py 2>&1 | tail -8"
 stage engine 150 "cd bench && python3 check_engine_cuda.py --no-compile"
@@ -74,8 +81,10 @@ stage round 150 "cd bench && python3 bench_round.py --dataset ../.data/humaneval
 stage stateops 90 "cd bench && python3 bench_state_ops.py --out $OUT/bench_state_ops.json 2>&1 | tail -16"
 stage sanitize_state 150 "cd tests && compute-sanitizer --tool memcheck python3 -m pytest -q -p no:cacheprovider \
   test_state_ops.py test_schedule.py -k cuda 2>&1 | tail -6"
-stage linear 90 "cd bench && python3 bench_linear.py --M 1,8,32,64 --out $OUT/bench_linear.json"
+stage linear 90 "cd bench && python3 bench_linear.py --M ${LINEAR_M:-1,8,32,64} --out $OUT/bench_linear.json"
 stage attention 90 "cd bench && python3 bench_attention.py ${ATTN_ARGS:---slots 1024,32768 --rows 1,8,16} --out $OUT/bench_attention.json"
+# the demo pair's speculative round (the DSpark and n-gram round bars of issue 11)
+stage round_demo 200 "cd bench && python3 bench_round.py --prompts 16 --new 128 --drafters dspark,dspark-compiled,ngram --out $OUT/round_demo_bf16.json 2>&1 | tail -6"
 # A/B: the weighted-V pass of one row of 4 query heads (the kernel before 2026-12-06 s15)
 stage attention_pq4 90 "cd bench && DSPARK_ATTN_PASS_Q=4 python3 bench_attention.py ${ATTN_ARGS:---slots 1024,32768 --rows 1,8,16} --out $OUT/bench_attention_pq4.json | tail -12"
 stage verify_forward_pq4 150 "cd bench && DSPARK_ATTN_PASS_Q=4 python3 bench_verify_forward.py --batches 1 --rows 8 --variants fused --out $OUT/bench_verify_forward_pq4.json | tail -4"
@@ -85,14 +94,22 @@ stage ncu_attention 120 "cd bench && ncu --clock-control none --kernel-name rege
   --section SchedulerStats python3 bench_attention.py --slots 1024 --position 112 --rows 1,8 --ncu \
   > $OUT/ncu_attention.txt 2>&1; grep -E 'decode_attention|Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|No Eligible|Block Limit Reg|Grid Size' $OUT/ncu_attention.txt | head -60"
 
-# Where a latency-bound kernel's warps stall, by source line (bench/ncu_hotspots.py): by default
-# the 1-row decode_attention at slot 112 of 1024 (decode's attention: 8 working blocks there).
-# NCU_SOURCE_KERNEL / NCU_SOURCE_CMD pick another kernel and program (run from bench/).
+# Where a latency-bound kernel's warps stall, by source line (bench/ncu_hotspots.py), and the
+# kernel's duration, occupancy and stall reasons from the same report: by default the 1-row
+# decode_attention at slot 112 of 1024 (decode's attention: 8 working blocks there).
+# NCU_SOURCE_KERNEL / NCU_SOURCE_CMD pick another kernel and program (run from bench/);
+# NCU_SOURCE_LABEL names the outputs ($OUT/ncu_source_LABEL.txt) so two kernels fit in one call.
+NSL=${NCU_SOURCE_LABEL:-attention}
 stage ncu_source 150 "cd bench && ncu --clock-control none --kernel-name regex:${NCU_SOURCE_KERNEL:-decode_attention_kernel} \
-  --launch-count 1 --set full --import-source yes -f -o /tmp/ncu_source \
-  python3 ${NCU_SOURCE_CMD:-bench_attention.py --slots 1024 --position 112 --rows 1 --ncu} > /tmp/ncu_source.log 2>&1; \
-  tail -3 /tmp/ncu_source.log; ncu -i /tmp/ncu_source.ncu-rep --page source --csv --print-source cuda \
-  > /tmp/ncu_source.csv 2>&1; python3 ncu_hotspots.py /tmp/ncu_source.csv --top 30 | tee $OUT/ncu_source.txt"
+  --launch-count 1 --set full --import-source yes -f -o /tmp/ncu_source_$NSL \
+  python3 ${NCU_SOURCE_CMD:-bench_attention.py --slots 1024 --position 112 --rows 1 --ncu} > /tmp/ncu_source_$NSL.log 2>&1; \
+  tail -3 /tmp/ncu_source_$NSL.log; ncu -i /tmp/ncu_source_$NSL.ncu-rep --page details > /tmp/ncu_details_$NSL.txt 2>&1; \
+  grep -E 'Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|No Eligible|Grid Size|DRAM Through|Memory Through|L2 Hit|Stall|stall' \
+  /tmp/ncu_details_$NSL.txt | head -40 | tee $OUT/ncu_source_$NSL.txt; \
+  ncu -i /tmp/ncu_source_$NSL.ncu-rep --page source --csv --print-source cuda > /tmp/ncu_source_$NSL.csv 2>&1; \
+  python3 ncu_hotspots.py /tmp/ncu_source_$NSL.csv --top 40 | tee -a $OUT/ncu_source_$NSL.txt; \
+  ncu -i /tmp/ncu_source_$NSL.ncu-rep --page source --csv --print-source sass > /tmp/ncu_sass_$NSL.csv 2>&1; \
+  python3 ncu_hotspots.py /tmp/ncu_sass_$NSL.csv --top 40 | tee -a $OUT/ncu_source_$NSL.txt"
 # markov_draft against the loop it would replace: the pair's shape, then the 8B vocabulary
 # (MARKOV_PAIR_ARGS / MARKOV_8B_ARGS: the rows and variants; "none" skips one)
 MARKOV_PAIR_ARGS=${MARKOV_PAIR_ARGS:---R 1,16 --variants op,loop}
