@@ -94,7 +94,8 @@ stage ncu_attention 120 "cd bench && ncu --clock-control none --kernel-name rege
   --section SchedulerStats python3 bench_attention.py --slots 1024 --position 112 --rows 1,8 --ncu \
   > $OUT/ncu_attention.txt 2>&1; grep -E 'decode_attention|Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|No Eligible|Block Limit Reg|Grid Size' $OUT/ncu_attention.txt | head -60"
 
-# Where a latency-bound kernel's warps stall, by source line (bench/ncu_hotspots.py), and the
+# Where a latency-bound kernel's warps stall, by SASS instruction (bench/ncu_hotspots.py; the
+# H200's ncu gave the CUDA-source view no sample columns, 2026-12-07), and the
 # kernel's duration, occupancy and stall reasons from the same report: by default the 1-row
 # decode_attention at slot 112 of 1024 (decode's attention: 8 working blocks there).
 # NCU_SOURCE_KERNEL / NCU_SOURCE_CMD pick another kernel and program (run from bench/);
@@ -106,8 +107,6 @@ stage ncu_source 150 "cd bench && ncu --clock-control none --kernel-name regex:$
   tail -3 /tmp/ncu_source_$NSL.log; ncu -i /tmp/ncu_source_$NSL.ncu-rep --page details > /tmp/ncu_details_$NSL.txt 2>&1; \
   grep -E 'Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|No Eligible|Grid Size|DRAM Through|Memory Through|L2 Hit|Stall|stall' \
   /tmp/ncu_details_$NSL.txt | head -40 | tee $OUT/ncu_source_$NSL.txt; \
-  ncu -i /tmp/ncu_source_$NSL.ncu-rep --page source --csv --print-source cuda > /tmp/ncu_source_$NSL.csv 2>&1; \
-  python3 ncu_hotspots.py /tmp/ncu_source_$NSL.csv --top 40 | tee -a $OUT/ncu_source_$NSL.txt; \
   ncu -i /tmp/ncu_source_$NSL.ncu-rep --page source --csv --print-source sass > /tmp/ncu_sass_$NSL.csv 2>&1; \
   python3 ncu_hotspots.py /tmp/ncu_sass_$NSL.csv --top 40 | tee -a $OUT/ncu_source_$NSL.txt"
 # markov_draft against the loop it would replace: the pair's shape, then the 8B vocabulary

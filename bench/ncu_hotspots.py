@@ -3,7 +3,8 @@ prints the lines with the most warp-stall samples (their share of all samples), 
 call can say which line of a latency-bound kernel holds its time.
 
     ncu --set full --import-source yes -o rep --kernel-name regex:K --launch-count 1 python3 ...
-    ncu -i rep.ncu-rep --page source --csv --print-source cuda > src.csv   # or sass: by instruction
+    ncu -i rep.ncu-rep --page source --csv --print-source sass > src.csv   # (cuda: by line, where
+                                                  # that ncu gives the view sample columns)
     python bench/ncu_hotspots.py src.csv --top 30
 
 The column names differ between ncu versions: the samples column is the first whose name holds

@@ -235,11 +235,8 @@ inline cudaError_t linear_kernel_arch(int* ptx, int* binary) {
 
 // Per-device launch facts (function attributes and SM architectures are per device).
 struct LinearDevice {
-  // 1: the sm_90 paths (K slices as thread-block clusters, programmatic dependent launch);
-  // 0: one slice per row block, stream-ordered launches. The sm_90 paths need a Hopper+ device
-  // *and* code compiled for sm_90: a compute_80 build JIT-compiled on Hopper has no cluster
-  // barriers and no griddepcontrol.wait (pdl.cuh, cluster_wait above compile them out), so
-  // clusters or an early launch would race there.
+  // 1: the sm_90 paths (K slices as thread-block clusters, programmatic dependent launch;
+  // pdl.cuh: sm90_paths); 0: one slice per row block, stream-ordered launches.
   int clusters = -1;
 };
 inline cudaError_t linear_device(LinearDevice*& out) {
@@ -250,12 +247,10 @@ inline cudaError_t linear_device(LinearDevice*& out) {
   if (err != cudaSuccess) return err;
   if (dev < 0 || dev >= kMaxDevices) return cudaErrorInvalidDevice;
   if (devs[dev].clusters < 0) {
-    int major = 0, ptx = 0, binary = 0;
-    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    if (err != cudaSuccess) return err;
-    err = linear_kernel_arch(&ptx, &binary);
-    if (err != cudaSuccess) return err;
-    devs[dev].clusters = major >= 9 && ptx >= 90;
+    bool sm90 = false;
+    if ((err = sm90_paths(fused_linear_kernel<float, 1, 2, false>, &sm90)) != cudaSuccess)
+      return err;
+    devs[dev].clusters = sm90;
   }
   out = &devs[dev];
   return cudaSuccess;

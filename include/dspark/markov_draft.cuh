@@ -70,24 +70,8 @@ inline int markov_block_rows(int64_t R, int64_t rank) {
 // a Hopper+ device running sm_90 code of these kernels (a compute_80 build JIT-compiled there
 // has no griddepcontrol.wait). asked: MarkovArgs::pdl (0 off, 1 where usable). Cached per device.
 inline cudaError_t markov_pdl(int asked, bool* out) {
-  constexpr int kMaxDevices = 64;
-  static signed char usable[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
   *out = false;
-  if (!asked) return cudaSuccess;
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if (dev < 0 || dev >= kMaxDevices) return cudaSuccess;
-  if (!usable[dev]) {
-    int major = 0;
-    cudaFuncAttributes a{};
-    if ((err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev)) ||
-        (err = cudaFuncGetAttributes(&a, MarkovDrawKernel<float, float>)))
-      return err;
-    usable[dev] = major >= 9 && a.ptxVersion >= 90 ? 2 : 1;
-  }
-  *out = usable[dev] == 2;
-  return cudaSuccess;
+  return asked ? sm90_paths(MarkovDrawKernel<float, float>, out) : cudaSuccess;
 }
 
 template <typename U, typename W, int RB>

@@ -35,7 +35,7 @@ __device__ __forceinline__ void pdl_trigger() {
 // launch: then the kernel's pdl_wait() returns at once (its predecessor is complete before it
 // starts), while its pdl_trigger() still lets a programmatic successor launch early.
 // `programmatic` only where the kernel's code was compiled for sm_90 (its pdl_wait() is real):
-// a compute_80 build JIT-compiled on Hopper has none (linear_kernel.cuh: LinearDevice).
+// a compute_80 build JIT-compiled on Hopper has none (sm90_paths below).
 template <typename... KArgs, typename... Args>
 cudaError_t launch_pdl_cluster(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
                                cudaStream_t stream, bool programmatic, unsigned cluster_x,
@@ -60,6 +60,32 @@ cudaError_t launch_pdl_cluster(void (*kernel)(KArgs...), dim3 grid, dim3 block, 
   cfg.attrs = attr;
   cfg.numAttrs = n;
   return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+// Whether the sm_90 paths (programmatic launch, thread-block clusters) are usable for `kernel` on
+// the current device: a Hopper+ device running sm_90 code of it. A compute_80 build JIT-compiled
+// on Hopper has no griddepcontrol.wait and no cluster barriers (pdl_wait above and
+// linear_kernel.cuh's cluster_wait compile them out), so an early start or a cluster would race
+// there. All kernels of a build share the architectures; cached per device and kernel signature.
+template <typename... KArgs>
+cudaError_t sm90_paths(void (*kernel)(KArgs...), bool* out) {
+  constexpr int kMaxDevices = 64;
+  static signed char usable[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
+  *out = false;
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < 0 || dev >= kMaxDevices) return cudaErrorInvalidDevice;
+  if (!usable[dev]) {
+    int major = 0;
+    cudaFuncAttributes a{};
+    if ((err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev)) ||
+        (err = cudaFuncGetAttributes(&a, kernel)))
+      return err;
+    usable[dev] = major >= 9 && a.ptxVersion >= 90 ? 2 : 1;
+  }
+  *out = usable[dev] == 2;
+  return cudaSuccess;
 }
 
 template <typename... KArgs, typename... Args>
