@@ -6,6 +6,7 @@ bandwidth (small caches are latency-bound: the floor is then far below a kernel 
 
     python bench/bench_attention.py [--slots 256,1024,4096,32768] [--rows 1,8,16] [--out f.json]
                                     [--heads 32,8,128] [--batch 1] [--rows-per-block auto,1,2]
+                                    [--heads-per-block auto,4]
     # the benchmark pair's layer (4 / 2 heads of 64), and one eager call per shape for ncu:
     ncu --clock-control none --kernel-name regex:decode_attention --section SpeedOfLight \
         --section Occupancy --section WarpStateStats --section LaunchStats \
@@ -58,12 +59,17 @@ def main():
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--position", type=int, default=None,
+    ap.add_argument("--position", default=None,
                     help="first slot of the block (default: the block ends at slot S - 1); e.g. "
-                    "112, the 8B verify forward's (bench_verify_forward.py)")
+                    "112, the 8B verify forward's (bench_verify_forward.py); comma-separated: "
+                    "each (\"end\": S - T)")
     ap.add_argument("--rows-per-block", default="auto",
                     help="kernel 1's rows per thread block to time (auto: the launcher's choice; "
                     "N: DSPARK_ATTN_ROWS_PER_BLOCK=N), comma-separated, for an A/B of the split")
+    ap.add_argument("--heads-per-block", default="auto",
+                    help="kernel 1's query heads per thread block to time (auto: the kernel's "
+                    "rule; N: DSPARK_ATTN_HEADS_PER_BLOCK=N, a divisor of heads / KV heads), "
+                    "comma-separated, for an A/B of the split")
     ap.add_argument("--ncu", action="store_true",
                     help="one eager call per shape in an NVTX range, nothing timed (for ncu)")
     ap.add_argument("--out", default=None)
@@ -73,17 +79,18 @@ def main():
     B = a.batch
     bw = copy_bandwidth()
     dt, dev = torch.bfloat16, "cuda"
-    where = "ending at slot S-1" if a.position is None else f"at slot {a.position}"
+    where = "ending at slot S-1" if a.position is None else f"at slots {a.position}"
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s; heads {H} / {HKV} of {D}, bf16, batch {B}, "
           f"block {where}; µs median")
     rows = []
     for S in (int(s) for s in a.slots.split(",")):
-        for T in (int(t) for t in a.rows.split(",")):
+        for T, at in ((int(t), f) for t in a.rows.split(",")
+                      for f in (a.position or "end").split(",")):
+            first = S - T if at == "end" else int(at)
             gen = torch.Generator(device=dev).manual_seed(0)
             k_cache = torch.randn(LAYERS, B, HKV, S, D, device=dev, generator=gen).to(dt)
             v_cache = torch.randn(LAYERS, B, HKV, S, D, device=dev, generator=gen).to(dt)
             qkv = torch.randn(B, T, (H + 2 * HKV) * D, device=dev, generator=gen).to(dt)
-            first = S - T if a.position is None else a.position
             if not 0 <= first <= S - T:
                 raise SystemExit(f"--position {first}: a block of {T} rows must fit {S} slots")
             start = torch.full((B,), first, device=dev)
@@ -100,17 +107,20 @@ def main():
                 continue
             floor_us = B * 2 * HKV * (first + T) * D * 2 / bw * 1e6  # the visible slots
             unfused_us = round(time_graph(base, [None], a.reps), 2)
-            for rpb in a.rows_per_block.split(","):
+            for rpb, hpb in ((r, h) for r in a.rows_per_block.split(",")
+                             for h in a.heads_per_block.split(",")):
                 os.environ["DSPARK_ATTN_ROWS_PER_BLOCK"] = "" if rpb == "auto" else rpb
+                os.environ["DSPARK_ATTN_HEADS_PER_BLOCK"] = "" if hpb == "auto" else hpb
                 diff = (ours(None).float() - base(None).float()).abs().max().item()
                 row = dict(slots=S, rows=T, batch=B, heads=[H, HKV, D], rows_per_block=rpb,
-                           position=first,
+                           heads_per_block=hpb, position=first,
                            floor_us=round(floor_us, 2), max_abs_diff=diff,
                            ours_us=round(time_graph(ours, [None], a.reps), 2),
                            unfused_us=unfused_us)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             os.environ.pop("DSPARK_ATTN_ROWS_PER_BLOCK", None)
+            os.environ.pop("DSPARK_ATTN_HEADS_PER_BLOCK", None)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(copy_GBps=round(bw / 1e9), rows=rows), f, indent=1)

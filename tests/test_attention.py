@@ -173,7 +173,7 @@ def test_rows_do_not_depend_on_block_length(device, gen, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("layout", ["chain", "tree"])
+@pytest.mark.parametrize("layout", ["decode", "chain", "tree"])
 @pytest.mark.parametrize("heads", [(4, 2, 64), (8, 2, 136)], ids=["d64", "d136"])
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("slots,positions", [(300, [126, 3]), (1100, [112, 1000])],
@@ -181,35 +181,46 @@ def test_rows_do_not_depend_on_block_length(device, gen, dtype):
 def test_work_split_changes_no_bit(device, gen, dtype, layout, heads, window, slots, positions,
                                    monkeypatch):
     """The CUDA kernel's work split — rows of a verify block per thread block (chosen by grid
-    size, or DSPARK_ATTN_ROWS_PER_BLOCK) and query vectors per weighted-V pass (the kernel's
-    own, or fewer with DSPARK_ATTN_PASS_Q) — changes no output bit and no cache write. (d64:
-    one 16-byte load a lane covers a 16-bit head, 8 query vectors a pass; d136: two loads, 4.
-    The launcher's own split maps blocks to each request's active chunks: "long" puts one block
-    in the first of 9 chunks and one in the eighth, and "short" one across a chunk edge.)"""
+    size, or DSPARK_ATTN_ROWS_PER_BLOCK), query heads per thread block (chosen by grid size, or
+    DSPARK_ATTN_HEADS_PER_BLOCK) and query vectors per weighted-V pass (the kernel's own, or
+    fewer with DSPARK_ATTN_PASS_Q) — changes no output bit and no cache write. (d64: one 16-byte
+    load a lane covers a 16-bit head, 8 query vectors a pass, 2 query heads per KV head; d136:
+    two loads, 4 and 4. The launcher's own split maps blocks to each request's active chunks:
+    "long" puts one block in the first of 9 chunks and one in the eighth, and "short" one across
+    a chunk edge. "decode": one row per request, where the heads split is what changes.)"""
     if device != "cuda":
         pytest.skip("the CPU kernel has no thread blocks")
     H, Hkv, D = heads
-    parents = None if layout == "chain" else [TREE, [-1, 0, 1, 1, 3, 0, 5, 6, 6]]
-    base = to(make(2, H, Hkv, slots, D, dtype, gen, "cpu", positions=positions, T=9,
+    T = None if layout == "decode" else 9
+    parents = None if layout != "tree" else [TREE, [-1, 0, 1, 1, 3, 0, 5, 6, 6]]
+    base = to(make(2, H, Hkv, slots, D, dtype, gen, "cpu", positions=positions, T=T,
                    parents=parents), device)
     base["window"] = window  # (a sliding window: the rows of a pass see different first slots)
+    G = H // Hkv
     results = []
-    for r, q in (("", ""), ("1", ""), ("2", ""), ("3", ""), ("4", ""), ("9", ""), ("64", ""),
-                 ("", "1"), ("", "3"), ("", "4"), ("9", "1"), ("9", "5"), ("2", "2")):
+    for r, q, h in (("", "", ""), ("1", "", ""), ("2", "", ""), ("3", "", ""), ("4", "", ""),
+                    ("9", "", ""), ("64", "", ""), ("", "1", ""), ("", "3", ""), ("", "4", ""),
+                    ("9", "1", ""), ("9", "5", ""), ("2", "2", ""), ("", "", "1"),
+                    ("", "", "2"), ("", "", str(G)), ("1", "", "1"), ("9", "", "1"),
+                    ("2", "1", "2"), ("1", "", str(G))):
         monkeypatch.setenv("DSPARK_ATTN_ROWS_PER_BLOCK", r)
         monkeypatch.setenv("DSPARK_ATTN_PASS_Q", q)
+        monkeypatch.setenv("DSPARK_ATTN_HEADS_PER_BLOCK", h)
         args = dict(base, k_cache=base["k_cache"].clone(), v_cache=base["v_cache"].clone())
         out = torch.ops.dspark.decode_attention(*args.values())
-        results.append((f"rows per block {r or 'auto'}, pass {q or 'auto'}", out,
-                        args["k_cache"], args["v_cache"]))
+        results.append((f"rows per block {r or 'auto'}, pass {q or 'auto'}, heads {h or 'auto'}",
+                        out, args["k_cache"], args["v_cache"]))
     for what, out, kc, vc in results[1:]:
         assert torch.equal(out, results[0][1]), what
         assert torch.equal(kc, results[0][2]) and torch.equal(vc, results[0][3])
-    for name in ("DSPARK_ATTN_ROWS_PER_BLOCK", "DSPARK_ATTN_PASS_Q"):
+    for name in ("DSPARK_ATTN_ROWS_PER_BLOCK", "DSPARK_ATTN_PASS_Q", "DSPARK_ATTN_HEADS_PER_BLOCK"):
         monkeypatch.setenv(name, "0")
         with pytest.raises(ValueError, match=name):
             torch.ops.dspark.decode_attention(*base.values())
         monkeypatch.setenv(name, "")
+    monkeypatch.setenv("DSPARK_ATTN_HEADS_PER_BLOCK", "3")  # divides neither G = 2 nor G = 4
+    with pytest.raises(ValueError, match="must divide the query heads per KV head"):
+        torch.ops.dspark.decode_attention(*base.values())
 
 
 def test_wrapper_and_layers(device, gen):

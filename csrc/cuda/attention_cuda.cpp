@@ -61,9 +61,16 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at:
   // DSPARK_ATTN_PASS_Q caps the kernel's query vectors per weighted-V pass (8 for 16-bit heads
   // <= 128, else 4; 4 = one row of Qwen3's 4 query heads, the kernel before 2026-12-06 s15)
   const int cap = ab_switch("DSPARK_ATTN_PASS_Q");
-  DSPARK_CHECK_VALUE(attention_grid_z(d.T, d.H / d.Hkv, splits, d.Hkv * d.B, sms, rows) <= 65535,
-                     "a cache of ", d.S, " slots with ", d.T,
-                     " rows per request exceeds the CUDA grid (65535 blocks in z)");
+  // DSPARK_ATTN_HEADS_PER_BLOCK fixes the query heads a block takes (a divisor of H / Hkv; H / Hkv:
+  // whole KV heads, the kernel before 2026-12-07 s18) for A/B runs; unset: the kernel's rule
+  const int heads = ab_switch("DSPARK_ATTN_HEADS_PER_BLOCK");
+  DSPARK_CHECK_VALUE(heads == 0 || (d.H / d.Hkv) % heads == 0,
+                     "DSPARK_ATTN_HEADS_PER_BLOCK must divide the query heads per KV head (",
+                     d.H / d.Hkv, "), got ", heads);
+  DSPARK_CHECK_VALUE(
+      attention_grid_z(d.T, d.H / d.Hkv, splits, d.Hkv * d.B, sms, rows, heads) <= 65535,
+      "a cache of ", d.S, " slots with ", d.T,
+      " rows per request exceeds the CUDA grid (65535 blocks in z)");
   const auto f32 = qkv.options().dtype(at::kFloat);
   const int64_t parts = splits > 1 ? d.B * d.T * d.H * splits : 0;
   at::Tensor part_o = at::empty({parts * d.D}, f32);
@@ -97,6 +104,11 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at:
   a.rows_per_block = rows;
   a.sms = sms;
   a.pass_q = cap;
+  a.heads_per_block = heads;
+  // DSPARK_ATTN_NO_PREFETCH=1: no L2 prefetch of the chunk's K/V rows (A/B runs)
+  a.prefetch = ab_switch("DSPARK_ATTN_NO_PREFETCH") ? 0 : 1;
+  // DSPARK_ATTN_NO_MERGE_PDL=1: the merge kernel in plain stream order (A/B runs)
+  a.merge_pdl = ab_switch("DSPARK_ATTN_NO_MERGE_PDL") ? 0 : 1;
   check_launch(launch_attention(a, c10::cuda::getCurrentCUDAStream()), status, "decode_attention",
                [](int32_t s) { raise_on_status(s, "decode_attention"); });
   return out;

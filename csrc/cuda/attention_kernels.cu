@@ -9,9 +9,9 @@ int attention_splits(int64_t S) { return cuda::attn_splits(S); }
 int attention_rows_per_block(int64_t T, int64_t G, int splits, int64_t blocks_per_group, int sms) {
   return cuda::attn_rows_per_block(T, G, splits, blocks_per_group, sms);
 }
-int64_t attention_grid_z(int64_t T, int64_t G, int splits, int64_t heads_x_batch, int sms,
-                         int rows) {
-  return cuda::attn_grid_z(T, G, splits, heads_x_batch, sms, rows);
+int64_t attention_grid_z(int64_t T, int64_t G, int splits, int64_t heads_x_batch, int sms, int rows,
+                         int heads) {
+  return cuda::attn_grid_z(T, G, splits, heads_x_batch, sms, rows, heads);
 }
 
 namespace {
@@ -44,6 +44,9 @@ cudaError_t run(const AttentionArgs& a, cudaStream_t stream) {
   p.rows_per_block = a.rows_per_block;
   p.sms = a.sms;
   p.pass_q = a.pass_q;
+  p.heads_per_block = a.heads_per_block;
+  p.prefetch = a.prefetch;
+  p.merge_pdl = a.merge_pdl;
   return cuda::launch_decode_attention(p, stream);
 }
 }  // namespace

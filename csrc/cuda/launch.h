@@ -54,6 +54,7 @@ struct LinearArgs {
   float eps;
   int prologue;      // 0 plain, 1 RMSNorm, 2 SiLU gate
   int stage_budget;  // staged-activation bytes per block; 0: the default, < 0: the pre-s14 rule
+  int l2_prefetch;   // 1: whole weight slices to L2 before the programmatic wait, where it fits
 };
 cudaError_t launch_linear(const LinearArgs& args, cudaStream_t stream);
 // The fused linear kernel as loaded for the current device: the architecture it was compiled for
@@ -77,6 +78,9 @@ struct AttentionArgs {
   int splits, rows_per_block;
   int sms;     // > 0: rows per block chosen per request by its active chunks (0: rows_per_block)
   int pass_q;  // query vectors per weighted-V pass (0: the kernel's most; A/B runs)
+  int heads_per_block;  // query heads per block, a divisor of H / Hkv (0: the kernel's rule)
+  int prefetch;         // 1: kernel 1 sends its chunk's K/V rows to L2 first
+  int merge_pdl;        // 1: the merge kernel launches programmatically where usable
 };
 int attention_splits(int64_t S);  // chunks of the cache's slots (one block each per KV head)
 // The current device's multiprocessor count, looked up once per device (132 if unknown).
@@ -85,8 +89,8 @@ int device_sms();
 // rows of one block (Hkv * B * splits blocks per group of rows, `sms` multiprocessors)
 int attention_rows_per_block(int64_t T, int64_t G, int splits, int64_t blocks_per_group, int sms);
 // blocks in grid z of the attention kernel (dspark/attention.cuh: attn_grid_z)
-int64_t attention_grid_z(int64_t T, int64_t G, int splits, int64_t heads_x_batch, int sms,
-                         int rows);
+int64_t attention_grid_z(int64_t T, int64_t G, int splits, int64_t heads_x_batch, int sms, int rows,
+                         int heads);
 cudaError_t launch_attention(const AttentionArgs& args, cudaStream_t stream);
 
 }  // namespace dspark

@@ -19,7 +19,8 @@ cudaError_t run(const LinearArgs& a, cudaStream_t stream) {
                                 a.K,
                                 a.eps,
                                 a.prologue,
-                                a.stage_budget};
+                                a.stage_budget,
+                                a.l2_prefetch};
   return cuda::launch_fused_linear(p, stream);
 }
 }  // namespace

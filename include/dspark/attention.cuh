@@ -72,10 +72,14 @@ struct AttnParams {
   int32_t* status;
   int64_t B, rows, H, Hkv, S, D, layer, window;  // rows: T, the tokens per request
   float eps, scale;
-  int splits;          // chunks of the cache: attn_splits(S)
-  int rows_per_block;  // rows of a block (sms > 0: the most any request uses; attn_grid_z)
-  int sms;             // > 0: rows per block chosen per request by its active chunks
-  int pass_q;          // query vectors per weighted-V pass, at most the kernel's (0: its own)
+  int splits;           // chunks of the cache: attn_splits(S)
+  int rows_per_block;   // rows of a block (sms > 0: the most any request uses; attn_grid_z)
+  int sms;              // > 0: rows and query heads per block chosen per request (active chunks)
+  int heads_per_block;  // > 0: query heads of its KV head a block takes (a divisor of G), for
+                        // every request; 0: attn_heads_per_block's choice (sms > 0), else G
+  int prefetch;         // 1: a block sends its chunk's committed K/V rows to L2 first
+  int merge_pdl;        // 1: the merge kernel launches programmatically (sm_90 code only)
+  int pass_q;           // query vectors per weighted-V pass, at most the kernel's (0: its own)
 };
 
 inline int attn_splits(int64_t S) { return int((S + kAttnChunk - 1) / kAttnChunk); }
@@ -113,15 +117,34 @@ DSPARK_HD int attn_active_chunks(int64_t start, int64_t T, int splits) {
   return int(a < splits ? a : splits);
 }
 
-// Grid z of kernel 1: fixed rows per block (sms == 0): splits * ceil(T / rows); per request
-// (sms > 0): the most (active chunks x row groups) any start can ask for. Once a >= 16 and the
-// grid has two waves the rule gives r = T, so z(a) = a <= splits <= z(splits): the loop stops.
+// Query heads per block (2026-12-07, s18): a block takes h of its KV head's G query heads. While
+// the blocks of whole heads (`blocks`: Hkv * B * active chunks * row groups) are under one wave
+// of `sms`, h halves (an odd h > 1 goes to 1). Why: a decode at batch 1 over a short cache has
+// one block per KV head (8 at Qwen3-8B's shape), each a single latency chain (ncu, s16: one warp
+// a scheduler, an instruction issued every 10 cycles, 44.6 µs), and its scoring, softmax and
+// weighted-V work grow with its query vectors; the split blocks read the same K/V rows (L2 after
+// the first). A query's arithmetic does not depend on which queries share its block.
+DSPARK_HD int attn_heads_per_block(int64_t G, int64_t blocks, int sms) {
+  int64_t h = G;
+  while (h > 1 && blocks * (G / h) < int64_t(sms)) h = h % 2 == 0 ? h / 2 : 1;
+  return int(h);
+}
+
+// Grid z of kernel 1: fixed rows per block (sms == 0): splits * ceil(T / rows) * G / heads; per
+// request (sms > 0): the most (active chunks x row groups x head groups) any start can ask for
+// (`heads` > 0: that many query heads a block, else attn_heads_per_block's). Once a >= 16 and the
+// grid has two waves the rules give r = T and whole heads, so z(a) = a <= splits <= z(splits):
+// the loop stops.
 inline int64_t attn_grid_z(int64_t T, int64_t G, int splits, int64_t heads_x_batch, int sms,
-                           int rows) {
-  int64_t z = int64_t(splits) * ((T + rows - 1) / rows);
+                           int rows, int heads = 0) {
+  auto head_groups = [&](int64_t blocks) {
+    return G / (heads > 0 ? heads : sms > 0 ? attn_heads_per_block(G, blocks, sms) : G);
+  };
+  const int64_t groups = (T + rows - 1) / rows;
+  int64_t z = int64_t(splits) * groups * head_groups(heads_x_batch * splits * groups);
   for (int a = 1; sms > 0 && a <= splits && (a < 16 || heads_x_batch * a < 2 * int64_t(sms)); ++a) {
     const int64_t r = attn_rows_per_block(T, G, a, heads_x_batch * a, sms);
-    const int64_t za = a * ((T + r - 1) / r);
+    const int64_t ga = (T + r - 1) / r, za = a * ga * head_groups(heads_x_batch * a * ga);
     z = za > z ? za : z;
   }
   return z;
@@ -147,25 +170,24 @@ inline size_t attn_smem_bytes(int64_t T, int64_t D, int maxq) {
 // head for the norm; the rotation takes the pair (d, d + D/2) per thread, in place. Bits depend
 // on the head's values, weight and position only.
 template <typename T, typename W, typename Pos>
-__device__ void norm_rope_heads(float* heads, int nheads, int64_t D, W weight_of, Pos pos_of,
-                                float eps, const float* inv_freq) {
+__device__ void norm_rope_heads(float* heads, int nheads, int D, W weight_of, Pos pos_of, float eps,
+                                const float* inv_freq) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int hd = warp; hd < nheads; hd += kAttnWarps) {
     const T* w = weight_of(hd);
     if (!w) continue;
     float* x = heads + hd * D;
     float ss = 0.0f;
-    for (int64_t d = lane; d < D; d += 32) ss = __fmaf_rn(x[d], x[d], ss);
+    for (int d = lane; d < D; d += 32) ss = __fmaf_rn(x[d], x[d], ss);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     const float inv = rsqrtf(ss / float(D) + eps);
-    for (int64_t d = lane; d < D; d += 32) x[d] = round_t<T>(to_f(w[d]) * round_t<T>(x[d] * inv));
+    for (int d = lane; d < D; d += 32) x[d] = round_t<T>(to_f(w[d]) * round_t<T>(x[d] * inv));
   }
   __syncthreads();
-  const int64_t half = D / 2;
-  for (int64_t i = threadIdx.x; i < nheads * half; i += blockDim.x) {
-    const int hd = int(i / half);
-    const int64_t d = i % half;
+  const int half = D / 2;
+  for (int i = threadIdx.x; i < nheads * half; i += blockDim.x) {
+    const int hd = i / half, d = i - hd * half;
     float* x = heads + hd * D;
     const float f = pos_of(hd) * inv_freq[d];
     const float c = round_t<T>(cosf(f)), s = round_t<T>(sinf(f));

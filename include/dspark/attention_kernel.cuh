@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "dspark/attention.cuh"
+#include "dspark/sync.cuh"  // prefetch_l2
 
 namespace dspark {
 namespace cuda {
@@ -17,13 +18,15 @@ namespace cuda {
 template <typename T, int VEC, int MAXQ, int KV>
 __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnParams<T> p) {
   extern __shared__ __align__(16) float sm[];
-  const int NR = int(p.rows), G = int(p.H / p.Hkv);
-  const int64_t D = p.D, Wq = (p.H + 2 * p.Hkv) * D;  // qkv row width
-  float* newk = sm;                                   // [NR][D] the block's rows: normed, rotated k
-  float* newv = newk + NR * D;                        // [NR][D] and v
-  float* qs = newv + NR * D;                          // [MAXQ][D] the tile's query vectors
-  float* scores = qs + MAXQ * D;                      // [MAXQ][chunk] exp(score - chunk max)
-  float* warp_o = scores + MAXQ * kAttnChunk;         // [warps][kAttnMaxPassQ][D]
+  // 32-bit indices inside the block (rows, heads and dims are small: no 64-bit divisions in the
+  // loops); 64-bit only for offsets into the cache and the outputs.
+  const int NR = int(p.rows), G = int(p.H / p.Hkv), D = int(p.D);
+  const int64_t Wq = (p.H + 2 * p.Hkv) * p.D;  // qkv row width
+  float* newk = sm;                            // [NR][D] the block's rows: normed, rotated k
+  float* newv = newk + NR * D;                 // [NR][D] and v
+  float* qs = newv + NR * D;                   // [MAXQ][D] the tile's query vectors
+  float* scores = qs + MAXQ * D;               // [MAXQ][chunk] exp(score - chunk max)
+  float* warp_o = scores + MAXQ * kAttnChunk;  // [warps][kAttnMaxPassQ][D]
   float* wmax = warp_o + kAttnWarps * kAttnMaxPassQ * D;        // [warps][MAXQ]
   float* wsum = wmax + kAttnWarps * MAXQ;                       // [warps][MAXQ]
   float* fin = wsum + kAttnWarps * MAXQ;                        // [MAXQ][2]: chunk max, chunk sum
@@ -46,15 +49,23 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
   }
   const int64_t st = p.start[b];
   const bool valid = st >= 0 && st + NR <= p.S;
-  // This block's (chunk, row group): among the request's active chunks when the split is chosen
-  // per request (attention.cuh: attn_active_chunks), else among all of them. Block-uniform.
+  // This block's (chunk, row group, head group): among the request's active chunks when the split
+  // is chosen per request (attention.cuh: attn_active_chunks, attn_heads_per_block), else among
+  // all of them. Block-uniform. The block's query vectors: rows j0 .. j1 - 1 x its HB query heads
+  // h0 .. h0 + HB - 1 (vector qi of a tile: row t0 + qi / HB, head h0 + qi % HB).
   int chunks = p.splits, rpb = p.rows_per_block;
   if (p.sms > 0 && valid) {
     chunks = attn_active_chunks(st, NR, p.splits);
     rpb = attn_rows_per_block(NR, G, chunks, p.Hkv * p.B * chunks, p.sms);
   }
-  if (int64_t(blockIdx.z) >= int64_t(chunks) * ((NR + rpb - 1) / rpb)) return;
-  const int split = int(blockIdx.z % unsigned(chunks)), rg = int(blockIdx.z / unsigned(chunks));
+  const int groups = (NR + rpb - 1) / rpb;
+  const int HB = p.heads_per_block > 0 ? p.heads_per_block
+                 : p.sms > 0 ? attn_heads_per_block(G, p.Hkv * p.B * chunks * groups, p.sms)
+                             : G;
+  if (int64_t(blockIdx.z) >= int64_t(chunks) * groups * (G / HB)) return;
+  const int split = int(blockIdx.z % unsigned(chunks)), rest = int(blockIdx.z / unsigned(chunks));
+  const int rg = rest % groups, hg = rest / groups;
+  const int64_t h0 = kvh * G + int64_t(hg) * HB;
   const int j0 = rg * rpb, j1 = j0 + rpb < NR ? j0 + rpb : NR;
   const int64_t c0 = int64_t(split) * kAttnChunk;
 
@@ -86,8 +97,9 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
       any = true;
       continue;
     }
-    for (int64_t i = threadIdx.x; i < G * D; i += blockDim.x) {
-      const int64_t h = kvh * G + i / D, d = i % D, bh = (b * NR + j) * p.H + h;
+    for (int i = threadIdx.x; i < HB * D; i += blockDim.x) {
+      const int hi = i / D, d = i - hi * D;
+      const int64_t bh = (b * NR + j) * p.H + h0 + hi;
       if (p.splits == 1) {
         p.out[bh * D + d] = from_f<T>(0.0f);
       } else {
@@ -100,15 +112,27 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
       }
     }
   }
-  const bool writer = valid && split == 0 && rg == 0;  // writes the block's K/V to the cache
+  const bool writer = valid && split == 0 && rg == 0 && hg == 0;  // writes the block's K/V
   const bool need_new = writer || (any && c0 + kAttnChunk > st);
   if (!any && !writer) return;
 
   const T* src = p.qkv + b * NR * Wq;
   const int64_t head_base = ((p.layer * p.B + b) * p.Hkv + kvh) * p.S;  // slot 0 of this head
+  // The chunk's committed K and V rows into L2 first (thread t: slot c0 + t): in a decode step
+  // the weights streamed since the previous step have evicted them, and the loads below would
+  // wait on HBM batch after batch behind the new rows' norm and rotary. A hint: no bit changes.
+  if (p.prefetch && any && c0 + int64_t(threadIdx.x) < st) {
+    const int64_t at = (head_base + c0 + threadIdx.x) * D;
+    const char* kr = reinterpret_cast<const char*>(p.k_cache + at);
+    const char* vr = reinterpret_cast<const char*>(p.v_cache + at);
+    for (int o = 0; o < D * int(sizeof(T)); o += 128) {
+      prefetch_l2(kr + o);
+      prefetch_l2(vr + o);
+    }
+  }
   if (need_new) {
-    for (int64_t i = threadIdx.x; i < NR * D; i += blockDim.x) {
-      const int64_t a = i / D, d = i % D;
+    for (int i = threadIdx.x; i < NR * D; i += blockDim.x) {
+      const int a = i / D, d = i - a * D;
       newk[i] = to_f(src[a * Wq + (p.H + kvh) * D + d]);
       newv[i] = to_f(src[a * Wq + (p.H + p.Hkv + kvh) * D + d]);
     }
@@ -117,32 +141,33 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
         newk, NR, D, [&](int) { return p.k_norm; }, [&](int a) { return float(st + depth[a]); },
         p.eps, p.inv_freq);
     if (writer) {
-      for (int64_t i = threadIdx.x; i < NR * D; i += blockDim.x) {
-        const int64_t slot = st + i / D, d = i % D;
-        p.k_cache[(head_base + slot) * D + d] = from_f<T>(newk[i]);
-        p.v_cache[(head_base + slot) * D + d] = from_f<T>(newv[i]);
+      for (int i = threadIdx.x; i < NR * D; i += blockDim.x) {
+        const int a = i / D, d = i - a * D;
+        const int64_t at = (head_base + st + a) * D + d;
+        p.k_cache[at] = from_f<T>(newk[i]);
+        p.v_cache[at] = from_f<T>(newv[i]);
       }
     }
   }
   if (!any) return;
 
   constexpr int PQ = attn_pass_q(KV);
-  const int RT = MAXQ / G;  // rows per tile (MAXQ >= G)
+  const int RT = MAXQ / HB;  // rows per tile (MAXQ >= G >= HB)
   const int half = lane >> 4, hl = lane & 15;
   for (int t0 = j0; t0 < j1; t0 += RT) {
-    const int t1 = t0 + RT < j1 ? t0 + RT : j1, nq = (t1 - t0) * G;
+    const int t1 = t0 + RT < j1 ? t0 + RT : j1, nq = (t1 - t0) * HB;
     bool tile_any = false;
     for (int j = t0; j < t1; ++j) tile_any |= sees(j);
     if (!tile_any) continue;
     __syncthreads();  // the previous tile's readers of qs / scores / fin are done
-    for (int64_t i = threadIdx.x; i < nq * D; i += blockDim.x) {
-      const int qi = int(i / D);
-      qs[i] = to_f(src[(t0 + qi / G) * Wq + (kvh * G + qi % G) * D + i % D]);
+    for (int i = threadIdx.x; i < nq * D; i += blockDim.x) {
+      const int qi = i / D, d = i - qi * D, r = qi / HB;
+      qs[i] = to_f(src[(t0 + r) * Wq + (h0 + qi - r * HB) * D + d]);
     }
     __syncthreads();
     norm_rope_heads<T>(
         qs, nq, D, [&](int) { return p.q_norm; },
-        [&](int qi) { return float(pos_of(t0 + qi / G)); }, p.eps, p.inv_freq);
+        [&](int qi) { return float(pos_of(t0 + qi / HB)); }, p.eps, p.inv_freq);
 
     // Scores: thread t <-> virtual slot c0 + t; every score is an FMA chain over d in order.
     const int64_t v = c0 + threadIdx.x;
@@ -155,7 +180,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
       if (need) {
         const T* krow = p.k_cache + (head_base + v) * D;
 #pragma unroll 4
-        for (int64_t d0 = 0; d0 < D; d0 += VEC) {
+        for (int d0 = 0; d0 < D; d0 += VEC) {
           Vec<T, VEC> kv;
           kv.load(krow + d0);
 #pragma unroll
@@ -170,19 +195,19 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
 #pragma unroll
       for (int q = 0; q < MAXQ; ++q) {
         if (q >= nq) break;
-        const int j = t0 + q / G;
+        const int j = t0 + q / HB;
         if (dep > depth[j] || v < lo_of(j)) continue;
         const float* kr = newk + anc[j * NR + dep] * D;
         const float* qq = qs + q * D;
         float s = 0.0f;
-        for (int64_t d = 0; d < D; ++d) s = __fmaf_rn(qq[d], kr[d], s);
+        for (int d = 0; d < D; ++d) s = __fmaf_rn(qq[d], kr[d], s);
         sc[q] = s;
       }
     }
     bool vis[MAXQ];
 #pragma unroll
     for (int q = 0; q < MAXQ; ++q) {
-      const int j = t0 + (q < nq ? q : 0) / G;
+      const int j = t0 + (q < nq ? q : 0) / HB;
       vis[q] = q < nq && v >= lo_of(j) && v <= pos_of(j);
       sc[q] = vis[q] ? sc[q] * p.scale : -INFINITY;
       float m = sc[q];
@@ -222,7 +247,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
       int lo_i[PQ], end_i[PQ], pass_end = 0;
 #pragma unroll
       for (int i = 0; i < PQ; ++i) {
-        const int j = t0 + (q0 + (i < nqp ? i : 0)) / G;
+        const int j = t0 + (q0 + (i < nqp ? i : 0)) / HB;
         const int64_t lo = lo_of(j), first = c0 > lo ? c0 : lo;
         const int64_t end = c0 + kAttnChunk < pos_of(j) + 1 ? c0 + kAttnChunk : pos_of(j) + 1;
         const bool seen = i < nqp && sees(j);
@@ -246,7 +271,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
           float vx[KV][VEC];
 #pragma unroll
           for (int k = 0; k < KV; ++k) {
-            const int64_t d0 = int64_t(VEC) * (hl + 16 * k);
+            const int d0 = VEC * (hl + 16 * k);
             if (d0 >= D) {
 #pragma unroll
               for (int e = 0; e < VEC; ++e) vx[k][e] = 0.0f;
@@ -270,12 +295,12 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
 #pragma unroll
           for (int i = 0; i < PQ; ++i) {
             if (jr < lo_i[i] || jr >= end_i[i]) continue;
-            const int j = t0 + (q0 + i) / G;
+            const int j = t0 + (q0 + i) / HB;
             const float* vnew = newv + anc[j * NR + (jj - st)] * D;
             const float w = scores[(q0 + i) * kAttnChunk + jr];
 #pragma unroll
             for (int k = 0; k < KV; ++k) {
-              const int64_t d0 = int64_t(VEC) * (hl + 16 * k);
+              const int d0 = VEC * (hl + 16 * k);
 #pragma unroll
               for (int e = 0; e < VEC; ++e)
                 acc[i][k][e] = __fmaf_rn(w, d0 < D ? vnew[d0 + e] : 0.0f, acc[i][k][e]);
@@ -290,15 +315,15 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
             const float other = __shfl_xor_sync(0xffffffffu, acc[i][k][e], 16);
-            const int64_t d = int64_t(VEC) * (hl + 16 * k) + e;
+            const int d = VEC * (hl + 16 * k) + e;
             if (half == 0 && i < nqp && d < D)
               warp_o[(warp * kAttnMaxPassQ + i) * D + d] = acc[i][k][e] + other;
           }
       __syncthreads();
-      for (int64_t x = threadIdx.x; x < nqp * D; x += blockDim.x) {
-        const int i = int(x / D), q = q0 + i, j = t0 + q / G;
+      for (int x = threadIdx.x; x < nqp * D; x += blockDim.x) {
+        const int i = x / D, d = x - i * D, q = q0 + i, j = t0 + q / HB;
         if (!sees(j)) continue;  // (its identities are written above)
-        const int64_t d = x % D, bh = (b * NR + j) * p.H + kvh * G + q % G;
+        const int64_t bh = (b * NR + j) * p.H + h0 + (q - (j - t0) * HB);
         float o = 0.0f;
         for (int w = 0; w < kAttnWarps; ++w) o += warp_o[(w * kAttnMaxPassQ + i) * D + d];
         if (p.splits == 1) {
@@ -393,8 +418,8 @@ cudaError_t launch_attention_kernel(const AttnParams<T>& p, cudaStream_t stream)
   const size_t smem = attn_smem_bytes(p.rows, p.D, MAXQ);
   cudaError_t err = attn_smem_opt_in(kernel, smem);
   if (err != cudaSuccess) return err;
-  const int64_t z =
-      attn_grid_z(p.rows, p.H / p.Hkv, p.splits, p.Hkv * p.B, p.sms, p.rows_per_block);
+  const int64_t z = attn_grid_z(p.rows, p.H / p.Hkv, p.splits, p.Hkv * p.B, p.sms, p.rows_per_block,
+                                p.heads_per_block);
   // Both kernels launch in plain stream order, not programmatically: measured on the H200
   // (Qwen3-8B shapes, batch-1 graph-replayed decode; bench/RESULTS.md, fourth session) a
   // programmatic launch behind the qkv projection made the step 0.24 ms slower. The kernels keep
@@ -431,7 +456,12 @@ cudaError_t launch_decode_attention(const AttnParams<T>& p, cudaStream_t stream)
   const size_t merge_smem = sizeof(float) * size_t(p.splits);
   err = attn_smem_opt_in(merge, merge_smem);  // caches beyond 1.5 M slots
   if (err != cudaSuccess) return err;
-  return launch_ex(false, merge, dim3(unsigned(p.H), unsigned(p.rows), unsigned(p.B)),
+  // The merge launches programmatically (p.merge_pdl, where sm_90 code runs): its blocks start
+  // while kernel 1 runs and wait for it in pdl_wait(), and their pdl_trigger() lets the next
+  // kernel (the o projection) launch then too and prefetch its weights during the attention.
+  bool pdl = false;
+  if (p.merge_pdl && (err = sm90_paths(merge, &pdl)) != cudaSuccess) return err;
+  return launch_ex(pdl, merge, dim3(unsigned(p.H), unsigned(p.rows), unsigned(p.B)),
                    dim3(kAttnThreads), merge_smem, stream, p);
 }
 
