@@ -59,7 +59,9 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 // else a line prefetch every 128 bytes. A hint; returns at once.
 __device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (bytes) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes));
+  if (bytes)
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(p)),
+                 "r"(bytes));
 #else
   for (uint32_t o = 0; o < bytes; o += 128) prefetch_l2(static_cast<const char*>(p) + o);
 #endif
