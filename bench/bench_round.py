@@ -49,6 +49,32 @@ def run(engine, fn_name, prompts, batch, new):
     return out, rounds, decode_s, stages, tokens
 
 
+def round_kernels(engine, fn_name, prompts, new):
+    """One more call under torch.profiler: the graph replays of the most common kernel count
+    (the rounds, or the decode steps; not prefill), the one of median span summarized."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from dspark.profiling import graph_replays, replay_summary
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        getattr(engine, fn_name)(prompts, max_new_tokens=new, temperature=0.0, stop_tokens=[])
+        torch.cuda.synchronize()
+    path = "/tmp/bench_round_trace.json"
+    prof.export_chrome_trace(path)
+    replays = graph_replays(path)
+    if not replays:
+        return {"kernels": 0, "span_us": 0.0, "busy_us": 0.0, "top": [], "replays": 0}
+    count = Counter(len(r) for r in replays).most_common(1)[0][0]
+    same = sorted((r for r in replays if len(r) == count),
+                  key=lambda r: max(t + d for _, t, d in r))
+    summary = replay_summary(same[len(same) // 2], top=15)
+    summary["replays"] = len(same)
+    return summary
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", default=None, help="DeepSpec jsonl ({'turns': [...]})")
@@ -63,6 +89,9 @@ def main():
                     "graphs")
     ap.add_argument("--no-split", action="store_true", help="skip the per-stage runs (a "
                     "graph per stage, timed apart) after each one-graph-per-step run")
+    ap.add_argument("--kernels", action="store_true", help="then profile one more call per "
+                    "one-graph-per-step run (torch.profiler): the kernels of its typical graph "
+                    "replay (a round, or a decode step): count, span, summed time, the top ones")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -96,10 +125,14 @@ def main():
             if best is None or wall < best[0]:
                 best = (wall, res)
         wall, (out, rounds, decode_s, stages, tokens) = best
+        if args.kernels and not name.endswith("/stages"):
+            rows.setdefault("kernels", {})[name] = round_kernels(eng, fn, prompts[:args.batch],
+                                                                 args.new)
         rows[name] = dict(tokens=out, rounds=rounds, step_ms=1e3 * decode_s / rounds,
                           tokens_per_s=tokens / wall, wall_s=wall,
                           stages_ms={k: 1e3 * v / rounds for k, v in stages.items()
                                      if k != "hist"}, hist=stages.get("hist"))
+    kernels = rows.pop("kernels", {})
     ar = rows["autoregressive"]
     report = {"device": torch.cuda.get_device_name(), "dtype": args.dtype, "batch": args.batch,
               "stage_graphs": not args.eager_stages,
@@ -123,6 +156,11 @@ def main():
         print(f"{name:8s} tau {tau:.2f}  round {r['step_ms']:.3f} ms = "
               f"{d['round_over_decode']:.2f}x decode  speedup {d['speedup']:.2f}x  identical "
               f"{d['greedy_identical']}  stages ms {d['stages_ms']}")
+    for name, k in kernels.items():
+        report.setdefault("round_kernels", {})[name] = k
+        print(f"{name}: a replay runs {k['kernels']} kernels over {k['span_us']:.1f} us "
+              f"(their durations sum to {k['busy_us']:.1f}; {k['replays']} replays of this "
+              "shape); top: " + "; ".join(f"{n[:60]} x{c} {us:.1f}" for n, c, us in k["top"]))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

@@ -84,7 +84,8 @@ stage sanitize_state 150 "cd tests && compute-sanitizer --tool memcheck python3 
 stage linear 90 "cd bench && python3 bench_linear.py --M ${LINEAR_M:-1,8,32,64} --out $OUT/bench_linear.json"
 stage attention 90 "cd bench && python3 bench_attention.py ${ATTN_ARGS:---slots 1024,32768 --rows 1,8,16} --out $OUT/bench_attention.json"
 # the demo pair's speculative round (the DSpark and n-gram round bars of issue 11)
-stage round_demo 200 "cd bench && python3 bench_round.py --prompts 16 --new 128 --drafters dspark,dspark-compiled,ngram --out $OUT/round_demo_bf16.json 2>&1 | tail -6"
+# (ROUND_DEMO_ARGS: bench_round's arguments, e.g. --kernels for each run's kernels per replay)
+stage round_demo 200 "cd bench && python3 bench_round.py ${ROUND_DEMO_ARGS:---prompts 16 --new 128 --drafters dspark,dspark-compiled,ngram} --out $OUT/round_demo_bf16.json 2>&1 | tail -12"
 # A/B: the weighted-V pass of one row of 4 query heads (the kernel before 2026-12-06 s15)
 stage attention_pq4 90 "cd bench && DSPARK_ATTN_PASS_Q=4 python3 bench_attention.py ${ATTN_ARGS:---slots 1024,32768 --rows 1,8,16} --out $OUT/bench_attention_pq4.json | tail -12"
 stage verify_forward_pq4 150 "cd bench && DSPARK_ATTN_PASS_Q=4 python3 bench_verify_forward.py --batches 1 --rows 8 --variants fused --out $OUT/bench_verify_forward_pq4.json | tail -4"

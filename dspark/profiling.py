@@ -113,6 +113,43 @@ def summarize_trace(trace, stages=STAGE_NAMES, top: int = 5) -> dict:
     return out
 
 
+def graph_replays(trace, launch: str = "cudaGraphLaunch") -> list:
+    """The GPU work of each CUDA graph replay in ``trace``, in launch order: a list of replays,
+    each the list of its kernels / memsets / copies as (name, start µs after the replay's first
+    kernel, duration µs), sorted by start. A replay's work carries its launch's correlation id.
+    What a whole-step graph runs per round (``SpeculativeEngine`` on GPU): the kernel count, the
+    span against the summed durations (the gaps are launch latency inside the graph), and which
+    kernels dominate."""
+    events = [e for e in _load(trace) if e.get("ph") == "X"]
+    launches = sorted((e["ts"], e["args"]["correlation"]) for e in events
+                      if e.get("cat") in LAUNCH_CATEGORIES and e.get("name") == launch
+                      and "correlation" in e.get("args", {}))
+    work = defaultdict(list)
+    for e in events:
+        if e.get("cat") in GPU_CATEGORIES and "correlation" in e.get("args", {}):
+            work[e["args"]["correlation"]].append((e["ts"], e["dur"], e["name"]))
+    out = []
+    for _, corr in launches:
+        ks = sorted(work.get(corr, []))
+        if ks:
+            t0 = ks[0][0]
+            out.append([(name, ts - t0, dur) for ts, dur, name in ks])
+    return out
+
+
+def replay_summary(replay: list, top: int = 12) -> dict:
+    """One replay of :func:`graph_replays`: {"kernels", "span_us", "busy_us" (summed
+    durations), "top": [(name, count, µs summed)] by µs}."""
+    span = max(t + d for _, t, d in replay) if replay else 0.0
+    by = defaultdict(lambda: [0, 0.0])
+    for name, _, dur in replay:
+        by[name][0] += 1
+        by[name][1] += dur
+    tops = sorted(by.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"kernels": len(replay), "span_us": span, "busy_us": sum(d for _, _, d in replay),
+            "top": [(name, n, us) for name, (n, us) in tops]}
+
+
 def profile_generate(engine, prompts, trace_path: str, **generate_kw) -> dict:
     """One warm-up call (graph capture, compilation), then one generate() under torch.profiler
     (CPU + CUDA activity); the trace is written to ``trace_path`` (.json or .json.gz) and

@@ -128,3 +128,19 @@ def test_profile_cli(tmp_path, capsys):
                "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("dspark profile: error:") and len(err.splitlines()) == 1
+
+
+def test_graph_replays_group_kernels_by_their_launch():
+    from dspark.profiling import graph_replays, replay_summary
+    # two replays of a three-kernel graph (the second with a gap), one plain kernel launch
+    ev = [_launch(1, 0), _kernel("gemm", 1, 10, 5), _kernel("attn", 1, 16, 3),
+          _kernel("gemm", 1, 20, 5), _launch(2, 50), _kernel("gemm", 2, 60, 6),
+          _kernel("attn", 2, 70, 2), _kernel("gemm", 2, 73, 4),
+          _launch(3, 90, name="cudaLaunchKernel"), _kernel("lone", 3, 95, 1)]
+    reps = graph_replays({"traceEvents": ev})
+    assert reps == [[("gemm", 0, 5), ("attn", 6, 3), ("gemm", 10, 5)],
+                    [("gemm", 0, 6), ("attn", 10, 2), ("gemm", 13, 4)]]
+    s = replay_summary(reps[1])
+    assert s["kernels"] == 3 and s["span_us"] == 17 and s["busy_us"] == 12
+    assert s["top"] == [("gemm", 2, 10), ("attn", 1, 2)]
+    assert replay_summary([]) == {"kernels": 0, "span_us": 0.0, "busy_us": 0.0, "top": []}
