@@ -70,7 +70,7 @@ def round_kernels(engine, fn_name, prompts, new):
     count = Counter(len(r) for r in replays).most_common(1)[0][0]
     same = sorted((r for r in replays if len(r) == count),
                   key=lambda r: max(t + d for _, t, d in r))
-    summary = replay_summary(same[len(same) // 2], top=15)
+    summary = replay_summary(same[len(same) // 2], top=15, sequence=True)
     summary["replays"] = len(same)
     return summary
 

@@ -217,9 +217,11 @@ class SpeculativeEngine:
             fwd = stage("target forward", key, lambda: self.target.forward_tree(  # [N, V]
                 vb.proposal.draft_tokens, vb.proposal.parents, vb.forward_offsets(), root, W,
                 d.target_taps, layout=vb.layout))
+            # greedy requests accept a draft iff it is the argmax: no q (the one-hot path)
+            q = None if st.greedy else vb.proposal.draft_probs
             res = stage("accept", key, lambda: ops.verify(  # out_tokens / accept_nodes [B', W']
                 fwd.logits, vb.proposal.node_offsets, vb.proposal.draft_tokens,
-                vb.proposal.parents, vb.proposal.draft_probs, vb.params, seeds=vb.seeds,
+                vb.proposal.parents, q, vb.params, seeds=vb.seeds,
                 positions=vb.positions, max_nodes=vb.max_nodes))
             stage("commit", key, lambda: self._commit(st, root, prop,
                                                       *vb.restore(prop, res, fwd.hidden)))
@@ -271,7 +273,7 @@ class SpeculativeEngine:
         the scheduler's buffers)."""
         d, s = self.drafter, self.scheduler
         drafter = () if d is None else (id(d), d.max_nodes, d.graph_key())
-        key = (st.serial, self.target.cache_serial, drafter)
+        key = (st.serial, st.greedy, self.target.cache_serial, drafter)
         return key if s is None else (*key, s.graph_key())
 
     def _run(self, st: SpecState, step, bar: bool) -> None:

@@ -137,17 +137,21 @@ def graph_replays(trace, launch: str = "cudaGraphLaunch") -> list:
     return out
 
 
-def replay_summary(replay: list, top: int = 12) -> dict:
+def replay_summary(replay: list, top: int = 12, sequence: bool = False) -> dict:
     """One replay of :func:`graph_replays`: {"kernels", "span_us", "busy_us" (summed
-    durations), "top": [(name, count, µs summed)] by µs}."""
+    durations), "top": [(name, count, µs summed)] by µs}; with ``sequence`` also the replay
+    itself as "sequence": [(name cut to 90 characters, start µs, duration µs)]."""
     span = max(t + d for _, t, d in replay) if replay else 0.0
     by = defaultdict(lambda: [0, 0.0])
     for name, _, dur in replay:
         by[name][0] += 1
         by[name][1] += dur
     tops = sorted(by.items(), key=lambda kv: -kv[1][1])[:top]
-    return {"kernels": len(replay), "span_us": span, "busy_us": sum(d for _, _, d in replay),
-            "top": [(name, n, us) for name, (n, us) in tops]}
+    out = {"kernels": len(replay), "span_us": span, "busy_us": sum(d for _, _, d in replay),
+           "top": [(name, n, us) for name, (n, us) in tops]}
+    if sequence:
+        out["sequence"] = [(name[:90], round(t, 2), round(d, 2)) for name, t, d in replay]
+    return out
 
 
 def profile_generate(engine, prompts, trace_path: str, **generate_kw) -> dict:

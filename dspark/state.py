@@ -76,6 +76,10 @@ class SpecState:
     # from, so any q keeps the output exact
     draft_temperature: Optional[torch.Tensor] = None  # [B] f32
     draft_scale: float = 1.0
+    # every request greedy (set on the host from the host lists given to reset / reset_rows):
+    # verify then ignores the draft distributions, so drafters need not make them (a round
+    # without q rows: no probability kernels, verify's one-hot path) and the engine passes none
+    greedy: bool = False
 
     def __post_init__(self):
         if self.draft_temperature is None:  # (a state built directly, as some tests do)
@@ -119,6 +123,7 @@ class SpecState:
         for mine, new in zip(self.params, params):
             mine.copy_(new)
         self.draft_temperature.copy_(self.params.temperature * self.draft_scale)
+        self.greedy = _all_greedy(params.temperature)
         self.seeds.copy_(torch.as_tensor(seeds, dtype=torch.int64))
         self.active.fill_(True)
         self.round_active.zero_()
@@ -158,6 +163,8 @@ class SpecState:
         for mine, new in zip(self.params, params):
             mine[idx] = new.to(dev)
         self.draft_temperature[idx] = self.params.temperature[idx] * self.draft_scale
+        # (a sampled row keeps the flag off until the next reset: rows finish at any time)
+        self.greedy = self.greedy and _all_greedy(params.temperature)
         self.active[idx] = True
         self.any_active.fill_(True)
         for i, r in enumerate(rows):
@@ -234,6 +241,12 @@ class SpecState:
         self.round_active[0].zero_()
         self.round_accepts[0].zero_()
         self.rounds.zero_()
+
+
+def _all_greedy(temperature: torch.Tensor) -> bool:
+    """Every temperature below the kernels' greedy threshold (host tensors: no device sync)."""
+    from .reference import GREEDY_T
+    return bool((temperature.float() < GREEDY_T).all())
 
 
 def chain_proposal(anchor: torch.Tensor, drafts: torch.Tensor,

@@ -368,3 +368,51 @@ def test_text_generation_and_cli(ckpts):
         assert main(["generate", "--target", target, "--ngram", "2", "--prompt", "w1",
                      "--compile", "reduce-overhead"]) == 2
     assert "compile mode" in err.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["draft-chain", "dspark"])
+def test_greedy_rounds_carry_no_draft_distributions(models, kind, monkeypatch):
+    """Greedy requests accept a draft iff it is the target's argmax, so q is never read: an
+    all-greedy state says so, the drafters make no q rows and the engine passes none to verify
+    (same tokens as plain decoding); one sampled request brings q back."""
+    from dspark import ops
+    from dspark.demo import load_demo_pair
+
+    if kind == "dspark":
+        target, tok, drafter = load_demo_pair("cpu")
+        prompts = [tok.encode(t).ids for t in ("def add(a, b):", "The cat")]
+    else:
+        target, drafter = models[0], DraftModelDrafter(models[1], 3)
+        prompts = PROMPTS[:2]
+    seen = []
+    verify = ops.verify
+
+    def spy(logits, offsets, tokens, parents, draft_probs, *a, **kw):
+        seen.append(draft_probs is not None)
+        return verify(logits, offsets, tokens, parents, draft_probs, *a, **kw)
+    monkeypatch.setattr(ops, "verify", spy)
+    engine = SpeculativeEngine(target, drafter)
+    got = engine.generate(prompts, max_new_tokens=12, stop_tokens=[])
+    assert engine.state.greedy and seen and not any(seen)
+    assert got.tokens == engine.generate_autoregressive(prompts, max_new_tokens=12,
+                                                        stop_tokens=[]).tokens
+    seen.clear()
+    engine.generate(prompts, max_new_tokens=12, stop_tokens=[], temperature=[0.0, 0.8], seed=[1, 2])
+    assert not engine.state.greedy and seen and all(seen)
+
+
+def test_greedy_flag_follows_reset_and_refills():
+    from dspark.ops import sampling_tensors
+    from dspark.state import SpecState
+
+    st = SpecState.allocate(2, 16, 4, "cpu")
+    st.reset([[1, 2], [3]], [4, 4], [[], []], sampling_tensors(2, 0.0), [0, 0])
+    assert st.greedy
+    st.reset_rows([1], [[5, 6]], [4], [[]], sampling_tensors(1, 1e-6), [3])
+    assert st.greedy  # below the kernels' greedy threshold
+    st.reset_rows([0], [[7]], [4], [[]], sampling_tensors(1, 0.7), [3])
+    assert not st.greedy
+    st.reset_rows([0], [[7]], [4], [[]], sampling_tensors(1, 0.0), [3])
+    assert not st.greedy  # off until the next reset (the sampled row may still run)
+    st.reset([[1, 2], [3]], [4, 4], [[], []], sampling_tensors(2, [0.0, 0.0]), [0, 0])
+    assert st.greedy

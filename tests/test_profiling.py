@@ -144,3 +144,4 @@ def test_graph_replays_group_kernels_by_their_launch():
     assert s["kernels"] == 3 and s["span_us"] == 17 and s["busy_us"] == 12
     assert s["top"] == [("gemm", 2, 10), ("attn", 1, 2)]
     assert replay_summary([]) == {"kernels": 0, "span_us": 0.0, "busy_us": 0.0, "top": []}
+    assert replay_summary(reps[0], sequence=True)["sequence"] == reps[0]

@@ -74,7 +74,7 @@ class DraftModelDrafter(Drafter):
     def _pick(self, logits: torch.Tensor, state: SpecState, pos: torch.Tensor):
         """Chain step: the next draft token [B] and the distribution it was drawn from [B, V]."""
         return ops.sample(logits, state.draft_params(), state.draft_seeds(), pos,
-                          return_probs=True)
+                          return_probs=not state.greedy)
 
     def propose(self, state: SpecState) -> Proposal:
         p = state.anchor_pos()  # [B]

@@ -344,7 +344,8 @@ class ParallelDrafter(TrainedDrafter):
                         conf_bias=proj.bias.to(w1.dtype))
         anchor = state.anchor()
         out = ops.markov_draft(U.contiguous(), anchor, w1, w2, state.draft_params(),
-                               state.draft_seeds(), state.anchor_pos(), return_probs=True, **conf)
+                               state.draft_seeds(), state.anchor_pos(),
+                               return_probs=not state.greedy, **conf)
         self.last_logits = None
         if self.keep_logits:  # the op's corrected logits, recomputed with its arithmetic
             prev = torch.cat([anchor[:, None], out.tokens[:, :-1]], 1)
@@ -373,7 +374,7 @@ class ParallelDrafter(TrainedDrafter):
             if m.confidence is not None:
                 conf.append(m.confidence(H[:, k], m.prev_embedding(prev)))
             tok, prob = ops.sample(z.contiguous(), state.draft_params(), seeds, p + k,
-                                   return_probs=True)
+                                   return_probs=not state.greedy)
             toks.append(tok)
             probs.append(prob)
             if self.keep_logits:
@@ -383,7 +384,8 @@ class ParallelDrafter(TrainedDrafter):
         self.last_conf_logits = torch.stack(conf, 1) if conf else None
         if self.recorder is not None:  # calibration data (graphs are off while recording)
             self._active = state.active.clone()
-        return chain_proposal(state.anchor(), torch.stack(toks, 1), torch.stack(probs, 1))
+        return chain_proposal(state.anchor(), torch.stack(toks, 1),
+                              None if state.greedy else torch.stack(probs, 1))
 
     def compile(self, mode: Optional[str] = None) -> None:
         """The backbone pass and the per-round context K/V write under torch.compile (inductor

@@ -179,10 +179,11 @@ class Eagle3Drafter(TrainedDrafter):
                 h = self._run(toks[-1][:, None], h[:, None], (p + j - 2)[:, None])[:, 0]
             z = m.logits(h)
             tok, prob = ops.sample(z.contiguous(), state.draft_params(), seeds, p + j - 1,
-                                   return_probs=True)
+                                   return_probs=not state.greedy)
             toks.append(tok)
             probs.append(prob)
             if self.keep_logits:
                 logits.append(z)
         self.last_logits = torch.stack(logits, 1) if self.keep_logits else None
-        return chain_proposal(state.anchor(), torch.stack(toks, 1), torch.stack(probs, 1))
+        return chain_proposal(state.anchor(), torch.stack(toks, 1),
+                              None if state.greedy else torch.stack(probs, 1))

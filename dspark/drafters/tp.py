@@ -62,7 +62,7 @@ class BroadcastDrafter(Drafter):
         self.inner, self.tp = inner, tp
         self.vocab_size = inner.vocab_size
         self.target_taps = inner.target_taps
-        self._probs: dict = {}  # (batch, graph key) -> dtype of draft_probs or None
+        self._probs: dict = {}  # (batch, greedy, graph key) -> dtype of draft_probs or None
 
     @property
     def gamma(self) -> int:
@@ -111,7 +111,7 @@ class BroadcastDrafter(Drafter):
     def propose(self, state: SpecState) -> Proposal:
         B, W, dev = state.batch, self.max_nodes, state.tokens.device
         prop = self.inner.propose(state) if self.tp.is_main else None
-        key = (B, self.graph_key())
+        key = (B, state.greedy, self.graph_key())  # (greedy states carry no q)
         if key not in self._probs:  # once per shape (eager: a host read), then static
             code = -1 if prop is None or prop.draft_probs is None else \
                 _PROB_DTYPES.index(prop.draft_probs.dtype)
