@@ -27,6 +27,7 @@
 #include <type_traits>
 
 #include "dspark/markov_draw.cuh"
+#include "dspark/sync.cuh"  // zero_words
 
 namespace dspark {
 namespace cuda {
@@ -111,7 +112,7 @@ cudaError_t launch_markov_draft(const MarkovArgs& a, cudaStream_t stream) {
   p.R = a.R, p.G = a.G, p.V = a.V, p.rank = a.rank, p.d = a.d;
   p.C = ceil_div(a.V, kChunk);
   markov_workspace(a.R, a.G, a.V, a.workspace, &p.logits, &p.conf_prefix, &p.ws);
-  cudaError_t err = cudaMemsetAsync(p.status, 0, sizeof(int32_t), stream);
+  cudaError_t err = zero_words(p.status, 1, stream);
   if (err != cudaSuccess) return err;
   if (p.conf) {
     const int64_t blocks = ceil_div(p.R * p.G, kMarkovPrefixWarps);
@@ -122,7 +123,7 @@ cudaError_t launch_markov_draft(const MarkovArgs& a, cudaStream_t stream) {
   bool pdl = false;
   if ((err = markov_pdl(a.pdl, &pdl)) != cudaSuccess) return err;
   for (int64_t k = 0; k < p.G; ++k) {
-    // step 1's logits kernel in plain stream order (after the status memset and the prefix)
+    // step 1's logits kernel in plain stream order (after the status zeroing and the prefix)
     err = launch_markov_logits_rows<U, W>(p, rows, k, pdl && k > 0, stream);
     if (err != cudaSuccess) return err;
     err = launch_ex(pdl, MarkovDrawKernel<U, W>, dim3(static_cast<unsigned>(p.R)),

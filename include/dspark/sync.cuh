@@ -8,7 +8,7 @@
 // A reader of data another block wrote during the same launch loads it with ld.global.cg (L2):
 // cheap insurance against an L1 line fetched earlier for a neighbouring request's entries.
 // Counters and flags start at zero: the launcher clears them with the status word before every
-// launch (one memset node in a CUDA graph).
+// launch (zero_words below: one small kernel node in a CUDA graph).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -16,6 +16,25 @@
 
 namespace dspark {
 namespace cuda {
+
+// n int32 words [n] <- 0. (A template: a kernel defined in a header that several translation
+// units include must be one.)
+template <typename Word>
+__global__ void ZeroWordsKernel(Word* words, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    words[i] = 0;
+}
+
+// What cudaMemsetAsync(words, 0, n * 4) does, as a kernel: measured on an H100 (bench_round
+// --kernels, 2026-12-07), a memset node of a CUDA graph delayed the kernel after it by 2-7 µs,
+// where a kernel node is followed within about 1 µs.
+inline cudaError_t zero_words(int32_t* words, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  const int64_t blocks = (n + 255) / 256 < 1024 ? (n + 255) / 256 : 1024;
+  ZeroWordsKernel<int32_t><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(words, n);
+  return cudaGetLastError();
+}
 
 __device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
   uint32_t v;

@@ -12,6 +12,7 @@
 
 #include "dspark/block_draw.cuh"
 #include "dspark/row_stats.cuh"
+#include "dspark/sync.cuh"  // zero_words
 #include "dspark/verify_rules.h"
 #include "dspark/verify_walk.cuh"
 
@@ -135,7 +136,7 @@ cudaError_t launch_verify(VerifyParams<S, Q> p, void* workspace, cudaStream_t st
   p.C = ceil_div(p.V, kChunk);
   p.vec_loads = (p.V * sizeof(S)) % 16 == 0 && reinterpret_cast<uintptr_t>(p.logits) % 16 == 0;
   const VerifyWorkspace ws = verify_workspace_layout(p.N, p.R, p.W, p.V, workspace).ws;
-  const cudaError_t err = cudaMemsetAsync(p.status, 0, sizeof(int32_t), stream);
+  const cudaError_t err = zero_words(p.status, 1, stream);
   if (err != cudaSuccess) return err;
   // An empty batch (then N == 0) launches nothing: a grid of zero blocks is a launch error.
   if (p.R == 0) return cudaSuccess;

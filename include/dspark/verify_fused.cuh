@@ -1,5 +1,5 @@
-// dspark/verify_fused.cuh: CUDA verify/sample in one kernel (plus a memset of its counters, and
-// the probabilities kernel when sample is asked for them). Every block is one of:
+// dspark/verify_fused.cuh: CUDA verify/sample in one kernel (plus a kernel zeroing its counters,
+// and the probabilities kernel when sample is asked for them). Every block is one of:
 //   statistics block k of request r (plan.B per request): warp chunks of the request's rows
 //     (lane_chunk.cuh: greedy max/argmax, or base + sum of e), partials to the workspace; a
 //     top-k/top-p row goes whole to one block (row_stats.cuh: filtered_row). The block that
@@ -359,7 +359,7 @@ cudaError_t launch_verify_fused(VerifyParams<S, Q> p, void* workspace, int32_t* 
   const FusedPlan pl = fused_plan(p.V, p.R, p.W, p.q != nullptr, num_sms, lag);
   const int64_t grid = fused_grid(pl, p.R);
   if (grid > INT32_MAX) return cudaErrorInvalidConfiguration;
-  cudaError_t err = cudaMemsetAsync(control, 0, fused_control_words(p.R) * sizeof(int32_t), stream);
+  cudaError_t err = zero_words(control, fused_control_words(p.R), stream);
   if (err != cudaSuccess) return err;
   // An empty batch (then N == 0) launches nothing: a grid of zero blocks is a launch error.
   if (p.R == 0) return cudaSuccess;
