@@ -109,6 +109,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, at::Tensor& k_cache, at:
   a.prefetch = ab_switch("DSPARK_ATTN_NO_PREFETCH") ? 0 : 1;
   // DSPARK_ATTN_NO_MERGE_PDL=1: the merge kernel in plain stream order (A/B runs)
   a.merge_pdl = ab_switch("DSPARK_ATTN_NO_MERGE_PDL") ? 0 : 1;
+  // DSPARK_ATTN_NO_COMPACT=1: one-query tiles run the general instance too (A/B runs)
+  a.compact = ab_switch("DSPARK_ATTN_NO_COMPACT") ? 0 : 1;
   check_launch(launch_attention(a, c10::cuda::getCurrentCUDAStream()), status, "decode_attention",
                [](int32_t s) { raise_on_status(s, "decode_attention"); });
   return out;

@@ -47,6 +47,7 @@ cudaError_t run(const AttentionArgs& a, cudaStream_t stream) {
   p.heads_per_block = a.heads_per_block;
   p.prefetch = a.prefetch;
   p.merge_pdl = a.merge_pdl;
+  p.compact = a.compact;
   return cuda::launch_decode_attention(p, stream);
 }
 }  // namespace

@@ -81,6 +81,7 @@ struct AttentionArgs {
   int heads_per_block;  // query heads per block, a divisor of H / Hkv (0: the kernel's rule)
   int prefetch;         // 1: kernel 1 sends its chunk's K/V rows to L2 first
   int merge_pdl;        // 1: the merge kernel launches programmatically where usable
+  int compact;          // 1: one-query tiles run kernel 1's one-query instance (same bits)
 };
 int attention_splits(int64_t S);  // chunks of the cache's slots (one block each per KV head)
 // The current device's multiprocessor count, looked up once per device (132 if unknown).

@@ -79,6 +79,7 @@ struct AttnParams {
                         // every request; 0: attn_heads_per_block's choice (sms > 0), else G
   int prefetch;         // 1: a block sends its chunk's committed K/V rows to L2 first
   int merge_pdl;        // 1: the merge kernel launches programmatically (sm_90 code only)
+  int compact;          // 1: a tile of one query vector runs kernel 1's one-query instance
   int pass_q;           // query vectors per weighted-V pass, at most the kernel's (0: its own)
 };
 

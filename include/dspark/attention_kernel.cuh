@@ -169,176 +169,186 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
         qs, nq, D, [&](int) { return p.q_norm; },
         [&](int qi) { return float(pos_of(t0 + qi / HB)); }, p.eps, p.inv_freq);
 
-    // Scores: thread t <-> virtual slot c0 + t; every score is an FMA chain over d in order.
-    const int64_t v = c0 + threadIdx.x;
-    float sc[MAXQ];
+    // The tile's scores, softmax and weighted V for TQ query vectors (>= nq), TPQ a pass. A
+    // tile of one query vector (decode: one row, one query head a block) runs the TQ = 1
+    // instance: the same operations in the same order for that query (so the same bits),
+    // unrolled for one query instead of MAXQ, so fewer instructions to fetch and issue (the
+    // decode block: one warp a scheduler, a third of its stall waiting for instruction fetch;
+    // H100 ncu, 2026-12-07). p.compact = 0: the MAXQ instance for every tile (A/B runs).
+    auto attend = [&]<int TQ, int TPQ>() {
+      // Scores: thread t <-> virtual slot c0 + t; every score is an FMA chain over d in order.
+      const int64_t v = c0 + threadIdx.x;
+      float sc[TQ];
 #pragma unroll
-    for (int q = 0; q < MAXQ; ++q) sc[q] = 0.0f;
-    if (v < st) {  // a committed slot: one K row from the cache for the whole tile
-      bool need = false;
-      for (int j = t0; j < t1; ++j) need |= v >= lo_of(j);
-      if (need) {
-        const T* krow = p.k_cache + (head_base + v) * D;
+      for (int q = 0; q < TQ; ++q) sc[q] = 0.0f;
+      if (v < st) {  // a committed slot: one K row from the cache for the whole tile
+        bool need = false;
+        for (int j = t0; j < t1; ++j) need |= v >= lo_of(j);
+        if (need) {
+          const T* krow = p.k_cache + (head_base + v) * D;
 #pragma unroll 4
-        for (int d0 = 0; d0 < D; d0 += VEC) {
-          Vec<T, VEC> kv;
-          kv.load(krow + d0);
+          for (int d0 = 0; d0 < D; d0 += VEC) {
+            Vec<T, VEC> kv;
+            kv.load(krow + d0);
 #pragma unroll
-          for (int q = 0; q < MAXQ; ++q)
-            if (q < nq)
+            for (int q = 0; q < TQ; ++q)
+              if (q < nq)
 #pragma unroll
-              for (int e = 0; e < VEC; ++e) sc[q] = __fmaf_rn(qs[q * D + d0 + e], kv[e], sc[q]);
+                for (int e = 0; e < VEC; ++e) sc[q] = __fmaf_rn(qs[q * D + d0 + e], kv[e], sc[q]);
+          }
+        }
+      } else {  // a block slot: the ancestor at depth v - st of each row
+        const int64_t dep = v - st;
+#pragma unroll
+        for (int q = 0; q < TQ; ++q) {
+          if (q >= nq) break;
+          const int j = t0 + q / HB;
+          if (dep > depth[j] || v < lo_of(j)) continue;
+          const float* kr = newk + anc[j * NR + dep] * D;
+          const float* qq = qs + q * D;
+          float s = 0.0f;
+          for (int d = 0; d < D; ++d) s = __fmaf_rn(qq[d], kr[d], s);
+          sc[q] = s;
         }
       }
-    } else {  // a block slot: the ancestor at depth v - st of each row
-      const int64_t dep = v - st;
+      bool vis[TQ];
 #pragma unroll
-      for (int q = 0; q < MAXQ; ++q) {
+      for (int q = 0; q < TQ; ++q) {
+        const int j = t0 + (q < nq ? q : 0) / HB;
+        vis[q] = q < nq && v >= lo_of(j) && v <= pos_of(j);
+        sc[q] = vis[q] ? sc[q] * p.scale : -INFINITY;
+        float m = sc[q];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        if (lane == 0) wmax[warp * TQ + q] = m;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int q = 0; q < TQ; ++q) {
         if (q >= nq) break;
-        const int j = t0 + q / HB;
-        if (dep > depth[j] || v < lo_of(j)) continue;
-        const float* kr = newk + anc[j * NR + dep] * D;
-        const float* qq = qs + q * D;
-        float s = 0.0f;
-        for (int d = 0; d < D; ++d) s = __fmaf_rn(qq[d], kr[d], s);
-        sc[q] = s;
+        float m = wmax[q];
+        for (int w = 1; w < kAttnWarps; ++w) m = fmaxf(m, wmax[w * TQ + q]);
+        const float e = vis[q] ? expf(sc[q] - m) : 0.0f;
+        scores[q * kAttnChunk + threadIdx.x] = e;
+        float l = e;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+        if (lane == 0) wsum[warp * TQ + q] = l;
+        if (threadIdx.x == 0) fin[2 * q] = m;
       }
-    }
-    bool vis[MAXQ];
-#pragma unroll
-    for (int q = 0; q < MAXQ; ++q) {
-      const int j = t0 + (q < nq ? q : 0) / HB;
-      vis[q] = q < nq && v >= lo_of(j) && v <= pos_of(j);
-      sc[q] = vis[q] ? sc[q] * p.scale : -INFINITY;
-      float m = sc[q];
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-      if (lane == 0) wmax[warp * MAXQ + q] = m;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int q = 0; q < MAXQ; ++q) {
-      if (q >= nq) break;
-      float m = wmax[q];
-      for (int w = 1; w < kAttnWarps; ++w) m = fmaxf(m, wmax[w * MAXQ + q]);
-      const float e = vis[q] ? expf(sc[q] - m) : 0.0f;
-      scores[q * kAttnChunk + threadIdx.x] = e;
-      float l = e;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-      if (lane == 0) wsum[warp * MAXQ + q] = l;
-      if (threadIdx.x == 0) fin[2 * q] = m;
-    }
-    __syncthreads();
-    if (int(threadIdx.x) < nq) {
-      float l = 0.0f;
-      for (int w = 0; w < kAttnWarps; ++w) l += wsum[w * MAXQ + threadIdx.x];
-      fin[2 * threadIdx.x + 1] = l;
-    }
+      __syncthreads();
+      if (int(threadIdx.x) < nq) {
+        float l = 0.0f;
+        for (int w = 0; w < kAttnWarps; ++w) l += wsum[w * TQ + threadIdx.x];
+        fin[2 * threadIdx.x + 1] = l;
+      }
 
-    // Weighted V, PQ query vectors (row x head, tile order) a pass: half h of warp w takes
-    // virtual slots c0 + 2w + h, then every 2 * warps, its 16 lanes reading the V row in
-    // VEC-wide loads (lane l: elements VEC * (l + 16 i)) once for the pass; query i adds the
-    // slots its row sees (offsets lo_i <= jj - c0 < end_i), in that order; the halves are added,
-    // then the warps in order. (A query's sum is the same whichever queries share its pass.)
-    const int pq = p.pass_q > 0 && p.pass_q < PQ ? p.pass_q : PQ;
-    for (int q0 = 0; q0 < nq; q0 += pq) {
-      const int nqp = nq - q0 < pq ? nq - q0 : pq;
-      int lo_i[PQ], end_i[PQ], pass_end = 0;
+      // Weighted V, TPQ query vectors (row x head, tile order) a pass: half h of warp w takes
+      // virtual slots c0 + 2w + h, then every 2 * warps, its 16 lanes reading the V row in
+      // VEC-wide loads (lane l: elements VEC * (l + 16 i)) once for the pass; query i adds the
+      // slots its row sees (offsets lo_i <= jj - c0 < end_i), in that order; the halves are added,
+      // then the warps in order. (A query's sum is the same whichever queries share its pass.)
+      const int pq = p.pass_q > 0 && p.pass_q < TPQ ? p.pass_q : TPQ;
+      for (int q0 = 0; q0 < nq; q0 += pq) {
+        const int nqp = nq - q0 < pq ? nq - q0 : pq;
+        int lo_i[TPQ], end_i[TPQ], pass_end = 0;
 #pragma unroll
-      for (int i = 0; i < PQ; ++i) {
-        const int j = t0 + (q0 + (i < nqp ? i : 0)) / HB;
-        const int64_t lo = lo_of(j), first = c0 > lo ? c0 : lo;
-        const int64_t end = c0 + kAttnChunk < pos_of(j) + 1 ? c0 + kAttnChunk : pos_of(j) + 1;
-        const bool seen = i < nqp && sees(j);
-        lo_i[i] = seen ? int(first - c0) : kAttnChunk;
-        end_i[i] = seen ? int(end - c0) : 0;
-        pass_end = end_i[i] > pass_end ? end_i[i] : pass_end;
-      }
-      if (pass_end == 0) continue;  // no row of the pass sees this chunk (uniform in the block)
-      float acc[PQ][KV][VEC];
+        for (int i = 0; i < TPQ; ++i) {
+          const int j = t0 + (q0 + (i < nqp ? i : 0)) / HB;
+          const int64_t lo = lo_of(j), first = c0 > lo ? c0 : lo;
+          const int64_t end = c0 + kAttnChunk < pos_of(j) + 1 ? c0 + kAttnChunk : pos_of(j) + 1;
+          const bool seen = i < nqp && sees(j);
+          lo_i[i] = seen ? int(first - c0) : kAttnChunk;
+          end_i[i] = seen ? int(end - c0) : 0;
+          pass_end = end_i[i] > pass_end ? end_i[i] : pass_end;
+        }
+        if (pass_end == 0) continue;  // no row of the pass sees this chunk (uniform in the block)
+        float acc[TPQ][KV][VEC];
 #pragma unroll
-      for (int i = 0; i < PQ; ++i)
+        for (int i = 0; i < TPQ; ++i)
 #pragma unroll
-        for (int k = 0; k < KV; ++k)
+          for (int k = 0; k < KV; ++k)
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[i][k][e] = 0.0f;
+            for (int e = 0; e < VEC; ++e) acc[i][k][e] = 0.0f;
 #pragma unroll 4
-      for (int jr = 2 * warp + half; jr < pass_end; jr += 2 * kAttnWarps) {
-        const int64_t jj = c0 + jr;
-        if (jj < st) {  // a committed slot: one V row for every query of the pass
-          const T* vrow = p.v_cache + (head_base + jj) * D;
-          float vx[KV][VEC];
-#pragma unroll
-          for (int k = 0; k < KV; ++k) {
-            const int d0 = VEC * (hl + 16 * k);
-            if (d0 >= D) {
-#pragma unroll
-              for (int e = 0; e < VEC; ++e) vx[k][e] = 0.0f;
-            } else {
-              Vec<T, VEC> vv;
-              vv.load(vrow + d0);
-#pragma unroll
-              for (int e = 0; e < VEC; ++e) vx[k][e] = vv[e];
-            }
-          }
-#pragma unroll
-          for (int i = 0; i < PQ; ++i) {
-            if (jr < lo_i[i] || jr >= end_i[i]) continue;
-            const float w = scores[(q0 + i) * kAttnChunk + jr];
-#pragma unroll
-            for (int k = 0; k < KV; ++k)
-#pragma unroll
-              for (int e = 0; e < VEC; ++e) acc[i][k][e] = __fmaf_rn(w, vx[k][e], acc[i][k][e]);
-          }
-        } else {  // a block slot: the V row of each query's ancestor at depth jj - st
-#pragma unroll
-          for (int i = 0; i < PQ; ++i) {
-            if (jr < lo_i[i] || jr >= end_i[i]) continue;
-            const int j = t0 + (q0 + i) / HB;
-            const float* vnew = newv + anc[j * NR + (jj - st)] * D;
-            const float w = scores[(q0 + i) * kAttnChunk + jr];
+        for (int jr = 2 * warp + half; jr < pass_end; jr += 2 * kAttnWarps) {
+          const int64_t jj = c0 + jr;
+          if (jj < st) {  // a committed slot: one V row for every query of the pass
+            const T* vrow = p.v_cache + (head_base + jj) * D;
+            float vx[KV][VEC];
 #pragma unroll
             for (int k = 0; k < KV; ++k) {
               const int d0 = VEC * (hl + 16 * k);
+              if (d0 >= D) {
 #pragma unroll
-              for (int e = 0; e < VEC; ++e)
-                acc[i][k][e] = __fmaf_rn(w, d0 < D ? vnew[d0 + e] : 0.0f, acc[i][k][e]);
+                for (int e = 0; e < VEC; ++e) vx[k][e] = 0.0f;
+              } else {
+                Vec<T, VEC> vv;
+                vv.load(vrow + d0);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) vx[k][e] = vv[e];
+              }
+            }
+#pragma unroll
+            for (int i = 0; i < TPQ; ++i) {
+              if (jr < lo_i[i] || jr >= end_i[i]) continue;
+              const float w = scores[(q0 + i) * kAttnChunk + jr];
+#pragma unroll
+              for (int k = 0; k < KV; ++k)
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc[i][k][e] = __fmaf_rn(w, vx[k][e], acc[i][k][e]);
+            }
+          } else {  // a block slot: the V row of each query's ancestor at depth jj - st
+#pragma unroll
+            for (int i = 0; i < TPQ; ++i) {
+              if (jr < lo_i[i] || jr >= end_i[i]) continue;
+              const int j = t0 + (q0 + i) / HB;
+              const float* vnew = newv + anc[j * NR + (jj - st)] * D;
+              const float w = scores[(q0 + i) * kAttnChunk + jr];
+#pragma unroll
+              for (int k = 0; k < KV; ++k) {
+                const int d0 = VEC * (hl + 16 * k);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e)
+                  acc[i][k][e] = __fmaf_rn(w, d0 < D ? vnew[d0 + e] : 0.0f, acc[i][k][e]);
+              }
             }
           }
         }
-      }
 #pragma unroll
-      for (int i = 0; i < PQ; ++i)
+        for (int i = 0; i < TPQ; ++i)
 #pragma unroll
-        for (int k = 0; k < KV; ++k)
+          for (int k = 0; k < KV; ++k)
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) {
-            const float other = __shfl_xor_sync(0xffffffffu, acc[i][k][e], 16);
-            const int d = VEC * (hl + 16 * k) + e;
-            if (half == 0 && i < nqp && d < D)
-              warp_o[(warp * kAttnMaxPassQ + i) * D + d] = acc[i][k][e] + other;
-          }
-      __syncthreads();
-      for (int x = threadIdx.x; x < nqp * D; x += blockDim.x) {
-        const int i = x / D, d = x - i * D, q = q0 + i, j = t0 + q / HB;
-        if (!sees(j)) continue;  // (its identities are written above)
-        const int64_t bh = (b * NR + j) * p.H + h0 + (q - (j - t0) * HB);
-        float o = 0.0f;
-        for (int w = 0; w < kAttnWarps; ++w) o += warp_o[(w * kAttnMaxPassQ + i) * D + d];
-        if (p.splits == 1) {
-          p.out[bh * D + d] = from_f<T>(o / fin[2 * q + 1]);
-        } else {
-          const int64_t row = bh * p.splits + split;
-          p.part_o[row * D + d] = o;
-          if (d == 0) {
-            p.part_ml[2 * row] = fin[2 * q];
-            p.part_ml[2 * row + 1] = fin[2 * q + 1];
+            for (int e = 0; e < VEC; ++e) {
+              const float other = __shfl_xor_sync(0xffffffffu, acc[i][k][e], 16);
+              const int d = VEC * (hl + 16 * k) + e;
+              if (half == 0 && i < nqp && d < D)
+                warp_o[(warp * kAttnMaxPassQ + i) * D + d] = acc[i][k][e] + other;
+            }
+        __syncthreads();
+        for (int x = threadIdx.x; x < nqp * D; x += blockDim.x) {
+          const int i = x / D, d = x - i * D, q = q0 + i, j = t0 + q / HB;
+          if (!sees(j)) continue;  // (its identities are written above)
+          const int64_t bh = (b * NR + j) * p.H + h0 + (q - (j - t0) * HB);
+          float o = 0.0f;
+          for (int w = 0; w < kAttnWarps; ++w) o += warp_o[(w * kAttnMaxPassQ + i) * D + d];
+          if (p.splits == 1) {
+            p.out[bh * D + d] = from_f<T>(o / fin[2 * q + 1]);
+          } else {
+            const int64_t row = bh * p.splits + split;
+            p.part_o[row * D + d] = o;
+            if (d == 0) {
+              p.part_ml[2 * row] = fin[2 * q];
+              p.part_ml[2 * row + 1] = fin[2 * q + 1];
+            }
           }
         }
+        __syncthreads();  // warp_o is reused by the next pass
       }
-      __syncthreads();  // warp_o is reused by the next pass
-    }
+    };
+    if (p.compact && nq == 1) attend.template operator()<1, 1>();
+    else attend.template operator()<MAXQ, PQ>();
   }
 }
 
