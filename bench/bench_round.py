@@ -52,6 +52,7 @@ def run(engine, fn_name, prompts, batch, new):
 def round_kernels(engine, fn_name, prompts, new):
     """One more call under torch.profiler: the graph replays of the most common kernel count
     (the rounds, or the decode steps; not prefill), the one of median span summarized."""
+    import tempfile
     from collections import Counter
 
     from torch.profiler import ProfilerActivity, profile
@@ -62,9 +63,10 @@ def round_kernels(engine, fn_name, prompts, new):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         getattr(engine, fn_name)(prompts, max_new_tokens=new, temperature=0.0, stop_tokens=[])
         torch.cuda.synchronize()
-    path = "/tmp/bench_round_trace.json"
-    prof.export_chrome_trace(path)
-    replays = graph_replays(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/trace.json"
+        prof.export_chrome_trace(path)
+        replays = graph_replays(path)
     if not replays:
         return {"kernels": 0, "span_us": 0.0, "busy_us": 0.0, "top": [], "replays": 0}
     count = Counter(len(r) for r in replays).most_common(1)[0][0]

@@ -15,6 +15,7 @@ import torch
 
 from . import ops
 from .ops import SamplingTensors
+from .reference import GREEDY_T
 
 DRAFT_SEED_XOR = 0x5DEECE66D  # drafter coins are keyed by seed ^ this: independent of verify's
 
@@ -245,7 +246,6 @@ class SpecState:
 
 def _all_greedy(temperature: torch.Tensor) -> bool:
     """Every temperature below the kernels' greedy threshold (host tensors: no device sync)."""
-    from .reference import GREEDY_T
     return bool((temperature.float() < GREEDY_T).all())
 
 

@@ -183,7 +183,9 @@ def test_work_split_changes_no_bit(device, gen, dtype, layout, heads, window, sl
     """The CUDA kernel's work split — rows of a verify block per thread block (chosen by grid
     size, or DSPARK_ATTN_ROWS_PER_BLOCK), query heads per thread block (chosen by grid size, or
     DSPARK_ATTN_HEADS_PER_BLOCK) and query vectors per weighted-V pass (the kernel's own, or
-    fewer with DSPARK_ATTN_PASS_Q) — changes no output bit and no cache write. (d64: one 16-byte
+    fewer with DSPARK_ATTN_PASS_Q) and the tile code a one-query tile runs (its one-query
+    instance, or the general one with DSPARK_ATTN_NO_COMPACT) — changes no output bit and no
+    cache write. (d64: one 16-byte
     load a lane covers a 16-bit head, 8 query vectors a pass, 2 query heads per KV head; d136:
     two loads, 4 and 4. The launcher's own split maps blocks to each request's active chunks:
     "long" puts one block in the first of 9 chunks and one in the eighth, and "short" one across
@@ -210,10 +212,23 @@ def test_work_split_changes_no_bit(device, gen, dtype, layout, heads, window, sl
         out = torch.ops.dspark.decode_attention(*args.values())
         results.append((f"rows per block {r or 'auto'}, pass {q or 'auto'}, heads {h or 'auto'}",
                         out, args["k_cache"], args["v_cache"]))
+    # one-query tiles (decode rows, one head a block) through the general tile code instead
+    monkeypatch.setenv("DSPARK_ATTN_NO_COMPACT", "1")
+    for r, h in (("", ""), ("", "1"), ("1", "1")):
+        monkeypatch.setenv("DSPARK_ATTN_ROWS_PER_BLOCK", r)
+        monkeypatch.setenv("DSPARK_ATTN_HEADS_PER_BLOCK", h)
+        args = dict(base, k_cache=base["k_cache"].clone(), v_cache=base["v_cache"].clone())
+        out = torch.ops.dspark.decode_attention(*args.values())
+        results.append((f"general tiles only, rows per block {r or 'auto'}, heads {h or 'auto'}",
+                        out, args["k_cache"], args["v_cache"]))
+    monkeypatch.setenv("DSPARK_ATTN_NO_COMPACT", "")
+    monkeypatch.setenv("DSPARK_ATTN_ROWS_PER_BLOCK", "")
+    monkeypatch.setenv("DSPARK_ATTN_HEADS_PER_BLOCK", "")
     for what, out, kc, vc in results[1:]:
         assert torch.equal(out, results[0][1]), what
         assert torch.equal(kc, results[0][2]) and torch.equal(vc, results[0][3])
-    for name in ("DSPARK_ATTN_ROWS_PER_BLOCK", "DSPARK_ATTN_PASS_Q", "DSPARK_ATTN_HEADS_PER_BLOCK"):
+    for name in ("DSPARK_ATTN_ROWS_PER_BLOCK", "DSPARK_ATTN_PASS_Q", "DSPARK_ATTN_HEADS_PER_BLOCK",
+                 "DSPARK_ATTN_NO_COMPACT"):
         monkeypatch.setenv(name, "0")
         with pytest.raises(ValueError, match=name):
             torch.ops.dspark.decode_attention(*base.values())
