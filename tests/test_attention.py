@@ -200,6 +200,11 @@ def test_work_split_changes_no_bit(device, gen, dtype, layout, heads, window, sl
     base["window"] = window  # (a sliding window: the rows of a pass see different first slots)
     G = H // Hkv
     results = []
+
+    def run(what):  # one call on fresh cache copies under the switches now set
+        args = dict(base, k_cache=base["k_cache"].clone(), v_cache=base["v_cache"].clone())
+        out = torch.ops.dspark.decode_attention(*args.values())
+        results.append((what, out, args["k_cache"], args["v_cache"]))
     for r, q, h in (("", "", ""), ("1", "", ""), ("2", "", ""), ("3", "", ""), ("4", "", ""),
                     ("9", "", ""), ("64", "", ""), ("", "1", ""), ("", "3", ""), ("", "4", ""),
                     ("9", "1", ""), ("9", "5", ""), ("2", "2", ""), ("", "", "1"),
@@ -208,19 +213,13 @@ def test_work_split_changes_no_bit(device, gen, dtype, layout, heads, window, sl
         monkeypatch.setenv("DSPARK_ATTN_ROWS_PER_BLOCK", r)
         monkeypatch.setenv("DSPARK_ATTN_PASS_Q", q)
         monkeypatch.setenv("DSPARK_ATTN_HEADS_PER_BLOCK", h)
-        args = dict(base, k_cache=base["k_cache"].clone(), v_cache=base["v_cache"].clone())
-        out = torch.ops.dspark.decode_attention(*args.values())
-        results.append((f"rows per block {r or 'auto'}, pass {q or 'auto'}, heads {h or 'auto'}",
-                        out, args["k_cache"], args["v_cache"]))
+        run(f"rows per block {r or 'auto'}, pass {q or 'auto'}, heads {h or 'auto'}")
     # one-query tiles (decode rows, one head a block) through the general tile code instead
     monkeypatch.setenv("DSPARK_ATTN_NO_COMPACT", "1")
     for r, h in (("", ""), ("", "1"), ("1", "1")):
         monkeypatch.setenv("DSPARK_ATTN_ROWS_PER_BLOCK", r)
         monkeypatch.setenv("DSPARK_ATTN_HEADS_PER_BLOCK", h)
-        args = dict(base, k_cache=base["k_cache"].clone(), v_cache=base["v_cache"].clone())
-        out = torch.ops.dspark.decode_attention(*args.values())
-        results.append((f"general tiles only, rows per block {r or 'auto'}, heads {h or 'auto'}",
-                        out, args["k_cache"], args["v_cache"]))
+        run(f"general tiles only, rows per block {r or 'auto'}, heads {h or 'auto'}")
     monkeypatch.setenv("DSPARK_ATTN_NO_COMPACT", "")
     monkeypatch.setenv("DSPARK_ATTN_ROWS_PER_BLOCK", "")
     monkeypatch.setenv("DSPARK_ATTN_HEADS_PER_BLOCK", "")
