@@ -1,7 +1,7 @@
 // csrc/cuda/attention_kernels.cu: instantiates the header-only decode attention per dtype.
 #include "cuda/dispatch.cuh"
 #include "cuda/launch.h"
-#include "dspark/attention_kernel.cuh"
+#include "dspark/attention_launch.cuh"
 
 namespace dspark {
 

@@ -157,12 +157,13 @@ constexpr int kAttnMaxPassQ = 8;
 constexpr int attn_pass_q(int kv) { return kv == 1 ? kAttnMaxPassQ : 4; }
 
 // Shared memory of kernel 1: floats newk, newv [T][D], q [maxq][D], scores [maxq][chunk],
-// per-warp outputs [warps][kAttnMaxPassQ][D], statistics [maxq][2 warps + 2]; then ints depth,
-// parent [T] and the ancestor table [T][T] (bytes).
+// per-warp outputs [warps][kAttnMaxPassQ][D], statistics [maxq][2 warps + 2], the q and k norm
+// weights [D] each and the rotary frequencies [D / 2]; then ints depth, parent [T] and the
+// ancestor table [T][T] (bytes).
 inline size_t attn_smem_bytes(int64_t T, int64_t D, int maxq) {
   const size_t floats = size_t(T) * 2 * D + size_t(maxq) * D + size_t(maxq) * kAttnChunk +
                         size_t(kAttnWarps) * kAttnMaxPassQ * D +
-                        size_t(maxq) * (2 * kAttnWarps + 2);
+                        size_t(maxq) * (2 * kAttnWarps + 2) + 2 * size_t(D) + size_t(D) / 2;
   return floats * sizeof(float) + 2 * sizeof(int) * size_t(T) + size_t(T) * T;
 }
 
@@ -175,7 +176,7 @@ __device__ void norm_rope_heads(float* heads, int nheads, int D, W weight_of, Po
                                 const float* inv_freq) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int hd = warp; hd < nheads; hd += kAttnWarps) {
-    const T* w = weight_of(hd);
+    const float* w = weight_of(hd);  // fp32 copies of the weights (shared memory)
     if (!w) continue;
     float* x = heads + hd * D;
     float ss = 0.0f;

@@ -1,4 +1,5 @@
-// dspark/attention_kernel.cuh: the two kernels of dspark::decode_attention and their launcher
+// dspark/attention_kernel.cuh: kernel 1 of dspark::decode_attention (scores, softmax and weighted
+// V of a chunk; the merge and the launcher: dspark/attention_launch.cuh)
 // (shapes, virtual slots and the fixed summation order: dspark/attention.cuh).
 #pragma once
 #include <cuda_runtime.h>
@@ -9,6 +10,12 @@
 #include "dspark/attention.cuh"
 #include "dspark/sync.cuh"  // prefetch_l2
 
+// Phase marks for bench/probe_attention.cu (a timestamp per phase of one block); empty in the
+// product build, so no instruction changes.
+#ifndef DSPARK_ATTN_MARK
+#define DSPARK_ATTN_MARK(i)
+#endif
+
 namespace dspark {
 namespace cuda {
 
@@ -16,7 +23,11 @@ namespace cuda {
 // compile-time bound so the per-thread scores stay in registers; KV: VEC-wide loads per lane of
 // a V row (D <= 16 VEC KV), which sets the query vectors of a weighted-V pass (attn_pass_q).
 template <typename T, int VEC, int MAXQ, int KV>
-__global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnParams<T> p) {
+// At most 168 registers where a tile has <= 8 query vectors (3 blocks an SM): the one-query
+// instance's batched V loads otherwise raise the whole kernel to 235 and a 32768-slot decode,
+// whose many blocks need the occupancy, took 257 instead of 210 µs (H100 probe, 2026-12-07).
+__global__ void __launch_bounds__(kAttnThreads, MAXQ <= 8 ? 3 : 1)
+    decode_attention_kernel(AttnParams<T> p) {
   extern __shared__ __align__(16) float sm[];
   // 32-bit indices inside the block (rows, heads and dims are small: no 64-bit divisions in the
   // loops); 64-bit only for offsets into the cache and the outputs.
@@ -30,15 +41,22 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
   float* wmax = warp_o + kAttnWarps * kAttnMaxPassQ * D;        // [warps][MAXQ]
   float* wsum = wmax + kAttnWarps * MAXQ;                       // [warps][MAXQ]
   float* fin = wsum + kAttnWarps * MAXQ;                        // [MAXQ][2]: chunk max, chunk sum
-  int* depth = reinterpret_cast<int*>(fin + 2 * MAXQ);          // [NR]
+  float* qnorm_w = fin + 2 * MAXQ;                              // [D] q norm weights (fp32)
+  float* knorm_w = qnorm_w + D;                                 // [D] k norm weights
+  float* freq = knorm_w + D;                                    // [D / 2] rotary frequencies
+  int* depth = reinterpret_cast<int*>(freq + D / 2);            // [NR]
   int* par = depth + NR;                                        // [NR]
   signed char* anc = reinterpret_cast<signed char*>(par + NR);  // [NR][NR]: ancestor at depth
   const int64_t kvh = blockIdx.x, b = blockIdx.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  DSPARK_ATTN_MARK(0);
   pdl_trigger();
   pdl_wait();  // every input but the norm weights comes from earlier kernels (dspark/pdl.cuh)
-  if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {  // one block writes the status
-    int bad_pos = 0, bad_par = 0;                               // word (no memset kernel)
+  // One block writes the status word (no memset kernel): the grid's last, which in a decode
+  // over a short cache scores an empty chunk and leaves at once (the word's loads and barriers
+  // were on the critical path in block 0).
+  if (blockIdx.x == gridDim.x - 1 && blockIdx.y == gridDim.y - 1 && blockIdx.z == gridDim.z - 1) {
+    int bad_pos = 0, bad_par = 0;
     for (int64_t i = threadIdx.x; i < p.B; i += blockDim.x)
       bad_pos |= p.start[i] < 0 || p.start[i] + NR > p.S;
     for (int64_t i = threadIdx.x; p.parents && i < p.B * NR; i += blockDim.x)
@@ -82,6 +100,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
     for (int c = j; c >= 0; c = par[c]) anc[j * NR + d--] = static_cast<signed char>(c);
   }
   __syncthreads();
+  DSPARK_ATTN_MARK(1);
   auto pos_of = [&](int j) { return st + depth[j]; };
   auto lo_of = [&](int j) {
     const int64_t P = st + depth[j];
@@ -130,16 +149,45 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
       prefetch_l2(vr + o);
     }
   }
-  if (need_new) {
-    for (int i = threadIdx.x; i < NR * D; i += blockDim.x) {
-      const int a = i / D, d = i - a * D;
-      newk[i] = to_f(src[a * Wq + (p.H + kvh) * D + d]);
-      newv[i] = to_f(src[a * Wq + (p.H + p.Hkv + kvh) * D + d]);
+  DSPARK_ATTN_MARK(2);
+  // Loaded together before the first barrier: the norm weights and rotary frequencies (read by
+  // every norm below), the first tile's query vectors and the block's new K/V rows, so their
+  // trips to memory overlap (one after another, they took ~0.6 µs each in the 1-row tile, H100
+  // probe 2026-12-07). Same values, so the same bits.
+  const int RT = MAXQ / HB;  // rows per tile (MAXQ >= G >= HB)
+  auto load_q = [&](int t0, int nq) {
+    for (int i = threadIdx.x; i < nq * D; i += blockDim.x) {
+      const int qi = i / D, d = i - qi * D, r = qi / HB;
+      qs[i] = to_f(src[(t0 + r) * Wq + (h0 + qi - r * HB) * D + d]);
     }
+  };
+  const int nq0 = any ? ((j0 + RT < j1 ? j0 + RT : j1) - j0) * HB * D : 0;  // its q elements
+  const int nnew = need_new ? NR * D : 0;
+  const int nall = D > nq0 ? (D > nnew ? D : nnew) : (nq0 > nnew ? nq0 : nnew);
+  for (int i = threadIdx.x; i < nall; i += blockDim.x) {  // an iteration's loads, then stores
+    float wq = 0.0f, wk = 0.0f, f = 0.0f, qv = 0.0f, kv = 0.0f, vv = 0.0f;
+    if (i < D && p.q_norm) wq = to_f(p.q_norm[i]);
+    if (i < D && p.k_norm) wk = to_f(p.k_norm[i]);
+    if (2 * i < D) f = p.inv_freq[i];
+    if (i < nq0) {
+      const int qi = i / D, d = i - qi * D, r = qi / HB;
+      qv = to_f(src[(j0 + r) * Wq + (h0 + qi - r * HB) * D + d]);
+    }
+    if (i < nnew) {
+      const int a = i / D, d = i - a * D;
+      kv = to_f(src[a * Wq + (p.H + kvh) * D + d]);
+      vv = to_f(src[a * Wq + (p.H + p.Hkv + kvh) * D + d]);
+    }
+    if (i < D) qnorm_w[i] = wq, knorm_w[i] = wk;
+    if (2 * i < D) freq[i] = f;
+    if (i < nq0) qs[i] = qv;
+    if (i < nnew) newk[i] = kv, newv[i] = vv;
+  }
+  if (need_new) {
     __syncthreads();
     norm_rope_heads<T>(
-        newk, NR, D, [&](int) { return p.k_norm; }, [&](int a) { return float(st + depth[a]); },
-        p.eps, p.inv_freq);
+        newk, NR, D, [&](int) { return p.k_norm ? knorm_w : nullptr; },
+        [&](int a) { return float(st + depth[a]); }, p.eps, freq);
     if (writer) {
       for (int i = threadIdx.x; i < NR * D; i += blockDim.x) {
         const int a = i / D, d = i - a * D;
@@ -149,25 +197,24 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
       }
     }
   }
+  DSPARK_ATTN_MARK(3);
   if (!any) return;
 
   constexpr int PQ = attn_pass_q(KV);
-  const int RT = MAXQ / HB;  // rows per tile (MAXQ >= G >= HB)
   const int half = lane >> 4, hl = lane & 15;
   for (int t0 = j0; t0 < j1; t0 += RT) {
     const int t1 = t0 + RT < j1 ? t0 + RT : j1, nq = (t1 - t0) * HB;
     bool tile_any = false;
     for (int j = t0; j < t1; ++j) tile_any |= sees(j);
     if (!tile_any) continue;
-    __syncthreads();  // the previous tile's readers of qs / scores / fin are done
-    for (int i = threadIdx.x; i < nq * D; i += blockDim.x) {
-      const int qi = i / D, d = i - qi * D, r = qi / HB;
-      qs[i] = to_f(src[(t0 + r) * Wq + (h0 + qi - r * HB) * D + d]);
-    }
+    __syncthreads();               // the previous tile's readers of qs / scores / fin are done
+    if (t0 != j0) load_q(t0, nq);  // (the first tile's: loaded above)
     __syncthreads();
+    DSPARK_ATTN_MARK(4);
     norm_rope_heads<T>(
-        qs, nq, D, [&](int) { return p.q_norm; },
-        [&](int qi) { return float(pos_of(t0 + qi / HB)); }, p.eps, p.inv_freq);
+        qs, nq, D, [&](int) { return p.q_norm ? qnorm_w : nullptr; },
+        [&](int qi) { return float(pos_of(t0 + qi / HB)); }, p.eps, freq);
+    DSPARK_ATTN_MARK(5);
 
     // The tile's scores, softmax and weighted V for TQ query vectors (>= nq), TPQ a pass. A
     // tile of one query vector (decode: one row, one query head a block) runs the TQ = 1
@@ -175,7 +222,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
     // unrolled for one query instead of MAXQ, so fewer instructions to fetch and issue (the
     // decode block: one warp a scheduler, a third of its stall waiting for instruction fetch;
     // H100 ncu, 2026-12-07). p.compact = 0: the MAXQ instance for every tile (A/B runs).
-    auto attend = [&]<int TQ, int TPQ>() {
+    auto attend = [&]<int TQ, int TPQ, int VB>() {
       // Scores: thread t <-> virtual slot c0 + t; every score is an FMA chain over d in order.
       const int64_t v = c0 + threadIdx.x;
       float sc[TQ];
@@ -211,6 +258,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
           sc[q] = s;
         }
       }
+      DSPARK_ATTN_MARK(6);
       bool vis[TQ];
 #pragma unroll
       for (int q = 0; q < TQ; ++q) {
@@ -223,6 +271,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
         if (lane == 0) wmax[warp * TQ + q] = m;
       }
       __syncthreads();
+      DSPARK_ATTN_MARK(7);
 #pragma unroll
       for (int q = 0; q < TQ; ++q) {
         if (q >= nq) break;
@@ -237,6 +286,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
         if (threadIdx.x == 0) fin[2 * q] = m;
       }
       __syncthreads();
+      DSPARK_ATTN_MARK(8);
       if (int(threadIdx.x) < nq) {
         float l = 0.0f;
         for (int w = 0; w < kAttnWarps; ++w) l += wsum[w * TQ + threadIdx.x];
@@ -270,51 +320,63 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
           for (int k = 0; k < KV; ++k)
 #pragma unroll
             for (int e = 0; e < VEC; ++e) acc[i][k][e] = 0.0f;
-#pragma unroll 4
-        for (int jr = 2 * warp + half; jr < pass_end; jr += 2 * kAttnWarps) {
-          const int64_t jj = c0 + jr;
-          if (jj < st) {  // a committed slot: one V row for every query of the pass
-            const T* vrow = p.v_cache + (head_base + jj) * D;
-            float vx[KV][VEC];
+        // The half-warp's slots jr = 2 w + h + 2 * warps * u in batches of VB, each batch's V
+        // rows loaded before any is used (one trip to L2 a batch: one slot a trip took 4.3 µs
+        // of the 1-row tile's 12, H100 probe 2026-12-07); added in jr order as before.
+        constexpr int kStride = 2 * kAttnWarps;
+        for (int jb = 2 * warp + half; jb < pass_end; jb += VB * kStride) {
+          Vec<T, VEC> vb[VB][KV];
 #pragma unroll
-            for (int k = 0; k < KV; ++k) {
-              const int d0 = VEC * (hl + 16 * k);
-              if (d0 >= D) {
-#pragma unroll
-                for (int e = 0; e < VEC; ++e) vx[k][e] = 0.0f;
-              } else {
-                Vec<T, VEC> vv;
-                vv.load(vrow + d0);
-#pragma unroll
-                for (int e = 0; e < VEC; ++e) vx[k][e] = vv[e];
-              }
-            }
-#pragma unroll
-            for (int i = 0; i < TPQ; ++i) {
-              if (jr < lo_i[i] || jr >= end_i[i]) continue;
-              const float w = scores[(q0 + i) * kAttnChunk + jr];
+          for (int u = 0; u < VB; ++u) {
+            const int jr = jb + u * kStride;
+            if (jr < pass_end && c0 + jr < st) {
+              const T* vrow = p.v_cache + (head_base + c0 + jr) * D;
 #pragma unroll
               for (int k = 0; k < KV; ++k)
-#pragma unroll
-                for (int e = 0; e < VEC; ++e) acc[i][k][e] = __fmaf_rn(w, vx[k][e], acc[i][k][e]);
+                if (VEC * (hl + 16 * k) < D) vb[u][k].load(vrow + VEC * (hl + 16 * k));
             }
-          } else {  // a block slot: the V row of each query's ancestor at depth jj - st
+          }
 #pragma unroll
-            for (int i = 0; i < TPQ; ++i) {
-              if (jr < lo_i[i] || jr >= end_i[i]) continue;
-              const int j = t0 + (q0 + i) / HB;
-              const float* vnew = newv + anc[j * NR + (jj - st)] * D;
-              const float w = scores[(q0 + i) * kAttnChunk + jr];
+          for (int u = 0; u < VB; ++u) {
+            const int jr = jb + u * kStride;
+            if (jr >= pass_end) break;
+            const int64_t jj = c0 + jr;
+            if (jj < st) {  // a committed slot: one V row for every query of the pass
+              float vx[KV][VEC];
 #pragma unroll
               for (int k = 0; k < KV; ++k) {
                 const int d0 = VEC * (hl + 16 * k);
 #pragma unroll
-                for (int e = 0; e < VEC; ++e)
-                  acc[i][k][e] = __fmaf_rn(w, d0 < D ? vnew[d0 + e] : 0.0f, acc[i][k][e]);
+                for (int e = 0; e < VEC; ++e) vx[k][e] = d0 < D ? vb[u][k][e] : 0.0f;
+              }
+#pragma unroll
+              for (int i = 0; i < TPQ; ++i) {
+                if (jr < lo_i[i] || jr >= end_i[i]) continue;
+                const float w = scores[(q0 + i) * kAttnChunk + jr];
+#pragma unroll
+                for (int k = 0; k < KV; ++k)
+#pragma unroll
+                  for (int e = 0; e < VEC; ++e) acc[i][k][e] = __fmaf_rn(w, vx[k][e], acc[i][k][e]);
+              }
+            } else {  // a block slot: the V row of each query's ancestor at depth jj - st
+#pragma unroll
+              for (int i = 0; i < TPQ; ++i) {
+                if (jr < lo_i[i] || jr >= end_i[i]) continue;
+                const int j = t0 + (q0 + i) / HB;
+                const float* vnew = newv + anc[j * NR + (jj - st)] * D;
+                const float w = scores[(q0 + i) * kAttnChunk + jr];
+#pragma unroll
+                for (int k = 0; k < KV; ++k) {
+                  const int d0 = VEC * (hl + 16 * k);
+#pragma unroll
+                  for (int e = 0; e < VEC; ++e)
+                    acc[i][k][e] = __fmaf_rn(w, d0 < D ? vnew[d0 + e] : 0.0f, acc[i][k][e]);
+                }
               }
             }
           }
         }
+        DSPARK_ATTN_MARK(9);
 #pragma unroll
         for (int i = 0; i < TPQ; ++i)
 #pragma unroll
@@ -327,6 +389,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
                 warp_o[(warp * kAttnMaxPassQ + i) * D + d] = acc[i][k][e] + other;
             }
         __syncthreads();
+        DSPARK_ATTN_MARK(10);
         for (int x = threadIdx.x; x < nqp * D; x += blockDim.x) {
           const int i = x / D, d = x - i * D, q = q0 + i, j = t0 + q / HB;
           if (!sees(j)) continue;  // (its identities are written above)
@@ -345,134 +408,16 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttnPara
           }
         }
         __syncthreads();  // warp_o is reused by the next pass
+        DSPARK_ATTN_MARK(11);
       }
     };
-    if (p.compact && nq == 1) attend.template operator()<1, 1>();
-    else attend.template operator()<MAXQ, PQ>();
+    // VB: V rows a half-warp lane has in flight at once. The one-query instance keeps 8 (H100
+    // probe, 2026-12-07, against 1, with the loads above staged together: the 1-row 8B call
+    // 16.2 -> 14.4 µs, the demo target's 14.3 -> 12.0, 8 rows 22.7 -> 22.0); 16 V rows, or 8-16
+    // K loads a batch, need more registers than 3 blocks an SM allow and were no faster.
+    if (p.compact && nq == 1) attend.template operator()<1, 1, (KV >= 8 ? 1 : 8 / KV)>();
+    else attend.template operator()<MAXQ, PQ, 1>();
   }
-}
-
-// grid (H, T, B), dynamic smem `splits` floats: out[b, j, h] = sum_s w_s o_s / sum_s w_s l_s with
-// w_s = e^(m_s - M). Chunk weights are computed once into shared memory; warp w then sums the
-// chunks s = w, w + warps, ... for every d (independent loads in flight), and warps are added.
-// Chunks a row cannot see have w_s = 0 and are skipped: the result does not depend on S.
-template <typename T>
-__global__ void __launch_bounds__(kAttnThreads) decode_attention_merge_kernel(AttnParams<T> p) {
-  extern __shared__ __align__(16) float weight[];  // [splits]
-  __shared__ float warp_out[kAttnWarps][kAttnMaxHeadDim];
-  const int64_t h = blockIdx.x, j = blockIdx.y, b = blockIdx.z;
-  const int64_t bh = (b * p.rows + j) * p.H + h, base = bh * p.splits;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  pdl_trigger();
-  pdl_wait();
-  // Chunks past the request's active ones hold identities (or, with a per-request split, were
-  // never written): skipping them leaves every sum below bit for bit the same.
-  const int64_t st = p.start[b];
-  const int splits =
-      st >= 0 && st + p.rows <= p.S ? attn_active_chunks(st, p.rows, p.splits) : p.splits;
-  float mx = -INFINITY;
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) mx = fmaxf(mx, p.part_ml[2 * (base + s)]);
-  mx = block_reduce(mx, MaxOp{}, -INFINITY);
-  float total = 0.0f;
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
-    const float m = p.part_ml[2 * (base + s)];
-    const float w = m == -INFINITY ? 0.0f : expf(m - mx);
-    weight[s] = w;
-    total = __fmaf_rn(w, p.part_ml[2 * (base + s) + 1], total);
-  }
-  total = block_reduce(total, SumOp{}, 0.0f);  // (its barriers also publish `weight`)
-  constexpr int kPerLane = kAttnMaxHeadDim / 32;
-  float acc[kPerLane];
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) acc[i] = 0.0f;
-#pragma unroll 4
-  for (int s = warp; s < splits; s += kAttnWarps) {
-    const float w = weight[s];
-    if (w == 0.0f) continue;
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      const int64_t d = lane + 32 * i;
-      if (d < p.D) acc[i] = __fmaf_rn(w, p.part_o[(base + s) * p.D + d], acc[i]);
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) warp_out[warp][lane + 32 * i] = acc[i];
-  __syncthreads();
-  for (int64_t d = threadIdx.x; d < p.D; d += blockDim.x) {
-    float o = 0.0f;
-    for (int w = 0; w < kAttnWarps; ++w) o += warp_out[w][d];
-    p.out[bh * p.D + d] = from_f<T>(total > 0.0f ? o / total : 0.0f);
-  }
-}
-
-// Opts `kernel` in to `smem` bytes of dynamic shared memory when over the default 48 KB (once
-// per device and size: function attributes are per device).
-template <typename K>
-cudaError_t attn_smem_opt_in(K kernel, size_t smem) {
-  if (smem <= 48 * 1024) return cudaSuccess;
-  static size_t done[64] = {};
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if (dev >= 0 && dev < 64 && done[dev] >= smem) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  if (err == cudaSuccess && dev >= 0 && dev < 64) done[dev] = smem;
-  return err;
-}
-
-// KV: VEC-wide loads per lane of a V row, 1 where one load covers the head (16-bit heads <= 128:
-// twice the query vectors of a weighted-V pass), else enough for kAttnMaxHeadDim.
-template <typename T, int VEC, int MAXQ, int KV>
-cudaError_t launch_attention_kernel(const AttnParams<T>& p, cudaStream_t stream) {
-  auto kernel = decode_attention_kernel<T, VEC, MAXQ, KV>;
-  const size_t smem = attn_smem_bytes(p.rows, p.D, MAXQ);
-  cudaError_t err = attn_smem_opt_in(kernel, smem);
-  if (err != cudaSuccess) return err;
-  const int64_t z = attn_grid_z(p.rows, p.H / p.Hkv, p.splits, p.Hkv * p.B, p.sms, p.rows_per_block,
-                                p.heads_per_block);
-  // Both kernels launch in plain stream order, not programmatically: measured on the H200
-  // (Qwen3-8B shapes, batch-1 graph-replayed decode; bench/RESULTS.md, fourth session) a
-  // programmatic launch behind the qkv projection made the step 0.24 ms slower. The kernels keep
-  // pdl_trigger(), so the o projection still launches early and prefetches its weights.
-  return launch_ex(false, kernel, dim3(unsigned(p.Hkv), unsigned(p.B), unsigned(z)),
-                   dim3(kAttnThreads), smem, stream, p);
-}
-
-template <typename T, int MAXQ>
-cudaError_t launch_attention_maxq(const AttnParams<T>& p, bool vec, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(T);
-  constexpr int kFull = (kAttnMaxHeadDim + 16 * kVec - 1) / (16 * kVec);
-  if (!vec) return launch_attention_kernel<T, 1, MAXQ, kAttnMaxHeadDim / 16>(p, stream);
-  return p.D <= 16 * kVec ? launch_attention_kernel<T, kVec, MAXQ, 1>(p, stream)
-                          : launch_attention_kernel<T, kVec, MAXQ, kFull>(p, stream);
-}
-
-// Shapes as in AttnParams; host checks: D even, D <= 256, H % Hkv == 0, G <= 16, 1 <= T <= 64,
-// splits == attn_splits(S), 1 <= rows_per_block <= T (attn_rows_per_block over all splits; sms
-// > 0: chosen again per request in the kernel), part_* sized for splits > 1, attn_grid_z <= 65535.
-template <typename T>
-cudaError_t launch_decode_attention(const AttnParams<T>& p, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(T);
-  auto al = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-  const bool vec = p.D % kVec == 0 && al(p.k_cache) && al(p.v_cache);
-  const int64_t G = p.H / p.Hkv, rows = p.rows_per_block < p.rows ? p.rows_per_block : p.rows;
-  const int64_t want = rows * G < kAttnMaxQ ? rows * G : kAttnMaxQ;  // >= G (G <= 16)
-  cudaError_t err = want <= 4    ? launch_attention_maxq<T, 4>(p, vec, stream)
-                    : want <= 8  ? launch_attention_maxq<T, 8>(p, vec, stream)
-                    : want <= 16 ? launch_attention_maxq<T, 16>(p, vec, stream)
-                                 : launch_attention_maxq<T, kAttnMaxQ>(p, vec, stream);
-  if (err != cudaSuccess || p.splits == 1) return err;
-  auto merge = decode_attention_merge_kernel<T>;
-  const size_t merge_smem = sizeof(float) * size_t(p.splits);
-  err = attn_smem_opt_in(merge, merge_smem);  // caches beyond 1.5 M slots
-  if (err != cudaSuccess) return err;
-  // The merge launches programmatically (p.merge_pdl, where sm_90 code runs): its blocks start
-  // while kernel 1 runs and wait for it in pdl_wait(), and their pdl_trigger() lets the next
-  // kernel (the o projection) launch then too and prefetch its weights during the attention.
-  bool pdl = false;
-  if (p.merge_pdl && (err = sm90_paths(merge, &pdl)) != cudaSuccess) return err;
-  return launch_ex(pdl, merge, dim3(unsigned(p.H), unsigned(p.rows), unsigned(p.B)),
-                   dim3(kAttnThreads), merge_smem, stream, p);
 }
 
 }  // namespace cuda
