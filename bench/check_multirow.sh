@@ -95,6 +95,13 @@ stage ncu_attention 120 "cd bench && ncu --clock-control none --kernel-name rege
   --section SchedulerStats python3 bench_attention.py --slots 1024 --position 112 --rows 1,8 --ncu \
   > $OUT/ncu_attention.txt 2>&1; grep -E 'decode_attention|Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|No Eligible|Block Limit Reg|Grid Size' $OUT/ncu_attention.txt | head -60"
 
+# decode_attention phase by phase (bench/probe_attention.cu: the product's kernel with its phase
+# marks on; PROBE_ARGS: "|"-separated argument sets), L2 hot and cold, and the wall time a call
+stage probe_attention 150 "nvcc -std=c++20 -arch=sm_90 -O3 --fmad=false --expt-relaxed-constexpr -I include \
+  bench/probe_attention.cu -o /tmp/probe_attention && IFS='|' read -ra SETS <<< \"${PROBE_ARGS:---pos 112|--pos 112 --rows 8|--H 4 --Hkv 2 --D 48 --S 2048 --pos 150|--S 32768 --pos 32000}\"; \
+  for a in \"\${SETS[@]}\"; do echo \"=== \$a\"; /tmp/probe_attention \$a --reps 20; done > $OUT/probe_attention.txt 2>&1; \
+  grep -E '^===|wall per call' $OUT/probe_attention.txt"
+
 # Where a latency-bound kernel's warps stall, by SASS instruction (bench/ncu_hotspots.py; the
 # H200's ncu gave the CUDA-source view no sample columns, 2026-12-07), and the
 # kernel's duration, occupancy and stall reasons from the same report: by default the 1-row

@@ -1,0 +1,258 @@
+// bench/probe_attention.cu: where one decode_attention call's time goes, phase by phase.
+// Builds the product's kernels (include/dspark/attention_kernel.cuh, attention_launch.cuh) with
+// their phase marks turned on: thread 0 of block (0, 0, 0) of each kernel records clock64() and
+// %globaltimer at every mark. Prints the mean time between marks over the repetitions (L2 hot, or
+// cold: a 256 MB write between calls), and the wall time per call from CUDA events (a graph of 100
+// calls).
+//
+//   nvcc -std=c++20 -arch=sm_90 -O3 --fmad=false --expt-relaxed-constexpr -I include \
+//     bench/probe_attention.cu -o /tmp/probe_attention
+//   /tmp/probe_attention [--H 32 --Hkv 8 --D 128 --S 1024 --pos 112 --rows 1 --reps 50]
+//
+// A measuring tool only (the marks compile to nothing in the product build).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+__device__ long long g_marks[2][16];  // [clock64, globaltimer][mark]
+__device__ long long g_merge_marks[2][4];
+
+__device__ __forceinline__ long long global_ns() {
+  long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+#define DSPARK_ATTN_MARK(i)                                                          \
+  do {                                                                               \
+    if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) { \
+      g_marks[0][i] = clock64();                                                     \
+      g_marks[1][i] = global_ns();                                                   \
+    }                                                                                \
+  } while (0)
+#define DSPARK_ATTN_MERGE_MARK(i)                                                    \
+  do {                                                                               \
+    if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) { \
+      g_merge_marks[0][i] = clock64();                                               \
+      g_merge_marks[1][i] = global_ns();                                             \
+    }                                                                                \
+  } while (0)
+
+#include "dspark/attention_launch.cuh"
+
+#define CK(x)                                                                                 \
+  do {                                                                                        \
+    cudaError_t e_ = (x);                                                                     \
+    if (e_ != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                           \
+    }                                                                                         \
+  } while (0)
+
+using bf16 = __nv_bfloat16;
+
+static const char* kPhase[12] = {"entry -> tree setup",
+                                 "tree setup",
+                                 "new K/V rows: load, norm, rope, write",
+                                 "(end of new rows) -> q loaded",
+                                 "q norm + rope",
+                                 "scores (thread 0's K row)",
+                                 "row max (1st barrier)",
+                                 "exp + sums (2nd barrier)",
+                                 "weighted V (thread 0's slots)",
+                                 "warp sums (barrier)",
+                                 "output / partials written"};
+
+int main(int argc, char** argv) {
+  int64_t H = 32, Hkv = 8, D = 128, S = 1024, pos = 112, rows = 1;
+  int reps = 50, compact = 1, prefetch = 1;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const char* k = argv[i];
+    const long v = std::atol(argv[i + 1]);
+    if (!std::strcmp(k, "--H")) H = v;
+    else if (!std::strcmp(k, "--Hkv")) Hkv = v;
+    else if (!std::strcmp(k, "--D")) D = v;
+    else if (!std::strcmp(k, "--S")) S = v;
+    else if (!std::strcmp(k, "--pos")) pos = v;
+    else if (!std::strcmp(k, "--rows")) rows = v;
+    else if (!std::strcmp(k, "--reps")) reps = int(v);
+    else if (!std::strcmp(k, "--compact")) compact = int(v);
+    else if (!std::strcmp(k, "--prefetch")) prefetch = int(v);
+    else {
+      std::fprintf(stderr, "unknown argument %s\n", k);
+      return 2;
+    }
+  }
+  int sms = 0, clock_khz = 0;
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  CK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0));
+  const int64_t Wq = (H + 2 * Hkv) * D, cache = Hkv * S * D;
+  const int splits = dspark::cuda::attn_splits(S);
+  const int64_t parts = splits > 1 ? rows * H * splits : 0;
+  std::vector<bf16> h_qkv(rows * Wq), h_cache(cache), h_norm(D);
+  uint32_t seed = 12345u;
+  auto rnd = [&] {
+    seed = seed * 1664525u + 1013904223u;
+    return float(seed >> 8) / float(1u << 24) - 0.5f;
+  };
+  for (auto& x : h_qkv) x = __float2bfloat16(rnd());
+  for (auto& x : h_cache) x = __float2bfloat16(rnd());
+  for (auto& x : h_norm) x = __float2bfloat16(1.0f + 0.1f * rnd());
+  std::vector<float> h_freq(D / 2);
+  for (int64_t i = 0; i < D / 2; ++i) h_freq[i] = std::pow(1e6f, -2.0f * float(i) / float(D));
+  bf16 *qkv, *kc, *vc, *qn, *kn, *out;
+  float *freq, *part_o, *part_ml;
+  int64_t* start;
+  int32_t* status;
+  char* flush;
+  const size_t flush_bytes = size_t(256) << 20;
+  CK(cudaMalloc(&qkv, h_qkv.size() * 2));
+  CK(cudaMalloc(&kc, cache * 2));
+  CK(cudaMalloc(&vc, cache * 2));
+  CK(cudaMalloc(&qn, D * 2));
+  CK(cudaMalloc(&kn, D * 2));
+  CK(cudaMalloc(&out, rows * H * D * 2));
+  CK(cudaMalloc(&freq, D / 2 * 4));
+  CK(cudaMalloc(&part_o, (parts * D + 1) * 4));
+  CK(cudaMalloc(&part_ml, (parts * 2 + 1) * 4));
+  CK(cudaMalloc(&start, 8));
+  CK(cudaMalloc(&status, 4));
+  CK(cudaMalloc(&flush, flush_bytes));
+  CK(cudaMemcpy(qkv, h_qkv.data(), h_qkv.size() * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(kc, h_cache.data(), cache * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(vc, h_cache.data(), cache * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(qn, h_norm.data(), D * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(kn, h_norm.data(), D * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(freq, h_freq.data(), D / 2 * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(start, &pos, 8, cudaMemcpyHostToDevice));
+
+  dspark::cuda::AttnParams<bf16> p{};
+  p.qkv = qkv;
+  p.k_cache = kc;
+  p.v_cache = vc;
+  p.start = start;
+  p.parents = nullptr;
+  p.inv_freq = freq;
+  p.q_norm = qn;
+  p.k_norm = kn;
+  p.out = out;
+  p.part_o = part_o;
+  p.part_ml = part_ml;
+  p.status = status;
+  p.B = 1;
+  p.rows = rows;
+  p.H = H;
+  p.Hkv = Hkv;
+  p.S = S;
+  p.D = D;
+  p.layer = 0;
+  p.window = 0;
+  p.eps = 1e-6f;
+  p.scale = 1.0f / std::sqrt(float(D));
+  p.splits = splits;
+  p.rows_per_block = dspark::cuda::attn_rows_per_block(rows, H / Hkv, splits, Hkv * splits, sms);
+  p.sms = sms;
+  p.heads_per_block = 0;
+  p.prefetch = prefetch;
+  p.merge_pdl = 1;
+  p.compact = compact;
+  p.pass_q = 0;
+  cudaStream_t stream;
+  CK(cudaStreamCreate(&stream));
+  std::printf(
+      "probe_attention: %d SMs, %.0f MHz; H %ld Hkv %ld D %ld S %ld pos %ld rows %ld, "
+      "splits %d, compact %d, prefetch %d\n",
+      sms, clock_khz / 1e3, long(H), long(Hkv), long(D), long(S), long(pos), long(rows), splits,
+      compact, prefetch);
+
+  for (int cold = 0; cold < 2; ++cold) {
+    double sum[16] = {}, sum_ns[16] = {}, msum[4] = {}, msum_ns[4] = {}, cross = 0.0;
+    int seen[16] = {}, mseen[4] = {}, n_cross = 0;
+    for (int r = 0; r < reps + 3; ++r) {
+      long long zero[2][16] = {}, mzero[2][4] = {};
+      CK(cudaMemcpyToSymbol(g_marks, zero, sizeof(zero)));
+      CK(cudaMemcpyToSymbol(g_merge_marks, mzero, sizeof(mzero)));
+      if (cold) CK(cudaMemsetAsync(flush, r & 0xff, flush_bytes, stream));
+      CK(dspark::cuda::launch_decode_attention(p, stream));
+      CK(cudaStreamSynchronize(stream));
+      long long m[2][16], mm[2][4];
+      CK(cudaMemcpyFromSymbol(m, g_marks, sizeof(m)));
+      CK(cudaMemcpyFromSymbol(mm, g_merge_marks, sizeof(mm)));
+      if (r < 3) continue;  // warm-up
+      int prev = 0;
+      for (int i = 1; i < 12; ++i) {
+        if (!m[0][i]) continue;
+        sum[i] += double(m[0][i] - m[0][prev]);
+        sum_ns[i] += double(m[1][i] - m[1][prev]);
+        ++seen[i];
+        prev = i;
+      }
+      for (int i = 1; i < 4; ++i)
+        if (mm[0][i] && mm[0][i - 1]) {
+          msum[i] += double(mm[0][i] - mm[0][i - 1]);
+          msum_ns[i] += double(mm[1][i] - mm[1][i - 1]);
+          ++mseen[i];
+        }
+      if (mm[1][3] && m[1][0]) {
+        cross += double(mm[1][3] - m[1][0]);
+        ++n_cross;
+      }
+    }
+    std::printf("\n%s L2, mean of %d calls (block 0 of kernel 1, then of the merge):\n",
+                cold ? "cold" : "hot", reps);
+    std::printf("  %-42s %9s %9s\n", "phase (ends at mark)", "cycles", "ns");
+    for (int i = 1; i < 12; ++i)
+      if (seen[i])
+        std::printf("  %2d %-39s %9.0f %9.0f\n", i, kPhase[i - 1], sum[i] / seen[i],
+                    sum_ns[i] / seen[i]);
+    const char* mph[4] = {"", "merge: entry -> pdl_wait done", "merge: weights + total",
+                          "merge: weighted sum + output"};
+    for (int i = 1; i < 4; ++i)
+      if (mseen[i])
+        std::printf("  m%d %-39s %9.0f %9.0f\n", i, mph[i], msum[i] / mseen[i],
+                    msum_ns[i] / mseen[i]);
+    if (n_cross)
+      std::printf("  kernel 1 entry -> merge end (globaltimer): %.0f ns\n", cross / n_cross);
+  }
+
+  // Wall time per call: a graph of 100 calls (hot), and of 20 calls each behind an L2 flush
+  // (minus a graph of the 20 flushes alone).
+  auto graph_us = [&](int calls, bool with_flush, bool with_attn) {
+    cudaGraph_t g;
+    cudaGraphExec_t ge;
+    CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    for (int i = 0; i < calls; ++i) {
+      if (with_flush) CK(cudaMemsetAsync(flush, i & 0xff, flush_bytes, stream));
+      if (with_attn) CK(dspark::cuda::launch_decode_attention(p, stream));
+    }
+    CK(cudaStreamEndCapture(stream, &g));
+    CK(cudaGraphInstantiate(&ge, g, 0));
+    cudaEvent_t a, b;
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    CK(cudaGraphLaunch(ge, stream));
+    CK(cudaEventRecord(a, stream));
+    for (int k = 0; k < 5; ++k) CK(cudaGraphLaunch(ge, stream));
+    CK(cudaEventRecord(b, stream));
+    CK(cudaEventSynchronize(b));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    CK(cudaGraphExecDestroy(ge));
+    CK(cudaGraphDestroy(g));
+    return 1e3 * ms / 5.0 / calls;
+  };
+  const double hot = graph_us(100, false, true);
+  const double both = graph_us(20, true, true), flush_only = graph_us(20, true, false);
+  std::printf(
+      "\nwall per call in a graph: hot %.2f us; cold %.2f us (flush + call %.2f, flush "
+      "%.2f)\n",
+      hot, both - flush_only, both, flush_only);
+  int32_t st = 0;
+  CK(cudaMemcpy(&st, status, 4, cudaMemcpyDeviceToHost));
+  std::printf("status word %d\n", st);
+  return 0;
+}
