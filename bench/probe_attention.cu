@@ -19,28 +19,20 @@
 #include <cstring>
 #include <vector>
 
-__device__ long long g_marks[2][16];  // [clock64, globaltimer][mark]
-__device__ long long g_merge_marks[2][4];
+__device__ long long g_marks[2][16];        // [clock64, globaltimer][mark]
+__device__ long long g_merge_marks[2][16];  // (marks 0-3)
 
-__device__ __forceinline__ long long global_ns() {
-  long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
+// Thread 0 of block (0, 0, 0) stamps mark i of `marks` ([2][n]: clock64, globaltimer ns).
+__device__ __forceinline__ void stamp(long long (*marks)[16], int i) {
+  if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {
+    long long ns;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+    marks[0][i] = clock64();
+    marks[1][i] = ns;
+  }
 }
-#define DSPARK_ATTN_MARK(i)                                                          \
-  do {                                                                               \
-    if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) { \
-      g_marks[0][i] = clock64();                                                     \
-      g_marks[1][i] = global_ns();                                                   \
-    }                                                                                \
-  } while (0)
-#define DSPARK_ATTN_MERGE_MARK(i)                                                    \
-  do {                                                                               \
-    if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) { \
-      g_merge_marks[0][i] = clock64();                                               \
-      g_merge_marks[1][i] = global_ns();                                             \
-    }                                                                                \
-  } while (0)
+#define DSPARK_ATTN_MARK(i) ::stamp(::g_marks, i)
+#define DSPARK_ATTN_MERGE_MARK(i) ::stamp(::g_merge_marks, i)
 
 #include "dspark/attention_launch.cuh"
 
@@ -54,6 +46,19 @@ __device__ __forceinline__ long long global_ns() {
   } while (0)
 
 using bf16 = __nv_bfloat16;
+
+template <typename E>
+E* device_array(size_t n) {
+  E* d = nullptr;
+  CK(cudaMalloc(&d, n * sizeof(E)));
+  return d;
+}
+template <typename E>
+E* upload(const std::vector<E>& h) {
+  E* d = device_array<E>(h.size());
+  CK(cudaMemcpy(d, h.data(), h.size() * sizeof(E), cudaMemcpyHostToDevice));
+  return d;
+}
 
 static const char* kPhase[12] = {"entry -> tree setup",
                                  "tree setup",
@@ -104,63 +109,47 @@ int main(int argc, char** argv) {
   for (auto& x : h_norm) x = __float2bfloat16(1.0f + 0.1f * rnd());
   std::vector<float> h_freq(D / 2);
   for (int64_t i = 0; i < D / 2; ++i) h_freq[i] = std::pow(1e6f, -2.0f * float(i) / float(D));
-  bf16 *qkv, *kc, *vc, *qn, *kn, *out;
-  float *freq, *part_o, *part_ml;
-  int64_t* start;
-  int32_t* status;
-  char* flush;
+  const std::vector<int64_t> h_start{pos};
+  bf16 *qkv = upload(h_qkv), *kc = upload(h_cache), *vc = upload(h_cache), *qn = upload(h_norm),
+       *kn = upload(h_norm), *out = device_array<bf16>(rows * H * D);
+  float *freq = upload(h_freq), *part_o = device_array<float>(parts * D + 1),
+        *part_ml = device_array<float>(parts * 2 + 1);
+  int64_t* start = upload(h_start);
+  int32_t* status = device_array<int32_t>(1);
   const size_t flush_bytes = size_t(256) << 20;
-  CK(cudaMalloc(&qkv, h_qkv.size() * 2));
-  CK(cudaMalloc(&kc, cache * 2));
-  CK(cudaMalloc(&vc, cache * 2));
-  CK(cudaMalloc(&qn, D * 2));
-  CK(cudaMalloc(&kn, D * 2));
-  CK(cudaMalloc(&out, rows * H * D * 2));
-  CK(cudaMalloc(&freq, D / 2 * 4));
-  CK(cudaMalloc(&part_o, (parts * D + 1) * 4));
-  CK(cudaMalloc(&part_ml, (parts * 2 + 1) * 4));
-  CK(cudaMalloc(&start, 8));
-  CK(cudaMalloc(&status, 4));
-  CK(cudaMalloc(&flush, flush_bytes));
-  CK(cudaMemcpy(qkv, h_qkv.data(), h_qkv.size() * 2, cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(kc, h_cache.data(), cache * 2, cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(vc, h_cache.data(), cache * 2, cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(qn, h_norm.data(), D * 2, cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(kn, h_norm.data(), D * 2, cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(freq, h_freq.data(), D / 2 * 4, cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(start, &pos, 8, cudaMemcpyHostToDevice));
+  char* flush = device_array<char>(flush_bytes);
 
-  dspark::cuda::AttnParams<bf16> p{};
-  p.qkv = qkv;
-  p.k_cache = kc;
-  p.v_cache = vc;
-  p.start = start;
-  p.parents = nullptr;
-  p.inv_freq = freq;
-  p.q_norm = qn;
-  p.k_norm = kn;
-  p.out = out;
-  p.part_o = part_o;
-  p.part_ml = part_ml;
-  p.status = status;
-  p.B = 1;
-  p.rows = rows;
-  p.H = H;
-  p.Hkv = Hkv;
-  p.S = S;
-  p.D = D;
-  p.layer = 0;
-  p.window = 0;
-  p.eps = 1e-6f;
-  p.scale = 1.0f / std::sqrt(float(D));
-  p.splits = splits;
-  p.rows_per_block = dspark::cuda::attn_rows_per_block(rows, H / Hkv, splits, Hkv * splits, sms);
-  p.sms = sms;
-  p.heads_per_block = 0;
-  p.prefetch = prefetch;
-  p.merge_pdl = 1;
-  p.compact = compact;
-  p.pass_q = 0;
+  const dspark::cuda::AttnParams<bf16> p{
+      .qkv = qkv,
+      .k_cache = kc,
+      .v_cache = vc,
+      .start = start,
+      .parents = nullptr,
+      .inv_freq = freq,
+      .q_norm = qn,
+      .k_norm = kn,
+      .out = out,
+      .part_o = part_o,
+      .part_ml = part_ml,
+      .status = status,
+      .B = 1,
+      .rows = rows,
+      .H = H,
+      .Hkv = Hkv,
+      .S = S,
+      .D = D,
+      .layer = 0,
+      .window = 0,
+      .eps = 1e-6f,
+      .scale = 1.0f / std::sqrt(float(D)),
+      .splits = splits,
+      .rows_per_block = dspark::cuda::attn_rows_per_block(rows, H / Hkv, splits, Hkv * splits, sms),
+      .sms = sms,
+      .heads_per_block = 0,
+      .prefetch = prefetch,
+      .merge_pdl = 1,
+      .compact = compact,
+      .pass_q = 0};
   cudaStream_t stream;
   CK(cudaStreamCreate(&stream));
   std::printf(
@@ -173,13 +162,13 @@ int main(int argc, char** argv) {
     double sum[16] = {}, sum_ns[16] = {}, msum[4] = {}, msum_ns[4] = {}, cross = 0.0;
     int seen[16] = {}, mseen[4] = {}, n_cross = 0;
     for (int r = 0; r < reps + 3; ++r) {
-      long long zero[2][16] = {}, mzero[2][4] = {};
+      long long zero[2][16] = {}, mzero[2][16] = {};
       CK(cudaMemcpyToSymbol(g_marks, zero, sizeof(zero)));
       CK(cudaMemcpyToSymbol(g_merge_marks, mzero, sizeof(mzero)));
       if (cold) CK(cudaMemsetAsync(flush, r & 0xff, flush_bytes, stream));
       CK(dspark::cuda::launch_decode_attention(p, stream));
       CK(cudaStreamSynchronize(stream));
-      long long m[2][16], mm[2][4];
+      long long m[2][16], mm[2][16];
       CK(cudaMemcpyFromSymbol(m, g_marks, sizeof(m)));
       CK(cudaMemcpyFromSymbol(mm, g_merge_marks, sizeof(mm)));
       if (r < 3) continue;  // warm-up
