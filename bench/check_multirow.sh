@@ -102,6 +102,13 @@ stage probe_attention 150 "nvcc -std=c++20 -arch=sm_90 -O3 --fmad=false --expt-r
   for a in \"\${SETS[@]}\"; do echo \"=== \$a\"; /tmp/probe_attention \$a --reps 20; done > $OUT/probe_attention.txt 2>&1; \
   grep -E '^===|wall per call' $OUT/probe_attention.txt"
 
+# the fused verify kernel phase by phase (bench/probe_verify.cu: request 0's blocks and finisher
+# with the phase marks on; PROBE_VERIFY_ARGS: "|"-separated argument sets), L2 hot and cold
+stage probe_verify 150 "nvcc -std=c++20 -arch=sm_90 -O3 --fmad=false --expt-relaxed-constexpr -I include \
+  bench/probe_verify.cu -o /tmp/probe_verify && IFS='|' read -ra SETS <<< \"${PROBE_VERIFY_ARGS:---R 1 --gamma 7|--R 1 --gamma 7 --accept 0|--R 8 --gamma 7|--R 64 --gamma 7|--R 1 --gamma 7 --temp 1 --scale 20}\"; \
+  for a in \"\${SETS[@]}\"; do echo \"=== \$a\"; /tmp/probe_verify \$a --reps 20; done > $OUT/probe_verify.txt 2>&1; \
+  grep -E '^===|wall per call|status word' $OUT/probe_verify.txt"
+
 # Where a latency-bound kernel's warps stall, by SASS instruction (bench/ncu_hotspots.py; the
 # H200's ncu gave the CUDA-source view no sample columns, 2026-12-07), and the
 # kernel's duration, occupancy and stall reasons from the same report: by default the 1-row

@@ -11,54 +11,25 @@
 //
 // A measuring tool only (the marks compile to nothing in the product build).
 #include <cuda_bf16.h>
-#include <cuda_runtime.h>
 
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
-#include <vector>
+
+#include "probe_common.cuh"
 
 __device__ long long g_marks[2][16];        // [clock64, globaltimer][mark]
 __device__ long long g_merge_marks[2][16];  // (marks 0-3)
 
-// Thread 0 of block (0, 0, 0) stamps mark i of `marks` ([2][n]: clock64, globaltimer ns).
+// Thread 0 of block (0, 0, 0) stamps mark i.
 __device__ __forceinline__ void stamp(long long (*marks)[16], int i) {
-  if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {
-    long long ns;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
-    marks[0][i] = clock64();
-    marks[1][i] = ns;
-  }
+  if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) stamp_mark(marks, i);
 }
 #define DSPARK_ATTN_MARK(i) ::stamp(::g_marks, i)
 #define DSPARK_ATTN_MERGE_MARK(i) ::stamp(::g_merge_marks, i)
 
 #include "dspark/attention_launch.cuh"
 
-#define CK(x)                                                                                 \
-  do {                                                                                        \
-    cudaError_t e_ = (x);                                                                     \
-    if (e_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
-
 using bf16 = __nv_bfloat16;
-
-template <typename E>
-E* device_array(size_t n) {
-  E* d = nullptr;
-  CK(cudaMalloc(&d, n * sizeof(E)));
-  return d;
-}
-template <typename E>
-E* upload(const std::vector<E>& h) {
-  E* d = device_array<E>(h.size());
-  CK(cudaMemcpy(d, h.data(), h.size() * sizeof(E), cudaMemcpyHostToDevice));
-  return d;
-}
 
 static const char* kPhase[12] = {"entry -> tree setup",
                                  "tree setup",
@@ -99,11 +70,7 @@ int main(int argc, char** argv) {
   const int splits = dspark::cuda::attn_splits(S);
   const int64_t parts = splits > 1 ? rows * H * splits : 0;
   std::vector<bf16> h_qkv(rows * Wq), h_cache(cache), h_norm(D);
-  uint32_t seed = 12345u;
-  auto rnd = [&] {
-    seed = seed * 1664525u + 1013904223u;
-    return float(seed >> 8) / float(1u << 24) - 0.5f;
-  };
+  Lcg rnd;
   for (auto& x : h_qkv) x = __float2bfloat16(rnd());
   for (auto& x : h_cache) x = __float2bfloat16(rnd());
   for (auto& x : h_norm) x = __float2bfloat16(1.0f + 0.1f * rnd());
@@ -116,8 +83,7 @@ int main(int argc, char** argv) {
         *part_ml = device_array<float>(parts * 2 + 1);
   int64_t* start = upload(h_start);
   int32_t* status = device_array<int32_t>(1);
-  const size_t flush_bytes = size_t(256) << 20;
-  char* flush = device_array<char>(flush_bytes);
+  const L2Flush flush;
 
   const dspark::cuda::AttnParams<bf16> p{
       .qkv = qkv,
@@ -165,7 +131,7 @@ int main(int argc, char** argv) {
       long long zero[2][16] = {}, mzero[2][16] = {};
       CK(cudaMemcpyToSymbol(g_marks, zero, sizeof(zero)));
       CK(cudaMemcpyToSymbol(g_merge_marks, mzero, sizeof(mzero)));
-      if (cold) CK(cudaMemsetAsync(flush, r & 0xff, flush_bytes, stream));
+      if (cold) flush(stream, r);
       CK(dspark::cuda::launch_decode_attention(p, stream));
       CK(cudaStreamSynchronize(stream));
       long long m[2][16], mm[2][16];
@@ -208,38 +174,8 @@ int main(int argc, char** argv) {
       std::printf("  kernel 1 entry -> merge end (globaltimer): %.0f ns\n", cross / n_cross);
   }
 
-  // Wall time per call: a graph of 100 calls (hot), and of 20 calls each behind an L2 flush
-  // (minus a graph of the 20 flushes alone).
-  auto graph_us = [&](int calls, bool with_flush, bool with_attn) {
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-    for (int i = 0; i < calls; ++i) {
-      if (with_flush) CK(cudaMemsetAsync(flush, i & 0xff, flush_bytes, stream));
-      if (with_attn) CK(dspark::cuda::launch_decode_attention(p, stream));
-    }
-    CK(cudaStreamEndCapture(stream, &g));
-    CK(cudaGraphInstantiate(&ge, g, 0));
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    CK(cudaGraphLaunch(ge, stream));
-    CK(cudaEventRecord(a, stream));
-    for (int k = 0; k < 5; ++k) CK(cudaGraphLaunch(ge, stream));
-    CK(cudaEventRecord(b, stream));
-    CK(cudaEventSynchronize(b));
-    float ms = 0;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    CK(cudaGraphExecDestroy(ge));
-    CK(cudaGraphDestroy(g));
-    return 1e3 * ms / 5.0 / calls;
-  };
-  const double hot = graph_us(100, false, true);
-  const double both = graph_us(20, true, true), flush_only = graph_us(20, true, false);
-  std::printf(
-      "\nwall per call in a graph: hot %.2f us; cold %.2f us (flush + call %.2f, flush "
-      "%.2f)\n",
-      hot, both - flush_only, both, flush_only);
+  print_wall(stream, flush,
+             [&](cudaStream_t s) { CK(dspark::cuda::launch_decode_attention(p, s)); });
   int32_t st = 0;
   CK(cudaMemcpy(&st, status, 4, cudaMemcpyDeviceToHost));
   std::printf("status word %d\n", st);

@@ -27,6 +27,12 @@
 #include "dspark/verify_draw.cuh"
 #include "dspark/verify_walk.cuh"
 
+// Phase marks for bench/probe_verify.cu (mark i reached by a block of request r); nothing in the
+// product build.
+#ifndef DSPARK_VERIFY_MARK
+#define DSPARK_VERIFY_MARK(i, r)
+#endif
+
 namespace dspark {
 namespace cuda {
 
@@ -75,18 +81,21 @@ __device__ __forceinline__ bool decode_ticket(int64_t t, const FusedPlan& pl, in
 template <typename S, typename Q>
 __device__ __noinline__ void finish_request(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws,
                                             const FusedControl& ctl, int64_t r) {
+  DSPARK_VERIFY_MARK(2, r);
   int64_t o, n;
   request_rows(p, r, o, n);
   if (open_request(p, ws, r, o, n)) {
     publish(ctl.job_state + r, kJobDone);
     return;
   }
+  DSPARK_VERIFY_MARK(3, r);
   if (p.q != nullptr)  // the walk reads q(x) of every node: fetch while the rows are finalized
     for (int64_t j = 1 + threadIdx.x; j < n; j += blockDim.x)
       prefetch_l2(p.q + (o + j) * p.V + p.tokens[o + j]);
   for (int64_t j = threadIdx.x / 32; j < n; j += kBlockWarps)
     finalize_row(p, ws, o + j, static_cast<int32_t>(r), kWarpChunk);
   __syncthreads();
+  DSPARK_VERIFY_MARK(4, r);
   if (p.offsets != nullptr) {
     walk_tree(p, ws, r, o, n);
   } else if (threadIdx.x == 0) {  // sample: nothing to walk, the root's row is drawn from
@@ -96,6 +105,7 @@ __device__ __noinline__ void finish_request(const VerifyParams<S, Q>& p, const V
     ws.job_u[r] = coin(p, r, o, 0, kSampleCoin);
   }
   __syncthreads();
+  DSPARK_VERIFY_MARK(5, r);
   const int64_t row = ws.final_row[r];
   const int32_t nrej = ws.n_rej[r], acc = ws.accepted[r];
   if (p.q != nullptr && nrej > 0) {  // residual over a full q row: the residual blocks' job
@@ -111,6 +121,7 @@ __device__ __noinline__ void finish_request(const VerifyParams<S, Q>& p, const V
     p.out_tokens[r * p.W + acc] = token;
     if (p.out_count) p.out_count[r] = acc;
   }
+  DSPARK_VERIFY_MARK(6, r);
   publish(ctl.job_state + r, kJobDone);
 }
 
@@ -278,6 +289,7 @@ __device__ void stats_block(const VerifyParams<S, Q>& p, const VerifyWorkspace& 
       }
     }
   }
+  DSPARK_VERIFY_MARK(1, r);
   if (arrive_last(ctl.stats_done + r, static_cast<uint32_t>(pl.B))) finish_request(p, ws, ctl, r);
 }
 
@@ -293,6 +305,7 @@ __global__ void __launch_bounds__(kBlockThreads, 4)
                       const __grid_constant__ FusedPlan pl) {
   int64_t r, k;
   bool residual = false;
+  DSPARK_VERIFY_MARK(0, blockIdx.x / pl.B);
   if (pl.X == 0) {  // nobody waits: the block index is the role
     r = blockIdx.x / pl.B;
     k = blockIdx.x % pl.B;
@@ -304,6 +317,7 @@ __global__ void __launch_bounds__(kBlockThreads, 4)
   }
   if (residual) residual_block(p, ws, ctl, pl, r, k);
   else stats_block(p, ws, ctl, pl, r, k);
+  DSPARK_VERIFY_MARK(7, r);
 }
 
 // sample(return_probs=True): p(v) = e(v) / S, grid (R, C), one chunk per block.
