@@ -105,7 +105,7 @@ stage probe_attention 150 "nvcc -std=c++20 -arch=sm_90 -O3 --fmad=false --expt-r
 # the fused verify kernel phase by phase (bench/probe_verify.cu: request 0's blocks and finisher
 # with the phase marks on; PROBE_VERIFY_ARGS: "|"-separated argument sets), L2 hot and cold
 stage probe_verify 150 "nvcc -std=c++20 -arch=sm_90 -O3 --fmad=false --expt-relaxed-constexpr -I include \
-  bench/probe_verify.cu -o /tmp/probe_verify && IFS='|' read -ra SETS <<< \"${PROBE_VERIFY_ARGS:---R 1 --gamma 7|--R 1 --gamma 7 --accept 0|--R 8 --gamma 7|--R 64 --gamma 7|--R 1 --gamma 7 --temp 1 --scale 20}\"; \
+  bench/probe_verify.cu -o /tmp/probe_verify && IFS='|' read -ra SETS <<< \"${PROBE_VERIFY_ARGS:---R 1 --gamma 7|--R 1 --gamma 7 --accept 0|--R 8 --gamma 7|--R 64 --gamma 7|--R 1 --gamma 7 --temp 1 --scale 20|--R 1 --gamma 7 --temp 1 --scale 20 --q 1 --accept 0}\"; \
   for a in \"\${SETS[@]}\"; do echo \"=== \$a\"; /tmp/probe_verify \$a --reps 20; done > $OUT/probe_verify.txt 2>&1; \
   grep -E '^===|wall per call|status word' $OUT/probe_verify.txt"
 

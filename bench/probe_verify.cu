@@ -20,10 +20,11 @@
 #include "probe_common.cuh"
 
 __device__ long long g_marks[2][16];  // [clock64, globaltimer][mark]: finisher of request 0
-__device__ unsigned long long g_first_ns, g_stats_end_ns, g_grid_end_ns;
+__device__ unsigned long long g_first_ns, g_stats_end_ns, g_grid_end_ns, g_resid_start_ns;
 
 // Marks 0 / 1: request 0's first block entry / last statistics block end; 2-6: request 0's
-// finishing block; 7: the last block of the grid to end.
+// finishing block; 8: its first residual block past the hand-off; 9-10: its last residual
+// block (the draw); 7: the last block of the grid to end.
 __device__ __forceinline__ void verify_mark(int i, int64_t r) {
   if (threadIdx.x != 0) return;
   const unsigned long long ns = static_cast<unsigned long long>(global_ns());
@@ -31,6 +32,7 @@ __device__ __forceinline__ void verify_mark(int i, int64_t r) {
   else if (r != 0) return;
   else if (i == 0) atomicMin(&g_first_ns, ns);
   else if (i == 1) atomicMax(&g_stats_end_ns, ns);
+  else if (i == 8) atomicMin(&g_resid_start_ns, ns);
   else stamp_mark(g_marks, i);
 }
 #define DSPARK_VERIFY_MARK(i, r) ::verify_mark(i, r)
@@ -40,14 +42,19 @@ __device__ __forceinline__ void verify_mark(int i, int64_t r) {
 using bf16 = __nv_bfloat16;
 namespace dc = dspark::cuda;
 
-static const char* kPhase[8] = {"request 0's first block starts",
-                                "-> its last statistics block ends",
-                                "-> its finisher passes arrive_last",
-                                "open_request (checks, -1 outputs)",
-                                "finalize rows (+ barrier)",
-                                "walk (+ barrier)",
-                                "last token written",
-                                "-> last block of the grid ends"};
+static const char* kPhase[11] = {"request 0's first block starts",
+                                 "-> its last statistics block ends",
+                                 "-> its finisher passes arrive_last",
+                                 "open_request (checks, -1 outputs)",
+                                 "finalize rows (+ barrier)",
+                                 "walk (+ barrier)",
+                                 "last token written (finisher)",
+                                 "-> last block of the grid ends",
+                                 "-> first residual block past hand-off",
+                                 "-> last residual block arrives",
+                                 "residual draw, token written"};
+// Marks in the order they are reached (7, the grid's end, last).
+static const int kOrder[10] = {1, 2, 3, 4, 5, 6, 8, 9, 10, 7};
 
 int main(int argc, char** argv) {
   int64_t R = 1, gamma = 7, V = 151936;
@@ -133,45 +140,50 @@ int main(int argc, char** argv) {
 
   const L2Flush flush;
   for (int cold = 0; cold < 2; ++cold) {
-    double sum_ns[8] = {}, sum_cyc[8] = {};
-    int seen[8] = {};
+    double sum_ns[11] = {}, sum_cyc[11] = {};
+    int seen[11] = {};
     for (int rep = 0; rep < reps + 3; ++rep) {
       const long long zero[2][16] = {};
       const unsigned long long big = ~0ull, none = 0;
       CK(cudaMemcpyToSymbol(g_marks, zero, sizeof(zero)));
       CK(cudaMemcpyToSymbol(g_first_ns, &big, 8));
+      CK(cudaMemcpyToSymbol(g_resid_start_ns, &big, 8));
       CK(cudaMemcpyToSymbol(g_stats_end_ns, &none, 8));
       CK(cudaMemcpyToSymbol(g_grid_end_ns, &none, 8));
       if (cold) flush(stream, rep);
       call(stream);
       CK(cudaStreamSynchronize(stream));
       long long m[2][16];
-      unsigned long long first, stats_end, grid_end;
+      unsigned long long first, stats_end, grid_end, resid_start;
       CK(cudaMemcpyFromSymbol(m, g_marks, sizeof(m)));
       CK(cudaMemcpyFromSymbol(&first, g_first_ns, 8));
       CK(cudaMemcpyFromSymbol(&stats_end, g_stats_end_ns, 8));
       CK(cudaMemcpyFromSymbol(&grid_end, g_grid_end_ns, 8));
+      CK(cudaMemcpyFromSymbol(&resid_start, g_resid_start_ns, 8));
       if (rep < 3) continue;  // warm-up
-      // ns since the first block's start at each mark (0 where not reached)
-      long long at[8] = {0, (long long)(stats_end - first)};
-      for (int i = 2; i < 7; ++i) at[i] = m[1][i] ? m[1][i] - (long long)first : 0;
+      // ns since request 0's first block started, at each mark reached (-1: not reached)
+      long long at[11];
+      for (int i = 0; i < 11; ++i) at[i] = m[1][i] ? m[1][i] - (long long)first : -1;
+      at[0] = 0;
+      at[1] = (long long)(stats_end - first);
       at[7] = (long long)(grid_end - first);
+      at[8] = resid_start == ~0ull ? -1 : (long long)(resid_start - first);
       int prev = 0;
-      for (int i = 1; i < 8; ++i) {
-        if (i != 7 && i != 1 && !m[1][i]) continue;
+      for (int i : kOrder) {
+        if (at[i] < 0) continue;
         sum_ns[i] += double(at[i] - at[prev]);
-        if (i >= 3 && i <= 6 && prev >= 2) sum_cyc[i] += double(m[0][i] - m[0][prev]);
+        if (i >= 3 && i <= 6 && prev >= 2 && prev <= 6) sum_cyc[i] += double(m[0][i] - m[0][prev]);
         ++seen[i];
-        prev = i == 7 ? prev : i;
+        if (i != 7) prev = i;
       }
     }
     std::printf(
         "\n%s L2, mean of %d calls (ns from the previous mark; cycles within the finisher):\n",
         cold ? "cold" : "hot", reps);
-    for (int i = 1; i < 8; ++i)
+    for (int i : kOrder)
       if (seen[i])
-        std::printf("  %d %-40s %9.0f ns %9.0f cyc\n", i, kPhase[i], sum_ns[i] / seen[i],
-                    sum_cyc[i] / seen[i]);
+        std::printf("  %2d %-42s %8.0f ns %8.0f cyc  (%d calls)\n", i, kPhase[i],
+                    sum_ns[i] / seen[i], sum_cyc[i] / seen[i], seen[i]);
   }
   print_wall(stream, flush, call);
   std::vector<int64_t> out(R * W), count(R);

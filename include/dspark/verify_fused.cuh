@@ -177,6 +177,7 @@ __device__ __noinline__ void residual_block(const VerifyParams<S, Q>& p, const V
   if (threadIdx.x == 0) s_state = wait_nonzero(ctl.job_state + r);
   __syncthreads();
   if (s_state != kJobResidual) return;
+  DSPARK_VERIFY_MARK(8, r);
   const int64_t o = p.offsets[r], row = __ldcg(ws.final_row + r);
   const int32_t nrej = __ldcg(ws.n_rej + r);
   const RowInfo info = load_cg(ws.info + row);
@@ -186,6 +187,7 @@ __device__ __noinline__ void residual_block(const VerifyParams<S, Q>& p, const V
     if ((threadIdx.x & 31) == 0) ws.resid_chunk[r * p.C + c] = s;
   }
   if (!arrive_last(ctl.resid_done + r, static_cast<uint32_t>(pl.X))) return;
+  DSPARK_VERIFY_MARK(9, r);
   // The last residual block draws: from the residual, or the target row if it vanished.
   double* sums = shared_chunk_sums();
   for (int64_t b = threadIdx.x; b < p.C; b += blockDim.x)
@@ -209,6 +211,7 @@ __device__ __noinline__ void residual_block(const VerifyParams<S, Q>& p, const V
     p.out_tokens[r * p.W + acc] = token;
     if (p.out_count) p.out_count[r] = acc;
   }
+  DSPARK_VERIFY_MARK(10, r);
 }
 
 // Cold paths stay out of the statistics loop's registers.
