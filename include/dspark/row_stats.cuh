@@ -321,6 +321,8 @@ __device__ void filtered_row(const VerifyParams<S, Q>& p, const VerifyWorkspace&
   if (threadIdx.x == 0) ws.info[row].t_keep = keep;
 }
 
+constexpr int kFinalizeBatch = 8;  // partials a lane loads at once in finalize_partials
+
 // The arithmetic of finalize_row for one warp, over a row's C chunk partials read through
 // `in` (widx(b), wmax(b), base(b), sum(b)) with the rescaled sums written through
 // `in.set_sum(b, s)`: finalize_row reads and writes the workspace, markov_draft's draw a copy in
@@ -334,13 +336,23 @@ __device__ RowInfo finalize_partials(const Partials& in, int64_t C, float temper
   if (is_greedy(temperature)) {
     float best = -INFINITY;
     int32_t idx = -1;
-    for (int64_t b = lane; b < C; b += 32) {
-      const int32_t i = in.widx(b);
-      const float m = in.wmax(b);
-      if (i >= 0 && m > best) {
-        best = m;
-        idx = i;
+    // kFinalizeBatch of the lane's partials are loaded before any is compared: one trip to L2
+    // per batch, not one per chunk (the comparisons keep the lane's chunk order).
+    for (int64_t b0 = lane; b0 < C; b0 += 32 * kFinalizeBatch) {
+      int32_t ii[kFinalizeBatch];
+      float mm[kFinalizeBatch];
+#pragma unroll
+      for (int k = 0; k < kFinalizeBatch; ++k) {
+        const int64_t b = b0 + 32 * k;
+        ii[k] = b < C ? in.widx(b) : -1;
+        mm[k] = b < C ? in.wmax(b) : -INFINITY;
       }
+#pragma unroll
+      for (int k = 0; k < kFinalizeBatch; ++k)
+        if (ii[k] >= 0 && mm[k] > best) {
+          best = mm[k];
+          idx = ii[k];
+        }
     }
     const float top = warp_max(best);
     const int32_t pick = warp_min(idx >= 0 && best == top ? idx : INT32_MAX);
@@ -352,17 +364,37 @@ __device__ RowInfo finalize_partials(const Partials& in, int64_t C, float temper
     if (lane == 0 && info.argmax < 0) atomicOr(status, kEmptyRow);
   } else {
     float top = -INFINITY;
-    for (int64_t b = lane; b < C; b += 32) top = fmaxf(top, in.base(b));
+    for (int64_t b0 = lane; b0 < C; b0 += 32 * kFinalizeBatch) {
+      float bases[kFinalizeBatch];
+#pragma unroll
+      for (int k = 0; k < kFinalizeBatch; ++k)
+        bases[k] = b0 + 32 * k < C ? in.base(b0 + 32 * k) : -INFINITY;
+#pragma unroll
+      for (int k = 0; k < kFinalizeBatch; ++k) top = fmaxf(top, bases[k]);
+    }
     top = warp_max(top);
     info.inv_t = inverse_temperature(temperature);
     info.nbase = top;
     double part = 0.0;
-    for (int64_t b = lane; b < C; b += 32) {
-      const float bb = in.base(b), drop = top - bb;
-      const double s =
-          (bb > -INFINITY && drop <= 1000.0f) ? in.sum(b) * pow2_neg(static_cast<int>(drop)) : 0.0;
-      in.set_sum(b, s);
-      part += s;
+    for (int64_t b0 = lane; b0 < C; b0 += 32 * kFinalizeBatch) {
+      float bases[kFinalizeBatch];
+      double sums[kFinalizeBatch];
+#pragma unroll
+      for (int k = 0; k < kFinalizeBatch; ++k) {
+        const int64_t b = b0 + 32 * k;
+        bases[k] = b < C ? in.base(b) : -INFINITY;
+        sums[k] = b < C ? in.sum(b) : 0.0;
+      }
+#pragma unroll
+      for (int k = 0; k < kFinalizeBatch; ++k) {
+        const int64_t b = b0 + 32 * k;
+        if (b >= C) break;
+        const float bb = bases[k], drop = top - bb;
+        const double s =
+            (bb > -INFINITY && drop <= 1000.0f) ? sums[k] * pow2_neg(static_cast<int>(drop)) : 0.0;
+        in.set_sum(b, s);
+        part += s;
+      }
     }
     info.total = warp_sum(part);
     if (lane == 0 && !(top > -INFINITY)) atomicOr(status, kEmptyRow);

@@ -109,9 +109,55 @@ __device__ int32_t open_request(const VerifyParams<S, Q>& p, const VerifyWorkspa
 // request r written by thread 0 (not yet visible to other threads: sync before reading).
 constexpr int kWalkSmem = 256;
 
+// walk_tree for a greedy request with one-hot drafts (no q) of at most kWalkSmem nodes. There
+// the accept test u * q(x) * Z < r(x) reduces to "x is the parent row's argmax": p is one-hot
+// (r(x) is 1 at the argmax, else 0), q(x) = 1, any coin u < 1, and Z stays 1 (a rejected token
+// held no mass). So thread 0 walks the nodes in index order from shared memory with no barrier
+// per node, and writes what walk_tree writes: the same outputs, rejected siblings (Z = 1) and
+// sampling coin (each node's gathered in parallel first, off the serial chain).
+template <typename S, typename Q>
+__device__ void walk_greedy(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
+                            int64_t o, int64_t n) {
+  __shared__ int32_t sm_parent[kWalkSmem], sm_token[kWalkSmem], sm_argmax[kWalkSmem];
+  __shared__ double sm_coin[kWalkSmem];
+  __syncthreads();  // the shared arrays may still be read by an earlier caller's threads
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    sm_parent[j] = static_cast<int32_t>(p.parents[o + j]);
+    sm_token[j] = static_cast<int32_t>(p.tokens[o + j]);
+    sm_argmax[j] = static_cast<int32_t>(ws.info[o + j].argmax);
+    sm_coin[j] = coin(p, r, o, j, kSampleCoin);
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  int32_t cur = 0, accepted = 0, nrej = 0;
+  if (p.out_nodes) p.out_nodes[r * p.W] = o;
+  for (int32_t j = 1; j < n; ++j) {
+    if (sm_parent[j] != cur) continue;  // not a child of the current node
+    if (sm_token[j] == sm_argmax[cur]) {
+      p.out_tokens[r * p.W + accepted] = sm_token[j];
+      ++accepted;
+      if (p.out_nodes) p.out_nodes[r * p.W + accepted] = o + j;
+      cur = j;
+      nrej = 0;
+    } else {
+      ws.rej_node[r * p.W + nrej] = j;
+      ws.rej_z[r * p.W + nrej] = 1.0;  // a greedy row's total, unchanged by rejections
+      ++nrej;
+    }
+  }
+  ws.final_row[r] = o + cur;
+  ws.n_rej[r] = nrej;
+  ws.accepted[r] = accepted;
+  ws.job_u[r] = sm_coin[cur];
+}
+
 template <typename S, typename Q>
 __device__ void walk_tree(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
                           int64_t o, int64_t n) {
+  if (p.q == nullptr && n <= kWalkSmem && is_greedy(p.temperature[r])) {
+    walk_greedy(p, ws, r, o, n);
+    return;
+  }
   __shared__ int32_t sm_parent[kWalkSmem], sm_token[kWalkSmem];
   __shared__ double sm_e[kWalkSmem], sm_q[kWalkSmem], sm_u[kWalkSmem];
   const bool in_smem = n <= kWalkSmem;
