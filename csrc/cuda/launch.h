@@ -54,7 +54,6 @@ struct LinearArgs {
   float eps;
   int prologue;      // 0 plain, 1 RMSNorm, 2 SiLU gate
   int stage_budget;  // staged-activation bytes per block; 0: the default, < 0: the pre-s14 rule
-  int l2_prefetch;   // 1: whole weight slices to L2 before the programmatic wait, where it fits
 };
 cudaError_t launch_linear(const LinearArgs& args, cudaStream_t stream);
 // The fused linear kernel as loaded for the current device: the architecture it was compiled for

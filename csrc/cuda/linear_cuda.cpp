@@ -26,16 +26,6 @@ int stage_budget() {
   return int(b);
 }
 
-// DSPARK_LINEAR_L2_PREFETCH=0 turns the whole-slice L2 prefetch off (include/dspark/
-// linear_kernel.cuh; A/B runs); unset or 1: on where the launcher finds it can pay.
-int l2_prefetch() {
-  const char* env = std::getenv("DSPARK_LINEAR_L2_PREFETCH");
-  if (!env || !*env) return 1;
-  DSPARK_CHECK_VALUE((env[0] == '0' || env[0] == '1') && env[1] == '\0',
-                     "DSPARK_LINEAR_L2_PREFETCH must be 0 or 1, got '", env, "'");
-  return env[0] - '0';
-}
-
 at::Tensor fused_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& residual,
@@ -59,7 +49,6 @@ at::Tensor fused_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   a.eps = static_cast<float>(eps);
   a.prologue = d.prologue;
   a.stage_budget = stage_budget();
-  a.l2_prefetch = l2_prefetch();
   const cudaError_t err = launch_linear(a, c10::cuda::getCurrentCUDAStream());
   DSPARK_CHECK(err == cudaSuccess,
                "dspark::fused_linear kernel launch failed: ", cudaGetErrorString(err));

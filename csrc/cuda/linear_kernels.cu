@@ -19,8 +19,7 @@ cudaError_t run(const LinearArgs& a, cudaStream_t stream) {
                                 a.K,
                                 a.eps,
                                 a.prologue,
-                                a.stage_budget,
-                                a.l2_prefetch};
+                                a.stage_budget};
   return cuda::launch_fused_linear(p, stream);
 }
 }  // namespace

@@ -50,8 +50,6 @@ struct LinearParams {
   float eps;
   int prologue;
   int stage_budget;  // bytes of staged activations per block (linear_stage); <= 0: see there
-  int l2_prefetch;   // 1: a block sends its whole weight slice to L2 before the programmatic wait
-                     // (the launcher keeps it only for weights well inside L2; linear_kernel.cuh)
 };
 
 constexpr int kLinearWarps = 8;  // 256 threads per block

@@ -30,7 +30,6 @@
 
 #include "dspark/linear.cuh"
 #include "dspark/pdl.cuh"
-#include "dspark/sync.cuh"  // prefetch_l2_bulk
 
 namespace dspark {
 namespace cuda {
@@ -115,11 +114,6 @@ __global__ void __launch_bounds__(kLinearThreads, VEC && sizeof(T) == 2 && NT <=
   if (p.prologue == kRmsNorm)  // the norm weight of the slice into L1 (constant data)
     for (int64_t k = k_lo + int64_t(threadIdx.x) * E; k < k_hi; k += int64_t(kLinearThreads) * E)
       asm volatile("prefetch.global.L1 [%0];" ::"l"(p.norm_weight + k));
-  // The rest of the strip's slice into L2 while the predecessor runs (one bulk prefetch a row):
-  // launched early behind a latency-bound kernel (the o projection behind decode attention,
-  // which reads little of HBM), the weights stream from L2 once the wait returns.
-  if (wvec && p.l2_prefetch && lane < 16 && n0 + lane < p.N && k_hi > k_lo)  // (16-byte aligned)
-    prefetch_l2_bulk(p.weight + (n0 + lane) * p.K + k_lo, uint32_t((k_hi - k_lo) * sizeof(T)));
   pdl_wait();  // x / residual come from earlier kernels (dspark/pdl.cuh)
 
   bool started = false;  // phase 1 waited for
@@ -244,7 +238,6 @@ struct LinearDevice {
   // 1: the sm_90 paths (K slices as thread-block clusters, programmatic dependent launch;
   // pdl.cuh: sm90_paths); 0: one slice per row block, stream-ordered launches.
   int clusters = -1;
-  int64_t l2_bytes = 0;  // the L2 cache's size
 };
 inline cudaError_t linear_device(LinearDevice*& out) {
   constexpr int kMaxDevices = 64;
@@ -255,11 +248,7 @@ inline cudaError_t linear_device(LinearDevice*& out) {
   if (dev < 0 || dev >= kMaxDevices) return cudaErrorInvalidDevice;
   if (devs[dev].clusters < 0) {
     bool sm90 = false;
-    int l2 = 0;
-    if ((err = sm90_paths(fused_linear_kernel<float, 1, 2, false>, &sm90)) ||
-        (err = cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev)))
-      return err;
-    devs[dev].l2_bytes = l2;
+    if ((err = sm90_paths(fused_linear_kernel<float, 1, 2, false>, &sm90))) return err;
     devs[dev].clusters = sm90;
   }
   out = &devs[dev];
@@ -304,16 +293,10 @@ cudaError_t launch_fused_linear_tile(const LinearParams<T>& p, LinearSplit split
 // Shapes as in LinearParams. M, N, K >= 1; ceil(N / 128) * ceil(M / 64) * slices < 2^31 (grid
 // x). The column-tile count follows min(M, 64); it changes no token's arithmetic.
 template <typename T>
-cudaError_t launch_fused_linear(const LinearParams<T>& params, cudaStream_t stream) {
+cudaError_t launch_fused_linear(const LinearParams<T>& p, cudaStream_t stream) {
   LinearDevice* dev = nullptr;
   const cudaError_t err = linear_device(dev);
   if (err != cudaSuccess) return err;
-  // The whole-slice L2 prefetch only where it can pay: launched programmatically (else nothing
-  // runs before the wait) and a weight within 2/3 of L2 (the o projection of a 8B model, 32 MB
-  // of 50; a larger one would evict its own first lines, or the predecessor's).
-  LinearParams<T> p = params;
-  p.l2_prefetch = params.l2_prefetch && dev->clusters &&
-                  p.N * p.K * int64_t(sizeof(T)) <= dev->l2_bytes * 2 / 3;
   LinearSplit split = linear_split(p.N, p.K);
   if (!dev->clusters) split = {1, (p.K + kLinearSlab - 1) / kLinearSlab * kLinearSlab};
   constexpr int E = 16 / int(sizeof(T));

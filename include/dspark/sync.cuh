@@ -74,18 +74,6 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
-// `bytes` from p into L2 (p 16-byte aligned, bytes a multiple of 16): one bulk prefetch on sm_90,
-// else a line prefetch every 128 bytes. A hint; returns at once.
-__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (bytes)
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(p)),
-                 "r"(bytes));
-#else
-  for (uint32_t o = 0; o < bytes; o += 128) prefetch_l2(static_cast<const char*>(p) + o);
-#endif
-}
-
 // Thread 0 waits until *flag != 0 and returns it (to thread 0 only; broadcast it yourself).
 // Only called where the flag's writer is already running (see verify_fused.cuh: tickets).
 __device__ __forceinline__ uint32_t wait_nonzero(const uint32_t* flag) {
