@@ -109,12 +109,21 @@ __device__ int32_t open_request(const VerifyParams<S, Q>& p, const VerifyWorkspa
 // request r written by thread 0 (not yet visible to other threads: sync before reading).
 constexpr int kWalkSmem = 256;
 
-// walk_tree for a greedy request with one-hot drafts (no q) of at most kWalkSmem nodes. There
-// the accept test u * q(x) * Z < r(x) reduces to "x is the parent row's argmax": p is one-hot
-// (r(x) is 1 at the argmax, else 0), q(x) = 1, any coin u < 1, and Z stays 1 (a rejected token
-// held no mass). So thread 0 walks the nodes in index order from shared memory with no barrier
-// per node, and writes what walk_tree writes: the same outputs, rejected siblings (Z = 1) and
-// sampling coin (each node's gathered in parallel first, off the serial chain).
+// Whether walk_tree hands request r (n nodes) to walk_greedy: greedy, one-hot drafts (no q), at
+// most kWalkSmem nodes.
+template <typename S, typename Q>
+__device__ __forceinline__ bool walks_greedy(const VerifyParams<S, Q>& p, int64_t r, int64_t n) {
+  return p.q == nullptr && n <= kWalkSmem && is_greedy(p.temperature[r]);
+}
+
+// walk_tree where walks_greedy holds. There the accept test u * q(x) * Z < r(x) reduces to "x is
+// the parent row's argmax": p is one-hot (r(x) is 1 at the argmax, else 0), q(x) = 1, any coin
+// u < 1, and Z stays 1 (a rejected token held no mass). So thread 0 walks the nodes in index
+// order from shared memory with no barrier per node, and writes what walk_tree writes: the same
+// outputs, rejected siblings (Z = 1) and sampling coin (each node's gathered in parallel first,
+// off the serial chain). Being greedy, the final row draws its argmax: thread 0 also writes that
+// last token and the count (the fused kernel is then done with the request; the staged path's
+// DrawKernel writes the same values again).
 template <typename S, typename Q>
 __device__ void walk_greedy(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
                             int64_t o, int64_t n) {
@@ -149,12 +158,14 @@ __device__ void walk_greedy(const VerifyParams<S, Q>& p, const VerifyWorkspace& 
   ws.n_rej[r] = nrej;
   ws.accepted[r] = accepted;
   ws.job_u[r] = sm_coin[cur];
+  p.out_tokens[r * p.W + accepted] = sm_argmax[cur];
+  if (p.out_count) p.out_count[r] = accepted;
 }
 
 template <typename S, typename Q>
 __device__ void walk_tree(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
                           int64_t o, int64_t n) {
-  if (p.q == nullptr && n <= kWalkSmem && is_greedy(p.temperature[r])) {
+  if (walks_greedy(p, r, n)) {
     walk_greedy(p, ws, r, o, n);
     return;
   }
