@@ -321,7 +321,22 @@ __device__ void filtered_row(const VerifyParams<S, Q>& p, const VerifyWorkspace&
   if (threadIdx.x == 0) ws.info[row].t_keep = keep;
 }
 
-constexpr int kFinalizeBatch = 8;  // partials a lane loads at once in finalize_partials
+// Lane `threadIdx.x % 32` visits its chunks b = lane, lane + 32, ... < C in that order,
+// kFinalizeBatch at a time: every load(b) of a batch is issued before any use(b, loaded) (one
+// trip to L2 per batch, not one per chunk; the uses keep the chunk order).
+constexpr int kFinalizeBatch = 4;
+template <typename Load, typename Use>
+__device__ __forceinline__ void lane_chunk_batches(int64_t C, Load&& load, Use&& use) {
+  for (int64_t b0 = threadIdx.x & 31; b0 < C; b0 += 32 * kFinalizeBatch) {
+    decltype(load(b0)) got[kFinalizeBatch];
+#pragma unroll
+    for (int k = 0; k < kFinalizeBatch; ++k)  // (past C: chunk C - 1 again, unused)
+      got[k] = load(b0 + 32 * k < C ? b0 + 32 * k : C - 1);
+#pragma unroll
+    for (int k = 0; k < kFinalizeBatch; ++k)
+      if (b0 + 32 * k < C) use(b0 + 32 * k, got[k]);
+  }
+}
 
 // The arithmetic of finalize_row for one warp, over a row's C chunk partials read through
 // `in` (widx(b), wmax(b), base(b), sum(b)) with the rescaled sums written through
@@ -336,24 +351,18 @@ __device__ RowInfo finalize_partials(const Partials& in, int64_t C, float temper
   if (is_greedy(temperature)) {
     float best = -INFINITY;
     int32_t idx = -1;
-    // kFinalizeBatch of the lane's partials are loaded before any is compared: one trip to L2
-    // per batch, not one per chunk (the comparisons keep the lane's chunk order).
-    for (int64_t b0 = lane; b0 < C; b0 += 32 * kFinalizeBatch) {
-      int32_t ii[kFinalizeBatch];
-      float mm[kFinalizeBatch];
-#pragma unroll
-      for (int k = 0; k < kFinalizeBatch; ++k) {
-        const int64_t b = b0 + 32 * k;
-        ii[k] = b < C ? in.widx(b) : -1;
-        mm[k] = b < C ? in.wmax(b) : -INFINITY;
-      }
-#pragma unroll
-      for (int k = 0; k < kFinalizeBatch; ++k)
-        if (ii[k] >= 0 && mm[k] > best) {
-          best = mm[k];
-          idx = ii[k];
-        }
-    }
+    struct Top {
+      int32_t idx;
+      float max;
+    };
+    lane_chunk_batches(
+        C, [&](int64_t b) { return Top{in.widx(b), in.wmax(b)}; },
+        [&](int64_t, const Top& t) {
+          if (t.idx >= 0 && t.max > best) {
+            best = t.max;
+            idx = t.idx;
+          }
+        });
     const float top = warp_max(best);
     const int32_t pick = warp_min(idx >= 0 && best == top ? idx : INT32_MAX);
     info.argmax = pick == INT32_MAX ? -1 : pick;
@@ -364,38 +373,27 @@ __device__ RowInfo finalize_partials(const Partials& in, int64_t C, float temper
     if (lane == 0 && info.argmax < 0) atomicOr(status, kEmptyRow);
   } else {
     float top = -INFINITY;
-    for (int64_t b0 = lane; b0 < C; b0 += 32 * kFinalizeBatch) {
-      float bases[kFinalizeBatch];
-#pragma unroll
-      for (int k = 0; k < kFinalizeBatch; ++k)
-        bases[k] = b0 + 32 * k < C ? in.base(b0 + 32 * k) : -INFINITY;
-#pragma unroll
-      for (int k = 0; k < kFinalizeBatch; ++k) top = fmaxf(top, bases[k]);
-    }
+    lane_chunk_batches(
+        C, [&](int64_t b) { return in.base(b); },
+        [&](int64_t, float base) { top = fmaxf(top, base); });
     top = warp_max(top);
     info.inv_t = inverse_temperature(temperature);
     info.nbase = top;
     double part = 0.0;
-    for (int64_t b0 = lane; b0 < C; b0 += 32 * kFinalizeBatch) {
-      float bases[kFinalizeBatch];
-      double sums[kFinalizeBatch];
-#pragma unroll
-      for (int k = 0; k < kFinalizeBatch; ++k) {
-        const int64_t b = b0 + 32 * k;
-        bases[k] = b < C ? in.base(b) : -INFINITY;
-        sums[k] = b < C ? in.sum(b) : 0.0;
-      }
-#pragma unroll
-      for (int k = 0; k < kFinalizeBatch; ++k) {
-        const int64_t b = b0 + 32 * k;
-        if (b >= C) break;
-        const float bb = bases[k], drop = top - bb;
-        const double s =
-            (bb > -INFINITY && drop <= 1000.0f) ? sums[k] * pow2_neg(static_cast<int>(drop)) : 0.0;
-        in.set_sum(b, s);
-        part += s;
-      }
-    }
+    struct Partial {
+      float base;
+      double sum;
+    };
+    lane_chunk_batches(
+        C, [&](int64_t b) { return Partial{in.base(b), in.sum(b)}; },
+        [&](int64_t b, const Partial& c) {
+          const float drop = top - c.base;
+          const double s = (c.base > -INFINITY && drop <= 1000.0f)
+                               ? c.sum * pow2_neg(static_cast<int>(drop))
+                               : 0.0;
+          in.set_sum(b, s);
+          part += s;
+        });
     info.total = warp_sum(part);
     if (lane == 0 && !(top > -INFINITY)) atomicOr(status, kEmptyRow);
   }
