@@ -46,26 +46,20 @@ static const char* kPhase[12] = {"entry -> tree setup",
 int main(int argc, char** argv) {
   int64_t H = 32, Hkv = 8, D = 128, S = 1024, pos = 112, rows = 1;
   int reps = 50, compact = 1, prefetch = 1;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const char* k = argv[i];
-    const long v = std::atol(argv[i + 1]);
-    if (!std::strcmp(k, "--H")) H = v;
-    else if (!std::strcmp(k, "--Hkv")) Hkv = v;
-    else if (!std::strcmp(k, "--D")) D = v;
-    else if (!std::strcmp(k, "--S")) S = v;
-    else if (!std::strcmp(k, "--pos")) pos = v;
-    else if (!std::strcmp(k, "--rows")) rows = v;
+  parse_args(argc, argv, [&](const char* k, double v) {
+    if (!std::strcmp(k, "--H")) H = int64_t(v);
+    else if (!std::strcmp(k, "--Hkv")) Hkv = int64_t(v);
+    else if (!std::strcmp(k, "--D")) D = int64_t(v);
+    else if (!std::strcmp(k, "--S")) S = int64_t(v);
+    else if (!std::strcmp(k, "--pos")) pos = int64_t(v);
+    else if (!std::strcmp(k, "--rows")) rows = int64_t(v);
     else if (!std::strcmp(k, "--reps")) reps = int(v);
     else if (!std::strcmp(k, "--compact")) compact = int(v);
     else if (!std::strcmp(k, "--prefetch")) prefetch = int(v);
-    else {
-      std::fprintf(stderr, "unknown argument %s\n", k);
-      return 2;
-    }
-  }
-  int sms = 0, clock_khz = 0;
-  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  CK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0));
+    else return false;
+    return true;
+  });
+  const auto [sms, clock_khz] = device_facts();
   const int64_t Wq = (H + 2 * Hkv) * D, cache = Hkv * S * D;
   const int splits = dspark::cuda::attn_splits(S);
   const int64_t parts = splits > 1 ? rows * H * splits : 0;

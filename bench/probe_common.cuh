@@ -32,6 +32,27 @@ E* upload(const std::vector<E>& h) {
   return d;
 }
 
+// Parses "--name value" pairs: set(name, value) returns false for a name it does not know (the
+// probe then says which and exits with status 2).
+template <typename Set>
+void parse_args(int argc, char** argv, Set&& set) {
+  for (int i = 1; i + 1 < argc; i += 2)
+    if (!set(argv[i], std::atof(argv[i + 1]))) {
+      std::fprintf(stderr, "unknown argument %s\n", argv[i]);
+      std::exit(2);
+    }
+}
+
+struct DeviceFacts {
+  int sms = 0, clock_khz = 0;
+};
+inline DeviceFacts device_facts() {
+  DeviceFacts d;
+  CK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, 0));
+  CK(cudaDeviceGetAttribute(&d.clock_khz, cudaDevAttrClockRate, 0));
+  return d;
+}
+
 // Uniform in [-0.5, 0.5): a fixed linear congruential sequence, the same on every run.
 struct Lcg {
   uint32_t state = 12345u;

@@ -60,9 +60,7 @@ int main(int argc, char** argv) {
   int64_t R = 1, gamma = 7, V = 151936;
   float temp = 0.0f, scale = 1.0f;
   int use_q = 0, accept = 1, reps = 50;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const char* k = argv[i];
-    const double v = std::atof(argv[i + 1]);
+  parse_args(argc, argv, [&](const char* k, double v) {
     if (!std::strcmp(k, "--R")) R = int64_t(v);
     else if (!std::strcmp(k, "--gamma")) gamma = int64_t(v);
     else if (!std::strcmp(k, "--V")) V = int64_t(v);
@@ -71,14 +69,10 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(k, "--q")) use_q = int(v);
     else if (!std::strcmp(k, "--accept")) accept = int(v);
     else if (!std::strcmp(k, "--reps")) reps = int(v);
-    else {
-      std::fprintf(stderr, "unknown argument %s\n", k);
-      return 2;
-    }
-  }
-  int sms = 0, clock_khz = 0;
-  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  CK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0));
+    else return false;
+    return true;
+  });
+  const auto [sms, clock_khz] = device_facts();
   const int64_t W = gamma + 1, N = R * W;
   // Logits [N, V]; chains: node j's parent is j - 1, its token the argmax of the parent's row
   // (--accept 1) or a fixed non-argmax token.
