@@ -323,7 +323,9 @@ __device__ void filtered_row(const VerifyParams<S, Q>& p, const VerifyWorkspace&
 
 // Lane `threadIdx.x % 32` visits its chunks b = lane, lane + 32, ... < C in that order,
 // kFinalizeBatch at a time: every load(b) of a batch is issued before any use(b, loaded) (one
-// trip to L2 per batch, not one per chunk; the uses keep the chunk order).
+// trip to L2 per batch, not one per chunk; the uses keep the chunk order). Measured slower than
+// the plain loops it replaced for greedy rows (H100, bench/probe_verify.cu; bench/RESULTS.md,
+// twenty-first session): their return waits for a GPU run.
 constexpr int kFinalizeBatch = 4;
 template <typename Load, typename Use>
 __device__ __forceinline__ void lane_chunk_batches(int64_t C, Load&& load, Use&& use) {
