@@ -103,11 +103,17 @@ stage probe_attention 150 "nvcc -std=c++20 -arch=sm_90 -O3 --fmad=false --expt-r
   grep -E '^===|wall per call' $OUT/probe_attention.txt"
 
 # the fused verify kernel phase by phase (bench/probe_verify.cu: request 0's blocks and finisher
-# with the phase marks on; PROBE_VERIFY_ARGS: "|"-separated argument sets), L2 hot and cold
-stage probe_verify 150 "nvcc -std=c++20 -arch=sm_90 -O3 --fmad=false --expt-relaxed-constexpr -I include \
-  bench/probe_verify.cu -o /tmp/probe_verify && IFS='|' read -ra SETS <<< \"${PROBE_VERIFY_ARGS:---R 1 --gamma 7|--R 1 --gamma 7 --accept 0|--R 8 --gamma 7|--R 64 --gamma 7|--R 1 --gamma 7 --temp 1 --scale 20|--R 1 --gamma 7 --temp 1 --scale 20 --q 1 --accept 0}\"; \
-  for a in \"\${SETS[@]}\"; do echo \"=== \$a\"; /tmp/probe_verify \$a --reps 20; done > $OUT/probe_verify.txt 2>&1; \
-  grep -E '^===|wall per call|status word' $OUT/probe_verify.txt"
+# with the phase marks on; PROBE_VERIFY_ARGS: "|"-separated argument sets), L2 hot and cold.
+# PROBE_VERIFY_BASE=DIR (a folder holding another include/, e.g. main's, made before the call
+# with `git archive main include | tar -x -C DIR`): the probe is also built against it and the
+# two alternate, set by set (an A/B in one call).
+stage probe_verify 200 "F='-std=c++20 -arch=sm_90 -O3 --fmad=false --expt-relaxed-constexpr'; \
+  nvcc \$F -I include bench/probe_verify.cu -o /tmp/probe_verify_new && VARIANTS=new && \
+  if [ -n '${PROBE_VERIFY_BASE:-}' ]; then nvcc \$F -I '${PROBE_VERIFY_BASE:-}/include' bench/probe_verify.cu \
+  -o /tmp/probe_verify_base && VARIANTS='base new'; fi; \
+  IFS='|' read -ra SETS <<< \"${PROBE_VERIFY_ARGS:---R 1 --gamma 7|--R 1 --gamma 7 --accept 0|--R 8 --gamma 7|--R 64 --gamma 7|--R 1 --gamma 7 --temp 1 --scale 20|--R 1 --gamma 7 --temp 1 --scale 20 --q 1 --accept 0}\"; \
+  for a in \"\${SETS[@]}\"; do for v in \$VARIANTS; do echo \"=== \$v \$a\"; /tmp/probe_verify_\$v \$a --reps 20; done; done \
+  > $OUT/probe_verify.txt 2>&1; grep -E '^===|wall per call|status word' $OUT/probe_verify.txt"
 
 # Where a latency-bound kernel's warps stall, by SASS instruction (bench/ncu_hotspots.py; the
 # H200's ncu gave the CUDA-source view no sample columns, 2026-12-07), and the
