@@ -321,25 +321,6 @@ __device__ void filtered_row(const VerifyParams<S, Q>& p, const VerifyWorkspace&
   if (threadIdx.x == 0) ws.info[row].t_keep = keep;
 }
 
-// Lane `threadIdx.x % 32` visits its chunks b = lane, lane + 32, ... < C in that order,
-// kFinalizeBatch at a time: every load(b) of a batch is issued before any use(b, loaded) (one
-// trip to L2 per batch, not one per chunk; the uses keep the chunk order). Measured slower than
-// the plain loops it replaced for greedy rows (H100, bench/probe_verify.cu; bench/RESULTS.md,
-// twenty-first session): their return waits for a GPU run.
-constexpr int kFinalizeBatch = 4;
-template <typename Load, typename Use>
-__device__ __forceinline__ void lane_chunk_batches(int64_t C, Load&& load, Use&& use) {
-  for (int64_t b0 = threadIdx.x & 31; b0 < C; b0 += 32 * kFinalizeBatch) {
-    decltype(load(b0)) got[kFinalizeBatch];
-#pragma unroll
-    for (int k = 0; k < kFinalizeBatch; ++k)  // (past C: chunk C - 1 again, unused)
-      got[k] = load(b0 + 32 * k < C ? b0 + 32 * k : C - 1);
-#pragma unroll
-    for (int k = 0; k < kFinalizeBatch; ++k)
-      if (b0 + 32 * k < C) use(b0 + 32 * k, got[k]);
-  }
-}
-
 // The arithmetic of finalize_row for one warp, over a row's C chunk partials read through
 // `in` (widx(b), wmax(b), base(b), sum(b)) with the rescaled sums written through
 // `in.set_sum(b, s)`: finalize_row reads and writes the workspace, markov_draft's draw a copy in
@@ -353,18 +334,14 @@ __device__ RowInfo finalize_partials(const Partials& in, int64_t C, float temper
   if (is_greedy(temperature)) {
     float best = -INFINITY;
     int32_t idx = -1;
-    struct Top {
-      int32_t idx;
-      float max;
-    };
-    lane_chunk_batches(
-        C, [&](int64_t b) { return Top{in.widx(b), in.wmax(b)}; },
-        [&](int64_t, const Top& t) {
-          if (t.idx >= 0 && t.max > best) {
-            best = t.max;
-            idx = t.idx;
-          }
-        });
+    for (int64_t b = lane; b < C; b += 32) {
+      const int32_t i = in.widx(b);
+      const float m = in.wmax(b);
+      if (i >= 0 && m > best) {
+        best = m;
+        idx = i;
+      }
+    }
     const float top = warp_max(best);
     const int32_t pick = warp_min(idx >= 0 && best == top ? idx : INT32_MAX);
     info.argmax = pick == INT32_MAX ? -1 : pick;
@@ -375,27 +352,18 @@ __device__ RowInfo finalize_partials(const Partials& in, int64_t C, float temper
     if (lane == 0 && info.argmax < 0) atomicOr(status, kEmptyRow);
   } else {
     float top = -INFINITY;
-    lane_chunk_batches(
-        C, [&](int64_t b) { return in.base(b); },
-        [&](int64_t, float base) { top = fmaxf(top, base); });
+    for (int64_t b = lane; b < C; b += 32) top = fmaxf(top, in.base(b));
     top = warp_max(top);
     info.inv_t = inverse_temperature(temperature);
     info.nbase = top;
     double part = 0.0;
-    struct Partial {
-      float base;
-      double sum;
-    };
-    lane_chunk_batches(
-        C, [&](int64_t b) { return Partial{in.base(b), in.sum(b)}; },
-        [&](int64_t b, const Partial& c) {
-          const float drop = top - c.base;
-          const double s = (c.base > -INFINITY && drop <= 1000.0f)
-                               ? c.sum * pow2_neg(static_cast<int>(drop))
-                               : 0.0;
-          in.set_sum(b, s);
-          part += s;
-        });
+    for (int64_t b = lane; b < C; b += 32) {
+      const float bb = in.base(b), drop = top - bb;
+      const double s =
+          (bb > -INFINITY && drop <= 1000.0f) ? in.sum(b) * pow2_neg(static_cast<int>(drop)) : 0.0;
+      in.set_sum(b, s);
+      part += s;
+    }
     info.total = warp_sum(part);
     if (lane == 0 && !(top > -INFINITY)) atomicOr(status, kEmptyRow);
   }
