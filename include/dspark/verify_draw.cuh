@@ -23,6 +23,8 @@ __device__ inline double chunk_total(const double* sums, int64_t C) {
   return block_reduce(part, SumOp(), 0.0);
 }
 
+constexpr int kDrawRejectedSmem = 64;  // rejected one-hot tokens draw_at_row keeps in shared
+
 __device__ __forceinline__ double* shared_chunk_sums() {
   __shared__ double sums[kMaxChunks];
   return sums;
@@ -38,6 +40,20 @@ __device__ int64_t draw_at_row(const VerifyParams<S, Q>& p, const VerifyWorkspac
   double* sums = shared_chunk_sums();
   const double* row_sums = ws.chunk_sum + row * p.C;  // rescaled by this block's finalize_row
   const S* w = p.logits + row * p.V;
+  // One-hot drafts: the rejected tokens into shared memory once; residual_at would read two
+  // workspace words and a token per rejection for every entry it scores, twice per entry here.
+  __shared__ int32_t sm_rejected[kDrawRejectedSmem];
+  const bool listed = p.q == nullptr && nrej <= kDrawRejectedSmem;
+  if (listed)
+    for (int32_t i = threadIdx.x; i < nrej; i += blockDim.x)
+      sm_rejected[i] = static_cast<int32_t>(p.tokens[o + ws.rej_node[r * p.W + i]]);
+  // The residual at v after the first `steps` rejections: residual_at's arithmetic.
+  auto residual = [&](int64_t v, int32_t steps) {
+    if (!listed) return residual_at(p, ws, r, o, info, w, steps, v);
+    double e = row_e(info, v, to_f(w[v]));
+    for (int32_t i = 0; i < steps; ++i) e = residual_step(e, true, v, sm_rejected[i], 1.0, 0.0);
+    return e;
+  };
   for (int64_t b = threadIdx.x; b < p.C; b += blockDim.x) sums[b] = row_sums[b];
   __syncthreads();
   for (int32_t i = 0; i < nrej; ++i) {
@@ -49,7 +65,7 @@ __device__ int64_t draw_at_row(const VerifyParams<S, Q>& p, const VerifyWorkspac
     double part = 0.0;
     for (int64_t v = c * kWarpChunk + threadIdx.x; v < min(p.V, (c + 1) * kWarpChunk);
          v += blockDim.x)
-      part += residual_at(p, ws, r, o, info, w, nrej, v);
+      part += residual(v, nrej);
     part = block_reduce(part, SumOp(), 0.0);
     if (threadIdx.x == 0) sums[c] = part;
     __syncthreads();
@@ -62,9 +78,8 @@ __device__ int64_t draw_at_row(const VerifyParams<S, Q>& p, const VerifyWorkspac
     z = info.total;
     steps = 0;
   }
-  return block_draw<kWarpChunk>(sums, p.C, p.V, u * z, [&](int64_t v) {
-    return residual_at(p, ws, r, o, info, w, steps, v);
-  });
+  return block_draw<kWarpChunk>(sums, p.C, p.V, u * z,
+                                [&](int64_t v) { return residual(v, steps); });
 }
 
 }  // namespace cuda

@@ -96,12 +96,12 @@ __device__ __noinline__ void finish_request(const VerifyParams<S, Q>& p, const V
     finalize_row(p, ws, o + j, static_cast<int32_t>(r), kWarpChunk);
   __syncthreads();
   DSPARK_VERIFY_MARK(4, r);
-  if (p.offsets != nullptr && walks_greedy(p, r, n)) {
-    walk_greedy(p, ws, r, o, n);  // writes the last token too; without q no residual block waits
-    DSPARK_VERIFY_MARK(6, r);
-    return;
-  }
-  if (p.offsets != nullptr) {
+  if (p.offsets != nullptr && walks_onehot(p, n)) {
+    if (walk_onehot(p, ws, r, o, n)) {  // greedy: the last token written; no residual block waits
+      DSPARK_VERIFY_MARK(6, r);
+      return;
+    }
+  } else if (p.offsets != nullptr) {
     walk_tree(p, ws, r, o, n);
   } else if (threadIdx.x == 0) {  // sample: nothing to walk, the root's row is drawn from
     ws.final_row[r] = r;

@@ -109,64 +109,81 @@ __device__ int32_t open_request(const VerifyParams<S, Q>& p, const VerifyWorkspa
 // request r written by thread 0 (not yet visible to other threads: sync before reading).
 constexpr int kWalkSmem = 256;
 
-// Whether walk_tree hands request r (n nodes) to walk_greedy: greedy, one-hot drafts (no q), at
-// most kWalkSmem nodes.
+// Whether walk_tree hands request r (n nodes) to walk_onehot: one-hot drafts (no q), at most
+// kWalkSmem nodes.
 template <typename S, typename Q>
-__device__ __forceinline__ bool walks_greedy(const VerifyParams<S, Q>& p, int64_t r, int64_t n) {
-  return p.q == nullptr && n <= kWalkSmem && is_greedy(p.temperature[r]);
+__device__ __forceinline__ bool walks_onehot(const VerifyParams<S, Q>& p, int64_t n) {
+  return p.q == nullptr && n <= kWalkSmem;
 }
 
-// walk_tree where walks_greedy holds. There the accept test u * q(x) * Z < r(x) reduces to "x is
-// the parent row's argmax": p is one-hot (r(x) is 1 at the argmax, else 0), q(x) = 1, any coin
-// u < 1, and Z stays 1 (a rejected token held no mass). So thread 0 walks the nodes in index
-// order from shared memory with no barrier per node, and writes what walk_tree writes: the same
-// outputs, rejected siblings (Z = 1) and sampling coin (each node's gathered in parallel first,
-// off the serial chain). Being greedy, the final row draws its argmax: thread 0 also writes that
-// last token and the count (the fused kernel is then done with the request; the staged path's
-// DrawKernel writes the same values again).
+// walk_tree where walks_onehot holds, in walk_tree's arithmetic and order: accept child j with
+// token x iff u_j * 1 * Z < r(x), r(x) = e_j unless x is a sibling rejected before (then 0), and
+// after a rejection Z -= r(x); Z restarts at the row total of each accepted node. Every fact the
+// test reads (parents, tokens, e(token) under the parent's row, accept coins, row totals) and each
+// node's sampling coin is gathered into shared memory in parallel first; then thread 0 walks with
+// no barrier per node (walk_tree pays three to four a node, each behind a global read). It writes
+// what walk_tree writes. A greedy request's last token is its final row's argmax (p is one-hot
+// there): thread 0 writes it and the count too and returns true (the fused kernel is then done
+// with the request; the staged path's DrawKernel writes the same values again).
 template <typename S, typename Q>
-__device__ void walk_greedy(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
+__device__ bool walk_onehot(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
                             int64_t o, int64_t n) {
-  __shared__ int32_t sm_parent[kWalkSmem], sm_token[kWalkSmem], sm_argmax[kWalkSmem];
-  __shared__ double sm_coin[kWalkSmem];
+  __shared__ int32_t sm_parent[kWalkSmem], sm_token[kWalkSmem], sm_rejected[kWalkSmem];
+  __shared__ double sm_e[kWalkSmem], sm_u[kWalkSmem], sm_total[kWalkSmem], sm_coin[kWalkSmem];
+  const bool greedy = is_greedy(p.temperature[r]);
   __syncthreads();  // the shared arrays may still be read by an earlier caller's threads
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    sm_parent[j] = static_cast<int32_t>(p.parents[o + j]);
-    sm_token[j] = static_cast<int32_t>(p.tokens[o + j]);
-    sm_argmax[j] = static_cast<int32_t>(ws.info[o + j].argmax);
+    const int64_t parent = p.parents[o + j], x = p.tokens[o + j];
+    sm_parent[j] = static_cast<int32_t>(parent);
+    sm_token[j] = static_cast<int32_t>(x);
+    sm_total[j] = ws.info[o + j].total;
     sm_coin[j] = coin(p, r, o, j, kSampleCoin);
+    if (j == 0) continue;
+    const int64_t prow = o + parent;
+    sm_e[j] = row_e(ws.info[prow], x, to_f(p.logits[prow * p.V + x]));
+    sm_u[j] = coin(p, r, o, j, kAcceptCoin);
   }
   __syncthreads();
-  if (threadIdx.x != 0) return;
+  if (threadIdx.x != 0) return greedy;
   int32_t cur = 0, accepted = 0, nrej = 0;
+  double z = sm_total[0];
   if (p.out_nodes) p.out_nodes[r * p.W] = o;
   for (int32_t j = 1; j < n; ++j) {
     if (sm_parent[j] != cur) continue;  // not a child of the current node
-    if (sm_token[j] == sm_argmax[cur]) {
-      p.out_tokens[r * p.W + accepted] = sm_token[j];
+    const int32_t x = sm_token[j];
+    double rx = sm_e[j];
+    for (int32_t i = 0; i < nrej; ++i) rx = residual_step(rx, true, x, sm_rejected[i], 1.0, 0.0);
+    if (accepts(sm_u[j], 1.0, z, rx)) {
+      p.out_tokens[r * p.W + accepted] = x;
       ++accepted;
       if (p.out_nodes) p.out_nodes[r * p.W + accepted] = o + j;
       cur = j;
       nrej = 0;
+      z = sm_total[j];
     } else {
       ws.rej_node[r * p.W + nrej] = j;
-      ws.rej_z[r * p.W + nrej] = 1.0;  // a greedy row's total, unchanged by rejections
+      ws.rej_z[r * p.W + nrej] = z;
+      sm_rejected[nrej] = x;
       ++nrej;
+      z = onehot_rejected_total(z, rx);
     }
   }
   ws.final_row[r] = o + cur;
   ws.n_rej[r] = nrej;
   ws.accepted[r] = accepted;
   ws.job_u[r] = sm_coin[cur];
-  p.out_tokens[r * p.W + accepted] = sm_argmax[cur];
-  if (p.out_count) p.out_count[r] = accepted;
+  if (greedy) {
+    p.out_tokens[r * p.W + accepted] = ws.info[o + cur].argmax;
+    if (p.out_count) p.out_count[r] = accepted;
+  }
+  return greedy;
 }
 
 template <typename S, typename Q>
 __device__ void walk_tree(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
                           int64_t o, int64_t n) {
-  if (walks_greedy(p, r, n)) {
-    walk_greedy(p, ws, r, o, n);
+  if (walks_onehot(p, n)) {
+    walk_onehot(p, ws, r, o, n);
     return;
   }
   __shared__ int32_t sm_parent[kWalkSmem], sm_token[kWalkSmem];
