@@ -1,9 +1,10 @@
 // dspark/sync.cuh: how blocks of one grid hand results to each other (the fused verify kernel,
 // include/dspark/verify_fused.cuh), in the PTX memory model's terms:
 //   publish, then count: the block's barrier orders every thread's earlier writes before thread
-//     0's fence (fence.sc.gpu, cumulative) and its arrival at a counter; the block that completes
-//     the count is the last, fences again, and after its barrier every thread may read what the
-//     counted blocks wrote (the pattern of cooperative groups' grid sync);
+//     0's release fence (fence.acq_rel.gpu, cumulative over what the barrier made it observe) and
+//     its arrival at a counter; the block that completes the count is the last, takes an acquire
+//     fence, and after its barrier every thread may read what the counted blocks wrote (fence-fence
+//     synchronisation; a fence.sc.gpu, __threadfence, is stronger than this pattern needs);
 //   flags: the same fence, then st.release.gpu; the reader's ld.acquire.gpu, then its barrier.
 // A reader of data another block wrote during the same launch loads it with ld.global.cg (L2):
 // cheap insurance against an L1 line fetched earlier for a neighbouring request's entries.
@@ -42,6 +43,11 @@ __device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
   return v;
 }
 
+// Release / acquire fence at GPU scope (lighter than __threadfence's fence.sc.gpu).
+__device__ __forceinline__ void fence_acq_rel_gpu() {
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
+}
+
 __device__ __forceinline__ void store_release(uint32_t* p, uint32_t v) {
   asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
@@ -52,9 +58,9 @@ __device__ __forceinline__ bool arrive_last(uint32_t* counter, uint32_t expected
   __shared__ int s_last;
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence();
+    fence_acq_rel_gpu();
     const bool last = atomicAdd(counter, 1u) == expected - 1;
-    if (last) __threadfence();  // order the reads below after every counted block's writes
+    if (last) fence_acq_rel_gpu();  // order the reads below after every counted block's writes
     s_last = last;
   }
   __syncthreads();
@@ -65,7 +71,7 @@ __device__ __forceinline__ bool arrive_last(uint32_t* counter, uint32_t expected
 __device__ __forceinline__ void publish(uint32_t* flag, uint32_t value) {
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence();
+    fence_acq_rel_gpu();
     store_release(flag, value);
   }
 }

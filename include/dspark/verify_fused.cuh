@@ -37,15 +37,16 @@ namespace dspark {
 namespace cuda {
 
 // Counters cleared before every launch, in one int32 buffer after the status word:
-// [status, ticket, stats_done[R], job_state[R], resid_done[R]].
+// [status, ticket, stats_done[R], job_state[R], resid_done[R], verdict[R]].
 struct FusedControl {
   uint32_t* ticket;
   uint32_t* stats_done;  // statistics blocks of request r done
   uint32_t* job_state;   // 0 while request r is open, then kJobDone or kJobResidual
   uint32_t* resid_done;  // residual blocks of request r done
+  int32_t* verdict;      // request r's check bits (check_request_warp), written by its block 0
 };
 enum : uint32_t { kJobDone = 1, kJobResidual = 2 };
-inline int64_t fused_control_words(int64_t R) { return 2 + 3 * R; }
+inline int64_t fused_control_words(int64_t R) { return 2 + 4 * R; }
 
 struct FusedPlan {
   int64_t S;  // slices per row: kBlockWarps warp chunks each
@@ -84,7 +85,13 @@ __device__ __noinline__ void finish_request(const VerifyParams<S, Q>& p, const V
   DSPARK_VERIFY_MARK(2, r);
   int64_t o, n;
   request_rows(p, r, o, n);
-  if (open_request(p, ws, r, o, n)) {
+  // Checked by statistics block 0 before it arrived (check_request_warp: -1 outputs, bits raised)
+  const int32_t bad = __ldcg(ctl.verdict + r);
+  if (bad) {
+    if (threadIdx.x == 0) {
+      ws.final_row[r] = -1;
+      if (p.out_count) p.out_count[r] = 0;
+    }
     publish(ctl.job_state + r, kJobDone);
     return;
   }
@@ -247,6 +254,19 @@ __device__ __forceinline__ void prefetch_request(const VerifyParams<S, Q>& p, in
   }
 }
 
+// Warp 0 of request r's statistics block 0: the request's checks (check_request_warp), their
+// bits raised and kept in ctl.verdict for the finisher, which then has no check of its own to
+// wait for (its latency is a chain of small reads: here it overlaps the block's logits loads).
+template <typename S, typename Q>
+__device__ __forceinline__ void early_checks(const VerifyParams<S, Q>& p, const FusedControl& ctl,
+                                             int64_t r, int64_t o, int64_t n) {
+  const int32_t bad = check_request_warp(p, r, o, n);
+  if ((threadIdx.x & 31) == 0) {
+    ctl.verdict[r] = bad;
+    if (bad) atomicOr(p.status, bad);
+  }
+}
+
 template <typename S, typename Q>
 __device__ void stats_block(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws,
                             const FusedControl& ctl, const FusedPlan& pl, int64_t r, int64_t k) {
@@ -255,6 +275,7 @@ __device__ void stats_block(const VerifyParams<S, Q>& p, const VerifyWorkspace& 
   const float temperature = p.temperature[r];
   const int64_t top_k = p.top_k[r];
   const float top_p = p.top_p[r];
+  bool check = k == 0 && threadIdx.x < 32;  // warp 0 of block 0 still owes the checks
   // A malformed request is left alone here (no row of it is read); its finisher reports it.
   if (offsets_status(r, p.R, o, o + n, p.N, p.W) == 0 &&
       param_status(temperature, top_k, top_p, p.seeds || p.uniforms) == 0) {
@@ -274,6 +295,10 @@ __device__ void stats_block(const VerifyParams<S, Q>& p, const VerifyWorkspace& 
         if (c >= p.C) continue;  // warp-uniform
         LaneChunk<S> lc;
         load_lane_chunk(p.logits + row * p.V, p.V, p.vec_loads, c * kWarpChunk, lc);
+        if (check) {  // while this warp's first logits are in flight
+          early_checks(p, ctl, r, o, n);
+          check = false;
+        }
         int32_t bad = 0;
         const int64_t slot = row * p.C + c;
         if (greedy) {
@@ -297,6 +322,7 @@ __device__ void stats_block(const VerifyParams<S, Q>& p, const VerifyWorkspace& 
       }
     }
   }
+  if (check) early_checks(p, ctl, r, o, n);  // not done in the loop (malformed, filtered rows)
   DSPARK_VERIFY_MARK(1, r);
   if (arrive_last(ctl.stats_done + r, static_cast<uint32_t>(pl.B))) finish_request(p, ws, ctl, r);
 }
@@ -377,7 +403,8 @@ cudaError_t launch_verify_fused(VerifyParams<S, Q> p, void* workspace, int32_t* 
   p.status = control;
   const VerifyWorkspace ws = verify_workspace_layout(p.N, p.R, p.W, p.V, workspace, kWarpChunk).ws;
   uint32_t* words = reinterpret_cast<uint32_t*>(control);
-  const FusedControl ctl{words + 1, words + 2, words + 2 + p.R, words + 2 + 2 * p.R};
+  const FusedControl ctl{words + 1, words + 2, words + 2 + p.R, words + 2 + 2 * p.R,
+                         control + 2 + 3 * p.R};
   const FusedPlan pl = fused_plan(p.V, p.R, p.W, p.q != nullptr, num_sms, lag);
   const int64_t grid = fused_grid(pl, p.R);
   if (grid > INT32_MAX) return cudaErrorInvalidConfiguration;

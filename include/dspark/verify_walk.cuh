@@ -61,42 +61,58 @@ __device__ double residual_at(const VerifyParams<S, Q>& p, const VerifyWorkspace
   return e;
 }
 
-// All threads of the block. -1 outputs, then the data checks of request r; returns its status
-// bits. An invalid request is closed here: bits raised, final row -1, count 0.
+// One warp (all 32 lanes, no block barrier): -1 outputs, then the data checks of request r; its
+// status bits, in every lane. The fused kernel runs it in a statistics block, early, while that
+// block's logits are in flight; the staged path through open_request.
 template <typename S, typename Q>
-__device__ int32_t open_request(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
-                                int64_t o, int64_t n) {
-  for (int64_t k = threadIdx.x; k < p.W; k += blockDim.x) {
+__device__ __forceinline__ int32_t check_request_warp(const VerifyParams<S, Q>& p, int64_t r,
+                                                      int64_t o, int64_t n) {
+  const int lane = threadIdx.x & 31;
+  for (int64_t k = lane; k < p.W; k += 32) {
     p.out_tokens[r * p.W + k] = -1;
     if (p.out_nodes) p.out_nodes[r * p.W + k] = -1;
   }
-  __shared__ int32_t s_bad;
   const int32_t offsets_bad = offsets_status(r, p.R, o, o + n, p.N, p.W);
-  __syncthreads();  // s_bad may still be read by an earlier caller's threads
-  if (threadIdx.x == 0)
-    s_bad =
-        offsets_bad | param_status(p.temperature[r], p.top_k[r], p.top_p[r], p.seeds || p.uniforms);
-  __syncthreads();
+  int32_t mine = 0;
+  if (lane == 0)
+    mine = offsets_bad | param_status(p.temperature[r], p.top_k[r], p.top_p[r], p.seeds || p.uniforms);
   if (offsets_bad == 0) {
-    int32_t mine = 0;
     if (p.offsets == nullptr) {
-      if (threadIdx.x == 0 && p.uniforms) mine |= uniform_status(p.uniforms[r]);
+      if (lane == 0 && p.uniforms) mine |= uniform_status(p.uniforms[r]);
     } else {
-      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      for (int64_t j = lane; j < n; j += 32) {
         const int64_t i = o + j;
         mine |= node_status(j, p.parents[i], p.tokens[i], p.V);
         for (int c = 0; p.uniforms && c < 2; ++c) mine |= uniform_status(p.uniforms[i * 2 + c]);
       }
     }
-    if (mine) atomicOr(&s_bad, mine);
+  }
+  return static_cast<int32_t>(__reduce_or_sync(0xffffffffu, static_cast<uint32_t>(mine)));
+}
+
+// One thread: request r failed its checks (bits `bad`): raise them, final row -1, count 0.
+template <typename S, typename Q>
+__device__ __forceinline__ void close_request(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws,
+                                              int64_t r, int32_t bad) {
+  atomicOr(p.status, bad);
+  ws.final_row[r] = -1;
+  if (p.out_count) p.out_count[r] = 0;
+}
+
+// All threads of the block: check_request_warp in warp 0; returns the status bits. An invalid
+// request is closed here (close_request).
+template <typename S, typename Q>
+__device__ int32_t open_request(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
+                                int64_t o, int64_t n) {
+  __shared__ int32_t s_bad;
+  __syncthreads();  // s_bad may still be read by an earlier caller's threads
+  if (threadIdx.x < 32) {
+    const int32_t bad = check_request_warp(p, r, o, n);
+    if (threadIdx.x == 0) s_bad = bad;
   }
   __syncthreads();
   const int32_t bad = s_bad;
-  if (bad && threadIdx.x == 0) {
-    atomicOr(p.status, bad);
-    ws.final_row[r] = -1;
-    if (p.out_count) p.out_count[r] = 0;
-  }
+  if (bad && threadIdx.x == 0) close_request(p, ws, r, bad);
   return bad;
 }
 
@@ -129,14 +145,25 @@ template <typename S, typename Q>
 __device__ bool walk_onehot(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
                             int64_t o, int64_t n) {
   __shared__ int32_t sm_parent[kWalkSmem], sm_token[kWalkSmem], sm_rejected[kWalkSmem];
+  __shared__ int32_t sm_argmax[kWalkSmem];
   __shared__ double sm_e[kWalkSmem], sm_u[kWalkSmem], sm_total[kWalkSmem], sm_coin[kWalkSmem];
+  // Greedy rows are one-hot at their argmax: e(x) = [x == argmax of the parent's row], Z = 1 and
+  // any coin u < 1 decides alike, so a greedy gather reads neither logits nor coins (two
+  // dependent global reads and two counter-based draws a node) and thread 0 reads e from the
+  // argmaxes.
   const bool greedy = is_greedy(p.temperature[r]);
   __syncthreads();  // the shared arrays may still be read by an earlier caller's threads
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     const int64_t parent = p.parents[o + j], x = p.tokens[o + j];
     sm_parent[j] = static_cast<int32_t>(parent);
     sm_token[j] = static_cast<int32_t>(x);
-    sm_total[j] = ws.info[o + j].total;
+    const RowInfo own = ws.info[o + j];
+    sm_total[j] = own.total;
+    if (greedy) {
+      sm_argmax[j] = own.argmax;
+      sm_coin[j] = 0.0;
+      continue;
+    }
     sm_coin[j] = coin(p, r, o, j, kSampleCoin);
     if (j == 0) continue;
     const int64_t prow = o + parent;
@@ -151,9 +178,9 @@ __device__ bool walk_onehot(const VerifyParams<S, Q>& p, const VerifyWorkspace& 
   for (int32_t j = 1; j < n; ++j) {
     if (sm_parent[j] != cur) continue;  // not a child of the current node
     const int32_t x = sm_token[j];
-    double rx = sm_e[j];
+    double rx = greedy ? (x == sm_argmax[cur] ? 1.0 : 0.0) : sm_e[j];  // row_e's greedy case
     for (int32_t i = 0; i < nrej; ++i) rx = residual_step(rx, true, x, sm_rejected[i], 1.0, 0.0);
-    if (accepts(sm_u[j], 1.0, z, rx)) {
+    if (accepts(greedy ? 0.0 : sm_u[j], 1.0, z, rx)) {
       p.out_tokens[r * p.W + accepted] = x;
       ++accepted;
       if (p.out_nodes) p.out_nodes[r * p.W + accepted] = o + j;
@@ -173,7 +200,7 @@ __device__ bool walk_onehot(const VerifyParams<S, Q>& p, const VerifyWorkspace& 
   ws.accepted[r] = accepted;
   ws.job_u[r] = sm_coin[cur];
   if (greedy) {
-    p.out_tokens[r * p.W + accepted] = ws.info[o + cur].argmax;
+    p.out_tokens[r * p.W + accepted] = sm_argmax[cur];
     if (p.out_count) p.out_count[r] = accepted;
   }
   return greedy;
