@@ -326,6 +326,8 @@ __device__ void filtered_row(const VerifyParams<S, Q>& p, const VerifyWorkspace&
 // `in.set_sum(b, s)`: finalize_row reads and writes the workspace, markov_draft's draw a copy in
 // shared memory; the same operations in the same order either way. Lanes own chunks lane,
 // lane+32, ... The returned RowInfo (every lane) has t_keep -inf.
+constexpr int kHeldPartials = 5;  // finalize_partials: rows of up to 160 partials in registers
+
 template <typename Partials>
 __device__ RowInfo finalize_partials(const Partials& in, int64_t C, float temperature,
                                      int64_t chunk, int32_t* status) {
@@ -351,19 +353,44 @@ __device__ RowInfo finalize_partials(const Partials& in, int64_t C, float temper
       in.set_sum(b, (info.argmax >= 0 && b == info.argmax / chunk) ? 1.0 : 0.0);
     if (lane == 0 && info.argmax < 0) atomicOr(status, kEmptyRow);
   } else {
-    float top = -INFINITY;
-    for (int64_t b = lane; b < C; b += 32) top = fmaxf(top, in.base(b));
-    top = warp_max(top);
     info.inv_t = inverse_temperature(temperature);
-    info.nbase = top;
+    auto rescaled = [](float bb, float top, double sum) {  // the chunk's sum at the row base
+      const float drop = top - bb;
+      return (bb > -INFINITY && drop <= 1000.0f) ? sum * pow2_neg(static_cast<int>(drop)) : 0.0;
+    };
+    float top = -INFINITY;
     double part = 0.0;
-    for (int64_t b = lane; b < C; b += 32) {
-      const float bb = in.base(b), drop = top - bb;
-      const double s =
-          (bb > -INFINITY && drop <= 1000.0f) ? in.sum(b) * pow2_neg(static_cast<int>(drop)) : 0.0;
-      in.set_sum(b, s);
-      part += s;
+    if (C <= 32 * kHeldPartials) {
+      // Up to kHeldPartials partials a lane: bases and sums loaded together and kept in registers
+      // (one round trip to L2 where the loop below makes two); same operations, same order.
+      float bb[kHeldPartials];
+      double ss[kHeldPartials];
+#pragma unroll
+      for (int i = 0; i < kHeldPartials; ++i) {
+        const int64_t b = lane + 32 * i;
+        bb[i] = b < C ? in.base(b) : -INFINITY;
+        ss[i] = b < C ? in.sum(b) : 0.0;
+        top = fmaxf(top, bb[i]);
+      }
+      top = warp_max(top);
+#pragma unroll
+      for (int i = 0; i < kHeldPartials; ++i) {
+        const int64_t b = lane + 32 * i;
+        if (b >= C) break;
+        const double s = rescaled(bb[i], top, ss[i]);
+        in.set_sum(b, s);
+        part += s;
+      }
+    } else {
+      for (int64_t b = lane; b < C; b += 32) top = fmaxf(top, in.base(b));
+      top = warp_max(top);
+      for (int64_t b = lane; b < C; b += 32) {
+        const double s = rescaled(in.base(b), top, in.sum(b));
+        in.set_sum(b, s);
+        part += s;
+      }
     }
+    info.nbase = top;
     info.total = warp_sum(part);
     if (lane == 0 && !(top > -INFINITY)) atomicOr(status, kEmptyRow);
   }

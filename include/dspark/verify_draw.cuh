@@ -23,8 +23,6 @@ __device__ inline double chunk_total(const double* sums, int64_t C) {
   return block_reduce(part, SumOp(), 0.0);
 }
 
-constexpr int kDrawRejectedSmem = 64;  // rejected one-hot tokens draw_at_row keeps in shared
-
 __device__ __forceinline__ double* shared_chunk_sums() {
   __shared__ double sums[kMaxChunks];
   return sums;
@@ -32,32 +30,29 @@ __device__ __forceinline__ double* shared_chunk_sums() {
 
 // The finishing block's draw at `row` when no full-q residual is needed: the target row itself,
 // or with one-hot drafts rejected there, the row without them (only the chunks holding them are
-// re-summed; the others keep the statistics pass's sums). All threads; returns the token.
+// re-summed; the others keep the statistics pass's sums). rejected: the rejected one-hot tokens
+// in shared memory (walk_onehot's, read after a barrier), or nullptr (then read through the
+// workspace). All threads; returns the token.
 template <typename S, typename Q>
 __device__ int64_t draw_at_row(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
-                               int64_t o, int64_t row, const RowInfo& info, int32_t nrej,
-                               double u) {
+                               int64_t o, int64_t row, const RowInfo& info, int32_t nrej, double u,
+                               const int32_t* rejected) {
   double* sums = shared_chunk_sums();
   const double* row_sums = ws.chunk_sum + row * p.C;  // rescaled by this block's finalize_row
   const S* w = p.logits + row * p.V;
-  // One-hot drafts: the rejected tokens into shared memory once; residual_at would read two
-  // workspace words and a token per rejection for every entry it scores, twice per entry here.
-  __shared__ int32_t sm_rejected[kDrawRejectedSmem];
-  const bool listed = p.q == nullptr && nrej <= kDrawRejectedSmem;
-  if (listed)
-    for (int32_t i = threadIdx.x; i < nrej; i += blockDim.x)
-      sm_rejected[i] = static_cast<int32_t>(p.tokens[o + ws.rej_node[r * p.W + i]]);
   // The residual at v after the first `steps` rejections: residual_at's arithmetic.
   auto residual = [&](int64_t v, int32_t steps) {
-    if (!listed) return residual_at(p, ws, r, o, info, w, steps, v);
+    if (rejected == nullptr) return residual_at(p, ws, r, o, info, w, steps, v);
     double e = row_e(info, v, to_f(w[v]));
-    for (int32_t i = 0; i < steps; ++i) e = residual_step(e, true, v, sm_rejected[i], 1.0, 0.0);
+    for (int32_t i = 0; i < steps; ++i) e = residual_step(e, true, v, rejected[i], 1.0, 0.0);
     return e;
+  };
+  auto chunk_of = [&](int32_t k) {
+    return (rejected ? rejected[k] : p.tokens[o + ws.rej_node[r * p.W + k]]) / kWarpChunk;
   };
   for (int64_t b = threadIdx.x; b < p.C; b += blockDim.x) sums[b] = row_sums[b];
   __syncthreads();
   for (int32_t i = 0; i < nrej; ++i) {
-    auto chunk_of = [&](int32_t k) { return p.tokens[o + ws.rej_node[r * p.W + k]] / kWarpChunk; };
     const int64_t c = chunk_of(i);
     bool seen = false;
     for (int32_t k = 0; k < i; ++k) seen |= chunk_of(k) == c;

@@ -88,10 +88,7 @@ __device__ __noinline__ void finish_request(const VerifyParams<S, Q>& p, const V
   // Checked by statistics block 0 before it arrived (check_request_warp: -1 outputs, bits raised)
   const int32_t bad = __ldcg(ctl.verdict + r);
   if (bad) {
-    if (threadIdx.x == 0) {
-      ws.final_row[r] = -1;
-      if (p.out_count) p.out_count[r] = 0;
-    }
+    if (threadIdx.x == 0) close_request(p, ws, r);
     publish(ctl.job_state + r, kJobDone);
     return;
   }
@@ -127,8 +124,10 @@ __device__ __noinline__ void finish_request(const VerifyParams<S, Q>& p, const V
   const RowInfo info = ws.info[row];
   // Greedy rows draw their argmax whatever was rejected (a one-hot draft is rejected only when
   // it is not the argmax); sampled rows draw from the chunk sums.
+  const int32_t* rejected =
+      p.offsets != nullptr && walks_onehot(p, n) ? onehot_rejected_tokens() : nullptr;
   const int64_t token =
-      info.greedy ? info.argmax : draw_at_row(p, ws, r, o, row, info, nrej, ws.job_u[r]);
+      info.greedy ? info.argmax : draw_at_row(p, ws, r, o, row, info, nrej, ws.job_u[r], rejected);
   if (threadIdx.x == 0) {
     p.out_tokens[r * p.W + acc] = token;
     if (p.out_count) p.out_count[r] = acc;

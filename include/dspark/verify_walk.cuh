@@ -75,7 +75,8 @@ __device__ __forceinline__ int32_t check_request_warp(const VerifyParams<S, Q>& 
   const int32_t offsets_bad = offsets_status(r, p.R, o, o + n, p.N, p.W);
   int32_t mine = 0;
   if (lane == 0)
-    mine = offsets_bad | param_status(p.temperature[r], p.top_k[r], p.top_p[r], p.seeds || p.uniforms);
+    mine =
+        offsets_bad | param_status(p.temperature[r], p.top_k[r], p.top_p[r], p.seeds || p.uniforms);
   if (offsets_bad == 0) {
     if (p.offsets == nullptr) {
       if (lane == 0 && p.uniforms) mine |= uniform_status(p.uniforms[r]);
@@ -90,11 +91,10 @@ __device__ __forceinline__ int32_t check_request_warp(const VerifyParams<S, Q>& 
   return static_cast<int32_t>(__reduce_or_sync(0xffffffffu, static_cast<uint32_t>(mine)));
 }
 
-// One thread: request r failed its checks (bits `bad`): raise them, final row -1, count 0.
+// One thread: request r failed its checks (their bits raised elsewhere): final row -1, count 0.
 template <typename S, typename Q>
-__device__ __forceinline__ void close_request(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws,
-                                              int64_t r, int32_t bad) {
-  atomicOr(p.status, bad);
+__device__ __forceinline__ void close_request(const VerifyParams<S, Q>& p,
+                                              const VerifyWorkspace& ws, int64_t r) {
   ws.final_row[r] = -1;
   if (p.out_count) p.out_count[r] = 0;
 }
@@ -112,7 +112,10 @@ __device__ int32_t open_request(const VerifyParams<S, Q>& p, const VerifyWorkspa
   }
   __syncthreads();
   const int32_t bad = s_bad;
-  if (bad && threadIdx.x == 0) close_request(p, ws, r, bad);
+  if (bad && threadIdx.x == 0) {
+    atomicOr(p.status, bad);
+    close_request(p, ws, r);
+  }
   return bad;
 }
 
@@ -141,11 +144,19 @@ __device__ __forceinline__ bool walks_onehot(const VerifyParams<S, Q>& p, int64_
 // what walk_tree writes. A greedy request's last token is its final row's argmax (p is one-hot
 // there): thread 0 writes it and the count too and returns true (the fused kernel is then done
 // with the request; the staged path's DrawKernel writes the same values again).
+// walk_onehot's rejected tokens, in rejection order, left in shared memory for the fused
+// kernel's draw (verify_draw.cuh: draw_at_row), which would otherwise re-read each one through
+// the workspace (two dependent global reads).
+__device__ __forceinline__ int32_t* onehot_rejected_tokens() {
+  __shared__ int32_t tokens[kWalkSmem];
+  return tokens;
+}
+
 template <typename S, typename Q>
 __device__ bool walk_onehot(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
                             int64_t o, int64_t n) {
-  __shared__ int32_t sm_parent[kWalkSmem], sm_token[kWalkSmem], sm_rejected[kWalkSmem];
-  __shared__ int32_t sm_argmax[kWalkSmem];
+  __shared__ int32_t sm_parent[kWalkSmem], sm_token[kWalkSmem], sm_argmax[kWalkSmem];
+  int32_t* sm_rejected = onehot_rejected_tokens();
   __shared__ double sm_e[kWalkSmem], sm_u[kWalkSmem], sm_total[kWalkSmem], sm_coin[kWalkSmem];
   // Greedy rows are one-hot at their argmax: e(x) = [x == argmax of the parent's row], Z = 1 and
   // any coin u < 1 decides alike, so a greedy gather reads neither logits nor coins (two
