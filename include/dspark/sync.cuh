@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "dspark/pdl.cuh"
+
 namespace dspark {
 namespace cuda {
 
@@ -22,6 +24,7 @@ namespace cuda {
 // units include must be one.)
 template <typename Word>
 __global__ void ZeroWordsKernel(Word* words, int64_t n) {
+  pdl_trigger();  // a programmatic successor (the fused verify) may start loading its inputs
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
     words[i] = 0;

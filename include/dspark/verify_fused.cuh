@@ -280,6 +280,7 @@ __device__ void stats_block(const VerifyParams<S, Q>& p, const VerifyWorkspace& 
       param_status(temperature, top_k, top_p, p.seeds || p.uniforms) == 0) {
     if (k == 0) prefetch_request(p, r, o, n);
     if (is_filtered(temperature, top_k, top_p)) {  // a block per row, the whole row
+      pdl_wait();
       for (int64_t j = k; j < n; j += pl.B)
         filtered_row_block(p, ws, o + j, static_cast<int32_t>(r));
     } else {
@@ -294,6 +295,7 @@ __device__ void stats_block(const VerifyParams<S, Q>& p, const VerifyWorkspace& 
         if (c >= p.C) continue;  // warp-uniform
         LaneChunk<S> lc;
         load_lane_chunk(p.logits + row * p.V, p.V, p.vec_loads, c * kWarpChunk, lc);
+        pdl_wait();   // before any write (returns at once after the first time)
         if (check) {  // while this warp's first logits are in flight
           early_checks(p, ctl, r, o, n);
           check = false;
@@ -321,6 +323,7 @@ __device__ void stats_block(const VerifyParams<S, Q>& p, const VerifyWorkspace& 
       }
     }
   }
+  pdl_wait();  // warps that wrote nothing yet (no chunk of theirs, malformed or filtered rows)
   if (check) early_checks(p, ctl, r, o, n);  // not done in the loop (malformed, filtered rows)
   DSPARK_VERIFY_MARK(1, r);
   if (arrive_last(ctl.stats_done + r, static_cast<uint32_t>(pl.B))) finish_request(p, ws, ctl, r);
@@ -344,6 +347,7 @@ __global__ void __launch_bounds__(kBlockThreads, 4)
     k = blockIdx.x % pl.B;
   } else {
     __shared__ uint32_t s_ticket;
+    pdl_wait();  // the counters are cleared by the kernel before
     if (threadIdx.x == 0) s_ticket = atomicAdd(ctl.ticket, 1u);
     __syncthreads();
     residual = decode_ticket(s_ticket, pl, p.R, r, k);
@@ -411,7 +415,15 @@ cudaError_t launch_verify_fused(VerifyParams<S, Q> p, void* workspace, int32_t* 
   if (err != cudaSuccess) return err;
   // An empty batch (then N == 0) launches nothing: a grid of zero blocks is a launch error.
   if (p.R == 0) return cudaSuccess;
-  FusedVerifyKernel<<<static_cast<unsigned>(grid), kBlockThreads, 0, stream>>>(p, ws, ctl, pl);
+  // Programmatic launch where sm_90 code runs (pdl.cuh): the kernel starts while the counters are
+  // cleared and waits for that (pdl_wait) before its first write. Its inputs it may read before:
+  // the clearing kernel launches in plain stream order, so every kernel that wrote them has
+  // completed before this one can start (the one exception to pdl.cuh's contract).
+  bool programmatic = false;
+  if ((err = sm90_paths(FusedVerifyKernel<S, Q>, &programmatic)) != cudaSuccess) return err;
+  err = launch_ex(programmatic, FusedVerifyKernel<S, Q>, dim3(static_cast<unsigned>(grid)),
+                  dim3(kBlockThreads), 0, stream, p, ws, ctl, pl);
+  if (err != cudaSuccess) return err;
   if (p.probs) FusedProbsKernel<<<dim3(p.R, p.C), kBlockThreads, 0, stream>>>(p, ws);
   return cudaGetLastError();
 }
