@@ -411,16 +411,18 @@ struct WorkspacePartials {
 
 // One warp per row (called by WalkKernel, and by the fused kernel's finishing block): RowInfo
 // from the partials of the row's p.C chunks of `chunk` entries, chunk sums rescaled to the row
-// base in place (exact: powers of two), written to ws.info[row].
+// base in place (exact: powers of two), written to ws.info[row] and returned (total and argmax in
+// every lane).
 template <typename S, typename Q>
-__device__ void finalize_row(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t row,
-                             int32_t r, int64_t chunk = kChunk) {
+__device__ RowInfo finalize_row(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t row,
+                                int32_t r, int64_t chunk = kChunk) {
   const float temperature = p.temperature[r];
   RowInfo info =
       finalize_partials(WorkspacePartials{ws, row * p.C}, p.C, temperature, chunk, p.status);
   if ((threadIdx.x & 31) == 0 && !info.greedy && is_filtered(temperature, p.top_k[r], p.top_p[r]))
     info.t_keep = __ldcg(&ws.info[row].t_keep);
   if ((threadIdx.x & 31) == 0) ws.info[row] = info;
+  return info;
 }
 
 }  // namespace cuda

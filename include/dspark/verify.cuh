@@ -27,9 +27,7 @@ __global__ void WalkKernel(VerifyParams<S, Q> p, VerifyWorkspace ws) {
   int64_t o, n;
   request_rows(p, r, o, n);
   if (open_request(p, ws, r, o, n)) return;
-  for (int64_t j = threadIdx.x / 32; j < n; j += blockDim.x / 32)
-    finalize_row(p, ws, o + j, static_cast<int32_t>(r));
-  __syncthreads();
+  finalize_request_rows(p, ws, r, o, n, kChunk);
   walk_tree(p, ws, r, o, n);
 }
 

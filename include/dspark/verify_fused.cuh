@@ -96,9 +96,7 @@ __device__ __noinline__ void finish_request(const VerifyParams<S, Q>& p, const V
   if (p.q != nullptr)  // the walk reads q(x) of every node: fetch while the rows are finalized
     for (int64_t j = 1 + threadIdx.x; j < n; j += blockDim.x)
       prefetch_l2(p.q + (o + j) * p.V + p.tokens[o + j]);
-  for (int64_t j = threadIdx.x / 32; j < n; j += kBlockWarps)
-    finalize_row(p, ws, o + j, static_cast<int32_t>(r), kWarpChunk);
-  __syncthreads();
+  finalize_request_rows(p, ws, r, o, n, kWarpChunk);
   DSPARK_VERIFY_MARK(4, r);
   if (p.offsets != nullptr && walks_onehot(p, n)) {
     if (walk_onehot(p, ws, r, o, n)) {  // greedy: the last token written; no residual block waits
@@ -269,6 +267,13 @@ __device__ __forceinline__ void early_checks(const VerifyParams<S, Q>& p, const 
 template <typename S, typename Q>
 __device__ void stats_block(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws,
                             const FusedControl& ctl, const FusedPlan& pl, int64_t r, int64_t k) {
+  // The block's first chunk, where the chain layout puts it (request r's rows from r * W), into
+  // L2 while the offsets and parameters are read: its load then waits on L2, not DRAM. A guess
+  // (another layout only loses the prefetch); always inside the logits.
+  const int64_t guess = (p.offsets ? r * p.W : r) + k / pl.S;
+  const int64_t c0 = (k % pl.S) * kBlockWarps + threadIdx.x / 32;
+  if (p.vec_loads && guess < p.N && c0 < p.C)
+    prefetch_lane_chunk(p.logits + guess * p.V, p.V, c0 * kWarpChunk);
   int64_t o, n;
   request_rows(p, r, o, n);
   const float temperature = p.temperature[r];

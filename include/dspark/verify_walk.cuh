@@ -144,6 +144,35 @@ __device__ __forceinline__ bool walks_onehot(const VerifyParams<S, Q>& p, int64_
 // what walk_tree writes. A greedy request's last token is its final row's argmax (p is one-hot
 // there): thread 0 writes it and the count too and returns true (the fused kernel is then done
 // with the request; the staged path's DrawKernel writes the same values again).
+// Each node's row total and argmax, in shared memory for walk_onehot (nodes < kWalkSmem):
+// written by finalize_request_rows in the same block, so the walk does not read them back
+// through L2.
+struct WalkRowFacts {
+  double* total;
+  int32_t* argmax;
+};
+__device__ __forceinline__ WalkRowFacts walk_row_facts() {
+  __shared__ double total[kWalkSmem];
+  __shared__ int32_t argmax[kWalkSmem];
+  return {total, argmax};
+}
+
+// All threads: RowInfo of request r's n rows (finalize_row, one warp a row), the walk's row facts
+// (walk_row_facts) too, then a barrier.
+template <typename S, typename Q>
+__device__ void finalize_request_rows(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws,
+                                      int64_t r, int64_t o, int64_t n, int64_t chunk) {
+  const WalkRowFacts facts = walk_row_facts();
+  for (int64_t j = threadIdx.x / 32; j < n; j += blockDim.x / 32) {
+    const RowInfo info = finalize_row(p, ws, o + j, static_cast<int32_t>(r), chunk);
+    if ((threadIdx.x & 31) == 0 && j < kWalkSmem) {
+      facts.total[j] = info.total;
+      facts.argmax[j] = static_cast<int32_t>(info.argmax);
+    }
+  }
+  __syncthreads();
+}
+
 // walk_onehot's rejected tokens, in rejection order, left in shared memory for the fused
 // kernel's draw (verify_draw.cuh: draw_at_row), which would otherwise re-read each one through
 // the workspace (two dependent global reads).
@@ -155,9 +184,12 @@ __device__ __forceinline__ int32_t* onehot_rejected_tokens() {
 template <typename S, typename Q>
 __device__ bool walk_onehot(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
                             int64_t o, int64_t n) {
-  __shared__ int32_t sm_parent[kWalkSmem], sm_token[kWalkSmem], sm_argmax[kWalkSmem];
+  __shared__ int32_t sm_parent[kWalkSmem], sm_token[kWalkSmem];
   int32_t* sm_rejected = onehot_rejected_tokens();
-  __shared__ double sm_e[kWalkSmem], sm_u[kWalkSmem], sm_total[kWalkSmem], sm_coin[kWalkSmem];
+  const WalkRowFacts facts = walk_row_facts();  // finalize_request_rows wrote them
+  const double* sm_total = facts.total;
+  const int32_t* sm_argmax = facts.argmax;
+  __shared__ double sm_e[kWalkSmem], sm_u[kWalkSmem], sm_coin[kWalkSmem];
   // Greedy rows are one-hot at their argmax: e(x) = [x == argmax of the parent's row], Z = 1 and
   // any coin u < 1 decides alike, so a greedy gather reads neither logits nor coins (two
   // dependent global reads and two counter-based draws a node) and thread 0 reads e from the
@@ -168,10 +200,7 @@ __device__ bool walk_onehot(const VerifyParams<S, Q>& p, const VerifyWorkspace& 
     const int64_t parent = p.parents[o + j], x = p.tokens[o + j];
     sm_parent[j] = static_cast<int32_t>(parent);
     sm_token[j] = static_cast<int32_t>(x);
-    const RowInfo own = ws.info[o + j];
-    sm_total[j] = own.total;
     if (greedy) {
-      sm_argmax[j] = own.argmax;
       sm_coin[j] = 0.0;
       continue;
     }
