@@ -2,8 +2,9 @@
 // and the probabilities kernel when sample is asked for them). Every block is one of:
 //   statistics block k of request r (plan.B per request): warp chunks of the request's rows
 //     (lane_chunk.cuh: greedy max/argmax, or base + sum of e), partials to the workspace; a
-//     top-k/top-p row goes whole to one block (row_stats.cuh: filtered_row). The block that
-//     completes request r's count finishes it: finalize its rows, walk its tree
+//     top-k/top-p row goes whole to one block (row_stats.cuh: filtered_row); block 0's first
+//     warp also checks the request (early_checks). The block that completes request r's count
+//     finishes it: read the checks' verdict, finalize its rows, walk its tree
 //     (verify_walk.cuh), then draw the last token itself (greedy rows: the argmax; otherwise one
 //     chunk re-read, plus one per rejected one-hot draft) or, when a draft with a full
 //     distribution q was rejected there, hand the draw to the request's residual blocks;
@@ -16,7 +17,8 @@
 // blocks that already started and never wait themselves. Tickets interleave requests with a lag
 // of plan.D: request r's residual slices run while request r + D's statistics stream, mostly
 // after r's walk, while r's final row may still be in L2.
-// Launch: launch_verify_fused at the bottom (geometry and shapes there).
+// Launch: launch_verify_fused at the bottom (geometry and shapes there); programmatic where sm_90
+// code runs, so the blocks load logits while the counters are still being cleared.
 #pragma once
 #include <algorithm>
 #include <type_traits>

@@ -135,15 +135,6 @@ __device__ __forceinline__ bool walks_onehot(const VerifyParams<S, Q>& p, int64_
   return p.q == nullptr && n <= kWalkSmem;
 }
 
-// walk_tree where walks_onehot holds, in walk_tree's arithmetic and order: accept child j with
-// token x iff u_j * 1 * Z < r(x), r(x) = e_j unless x is a sibling rejected before (then 0), and
-// after a rejection Z -= r(x); Z restarts at the row total of each accepted node. Every fact the
-// test reads (parents, tokens, e(token) under the parent's row, accept coins, row totals) and each
-// node's sampling coin is gathered into shared memory in parallel first; then thread 0 walks with
-// no barrier per node (walk_tree pays three to four a node, each behind a global read). It writes
-// what walk_tree writes. A greedy request's last token is its final row's argmax (p is one-hot
-// there): thread 0 writes it and the count too and returns true (the fused kernel is then done
-// with the request; the staged path's DrawKernel writes the same values again).
 // Each node's row total and argmax, in shared memory for walk_onehot (nodes < kWalkSmem):
 // written by finalize_request_rows in the same block, so the walk does not read them back
 // through L2.
@@ -181,6 +172,16 @@ __device__ __forceinline__ int32_t* onehot_rejected_tokens() {
   return tokens;
 }
 
+// walk_tree where walks_onehot holds, in walk_tree's arithmetic and order: accept child j with
+// token x iff u_j * 1 * Z < r(x), r(x) = e_j unless x is a sibling rejected before (then 0), and
+// after a rejection Z -= r(x); Z restarts at the row total of each accepted node. Row totals and
+// argmaxes are in shared memory already (finalize_request_rows, called before: a precondition);
+// every other fact the test reads (parents, tokens, e(token) under the parent's row, accept
+// coins) and each node's sampling coin is gathered there in parallel first; then thread 0 walks
+// with no barrier per node (walk_tree pays three to four a node, each behind a global read). It
+// writes what walk_tree writes. A greedy request's last token is its final row's argmax (p is
+// one-hot there): thread 0 writes it and the count too and returns true (the fused kernel is then
+// done with the request; the staged path's DrawKernel writes the same values again).
 template <typename S, typename Q>
 __device__ bool walk_onehot(const VerifyParams<S, Q>& p, const VerifyWorkspace& ws, int64_t r,
                             int64_t o, int64_t n) {
